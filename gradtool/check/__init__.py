@@ -1,0 +1,1 @@
+"""Numeric checks of derived gradients against independent oracles."""

@@ -1,0 +1,31 @@
+"""What a spec file imports: ``from gradtool.lang import Spec, Sum, exp, sqrt``.
+
+Element-wise functions are SymPy's own; ``Sum`` and ``Max`` over indices are gradtool's, so the
+engine (not ``Sum.doit()``) carries the index algebra.
+"""
+
+from sympy import (  # noqa: F401 - re-exported for spec files
+    Abs,
+    Heaviside,
+    Min,
+    Piecewise,
+    Rational,
+    atan,
+    cos,
+    cosh,
+    erf,
+    exp,
+    log,
+    pi,
+    sin,
+    sinh,
+    sqrt,
+    tanh,
+)
+
+from gradtool.spec.lang import Max, Spec, Sum, sigmoid  # noqa: F401
+
+__all__ = [
+    "Spec", "Sum", "Max", "Min", "sigmoid", "exp", "log", "sqrt", "tanh", "sinh", "cosh",
+    "sin", "cos", "atan", "erf", "Abs", "Piecewise", "Heaviside", "Rational", "pi",
+]

@@ -1,0 +1,333 @@
+"""The spec language: a layer written as index-notation math over plain SymPy.
+
+A spec file builds one :class:`Spec`::
+
+    from gradtool.lang import Spec, Sum, sqrt
+
+    spec = Spec("layernorm", "Layer normalisation over the last axis")
+    N, D = spec.dims("N D")
+    n, d = spec.indices(n=N, d=D)
+    X = spec.input("X", N, D)
+    gamma = spec.param("gamma", D, init="ones")
+    beta = spec.param("beta", D, init="zeros")
+    eps = spec.hyper("eps", 1e-5)
+
+    mu = spec.let("mu", [n], Sum(X[n, d], d) / D)
+    xc = spec.let("xc", [n, d], X[n, d] - mu[n])
+    var = spec.let("var", [n], Sum(xc[n, d] ** 2, d) / D)
+    rstd = spec.let("rstd", [n], 1 / sqrt(var[n] + eps))
+    xhat = spec.let("xhat", [n, d], xc[n, d] * rstd[n])
+    spec.output("Y", [n, d], gamma[d] * xhat[n, d] + beta[d])
+
+Every method records the line it was called from, so errors point into the spec file.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from gradtool.errors import SpecError
+
+INITS = ("zeros", "ones", "normal", "uniform", "kaiming_uniform", "xavier_uniform")
+KINDS = ("input", "param", "state")
+DOMAINS = ("real", "positive", "nonzero", "unit", "binary")
+
+
+class SumOver(sp.Function):
+    """``Sum(body, i, j)``: the sum of ``body`` over every value of the indices ``i, j``."""
+
+    nargs = None
+
+    @classmethod
+    def eval(cls, *args):
+        return None
+
+    @property
+    def body(self) -> sp.Expr:
+        return self.args[0]
+
+    @property
+    def over(self) -> tuple[sp.Symbol, ...]:
+        return tuple(self.args[1:])
+
+    def _sympystr(self, printer):
+        over = ", ".join(printer.doprint(i) for i in self.over)
+        return f"Sum({printer.doprint(self.body)}, {over})"
+
+
+class MaxOver(sp.Function):
+    """``Max(body, i)``: the largest value of ``body`` over every value of ``i`` (pooling)."""
+
+    nargs = None
+
+    @classmethod
+    def eval(cls, *args):
+        return None
+
+    @property
+    def body(self) -> sp.Expr:
+        return self.args[0]
+
+    @property
+    def over(self) -> tuple[sp.Symbol, ...]:
+        return tuple(self.args[1:])
+
+    def _sympystr(self, printer):
+        over = ", ".join(printer.doprint(i) for i in self.over)
+        return f"Max({printer.doprint(self.body)}, {over})"
+
+
+def _is_index(x) -> bool:
+    return isinstance(x, sp.Symbol) and bool(x.is_integer)
+
+
+def Sum(body, *over):  # noqa: N802 - reads like the math
+    """Sum ``body`` over the named indices: ``Sum(X[n, d], d)`` is Σ_d X[n, d].
+
+    SymPy-style limits ``(d, 0, D - 1)`` are accepted too; the bounds always come from the
+    index's declared dimension.
+    """
+    idx = []
+    for i in over:
+        if isinstance(i, (tuple, sp.Tuple)):
+            i = i[0]
+        if not _is_index(i):
+            raise TypeError(f"Sum(...) reduces over declared indices, got {i!r}; "
+                            "declare one with spec.indices(k=D)")
+        idx.append(i)
+    if not idx:
+        raise TypeError("Sum(body, i) needs at least one index to sum over")
+    return SumOver(sp.sympify(body), *idx)
+
+
+def Max(*args):  # noqa: N802
+    """``Max(X[n, c], c)`` is the largest X over c (a reduction); ``Max(x, 0)`` is element-wise."""
+    if len(args) >= 2 and all(_is_index(a) for a in args[1:]) \
+            and not _is_index(args[0]):
+        return MaxOver(sp.sympify(args[0]), *args[1:])
+    return sp.Max(*args)
+
+
+def sigmoid(x):
+    """The logistic function 1 / (1 + e^(−x))."""
+    return 1 / (1 + sp.exp(-x))
+
+
+@dataclass
+class Tensor:
+    name: str
+    kind: str  # input | param | state | let | output | update
+    dims: tuple[sp.Symbol, ...]
+    base: sp.IndexedBase
+    line: int | None
+    grad: bool = False
+    init: str | None = None
+    domain: str = "real"
+
+
+@dataclass
+class Statement:
+    target: str
+    lhs: tuple[sp.Symbol, ...]
+    rhs: sp.Expr
+    kind: str  # let | output | update
+    line: int | None
+
+
+@dataclass
+class Fact:
+    lhs: sp.Expr
+    rhs: sp.Expr
+    line: int | None
+
+
+@dataclass
+class Hyper:
+    symbol: sp.Symbol
+    default: float
+    line: int | None
+
+
+def _caller_line() -> int | None:
+    # the first frame outside this module is the spec file's own line
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+    return frame.f_lineno if frame is not None else None
+
+
+@dataclass
+class Spec:
+    """One layer, written as math. See the module docstring for a complete example."""
+
+    name: str
+    description: str = ""
+    reference: str | None = None
+    file: str | None = None
+    dim_symbols: dict[str, sp.Symbol] = field(default_factory=dict)
+    index_dims: dict[sp.Symbol, sp.Symbol] = field(default_factory=dict)
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    hypers: dict[str, Hyper] = field(default_factory=dict)
+    statements: list[Statement] = field(default_factory=list)
+    facts: list[Fact] = field(default_factory=list)
+
+    # -- errors ---------------------------------------------------------------------------
+    def error(self, message: str, line: int | None = None, hint: str | None = None) -> SpecError:
+        return SpecError(message, file=self.file, line=line, hint=hint)
+
+    def _new_name(self, name: str, line: int | None) -> None:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise self.error(f"{name!r} is not a valid name", line,
+                             "use a Python identifier such as 'X' or 'gamma'")
+        if name in self.tensors or name in self.hypers or name in self.dim_symbols:
+            raise self.error(f"`{name}` is declared twice", line, "give each tensor its own name")
+
+    # -- declarations -----------------------------------------------------------------------
+    def dims(self, names: str) -> tuple[sp.Symbol, ...]:
+        """Declare dimension sizes: ``N, D = spec.dims("N D")``."""
+        line = _caller_line()
+        out = []
+        for name in names.replace(",", " ").split():
+            self._new_name(name, line)
+            sym = sp.Symbol(name, integer=True, positive=True)
+            self.dim_symbols[name] = sym
+            out.append(sym)
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def indices(self, **ranges: sp.Symbol) -> tuple[sp.Symbol, ...]:
+        """Declare index variables and the dimension each runs over.
+
+        ``n, d = spec.indices(n=N, d=D)``
+        """
+        line = _caller_line()
+        out = []
+        for name, dim in ranges.items():
+            if dim not in self.dim_symbols.values():
+                raise self.error(f"index `{name}` runs over {dim!r}, which is not a declared "
+                                 "dimension", line, 'declare it first with spec.dims("N D")')
+            sym = sp.Symbol(name, integer=True)
+            if sym in self.index_dims:
+                raise self.error(f"index `{name}` is declared twice", line)
+            self.index_dims[sym] = dim
+            out.append(sym)
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def _tensor(self, name, kind, dims, line, grad=False, init=None,
+                domain="real") -> sp.IndexedBase:
+        self._new_name(name, line)
+        for dim in dims:
+            if dim not in self.dim_symbols.values():
+                raise self.error(f"`{name}` has a dimension {dim!r} that is not declared", line,
+                                 'declare dimensions with spec.dims("N D")')
+        base = sp.IndexedBase(name, shape=tuple(dims) if dims else None)
+        if domain not in DOMAINS:
+            raise self.error(f"unknown domain {domain!r} for `{name}`", line,
+                             "use one of " + ", ".join(DOMAINS))
+        self.tensors[name] = Tensor(name, kind, tuple(dims), base, line, grad, init, domain)
+        return base if dims else sp.Symbol(name, real=True)
+
+    def input(self, name: str, *dims: sp.Symbol, grad: bool = True,
+              domain: str = "real") -> sp.IndexedBase:
+        """A tensor the layer receives. ``grad=False`` for targets, masks and labels.
+
+        ``domain`` says where valid values live, for checks that sample random inputs:
+        real (default), positive (log, division), nonzero, unit (0..1, probabilities),
+        binary (0/1 masks). Stated facts (``spec.fact``) are honoured too.
+        """
+        return self._tensor(name, "input", dims, _caller_line(), grad=grad, domain=domain)
+
+    def param(self, name: str, *dims: sp.Symbol, init: str = "normal") -> sp.IndexedBase:
+        """A learned parameter; ``init`` is one of zeros, ones, normal, uniform,
+        kaiming_uniform, xavier_uniform."""
+        line = _caller_line()
+        if init not in INITS:
+            raise self.error(f"unknown init {init!r} for `{name}`", line,
+                             "use one of " + ", ".join(INITS))
+        return self._tensor(name, "param", dims, line, grad=True, init=init)
+
+    def state(self, name: str, *dims: sp.Symbol, init: str = "zeros") -> sp.IndexedBase:
+        """A buffer the forward reads and updates (running statistics); never differentiated."""
+        line = _caller_line()
+        if init not in INITS:
+            raise self.error(f"unknown init {init!r} for `{name}`", line,
+                             "use one of " + ", ".join(INITS))
+        return self._tensor(name, "state", dims, line, grad=False, init=init)
+
+    def hyper(self, name: str, default: float) -> sp.Symbol:
+        """A hyper-parameter with a default value, a plain scalar in the math (eps, slope, p)."""
+        line = _caller_line()
+        self._new_name(name, line)
+        try:
+            value = float(default)
+        except (TypeError, ValueError):
+            raise self.error(f"hyper-parameter `{name}` needs a number as default, "
+                             f"got {default!r}", line) from None
+        sym = sp.Symbol(name, real=True, positive=True) if value > 0 else sp.Symbol(name, real=True)
+        self.hypers[name] = Hyper(sym, value, line)
+        return sym
+
+    # -- statements -------------------------------------------------------------------------
+    def _statement(self, kind: str, name: str, lhs, rhs, line) -> sp.IndexedBase:
+        lhs = tuple(lhs) if isinstance(lhs, (list, tuple)) else (lhs,)
+        for i in lhs:
+            if i not in self.index_dims:
+                raise self.error(f"`{name}[...]` is indexed by {i!r}, which is not a declared "
+                                 "index", line, "declare it with spec.indices(i=D)")
+        if len(set(lhs)) != len(lhs):
+            raise self.error(f"`{name}` repeats an index on the left", line,
+                             "each axis of a new tensor needs its own index")
+        try:
+            rhs = sp.sympify(rhs)
+        except (sp.SympifyError, TypeError):
+            raise self.error(f"the right-hand side of `{name}` is not a SymPy expression", line,
+                             "build it from tensors, indices, numbers and gradtool.lang "
+                             "functions") from None
+        dims = tuple(self.index_dims[i] for i in lhs)
+        if kind == "update":
+            if name not in self.tensors or self.tensors[name].kind != "state":
+                raise self.error(f"spec.update('{name}', ...) needs a state tensor", line,
+                                 f'declare it with spec.state("{name}", ...)')
+            if dims != self.tensors[name].dims:
+                raise self.error(f"`{name}` is updated with indices over {dims}, but it is "
+                                 f"declared over {self.tensors[name].dims}", line)
+            base = self.tensors[name].base
+        else:
+            base = self._tensor(name, kind, dims, line)
+        self.statements.append(Statement(name, lhs, rhs, kind, line))
+        return base
+
+    def let(self, name: str, lhs, rhs) -> sp.IndexedBase:
+        """A named intermediate: ``mu = spec.let("mu", [n], Sum(X[n, d], d) / D)``."""
+        return self._statement("let", name, lhs, rhs, _caller_line())
+
+    def output(self, name: str, lhs, rhs) -> sp.IndexedBase:
+        """An output of the layer; ``[]`` as indices makes a scalar (a loss)."""
+        return self._statement("output", name, lhs, rhs, _caller_line())
+
+    def update(self, name: str, lhs, rhs) -> sp.IndexedBase:
+        """The forward's new value of a state tensor (running mean/var); not differentiated."""
+        return self._statement("update", name, lhs, rhs, _caller_line())
+
+    def fact(self, lhs, rhs) -> None:
+        """State a fact about the inputs that the simplifier may use,
+        e.g. ``spec.fact(Sum(T[n, c], c), 1)``: each row of the targets sums to one."""
+        self.facts.append(Fact(sp.sympify(lhs), sp.sympify(rhs), _caller_line()))
+
+    # -- queries ----------------------------------------------------------------------------
+    def of_kind(self, *kinds: str) -> list[Tensor]:
+        return [t for t in self.tensors.values() if t.kind in kinds]
+
+    @property
+    def grad_inputs(self) -> list[Tensor]:
+        """Inputs and parameters that get a gradient, in declaration order."""
+        return [t for t in self.tensors.values() if t.kind in ("input", "param") and t.grad]
+
+    @property
+    def outputs(self) -> list[Tensor]:
+        return self.of_kind("output")
+
+    def hyper_defaults(self) -> dict[sp.Symbol, float]:
+        return {h.symbol: h.default for h in self.hypers.values()}

@@ -1,0 +1,228 @@
+"""Load a spec file (built-in name or path), run it, and validate what it declared."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+
+import sympy as sp
+from sympy.tensor.indexed import IndexException
+
+from gradtool.errors import SpecError
+from gradtool.spec.lang import MaxOver, Spec, SumOver
+
+# Functions the engine can differentiate; anything else in a spec is reported.
+DIFFERENTIABLE = (
+    sp.exp, sp.log, sp.tanh, sp.sinh, sp.cosh, sp.sin, sp.cos, sp.atan, sp.erf, sp.Abs,
+    sp.Max, sp.Min, sp.Piecewise, sp.Heaviside, SumOver, MaxOver,
+)
+NOT_DIFFERENTIABLE = (sp.floor, sp.ceiling, sp.sign, sp.frac)
+LANG_FUNCTIONS = "exp, log, sqrt, tanh, sigmoid, erf, sin, cos, Abs, Max, Min, Piecewise, Sum"
+
+
+def builtin_dir() -> Path:
+    """The folder of built-in specs: ``specs/`` beside the package, or its installed copy."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here.parent / "specs", here / "builtin_specs"):
+        if candidate.is_dir():
+            return candidate
+    raise SpecError("cannot find the built-in specs folder", hint="reinstall gradtool")
+
+
+def builtin_specs() -> dict[str, Path]:
+    """Built-in spec names mapped to their files, sorted by name."""
+    return {p.stem: p for p in sorted(builtin_dir().glob("*.py")) if not p.stem.startswith("_")}
+
+
+def resolve(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".py" or os.sep in name_or_path or path.exists():
+        if not path.exists():
+            raise SpecError(f"spec file {name_or_path} does not exist",
+                            hint="check the path, or run `gradtool specs` for built-in names")
+        if path.is_dir():
+            raise SpecError(f"{name_or_path} is a folder, not a spec file",
+                            hint="name one .py file that builds a Spec")
+        return path
+    specs = builtin_specs()
+    if name_or_path in specs:
+        return specs[name_or_path]
+    raise SpecError(f"no built-in spec named `{name_or_path}` and no such file",
+                    hint="run `gradtool specs` to list them, or give a path to a .py spec file")
+
+
+def _line_in(exc: BaseException, filename: str) -> int | None:
+    line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename == filename:
+            line = frame.lineno
+    return line
+
+
+def load_spec(name_or_path: str | os.PathLike) -> Spec:
+    """Run a spec file and return its validated :class:`Spec`.
+
+    >>> load_spec("relu").name
+    'relu'
+    """
+    path = resolve(str(name_or_path))
+    filename = str(path)
+    try:
+        source = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read spec file: {exc}", file=filename) from None
+    if not source.strip():
+        raise SpecError("the spec file is empty", file=filename,
+                        hint="a spec file builds one Spec; see docs/spec-language.md")
+    try:
+        code = compile(source, filename, "exec")
+    except SyntaxError as exc:
+        raise SpecError(f"syntax error: {exc.msg}", file=filename, line=exc.lineno,
+                        hint="fix the Python syntax on that line") from None
+    namespace = {"__name__": f"gradtool_spec_{path.stem}", "__file__": filename}
+    try:
+        exec(code, namespace)
+    except SpecError as exc:
+        exc.file = exc.file or filename
+        raise
+    except NameError as exc:
+        name = getattr(exc, "name", None) or str(exc)
+        raise SpecError(f"`{name}` is not defined", file=filename, line=_line_in(exc, filename),
+                        hint=f"declare it on the spec, import it from gradtool.lang "
+                             f"({LANG_FUNCTIONS}), or define it from those") from None
+    except IndexException as exc:
+        raise SpecError(f"wrong number of indices: {exc}", file=filename,
+                        line=_line_in(exc, filename),
+                        hint="index a tensor with one index per declared dimension") from None
+    except Exception as exc:  # anything else the spec's own code raised
+        raise SpecError(f"{type(exc).__name__}: {exc}", file=filename,
+                        line=_line_in(exc, filename),
+                        hint="the spec's Python raised this; fix that line") from None
+    specs = [v for v in namespace.values() if isinstance(v, Spec)]
+    if len(specs) != 1:
+        what = "no Spec" if not specs else f"{len(specs)} Specs"
+        raise SpecError(f"the file builds {what}", file=filename,
+                        hint='a spec file builds exactly one: spec = Spec("name", "what it is")')
+    spec = specs[0]
+    spec.file = filename
+    validate(spec)
+    return spec
+
+
+# -- validation ------------------------------------------------------------------------------
+
+def accesses(expr: sp.Expr, spec: Spec):
+    """Every tensor access in ``expr`` as (name, index expressions); scalars have ()."""
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Indexed):
+            yield node.base.label.name, tuple(node.indices)
+        elif isinstance(node, sp.Symbol) and node.name in spec.tensors \
+                and not spec.tensors[node.name].dims:
+            yield node.name, ()
+
+
+def _check_functions(spec: Spec, expr: sp.Expr, line: int | None) -> None:
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, NOT_DIFFERENTIABLE):
+            raise spec.error(f"`{type(node).__name__}` is not differentiable", line,
+                             "gradients through it are zero or undefined; use a smooth "
+                             "function or make its input non-differentiable")
+        if isinstance(node, sp.core.function.AppliedUndef):
+            raise spec.error(f"unknown function `{node.func}`", line,
+                             f"gradtool differentiates {LANG_FUNCTIONS}; write it from those")
+        if isinstance(node, sp.Function) and not isinstance(node, DIFFERENTIABLE):
+            raise spec.error(f"function `{node.func}` is not supported", line,
+                             f"use {LANG_FUNCTIONS}")
+        if isinstance(node, (sp.Derivative, sp.Integral, sp.Sum, sp.Product)):
+            raise spec.error(f"`{type(node).__name__}` is not part of the spec language", line,
+                             "use gradtool.lang.Sum(body, i) for sums over indices")
+
+
+def free_indices(expr: sp.Expr, spec: Spec) -> set[sp.Symbol]:
+    """Indices used in ``expr`` that no Sum/Max inside it binds."""
+    if isinstance(expr, (SumOver, MaxOver)):
+        return free_indices(expr.body, spec) - set(expr.over)
+    if isinstance(expr, sp.Symbol):
+        return {expr} if expr in spec.index_dims else set()
+    out: set[sp.Symbol] = set()
+    for arg in expr.args:
+        out |= free_indices(arg, spec)
+    return out
+
+
+def _check_reductions(spec: Spec, expr: sp.Expr, bound: set, line) -> None:
+    if isinstance(expr, (SumOver, MaxOver)):
+        for i in expr.over:
+            if i not in spec.index_dims:
+                raise spec.error(f"index `{i}` is summed but not declared", line,
+                                 f"declare it with spec.indices({i}=D)")
+            if i in bound:
+                raise spec.error(f"index `{i}` is reduced here but is already in use outside "
+                                 "this reduction", line,
+                                 "declare another index over the same dimension and use it")
+        bound = bound | set(expr.over)
+    for arg in expr.args:
+        _check_reductions(spec, arg, bound, line)
+
+
+def _is_affine(ix: sp.Expr, index_syms: set) -> bool:
+    if not index_syms:
+        return True
+    try:
+        return sp.Poly(ix, *index_syms).total_degree() <= 1
+    except sp.PolynomialError:
+        return False
+
+
+def _check_access(spec: Spec, name: str, idx: tuple, line) -> None:
+    tensor = spec.tensors[name]
+    if len(idx) != len(tensor.dims):
+        raise spec.error(f"`{name}` has {len(tensor.dims)} axes but is indexed with "
+                         f"{len(idx)}", line, "use one index per declared dimension")
+    allowed = set(spec.index_dims) | set(spec.dim_symbols.values()) \
+        | {h.symbol for h in spec.hypers.values()}
+    for axis, (ix, dim) in enumerate(zip(idx, tensor.dims, strict=True)):
+        ix = sp.sympify(ix)
+        unknown = ix.free_symbols - allowed
+        if unknown:
+            sym = sorted(unknown, key=str)[0]
+            raise spec.error(f"`{sym}` in `{name}[...]` is not a declared index", line,
+                             f"declare it with spec.indices({sym}={dim})")
+        if not _is_affine(ix, ix.free_symbols & set(spec.index_dims)):
+            raise spec.error(f"index `{ix}` of `{name}` is not affine", line,
+                             "index expressions are sums of index × constant, like i*S + p")
+        if ix in spec.index_dims and spec.index_dims[ix] != dim:
+            raise spec.error(f"index `{ix}` runs over {spec.index_dims[ix]} but axis {axis} of "
+                             f"`{name}` has size {dim}", line,
+                             f"use an index declared over {dim}")
+
+
+def validate(spec: Spec) -> None:
+    """Check what the spec declares; raise :class:`SpecError` at the first problem."""
+    if not any(s.kind == "output" for s in spec.statements):
+        raise spec.error("the spec declares no output", None,
+                         'add one: spec.output("Y", [n, d], ...)')
+    known = {t.symbol for t in spec.hypers.values()} | set(spec.index_dims) \
+        | set(spec.dim_symbols.values())
+    for st in spec.statements:
+        _check_functions(spec, st.rhs, st.line)
+        _check_reductions(spec, st.rhs, set(st.lhs), st.line)
+        for name, idx in accesses(st.rhs, spec):
+            _check_access(spec, name, idx, st.line)
+        free = free_indices(st.rhs, spec)
+        extra = free - set(st.lhs)
+        if extra:
+            i = sorted(extra, key=str)[0]
+            lhs = ", ".join(str(x) for x in (*st.lhs, i))
+            raise spec.error(f"free index `{i}` on the right of `{st.target}` is not bound on "
+                             "the left", st.line,
+                             f"sum over it with Sum(..., {i}) or add it to the left: "
+                             f"[{lhs}]")
+        for sym in st.rhs.free_symbols:
+            if isinstance(sym, sp.Symbol) and sym not in known and sym.name not in spec.tensors:
+                raise spec.error(f"unknown symbol `{sym}` in `{st.target}`", st.line,
+                                 "declare it with spec.hyper, spec.dims or spec.indices")
+    for fact in spec.facts:
+        for name, idx in accesses(fact.lhs, spec):
+            _check_access(spec, name, idx, fact.line)

@@ -1,0 +1,196 @@
+"""SSA form: one statement per tensor, each element-wise or a single reduction.
+
+Every statement reads ``T[lhs] = R_over body`` where ``R`` is nothing (element-wise with
+broadcasting), a sum (reductions and contractions alike: a contraction is a sum of products), or
+a max (pooling). ``body`` holds no reduction: inner ``Sum``/``Max`` are lifted into statements of
+their own. Sums in derived expressions are SymPy ``Sum`` nodes used only as containers; the index
+algebra on them is gradtool's (see DESIGN.md for why ``Sum.doit()`` is not used).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from gradtool.spec.lang import MaxOver, Spec, SumOver
+
+_counter = itertools.count(1)
+
+
+class ArgMaxMask(sp.Function):
+    """1 where ``value`` equals the reduced maximum ``best``, else 0: the adjoint of a Max."""
+
+    nargs = 2
+
+    def _sympystr(self, printer):
+        value, best = (printer.doprint(a) for a in self.args)
+        return f"[{value} = {best}]"
+
+    def _latex(self, printer):
+        value, best = (printer._print(a) for a in self.args)
+        return rf"\left[{value} = {best}\right]"
+
+
+@dataclass
+class Assign:
+    target: str
+    lhs: tuple[sp.Symbol, ...]
+    body: sp.Expr
+    reduce: str | None = None  # None | "sum" | "max"
+    over: tuple[sp.Symbol, ...] = ()
+    line: int | None = None
+    kind: str = "let"  # let | output | update | lifted
+
+    def rhs(self, program: Program) -> sp.Expr:
+        """The right-hand side as one expression (a SymPy Sum for a sum reduction)."""
+        if self.reduce == "sum":
+            return program.make_sum(self.body, self.over)
+        if self.reduce == "max":
+            return MaxOver(self.body, *self.over)
+        return self.body
+
+
+@dataclass
+class Program:
+    spec: Spec
+    assigns: list[Assign]
+    ranges: dict[sp.Symbol, sp.Expr] = field(default_factory=dict)  # index -> dimension
+
+    def by_target(self) -> dict[str, Assign]:
+        return {a.target: a for a in self.assigns if a.kind != "update"}
+
+    def access(self, name: str, idx) -> sp.Expr:
+        tensor = self.spec.tensors[name]
+        return tensor.base[tuple(idx)] if tensor.dims else sp.Symbol(name, real=True)
+
+    # -- indices ----------------------------------------------------------------------------
+    def fresh(self, like: sp.Symbol) -> sp.Symbol:
+        """A new bound index over the same range as ``like``."""
+        base = like.name.rstrip("'0123456789_") or "i"
+        sym = sp.Symbol(f"{base}_{next(_counter)}", integer=True)
+        self.ranges[sym] = self.ranges[like]
+        return sym
+
+    def make_sum(self, body: sp.Expr, over) -> sp.Expr:
+        """Σ over ``over`` of ``body``, binding fresh indices so that nothing is captured."""
+        expr = body
+        for i in over:
+            j = self.fresh(i)
+            expr = sp.Sum(rename(expr, {i: j}), (j, 0, self.ranges[i] - 1))
+        return expr
+
+
+def accesses(expr: sp.Expr, spec: Spec) -> list[sp.Expr]:
+    """Distinct tensor accesses in ``expr`` (Indexed, or a Symbol naming a scalar tensor)."""
+    found = []
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Indexed) or (
+                isinstance(node, sp.Symbol) and node.name in spec.tensors
+                and not spec.tensors[node.name].dims):
+            if node not in found:
+                found.append(node)
+    return found
+
+
+def access_name(node: sp.Expr) -> str:
+    return node.base.label.name if isinstance(node, sp.Indexed) else node.name
+
+
+def access_indices(node: sp.Expr) -> tuple:
+    return tuple(node.indices) if isinstance(node, sp.Indexed) else ()
+
+
+def rename(expr: sp.Expr, mapping: dict) -> sp.Expr:
+    """Substitute free index symbols, renaming bound ones that would be captured."""
+    mapping = {k: v for k, v in mapping.items() if k != v}
+    if not mapping:
+        return expr
+    return _rename(expr, mapping)
+
+
+def _rename(expr, mapping):
+    if isinstance(expr, sp.Symbol):
+        return mapping.get(expr, expr)
+    if isinstance(expr, sp.IndexedBase) or not expr.args:
+        return expr
+    if isinstance(expr, sp.Indexed):
+        return expr.base[tuple(_rename(i, mapping) for i in expr.indices)]
+    if isinstance(expr, sp.Sum):
+        body = expr.function
+        inner = dict(mapping)
+        targets = set().union(*(sp.sympify(v).free_symbols for v in mapping.values()))
+        limits = []
+        for var, lo, hi in expr.limits:
+            inner.pop(var, None)
+            if var in targets:  # would capture: bind a new name instead
+                new = sp.Symbol(f"{var.name.rstrip('0123456789_')}_{next(_counter)}",
+                                integer=True)
+                body = _rename(body, {var: new})
+                var = new
+            limits.append((var, _rename(lo, mapping), _rename(hi, mapping)))
+        return sp.Sum(_rename(body, inner) if inner else body, *limits)
+    return expr.func(*[_rename(a, mapping) for a in expr.args])
+
+
+# -- normalisation ---------------------------------------------------------------------------
+
+def normalize(spec: Spec) -> Program:
+    """Lift every inner reduction of the spec into its own statement."""
+    program = Program(spec, [], dict(spec.index_dims))
+    for st in spec.statements:
+        counter = itertools.count(1)
+        rhs = _lift(program, st, st.rhs, counter, top=True)
+        if isinstance(rhs, Assign):
+            rhs.target, rhs.lhs, rhs.kind, rhs.line = st.target, st.lhs, st.kind, st.line
+            program.assigns.append(rhs)
+        else:
+            program.assigns.append(Assign(st.target, st.lhs, rhs, None, (), st.line, st.kind))
+    return program
+
+
+def _split_scale(expr, over):
+    """``c * Sum(...)`` with c free of the reduced indices → (c, the Sum); else None."""
+    if isinstance(expr, sp.Mul):
+        red = [a for a in expr.args if isinstance(a, (SumOver, MaxOver))]
+        if len(red) == 1 and isinstance(red[0], SumOver):
+            rest = expr / red[0]
+            if not (rest.free_symbols & set(red[0].over)) and not rest.has(SumOver, MaxOver):
+                return rest, red[0]
+    return None
+
+
+def _lift(program: Program, st, expr, counter, top=False):
+    spec = program.spec
+    if top:
+        scaled = _split_scale(expr, ())
+        if scaled or isinstance(expr, (SumOver, MaxOver)):
+            scale, node = scaled if scaled else (sp.Integer(1), expr)
+            body = _lift(program, st, node.body, counter)
+            kind = "sum" if isinstance(node, SumOver) else "max"
+            if kind == "sum":
+                body = scale * body
+            elif scale != 1:
+                return _lift(program, st, expr, counter)  # scale of a max: lift the max
+            return Assign(st.target, st.lhs, body, kind, tuple(node.over), st.line)
+    if isinstance(expr, (SumOver, MaxOver)):
+        body = _lift(program, st, expr.body, counter)
+        free = _free(body, spec, program) - set(expr.over)
+        order = [i for i in st.lhs if i in free] + sorted(free - set(st.lhs), key=str)
+        prefix = "s" if isinstance(expr, SumOver) else "m"
+        name = f"{prefix}_{st.target}" + ("" if (k := next(counter)) == 1 else str(k))
+        dims = [program.ranges[i] for i in order]
+        if name not in spec.tensors:  # normalising twice reuses the lifted tensor
+            spec._tensor(name, "lifted", dims, st.line)
+        kind = "sum" if isinstance(expr, SumOver) else "max"
+        program.assigns.append(Assign(name, tuple(order), body, kind, tuple(expr.over),
+                                      st.line, "lifted"))
+        return program.access(name, order)
+    if not expr.args or isinstance(expr, (sp.Indexed, sp.IndexedBase)):
+        return expr
+    return expr.func(*[_lift(program, st, a, counter) for a in expr.args])
+
+
+def _free(expr, spec, program) -> set:
+    return {s for s in expr.free_symbols if s in program.ranges}

@@ -1,0 +1,215 @@
+"""Index-aware simplification of derived expressions.
+
+SymPy does the scalar algebra (expand, cancel, powers); this module does what SymPy's ``Sum``
+cannot: linearity of Σ, pulling out factors free of the summed index, Σ of a constant,
+Kronecker-delta elimination, folding a sum back into a forward tensor it defines (Σ_d X = D·mu),
+using stated facts (Σ_c T = 1), and re-expressing forward intermediates in the names a textbook
+uses (xc = xhat/rstd, e = S·Z).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+from gradtool.symbolic.ir import Program, access_indices, access_name, accesses, rename
+
+
+@dataclass
+class Definition:
+    """``value = Σ_over body`` with ``free`` indices: a forward reduction or a stated fact."""
+
+    value: sp.Expr
+    over: sp.Symbol
+    body: sp.Expr
+    free: tuple
+
+
+def count_sums(expr) -> int:
+    return sum(1 for n in sp.preorder_traversal(expr) if isinstance(n, sp.Sum))
+
+
+class Simplifier:
+    def __init__(self, program: Program):
+        self.program = program
+        self.spec = program.spec
+        self.defs = self._definitions()
+        self.elementwise = {a.target: a for a in program.assigns
+                            if a.reduce is None and a.kind in ("let", "lifted", "output")}
+
+    # -- what is known ------------------------------------------------------------------------
+    def _definitions(self) -> list[Definition]:
+        defs = []
+        for a in self.program.assigns:
+            if a.reduce == "sum" and len(a.over) == 1 and a.kind != "update":
+                defs.append(Definition(self.program.access(a.target, a.lhs), a.over[0], a.body,
+                                       a.lhs))
+        for fact in self.spec.facts:
+            from gradtool.spec.lang import SumOver
+
+            if isinstance(fact.lhs, SumOver) and len(fact.over if hasattr(fact, "over")
+                                                     else fact.lhs.over) == 1:
+                body, (r,) = fact.lhs.body, fact.lhs.over
+                free = tuple(sorted(body.free_symbols & set(self.program.ranges) - {r}, key=str))
+                defs.append(Definition(sp.sympify(fact.rhs), r, body, free))
+        return defs
+
+    # -- the main pass ---------------------------------------------------------------------
+    def __call__(self, expr: sp.Expr, depth: int = 0) -> sp.Expr:
+        expr = sp.expand(expr, power_base=False, power_exp=False, log=False)
+        expr = self._sums(expr, depth)
+        return sp.expand(expr, power_base=False, power_exp=False, log=False)
+
+    def _sums(self, expr, depth):
+        if isinstance(expr, sp.Sum):
+            body = self(expr.function, depth)
+            for var, lo, hi in expr.limits:
+                body = self.sum_over(body, var, hi - lo + 1, depth)
+            return body
+        if not expr.args or isinstance(expr, (sp.Indexed, sp.IndexedBase)):
+            return expr
+        if not expr.has(sp.Sum):
+            return expr
+        return expr.func(*[self._sums(a, depth) for a in expr.args])
+
+    def sum_over(self, body, var, count, depth) -> sp.Expr:
+        """Σ_var body, with body already simplified."""
+        out = []
+        for term in sp.Add.make_args(sp.expand(body, power_base=False, power_exp=False,
+                                               log=False)):
+            out.append(self._sum_term(term, var, count, depth))
+        return sp.Add(*out)
+
+    def _sum_term(self, term, var, count, depth):
+        factors = sp.Mul.make_args(term)
+        dep = [f for f in factors if var in f.free_symbols]
+        rest = sp.Mul(*[f for f in factors if var not in f.free_symbols])
+        if not dep:
+            return count * rest
+        for f in dep:  # Σ_j δ(j, k) g(j) = g(k)
+            if isinstance(f, sp.KroneckerDelta):
+                a, b = f.args
+                other = b if a == var else a if b == var else None
+                if other is not None and var not in other.free_symbols:
+                    remaining = sp.Mul(*[g for g in dep if g is not f])
+                    return rest * rename(remaining, {var: other})
+        body = sp.Mul(*dep)
+        return rest * self.fold(body, var, count, depth)
+
+    # -- folding a sum into what it already names ---------------------------------------------
+    def fold(self, body, var, count, depth) -> sp.Expr:
+        hi = count - 1
+        for d in self.defs:
+            found = self._match(d, body, var)
+            if found is not None:
+                return found
+        summed = sp.Sum(body, (var, 0, hi))
+        if depth < 3 and any(access_name(a) in self.elementwise
+                             for a in accesses(body, self.spec)):
+            inlined = self(self.inline_elementwise(body), depth + 1)
+            candidate = self.sum_over(inlined, var, count, depth + 1)
+            if candidate == 0 or count_sums(candidate) < count_sums(summed):
+                return candidate
+        return summed
+
+    def _match(self, d: Definition, body, var):
+        mine = accesses(d.body, self.spec)
+        theirs = accesses(body, self.spec)
+        if not mine:
+            return None
+        first = mine[0]
+        for cand in theirs:
+            if access_name(cand) != access_name(first):
+                continue
+            mapping = {d.over: var}
+            ok = True
+            for a, b in zip(access_indices(first), access_indices(cand)):
+                if not isinstance(a, sp.Symbol):
+                    ok = ok and a == b
+                    continue
+                if mapping.setdefault(a, b) != b:
+                    ok = False
+            if not ok or any(i not in mapping for i in d.free):
+                continue
+            pattern = rename(d.body, mapping)
+            ratio = sp.cancel(body / pattern)
+            if var in ratio.free_symbols or ratio.has(sp.Indexed) or accesses(ratio, self.spec):
+                continue
+            if ratio.free_symbols - set(self.spec.dim_symbols.values()) \
+                    - {h.symbol for h in self.spec.hypers.values()}:
+                continue
+            return ratio * rename(d.value, mapping)
+        return None
+
+    def inline_elementwise(self, expr):
+        """Replace each access of an element-wise intermediate by its definition."""
+        def repl(node):
+            name = access_name(node)
+            a = self.elementwise.get(name)
+            if a is None:
+                return node
+            return rename(a.body, dict(zip(a.lhs, access_indices(node))))
+        subs = {node: repl(node) for node in accesses(expr, self.spec)}
+        return expr.xreplace(subs)
+
+    # -- presentation ------------------------------------------------------------------------
+    def eliminations(self) -> list[tuple[str, tuple, sp.Expr]]:
+        """Forward monomials solved for their earliest intermediate factor:
+        xhat = xc·rstd gives xc = xhat/rstd, S = e/Z gives e = S·Z."""
+        order = {a.target: k for k, a in enumerate(self.program.assigns)}
+        out = []
+        for a in self.program.assigns:
+            if a.reduce is not None or a.kind == "update":
+                continue
+            coeff, factors = a.body.as_coeff_mul()
+            cands = []
+            for f in factors:
+                base, exp = f.as_base_exp()
+                if not (isinstance(base, (sp.Indexed, sp.Symbol)) and abs(exp) == 1):
+                    continue
+                if not accesses(base, self.spec) or base != accesses(base, self.spec)[0]:
+                    continue
+                name = access_name(base)
+                if name not in self.elementwise and not self._is_reduction(name):
+                    continue
+                if set(access_indices(base)) != set(a.lhs) or \
+                        len(access_indices(base)) != len(a.lhs):
+                    continue
+                cands.append((order.get(name, 1 << 30), base, exp))
+            if not cands or len(factors) < 2:
+                continue
+            _, base, exp = min(cands, key=lambda c: c[0])
+            target = self.program.access(a.target, a.lhs)
+            others = a.body / base ** exp
+            solution = (target / others) ** exp
+            out.append((access_name(base), access_indices(base), solution))
+        return out
+
+    def _is_reduction(self, name):
+        return any(a.target == name and a.reduce for a in self.program.assigns)
+
+    def rewrite(self, expr):
+        """Express ``expr`` in the later forward names (see :meth:`eliminations`)."""
+        for name, idx, solution in self.eliminations():
+            subs = {}
+            for node in accesses(expr, self.spec):
+                if access_name(node) == name:
+                    subs[node] = rename(solution, dict(zip(idx, access_indices(node))))
+            if subs:
+                expr = expr.xreplace(subs)
+        return expr
+
+    def substitute_forward(self, expr, assign=None):
+        """Replace sub-expressions that equal a forward element-wise body by its name."""
+        for a in self.program.assigns:
+            if a.reduce is not None or a.kind == "update" or a.body.is_Atom \
+                    or isinstance(a.body, sp.Indexed):
+                continue
+            if a.lhs and set(a.lhs) != a.body.free_symbols & set(self.program.ranges):
+                continue
+            if len(accesses(a.body, self.spec)) != 1:
+                continue  # only functions of one tensor: tanh → 1 − Y², not X/Y → Z
+            target = self.program.access(a.target, a.lhs)
+            expr = expr.subs(a.body, target)
+        return expr

@@ -1,0 +1,1 @@
+"""Built-in specs, one layer per file; installed as ``gradtool.builtin_specs``."""

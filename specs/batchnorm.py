@@ -1,0 +1,27 @@
+"""Batch normalisation (training): Y = gamma · (X − mean_n X) / sqrt(var_n X + eps) + beta."""
+
+from gradtool.lang import Spec, Sum, sqrt
+
+spec = Spec("batchnorm", "Batch normalisation over the batch axis, training mode",
+            reference="torch.nn.functional.batch_norm (training=True)")
+N, C = spec.dims("N C")
+n, c = spec.indices(n=N, c=C)
+X = spec.input("X", N, C)
+gamma = spec.param("gamma", C, init="ones")
+beta = spec.param("beta", C, init="zeros")
+eps = spec.hyper("eps", 1e-5)
+momentum = spec.hyper("momentum", 0.1)
+running_mean = spec.state("running_mean", C, init="zeros")
+running_var = spec.state("running_var", C, init="ones")
+
+mu = spec.let("mu", [c], Sum(X[n, c], n) / N)
+xc = spec.let("xc", [n, c], X[n, c] - mu[c])
+var = spec.let("var", [c], Sum(xc[n, c] ** 2, n) / N)
+std = spec.let("std", [c], sqrt(var[c] + eps))
+xhat = spec.let("xhat", [n, c], xc[n, c] / std[c])
+spec.output("Y", [n, c], gamma[c] * xhat[n, c] + beta[c])
+
+spec.update("running_mean", [c], (1 - momentum) * running_mean[c] + momentum * mu[c])
+# PyTorch keeps the unbiased variance in its running estimate
+spec.update("running_var", [c],
+            (1 - momentum) * running_var[c] + momentum * var[c] * N / (N - 1))

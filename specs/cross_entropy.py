@@ -1,0 +1,13 @@
+"""Cross-entropy on probabilities: L = −(1/N) Σ_n Σ_c T[n, c] log X[n, c]."""
+
+from gradtool.lang import Spec, Sum, log
+
+spec = Spec("cross_entropy", "Cross-entropy of probabilities X against targets T, "
+            "L = −Σ T·log(X) / N",
+            reference="torch.nn.functional.nll_loss(log(X))")
+N, C = spec.dims("N C")
+n, c = spec.indices(n=N, c=C)
+X = spec.input("X", N, C, domain="unit")
+T = spec.input("T", N, C, grad=False, domain="unit")
+
+spec.output("L", [], -Sum(T[n, c] * log(X[n, c]), n, c) / N)

@@ -1,0 +1,11 @@
+"""Element-wise division: Z = X / Y."""
+
+from gradtool.lang import Spec
+
+spec = Spec("div", "Element-wise division Z = X / Y", reference="torch.div")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+X = spec.input("X", N, D)
+Y = spec.input("Y", N, D, domain="nonzero")
+
+spec.output("Z", [n, d], X[n, d] / Y[n, d])

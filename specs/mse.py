@@ -1,0 +1,12 @@
+"""Mean squared error: L = Σ_n Σ_d (X[n, d] − T[n, d])² / (N D)."""
+
+from gradtool.lang import Spec, Sum
+
+spec = Spec("mse", "Mean squared error L = mean((X − T)²)",
+            reference="torch.nn.functional.mse_loss")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+X = spec.input("X", N, D)
+T = spec.input("T", N, D, grad=False)
+
+spec.output("L", [], Sum((X[n, d] - T[n, d]) ** 2, n, d) / (N * D))

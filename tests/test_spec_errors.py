@@ -1,0 +1,168 @@
+"""A bad spec is reported as a SpecError with the spec file, the line and the problem."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gradtool.errors import SpecError
+from gradtool.spec.loader import builtin_specs, load_spec
+
+HEADER = """\
+import sympy
+from gradtool.lang import Spec, Sum, exp
+
+spec = Spec("bad", "a spec with a mistake")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+X = spec.input("X", N, D)
+"""
+HEADER_LINES = HEADER.count("\n")  # the body's first line is HEADER_LINES + 1
+
+
+def write(tmp_path: Path, body: str, header: str = HEADER) -> Path:
+    path = tmp_path / "bad.py"
+    path.write_text(header + textwrap.dedent(body))
+    return path
+
+
+def load_error(path: Path) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    return info.value
+
+
+def test_syntax_error(tmp_path):
+    path = write(tmp_path, 'spec.output("Y", [n, d], exp(X[n, d])\n')
+    err = load_error(path)
+    assert err.file == str(path)
+    assert err.line == HEADER_LINES + 1
+    assert "syntax error" in str(err)
+
+
+def test_undefined_name(tmp_path):
+    path = write(tmp_path, """\
+        H = spec.let("H", [n, d], X[n, d] * 2)
+        spec.output("Y", [n, d], gelu(H[n, d]))
+        """)
+    err = load_error(path)
+    assert err.file == str(path)
+    assert err.line == HEADER_LINES + 2
+    assert "`gelu` is not defined" in str(err)
+
+
+def test_index_on_wrong_dimension(tmp_path):
+    header = """\
+from gradtool.lang import Spec, Sum
+
+spec = Spec("bad", "linear with W indexed the wrong way round")
+N, I, O = spec.dims("N I O")
+n, i, o = spec.indices(n=N, i=I, o=O)
+X = spec.input("X", N, I)
+W = spec.param("W", O, I)
+"""
+    path = write(tmp_path, 'spec.output("Y", [n, o], Sum(X[n, i] * W[i, o], i))\n', header)
+    err = load_error(path)
+    assert err.file == str(path)
+    assert err.line == header.count("\n") + 1
+    assert "`W`" in str(err)
+    assert "runs over" in str(err)
+
+
+def test_free_index_not_bound_on_left(tmp_path):
+    path = write(tmp_path, 'spec.output("Y", [n], X[n, d] * 2)\n')
+    err = load_error(path)
+    assert err.file == str(path)
+    assert err.line == HEADER_LINES + 1
+    assert "free index `d`" in str(err)
+    assert "not bound on the left" in str(err)
+
+
+def test_unknown_function(tmp_path):
+    path = write(tmp_path, """\
+        f = sympy.Function("f")
+        spec.output("Y", [n, d], f(X[n, d]))
+        """)
+    err = load_error(path)
+    assert err.file == str(path)
+    assert err.line == HEADER_LINES + 2
+    assert "unknown function `f`" in str(err)
+
+
+def test_non_differentiable_function(tmp_path):
+    path = write(tmp_path, """\
+        H = spec.let("H", [n, d], X[n, d] * 2)
+        spec.output("Y", [n, d], sympy.floor(H[n, d]))
+        """)
+    err = load_error(path)
+    assert err.file == str(path)
+    assert err.line == HEADER_LINES + 2
+    assert "floor" in str(err)
+    assert "not differentiable" in str(err)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.py"
+    path.write_text("\n  \n")
+    err = load_error(path)
+    assert err.file == str(path)
+    assert err.line is None
+    assert "empty" in str(err)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nowhere.py"
+    err = load_error(path)
+    assert err.line is None
+    assert str(path) in str(err)
+    assert "does not exist" in str(err)
+
+
+def test_file_without_spec(tmp_path):
+    path = write(tmp_path, "", header="from gradtool.lang import Spec\n\nx = 1\n")
+    err = load_error(path)
+    assert err.file == str(path)
+    assert "no Spec" in str(err)
+
+
+def test_wrong_number_of_indices(tmp_path):
+    path = write(tmp_path, 'spec.output("Y", [n], X[n] * 2)\n')
+    err = load_error(path)
+    assert err.file == str(path)
+    assert err.line == HEADER_LINES + 1
+    assert "indices" in str(err)
+
+
+def test_sum_over_undeclared_index(tmp_path):
+    path = write(tmp_path, """\
+        k = sympy.Symbol("k")
+        spec.output("Y", [n], Sum(X[n, d], k))
+        """)
+    err = load_error(path)
+    assert err.file == str(path)
+    assert err.line == HEADER_LINES + 2
+    assert "declare" in str(err)
+    assert "k" in str(err)
+
+
+def test_sum_over_undeclared_integer_symbol(tmp_path):
+    path = write(tmp_path, """\
+        k = sympy.Symbol("k", integer=True)
+        spec.output("Y", [n], Sum(X[n, k], k))
+        """)
+    err = load_error(path)
+    assert err.file == str(path)
+    assert err.line == HEADER_LINES + 2
+    assert "`k`" in str(err)
+    assert "not declared" in str(err)
+
+
+@pytest.mark.parametrize("name", sorted(builtin_specs()))
+def test_builtin_spec_loads(name):
+    spec = load_spec(name)
+    assert spec.name == name
+    assert spec.description.strip()
+    assert spec.outputs
+    assert spec.file == str(builtin_specs()[name])
