@@ -53,9 +53,6 @@ class SumOver(sp.Function):
     def over(self) -> tuple[sp.Symbol, ...]:
         return tuple(self.args[1:])
 
-    def _sympystr(self, printer):
-        over = ", ".join(printer.doprint(i) for i in self.over)
-        return f"Sum({printer.doprint(self.body)}, {over})"
 
 
 class MaxOver(sp.Function):
@@ -75,9 +72,6 @@ class MaxOver(sp.Function):
     def over(self) -> tuple[sp.Symbol, ...]:
         return tuple(self.args[1:])
 
-    def _sympystr(self, printer):
-        over = ", ".join(printer.doprint(i) for i in self.over)
-        return f"Max({printer.doprint(self.body)}, {over})"
 
 
 def _is_index(x) -> bool:

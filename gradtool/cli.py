@@ -1,0 +1,125 @@
+"""The ``gradtool`` command line: thin typer commands over library functions.
+
+Heavy modules (sympy, numpy, torch) are imported inside the commands so that ``gradtool --help``
+starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from gradtool import __version__
+
+app = typer.Typer(
+    name="gradtool",
+    help="Derive, check and train on backward passes written once as math in SymPy.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"gradtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Derive, check and train on backward passes written once as math in SymPy."""
+    _state["debug"] = debug
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    from gradtool.errors import GradtoolError
+
+    if debug or _state["debug"]:
+        raise exc
+    if isinstance(exc, GradtoolError):
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+    else:
+        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
+                          "(run again with --debug for the traceback)", soft_wrap=True)
+    raise typer.Exit(1) from None
+
+
+@app.command("specs")
+def specs_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    debug: Debug = False,
+) -> None:
+    """List the built-in specs with a one-line description."""
+    try:
+        from gradtool.spec.loader import builtin_specs, load_spec
+
+        rows = []
+        for name, path in builtin_specs().items():
+            spec = load_spec(path)
+            rows.append({"name": name, "description": spec.description,
+                         "reference": spec.reference, "file": str(path),
+                         "inputs": [t.name for t in spec.grad_inputs],
+                         "outputs": [t.name for t in spec.outputs]})
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
+        _fail(exc, debug)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title="Built-in specs", title_justify="left")
+    table.add_column("spec", style="bold cyan")
+    table.add_column("description")
+    table.add_column("differentiable", style="green")
+    for r in rows:
+        table.add_row(r["name"], r["description"], ", ".join(r["inputs"]))
+    console.print(table)
+    console.print("Derive one with [bold]gradtool derive NAME[/], or write your own spec "
+                  "file (docs/spec-language.md).")
+
+
+@app.command("derive")
+def derive_cmd(
+    spec: Annotated[str, typer.Argument(help="A built-in spec name (see `gradtool specs`) "
+                                             "or the path of a spec file.")],
+    jacobian: Annotated[bool, typer.Option("--jacobian", "-j",
+                                           help="Show ∂output/∂input in index form.")] = False,
+    shape: Annotated[str | None, typer.Option(
+        "--shape", "-s", metavar="N=2,D=3",
+        help="Concrete sizes: also show each Jacobian as an explicit matrix.")] = None,
+    steps: Annotated[bool, typer.Option("--steps", help="Show the chain rule step by step "
+                                                        "through the intermediates.")] = False,
+    latex_out: Annotated[bool, typer.Option("--latex", help="Print LaTeX.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Print the forward, the simplified backward and, on request, Jacobians and steps."""
+    try:
+        from gradtool.report import derive_report, parse_shape
+
+        report = derive_report(spec, jacobians=jacobian, shape=parse_shape(shape),
+                               steps=steps)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc, debug)
+    if as_json:
+        for g in report["gradients"]:
+            g.pop("sympy", None)
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return
+    from gradtool.render import render_derivation
+
+    render_derivation(console, report, latex=latex_out)

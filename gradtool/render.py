@@ -1,0 +1,89 @@
+"""Rich terminal rendering of a derivation report (see :func:`gradtool.report.derive_report`)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+
+def _lines(rows, key: str) -> Text:
+    out = Text()
+    for k, r in enumerate(rows):
+        if k:
+            out.append("\n")
+        out.append(r[key])
+    return out
+
+
+def render_latex(console: Console, report: dict) -> None:
+    """Plain LaTeX lines, one equation each, ready to paste into a document."""
+    out = [f"% {report['spec']}: {report['description']}", "% forward"]
+    out += [r["latex"] for r in report["forward"]]
+    out.append("% backward")
+    out += [g["latex"] for g in report["gradients"]]
+    for jac in report.get("jacobians", []):
+        out.append(f"% Jacobian d{jac['output']}/d{jac['wrt']}")
+        out.append(jac["latex"])
+        if "matrix_latex" in jac:
+            out.append(jac["matrix_latex"])
+    for step in report.get("steps", []):
+        out.append(step["latex"])
+    for line in out:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def render_derivation(console: Console, report: dict, latex: bool = False) -> None:
+    if latex:
+        render_latex(console, report)
+        return
+    key = "text"
+    title = f"[bold cyan]{escape(report['spec'])}[/] — {escape(report['description'])}"
+    console.print(title)
+    console.print(f"[dim]{escape(str(report['file']))}[/]")
+    console.print(Panel(_lines(report["forward"], key), title="forward", title_align="left",
+                        border_style="blue"))
+
+    seeds = ", ".join(f"{s} = ∂L/∂{out}" for out, s in report["seeds"].items() if s != "1")
+    note = "dX = ∂L/∂X" + (f"; {seeds}" if seeds else "; L is the output itself")
+    body = Text()
+    for k, g in enumerate(report["gradients"]):
+        if k:
+            body.append("\n")
+        body.append(g[key], style="bold")
+        if g["matrix"]:
+            body.append("\n    matrix: ", style="dim")
+            body.append(g["matrix"])
+    console.print(Panel(body, title=f"backward  [dim]({escape(note)})[/]", title_align="left",
+                        border_style="green"))
+
+    for jac in report.get("jacobians", []):
+        head = f"Jacobian ∂{jac['output']}/∂{jac['wrt']}"
+        content = Text(jac["text"])
+        console.print(Panel(content, title=head, title_align="left", border_style="magenta"))
+        if "matrix" in jac:
+            table = Table(show_header=True, header_style="bold", box=None, padding=(0, 1))
+            table.add_column("")
+            for col in jac["columns"]:
+                table.add_column(col, justify="center")
+            for name, row in zip(jac["rows"], jac["matrix"], strict=True):
+                table.add_row(name, *row)
+            console.print(table)
+
+    if "steps" in report:
+        table = Table(title="chain rule, from the outputs back", title_justify="left",
+                      show_lines=True)
+        table.add_column("adjoint", style="bold")
+        table.add_column("contributions (rule)")
+        for step in report["steps"]:
+            parts = Text()
+            if step["seed"]:
+                parts.append("upstream gradient of an output\n", style="dim")
+            for c in step["contributions"]:
+                parts.append(f"from {c['from']}: ", style="cyan")
+                parts.append(c["local"] + "\n")
+                parts.append(f"  {c['rule']}\n", style="dim")
+            table.add_row(Text(step[key]), parts)
+        console.print(table)

@@ -1,0 +1,159 @@
+"""``derive_report``: everything ``gradtool derive`` shows, as plain data (the library API).
+
+>>> report = derive_report("linear")
+>>> [g["matrix"] for g in report["gradients"]]
+['G W', 'Gᵀ X', 'Σ_n G']
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from gradtool.errors import GradtoolError
+from gradtool.spec.lang import MaxOver, Spec, SumOver
+from gradtool.spec.loader import load_spec
+from gradtool.symbolic.jacobian import explicit_matrix, jacobian
+from gradtool.symbolic.printing import display_name, latex, matrix, present, text
+from gradtool.symbolic.reverse import Derivation, derive
+
+
+def parse_shape(shape: str | None) -> dict[str, int] | None:
+    """``"N=2,D=3"`` → ``{"N": 2, "D": 3}``."""
+    if not shape:
+        return None
+    sizes = {}
+    for part in shape.replace(" ", "").split(","):
+        name, sep, value = part.partition("=")
+        if not sep or not name or not value.isdigit() or int(value) < 1:
+            raise GradtoolError(f"cannot read --shape part {part!r}",
+                                hint="write sizes as NAME=INT pairs, e.g. --shape N=2,D=3")
+        sizes[name] = int(value)
+    return sizes
+
+
+def _user_form(spec: Spec, expr: sp.Expr) -> sp.Expr:
+    """A spec right-hand side with its Sum nodes as SymPy Sums, for printing."""
+    def conv(e):
+        if isinstance(e, SumOver):
+            out = conv(e.body)
+            for i in e.over:
+                out = sp.Sum(out, (i, 0, spec.index_dims[i] - 1))
+            return out
+        if isinstance(e, MaxOver):
+            return MaxOver(conv(e.body), *e.over)
+        if not e.args or isinstance(e, (sp.Indexed, sp.IndexedBase)):
+            return e
+        return e.func(*[conv(a) for a in e.args])
+    return conv(expr)
+
+
+def _access_text(name: str, idx) -> str:
+    idx = ",".join(str(i) for i in idx)
+    return f"{display_name(name)}[{idx}]" if idx else display_name(name)
+
+
+def _access_latex(name: str, idx) -> str:
+    sym = latex(sp.Symbol(name))
+    return f"{sym}_{{{','.join(map(str, idx))}}}" if idx else sym
+
+
+def _forward(spec: Spec) -> list[dict]:
+    rows = []
+    for st in spec.statements:
+        rhs = _user_form(spec, st.rhs)
+        rows.append({
+            "target": st.target, "indices": [str(i) for i in st.lhs], "kind": st.kind,
+            "line": st.line, "text": f"{_access_text(st.target, st.lhs)} = {text(rhs)}",
+            "latex": f"{_access_latex(st.target, st.lhs)} = {latex(rhs)}",
+        })
+    return rows
+
+
+def _gradients(d: Derivation) -> list[dict]:
+    rows = []
+    for t in d.spec.grad_inputs:
+        expr = present(d.closed[t.name])
+        idx = d.canon[t.name]
+        lhs = "d" + _access_text(t.name, idx)
+        rows.append({
+            "wrt": t.name, "kind": t.kind, "indices": [str(i) for i in idx],
+            "text": f"{lhs} = {text(expr)}", "expression": text(expr),
+            "matrix": matrix(d.closed[t.name], idx),
+            "latex": rf"\frac{{\partial L}}{{\partial {_access_latex(t.name, idx)}}}"
+                     f" = {latex(expr)}",
+            "sympy": sp.srepr(d.closed[t.name]),
+        })
+    return rows
+
+
+def _steps(d: Derivation) -> list[dict]:
+    """The chain rule through every intermediate, from the outputs back to the inputs."""
+    order = [a.target for a in reversed(d.program.assigns) if a.target in d.active
+             and a.kind != "update"]
+    order += [t.name for t in d.spec.grad_inputs if t.name in d.active]
+    rows = []
+    for name in dict.fromkeys(order):
+        idx = d.canon[name]
+        adj = present(d.steps[name])
+        contributions = []
+        for c in d.contributions[name]:
+            contributions.append({
+                "from": c.statement.target, "rule": c.rule,
+                "local": f"∂{c.statement.target}/∂{name} = {text(present(c.local))}",
+                "text": text(present(c.expr)),
+            })
+        seed = name in d.seeds
+        rows.append({
+            "tensor": name, "indices": [str(i) for i in idx],
+            "text": f"{_access_text('g_' + name, idx)} = {text(adj)}",
+            "latex": f"{_access_latex('g_' + name, idx)} = {latex(adj)}",
+            "seed": seed, "contributions": contributions,
+        })
+    return rows
+
+
+def _jacobians(d: Derivation, shape: dict[str, int] | None) -> list[dict]:
+    rows = []
+    for out in d.seeds:
+        for t in d.spec.grad_inputs:
+            if d.closed[t.name] == 0:
+                continue
+            jac = jacobian(d, out, t.name)
+            expr = present(jac.expr)
+            lhs = f"∂{_access_text(out, jac.out_idx)}/∂{_access_text(t.name, jac.in_idx)}"
+            row = {
+                "output": out, "wrt": t.name,
+                "output_indices": [str(i) for i in jac.out_idx],
+                "input_indices": [str(i) for i in jac.in_idx],
+                "text": f"{lhs} = {text(expr)}",
+                "latex": rf"\frac{{\partial {_access_latex(out, jac.out_idx)}}}"
+                         rf"{{\partial {_access_latex(t.name, jac.in_idx)}}} = {latex(expr)}",
+            }
+            if shape is not None:
+                mat, rws, cols = explicit_matrix(d, jac, shape)
+                row["rows"] = [_access_text(out, r) for r in rws]
+                row["columns"] = [_access_text(t.name, c) for c in cols]
+                row["matrix"] = [[text(mat[i, j]) for j in range(mat.cols)]
+                                 for i in range(mat.rows)]
+                row["matrix_latex"] = latex(mat)
+            rows.append(row)
+    return rows
+
+
+def derive_report(spec_or_path: str | Spec, *, jacobians: bool = False,
+                  shape: dict[str, int] | None = None, steps: bool = False) -> dict:
+    """Derive a spec and return its forward, gradients and, on request, Jacobians and steps."""
+    spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path)
+    d = derive(spec)
+    seeds = {name: (str(s.base) if isinstance(s, sp.Indexed) else str(s))
+             for name, s in d.seeds.items()}
+    report = {
+        "spec": spec.name, "description": spec.description, "file": spec.file,
+        "reference": spec.reference, "seeds": seeds,
+        "forward": _forward(spec), "gradients": _gradients(d),
+    }
+    if jacobians or shape is not None:
+        report["jacobians"] = _jacobians(d, shape)
+    if steps:
+        report["steps"] = _steps(d)
+    return report

@@ -1,0 +1,255 @@
+"""How derived expressions read: index notation, LaTeX and, where one exists, matrix notation."""
+
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.latex import LatexPrinter
+from sympy.printing.str import StrPrinter
+
+from gradtool.symbolic.ir import ArgMaxMask, access_indices, access_name
+
+GREEK = {"gamma": "γ", "beta": "β", "alpha": "α", "mu": "μ", "sigma": "σ", "eps": "ε",
+         "lambda_": "λ", "tau": "τ", "rho": "ρ", "theta": "θ", "delta": "δ", "xhat": "x̂",
+         "yhat": "ŷ", "var": "σ²", "std": "σ"}
+
+
+def display_name(name: str) -> str:
+    return GREEK.get(name, name)
+
+
+# -- bound-index names ---------------------------------------------------------------------
+
+def prettify(expr: sp.Expr) -> sp.Expr:
+    """Rename engine-made bound indices (``d_8``) to what a person writes (``d'``)."""
+    return _pretty(expr, {s.name for s in expr.free_symbols})
+
+
+def _pretty(e, taken):
+    if isinstance(e, sp.Sum):
+        body, limits = e.function, []
+        for var, lo, hi in e.limits:
+            base = var.name.rstrip("'0123456789_") or "i"
+            inner = {s.name for s in body.free_symbols} - {var.name}
+            name = base
+            while name in taken or name in inner:
+                name += "'"
+            new = sp.Symbol(name, integer=True)
+            body = body.xreplace({var: new})
+            limits.append((new, lo, hi))
+            taken = taken | {name}
+        return sp.Sum(_pretty(body, taken), *limits)
+    if not e.args or isinstance(e, (sp.Indexed, sp.IndexedBase)):
+        return e
+    return e.func(*[_pretty(a, taken) for a in e.args])
+
+
+def present(expr: sp.Expr) -> sp.Expr:
+    """The form shown to people: common factors pulled out, readable bound indices."""
+    return prettify(sp.factor_terms(expr))
+
+
+# -- plain text (index notation) ---------------------------------------------------------------
+
+class IndexPrinter(StrPrinter):
+    """``Σ_d'(G[n,d']·γ[d'])``, ``δ(c,j)``, ``[X[n,d] > 0]``; names like gamma print as γ."""
+
+    printmethod = "_gradtool_str"  # SymPy's own Indexed._sympystr would win otherwise
+
+    def _print_Symbol(self, expr):
+        return display_name(expr.name)
+
+    def _print_Indexed(self, expr):
+        idx = ",".join(self._print(i) for i in expr.indices)
+        return f"{display_name(expr.base.label.name)}[{idx}]"
+
+    def _print_Sum(self, expr):
+        over = ",".join(self._print(lim[0]) for lim in expr.limits)
+        return f"Σ_{over}({self._print(expr.function)})"
+
+    def _print_KroneckerDelta(self, expr):
+        return f"δ({self._print(expr.args[0])},{self._print(expr.args[1])})"
+
+    def _print_Heaviside(self, expr):
+        return f"[{self._print(expr.args[0])} > 0]"
+
+    def _print_ArgMaxMask(self, expr):
+        return f"[{self._print(expr.args[0])} = {self._print(expr.args[1])}]"
+
+    def _print_Piecewise(self, expr):
+        parts = []
+        for value, cond in expr.args:
+            v = self._print(value)
+            parts.append(v if cond == sp.true else f"{v} if {self._print(cond)}")
+        return "{" + "; else ".join(parts) + "}"
+
+    def _print_Mul(self, expr):
+        return super()._print_Mul(expr).replace("**", "^").replace("*", "·")
+
+    def _print_Pow(self, expr, rational=False):
+        return super()._print_Pow(expr, rational).replace("**", "^")
+
+
+def text(expr: sp.Expr) -> str:
+    out = IndexPrinter().doprint(expr)
+    return out.replace("**", "^").replace("*", "·")
+
+
+# -- LaTeX ----------------------------------------------------------------------------------
+
+LATEX_NAMES = {"gamma": r"\gamma", "beta": r"\beta", "alpha": r"\alpha", "mu": r"\mu",
+               "eps": r"\epsilon", "xhat": r"\hat{x}", "var": r"\sigma^2", "std": r"\sigma",
+               "rstd": r"\mathrm{rstd}", "sigma": r"\sigma"}
+
+
+def latex_name(name: str) -> str:
+    if name.startswith("g_") and len(name) > 2:  # an adjoint: g_{\hat{x}}
+        return "g_{" + latex_name(name[2:]) + "}"
+    if name in LATEX_NAMES:
+        return LATEX_NAMES[name]
+    if len(name) > 1 and "'" not in name:
+        return r"\mathrm{" + name.replace("_", r"\_") + "}"
+    return name
+
+
+class IndexLatexPrinter(LatexPrinter):
+    def _print_Symbol(self, expr, style="plain"):
+        if expr.is_integer and not expr.is_positive:  # an index: d' stays d'
+            return expr.name
+        return latex_name(expr.name)
+
+    def _print_Indexed(self, expr):
+        name = latex_name(expr.base.label.name)
+        idx = ",".join(self._print(i) for i in expr.indices)
+        return f"{{{name}}}_{{{idx}}}"
+
+    def _print_Sum(self, expr):
+        over = ",".join(self._print(lim[0]) for lim in expr.limits)
+        body = self._print(expr.function)
+        if isinstance(expr.function, sp.Add):
+            body = rf"\left({body}\right)"
+        return rf"\sum_{{{over}}} {body}"
+
+    def _print_Heaviside(self, expr, pow=None):
+        return rf"\left[{self._print(expr.args[0])} > 0\right]"
+
+    def _print_ArgMaxMask(self, expr):
+        return rf"\left[{self._print(expr.args[0])} = {self._print(expr.args[1])}\right]"
+
+
+def latex(expr: sp.Expr) -> str:
+    return IndexLatexPrinter().doprint(expr)
+
+
+# -- matrix notation ----------------------------------------------------------------------
+
+def matrix(expr: sp.Expr, free: tuple) -> str | None:
+    """``G W``, ``Gᵀ X``, ``Σ_n G``, ``S ⊙ (G − …)`` for results of rank ≤ 2, else None.
+
+    ``⊙`` is the element-wise product with NumPy broadcasting; ``Σ_k`` sums over axis k.
+    """
+    if len(free) > 2:
+        return None
+    try:
+        return _mat(present(expr), tuple(free))
+    except _NoMatrixFormError:
+        return None
+
+
+class _NoMatrixFormError(Exception):
+    pass
+
+
+def _label(node, free) -> str:
+    """A tensor's name; ``ᵀ`` when a 2-d access runs against the result's axes."""
+    idx = access_indices(node)
+    name = display_name(access_name(node))
+    if any(not isinstance(i, sp.Symbol) for i in idx) or len(set(idx)) != len(idx):
+        raise _NoMatrixFormError
+    if free is not None and len(free) == 2 and tuple(idx) == tuple(reversed(free)):
+        return name + "ᵀ"
+    return name
+
+
+def _mat(e, free) -> str:
+    if isinstance(e, sp.Indexed):
+        return _label(e, free)
+    if e.is_Number or isinstance(e, sp.Symbol):
+        return text(e)
+    if isinstance(e, sp.Add):
+        terms = sorted(e.args, key=lambda a: a.could_extract_minus_sign())
+        out = _mat(terms[0], free)
+        for a in terms[1:]:
+            s = _mat(a, free)
+            out += f" − {s[1:]}" if s.startswith("-") else f" + {s}"
+        return out
+    if isinstance(e, sp.Mul):
+        return _mat_mul(e, free)
+    if isinstance(e, sp.Pow):
+        base = _mat(e.base, free)
+        if e.exp == -1:
+            return f"1/{_wrap(base)}"
+        if e.exp == sp.Rational(1, 2):
+            return f"√{_wrap(base)}"
+        return f"{_wrap(base)}^{text(e.exp)}"
+    if isinstance(e, sp.Sum):
+        return _mat_sum(e, free)
+    if isinstance(e, sp.Heaviside):
+        return f"[{_mat(e.args[0], free)} > 0]"
+    if isinstance(e, sp.Function) and not isinstance(e, ArgMaxMask) and len(e.args) == 1:
+        return f"{type(e).__name__}({_mat(e.args[0], free)})"
+    raise _NoMatrixFormError
+
+
+def _wrap(s: str) -> str:
+    if s.startswith("(") and s.endswith(")") and s.count("(") == 1:
+        return s
+    return f"({s})" if any(op in s for op in " +−-⊙/·") else s
+
+
+def _is_scalar(f) -> bool:
+    return not f.has(sp.Indexed)
+
+
+def _mat_mul(e, free) -> str:
+    coeff, factors = e.as_coeff_mul()
+    num = [f for f in factors if not (isinstance(f, sp.Pow) and f.exp.is_negative)]
+    den = [1 / f for f in factors if isinstance(f, sp.Pow) and f.exp.is_negative]
+
+    def join(fs):
+        scalars = [_wrap(_mat(f, free)) for f in fs if _is_scalar(f)]
+        arrays = [_wrap(_mat(f, free)) if isinstance(f, (sp.Add, sp.Sum)) else _mat(f, free)
+                  for f in fs if not _is_scalar(f)]
+        out = " ⊙ ".join(arrays)
+        return "·".join(scalars + ([out] if out else [])) or "1"
+
+    joined = join(num)
+    if den:
+        joined = f"{joined}/{_wrap(join(den))}"
+    if coeff == -1:
+        return "-" + joined
+    if coeff != 1:
+        return f"{text(coeff)}·{joined}"
+    return joined
+
+
+def _mat_sum(e: sp.Sum, free) -> str:
+    (var, _, _), *more = e.limits
+    if more or free is None:
+        raise _NoMatrixFormError
+    body = e.function
+    factors = sp.Mul.make_args(body)
+    reads = [f for f in factors if isinstance(f, sp.Indexed) and var in f.indices]
+    others = [f for f in factors if f not in reads]
+    # Σ_k A[i,k] B[k,j]: a matrix product
+    if len(reads) == 2 and not others and len(free) == 2:
+        a, b = reads
+        if free[0] not in a.indices:
+            a, b = b, a
+        if free[0] in a.indices and free[1] in b.indices and len(a.indices) == 2 \
+                and len(b.indices) == 2:
+            left = display_name(access_name(a)) + ("" if a.indices[0] == free[0] else "ᵀ")
+            right = display_name(access_name(b)) + ("" if b.indices[1] == free[1] else "ᵀ")
+            return f"{left} {right}"
+    # Σ_k over one axis of an element-wise expression
+    inner = _mat(body, None)
+    return f"Σ_{text(var)}({inner})" if _wrap(inner) != inner else f"Σ_{text(var)} {inner}"
