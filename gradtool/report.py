@@ -54,7 +54,7 @@ def _access_text(name: str, idx) -> str:
 
 def _access_latex(name: str, idx) -> str:
     sym = latex(sp.Symbol(name))
-    return f"{sym}_{{{','.join(map(str, idx))}}}" if idx else sym
+    return f"{{{sym}}}_{{{','.join(map(str, idx))}}}" if idx else sym
 
 
 def _forward(spec: Spec) -> list[dict]:
