@@ -14,7 +14,7 @@ def random_upstream(d: Derivation, dims: dict, rng: np.random.Generator) -> dict
     out = {}
     for name, seed in d.seeds.items():
         t = d.spec.tensors[name]
-        shape = tuple(int(dims[x]) for x in t.dims)
+        shape = tuple(int(sp.sympify(x).subs(dims)) for x in t.dims)
         if isinstance(seed, sp.Indexed):
             out[seed.base.label.name] = rng.standard_normal(shape)
         elif isinstance(seed, sp.Symbol):

@@ -33,7 +33,7 @@ def sample_inputs(spec: Spec, dims: dict[sp.Symbol, int],
     """float64 values for every input, parameter and state tensor of ``spec``."""
     values = {}
     for t in spec.of_kind("input", "param", "state"):
-        shape = tuple(int(dims[d]) for d in t.dims)
+        shape = tuple(int(sp.sympify(d).subs(dims)) for d in t.dims)
         domain = "positive" if t.kind == "state" else t.domain
         values[t.name] = _draw(domain, shape, rng)
     _apply_facts(spec, values)

@@ -199,9 +199,10 @@ class Spec:
         line = _caller_line()
         out = []
         for name, dim in ranges.items():
-            if dim not in self.dim_symbols.values():
+            if not self._is_dim(dim):
                 raise self.error(f"index `{name}` runs over {dim!r}, which is not a declared "
                                  "dimension", line, 'declare it first with spec.dims("N D")')
+            dim = sp.sympify(dim)
             sym = sp.Symbol(name, integer=True)
             if sym in self.index_dims:
                 raise self.error(f"index `{name}` is declared twice", line)
@@ -209,13 +210,25 @@ class Spec:
             out.append(sym)
         return out[0] if len(out) == 1 else tuple(out)
 
+    def _is_dim(self, dim) -> bool:
+        """A declared dimension, or an integer expression of declared dimensions."""
+        try:
+            expr = sp.sympify(dim)
+        except (sp.SympifyError, TypeError):
+            return False
+        declared = set(self.dim_symbols.values())
+        return bool(expr.free_symbols) and expr.free_symbols <= declared and \
+            (expr in declared or expr.is_polynomial(*declared))
+
     def _tensor(self, name, kind, dims, line, grad=False, init=None,
                 domain="real") -> sp.IndexedBase:
         self._new_name(name, line)
         for dim in dims:
-            if dim not in self.dim_symbols.values():
+            if not self._is_dim(dim):
                 raise self.error(f"`{name}` has a dimension {dim!r} that is not declared", line,
-                                 'declare dimensions with spec.dims("N D")')
+                                 'declare dimensions with spec.dims("N D"); a size may also be '
+                                 'an expression of them, like (T - 1)*S + K')
+        dims = tuple(sp.sympify(d) for d in dims)
         base = sp.IndexedBase(name, shape=tuple(dims) if dims else None)
         if domain not in DOMAINS:
             raise self.error(f"unknown domain {domain!r} for `{name}`", line,

@@ -56,7 +56,7 @@ class NumpyOps:
             return erf
         return {"exp": np.exp, "log": np.log, "tanh": np.tanh, "sinh": np.sinh,
                 "cosh": np.cosh, "sin": np.sin, "cos": np.cos, "atan": np.arctan,
-                "Abs": np.abs}[name]
+                "Abs": np.abs, "sign": np.sign}[name]
 
     def broadcast(self, x, shape):
         return np.broadcast_to(x, shape).copy()
@@ -103,7 +103,8 @@ class TorchOps(NumpyOps):
     def func(self, name):
         t = self.torch
         return {"exp": t.exp, "log": t.log, "tanh": t.tanh, "sinh": t.sinh, "cosh": t.cosh,
-                "sin": t.sin, "cos": t.cos, "atan": t.atan, "Abs": t.abs, "erf": t.erf}[name]
+                "sin": t.sin, "cos": t.cos, "atan": t.atan, "Abs": t.abs, "erf": t.erf,
+                "sign": t.sign}[name]
 
     def broadcast(self, x, shape):
         return self.asarray(x).expand(shape).clone()
@@ -185,7 +186,7 @@ class Evaluator:
             if e.name in self.env:
                 return self.env[e.name]
             raise KeyError(f"no value for {e}")
-        if e.is_Number:
+        if e.is_number and e not in (sp.true, sp.false):  # 2, 1/2, pi, sqrt(2)
             return float(e)
         if e in (sp.true, sp.false):
             return bool(e)

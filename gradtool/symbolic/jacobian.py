@@ -119,5 +119,16 @@ def explicit_matrix(d: Derivation, jac: Jacobian, sizes: dict[str, int],
         at_row = base.xreplace(dict(zip(jac.out_idx, map(sp.Integer, row), strict=True)))
         for c, col in enumerate(cols):
             entry = at_row.xreplace(dict(zip(jac.in_idx, map(sp.Integer, col), strict=True)))
-            matrix[r, c] = sp.factor_terms(entry.doit())
+            matrix[r, c] = sp.factor_terms(_restore_bases(entry.doit(), spec))
     return matrix, rows, cols
+
+
+def _restore_bases(expr, spec):
+    """Substituting sizes also rewrote the shapes inside each IndexedBase; put back the spec's
+    own bases so that entries can be evaluated with the spec's symbols."""
+    subs = {}
+    for node in expr.atoms(sp.Indexed):
+        t = spec.tensors.get(node.base.label.name)
+        if t is not None:
+            subs[node] = t.base[node.indices]
+    return expr.xreplace(subs)

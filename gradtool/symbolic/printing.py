@@ -9,7 +9,7 @@ from sympy.printing.str import StrPrinter
 from gradtool.symbolic.ir import ArgMaxMask, access_indices, access_name
 
 GREEK = {"gamma": "γ", "beta": "β", "alpha": "α", "mu": "μ", "sigma": "σ", "eps": "ε",
-         "lambda_": "λ", "tau": "τ", "rho": "ρ", "theta": "θ", "delta": "δ", "xhat": "x̂",
+         "lambda_": "λ", "tau": "τ", "rho": "ρ", "theta": "θ", "xhat": "x̂",
          "yhat": "ŷ", "var": "σ²", "std": "σ"}
 
 
@@ -238,18 +238,38 @@ def _mat_sum(e: sp.Sum, free) -> str:
         raise _NoMatrixFormError
     body = e.function
     factors = sp.Mul.make_args(body)
-    reads = [f for f in factors if isinstance(f, sp.Indexed) and var in f.indices]
-    others = [f for f in factors if f not in reads]
-    # Σ_k A[i,k] B[k,j]: a matrix product
-    if len(reads) == 2 and not others and len(free) == 2:
-        a, b = reads
-        if free[0] not in a.indices:
-            a, b = b, a
-        if free[0] in a.indices and free[1] in b.indices and len(a.indices) == 2 \
-                and len(b.indices) == 2:
-            left = display_name(access_name(a)) + ("" if a.indices[0] == free[0] else "ᵀ")
-            right = display_name(access_name(b)) + ("" if b.indices[1] == free[1] else "ᵀ")
-            return f"{left} {right}"
-    # Σ_k over one axis of an element-wise expression
+    reads = [f for f in factors if isinstance(f, sp.Indexed)]
+    if any(f.has(var) for f in factors if not isinstance(f, sp.Indexed)):
+        raise _NoMatrixFormError
+    if len(free) == 2:
+        product = _mat_product(reads, var, free)
+        if product is not None:
+            return product
+    # Σ_k over one axis of an element-wise expression; if k pairs with two different free
+    # indices in different tensors (A[i,k]·K[k,d]) it is a contraction, not element-wise
+    with_var = [set(r.indices) - {var} for r in reads if var in r.indices]
+    union = set().union(*with_var) if with_var else set()
+    if with_var and not any(union <= s_ for s_ in with_var):
+        raise _NoMatrixFormError
     inner = _mat(body, None)
     return f"Σ_{text(var)}({inner})" if _wrap(inner) != inner else f"Σ_{text(var)} {inner}"
+
+
+def _mat_product(reads, var, free) -> str | None:
+    """Σ_k A[i,k]·B[k,j] (each side possibly an element-wise product): ``A B``."""
+    left = [r for r in reads if set(r.indices) == {free[0], var}]
+    right = [r for r in reads if set(r.indices) == {var, free[1]}]
+    if not left or not right or len(left) + len(right) != len(reads):
+        return None
+
+    def side(group, first):
+        orders = {tuple(r.indices) for r in group}
+        if len(orders) != 1:
+            return None
+        (order,) = orders
+        names = " ⊙ ".join(display_name(access_name(r)) for r in group)
+        names = f"({names})" if len(group) > 1 else names
+        return names + ("" if order[0] == first else "ᵀ")
+
+    a, b = side(left, free[0]), side(right, var)
+    return None if a is None or b is None else f"{a} {b}"

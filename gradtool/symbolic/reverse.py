@@ -89,12 +89,14 @@ def _canonical_indices(program: Program) -> dict[str, tuple]:
         if name in canon:
             continue
         made: list[sp.Symbol] = []
-        for k, dim in enumerate(t.dims):
+        for dim in t.dims:
             free = [i for i, d in declared if d == dim and i not in made]
             if free:
                 made.append(free[0])
-            else:
-                sym = sp.Symbol(f"{str(dim).lower()}{k}", integer=True)
+            else:  # e.g. the input axis (T - 1)*S + K of a strided convolution
+                taken = {s.name for s in program.ranges} | {s.name for s in made}
+                letter = next(c for c in "hwuvpqrxyz" if c not in taken)
+                sym = sp.Symbol(letter, integer=True)
                 program.ranges[sym] = dim
                 made.append(sym)
         canon[name] = tuple(made)
