@@ -50,11 +50,14 @@ def _fail(exc: BaseException, debug: bool) -> None:
 
     if debug or _state["debug"]:
         raise exc
+    from rich.markup import escape
+
     if isinstance(exc, GradtoolError):
-        err_console.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
     else:
-        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
-                          "(run again with --debug for the traceback)", soft_wrap=True)
+        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: "
+                          f"{escape(str(exc))} (run again with --debug for the traceback)",
+                          soft_wrap=True)
     raise typer.Exit(1) from None
 
 

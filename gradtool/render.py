@@ -29,6 +29,8 @@ def render_latex(console: Console, report: dict) -> None:
         out.append(jac["latex"])
         if "matrix_latex" in jac:
             out.append(jac["matrix_latex"])
+    if report.get("steps"):
+        out.append("% chain rule, from the outputs back")
     for step in report.get("steps", []):
         out.append(step["latex"])
     for line in out:

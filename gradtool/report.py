@@ -10,7 +10,7 @@ from __future__ import annotations
 import sympy as sp
 
 from gradtool.errors import GradtoolError
-from gradtool.spec.lang import MaxOver, Spec, SumOver
+from gradtool.spec.lang import Spec
 from gradtool.spec.loader import load_spec
 from gradtool.symbolic.jacobian import explicit_matrix, jacobian
 from gradtool.symbolic.printing import display_name, latex, matrix, present, text
@@ -31,22 +31,6 @@ def parse_shape(shape: str | None) -> dict[str, int] | None:
     return sizes
 
 
-def _user_form(spec: Spec, expr: sp.Expr) -> sp.Expr:
-    """A spec right-hand side with its Sum nodes as SymPy Sums, for printing."""
-    def conv(e):
-        if isinstance(e, SumOver):
-            out = conv(e.body)
-            for i in e.over:
-                out = sp.Sum(out, (i, 0, spec.index_dims[i] - 1))
-            return out
-        if isinstance(e, MaxOver):
-            return MaxOver(conv(e.body), *e.over)
-        if not e.args or isinstance(e, (sp.Indexed, sp.IndexedBase)):
-            return e
-        return e.func(*[conv(a) for a in e.args])
-    return conv(expr)
-
-
 def _access_text(name: str, idx) -> str:
     idx = ",".join(str(i) for i in idx)
     return f"{display_name(name)}[{idx}]" if idx else display_name(name)
@@ -57,14 +41,17 @@ def _access_latex(name: str, idx) -> str:
     return f"{{{sym}}}_{{{','.join(map(str, idx))}}}" if idx else sym
 
 
-def _forward(spec: Spec) -> list[dict]:
+def _forward(d: Derivation) -> list[dict]:
+    """The statements in SSA form: a reduction nested inside a larger expression shows up as
+    its own line (``s_Y``), because the backward refers to it by that name."""
     rows = []
-    for st in spec.statements:
-        rhs = _user_form(spec, st.rhs)
+    for a in d.program.assigns:
+        rhs = present(a.rhs(d.program))
         rows.append({
-            "target": st.target, "indices": [str(i) for i in st.lhs], "kind": st.kind,
-            "line": st.line, "text": f"{_access_text(st.target, st.lhs)} = {text(rhs)}",
-            "latex": f"{_access_latex(st.target, st.lhs)} = {latex(rhs)}",
+            "target": a.target, "indices": [str(i) for i in a.lhs], "kind": a.kind,
+            "line": a.line, "text": f"{_access_text(a.target, a.lhs)} = {text(rhs)}"
+            + (f"   (lifted from line {a.line})" if a.kind == "lifted" else ""),
+            "latex": f"{_access_latex(a.target, a.lhs)} = {latex(rhs)}",
         })
     return rows
 
@@ -99,7 +86,8 @@ def _steps(d: Derivation) -> list[dict]:
         for c in d.contributions[name]:
             contributions.append({
                 "from": c.statement.target, "rule": c.rule,
-                "local": f"∂{c.statement.target}/∂{name} = {text(present(c.local))}",
+                "local": f"∂{display_name(c.statement.target)}/∂{display_name(name)} = "
+                         f"{text(present(c.local))}",
                 "text": text(present(c.expr)),
             })
         seed = name in d.seeds
@@ -150,7 +138,7 @@ def derive_report(spec_or_path: str | Spec, *, jacobians: bool = False,
     report = {
         "spec": spec.name, "description": spec.description, "file": spec.file,
         "reference": spec.reference, "seeds": seeds,
-        "forward": _forward(spec), "gradients": _gradients(d),
+        "forward": _forward(d), "gradients": _gradients(d),
     }
     if jacobians or shape is not None:
         report["jacobians"] = _jacobians(d, shape)

@@ -75,7 +75,8 @@ class MaxOver(sp.Function):
 
 
 def _is_index(x) -> bool:
-    return isinstance(x, sp.Symbol) and bool(x.is_integer)
+    # indices are integer symbols; dimensions are integer *and* positive
+    return isinstance(x, sp.Symbol) and bool(x.is_integer) and not x.is_positive
 
 
 def Sum(body, *over):  # noqa: N802 - reads like the math
@@ -89,8 +90,9 @@ def Sum(body, *over):  # noqa: N802 - reads like the math
         if isinstance(i, (tuple, sp.Tuple)):
             i = i[0]
         if not _is_index(i):
-            raise TypeError(f"Sum(...) reduces over declared indices, got {i!r}; "
-                            "declare one with spec.indices(k=D)")
+            what = "a dimension" if getattr(i, "is_positive", False) else "not an index"
+            raise TypeError(f"Sum(...) reduces over declared indices, but `{i}` is {what}; "
+                            f"declare an index over it with spec.indices(k=...) and sum over k")
         idx.append(i)
     if not idx:
         raise TypeError("Sum(body, i) needs at least one index to sum over")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import linecache
 import os
+import sys
 import traceback
 from pathlib import Path
 
@@ -60,6 +62,10 @@ def _line_in(exc: BaseException, filename: str) -> int | None:
     return line
 
 
+def _source(filename: str, line: int | None) -> str:
+    return linecache.getline(filename, line).strip() if line else ""
+
+
 def load_spec(name_or_path: str | os.PathLike) -> Spec:
     """Run a spec file and return its validated :class:`Spec`.
 
@@ -91,14 +97,20 @@ def load_spec(name_or_path: str | os.PathLike) -> Spec:
         raise SpecError(f"`{name}` is not defined", file=filename, line=_line_in(exc, filename),
                         hint=f"declare it on the spec, import it from gradtool.lang "
                              f"({LANG_FUNCTIONS}), or define it from those") from None
-    except IndexException as exc:
-        raise SpecError(f"wrong number of indices: {exc}", file=filename,
-                        line=_line_in(exc, filename),
-                        hint="index a tensor with one index per declared dimension") from None
+    except IndexException:
+        line = _line_in(sys.exc_info()[1], filename)
+        raise SpecError(f"wrong number of indices in `{_source(filename, line)}`",
+                        file=filename, line=line,
+                        hint="index each tensor with one index per declared dimension"
+                        ) from None
     except Exception as exc:  # anything else the spec's own code raised
-        raise SpecError(f"{type(exc).__name__}: {exc}", file=filename,
-                        line=_line_in(exc, filename),
-                        hint="the spec's Python raised this; fix that line") from None
+        line = _line_in(exc, filename)
+        hint = "the spec's Python raised this; fix that line"
+        if "convert expression to float" in str(exc):
+            hint = ("math/numpy functions cannot take symbols: use exp, log, sqrt, ... from "
+                    "gradtool.lang")
+        raise SpecError(f"{type(exc).__name__}: {exc} in `{_source(filename, line)}`",
+                        file=filename, line=line, hint=hint) from None
     specs = [v for v in namespace.values() if isinstance(v, Spec)]
     if len(specs) != 1:
         what = "no Spec" if not specs else f"{len(specs)} Specs"
@@ -139,6 +151,15 @@ def _check_functions(spec: Spec, expr: sp.Expr, line: int | None) -> None:
                              "use gradtool.lang.Sum(body, i) for sums over indices")
 
 
+def _bare_tensors(expr) -> list:
+    """Tensors used without indices (``X * 2`` instead of ``X[n, d] * 2``)."""
+    if isinstance(expr, sp.Indexed):
+        return []
+    if isinstance(expr, sp.IndexedBase):
+        return [expr]
+    return [b for arg in expr.args for b in _bare_tensors(arg)]
+
+
 def free_indices(expr: sp.Expr, spec: Spec) -> set[sp.Symbol]:
     """Indices used in ``expr`` that no Sum/Max inside it binds."""
     if isinstance(expr, (SumOver, MaxOver)):
@@ -156,7 +177,8 @@ def _check_reductions(spec: Spec, expr: sp.Expr, bound: set, line) -> None:
         for i in expr.over:
             if i not in spec.index_dims:
                 raise spec.error(f"index `{i}` is summed but not declared", line,
-                                 f"declare it with spec.indices({i}=D)")
+                                 f"declare it with spec.indices({i}=D), D being the "
+                                 "dimension it runs over")
             if i in bound:
                 raise spec.error(f"index `{i}` is reduced here but is already in use outside "
                                  "this reduction", line,
@@ -206,6 +228,11 @@ def validate(spec: Spec) -> None:
     known = {t.symbol for t in spec.hypers.values()} | set(spec.index_dims) \
         | set(spec.dim_symbols.values())
     for st in spec.statements:
+        for base in _bare_tensors(st.rhs):
+            name = base.label.name
+            idx = ", ".join(str(i) for i in st.lhs) or "..."
+            raise spec.error(f"`{name}` is used without indices in `{st.target}`", st.line,
+                             f"index it, e.g. {name}[{idx}]")
         _check_functions(spec, st.rhs, st.line)
         _check_reductions(spec, st.rhs, set(st.lhs), st.line)
         for name, idx in accesses(st.rhs, spec):

@@ -95,8 +95,8 @@ def explicit_matrix(d: Derivation, jac: Jacobian, sizes: dict[str, int],
                     limit: int = 4096) -> tuple[sp.Matrix, list, list]:
     """The Jacobian for concrete sizes: rows are output elements, columns input elements."""
     spec = d.spec
-    missing = [name for t in (jac.output, jac.wrt) for dim in spec.tensors[t].dims
-               if (name := str(dim)) not in sizes]
+    missing = [str(sym) for t in (jac.output, jac.wrt) for dim in spec.tensors[t].dims
+               for sym in dim.free_symbols if str(sym) not in sizes]
     if missing:
         raise GradtoolError(f"--shape gives no size for {', '.join(sorted(set(missing)))}",
                             hint="give every dimension, e.g. --shape "
@@ -106,8 +106,8 @@ def explicit_matrix(d: Derivation, jac: Jacobian, sizes: dict[str, int],
     if unknown:
         raise GradtoolError(f"--shape names unknown dimensions {', '.join(sorted(unknown))}",
                             hint="dimensions of this spec: " + ", ".join(spec.dim_symbols))
-    out_dims = [values[d.program.ranges[i]] for i in jac.out_idx]
-    in_dims = [values[d.program.ranges[i]] for i in jac.in_idx]
+    out_dims = [int(d.program.ranges[i].subs(values)) for i in jac.out_idx]
+    in_dims = [int(d.program.ranges[i].subs(values)) for i in jac.in_idx]
     rows = list(itertools.product(*[range(n) for n in out_dims]))
     cols = list(itertools.product(*[range(n) for n in in_dims]))
     if len(rows) * len(cols) > limit:

@@ -69,6 +69,10 @@ class IndexPrinter(StrPrinter):
     def _print_KroneckerDelta(self, expr):
         return f"δ({self._print(expr.args[0])},{self._print(expr.args[1])})"
 
+    def _print_MaxOver(self, expr):
+        over = ",".join(self._print(i) for i in expr.over)
+        return f"max_{over}({self._print(expr.body)})"
+
     def _print_Heaviside(self, expr):
         return f"[{self._print(expr.args[0])} > 0]"
 
@@ -128,6 +132,10 @@ class IndexLatexPrinter(LatexPrinter):
         if isinstance(expr.function, sp.Add):
             body = rf"\left({body}\right)"
         return rf"\sum_{{{over}}} {body}"
+
+    def _print_MaxOver(self, expr):
+        over = ",".join(self._print(i) for i in expr.over)
+        return rf"\max_{{{over}}} {self._print(expr.body)}"
 
     def _print_Heaviside(self, expr, pow=None):
         return rf"\left[{self._print(expr.args[0])} > 0\right]"

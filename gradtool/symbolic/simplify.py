@@ -183,8 +183,29 @@ class Simplifier:
             target = self.program.access(a.target, a.lhs)
             others = a.body / base ** exp
             solution = (target / others) ** exp
+            if not all(self._safe_divisor(f) for f in self._divisors(solution)):
+                continue  # xhat = Y/g would divide by a parameter that may be zero
             out.append((access_name(base), access_indices(base), solution))
         return out
+
+    @staticmethod
+    def _divisors(expr):
+        return [f.base for f in sp.Mul.make_args(expr)
+                if isinstance(f, sp.Pow) and f.exp.is_negative]
+
+    def _safe_divisor(self, factor) -> bool:
+        """Nonzero wherever the forward is finite: the forward divides by it already, or it
+        is itself a reciprocal (rstd = (var + eps)^(-1/2))."""
+        if not accesses(factor, self.spec) or factor != accesses(factor, self.spec)[0]:
+            return False
+        name = access_name(factor)
+        for a in self.program.assigns:
+            if a.target == name and isinstance(a.body, sp.Pow) and a.body.exp.is_negative:
+                return True
+            for f in self._divisors(a.body):
+                if accesses(f, self.spec) and access_name(f) == name:
+                    return True
+        return False
 
     def _is_reduction(self, name):
         return any(a.target == name and a.reduce for a in self.program.assigns)

@@ -1,0 +1,9 @@
+"""GELU (exact form): Y = ½ · X · (1 + erf(X / √2))."""
+from gradtool.lang import Rational, Spec, erf, sqrt
+
+spec = Spec("gelu", "Gaussian error linear unit, exact erf form")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+X = spec.input("X", N, D)
+
+spec.output("Y", [n, d], Rational(1, 2) * X[n, d] * (1 + erf(X[n, d] / sqrt(2))))
