@@ -1,0 +1,1 @@
+"""Code generation: derived statements lowered to NumPy and PyTorch source."""

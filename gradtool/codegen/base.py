@@ -1,0 +1,356 @@
+"""Lowering index-notation expressions to array code: broadcasting, einsum and sums.
+
+Every lowered value is an :class:`Arr`: a code string and the index symbols its axes stand for.
+Combining two values aligns their axes by a preferred order (the result's own indices first), so
+``rstd[n]·G[n,d]`` lowers to ``rstd[:, None] * G``. A sum of a product is an ``einsum``; a sum of
+one operand is ``.sum(axis)``. Targets (NumPy, PyTorch) subclass :class:`ArrayPrinter` and fill
+in their function tables; anything a target cannot print raises :class:`CodegenError`.
+"""
+
+from __future__ import annotations
+
+import keyword
+from dataclasses import dataclass
+
+import sympy as sp
+
+from gradtool.errors import GradtoolError
+from gradtool.spec.lang import MaxOver
+from gradtool.symbolic.ir import ArgMaxMask
+
+ADD, MUL, UNARY, POW, ATOM = range(5)
+
+
+class CodegenError(GradtoolError):
+    """Something the code generator cannot lower (yet)."""
+
+
+@dataclass(frozen=True)
+class Arr:
+    code: str
+    axes: tuple = ()
+    prec: int = ATOM
+
+
+def py_name(name: str) -> str:
+    """A Python identifier that shadows neither a keyword nor a module the code imports."""
+    if keyword.iskeyword(name) or name in {"np", "torch", "math", "erf", "self", "ctx"}:
+        return name + "_"
+    return name
+
+
+class ArrayPrinter:
+    module = "np"                      # prefix of array functions
+    FUNCS: dict[str, str] = {}         # SymPy function name -> target function
+    SUM = "{x}.sum({axes})"
+    MAX = "{x}.max({axes})"
+
+    def __init__(self, names: dict[str, str], temps: dict | None = None,
+                 order: list | None = None):
+        self.names = names                    # tensor / scalar name -> variable name
+        self.temps = temps or {}              # CSE symbol -> Arr
+        self.order = list(order or [])        # preferred axis order
+        self.imports: set[str] = set()        # what the emitted code used
+
+    # -- axes ---------------------------------------------------------------------------------
+    def _rank(self, sym) -> int:
+        if sym not in self.order:
+            # a primed copy (d') takes the place of its index (d): G[n,d'] keeps G's layout
+            base = sp.Symbol(sym.name.rstrip("'"), integer=True)
+            if base != sym and base in self.order:
+                pos = self.order.index(base) + 1
+                while pos < len(self.order) and self.order[pos].name.rstrip("'") == base.name:
+                    pos += 1
+                self.order.insert(pos, sym)
+            else:
+                self.order.append(sym)
+        return self.order.index(sym)
+
+    def _union(self, arrs) -> tuple:
+        axes = []
+        for a in arrs:
+            for s in a.axes:
+                if s not in axes:
+                    axes.append(s)
+        return tuple(sorted(axes, key=self._rank))
+
+    def align(self, arr: Arr, axes: tuple) -> str:
+        """Code for ``arr`` broadcastable against an array with ``axes``."""
+        code, prec = arr.code, arr.prec
+        present = tuple(s for s in axes if s in arr.axes)
+        if present != arr.axes:
+            perm = tuple(arr.axes.index(s) for s in present)
+            code, prec = self.transpose(self.paren(arr.code, arr.prec, ATOM), perm), ATOM
+        slots = [":" if s in arr.axes else "None" for s in axes]
+        while slots and slots[0] == "None":   # broadcasting aligns from the right
+            slots.pop(0)
+        while slots and slots[-1] == ":":
+            slots.pop()
+        if slots:
+            code, prec = f"{self.paren(code, prec, ATOM)}[{', '.join(slots)}]", ATOM
+        return self.paren(code, prec, MUL) if prec < MUL else code
+
+    def transpose(self, code: str, perm: tuple) -> str:
+        if perm == (1, 0):
+            return f"{code}.T"
+        return f"{self.module}.transpose({code}, {perm})"
+
+    @staticmethod
+    def paren(code: str, prec: int, need: int) -> str:
+        return f"({code})" if prec < need else code
+
+    # -- the recursion ------------------------------------------------------------------------
+    def lower(self, e) -> Arr:
+        method = getattr(self, f"_print_{type(e).__name__}", None)
+        if method is not None:
+            return method(e)
+        if isinstance(e, sp.Function) and type(e).__name__ in self.FUNCS:
+            return self._function(e)
+        if e.is_number:
+            return self._number(e)
+        raise CodegenError(f"the {self.module} code generator cannot print "
+                           f"{type(e).__name__}: {e}",
+                           hint="rewrite the spec with supported functions, or report this")
+
+    def _number(self, e) -> Arr:
+        if e.is_Integer:
+            return Arr(str(int(e)), (), ATOM if e >= 0 else UNARY)
+        if e.is_Rational:
+            return Arr(f"{e.p} / {e.q}", (), MUL)
+        if e.is_Float:
+            return Arr(repr(float(e)), (), ATOM if e >= 0 else UNARY)
+        self.imports.add("math")
+        return Arr(self._scalar_code(e), (), ATOM)
+
+    def _scalar_code(self, e) -> str:
+        """Python for a scalar constant such as pi or sqrt(2)."""
+        from sympy.printing.pycode import PythonCodePrinter
+
+        return PythonCodePrinter({"fully_qualified_modules": True}).doprint(e)
+
+    def _print_Indexed(self, e) -> Arr:
+        idx = tuple(e.indices)
+        if not all(isinstance(i, sp.Symbol) for i in idx) or len(set(idx)) != len(idx):
+            raise CodegenError(f"the code generator does not support affine or repeated "
+                               f"indices yet: {e}",
+                               hint="check and derive work; code generation for convolution "
+                                    "and pooling is planned")
+        return Arr(self.names[e.base.label.name], idx)
+
+    def _print_Symbol(self, e) -> Arr:
+        if e in self.temps:
+            return self.temps[e]
+        if e.name in self.names:
+            return Arr(self.names[e.name], ())
+        raise CodegenError(f"no value for `{e}` in generated code")
+
+    _print_Dummy = _print_Symbol
+
+    def _print_Add(self, e) -> Arr:
+        args = sorted(e.as_ordered_terms(), key=lambda t: t.could_extract_minus_sign())
+        negative = [t.could_extract_minus_sign() for t in args]
+        terms = [self.lower(-t if neg else t) for t, neg in zip(args, negative, strict=True)]
+        axes = self._union(terms)
+        parts = []
+        for k, (t, neg) in enumerate(zip(terms, negative, strict=True)):
+            code = self.align(t, axes) if t.axes != axes else t.code
+            prec = ATOM if t.axes != axes else t.prec
+            if neg:
+                code = self.paren(code, prec, MUL)
+                parts.append(f"- {code}" if k else f"-{code}")
+            else:
+                code = self.paren(code, prec, ADD + 1) if k else code
+                parts.append(f"+ {code}" if k else code)
+        return Arr(" ".join(parts), axes, ADD)
+
+    def _print_Mul(self, e) -> Arr:
+        coeff, factors = e.as_coeff_mul()
+        num = [f for f in factors if not (isinstance(f, sp.Pow) and f.exp.is_negative)]
+        den = [1 / f for f in factors if isinstance(f, sp.Pow) and f.exp.is_negative]
+        sign = ""
+        if coeff < 0:
+            sign, coeff = "-", -coeff
+        if coeff != 1:
+            num.insert(0, coeff)
+        num_arrs = [self.lower(f) for f in num]
+        den_arrs = [self.lower(f) for f in den]
+        axes = self._union(num_arrs + den_arrs)
+
+        def part(a):
+            code = self.align(a, axes) if a.axes != axes and a.axes else a.code
+            return self.paren(code, a.prec if a.axes == axes or not a.axes else ATOM, MUL)
+
+        code = " * ".join(part(a) for a in num_arrs) or "1"
+        if den_arrs:
+            den_code = " * ".join(part(a) for a in den_arrs)
+            single = len(den_arrs) == 1 and (den_arrs[0].prec > MUL or den_code.startswith("("))
+            code += f" / {den_code}" if single else f" / ({den_code})"
+        return Arr(sign + code, axes, UNARY if sign else MUL)
+
+    def _print_Pow(self, e) -> Arr:
+        base = self.lower(e.base)
+        b = self.paren(base.code, base.prec, ATOM)
+        if e.exp == sp.Rational(1, 2):
+            return self._call("sqrt", base, e.base)
+        if e.exp == -1:
+            return Arr(f"1 / {b}", base.axes, MUL)
+        if e.exp == sp.Rational(-1, 2):
+            s = self._call("sqrt", base, e.base)
+            return Arr(f"1 / {s.code}", base.axes, MUL)
+        exp = self.lower(e.exp)
+        return Arr(f"{b} ** {self.paren(exp.code, exp.prec, ATOM)}", base.axes, POW)
+
+    def _call(self, fname: str, arg: Arr, expr) -> Arr:
+        if fname in ("sqrt", "exp", "log") and self._plain_number(expr):
+            self.imports.add("math")
+            return Arr(f"math.{fname}({arg.code})", (), ATOM)
+        self.imports.add(self.module)
+        return Arr(f"{self.FUNCS[fname]}({arg.code})", arg.axes, ATOM)
+
+    def _plain_number(self, expr) -> bool:
+        """Built from sizes, hyper-parameters and numbers only: Python's math applies."""
+        return not any(isinstance(n, sp.Indexed) or n in self.temps or
+                       (isinstance(n, sp.Symbol) and n.name in self.scalar_tensors)
+                       for n in sp.preorder_traversal(expr))
+
+    scalar_tensors: frozenset = frozenset()
+
+    def _function(self, e) -> Arr:
+        return self._call(type(e).__name__, self.lower(e.args[0]), e.args[0])
+
+    def _print_Heaviside(self, e) -> Arr:
+        x = self.lower(e.args[0])
+        return Arr(f"({x.code} > 0)", x.axes, ATOM)
+
+    def _print_ArgMaxMask(self, e: ArgMaxMask) -> Arr:
+        a, b = self.lower(e.args[0]), self.lower(e.args[1])
+        axes = self._union([a, b])
+        return Arr(f"({self.align(a, axes)} == {self.align(b, axes)})", axes, ATOM)
+
+    def _relational(self, e) -> Arr:
+        a, b = self.lower(e.lhs), self.lower(e.rhs)
+        axes = self._union([a, b])
+        return Arr(f"({self.align(a, axes)} {e.rel_op} {self.align(b, axes)})", axes, ATOM)
+
+    _print_StrictGreaterThan = _print_StrictLessThan = _relational
+    _print_GreaterThan = _print_LessThan = _relational
+
+    def _print_And(self, e) -> Arr:
+        parts = [self.lower(a) for a in e.args]
+        axes = self._union(parts)
+        return Arr("(" + " & ".join(self.align(p, axes) for p in parts) + ")", axes, ATOM)
+
+    def _print_Or(self, e) -> Arr:
+        parts = [self.lower(a) for a in e.args]
+        axes = self._union(parts)
+        return Arr("(" + " | ".join(self.align(p, axes) for p in parts) + ")", axes, ATOM)
+
+    def _print_Piecewise(self, e) -> Arr:
+        (value, cond), rest = e.args[0], e.args[1:]
+        if cond == sp.true or not rest:
+            return self.lower(value)
+        a, c = self.lower(value), self.lower(cond)
+        b = self._print_Piecewise(sp.Piecewise(*rest)) if len(rest) > 1 or \
+            rest[0][1] != sp.true else self.lower(rest[0][0])
+        axes = self._union([a, b, c])
+        return Arr(self.where(self.align(c, axes), a, b, axes), axes, ATOM)
+
+    def where(self, cond: str, a: Arr, b: Arr, axes) -> str:
+        self.imports.add(self.module)
+        return f"{self.module}.where({cond}, {self.align(a, axes)}, {self.align(b, axes)})"
+
+    def _print_Max(self, e) -> Arr:
+        return self._extremum(e, "maximum")
+
+    def _print_Min(self, e) -> Arr:
+        return self._extremum(e, "minimum")
+
+    def _extremum(self, e, fname) -> Arr:
+        args = [self.lower(a) for a in e.args]
+        out = args[0]
+        for a in args[1:]:
+            axes = self._union([out, a])
+            self.imports.add(self.module)
+            out = Arr(f"{self.module}.{fname}({self.align(out, axes)}, {self.align(a, axes)})",
+                      axes, ATOM)
+        return out
+
+    # -- reductions -------------------------------------------------------------------------
+    def _print_Sum(self, e) -> Arr:
+        over = [lim[0] for lim in e.limits]
+        body = e.function
+        scalars, operands = [], []
+        for f in sp.Mul.make_args(body):
+            (operands if (self._indices_of(f) & set(over)) else scalars).append(f)
+        counts = [lim[2] - lim[1] + 1 for lim in e.limits
+                  if not any(lim[0] in self._indices_of(f) for f in operands)]
+        outside = sp.Mul(*scalars) * sp.Mul(*counts)
+        if len(operands) >= 2:
+            inner = self._einsum([self.lower(f) for f in operands], over)
+        elif operands:
+            inner = self._reduce(self.lower(operands[0]), over, self.SUM)
+        else:
+            inner = Arr("1", (), ATOM)
+        if outside == 1:
+            return inner
+        return self._times(self.lower(outside), inner)
+
+    def _indices_of(self, e) -> set:
+        """Free symbols of ``e``, seeing through common subexpressions to their axes."""
+        out = set()
+        for sym in e.free_symbols:
+            out |= set(self.temps[sym].axes) if sym in self.temps else {sym}
+        return out
+
+    def _times(self, a: Arr, b: Arr) -> Arr:
+        axes = self._union([a, b])
+        left = self.paren(self.align(a, axes) if a.axes else a.code, a.prec, MUL)
+        right = self.paren(self.align(b, axes) if b.axes else b.code, b.prec, MUL)
+        return Arr(f"{left} * {right}", axes, MUL)
+
+    def _reduce(self, x: Arr, over, template) -> Arr:
+        positions = tuple(x.axes.index(s) for s in over if s in x.axes)
+        axes = tuple(s for s in x.axes if s not in over)
+        pos = str(positions[0]) if len(positions) == 1 else str(positions)
+        code = template.format(x=self.paren(x.code, x.prec, ATOM), axes=pos)
+        return Arr(code, axes, ATOM)
+
+    def _print_MaxOver(self, e: MaxOver) -> Arr:
+        return self._reduce(self.lower(e.body), list(e.over), self.MAX)
+
+    def _einsum(self, arrs, over) -> Arr:
+        letters = {}
+        for s in self._union(arrs) + tuple(over):
+            if s in letters:
+                continue
+            first = s.name[0].lower()
+            letters[s] = first if first.isalpha() and first not in letters.values() else \
+                next(c for c in "abcdefghijklmnopqrstuvwxyz" if c not in letters.values())
+        out_axes = tuple(s for s in self._union(arrs) if s not in over)
+        spec = ",".join("".join(letters[s] for s in a.axes) for a in arrs)
+        spec += "->" + "".join(letters[s] for s in out_axes)
+        self.imports.add(self.module)
+        args = ", ".join(a.code for a in arrs)
+        return Arr(self.einsum(spec, args), out_axes, ATOM)
+
+    def einsum(self, spec: str, args: str) -> str:
+        return f'{self.module}.einsum("{spec}", {args})'
+
+    # -- statements -------------------------------------------------------------------------
+    def assign(self, expr, axes: tuple, shape: tuple[str, ...]) -> str:
+        """Code for ``expr`` with exactly ``axes`` (broadcast to ``shape`` if it lacks some)."""
+        self.order = list(axes) + [s for s in self.order if s not in axes]
+        arr = self.lower(expr)
+        extra = set(arr.axes) - set(axes)
+        if extra:
+            raise CodegenError(f"free indices {sorted(map(str, extra))} left in {expr}")
+        if arr.axes == tuple(axes):
+            return arr.code
+        if set(arr.axes) == set(axes):
+            perm = tuple(arr.axes.index(s) for s in axes)
+            return self.transpose(self.paren(arr.code, arr.prec, ATOM), perm)
+        return self.broadcast(self.align(arr, tuple(axes)) if arr.axes else arr.code,
+                              shape, arr)
+
+    def broadcast(self, code: str, shape: tuple[str, ...], arr: Arr) -> str:
+        raise NotImplementedError

@@ -1,0 +1,447 @@
+"""Assemble a readable module from a derivation: ``forward``, ``backward`` and a layer class.
+
+Generated NumPy module::
+
+    def forward(X, gamma, beta, *, eps=1e-05):   # -> Y, saved
+    def backward(G, gamma, xhat, rstd, *, eps=1e-05):   # -> dX, dgamma, dbeta
+    class Layernorm:          # forward(x) / backward(grad_out), params and grads dicts
+
+Generated PyTorch module: the same two functions over tensors, ``LayernormFunction`` (a
+``torch.autograd.Function`` whose backward is the closed form and which saves only what it uses)
+and ``Layernorm`` (an ``nn.Module`` that owns the parameters and their initialisation).
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from gradtool import __version__
+from gradtool.codegen.base import Arr, CodegenError, py_name
+from gradtool.report import _forward, _gradients
+from gradtool.spec.lang import Spec
+from gradtool.symbolic.ir import access_name, accesses
+from gradtool.symbolic.printing import present
+from gradtool.symbolic.reverse import Derivation, derive
+
+TARGETS = ("numpy", "torch")
+
+
+def class_name(spec_name: str) -> str:
+    return "".join(part.capitalize() for part in spec_name.split("_")) or "Layer"
+
+
+def _printer(target: str, names, temps=None):
+    if target == "numpy":
+        from gradtool.codegen.numpy_target import IMPORTS, NumpyPrinter
+
+        return NumpyPrinter(names, temps), IMPORTS
+    if target == "torch":
+        from gradtool.codegen.torch_target import IMPORTS, TorchPrinter
+
+        return TorchPrinter(names, temps), IMPORTS
+    raise CodegenError(f"unknown target {target!r}", hint="use numpy or torch")
+
+
+class Module:
+    """Everything the emitter needs to know about one derivation."""
+
+    def __init__(self, d: Derivation, target: str):
+        self.d, self.spec, self.target = d, d.spec, target
+        spec = d.spec
+        self.names = {n: py_name(n) for n in spec.tensors}
+        self.names.update({n: py_name(n) for n in spec.hypers})
+        self.names.update({n: py_name(n) for n in spec.dim_symbols})
+        self.inputs = [t for t in spec.tensors.values() if t.kind in ("input", "param", "state")]
+        self.grads = [t for t in spec.grad_inputs]
+        self.outputs = [a for a in d.program.assigns if a.kind == "output"]
+        self.updates = [a for a in d.program.assigns if a.kind == "update"]
+        self.seed_names = {}
+        for out, seed in d.seeds.items():
+            name = seed.base.label.name if isinstance(seed, sp.Indexed) else (
+                seed.name if isinstance(seed, sp.Symbol) else "G")
+            self.seed_names[out] = name
+            self.names[name] = py_name(name)
+        self.imports: set[str] = set()
+
+    # -- sizes ----------------------------------------------------------------------------
+    def size_lines(self, dims: set, available: list[tuple[str, tuple]]) -> tuple[list, list]:
+        """``N, D = X.shape`` lines for ``dims`` read off available tensors; the rest must be
+        passed in (returned as the second list)."""
+        lines, found = [], set()
+        for var, tdims in available:
+            got = [(k, dim) for k, dim in enumerate(tdims)
+                   if dim in dims and dim not in found and isinstance(dim, sp.Symbol)]
+            if not got:
+                continue
+            if len(got) == len(tdims) > 1:
+                lines.append(f"{', '.join(self.names[str(x)] for _, x in got)} = {var}.shape")
+            else:
+                for k, dim in got:
+                    lines.append(f"{self.names[str(dim)]} = {var}.shape[{k}]")
+            found |= {dim for _, dim in got}
+        return lines, sorted(dims - found, key=str)
+
+    def _dims_in(self, exprs) -> set:
+        dims = set(self.spec.dim_symbols.values())
+        out = set()
+        for e in exprs:
+            out |= e.free_symbols & dims
+            for node in sp.preorder_traversal(e):
+                if isinstance(node, sp.Sum):
+                    for _, _lo, hi in node.limits:
+                        out |= (sp.sympify(hi).free_symbols & dims)
+        return out
+
+    def _hypers_in(self, exprs) -> list[str]:
+        syms = set().union(*(e.free_symbols for e in exprs)) if exprs else set()
+        return [n for n, h in self.spec.hypers.items() if h.symbol in syms]
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self) -> list[str]:
+        d, spec = self.d, self.spec
+        args = [self.names[t.name] for t in self.inputs]
+        rhs = [a.rhs(d.program) for a in d.program.assigns]
+        hypers = self._hypers_in(rhs)
+        kw = [f"{self.names[h]}={spec.hypers[h].default!r}" for h in hypers]
+        dims = self._dims_in(rhs) | {x for a in d.program.assigns for x in
+                                     (d.program.ranges[i] for i in a.lhs)}
+        avail = [(self.names[t.name], t.dims) for t in self.inputs]
+        size_lines, missing = self.size_lines(dims, avail)
+        self.forward_missing = [str(m) for m in missing]
+        kw = [self.names[str(m)] for m in missing] + kw
+        sig = ", ".join(args + (["*"] + kw if kw else []))
+        body = list(size_lines)
+        printer, imports = _printer(self.target, self.names)
+        printer.scalar_tensors = frozenset(n for n, t in spec.tensors.items() if not t.dims)
+        printer.ref = args[0] if args else None
+        for a in d.program.assigns:
+            target = self.names[a.target] + ("_new" if a.kind == "update" else "")
+            shape = tuple(self.names[str(d.program.ranges[i])] for i in a.lhs)
+            code = printer.assign(present(a.rhs(d.program)), tuple(a.lhs), shape)
+            body.append(f"{target} = {code}")
+        self.imports |= {imports[i] for i in printer.imports}
+        outs = [self.names[a.target] for a in self.outputs]
+        out = outs[0] if len(outs) == 1 else "(" + ", ".join(outs) + ")"
+        saved = ", ".join(self.names[s] for s in self.saved()) + ("," if len(self.saved()) == 1
+                                                                 else "")
+        ret = f"return {out}, ({saved})"
+        if self.updates:
+            new = ", ".join(self.names[a.target] + "_new" for a in self.updates)
+            ret += f", ({new}{',' if len(self.updates) == 1 else ''})"
+        doc = [f'"""The forward of {spec.name}; returns the output'
+               + ("s" if len(outs) > 1 else "") + ", what backward needs"
+               + (", and the new state" if self.updates else "") + '."""']
+        return [f"def forward({sig}):", *("    " + x for x in doc + body + [ret])]
+
+    # -- backward ---------------------------------------------------------------------------
+    def closed_forms(self) -> list[tuple[str, sp.Expr, tuple]]:
+        out = []
+        for t in self.grads:
+            expr = self.d.closed[t.name]
+            for name, seed in self.d.seeds.items():
+                if seed == 1:  # a loss: scale by the upstream gradient of L
+                    expr = sp.Symbol(self.seed_names[name]) * expr
+            out.append((t.name, present(expr), self.d.canon[t.name]))
+        return out
+
+    def saved(self) -> list[str]:
+        """Forward tensors the closed-form backward reads, in forward order."""
+        if hasattr(self, "_saved"):
+            return self._saved
+        used = set()
+        for _, expr, _ in self.closed_forms():
+            used |= {access_name(a) for a in accesses(expr, self.spec)}
+        order = [t.name for t in self.inputs] + [a.target for a in self.d.program.assigns]
+        seeds = set(self.seed_names.values())
+        self._saved = [n for n in dict.fromkeys(order) if n in used and n not in seeds]
+        return self._saved
+
+    def backward(self) -> list[str]:
+        d, spec = self.d, self.spec
+        forms = self.closed_forms()
+        exprs = [e for _, e, _ in forms]
+        replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"),
+                                       optimizations=None, order="none")
+        seeds = [self.names[self.seed_names[o.target]] for o in self.outputs
+                 if o.target in self.seed_names]
+        saved = [self.names[s] for s in self.saved()]
+        hypers = self._hypers_in(exprs)
+        dims = self._dims_in(exprs) | {spec.tensors[t.name].dims[k] for t in self.grads
+                                       for k in range(len(t.dims))}
+        avail = [(self.names[self.seed_names[o.target]], spec.tensors[o.target].dims)
+                 for o in self.outputs if o.target in self.seed_names]
+        avail += [(self.names[s], spec.tensors[s].dims) for s in self.saved()]
+        size_lines, missing = self.size_lines(dims, avail)
+        self.backward_dims = [str(m) for m in missing]
+        kw = [self.names[str(m)] for m in missing]
+        kw += [f"{self.names[h]}={spec.hypers[h].default!r}" for h in hypers]
+        sig = ", ".join(seeds + saved + (["*"] + kw if kw else []))
+        printer, imports = _printer(self.target, self.names, temps={})
+        printer.scalar_tensors = frozenset(n for n, t in spec.tensors.items() if not t.dims)
+        printer.ref = seeds[0] if seeds else None
+        printer.order = list(dict.fromkeys(i for _, _, canon in forms for i in canon))
+        body = list(size_lines)
+        taken = set(self.names.values())
+        for sym, value in replacements:
+            if not value.has(sp.Indexed) and not (value.free_symbols & set(printer.temps)):
+                arr = printer.lower(value)   # a scalar such as 1/D: inline it
+                printer.temps[sym] = Arr(f"({arr.code})" if arr.prec < 4 else arr.code, ())
+                continue
+            name = _temp_name(value, taken)
+            taken.add(name)
+            arr = printer.lower(value)
+            body.append(f"{name} = {arr.code}")
+            printer.temps[sym] = Arr(name, arr.axes)
+        grads = []
+        for (tname, _, canon), expr in zip(forms, reduced, strict=True):
+            var = py_name("d" + tname)
+            shape = tuple(self.names[str(d.program.ranges[i])] for i in canon)
+            if expr == 0:
+                code = self._zeros(shape, printer)
+            else:
+                code = printer.assign(expr, tuple(canon), shape)
+            body.append(f"{var} = {code}")
+            grads.append(var)
+        self.imports |= {imports[i] for i in printer.imports}
+        doc = ['"""Closed-form gradients ' + ", ".join(
+            f"∂L/∂{t.name}" for t in self.grads) + " from the upstream gradient"
+            + ("s" if len(seeds) > 1 else "") + '."""']
+        ret = "return " + (", ".join(grads) + ("," if len(grads) == 1 else ""))
+        return [f"def backward({sig}):", *("    " + x for x in doc + body + [ret])]
+
+    def _zeros(self, shape, printer) -> str:
+        if self.target == "torch":
+            return f"{printer.ref}.new_zeros(({', '.join(shape)},))"
+        self.imports.add("import numpy as np")
+        return f"np.zeros(({', '.join(shape)},))"
+
+
+def _temp_name(value, taken) -> str:
+    """Name a common subexpression after its math: ``G_gamma``, ``sum_G_gamma_xhat``."""
+    names = [a.base.label.name for a in sorted(value.atoms(sp.Indexed), key=str)]
+    stem = "_".join(dict.fromkeys(names)) or "t"
+    if isinstance(value, sp.Sum):
+        stem = "sum_" + stem
+    stem = stem[:30]
+    name, k = stem, 2
+    while name in taken:
+        name, k = f"{stem}_{k}", k + 1
+    return name
+
+
+# -- whole modules -----------------------------------------------------------------------------
+
+def _header(spec: Spec, d: Derivation, target: str) -> list[str]:
+    source = spec.file or spec.name
+    lines = [f"# @generated from {source} by gradtool {__version__} ({target}); do not edit",
+             f'"""{spec.name}: {spec.description}', "", "Forward:"]
+    lines += ["    " + r["text"] for r in _forward(d)]
+    lines += ["", "Backward (G is the upstream gradient ∂L/∂output):"]
+    lines += ["    " + r["text"] for r in _gradients(d)]
+    lines.append('"""')
+    return lines
+
+
+def generate(spec: Spec | str, target: str = "numpy") -> str:
+    """Readable, deterministic source for ``spec`` on ``target`` (numpy or torch)."""
+    if target not in TARGETS:
+        raise CodegenError(f"unknown code target {target!r}", hint="use numpy or torch")
+    if isinstance(spec, str):
+        from gradtool.spec.loader import load_spec
+
+        spec = load_spec(spec)
+    d = derive(spec)
+    m = Module(d, target)
+    fwd = m.forward()
+    bwd = m.backward()
+    cls = _numpy_class(m) if target == "numpy" else _torch_classes(m)
+    imports = sorted(m.imports, key=lambda s: (not s.startswith("import"), s))
+    if target == "torch":
+        imports = sorted(set(imports) | {"import torch"},
+                         key=lambda s: (not s.startswith("import"), s))
+    if target == "numpy" and any("np." in line for line in cls):
+        imports = sorted(set(imports) | {"import numpy as np"},
+                         key=lambda s: (not s.startswith("import"), s))
+    out = _header(spec, d, target) + [""] + imports + ["", ""] + fwd + ["", ""] + bwd \
+        + ["", ""] + cls
+    return "\n".join(out) + "\n"
+
+
+def _saved_note(m: Module) -> str:
+    users = {}
+    for tname, expr, _ in m.closed_forms():
+        for a in accesses(expr, m.spec):
+            users.setdefault(access_name(a), []).append("d" + tname)
+    parts = [f"{s} ({', '.join(dict.fromkeys(users.get(s, [])))})" for s in m.saved()]
+    return "saved for backward, by the gradients that read them: " + (", ".join(parts) or
+                                                                     "nothing")
+
+
+def _init_code(t, target: str, names) -> str:
+    shape = ", ".join(names[str(x)] for x in t.dims)
+    shp = f"({shape},)"
+    fan_in = " * ".join(names[str(x)] for x in t.dims[1:]) or (names[str(t.dims[0])]
+                                                               if t.dims else "1")
+    fan_out = names[str(t.dims[0])] if t.dims else "1"
+    bound = {"uniform": f"1 / math.sqrt({fan_in})",
+             "kaiming_uniform": f"math.sqrt(6 / ({fan_in}))",
+             "xavier_uniform": f"math.sqrt(6 / ({fan_in} + {fan_out}))"}.get(t.init)
+    if target == "torch":
+        base = {"zeros": f"torch.zeros({shp}, dtype=dtype)",
+                "ones": f"torch.ones({shp}, dtype=dtype)",
+                "normal": f"torch.randn({shp}, dtype=dtype)"}.get(t.init)
+        return base or f"torch.empty({shp}, dtype=dtype).uniform_(-{bound}, {bound})"
+    base = {"zeros": f"np.zeros({shp})", "ones": f"np.ones({shp})",
+            "normal": f"rng.standard_normal({shp})"}.get(t.init)
+    return base or f"rng.uniform(-{bound}, {bound}, {shp})"
+
+
+def _ctor_dims(m: Module) -> list[str]:
+    owned = [t for t in m.inputs if t.kind in ("param", "state")]
+    dims = [m.names[x] for x in m.forward_missing]
+    for t in owned:
+        for x in t.dims:
+            for sym in sorted(sp.sympify(x).free_symbols, key=str):
+                if m.names[str(sym)] not in dims:
+                    dims.append(m.names[str(sym)])
+    return dims
+
+
+def _size_source(m: Module, dim: str) -> str:
+    """Where the layer's forward finds a size the backward needs: an input's shape, else the
+    size it was given."""
+    sym = m.spec.dim_symbols[dim]
+    for t in m.inputs:
+        if sym in t.dims:
+            return f"{m.names[t.name]}.shape[{t.dims.index(sym)}]"
+    return m.names[dim]
+
+
+def _numpy_class(m: Module) -> list[str]:
+    spec, names = m.spec, m.names
+    cname = class_name(spec.name)
+    params = [t for t in m.inputs if t.kind == "param"]
+    states = [t for t in m.inputs if t.kind == "state"]
+    data = [t for t in m.inputs if t.kind == "input"]
+    hypers = list(spec.hypers)
+    ctor = ["self"] + _ctor_dims(m) + ["*"] + [f"{names[h]}={spec.hypers[h].default!r}"
+                                               for h in hypers] + ["rng=None"]
+    given = [names[x] for x in m.forward_missing]
+    lines = [f"class {cname}:",
+             f'    """{spec.description} (NumPy, forward/backward in the style of course',
+             "    assignments). Parameters live in ``params``, their gradients in ``grads``",
+             '    after ``backward``; state buffers in ``state``."""', "",
+             f"    def __init__({', '.join(ctor)}):",
+             "        rng = np.random.default_rng() if rng is None else rng"]
+    if any(t.init in ("uniform", "kaiming_uniform", "xavier_uniform") for t in params + states):
+        m.imports.add("import math")
+    for h in hypers + m.forward_missing:
+        lines.append(f"        self.{names[h]} = {names[h]}")
+    lines.append("        self.params = {" + ", ".join(
+        f'"{t.name}": {_init_code(t, "numpy", names)}' for t in params) + "}")
+    lines.append("        self.state = {" + ", ".join(
+        f'"{t.name}": {_init_code(t, "numpy", names)}' for t in states) + "}")
+    lines += ["        self.grads = {}", "        self._saved = None", ""]
+    args = [names[t.name] for t in data]
+    call = []
+    for t in m.inputs:
+        if t.kind == "input":
+            call.append(names[t.name])
+        elif t.kind == "param":
+            call.append(f'self.params["{t.name}"]')
+        else:
+            call.append(f'self.state["{t.name}"]')
+    fwd_kw = [f"{x}=self.{x}" for x in given] + [f"{names[h]}=self.{names[h]}" for h in
+                                                    m._hypers_in([a.rhs(m.d.program)
+                                                                  for a in m.d.program.assigns])]
+    lines.append(f"    def forward(self, {', '.join(args)}):")
+    res = "out, self._saved" + (", new_state" if m.updates else "")
+    lines.append(f"        {res} = forward({', '.join(call + fwd_kw)})")
+    if m.backward_dims:
+        sizes = ", ".join(f'"{x}": ' + _size_source(m, x).replace(
+            f"{names[x]}", f"self.{names[x]}") if x in m.forward_missing else
+            f'"{x}": {_size_source(m, x)}' for x in m.backward_dims)
+        lines.append(f"        self._sizes = {{{sizes}}}")
+    if m.updates:
+        for k, a in enumerate(m.updates):
+            lines.append(f'        self.state["{a.target}"] = new_state[{k}]')
+    lines += ["        return out", ""]
+    seeds = [names[m.seed_names[o.target]] for o in m.outputs if o.target in m.seed_names]
+    scalar = all(m.d.seeds[o.target] == 1 for o in m.outputs if o.target in m.d.seeds)
+    sig = ", ".join(f"{s}=1.0" if scalar else s for s in seeds)
+    bwd_kw = [f"{names[h]}=self.{names[h]}" for h in m._hypers_in(
+        [e for _, e, _ in m.closed_forms()])]
+    bwd_kw += [f'{names[x]}=self._sizes["{x}"]' for x in m.backward_dims]
+    lines.append(f"    def backward(self, {sig}):")
+    grads = ["d" + t.name for t in m.grads]
+    lines.append(f"        {', '.join(grads)}{',' if len(grads) == 1 else ''} = "
+                 f"backward({', '.join(seeds + ['*self._saved'] + bwd_kw)})")
+    pg = [t for t in m.grads if t.kind == "param"]
+    lines.append("        self.grads = {" + ", ".join(f'"{t.name}": d{t.name}' for t in pg)
+                 + "}")
+    ig = ["d" + t.name for t in m.grads if t.kind == "input"]
+    lines.append("        return " + (", ".join(ig) if ig else "None"))
+    return lines
+
+
+def _torch_classes(m: Module) -> list[str]:
+    spec, names = m.spec, m.names
+    cname = class_name(spec.name)
+    hypers = list(spec.hypers)
+    fwd_args = [names[t.name] for t in m.inputs] + [names[h] for h in hypers] \
+        + [names[x] for x in m.forward_missing]
+    fwd_hyp = m._hypers_in([a.rhs(m.d.program) for a in m.d.program.assigns])
+    bwd_hyp = m._hypers_in([e for _, e, _ in m.closed_forms()])
+    lines = [f"class {cname}Function(torch.autograd.Function):",
+             f'    """autograd.Function for {spec.name}: backward is gradtool\'s closed form."""',
+             "", "    @staticmethod", f"    def forward(ctx, {', '.join(fwd_args)}):"]
+    call = [names[t.name] for t in m.inputs] + [f"{names[h]}={names[h]}" for h in fwd_hyp] \
+        + [f"{names[x]}={names[x]}" for x in m.forward_missing]
+    res = "out, saved" + (", new_state" if m.updates else "")
+    lines.append(f"        {res} = forward({', '.join(call)})")
+    for k, a in enumerate(m.updates):
+        lines.append(f"        {names[a.target]}.copy_(new_state[{k}])")
+    lines.append(f"        # {_saved_note(m)}")
+    lines.append("        ctx.save_for_backward(*saved)")
+    for h in bwd_hyp:
+        lines.append(f"        ctx.{names[h]} = {names[h]}")
+    for x in m.backward_dims:
+        lines.append(f"        ctx.{names[x]} = {_size_source(m, x)}")
+    lines += ["        return out", ""]
+    seeds = [names[m.seed_names[o.target]] for o in m.outputs if o.target in m.seed_names]
+    lines += ["    @staticmethod", f"    def backward(ctx, {', '.join(seeds)}):"]
+    kw = [f"{names[h]}=ctx.{names[h]}" for h in bwd_hyp] + \
+        [f"{names[x]}=ctx.{names[x]}" for x in m.backward_dims]
+    grads = ["d" + t.name for t in m.grads]
+    lines.append(f"        {', '.join(grads)}{',' if len(grads) == 1 else ''} = "
+                 f"backward({', '.join(seeds + ['*ctx.saved_tensors'] + kw)})")
+    ret = []
+    for t in m.inputs:
+        ret.append("d" + t.name if t in m.grads else "None")
+    ret += ["None"] * (len(hypers) + len(m.forward_missing))
+    lines.append(f"        return {', '.join(ret)}")
+    lines += ["", ""]
+    # the module
+    params = [t for t in m.inputs if t.kind == "param"]
+    states = [t for t in m.inputs if t.kind == "state"]
+    data = [t for t in m.inputs if t.kind == "input"]
+    ctor = ["self"] + _ctor_dims(m) + ["*"] + [f"{names[h]}={spec.hypers[h].default!r}"
+                                               for h in hypers] + ["dtype=torch.float32"]
+    if any(t.init in ("uniform", "kaiming_uniform", "xavier_uniform") for t in params + states):
+        m.imports.add("import math")
+    lines += [f"class {cname}(torch.nn.Module):",
+              f'    """{spec.description}: parameters initialised as the spec says."""', "",
+              f"    def __init__({', '.join(ctor)}):", "        super().__init__()"]
+    for h in hypers + m.forward_missing:
+        lines.append(f"        self.{names[h]} = {names[h]}")
+    for t in params:
+        lines.append(f"        self.{names[t.name]} = torch.nn.Parameter("
+                     f"{_init_code(t, 'torch', names)})")
+    for t in states:
+        lines.append(f'        self.register_buffer("{t.name}", '
+                     f"{_init_code(t, 'torch', names)})")
+    lines += ["", f"    def forward(self, {', '.join(names[t.name] for t in data)}):"]
+    args = [names[t.name] if t.kind == "input" else f"self.{names[t.name]}" for t in m.inputs]
+    args += [f"self.{names[h]}" for h in hypers + m.forward_missing]
+    lines.append(f"        return {cname}Function.apply({', '.join(args)})")
+    return lines

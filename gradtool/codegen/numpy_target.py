@@ -1,0 +1,36 @@
+"""The NumPy target: ``np.einsum`` for contractions, broadcasting for element-wise work."""
+
+from __future__ import annotations
+
+from gradtool.codegen.base import Arr, ArrayPrinter
+
+
+class NumpyPrinter(ArrayPrinter):
+    module = "np"
+    FUNCS = {
+        "exp": "np.exp", "log": "np.log", "sqrt": "np.sqrt", "tanh": "np.tanh",
+        "sinh": "np.sinh", "cosh": "np.cosh", "sin": "np.sin", "cos": "np.cos",
+        "atan": "np.arctan", "Abs": "np.abs", "sign": "np.sign", "erf": "erf",
+    }
+    SUM = "{x}.sum({axes})"
+    MAX = "{x}.max({axes})"
+
+    def _call(self, fname, arg, expr):
+        out = super()._call(fname, arg, expr)
+        if fname == "erf" and not out.code.startswith("math."):
+            self.imports.add("erf")
+        return out
+
+    def einsum(self, spec: str, args: str) -> str:
+        return f'np.einsum("{spec}", {args}, optimize=True)'
+
+    def broadcast(self, code: str, shape: tuple[str, ...], arr: Arr) -> str:
+        self.imports.add("np")
+        return f"np.broadcast_to({code}, ({', '.join(shape)},)).copy()"
+
+
+IMPORTS = {
+    "np": "import numpy as np",
+    "math": "import math",
+    "erf": "from scipy.special import erf",
+}
