@@ -108,9 +108,18 @@ def derive_cmd(
                                                         "through the intermediates.")] = False,
     latex_out: Annotated[bool, typer.Option("--latex", help="Print LaTeX.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    code: Annotated[str | None, typer.Option(
+        "--code", metavar="numpy|torch",
+        help="Print the generated kernels: a NumPy layer class, or a torch.autograd.Function "
+             "and nn.Module.")] = None,
+    output: Annotated[str | None, typer.Option(
+        "--output", "-o", metavar="FILE", help="With --code: write the source to FILE.")] = None,
     debug: Debug = False,
 ) -> None:
     """Print the forward, the simplified backward and, on request, Jacobians and steps."""
+    if code is not None or output is not None:
+        _emit_code(spec, code, output, debug)
+        return
     try:
         from gradtool.report import derive_report, parse_shape
 
@@ -126,3 +135,25 @@ def derive_cmd(
     from gradtool.render import render_derivation
 
     render_derivation(console, report, latex=latex_out)
+
+
+def _emit_code(spec: str, target: str | None, output: str | None, debug: bool) -> None:
+    try:
+        from pathlib import Path
+
+        from gradtool.codegen.cache import write_atomic
+        from gradtool.codegen.emit import TARGETS, generate
+        from gradtool.errors import GradtoolError
+
+        if target not in TARGETS:
+            raise GradtoolError(f"--code needs a target, got {target!r}",
+                                hint="use --code numpy or --code torch")
+        source = generate(spec, target)
+        if output:
+            write_atomic(Path(output), source)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc, debug)
+    if output:
+        err_console.print(f"wrote {output} ({target}, {source.count(chr(10))} lines)")
+    else:
+        print(source, end="")

@@ -324,8 +324,8 @@ def _numpy_class(m: Module) -> list[str]:
     states = [t for t in m.inputs if t.kind == "state"]
     data = [t for t in m.inputs if t.kind == "input"]
     hypers = list(spec.hypers)
-    ctor = ["self"] + _ctor_dims(m) + ["*"] + [f"{names[h]}={spec.hypers[h].default!r}"
-                                               for h in hypers] + ["rng=None"]
+    ctor = ["self", "*"] + _ctor_dims(m) + [f"{names[h]}={spec.hypers[h].default!r}"
+                                            for h in hypers] + ["rng=None"]
     given = [names[x] for x in m.forward_missing]
     lines = [f"class {cname}:",
              f'    """{spec.description} (NumPy, forward/backward in the style of course',
@@ -425,8 +425,8 @@ def _torch_classes(m: Module) -> list[str]:
     params = [t for t in m.inputs if t.kind == "param"]
     states = [t for t in m.inputs if t.kind == "state"]
     data = [t for t in m.inputs if t.kind == "input"]
-    ctor = ["self"] + _ctor_dims(m) + ["*"] + [f"{names[h]}={spec.hypers[h].default!r}"
-                                               for h in hypers] + ["dtype=torch.float32"]
+    ctor = ["self", "*"] + _ctor_dims(m) + [f"{names[h]}={spec.hypers[h].default!r}"
+                                            for h in hypers] + ["dtype=torch.float32"]
     if any(t.init in ("uniform", "kaiming_uniform", "xavier_uniform") for t in params + states):
         m.imports.add("import math")
     lines += [f"class {cname}(torch.nn.Module):",
