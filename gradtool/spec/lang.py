@@ -169,6 +169,7 @@ class Spec:
     hypers: dict[str, Hyper] = field(default_factory=dict)
     statements: list[Statement] = field(default_factory=list)
     facts: list[Fact] = field(default_factory=list)
+    reference_fn: object = None
 
     # -- errors ---------------------------------------------------------------------------
     def error(self, message: str, line: int | None = None, hint: str | None = None) -> SpecError:
@@ -324,6 +325,23 @@ class Spec:
         """State a fact about the inputs that the simplifier may use,
         e.g. ``spec.fact(Sum(T[n, c], c), 1)``: each row of the targets sums to one."""
         self.facts.append(Fact(sp.sympify(lhs), sp.sympify(rhs), _caller_line()))
+
+    def torch_reference(self, fn):
+        """Decorator: an independent PyTorch implementation that ``gradtool check`` compares
+        the spec against (usually a ``torch.nn.functional`` op)::
+
+            @spec.torch_reference
+            def reference(X, gamma, beta, eps):
+                import torch.nn.functional as F
+                return F.layer_norm(X, X.shape[-1:], gamma, beta, eps)
+
+        Its parameters are named after the spec's tensors and hyper-parameters (any subset, in
+        any order); it returns the outputs in declaration order (a tuple for several), and may
+        update state tensors in place as ``F.batch_norm`` does. Import torch inside it, so that
+        loading the spec stays fast.
+        """
+        self.reference_fn = fn
+        return fn
 
     # -- queries ----------------------------------------------------------------------------
     def of_kind(self, *kinds: str) -> list[Tensor]:
