@@ -25,3 +25,12 @@ spec.update("running_mean", [c], (1 - momentum) * running_mean[c] + momentum * m
 # PyTorch keeps the unbiased variance in its running estimate
 spec.update("running_var", [c],
             (1 - momentum) * running_var[c] + momentum * var[c] * N / (N - 1))
+
+
+@spec.torch_reference
+def reference(X, gamma, beta, running_mean, running_var, eps, momentum):
+    import torch.nn.functional as F
+
+    # updates running_mean / running_var in place (running_var with the unbiased variance)
+    return F.batch_norm(X, running_mean, running_var, gamma, beta, training=True,
+                        momentum=momentum, eps=eps)

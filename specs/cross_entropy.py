@@ -11,3 +11,13 @@ X = spec.input("X", N, C, domain="unit")
 T = spec.input("T", N, C, grad=False, domain="unit")
 
 spec.output("L", [], -Sum(T[n, c] * log(X[n, c]), n, c) / N)
+
+
+@spec.torch_reference
+def reference(X, T):
+    import torch
+
+    # nll_loss takes class indices only; for soft targets (rows of T are not one-hot, and rows
+    # of X need not sum to one) the reference is torch.special.xlogy, T·log X, summed and
+    # averaged over the batch.
+    return -torch.special.xlogy(T, X).sum() / X.shape[0]

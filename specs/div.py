@@ -9,3 +9,10 @@ X = spec.input("X", N, D)
 Y = spec.input("Y", N, D, domain="nonzero")
 
 spec.output("Z", [n, d], X[n, d] / Y[n, d])
+
+
+@spec.torch_reference
+def reference(X, Y):
+    import torch
+
+    return torch.div(X, Y)

@@ -11,3 +11,9 @@ M = spec.input("M", N, D, grad=False, domain="binary")
 p = spec.hyper("p", 0.5)
 
 spec.output("Y", [n, d], X[n, d] * M[n, d] / (1 - p))
+
+
+@spec.torch_reference
+def reference(X, M, p):
+    # F.dropout draws its own mask; with the mask given, inverted dropout is this formula
+    return X * M / (1 - p)

@@ -10,3 +10,10 @@ X = spec.input("X", N, D)
 alpha = spec.hyper("alpha", 1.0)
 
 spec.output("Y", [n, d], Piecewise((X[n, d], X[n, d] > 0), (alpha * (exp(X[n, d]) - 1), True)))
+
+
+@spec.torch_reference
+def reference(X, alpha):
+    import torch.nn.functional as F
+
+    return F.elu(X, alpha=alpha)

@@ -17,3 +17,10 @@ var = spec.let("var", [n], Sum(xc[n, d] ** 2, d) / D)
 rstd = spec.let("rstd", [n], 1 / sqrt(var[n] + eps))
 xhat = spec.let("xhat", [n, d], xc[n, d] * rstd[n])
 spec.output("Y", [n, d], gamma[d] * xhat[n, d] + beta[d])
+
+
+@spec.torch_reference
+def reference(X, gamma, beta, eps):
+    import torch.nn.functional as F
+
+    return F.layer_norm(X, X.shape[-1:], gamma, beta, eps)

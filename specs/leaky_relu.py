@@ -10,3 +10,10 @@ X = spec.input("X", N, D)
 slope = spec.hyper("slope", 0.01)
 
 spec.output("Y", [n, d], Piecewise((X[n, d], X[n, d] > 0), (slope * X[n, d], True)))
+
+
+@spec.torch_reference
+def reference(X, slope):
+    import torch.nn.functional as F
+
+    return F.leaky_relu(X, negative_slope=slope)

@@ -11,3 +11,10 @@ W = spec.param("W", O, I, init="kaiming_uniform")
 b = spec.param("b", O, init="zeros")
 
 spec.output("Y", [n, o], Sum(X[n, i] * W[o, i], i) + b[o])
+
+
+@spec.torch_reference
+def reference(X, W, b):
+    import torch.nn.functional as F
+
+    return F.linear(X, W, b)

@@ -11,3 +11,10 @@ X = spec.input("X", N, C)
 Z = spec.let("Z", [n], Sum(exp(X[n, k]), k))
 lse = spec.let("lse", [n], log(Z[n]))
 spec.output("Y", [n, c], X[n, c] - lse[n])
+
+
+@spec.torch_reference
+def reference(X):
+    import torch.nn.functional as F
+
+    return F.log_softmax(X, dim=-1)

@@ -9,3 +9,10 @@ A = spec.input("A", M, K)
 B = spec.input("B", K, P)
 
 spec.output("Y", [m, p], Sum(A[m, k] * B[k, p], k))
+
+
+@spec.torch_reference
+def reference(A, B):
+    import torch
+
+    return torch.matmul(A, B)

@@ -10,3 +10,10 @@ X = spec.input("X", N, D)
 T = spec.input("T", N, D, grad=False)
 
 spec.output("L", [], Sum((X[n, d] - T[n, d]) ** 2, n, d) / (N * D))
+
+
+@spec.torch_reference
+def reference(X, T):
+    import torch.nn.functional as F
+
+    return F.mse_loss(X, T)

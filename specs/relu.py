@@ -9,3 +9,10 @@ n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)
 
 spec.output("Y", [n, d], Max(X[n, d], 0))
+
+
+@spec.torch_reference
+def reference(X):
+    import torch.nn.functional as F
+
+    return F.relu(X)

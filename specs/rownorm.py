@@ -10,3 +10,8 @@ X = spec.input("X", N, D, domain="positive")
 
 s = spec.let("s", [n], Sum(X[n, k], k))
 spec.output("Y", [n, d], X[n, d] / s[n])
+
+
+@spec.torch_reference
+def reference(X):
+    return X / X.sum(-1, keepdim=True)

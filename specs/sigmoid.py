@@ -8,3 +8,10 @@ n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)
 
 spec.output("Y", [n, d], sigmoid(X[n, d]))
+
+
+@spec.torch_reference
+def reference(X):
+    import torch
+
+    return torch.sigmoid(X)

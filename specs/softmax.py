@@ -11,3 +11,10 @@ X = spec.input("X", N, C)
 e = spec.let("e", [n, c], exp(X[n, c]))
 Z = spec.let("Z", [n], Sum(e[n, k], k))
 spec.output("S", [n, c], e[n, c] / Z[n])
+
+
+@spec.torch_reference
+def reference(X):
+    import torch.nn.functional as F
+
+    return F.softmax(X, dim=-1)

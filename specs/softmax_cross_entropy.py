@@ -15,3 +15,11 @@ e = spec.let("e", [n, c], exp(X[n, c]))
 Z = spec.let("Z", [n], Sum(e[n, k], k))
 P = spec.let("P", [n, c], e[n, c] / Z[n])
 spec.output("L", [], -Sum(T[n, c] * log(P[n, c]), n, c) / N)
+
+
+@spec.torch_reference
+def reference(X, T):
+    import torch.nn.functional as F
+
+    # class probabilities as targets (torch >= 1.10): mean over the batch of −Σ_c T·log_softmax
+    return F.cross_entropy(X, T)

@@ -8,3 +8,8 @@ n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)
 
 spec.output("Y", [n], Sum(X[n, d], d))
+
+
+@spec.torch_reference
+def reference(X):
+    return X.sum(-1)

@@ -32,7 +32,7 @@ def _input_indices(d: Derivation, wrt: str, out_idx: tuple) -> tuple:
     taken = {s.name for s in d.program.ranges} | {str(x) for x in out_idx} \
         | set(d.spec.dim_symbols) | set(d.spec.tensors)
     made = []
-    pool = iter(LETTERS)
+    pool = iter(list(LETTERS) + [f"{c}{k}" for k in range(1, 100) for c in LETTERS])
     for dim in d.spec.tensors[wrt].dims:
         name = next(c for c in pool if c not in taken)
         sym = sp.Symbol(name, integer=True)
@@ -42,7 +42,14 @@ def _input_indices(d: Derivation, wrt: str, out_idx: tuple) -> tuple:
 
 
 def jacobian(d: Derivation, output: str, wrt: str) -> Jacobian:
-    """∂output/∂wrt in index notation."""
+    """∂output/∂wrt in index notation (computed once per derivation)."""
+    cache = d.__dict__.setdefault("_jacobians", {})
+    if (output, wrt) not in cache:
+        cache[(output, wrt)] = _jacobian(d, output, wrt)
+    return cache[(output, wrt)]
+
+
+def _jacobian(d: Derivation, output: str, wrt: str) -> Jacobian:
     if output not in d.seeds:
         raise GradtoolError(f"`{output}` is not a differentiable output of {d.spec.name}",
                             hint="outputs: " + ", ".join(d.seeds))

@@ -203,7 +203,8 @@ class Simplifier:
             if a.target == name and isinstance(a.body, sp.Pow) and a.body.exp.is_negative:
                 return True
             for f in self._divisors(a.body):
-                if accesses(f, self.spec) and access_name(f) == name:
+                found = accesses(f, self.spec)
+                if found and f == found[0] and access_name(f) == name:
                     return True
         return False
 

@@ -1,0 +1,60 @@
+"""Where a layer is not differentiable, and how far random inputs are from there.
+
+A kink is where the forward switches branch: a ``Piecewise`` condition, the arguments of an
+element-wise ``Max``/``Min`` crossing, ``Abs``/``Heaviside``/``sign`` at zero, or a tie in a
+``Max`` reduction. Finite differences across a kink are meaningless, so checks sample inputs
+whose distance to every kink exceeds a margin far larger than the finite-difference step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import sympy as sp
+
+from gradtool.spec.lang import MaxOver
+from gradtool.symbolic.evaluate import Evaluator, ops_for, sizes_for
+from gradtool.symbolic.ir import Program
+
+
+def switches(program: Program) -> list[tuple[str, sp.Expr, tuple, tuple]]:
+    """(kind, expression that is zero at the kink, free indices, reduced indices)."""
+    out = []
+    for a in program.assigns:
+        free = tuple(a.lhs) + tuple(a.over)
+        for node in sp.preorder_traversal(a.body):
+            if isinstance(node, sp.Piecewise):
+                for _, cond in node.args:
+                    for rel in ([cond] if isinstance(cond, sp.core.relational.Relational)
+                                else cond.atoms(sp.core.relational.Relational)):
+                        out.append(("piecewise", rel.lhs - rel.rhs, free, ()))
+            elif isinstance(node, (sp.Max, sp.Min)) and len(node.args) == 2:
+                out.append((type(node).__name__.lower(), node.args[0] - node.args[1], free, ()))
+            elif isinstance(node, (sp.Abs, sp.Heaviside, sp.sign)):
+                out.append((type(node).__name__.lower(), node.args[0], free, ()))
+        if a.reduce == "max":
+            out.append(("max tie", a.body, tuple(a.lhs), tuple(a.over)))
+    return out
+
+
+def kink_distance(program: Program, env: dict, dims: dict, hypers=None) -> float:
+    """The smallest distance of any switch to its kink (inf for a smooth layer)."""
+    best = np.inf
+    values = {**dims, **(hypers if hypers is not None else program.spec.hyper_defaults())}
+    for kind, expr, free, over in switches(program):
+        ev = Evaluator(env, values, sizes_for(program, dims), ops_for("numpy"))
+        arr = np.asarray(ev.run(expr, free + over), dtype=np.float64)
+        if kind == "max tie":
+            flat = arr.reshape(arr.shape[:len(free)] + (-1,))
+            if flat.shape[-1] < 2:
+                continue
+            top = np.sort(flat, axis=-1)
+            gap = top[..., -1] - top[..., -2]
+            best = min(best, float(gap.min())) if gap.size else best
+        elif arr.size:
+            best = min(best, float(np.abs(arr).min()))
+    return best
+
+
+def has_kinks(program: Program) -> bool:
+    return bool(switches(program)) or any(isinstance(n, MaxOver) for a in program.assigns
+                                           for n in sp.preorder_traversal(a.body))

@@ -1,0 +1,122 @@
+"""Every built-in spec's forward equals its independent PyTorch reference (spec.torch_reference).
+
+The reference is usually a ``torch.nn.functional`` op; a disagreement here is a bug in the spec's
+math (or in the reference), not in the derivation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import zlib
+
+import numpy as np
+import pytest
+
+from gradtool.check.sampling import sample_dims, sample_inputs
+from gradtool.spec.loader import builtin_specs, load_spec
+from gradtool.symbolic.evaluate import run_forward
+from gradtool.symbolic.ir import normalize
+from tests.helpers import max_rel_err
+
+SPECS = sorted(builtin_specs())
+TOL = 1e-10
+
+# N = 1 makes F.batch_norm raise in training mode (one value per channel has no variance), and
+# the spec's unbiased running variance divides by N − 1 = 0 there.
+UNDEFINED_AT_BATCH1 = {"batchnorm": "torch-raises-for-one-value-per-channel"}
+
+
+def call_reference(spec, fn, inputs: dict, dims: dict, hypers: dict | None = None) -> tuple:
+    """Call a spec's torch reference with keyword arguments chosen by its signature.
+
+    A parameter named after a tensor gets a float64 torch copy of ``inputs[name]`` (state
+    tensors are updated in place: read them back from the returned dict); one named after a
+    hyper-parameter gets ``hypers[name]`` or the spec's default; one named after a dimension gets
+    its size as an int. Returns ``(outputs as a tuple, the tensors passed by name)``.
+    """
+    import torch
+
+    hypers = hypers or {}
+    sizes = {name: int(dims[sym]) for name, sym in spec.dim_symbols.items() if sym in dims}
+    kwargs, tensors = {}, {}
+    for name, param in inspect.signature(fn).parameters.items():
+        if name in spec.tensors and name in inputs:
+            tensors[name] = kwargs[name] = torch.tensor(np.array(inputs[name]),
+                                                        dtype=torch.float64)
+        elif name in spec.hypers:
+            kwargs[name] = float(hypers.get(name, spec.hypers[name].default))
+        elif name in sizes:
+            kwargs[name] = sizes[name]
+        elif param.default is inspect.Parameter.empty:
+            raise TypeError(f"{spec.name}: the torch reference takes `{name}`, which is not a "
+                            "tensor, hyper-parameter or dimension of the spec")
+    out = fn(**kwargs)
+    return (out if isinstance(out, tuple) else (out,)), tensors
+
+
+def rel_err(ours, oracle) -> float:
+    """Relative to the oracle's scale; round-off below 1e-13 counts as zero (softmax
+    cross-entropy with one class is 0 exactly in PyTorch, ~1e-17 through exp/sum/log)."""
+    return max_rel_err(np.asarray(ours, dtype=np.float64), np.asarray(oracle, dtype=np.float64))
+
+
+def _fixed(spec, case: str) -> dict | None:
+    names = list(spec.dim_symbols)
+    if case == "batch1":  # the batch axis, or the rows of a matrix product
+        return {"N" if "N" in names else names[0]: 1}
+    if case == "nonsquare":  # every dimension a different size
+        return {name: 3 + i for i, name in enumerate(names)}
+    return None  # random sizes in 1..5
+
+
+CASES = []
+for _name in SPECS:
+    for _case in ("batch1", "nonsquare", "random-a", "random-b"):
+        if _case == "batch1" and _name in UNDEFINED_AT_BATCH1:
+            CASES.append(pytest.param(
+                _name, _case, id=f"{_name}-batch1-skipped:{UNDEFINED_AT_BATCH1[_name]}",
+                marks=pytest.mark.skip(reason=f"N = 1 is undefined for {_name}: "
+                                              f"{UNDEFINED_AT_BATCH1[_name]}")))
+        else:
+            CASES.append(pytest.param(_name, _case, id=f"{_name}-{_case}"))
+
+
+@pytest.fixture(scope="module")
+def specs():
+    return {}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_builtin_spec_has_a_reference(name):
+    assert callable(load_spec(name).reference_fn), f"{name} has no @spec.torch_reference"
+
+
+@pytest.mark.parametrize("name, case", CASES)
+def test_reference_matches_spec_forward(specs, name, case):
+    if name not in specs:
+        specs[name] = load_spec(name)
+    spec = specs[name]
+    rng = np.random.default_rng(zlib.crc32(f"{name}/{case}".encode()))
+    fixed = _fixed(spec, case)
+    if fixed is None and name in UNDEFINED_AT_BATCH1:  # a random batch of at least two
+        fixed = {"N": int(rng.integers(2, 6))}
+    dims = sample_dims(spec, rng, low=1, high=5, fixed=fixed)
+    inputs = sample_inputs(spec, dims, rng)
+
+    env = run_forward(normalize(spec), {k: v.copy() for k, v in inputs.items()}, dims,
+                      backend="torch")
+    outs, passed = call_reference(spec, spec.reference_fn, inputs, dims)
+
+    shown = {s.name: n for s, n in dims.items()}
+    assert len(outs) == len(spec.outputs), \
+        f"{name}: the reference returns {len(outs)} outputs, the spec declares {len(spec.outputs)}"
+    for t, ref in zip(spec.outputs, outs):
+        err = rel_err(env[t.name].numpy(), ref.detach().numpy())
+        assert err < TOL, f"{name}: {t.name} differs from the reference by {err:.2e} at {shown}"
+    for state in dict.fromkeys(st.target for st in spec.statements if st.kind == "update"):
+        assert state in passed, f"{name}: the reference does not take the state `{state}`"
+        err = rel_err(env[f"{state}:new"].numpy(), passed[state].numpy())
+        assert err < TOL, (f"{name}: updated {state} differs from the reference's in-place "
+                           f"update by {err:.2e} at {shown}")
+        assert rel_err(passed[state].numpy(), inputs[state]) > 0, \
+            f"{name}: the reference did not update {state} in place"
