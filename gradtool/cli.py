@@ -137,6 +137,84 @@ def derive_cmd(
     render_derivation(console, report, latex=latex_out)
 
 
+@app.command("check")
+def check_cmd(
+    specs: Annotated[list[str] | None, typer.Argument(
+        help="Built-in spec names or spec files; all built-in specs when none is given.")] = None,
+    impl: Annotated[str | None, typer.Option(
+        "--impl", metavar="FILE.py:NAME",
+        help="Check your own layer (a NumPy class with forward/backward, or a "
+             "torch.autograd.Function) against the spec.")] = None,
+    mapping: Annotated[list[str] | None, typer.Option(
+        "--map", metavar="SPEC=YOURS",
+        help="With --impl: your name for a spec tensor, e.g. --map gamma=weight.")] = None,
+    tol: Annotated[float | None, typer.Option(
+        "--tol", help="Relative tolerance (default: 1e-6 against finite differences, 1e-9 "
+                      "against exact oracles, 1e-4 in float32 mode).")] = None,
+    float32: Annotated[bool, typer.Option(
+        "--float32", help="Also run the kernels in float32 against the float64 oracles.")]
+    = False,
+    order: Annotated[int, typer.Option("--order", min=1, max=2,
+                                       help="2: also check gradients of gradients.")] = 1,
+    shapes: Annotated[int, typer.Option("--shapes", min=1, max=20,
+                                        help="How many random shapes (the first has N=1).")] = 3,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    show: Annotated[str, typer.Option("--show", metavar="all|failed|summary",
+                                      help="Which rows to print.")] = "all",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Verify derived backwards (or your own layer) against finite differences,
+    torch.autograd, reference ops and the other backend. Exits 1 on any failure."""
+    try:
+        rows = _run_checks(specs or [], impl, mapping or [], tol, float32, order, shapes, seed,
+                           quiet=as_json)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc, debug)
+    failed = [r for r in rows if not r.passed]
+    if as_json:
+        print(json.dumps([r.to_json() for r in rows], indent=2, ensure_ascii=False))
+    else:
+        from gradtool.render import render_check
+
+        render_check(console, rows, show)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _run_checks(names, impl, mapping, tol, float32, order, shapes, seed, quiet):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from gradtool.check.impl import load_impl, make_subject
+    from gradtool.check.runner import CheckOptions, check_spec
+    from gradtool.errors import GradtoolError
+    from gradtool.spec.loader import builtin_specs, load_spec
+
+    if impl and len(names) != 1:
+        raise GradtoolError("--impl checks one layer against one spec",
+                            hint="name exactly one spec: gradtool check layernorm --impl f.py:LN")
+    pairs = {}
+    for item in mapping:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise GradtoolError(f"cannot read --map {item!r}", hint="write SPEC_NAME=YOUR_NAME")
+        pairs[key] = value
+    specs = [load_spec(n) for n in (names or list(builtin_specs()))]
+    options = CheckOptions(tol=tol, dtype="float32" if float32 else "float64",
+                           cases=shapes, seed=seed, order=order)
+    subject = make_subject(specs[0], load_impl(impl), pairs) if impl else None
+    rows = []
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=err_console, transient=True, disable=quiet) as bar:
+        task = bar.add_task("checking", total=len(specs) * shapes)
+        for spec in specs:
+            rows += check_spec(spec, options, subject=subject,
+                               progress=lambda text: bar.update(task, advance=1,
+                                                                description=text))
+    return rows
+
+
 def _emit_code(spec: str, target: str | None, output: str | None, debug: bool) -> None:
     try:
         from pathlib import Path

@@ -89,3 +89,46 @@ def render_derivation(console: Console, report: dict, latex: bool = False) -> No
                 parts.append(f"  {c['rule']}\n", style="dim")
             table.add_row(Text(step[key]), parts)
         console.print(table)
+
+
+def _num(x) -> str:
+    if x is None:
+        return ""
+    if x != x or x in (float("inf"), float("-inf")):
+        return str(x)
+    return f"{x:.3g}"
+
+
+def render_check(console: Console, rows: list, show: str = "all") -> None:
+    """The check table: one row per (spec, shape, input, oracle); failures in red."""
+    failed = [r for r in rows if not r.passed]
+    if show != "summary":
+        chosen = failed if show == "failed" else rows
+        table = Table(title="gradtool check", title_justify="left", show_lines=False)
+        for col, kw in (("spec", {"style": "cyan"}), ("shape", {}), ("input", {}),
+                        ("oracle", {}), ("max abs err", {"justify": "right"}),
+                        ("max rel err", {"justify": "right"}), ("worst element", {}),
+                        ("ours", {"justify": "right"}), ("oracle value", {"justify": "right"}),
+                        ("allowed", {"justify": "right"}), ("", {}), ("note", {"style": "dim"})):
+            table.add_column(col, **kw)
+        for r in chosen:
+            mark = Text("pass", style="green") if r.passed else Text("FAIL", style="bold red")
+            index = "" if r.index is None else "[" + ",".join(map(str, r.index)) + "]"
+            table.add_row(r.spec, r.shape, r.input, r.oracle, _num(r.max_abs),
+                          _num(r.max_rel), index, _num(r.analytic), _num(r.numeric),
+                          _num(r.allowed), mark, Text(r.note))
+        console.print(table)
+    specs = sorted({r.spec for r in rows})
+    bad = sorted({r.spec for r in failed})
+    if failed:
+        console.print(f"[bold red]{len(failed)} of {len(rows)} comparisons failed[/] in "
+                      f"{', '.join(bad)}.")
+        for r in failed[:10]:
+            where = "" if r.index is None else f" at {r.input}[{','.join(map(str, r.index))}]"
+            console.print(Text(f"  {r.spec} {r.input} vs {r.oracle} ({r.shape}){where}: "
+                               f"ours {_num(r.analytic)}, expected {_num(r.numeric)}, "
+                               f"allowed error {_num(r.allowed)}"
+                               + (f" — {r.note}" if r.note else ""), style="red"))
+    else:
+        console.print(f"[bold green]all {len(rows)} comparisons passed[/] "
+                      f"({len(specs)} spec{'s' if len(specs) != 1 else ''}).")

@@ -6,6 +6,7 @@ spec = Spec("batchnorm", "Batch normalisation over the batch axis, training mode
             reference="torch.nn.functional.batch_norm (training=True)")
 N, C = spec.dims("N C")
 n, c = spec.indices(n=N, c=C)
+spec.min_size(N=2)  # the running variance is unbiased: it divides by N − 1
 X = spec.input("X", N, C)
 gamma = spec.param("gamma", C, init="ones")
 beta = spec.param("beta", C, init="zeros")

@@ -12,8 +12,12 @@ def sample_dims(spec: Spec, rng: np.random.Generator, low: int = 1, high: int = 
                 fixed: dict[str, int] | None = None) -> dict[sp.Symbol, int]:
     """A random size for every dimension; ``fixed`` pins some by name (``{"N": 1}``)."""
     fixed = fixed or {}
-    return {sym: int(fixed.get(name, rng.integers(low, high + 1)))
-            for name, sym in spec.dim_symbols.items()}
+    out = {}
+    for name, sym in spec.dim_symbols.items():
+        least = spec.min_sizes.get(name, 1)
+        value = fixed.get(name, rng.integers(max(low, least), max(high, least) + 1))
+        out[sym] = max(int(value), least)
+    return out
 
 
 def _draw(domain: str, shape, rng: np.random.Generator) -> np.ndarray:

@@ -170,6 +170,7 @@ class Spec:
     statements: list[Statement] = field(default_factory=list)
     facts: list[Fact] = field(default_factory=list)
     reference_fn: object = None
+    min_sizes: dict[str, int] = field(default_factory=dict)
 
     # -- errors ---------------------------------------------------------------------------
     def error(self, message: str, line: int | None = None, hint: str | None = None) -> SpecError:
@@ -193,6 +194,16 @@ class Spec:
             self.dim_symbols[name] = sym
             out.append(sym)
         return out[0] if len(out) == 1 else tuple(out)
+
+    def min_size(self, **sizes: int) -> None:
+        """The smallest size the layer makes sense for, e.g. ``spec.min_size(N=2)`` when the
+        forward divides by N − 1; checks never sample below it."""
+        line = _caller_line()
+        for name, value in sizes.items():
+            if name not in self.dim_symbols:
+                raise self.error(f"min_size names `{name}`, which is not a declared dimension",
+                                 line, 'declare it first with spec.dims("N D")')
+            self.min_sizes[name] = int(value)
 
     def indices(self, **ranges: sp.Symbol) -> tuple[sp.Symbol, ...]:
         """Declare index variables and the dimension each runs over.
