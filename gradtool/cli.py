@@ -167,6 +167,10 @@ def check_cmd(
     """Verify derived backwards (or your own layer) against finite differences,
     torch.autograd, reference ops and the other backend. Exits 1 on any failure."""
     try:
+        if show not in ("all", "failed", "summary"):
+            from gradtool.errors import GradtoolError
+
+            raise GradtoolError(f"--show {show!r} is not one of all, failed, summary")
         rows = _run_checks(specs or [], impl, mapping or [], tol, float32, order, shapes, seed,
                            quiet=as_json)
     except Exception as exc:  # noqa: BLE001
