@@ -228,8 +228,8 @@ def _emit_code(spec: str, target: str | None, output: str | None, debug: bool) -
         from gradtool.errors import GradtoolError
 
         if target not in TARGETS:
-            raise GradtoolError(f"--code needs a target, got {target!r}",
-                                hint="use --code numpy or --code torch")
+            what = "--code needs a target" if target is None else f"unknown code target {target!r}"
+            raise GradtoolError(what, hint="use --code numpy or --code torch")
         source = generate(spec, target)
         if output:
             write_atomic(Path(output), source)

@@ -266,7 +266,7 @@ class ArrayPrinter:
         return self._extremum(e, "minimum")
 
     def _extremum(self, e, fname) -> Arr:
-        args = [self.lower(a) for a in e.args]
+        args = [self.lower(a) for a in sorted(e.args, key=lambda a: a.is_number)]
         out = args[0]
         for a in args[1:]:
             axes = self._union([out, a])

@@ -231,8 +231,22 @@ def _temp_name(value, taken) -> str:
 
 # -- whole modules -----------------------------------------------------------------------------
 
+def _source_name(spec: Spec) -> str:
+    """``specs/<name>.py`` for a built-in (the same on every machine), else the path given."""
+    from pathlib import Path
+
+    from gradtool.spec.loader import builtin_dir
+
+    if not spec.file:
+        return spec.name
+    path = Path(spec.file).resolve()
+    if path.parent == builtin_dir().resolve():
+        return f"specs/{path.name}"
+    return spec.file
+
+
 def _header(spec: Spec, d: Derivation, target: str) -> list[str]:
-    source = spec.file or spec.name
+    source = _source_name(spec)
     lines = [f"# @generated from {source} by gradtool {__version__} ({target}); do not edit",
              f'"""{spec.name}: {spec.description}', "", "Forward:"]
     lines += ["    " + r["text"] for r in _forward(d)]
