@@ -6,12 +6,13 @@ math (or in the reference), not in the derivation.
 
 from __future__ import annotations
 
-import inspect
 import zlib
 
 import numpy as np
 import pytest
+import torch
 
+from gradtool.check.runner import call_reference
 from gradtool.check.sampling import sample_dims, sample_inputs
 from gradtool.spec.loader import builtin_specs, load_spec
 from gradtool.symbolic.evaluate import run_forward
@@ -20,39 +21,6 @@ from tests.helpers import max_rel_err
 
 SPECS = sorted(builtin_specs())
 TOL = 1e-10
-
-# N = 1 makes F.batch_norm raise in training mode (one value per channel has no variance), and
-# the spec's unbiased running variance divides by N − 1 = 0 there.
-UNDEFINED_AT_BATCH1 = {"batchnorm": "torch-raises-for-one-value-per-channel"}
-
-
-def call_reference(spec, fn, inputs: dict, dims: dict, hypers: dict | None = None) -> tuple:
-    """Call a spec's torch reference with keyword arguments chosen by its signature.
-
-    A parameter named after a tensor gets a float64 torch copy of ``inputs[name]`` (state
-    tensors are updated in place: read them back from the returned dict); one named after a
-    hyper-parameter gets ``hypers[name]`` or the spec's default; one named after a dimension gets
-    its size as an int. Returns ``(outputs as a tuple, the tensors passed by name)``.
-    """
-    import torch
-
-    hypers = hypers or {}
-    sizes = {name: int(dims[sym]) for name, sym in spec.dim_symbols.items() if sym in dims}
-    kwargs, tensors = {}, {}
-    for name, param in inspect.signature(fn).parameters.items():
-        if name in spec.tensors and name in inputs:
-            tensors[name] = kwargs[name] = torch.tensor(np.array(inputs[name]),
-                                                        dtype=torch.float64)
-        elif name in spec.hypers:
-            kwargs[name] = float(hypers.get(name, spec.hypers[name].default))
-        elif name in sizes:
-            kwargs[name] = sizes[name]
-        elif param.default is inspect.Parameter.empty:
-            raise TypeError(f"{spec.name}: the torch reference takes `{name}`, which is not a "
-                            "tensor, hyper-parameter or dimension of the spec")
-    out = fn(**kwargs)
-    return (out if isinstance(out, tuple) else (out,)), tensors
-
 
 def rel_err(ours, oracle) -> float:
     """Relative to the oracle's scale; round-off below 1e-13 counts as zero (softmax
@@ -69,16 +37,9 @@ def _fixed(spec, case: str) -> dict | None:
     return None  # random sizes in 1..5
 
 
-CASES = []
-for _name in SPECS:
-    for _case in ("batch1", "nonsquare", "random-a", "random-b"):
-        if _case == "batch1" and _name in UNDEFINED_AT_BATCH1:
-            CASES.append(pytest.param(
-                _name, _case, id=f"{_name}-batch1-skipped:{UNDEFINED_AT_BATCH1[_name]}",
-                marks=pytest.mark.skip(reason=f"N = 1 is undefined for {_name}: "
-                                              f"{UNDEFINED_AT_BATCH1[_name]}")))
-        else:
-            CASES.append(pytest.param(_name, _case, id=f"{_name}-{_case}"))
+# batch norm declares spec.min_size(N=2): its "batch1" case samples N = 2
+CASES = [pytest.param(name, case, id=f"{name}-{case}") for name in SPECS
+         for case in ("batch1", "nonsquare", "random-a", "random-b")]
 
 
 @pytest.fixture(scope="module")
@@ -97,15 +58,13 @@ def test_reference_matches_spec_forward(specs, name, case):
         specs[name] = load_spec(name)
     spec = specs[name]
     rng = np.random.default_rng(zlib.crc32(f"{name}/{case}".encode()))
-    fixed = _fixed(spec, case)
-    if fixed is None and name in UNDEFINED_AT_BATCH1:  # a random batch of at least two
-        fixed = {"N": int(rng.integers(2, 6))}
-    dims = sample_dims(spec, rng, low=1, high=5, fixed=fixed)
+    dims = sample_dims(spec, rng, low=1, high=5, fixed=_fixed(spec, case))
     inputs = sample_inputs(spec, dims, rng)
 
     env = run_forward(normalize(spec), {k: v.copy() for k, v in inputs.items()}, dims,
                       backend="torch")
-    outs, passed = call_reference(spec, spec.reference_fn, inputs, dims)
+    passed = {k: torch.tensor(np.array(v), dtype=torch.float64) for k, v in inputs.items()}
+    outs = call_reference(spec, passed, dims)
 
     shown = {s.name: n for s, n in dims.items()}
     assert len(outs) == len(spec.outputs), \
