@@ -197,6 +197,9 @@ def _run_checks(names, impl, mapping, tol, float32, order, shapes, seed, quiet):
     if impl and len(names) != 1:
         raise GradtoolError("--impl checks one layer against one spec",
                             hint="name exactly one spec: gradtool check layernorm --impl f.py:LN")
+    if impl and (float32 or order > 1):
+        raise GradtoolError("--float32 and --order 2 check gradtool's generated kernels",
+                            hint="drop them when checking your own layer with --impl")
     pairs = {}
     for item in mapping:
         key, sep, value = item.partition("=")
@@ -210,7 +213,8 @@ def _run_checks(names, impl, mapping, tol, float32, order, shapes, seed, quiet):
     rows = []
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                  console=err_console, transient=True, disable=quiet) as bar:
+                  console=err_console, transient=True,
+                  disable=quiet or not err_console.is_terminal) as bar:
         task = bar.add_task("checking", total=len(specs) * shapes)
         for spec in specs:
             rows += check_spec(spec, options, subject=subject,

@@ -124,10 +124,13 @@ def render_check(console: Console, rows: list, show: str = "all") -> None:
         console.print(f"[bold red]{len(failed)} of {len(rows)} comparisons failed[/] in "
                       f"{', '.join(bad)}.")
         for r in failed[:10]:
+            head = f"  {r.spec} {r.input} vs {r.oracle} ({r.shape})"
+            if r.analytic is None:
+                console.print(Text(f"{head}: {r.note}", style="red"))
+                continue
             where = "" if r.index is None else f" at {r.input}[{','.join(map(str, r.index))}]"
-            console.print(Text(f"  {r.spec} {r.input} vs {r.oracle} ({r.shape}){where}: "
-                               f"ours {_num(r.analytic)}, expected {_num(r.numeric)}, "
-                               f"allowed error {_num(r.allowed)}"
+            console.print(Text(f"{head}{where}: ours {_num(r.analytic)}, expected "
+                               f"{_num(r.numeric)}, allowed error {_num(r.allowed)}"
                                + (f" — {r.note}" if r.note else ""), style="red"))
     else:
         console.print(f"[bold green]all {len(rows)} comparisons passed[/] "

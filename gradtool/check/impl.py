@@ -59,7 +59,7 @@ def load_impl(target: str):
     if not hasattr(module, name):
         found = [n for n, v in vars(module).items() if inspect.isclass(v)
                  and v.__module__ == module_name]
-        raise ImplError(f"{path_text} has no `{name}`", file=str(path),
+        raise ImplError(f"no `{name}` in this file", file=str(path),
                         hint="classes there: " + (", ".join(found) or "none"))
     return getattr(module, name)
 
@@ -145,7 +145,12 @@ class NumpyLayerSubject:
                         hint=f"store it in self.grads[{attr!r}] or self.d{attr}, or map the "
                              "name with --map")
 
-    def _backward(self, layer, upstream):
+    def takes_upstream(self) -> bool:
+        params = [p for p in inspect.signature(self.cls.backward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        return len(params) > 1  # beyond self
+
+    def _backward(self, layer, upstream, copy_inputs=True):
         seeds = [upstream[o] for o in self.outputs]
         fn = layer.backward
         params = [p for p in inspect.signature(fn).parameters.values()
@@ -156,7 +161,9 @@ class NumpyLayerSubject:
                                 "a scalar loss with gradient 1",
                                 hint="give backward a grad_out argument")
             return fn()
-        return fn(*[np.array(s, dtype=np.float64) if np.ndim(s) else s for s in seeds])
+        if copy_inputs:
+            seeds = [np.array(s, dtype=np.float64) if np.ndim(s) else s for s in seeds]
+        return fn(*seeds)
 
     def run(self, inputs, dims, upstream):
         layer = self.build(inputs, dims)
@@ -203,12 +210,15 @@ class NumpyLayerSubject:
         before = [d.copy() for d in data]
         layer.forward(*data)
         ups = {o: (np.array(v) if np.ndim(v) else v) for o, v in upstream.items()}
-        kept = copy.deepcopy(ups)
+        kept = copy.deepcopy(ups)  # backward receives ``ups`` itself: did it change them?
 
         try:
-            first = self._collect(layer, self._backward(layer, ups))
-            again = self._collect(layer, self._backward(layer, ups))
-            doubled = {o: v * 2.0 for o, v in ups.items()}
+            first = self._collect(layer, self._backward(layer, ups, copy_inputs=False))
+            if not all(np.all(np.isfinite(g)) for g in first.values()):
+                return [("finite gradients", False, "backward returned NaN or inf; the "
+                         "contract checks need finite gradients")]
+            again = self._collect(layer, self._backward(layer, kept))
+            doubled = {o: v * 2.0 for o, v in kept.items()}
             twice = self._collect(layer, self._backward(layer, doubled))
         except Exception as exc:  # noqa: BLE001
             return [("repeatable", False, f"calling backward again raised {exc}")]

@@ -1,0 +1,198 @@
+"""``gradtool check`` through typer's CliRunner: JSON rows, a bug injected into a generated
+kernel, ``--impl`` error messages, ``--float32``, ``--order 2`` and ``--map``."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gradtool.cli import app
+
+runner = CliRunner()
+ZOO = Path(__file__).parent / "bug_zoo"
+BROKEN = ZOO / "broken.py"
+ROW_KEYS = {"spec", "input", "oracle", "shape", "max_abs", "max_rel", "index", "analytic",
+            "numeric", "allowed", "passed", "note"}
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def ok(*args) -> str:
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    return result.stdout
+
+
+def rows_of(*args, exit_code: int = 0) -> list[dict]:
+    result = invoke(*args, "--json")
+    assert result.exit_code == exit_code, result.output
+    rows = json.loads(result.stdout)
+    assert rows and all(set(r) == ROW_KEYS and isinstance(r["passed"], bool) for r in rows)
+    return rows
+
+
+def fails_cleanly(*args) -> str:
+    """Exit 1 with one ``error:`` line on stderr and no traceback; returns that line."""
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    return lines[0]
+
+
+def fails_with_table(*args) -> str:
+    """Exit 1 with failed rows in the table (not an error line); returns stdout."""
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "error:" not in result.stderr, result.output
+    assert "comparisons failed" in result.stdout
+    return result.stdout
+
+
+# -- plain checks -----------------------------------------------------------------------------
+
+def test_check_layernorm_passes():
+    assert "all" in ok("check", "layernorm") and "comparisons passed" in ok("check", "layernorm")
+
+
+def test_check_json_rows():
+    rows = rows_of("check", "layernorm", "softmax")
+    assert {r["spec"] for r in rows} == {"layernorm", "softmax"}
+    assert all(r["passed"] for r in rows)
+    assert {"finite differences", "torch.autograd", "reference"} <= {r["oracle"] for r in rows}
+
+
+@pytest.mark.parametrize("flags", [["--float32"], ["--order", "2"]], ids=lambda f: f[0])
+def test_float32_and_second_order_pass(flags):
+    rows = rows_of("check", "layernorm", *flags)
+    oracle = "float32 kernels vs float64" if flags[0] == "--float32" else "2nd order (probes)"
+    assert any(r["oracle"] == oracle for r in rows)
+    assert all(r["passed"] for r in rows)
+
+
+# -- a bug injected into a generated kernel ---------------------------------------------------
+
+def _kernel_modules() -> dict:
+    return {k: v for k, v in sys.modules.items() if k.startswith("gradtool_kernels.")}
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A fresh kernel cache in tmp_path; the imported kernels are put back afterwards, so no
+    other test sees an edited one."""
+    monkeypatch.setenv("GRADTOOL_CACHE", str(tmp_path))
+    saved = _kernel_modules()
+    for k in saved:
+        del sys.modules[k]
+    yield tmp_path
+    for k in _kernel_modules():
+        del sys.modules[k]
+    sys.modules.update(saved)
+
+
+def _flip_first_minus_in_dX(lines):
+    i = next(i for i, line in enumerate(lines) if line.lstrip().startswith("dX = "))
+    assert " - " in lines[i], lines[i]
+    lines[i] = lines[i].replace(" - ", " + ", 1)
+
+
+def _scale_one_dgamma(lines):
+    i = next(i for i, line in enumerate(lines) if line.lstrip().startswith("dgamma = "))
+    indent = lines[i][:len(lines[i]) - len(lines[i].lstrip())]
+    lines.insert(i + 1, f"{indent}dgamma[0] *= 1.001")
+
+
+@pytest.mark.parametrize("wrong, edit", [("X", _flip_first_minus_in_dX),
+                                         ("gamma", _scale_one_dgamma)], ids=["dX", "dgamma"])
+def test_bug_injected_into_generated_kernel_is_caught(private_cache, wrong, edit):
+    from gradtool.codegen.cache import compile_spec
+
+    module = compile_spec("layernorm", "numpy")
+    path = Path(module.__file__)
+    assert path.parent == private_cache
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("def backward("))
+    body = lines[start:]
+    edit(body)
+    path.write_text("\n".join(lines[:start] + body) + "\n")
+    for k in _kernel_modules():
+        del sys.modules[k]  # re-import the edited file
+
+    rows = rows_of("check", "layernorm", exit_code=1)
+    bad = [r for r in rows if not r["passed"]]
+    assert {r["input"] for r in bad} == {wrong}, bad
+    assert "finite differences" in {r["oracle"] for r in bad}
+    if wrong == "gamma":
+        assert all(r["index"] == [0] for r in bad)
+
+
+# -- --impl ---------------------------------------------------------------------------------
+
+IMPL_ERRORS = {
+    "missing_file": (ZOO / "nope.py", "Nope", "does not exist"),
+    "missing_class": (BROKEN, "Missing", "no `Missing` in this file"),
+    "not_a_layer": (BROKEN, "NoBackward", "neither a class with forward and backward"),
+    "unknown_init_argument": (BROKEN, "NeedsHiddenSize", "no value for `hidden_size`"),
+    "forward_raises": (BROKEN, "ForwardRaises", "forward raised ValueError"),
+    "backward_signature": (BROKEN, "BackwardWrongSignature", "backward raised TypeError"),
+}
+
+
+@pytest.mark.parametrize("case", IMPL_ERRORS.values(), ids=IMPL_ERRORS.keys())
+def test_impl_error(case):
+    path, name, message = case
+    assert message in fails_cleanly("check", "layernorm", "--impl", f"{path}:{name}")
+
+
+def test_impl_error_is_exactly_one_line():
+    """No blank line before ``error:`` when the layer fails inside the progress bar."""
+    result = invoke("check", "layernorm", "--impl", f"{BROKEN}:ForwardRaises")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1, \
+        repr(result.stderr)
+
+
+def test_impl_without_colon():
+    assert "FILE.py:NAME" in fails_cleanly("check", "layernorm", "--impl", BROKEN)
+
+
+def test_impl_wrong_output_shape():
+    out = fails_with_table("check", "layernorm", "--impl", f"{BROKEN}:TransposedOutput")
+    assert re.search(r"shape \((\d+), (\d+)\) but expected \(\2, \1\)", out), out
+
+
+def test_impl_nan_backward():
+    out = fails_with_table("check", "layernorm", "--impl", f"{BROKEN}:NaNBackward",
+                           "--show", "failed")
+    assert "non-finite values (NaN or inf) in the gradient" in out
+
+
+def test_impl_correct_layer_passes():
+    assert "comparisons passed" in ok("check", "layernorm", "--impl",
+                                      f"{ZOO / 'layernorm.py'}:LayerNorm")
+
+
+def test_impl_buggy_layer_fails_on_X():
+    rows = rows_of("check", "layernorm", "--impl", f"{ZOO / 'layernorm.py'}:LayerNormNoMeanTerm",
+                   exit_code=1)
+    assert {r["input"] for r in rows if not r["passed"]} == {"X"}
+
+
+def test_map_names_parameters():
+    target = f"{ZOO / 'layernorm.py'}:LayerNormWeightBias"
+    assert "no gradient for `gamma`" in fails_cleanly("check", "layernorm", "--impl", target)
+    ok("check", "layernorm", "--impl", target, "--map", "gamma=weight", "--map", "beta=bias")
+
+
+def test_map_malformed():
+    assert "--map" in fails_cleanly("check", "layernorm", "--impl",
+                                    f"{ZOO / 'layernorm.py'}:LayerNorm", "--map", "gamma")
