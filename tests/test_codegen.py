@@ -52,9 +52,13 @@ def test_generation_is_deterministic():
 
 
 def test_contractions_are_einsums_and_common_terms_are_named():
+    assert 'torch.einsum("no,oi->ni", G, W)' in generate("linear", "torch")
     source = generate("layernorm", "torch")
-    assert 'torch.einsum("nd,nd->d", G, xhat)' in source
-    assert "G_gamma = " in source  # the common subexpression G·γ, named after the math
+    assert "dgamma = (G * xhat).sum(0)" in source  # a row-wise dot product is not an einsum
+    assert "G_gamma = gamma * G" in source  # the common subexpression G·γ, named after the math
+    assert source.count("gamma * G") == 1  # ... and reused where dX needs it over (n, d)
+    batchnorm = generate("batchnorm", "torch")
+    assert batchnorm.count("(G * xhat).sum(0)") == 1  # shared by dX and dgamma
     assert "ctx.save_for_backward(*saved)" in source
     assert "saved for backward, by the gradients that read them: gamma (dX), rstd (dX), " \
            "xhat (dX, dgamma)" in source

@@ -101,6 +101,9 @@ class ArrayPrinter:
 
     # -- the recursion ------------------------------------------------------------------------
     def lower(self, e) -> Arr:
+        reused = self._reuse(e)
+        if reused is not None:
+            return reused
         method = getattr(self, f"_print_{type(e).__name__}", None)
         if method is not None:
             return method(e)
@@ -111,6 +114,35 @@ class ArrayPrinter:
         raise CodegenError(f"the {self.module} code generator cannot print "
                            f"{type(e).__name__}: {e}",
                            hint="rewrite the spec with supported functions, or report this")
+
+    definitions: dict = {}  # CSE symbol -> the expression it names
+
+    def _reuse(self, e) -> Arr | None:
+        """A named common term that equals ``e`` up to renaming its indices: ``G_gamma``
+        computed over (n, d') serves ``G[n,d]·γ[d]`` too."""
+        if e.is_Atom or isinstance(e, sp.Indexed) or not self.definitions:
+            return None
+        from itertools import permutations
+
+        from gradtool.symbolic.ir import rename
+
+        mine = sorted(self._indices_of(e) & set(self.order) | (e.free_symbols - set(
+            self.temps) - set(self.definitions) - {s for s in e.free_symbols
+                                                    if not s.is_integer or s.is_positive}),
+                      key=str)
+        for sym, value in self.definitions.items():
+            if sym not in self.temps or type(value) is not type(e) or \
+                    len(value.args) != len(e.args):
+                continue
+            theirs = list(self.temps[sym].axes)
+            if len(theirs) != len(mine):
+                continue
+            for perm in permutations(mine):
+                mapping = dict(zip(theirs, perm, strict=True))
+                if rename(value, mapping) == e:
+                    arr = self.temps[sym]
+                    return Arr(arr.code, tuple(mapping[a] for a in arr.axes), arr.prec)
+        return None
 
     def _number(self, e) -> Arr:
         if e.is_Integer:
@@ -172,20 +204,43 @@ class ArrayPrinter:
             sign, coeff = "-", -coeff
         if coeff != 1:
             num.insert(0, coeff)
-        num_arrs = [self.lower(f) for f in num]
+        num_arrs = sorted((self.lower(f) for f in num), key=lambda a: len(a.axes))
         den_arrs = [self.lower(f) for f in den]
         axes = self._union(num_arrs + den_arrs)
+        full = set(axes)
+        # scalars and vectors combine first (cheap), full-size factors last: γ/σ is one
+        # vector division instead of a division of the whole (G − …) by σ
+        low_num = [a for a in num_arrs if set(a.axes) != full]
+        low_den = [a for a in den_arrs if set(a.axes) != full]
+        high_num = [a for a in num_arrs if set(a.axes) == full]
+        high_den = [a for a in den_arrs if set(a.axes) == full]
+        parts = []
+        if low_num or low_den:
+            low = self._quotient(low_num, low_den)
+            parts.append(low if not high_num and not high_den else
+                         Arr(self.align(low, axes) if low.axes else
+                             self.paren(low.code, low.prec, MUL + 1), axes, ATOM))
+        parts += high_num
+        out = self._quotient(parts, high_den, axes)
+        return Arr(sign + out.code, out.axes, UNARY if sign else out.prec)
+
+    def _quotient(self, num: list, den: list, axes=None) -> Arr:
+        """``a * b / (c * d)`` with every factor aligned to the joint axes."""
+        axes = axes if axes is not None else self._union(num + den)
 
         def part(a):
             code = self.align(a, axes) if a.axes != axes and a.axes else a.code
             return self.paren(code, a.prec if a.axes == axes or not a.axes else ATOM, MUL)
 
-        code = " * ".join(part(a) for a in num_arrs) or "1"
-        if den_arrs:
-            den_code = " * ".join(part(a) for a in den_arrs)
-            single = len(den_arrs) == 1 and (den_arrs[0].prec > MUL or den_code.startswith("("))
+        code = " * ".join(part(a) for a in num) or "1"
+        if den:
+            den_code = " * ".join(part(a) for a in den)
+            single = len(den) == 1 and (den[0].prec > MUL or den_code.startswith("("))
             code += f" / {den_code}" if single else f" / ({den_code})"
-        return Arr(sign + code, axes, UNARY if sign else MUL)
+        prec = MUL if len(num) + len(den) > 1 or den else (num[0].prec if num else ATOM)
+        if code.startswith("(") and code.endswith(")") and code.count("(") == 1:
+            prec = ATOM
+        return Arr(code, axes, prec)
 
     def _print_Pow(self, e) -> Arr:
         base = self.lower(e.base)
@@ -286,7 +341,14 @@ class ArrayPrinter:
                   if not any(lim[0] in self._indices_of(f) for f in operands)]
         outside = sp.Mul(*scalars) * sp.Mul(*counts)
         if len(operands) >= 2:
-            inner = self._einsum([self.lower(f) for f in operands], over)
+            arrs = [self.lower(f) for f in operands]
+            union = set(self._union(arrs))
+            if any(set(a.axes) == union for a in arrs):
+                # Σ_d G[n,d]·x̂[n,d]: no operand grows, so multiply then sum (a BLAS-free
+                # einsum is several times slower on CPU for this)
+                inner = self._reduce(self._product(arrs), over, self.SUM)
+            else:  # a genuine contraction (matrix product)
+                inner = self._einsum(arrs, over)
         elif operands:
             inner = self._reduce(self.lower(operands[0]), over, self.SUM)
         else:
@@ -294,6 +356,16 @@ class ArrayPrinter:
         if outside == 1:
             return inner
         return self._times(self.lower(outside), inner)
+
+    def _product(self, arrs) -> Arr:
+        """Element-wise product in the layout of its largest factor (no transposes), lowest
+        rank first so that small factors combine before the full-size ones."""
+        arrs = sorted(arrs, key=lambda a: len(a.axes))
+        axes = arrs[-1].axes
+        parts = [self.paren(self.align(a, axes) if a.axes and a.axes != axes else a.code,
+                            a.prec if a.axes == axes or not a.axes else ATOM, MUL)
+                 for a in arrs]
+        return Arr(" * ".join(parts), axes, MUL)
 
     def _indices_of(self, e) -> set:
         """Free symbols of ``e``, seeing through common subexpressions to their axes."""

@@ -8,6 +8,7 @@ Modules are imported from their files, so a traceback into a kernel shows the ge
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -30,10 +31,22 @@ def cache_dir() -> Path:
     return Path(base) / "gradtool"
 
 
+@functools.cache
+def generator_fingerprint() -> bytes:
+    """A hash of the code that turns specs into kernels: a changed engine or printer makes
+    new kernels even when the version number stays the same (as in a development checkout)."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256(__version__.encode())
+    for folder in ("spec", "symbolic", "codegen"):
+        for path in sorted((root / folder).glob("*.py")):
+            digest.update(path.read_bytes())
+    return digest.digest()
+
+
 def spec_key(spec: Spec, target: str) -> str:
     text = Path(spec.file).read_bytes() if spec.file and Path(spec.file).exists() \
         else repr(spec.statements).encode()
-    digest = hashlib.sha256(text + f"|{__version__}|{target}".encode()).hexdigest()
+    digest = hashlib.sha256(text + generator_fingerprint() + target.encode()).hexdigest()
     return digest[:20]
 
 

@@ -159,7 +159,7 @@ class Module:
     def backward(self) -> list[str]:
         d, spec = self.d, self.spec
         forms = self.closed_forms()
-        exprs = [e for _, e, _ in forms]
+        exprs = [_canonical_bound(e) for _, e, _ in forms]
         replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"),
                                        optimizations=None, order="none")
         seeds = [self.names[self.seed_names[o.target]] for o in self.outputs
@@ -177,6 +177,7 @@ class Module:
         kw += [f"{self.names[h]}={spec.hypers[h].default!r}" for h in hypers]
         sig = ", ".join(seeds + saved + (["*"] + kw if kw else []))
         printer, imports = _printer(self.target, self.names, temps={})
+        printer.definitions = {}
         printer.scalar_tensors = frozenset(n for n, t in spec.tensors.items() if not t.dims)
         printer.ref = seeds[0] if seeds else None
         printer.order = list(dict.fromkeys(i for _, _, canon in forms for i in canon))
@@ -192,6 +193,7 @@ class Module:
             arr = printer.lower(value)
             body.append(f"{name} = {arr.code}")
             printer.temps[sym] = Arr(name, arr.axes)
+            printer.definitions[sym] = value
         grads = []
         for (tname, _, canon), expr in zip(forms, reduced, strict=True):
             var = py_name("d" + tname)
@@ -214,6 +216,22 @@ class Module:
             return f"{printer.ref}.new_zeros(({', '.join(shape)},))"
         self.imports.add("import numpy as np")
         return f"np.zeros(({', '.join(shape)},))"
+
+
+def _canonical_bound(expr, depth: int = 0):
+    """Bound indices renamed by their range and nesting depth, so that sums equal up to the
+    name of their index (Σ_n G·x̂ in dX and Σ_n' G·x̂ in dγ) become one common term."""
+    if isinstance(expr, sp.Sum):
+        body, limits = expr.function, []
+        for var, lo, hi in expr.limits:
+            depth += 1
+            new = sp.Symbol(f"{var.name.rstrip(chr(39))}_{depth}", integer=True)
+            body = body.xreplace({var: new})
+            limits.append((new, lo, hi))
+        return sp.Sum(_canonical_bound(body, depth), *limits)
+    if not expr.args or isinstance(expr, (sp.Indexed, sp.IndexedBase)):
+        return expr
+    return expr.func(*[_canonical_bound(a, depth) for a in expr.args])
 
 
 def _temp_name(value, taken) -> str:
