@@ -155,3 +155,19 @@ def test_cli_writes_code_to_a_file(tmp_path):
     assert out.read_text().splitlines()[0].startswith("# @generated from specs/layernorm.py")
     result = CliRunner().invoke(app, ["derive", "layernorm", "--code", "jax"])
     assert result.exit_code == 1 and "unknown code target 'jax'" in result.output
+
+
+@pytest.mark.parametrize("target", ["numpy", "torch"])
+def test_normalised_exponentials_do_not_overflow(target):
+    """exp(X − max X) in the generated forward: logits of ±1000 give F.cross_entropy's values."""
+    logits = np.array([[1000.0, 0.0, -1000.0], [3.0, 2.0, 1.0]])
+    targets = np.array([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])
+    expected = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(targets))
+    soft = torch.softmax(torch.tensor(logits), -1).numpy()
+    conv = (lambda a: a) if target == "numpy" else torch.tensor
+    ce = compile_spec("softmax_cross_entropy", target)
+    loss, _ = ce.forward(conv(logits), conv(targets))
+    assert np.isclose(float(loss), float(expected), rtol=1e-12)
+    sm = compile_spec("softmax", target)
+    probs, _ = sm.forward(conv(logits))
+    assert np.allclose(np.asarray(probs), soft, rtol=1e-12, atol=0)

@@ -19,7 +19,7 @@ from gradtool import __version__
 from gradtool.codegen.base import Arr, CodegenError, py_name
 from gradtool.report import _forward, _gradients
 from gradtool.spec.lang import Spec
-from gradtool.symbolic.ir import access_name, accesses
+from gradtool.symbolic.ir import access_indices, access_name, accesses, rename
 from gradtool.symbolic.printing import present
 from gradtool.symbolic.reverse import Derivation, derive
 
@@ -114,10 +114,20 @@ class Module:
         printer, imports = _printer(self.target, self.names)
         printer.scalar_tensors = frozenset(n for n, t in spec.tensors.items() if not t.dims)
         printer.ref = args[0] if args else None
+        shifts = self.stable_exponentials()
         for a in d.program.assigns:
             target = self.names[a.target] + ("_new" if a.kind == "update" else "")
             shape = tuple(self.names[str(d.program.ranges[i])] for i in a.lhs)
-            code = printer.assign(present(a.rhs(d.program)), tuple(a.lhs), shape)
+            rhs = present(self._logs_of_ratios(a.rhs(d.program), shifts))
+            if a.target in shifts:  # e = exp(f - max_k f): same ratios e/Z, no overflow
+                arg = rhs.args[0]
+                peak = printer._reduce(printer.lower(arg), [a.lhs[shifts[a.target]]],
+                                       printer.MAX)
+                name = f"{self.names[a.target]}_max"
+                body.append(f"{name} = {peak.code}")
+                printer.names[name] = name
+                rhs = sp.exp(arg - self._peak(a.target, a.lhs, shifts))
+            code = printer.assign(rhs, tuple(a.lhs), shape)
             body.append(f"{target} = {code}")
         self.imports |= {imports[i] for i in printer.imports}
         outs = [self.names[a.target] for a in self.outputs]
@@ -132,6 +142,88 @@ class Module:
                + ("s" if len(outs) > 1 else "") + ", what backward needs"
                + (", and the new state" if self.updates else "") + '."""']
         return [f"def forward({sig}):", *("    " + x for x in doc + body + [ret])]
+
+    def stable_exponentials(self) -> dict:
+        """Exponentials that are only ever normalised: ``e = exp(f)``, ``Z = Σ_k e`` and every
+        other use of e and Z is the ratio e/Z. Subtracting max_k f before ``exp`` leaves every
+        ratio unchanged and keeps large logits from overflowing (softmax, cross-entropy).
+        Returns {e: the position of k among e's indices}."""
+        assigns = self.d.program.assigns
+        saved = set(self.saved())
+        found = {}
+        for a in assigns:
+            if a.reduce or not isinstance(a.body, sp.exp) or a.target in saved:
+                continue
+            sums = [b for b in assigns if b.reduce == "sum" and len(b.over) == 1
+                    and isinstance(b.body, sp.Indexed) and access_name(b.body) == a.target]
+            if len(sums) != 1 or sums[0].target in saved:
+                continue
+            z = sums[0]
+            k = z.over[0]
+            pos = list(z.body.indices).index(k)
+            if self._only_ratios(a.target, z.target, pos, skip=(a, z)):
+                found[a.target] = pos
+        return found
+
+    def _peak(self, e_name: str, idx, shifts) -> sp.Expr:
+        """max_k of e's exponent, at e's indices ``idx`` (less the reduced position)."""
+        rest = [i for p, i in enumerate(idx) if p != shifts[e_name]]
+        base = sp.IndexedBase(f"{self.names[e_name]}_max")
+        return base[tuple(rest)] if rest else sp.Symbol(f"{self.names[e_name]}_max")
+
+    def _logs_of_ratios(self, expr, shifts):
+        """log(P) with P = e/Z and e a shifted exponential: (f − max f) − log Z, so that a
+        probability that underflows to 0 never reaches log (cross-entropy at large logits)."""
+        if not shifts:
+            return expr
+        by_target = {a.target: a for a in self.d.program.assigns if a.kind != "update"}
+
+        def expand(node):
+            if not (isinstance(node, sp.log) and accesses(node.args[0], self.spec)
+                    and node.args[0] == accesses(node.args[0], self.spec)[0]):
+                return None
+            x = node.args[0]
+            a = by_target.get(access_name(x))
+            if a is None or a.reduce:
+                return None
+            body = rename(a.body, dict(zip(a.lhs, access_indices(x), strict=True)))
+            terms, shifted = [], False
+            for f in sp.Mul.make_args(body):
+                base, exp = f.as_base_exp()
+                inner = accesses(base, self.spec)
+                if not inner or base != inner[0]:
+                    return None
+                name = access_name(base)
+                if name in shifts:
+                    e = by_target[name]
+                    arg = rename(e.body.args[0], dict(zip(e.lhs, access_indices(base),
+                                                          strict=True)))
+                    terms.append(exp * (arg - self._peak(name, access_indices(base), shifts)))
+                    shifted = True
+                else:
+                    terms.append(exp * sp.log(base))
+            return sp.Add(*terms) if shifted else None
+
+        return expr.replace(lambda n: expand(n) is not None, expand)
+
+    def _only_ratios(self, e_name, z_name, pos, skip) -> bool:
+        w = sp.Dummy("w")
+        for b in self.d.program.assigns:
+            if any(b is s for s in skip):
+                continue
+            names = {access_name(x) for x in accesses(b.body, self.spec)}
+            if not names & {e_name, z_name}:
+                continue
+            subs = {}
+            for x in accesses(b.body, self.spec):
+                if access_name(x) == e_name:
+                    idx = list(x.indices)
+                    del idx[pos]
+                    subs[x] = w * self.d.program.access(z_name, idx)
+            rewritten = b.body.xreplace(subs)
+            if any(access_name(x) in (e_name, z_name) for x in accesses(rewritten, self.spec)):
+                return False
+        return True
 
     # -- backward ---------------------------------------------------------------------------
     def closed_forms(self) -> list[tuple[str, sp.Expr, tuple]]:
