@@ -60,6 +60,7 @@ def test_contractions_are_einsums_and_common_terms_are_named():
     batchnorm = generate("batchnorm", "torch")
     assert batchnorm.count("(G * xhat).sum(0)") == 1  # shared by dX and dgamma
     assert "ctx.save_for_backward(*saved)" in source
+    assert "def use_torch_compile(**options):" in source  # the optional fusion switch
     assert "saved for backward, by the gradients that read them: gamma (dX), rstd (dX), " \
            "xhat (dX, dgamma)" in source
 

@@ -516,7 +516,14 @@ def _torch_classes(m: Module) -> list[str]:
         + [names[x] for x in m.forward_missing]
     fwd_hyp = m._hypers_in([a.rhs(m.d.program) for a in m.d.program.assigns])
     bwd_hyp = m._hypers_in([e for _, e, _ in m.closed_forms()])
-    lines = [f"class {cname}Function(torch.autograd.Function):",
+    lines = ["def use_torch_compile(**options):",
+             '    """Fuse forward and backward with torch.compile (optional; on CPU it needs a C++',
+             "    compiler). The autograd.Function and the module below use the compiled versions",
+             '    from then on."""',
+             "    global forward, backward",
+             "    forward = torch.compile(forward, **options)",
+             "    backward = torch.compile(backward, **options)", "", "",
+             f"class {cname}Function(torch.autograd.Function):",
              f'    """autograd.Function for {spec.name}: backward is gradtool\'s closed form."""',
              "", "    @staticmethod", f"    def forward(ctx, {', '.join(fwd_args)}):"]
     call = [names[t.name] for t in m.inputs] + [f"{names[h]}={names[h]}" for h in fwd_hyp] \
