@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from gradtool.codegen.base import Arr, ArrayPrinter
+import sympy as sp
+
+from gradtool.codegen.base import ATOM, Arr, ArrayPrinter
 
 
 class TorchPrinter(ArrayPrinter):
@@ -38,6 +40,73 @@ class TorchPrinter(ArrayPrinter):
             bound = "min" if fname == "maximum" else "max"
             return Arr(f"torch.clamp({x.code}, {bound}={c.code})", x.axes)
         return super()._extremum(e, fname)
+
+    # -- fewer full-size passes: addcmul, and low-rank factors distributed into sums -------
+    def _print_Add(self, e) -> Arr:
+        """``a + s·x`` as ``torch.addcmul(a, s, x)`` (``torch.add(a, x, alpha=s)`` for a
+        number s): one pass over the data instead of two."""
+        terms = list(e.as_ordered_terms())
+        best = None
+        for t in terms:
+            split = self._split_product(t)
+            if split is not None and (best is None or len(split[1].axes) > len(best[1][1].axes)):
+                best = (t, split)
+        if best is None or len(terms) < 2:
+            return super()._print_Add(e)
+        term, (small, big, is_number) = best
+        rest = self.lower(sp.Add(*[t for t in terms if t is not term]))
+        axes = self._union([rest, small, big])
+        first, second = self.align(rest, axes), self.align(big, axes)
+        if is_number:
+            return Arr(f"torch.add({first}, {second}, alpha={small.code})", axes, ATOM)
+        return Arr(f"torch.addcmul({first}, {self.align(small, axes)}, {second})", axes, ATOM)
+
+    def _split_product(self, t):
+        """(small factor, full-size factor, small is a number) for a product worth fusing."""
+        factors = list(sp.Mul.make_args(t))
+        arrays = [f for f in factors if self._is_array(f)
+                  and not (isinstance(f, sp.Pow) and f.exp.is_negative)]
+        if not arrays or len(factors) < 2:
+            return None
+        big = max(arrays, key=lambda f: len(self._axes_of(f)))
+        rest = [f for f in factors if f is not big]
+        for f in rest:  # a named common term (G_gamma) covering big and one more factor
+            pair = self._reuse(big * f)
+            if pair is not None and len(rest) > 1:
+                others = [g for g in rest if g is not f]
+                return self.lower(sp.Mul(*others)), pair, not self._is_array(sp.Mul(*others))
+        small = sp.Mul(*rest)
+        if small in (1, -1):  # X − mu needs no fusing
+            return None
+        return self.lower(small), self.lower(big), not self._is_array(small)
+
+    def _axes_of(self, f) -> set:
+        """The index symbols ``f`` varies over (bound indices of inner sums excluded)."""
+        return {s for s in self._indices_of(f) if s.is_integer and not s.is_positive}
+
+    def _is_array(self, f) -> bool:
+        """A tensor value (not a Python number): reads a tensor or a tensor-valued term."""
+        return any(isinstance(n, sp.Indexed) or (n in self.temps and self.temps[n].axes)
+                   or (isinstance(n, sp.Symbol) and n.name in self.scalar_tensors)
+                   for n in sp.preorder_traversal(f))
+
+    def _print_Mul(self, e) -> Arr:
+        """``L·(A − a·x̂ − b)`` with L low-rank is ``L·A − (L·a)·x̂ − L·b``: every full-size
+        term then folds into one addcmul instead of costing a pass of its own."""
+        coeff, factors = e.as_coeff_mul()
+        sums = [f for f in factors if isinstance(f, sp.Add)]
+        if len(sums) == 1 and coeff.is_Number:
+            full = self._axes_of(e)
+            inner = sums[0]
+            others = sp.Mul(*[f for f in factors if f is not inner])
+            if self._axes_of(inner) == full and self._axes_of(others) != full \
+                    and self._is_array(others) and any(
+                        self._split_product(t) is not None or len(sp.Mul.make_args(t)) == 1
+                        for t in inner.args):
+                spread = sp.Add(*[coeff * others * t for t in inner.args])
+                return self._print_Add(spread) if isinstance(spread, sp.Add) \
+                    else super()._print_Mul(e)
+        return super()._print_Mul(e)
 
     def broadcast(self, code: str, shape: tuple[str, ...], arr: Arr) -> str:
         if not arr.axes:
