@@ -172,3 +172,25 @@ def test_normalised_exponentials_do_not_overflow(target):
     sm = compile_spec("softmax", target)
     probs, _ = sm.forward(conv(logits))
     assert np.allclose(np.asarray(probs), soft, rtol=1e-12, atol=0)
+
+
+def test_constant_gradient_of_a_loss(tmp_path):
+    """Found by the fuzzer: dB of a mean loss is a constant; the torch kernel builds it from a
+    tensor it has (not from the scalar upstream gradient)."""
+    from gradtool.check.runner import CheckOptions, check_spec
+
+    path = tmp_path / "mean_loss.py"
+    path.write_text(textwrap.dedent("""
+        from gradtool.lang import *
+
+        spec = Spec("mean_loss", "a mean whose gradient in B is constant")
+        E = spec.dims("E")
+        e, j = spec.indices(e=E, j=E)
+        A = spec.input("A", E, domain="positive")
+        B = spec.input("B", E, domain="positive")
+        t0 = spec.let("t0", [e], sigmoid(A[e]))
+        t1 = spec.let("t1", [e], t0[e] + Sum(B[j], j) / E)
+        spec.output("Y", [], Sum(t1[j], j) / E)
+    """))
+    rows = check_spec(load_spec(path), CheckOptions(cases=2))
+    assert rows and all(r.passed for r in rows), [r for r in rows if not r.passed]

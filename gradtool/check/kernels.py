@@ -48,8 +48,9 @@ class Kernels:
 
     def backward(self, upstream: dict, saved, dims: dict, dtype="float64") -> dict:
         """Gradients by input name, given the upstream gradient of each output."""
-        seeds = [self.convert(upstream[o], dtype) if np.ndim(upstream[o]) else
-                 float(upstream[o]) for o in self.outputs]
+        # a loss's upstream gradient: a 0-d tensor on torch (as autograd passes it), else a float
+        seeds = [self.convert(upstream[o], dtype) if np.ndim(upstream[o]) or
+                 self.target == "torch" else float(upstream[o]) for o in self.outputs]
         grads = self.module.backward(*seeds, *saved,
                                      **self._keywords(self.module.backward, dims))
         return dict(zip(self.grads, grads, strict=True))

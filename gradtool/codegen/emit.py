@@ -271,7 +271,11 @@ class Module:
         printer, imports = _printer(self.target, self.names, temps={})
         printer.definitions = {}
         printer.scalar_tensors = frozenset(n for n, t in spec.tensors.items() if not t.dims)
-        printer.ref = seeds[0] if seeds else None
+        # a tensor to take dtype and device from: a full upstream gradient, else a saved tensor
+        full_seeds = [s for s, o in zip(seeds, self.outputs, strict=False)
+                      if spec.tensors[o.target].dims]
+        shaped = [self.names[n] for n in self.saved() if spec.tensors[n].dims]
+        printer.ref = (full_seeds or shaped or seeds or [None])[0]
         printer.order = list(dict.fromkeys(i for _, _, canon in forms for i in canon))
         body = list(size_lines)
         taken = set(self.names.values())
