@@ -56,6 +56,10 @@ class TorchPrinter(ArrayPrinter):
         term, (small, big, is_number) = best
         rest = self.lower(sp.Add(*[t for t in terms if t is not term]))
         axes = self._union([rest, small, big])
+        if any(self._column(a, axes) for a in (rest, small, big)):
+            # measured at 256×1024: addcmul over a column-broadcast operand (x[:, None]) is
+            # slower than the multiply and subtract it replaces
+            return super()._print_Add(e)
         first, second = self.align(rest, axes), self.align(big, axes)
         if is_number:
             return Arr(f"torch.add({first}, {second}, alpha={small.code})", axes, ATOM)
@@ -80,6 +84,11 @@ class TorchPrinter(ArrayPrinter):
             return None
         return self.lower(small), self.lower(big), not self._is_array(small)
 
+    def _column(self, a: Arr, axes) -> bool:
+        """Does broadcasting ``a`` against ``axes`` need a trailing new axis (``x[:, None]``)?"""
+        return bool(a.axes) and tuple(axes[len(axes) - len(a.axes):]) != tuple(
+            s for s in axes if s in a.axes)
+
     def _axes_of(self, f) -> set:
         """The index symbols ``f`` varies over (bound indices of inner sums excluded)."""
         return {s for s in self._indices_of(f) if s.is_integer and not s.is_positive}
@@ -99,7 +108,11 @@ class TorchPrinter(ArrayPrinter):
             full = self._axes_of(e)
             inner = sums[0]
             others = sp.Mul(*[f for f in factors if f is not inner])
-            if self._axes_of(inner) == full and self._axes_of(others) != full \
+            order = [x for x in self.order if x in full] + sorted(
+                full - set(self.order), key=str)
+            low = [x for x in order if x in self._axes_of(others)]
+            row = tuple(order[len(order) - len(low):]) == tuple(low)
+            if row and self._axes_of(inner) == full and self._axes_of(others) != full \
                     and self._is_array(others) and any(
                         self._split_product(t) is not None or len(sp.Mul.make_args(t)) == 1
                         for t in inner.args):
