@@ -97,6 +97,15 @@ USER_SPECS = {
         X = spec.input("X", N, (T - 1) * S + K)
         spec.output("Y", [n, t], Max(X[n, t * S + k], k))
     """,
+    "max_rescaled": """
+        spec = Spec("max_rescaled", "a max whose value the output rescales (fuzzer finding)")
+        N = spec.dims("N")
+        n, i = spec.indices(n=N, i=N)
+        A = spec.input("A", N, domain="positive")
+        B = spec.input("B", N, domain="positive")
+        t0 = spec.let("t0", [], Max(B[i], i))
+        spec.output("Y", [], 2 * t0 / (1 + tanh(Sum(A[i] * A[i], i)) ** 2))
+    """,
     "outer": """
         spec = Spec("outer", "outer product with itself (repeated access)")
         N, D = spec.dims("N D")

@@ -212,7 +212,19 @@ class Simplifier:
         return any(a.target == name and a.reduce for a in self.program.assigns)
 
     def rewrite(self, expr):
-        """Express ``expr`` in the later forward names (see :meth:`eliminations`)."""
+        """Express ``expr`` in the later forward names (see :meth:`eliminations`).
+
+        An arg-max mask ``[B = max B]`` keeps its operands: it tests equality with the value
+        the forward computed, and an algebraically equal rewrite would not compare equal in
+        floating point."""
+        from gradtool.symbolic.ir import ArgMaxMask
+
+        masks = {m: sp.Dummy("mask") for m in expr.atoms(ArgMaxMask)}
+        expr = expr.xreplace(masks)
+        expr = self._rewrite(expr)
+        return expr.xreplace({v: k for k, v in masks.items()})
+
+    def _rewrite(self, expr):
         for name, idx, solution in self.eliminations():
             subs = {}
             for node in accesses(expr, self.spec):
