@@ -130,6 +130,7 @@ class ArrayPrinter:
             self.temps) - set(self.definitions) - {s for s in e.free_symbols
                                                     if not s.is_integer or s.is_positive}),
                       key=str)
+        target = self._expanded(e)
         for sym, value in self.definitions.items():
             if sym not in self.temps or type(value) is not type(e) or \
                     len(value.args) != len(e.args):
@@ -137,12 +138,19 @@ class ArrayPrinter:
             theirs = list(self.temps[sym].axes)
             if len(theirs) != len(mine):
                 continue
+            full = self._expanded(value)  # named terms inside carry no indices: expand them
             for perm in permutations(mine):
                 mapping = dict(zip(theirs, perm, strict=True))
-                if rename(value, mapping) == e:
+                if rename(full, mapping) == target:
                     arr = self.temps[sym]
                     return Arr(arr.code, tuple(mapping[a] for a in arr.axes), arr.prec)
         return None
+
+    def _expanded(self, e):
+        """``e`` with every named common term replaced by its definition, recursively."""
+        while e.free_symbols & set(self.definitions):
+            e = e.xreplace({k: v for k, v in self.definitions.items() if k in e.free_symbols})
+        return e
 
     def _number(self, e) -> Arr:
         if e.is_Integer:
@@ -222,7 +230,16 @@ class ArrayPrinter:
                              self.paren(low.code, low.prec, MUL + 1), axes, ATOM))
         parts += high_num
         out = self._quotient(parts, high_den, axes)
+        if sign and self._is_mask(e):  # neither NumPy nor torch negates a boolean array
+            return Arr(f"-1 * {self.paren(out.code, out.prec, MUL)}", out.axes, MUL)
         return Arr(sign + out.code, out.axes, UNARY if sign else out.prec)
+
+    def _is_mask(self, e) -> bool:
+        """Does ``e`` contain a comparison that lowers to a boolean array?"""
+        marks = (ArgMaxMask, sp.Heaviside)
+        return e.has(*marks) or any(
+            sym in self.definitions and self.definitions[sym].has(*marks)
+            for sym in e.free_symbols)
 
     def _quotient(self, num: list, den: list, axes=None) -> Arr:
         """``a * b / (c * d)`` with every factor aligned to the joint axes."""

@@ -54,7 +54,10 @@ class TorchPrinter(ArrayPrinter):
         if best is None or len(terms) < 2:
             return super()._print_Add(e)
         term, (small, big, is_number) = best
-        rest = self.lower(sp.Add(*[t for t in terms if t is not term]))
+        rest_expr = sp.Add(*[t for t in terms if t is not term])
+        if not self._is_array(rest_expr):  # addcmul's input must be a tensor
+            return super()._print_Add(e)
+        rest = self.lower(rest_expr)
         axes = self._union([rest, small, big])
         if any(self._column(a, axes) for a in (rest, small, big)):
             # measured at 256×1024: addcmul over a column-broadcast operand (x[:, None]) is
@@ -122,8 +125,8 @@ class TorchPrinter(ArrayPrinter):
         return super()._print_Mul(e)
 
     def broadcast(self, code: str, shape: tuple[str, ...], arr: Arr) -> str:
-        if not arr.axes:
-            return f"{self.ref}.new_full(({', '.join(shape)},), {code})"
+        if not arr.axes:  # a number or a 0-d tensor, repeated over the whole shape
+            return f"{self.ref}.new_ones(({', '.join(shape)},)) * {self.paren(code, arr.prec, 2)}"
         return f"{self.paren(code, arr.prec, 4)}.expand({', '.join(shape)}).contiguous()"
 
 

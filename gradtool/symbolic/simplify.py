@@ -132,6 +132,8 @@ class Simplifier:
                     ok = False
             if not ok or any(i not in mapping for i in d.free):
                 continue
+            if len(set(mapping.values())) != len(mapping):
+                continue  # Σ_k A[k]/B[k] is not t[k] = Σ_k A[k]/B[d]: the sum index is its own
             pattern = rename(d.body, mapping)
             ratio = sp.cancel(body / pattern)
             if var in ratio.free_symbols or ratio.has(sp.Indexed) or accesses(ratio, self.spec):
