@@ -146,12 +146,19 @@ def _reduce(kind, body: Node, axis: str) -> Node:
 
 
 # element-wise functions of one argument: (template, allowed?, bound, low, keeps spread?)
+# Saturating functions only see arguments of modest size: far in the tails their derivative
+# underflows relative to the terms of an expanded closed form (1 - tanh(x)**2 written as two
+# terms), so a relative comparison with autograd measures round-off, not the derivation
+# (docs/fuzzing.md, finding 11).
+SATURATE = 30.0
+
+
 def _unary(u: Node):
     m, lo = u.bound, u.low
     out = [
-        ("tanh({})", True, 1.0, 0.0, False),
-        ("sigmoid({})", True, 1.0, 1 / (1 + math.exp(min(m, 50))), False),
-        ("exp(tanh({}))", True, math.e, 1 / math.e, False),
+        ("tanh({})", m <= SATURATE, 1.0, 0.0, False),
+        ("sigmoid({})", m <= SATURATE, 1.0, 1 / (1 + math.exp(min(m, 50))), False),
+        ("exp(tanh({}))", m <= SATURATE, math.e, 1 / math.e, False),
         ("exp(({}) / 4)", m / 4 <= 5, math.exp(min(m, 20) / 4), math.exp(-m / 4), True),
         ("log(1 + ({})**2)", True, math.log1p(m * m), 0.0, False),
         ("log(1 + exp({}))", m <= 30, math.log1p(math.exp(min(m, 30))), math.log1p(math.exp(-m)),
@@ -189,7 +196,7 @@ QUOTIENTS = 1
 # Derivation cost grows quickly with the size of a chain (closed forms inline every later
 # adjoint), so a spec has at most OPERATIONS operators besides the ones that chain its
 # statements; the default run then stays within a few seconds per property.
-OPERATIONS = 10
+OPERATIONS = 8
 
 
 def _is_quotient(template: str) -> bool:
@@ -227,7 +234,7 @@ def _expr(draw, ctx: Ctx, depth: int) -> Node:
         return draw(st.sampled_from(ctx.leaves))
     if kind == "unary":
         u = draw(_expr(ctx, depth - 1))
-        tpl, _, bound, low, spread = _pick(draw, ctx, _unary(u))  # tanh is always there
+        tpl, _, bound, low, spread = _pick(draw, ctx, _unary(u))  # x**2 or -x always fit
         return _op(tpl, u, bound=bound, low=low, spread=spread and u.spread)
     if kind == "binary":
         u = draw(_expr(ctx, depth - 1))
@@ -310,14 +317,15 @@ def spec_sources(draw) -> str:
     for s in range(n_lets + 1):
         node = draw(_expr(ctx, depth=draw(st.sampled_from([1, 2, 3]))))
         if node.kind == "leaf":  # a bare copy says little; pass it through a function
-            tpl, _, bound, low, spread = _pick(draw, ctx, _unary(node)[:4])
+            tpl, _, bound, low, spread = _pick(draw, ctx, _unary(node)[:4] or _unary(node))
             node = _op(tpl, node, bound=bound, low=low, spread=spread)
         if s and not _reads(node, f"t{s - 1}"):  # a chain: each statement reads the last
             prev = ctx.leaves[0]
             op = _pick(draw, ctx, _binary(node, prev))
-            if op is None:  # too large to combine: squash it first (x*prev then fits)
-                node = _op("tanh({})", node, bound=1.0, spread=False)
-                op = _pick(draw, ctx, _binary(node, prev))
+            if op is None:  # too large to combine: squash it first (x + prev then fits)
+                node = _op("log(1 + ({})**2)", node, bound=math.log1p(node.bound ** 2),
+                           spread=False)
+                op = ("({}) + ({})", True, node.bound + prev.bound, 0.0, True)
             tpl, _, bound, low, spread = op
             node = _op(tpl, node, prev, bound=bound, low=low,
                        spread=spread and node.spread and prev.spread)

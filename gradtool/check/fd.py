@@ -92,12 +92,35 @@ def colored_fd(loss_parts: Callable[[np.ndarray], dict], x: np.ndarray, upstream
 
 
 def fd_with_noise(loss_parts, x, upstream, diag, h: float):
-    """(estimate, noise) from steps h and 2h: Richardson-extrapolated value, and the size of
-    the difference between the two steps as the estimate's uncertainty."""
+    """(estimate, noise) from steps h and 2h: Richardson-extrapolated value, and its
+    uncertainty: the difference between the two steps, but never less than the round-off of
+    the outputs the perturbation moves (two close differences can agree by chance)."""
     g1, c1 = colored_fd(loss_parts, x, upstream, diag, h)
     g2, c2 = colored_fd(loss_parts, x, upstream, diag, 2 * h)
     estimate = (4 * g1 - g2) / 3
-    return estimate, np.abs(g1 - g2), c1 + c2
+    floor = roundoff(loss_parts(x), upstream, diag, x, h)
+    return estimate, np.maximum(np.abs(g1 - g2), floor), c1 + c2 + 1
+
+
+def roundoff(outputs: dict, upstream: dict, diag: dict, x: np.ndarray, h: float) -> np.ndarray:
+    """A bound on the round-off in each element's estimate: every output the element moves
+    carries a relative error of about eps, which the difference divides by the step
+    (eps·Σ|G·Y|/step, times 1.5 for the extrapolation)."""
+    shape = x.shape
+    eps = np.finfo(np.float64).eps
+    step = h * np.maximum(1.0, np.abs(x))
+    mags = {o: np.abs(np.asarray(v)) for o, v in outputs.items()}
+    size = _slice_effect(mags, {o: np.abs(np.asarray(g)) for o, g in upstream.items()},
+                         diag, shape)
+    out = np.zeros(shape)
+    coupled = [k for k in range(len(shape)) if k not in diag]
+    for coords in itertools.product(*[range(shape[k]) for k in coupled]):
+        index = [slice(None)] * len(shape)
+        for k, c in zip(coupled, coords, strict=True):
+            index[k] = c
+        index = tuple(index)
+        out[index] = 1.5 * eps * size / step[index]
+    return out
 
 
 def probe_fd(loss: Callable[[np.ndarray], float], x: np.ndarray, grad: np.ndarray,

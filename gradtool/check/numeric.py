@@ -9,6 +9,16 @@ from gradtool.symbolic.evaluate import evaluate, run_forward
 from gradtool.symbolic.reverse import Derivation
 
 
+def autograd_or_none(loss, tensors) -> list:
+    """``torch.autograd.grad`` that also answers when ``loss`` does not depend on any of
+    ``tensors`` (an output that is constant in its inputs): no gradient, ``None`` each."""
+    import torch
+
+    if not getattr(loss, "requires_grad", False):
+        return [None] * len(tensors)
+    return list(torch.autograd.grad(loss, tensors, allow_unused=True))
+
+
 def random_upstream(d: Derivation, dims: dict, rng: np.random.Generator) -> dict[str, object]:
     """A random upstream gradient for each output that has a seed symbol."""
     out = {}
@@ -54,6 +64,6 @@ def autograd_gradients(d: Derivation, inputs: dict, dims: dict,
         else:
             loss = loss + y
     wrt = [t.name for t in d.spec.grad_inputs]
-    grads = torch.autograd.grad(loss, [leaves[k] for k in wrt], allow_unused=True)
+    grads = autograd_or_none(loss, [leaves[k] for k in wrt])
     return {k: (np.zeros(inputs[k].shape) if g is None else g.detach().numpy())
             for k, g in zip(wrt, grads)}

@@ -22,6 +22,7 @@ import numpy as np
 from gradtool.check.fd import diagonal_axes, fd_with_noise, probe_fd
 from gradtool.check.kernels import Kernels, shape_of, to_numpy
 from gradtool.check.kinks import has_kinks, kink_distance
+from gradtool.check.numeric import autograd_or_none
 from gradtool.check.sampling import sample_dims, sample_inputs
 from gradtool.errors import GradtoolError
 from gradtool.spec.lang import Spec
@@ -315,7 +316,7 @@ def _autograd_rows(spec, dims, inputs, upstream, shape, grads, options, **_):
     outs = result[0] if len(kernels.outputs) > 1 else (result[0],)
     loss = sum((torch.as_tensor(upstream[o], dtype=torch.float64) * y).sum()
                for o, y in zip(kernels.outputs, outs, strict=True))
-    auto = torch.autograd.grad(loss, [leaves[k] for k in wrt], allow_unused=True)
+    auto = autograd_or_none(loss, [leaves[k] for k in wrt])
     rows = []
     for name, g in zip(wrt, auto, strict=True):
         expect = np.zeros(np.shape(inputs[name])) if g is None else to_numpy(g)
@@ -349,7 +350,7 @@ def _reference_rows(spec, dims, inputs, upstream, shape, outs, grads, state, opt
         tol = _exact_tol(options, float(torch.abs(expect).max()))
         rows.append(compare(spec.name, f"{name} (state update)", "reference", shape, value,
                             expect, tol))
-    auto = torch.autograd.grad(loss, [leaves[k] for k in wrt], allow_unused=True)
+    auto = autograd_or_none(loss, [leaves[k] for k in wrt])
     for name, g in zip(wrt, auto, strict=True):
         expect = np.zeros(np.shape(inputs[name])) if g is None else to_numpy(g)
         tol = _exact_tol(options, float(np.abs(expect).max()) if expect.size else 1.0)

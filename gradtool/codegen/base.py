@@ -25,6 +25,10 @@ class CodegenError(GradtoolError):
     """Something the code generator cannot lower (yet)."""
 
 
+# functions Python's math module has: a constant argument needs no array call
+MATH = frozenset({"sqrt", "exp", "log", "tanh", "sinh", "cosh", "sin", "cos", "atan", "erf"})
+
+
 @dataclass(frozen=True)
 class Arr:
     code: str
@@ -44,6 +48,7 @@ class ArrayPrinter:
     FUNCS: dict[str, str] = {}         # SymPy function name -> target function
     SUM = "{x}.sum({axes})"
     MAX = "{x}.max({axes})"
+    ref: str | None = None             # a tensor to take dtype and device from
 
     def __init__(self, names: dict[str, str], temps: dict | None = None,
                  order: list | None = None):
@@ -212,7 +217,8 @@ class ArrayPrinter:
             sign, coeff = "-", -coeff
         if coeff != 1:
             num.insert(0, coeff)
-        num_arrs = sorted((self.lower(f) for f in num), key=lambda a: len(a.axes))
+        num_arrs = self._typed([(f, self.lower(f)) for f in num], den)
+        num_arrs = sorted(num_arrs, key=lambda a: len(a.axes))
         den_arrs = [self.lower(f) for f in den]
         axes = self._union(num_arrs + den_arrs)
         full = set(axes)
@@ -233,6 +239,22 @@ class ArrayPrinter:
         if sign and self._is_mask(e):  # neither NumPy nor torch negates a boolean array
             return Arr(f"-1 * {self.paren(out.code, out.prec, MUL)}", out.axes, MUL)
         return Arr(sign + out.code, out.axes, UNARY if sign else out.prec)
+
+    def _typed(self, num: list, den: list) -> list:
+        """The lowered factors of a product; a target whose booleans times a Python number
+        lose precision converts them here."""
+        return [a for _, a in num]
+
+    def _bool_only(self, e) -> bool:
+        """Does ``e`` lower to a boolean (or integer) array: masks and numbers only?"""
+        if isinstance(e, (ArgMaxMask, sp.Heaviside, sp.Rel, sp.And, sp.Or, sp.Not)):
+            return True
+        if e in self.definitions:
+            return self._bool_only(self.definitions[e])
+        if isinstance(e, (sp.Mul, sp.Add)):
+            return any(self._bool_only(a) for a in e.args) and all(
+                self._bool_only(a) or not self._is_array(a) for a in e.args)
+        return False
 
     def _is_mask(self, e) -> bool:
         """Does ``e`` contain a comparison that lowers to a boolean array?"""
@@ -273,7 +295,7 @@ class ArrayPrinter:
         return Arr(f"{b} ** {self.paren(exp.code, exp.prec, ATOM)}", base.axes, POW)
 
     def _call(self, fname: str, arg: Arr, expr) -> Arr:
-        if fname in ("sqrt", "exp", "log") and self._plain_number(expr):
+        if fname in MATH and self._plain_number(expr):
             self.imports.add("math")
             return Arr(f"math.{fname}({arg.code})", (), ATOM)
         self.imports.add(self.module)

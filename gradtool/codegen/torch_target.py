@@ -124,6 +124,21 @@ class TorchPrinter(ArrayPrinter):
                     else super()._print_Mul(e)
         return super()._print_Mul(e)
 
+    def _typed(self, num: list, den: list) -> list:
+        """``alpha * (A == m)`` would be float32 whatever A is (a bool tensor times a Python
+        number takes the default dtype): a product of masks and numbers converts its first
+        mask to the dtype of a tensor the kernel has."""
+        arrs = [a for _, a in num]
+        masks = [k for k, (f, _) in enumerate(num) if self._bool_only(f)]
+        if not masks or self.ref is None or any(
+                self._is_array(f) and k not in masks for k, (f, _) in enumerate(num)) or any(
+                self._is_array(f) for f in den):
+            return arrs
+        k = masks[0]
+        a = arrs[k]
+        arrs[k] = Arr(f"{self.paren(a.code, a.prec, ATOM)}.to({self.ref}.dtype)", a.axes, ATOM)
+        return arrs
+
     def broadcast(self, code: str, shape: tuple[str, ...], arr: Arr) -> str:
         if not arr.axes:  # a number or a 0-d tensor, repeated over the whole shape
             return f"{self.ref}.new_ones(({', '.join(shape)},)) * {self.paren(code, arr.prec, 2)}"

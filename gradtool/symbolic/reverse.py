@@ -123,7 +123,7 @@ def derive(spec: Spec) -> Derivation:
     program = normalize(spec)
     canon = _canonical_indices(program)
     active = _active(program)
-    outputs = [a for a in program.assigns if a.kind == "output" and a.target in active]
+    outputs = [a for a in program.assigns if a.kind == "output"]  # each has an upstream gradient
     seeds: dict[str, sp.Expr] = {}
     for a in outputs:
         if not a.lhs and len(outputs) == 1:
@@ -233,7 +233,11 @@ def _close(d: Derivation, name: str) -> None:
     d.steps[name] = simplify(raw)
     inlined = _inline_adjoints(d, raw)
     closed = simplify(inlined)
-    closed = simplify(simplify.rewrite(closed))
+    rewritten = simplify(simplify.rewrite(closed))
+    # the later names are meant to shorten the form (xc = xhat/rstd); substituting a chain of
+    # quotients into powers can blow it up instead, and then the form stays as it was
+    if sp.count_ops(rewritten) <= sp.count_ops(closed):
+        closed = rewritten
     d.closed[name] = closed
 
 

@@ -26,6 +26,25 @@ class Definition:
     free: tuple
 
 
+def expand(expr) -> sp.Expr:
+    """``sp.expand`` that leaves arg-max masks and denominators as they are.
+
+    A mask ``[body = max body]`` compares the body with the value the forward computed; an
+    expanded body is algebraically equal but does not compare equal in floating point."""
+    from gradtool.symbolic.ir import ArgMaxMask
+
+    keep = {m: sp.Dummy("mask") for m in expr.atoms(ArgMaxMask)} if expr.has(ArgMaxMask) \
+        else {}
+    # a denominator stays a product of its factors: x/((1 + a²)(1 + b²)), not x/(a²b² + …)
+    for p in expr.atoms(sp.Pow):
+        if p.exp.is_negative and isinstance(p.base, sp.Add) and p.base not in keep:
+            keep[p.base] = sp.Dummy("den")
+    if not keep:
+        return sp.expand(expr, power_base=False, power_exp=False, log=False)
+    out = sp.expand(expr.xreplace(keep), power_base=False, power_exp=False, log=False)
+    return out.xreplace({v: k for k, v in keep.items()})
+
+
 def count_sums(expr) -> int:
     return sum(1 for n in sp.preorder_traversal(expr) if isinstance(n, sp.Sum))
 
@@ -57,9 +76,9 @@ class Simplifier:
 
     # -- the main pass ---------------------------------------------------------------------
     def __call__(self, expr: sp.Expr, depth: int = 0) -> sp.Expr:
-        expr = sp.expand(expr, power_base=False, power_exp=False, log=False)
+        expr = expand(expr)
         expr = self._sums(expr, depth)
-        return sp.expand(expr, power_base=False, power_exp=False, log=False)
+        return expand(expr)
 
     def _sums(self, expr, depth):
         if isinstance(expr, sp.Sum):
@@ -76,8 +95,7 @@ class Simplifier:
     def sum_over(self, body, var, count, depth) -> sp.Expr:
         """Σ_var body, with body already simplified."""
         out = []
-        for term in sp.Add.make_args(sp.expand(body, power_base=False, power_exp=False,
-                                               log=False)):
+        for term in sp.Add.make_args(expand(body)):
             out.append(self._sum_term(term, var, count, depth))
         return sp.Add(*out)
 
@@ -107,11 +125,31 @@ class Simplifier:
         summed = sp.Sum(body, (var, 0, hi))
         if depth < 3 and any(access_name(a) in self.elementwise
                              for a in accesses(body, self.spec)):
-            inlined = self(self.inline_elementwise(body), depth + 1)
+            raw = self.inline_elementwise(body)
+            if not self._could_fold(raw):
+                return summed  # inlining is only worth its (exponential) cost if a sum folds
+            inlined = self(raw, depth + 1)
             candidate = self.sum_over(inlined, var, count, depth + 1)
             if candidate == 0 or count_sums(candidate) < count_sums(summed):
                 return candidate
         return summed
+
+    def _could_fold(self, expr) -> bool:
+        """Does ``expr`` read a tensor some definition sums (X in mu = Σ X / D), directly or
+        through element-wise intermediates?"""
+        names = {access_name(a) for a in accesses(expr, self.spec)}
+        todo = list(names)
+        while todo:  # what inlining element-wise definitions can bring in
+            a = self.elementwise.get(todo.pop())
+            for node in accesses(a.body, self.spec) if a is not None else ():
+                if access_name(node) not in names:
+                    names.add(access_name(node))
+                    todo.append(access_name(node))
+        for d in self.defs:
+            mine = accesses(d.body, self.spec)
+            if mine and access_name(mine[0]) in names:
+                return True
+        return False
 
     def _match(self, d: Definition, body, var):
         mine = accesses(d.body, self.spec)
