@@ -192,11 +192,11 @@ def _binary(u: Node, v: Node):
 # Quotients (x / (1 + y**2), x / p, sigmoid) nested across a few statements make the
 # simplifier's expansion blow up (minutes per derivation, see docs/fuzzing.md), so a spec gets
 # at most QUOTIENTS of them; everything else composes freely.
-QUOTIENTS = 1
+QUOTIENTS = int(os.environ.get("GRADTOOL_FUZZ_QUOTIENTS", "1"))
 # Derivation cost grows quickly with the size of a chain (closed forms inline every later
 # adjoint), so a spec has at most OPERATIONS operators besides the ones that chain its
 # statements; the default run then stays within a few seconds per property.
-OPERATIONS = 8
+OPERATIONS = int(os.environ.get("GRADTOOL_FUZZ_OPERATIONS", "8"))
 
 
 def _is_quotient(template: str) -> bool:

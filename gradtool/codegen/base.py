@@ -218,10 +218,21 @@ class ArrayPrinter:
         if coeff != 1:
             num.insert(0, coeff)
         num_arrs = self._typed([(f, self.lower(f)) for f in num], den)
-        num_arrs = sorted(num_arrs, key=lambda a: len(a.axes))
+        pairs = sorted(zip(num, num_arrs, strict=True), key=lambda p: len(p[1].axes))
+        num_arrs = [a for _, a in pairs]
         den_arrs = [self.lower(f) for f in den]
         axes = self._union(num_arrs + den_arrs)
         full = set(axes)
+        high_pairs = [(f, a) for f, a in pairs if set(a.axes) == full]
+        if len(high_pairs) == 1 and len(num_arrs) + len(den_arrs) > 1 and full and not any(
+                set(a.axes) == full for a in den_arrs):
+            lows = [a for a in num_arrs if set(a.axes) != full]
+            low = self._quotient(lows, den_arrs)
+            if sign:
+                low = Arr(f"-{self.paren(low.code, low.prec, MUL + 1)}", low.axes, UNARY)
+            scaled = self._scale_in_place(*high_pairs[0], low, axes)
+            if scaled is not None:
+                return scaled
         # scalars and vectors combine first (cheap), full-size factors last: γ/σ is one
         # vector division instead of a division of the whole (G − …) by σ
         low_num = [a for a in num_arrs if set(a.axes) != full]
@@ -239,6 +250,11 @@ class ArrayPrinter:
         if sign and self._is_mask(e):  # neither NumPy nor torch negates a boolean array
             return Arr(f"-1 * {self.paren(out.code, out.prec, MUL)}", out.axes, MUL)
         return Arr(sign + out.code, out.axes, UNARY if sign else out.prec)
+
+    def _scale_in_place(self, expr, arr: Arr, low: Arr, axes) -> Arr | None:
+        """``arr * low`` written as an in-place update of ``arr`` where the target can and
+        ``arr`` is a temporary nobody else holds; None to print it the ordinary way."""
+        return None
 
     def _typed(self, num: list, den: list) -> list:
         """The lowered factors of a product; a target whose booleans times a Python number

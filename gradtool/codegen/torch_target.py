@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import sympy as sp
 
 from gradtool.codegen.base import ATOM, Arr, ArrayPrinter
@@ -52,13 +54,20 @@ class TorchPrinter(ArrayPrinter):
             if split is not None and (best is None or len(split[1].axes) > len(best[1][1].axes)):
                 best = (t, split)
         if best is None or len(terms) < 2:
-            return super()._print_Add(e)
+            return self._add_in_place(terms) or super()._print_Add(e)
         term, (small, big, is_number) = best
         rest_expr = sp.Add(*[t for t in terms if t is not term])
         if not self._is_array(rest_expr):  # addcmul's input must be a tensor
-            return super()._print_Add(e)
+            return self._add_in_place(terms) or super()._print_Add(e)
         rest = self.lower(rest_expr)
         axes = self._union([rest, small, big])
+        if self._fresh(rest_expr, rest, axes):  # a temporary of its own: update it in place
+            second = self.align(big, axes)
+            if is_number:
+                return Arr(f"{self.paren(rest.code, rest.prec, ATOM)}.add_({second}, "
+                           f"alpha={small.code})", axes, ATOM)
+            return Arr(f"{self.paren(rest.code, rest.prec, ATOM)}.addcmul_("
+                       f"{self.align(small, axes)}, {second})", axes, ATOM)
         if any(self._column(a, axes) for a in (rest, small, big)):
             # measured at 256×1024: addcmul over a column-broadcast operand (x[:, None]) is
             # slower than the multiply and subtract it replaces
@@ -67,6 +76,47 @@ class TorchPrinter(ArrayPrinter):
         if is_number:
             return Arr(f"torch.add({first}, {second}, alpha={small.code})", axes, ATOM)
         return Arr(f"torch.addcmul({first}, {self.align(small, axes)}, {second})", axes, ATOM)
+
+    # -- in-place updates of temporaries the kernel owns --------------------------------------
+    _VIEW = re.compile(r"[A-Za-z_][\w.]*(\[[^\]]*\])?(\.T)?")
+
+    def _fresh(self, expr, arr: Arr, axes) -> bool:
+        """Is ``arr`` a full-size float tensor that this expression has just allocated (not
+        a name, a view or a boolean mask), so that updating it in place is safe?
+
+        Only sums and products: autograd keeps the outputs of exp, tanh, sqrt or 1/x for
+        their backward (an in-place update would break autograd through the forward, and the
+        double backward), while add, mul and addcmul keep only their inputs."""
+        return bool(axes) and tuple(arr.axes) == tuple(axes) \
+            and isinstance(expr, (sp.Add, sp.Mul)) \
+            and not self._VIEW.fullmatch(arr.code) and self._is_array(expr) \
+            and not self._bool_only(expr) and not self._is_mask_product(expr)
+
+    def _is_mask_product(self, expr) -> bool:
+        """``-1 * mask`` is an integer tensor: no float update fits in it."""
+        return isinstance(expr, sp.Mul) and all(
+            self._bool_only(f) or not self._is_array(f) for f in expr.args)
+
+    def _scale_in_place(self, expr, arr: Arr, low: Arr, axes) -> Arr | None:
+        if not self._fresh(expr, arr, axes):
+            return None
+        factor = self.align(low, axes) if low.axes else low.code
+        return Arr(f"{self.paren(arr.code, arr.prec, ATOM)}.mul_({factor})", axes, ATOM)
+
+    def _add_in_place(self, terms) -> Arr | None:
+        """``a + b − c`` as ``a.add_(b).sub_(c)`` when ``a`` is a fresh full-size temporary."""
+        negative = [t.could_extract_minus_sign() for t in terms]
+        arrs = [self.lower(-t if neg else t) for t, neg in zip(terms, negative, strict=True)]
+        axes = self._union(arrs)
+        k = next((j for j, (t, a, neg) in enumerate(zip(terms, arrs, negative, strict=True))
+                  if not neg and self._fresh(t, a, axes)), None)
+        if k is None:
+            return None
+        code = self.paren(arrs[k].code, arrs[k].prec, ATOM)
+        for j, (b, neg) in enumerate(zip(arrs, negative, strict=True)):
+            if j != k:
+                code += f".{'sub_' if neg else 'add_'}({self.align(b, axes) if b.axes else b.code})"
+        return Arr(code, axes, ATOM)
 
     def _split_product(self, t):
         """(small factor, full-size factor, small is a number) for a product worth fusing."""
