@@ -6,6 +6,7 @@ Run it from the repository root::
     python bench/bench_kernels.py --compile            # also torch.compile'd generated kernels
     python bench/bench_kernels.py --dtypes float32,float64 --json out.json
     python bench/bench_kernels.py --profile            # where the generated code spends time
+    python bench/bench_kernels.py --compile --rows 1024 --cols 4096   # another size
 
 For layernorm, batchnorm and softmax_cross_entropy at 256×1024, the time of one forward +
 backward (inputs already built, ``.grad`` reset to None before each step) of:
@@ -16,9 +17,12 @@ backward (inputs already built, ``.grad`` reset to None before each step) of:
   forward in primitive torch ops, with ``out.backward(G)``;
 * ``native``: the fused op with autograd: ``F.layer_norm``, ``F.batch_norm(training=True)``,
   ``F.cross_entropy`` with probability targets;
-* ``compiled`` (``--compile``): an ``autograd.Function`` whose forward and backward call
-  ``torch.compile`` (default mode, inductor on CPU) of the generated ``forward`` and
-  ``backward`` functions. The compile time is paid in the warm-up and reported apart.
+* ``compiled`` (``--compile``): ``torch.compile`` (default mode, inductor on CPU) of the
+  generated ``<Name>Function.apply``, as when a model that uses the generated module is
+  compiled; the compile time is paid in the warm-up and reported apart;
+* ``floor`` (with ``--compile``): the same compiled wrapping around an identity Function
+  (forward ``X * 1``, backward returns G): the fixed cost of the compiled path (guards,
+  AOTAutograd wrappers, the autograd node, one allocation) that no kernel goes below.
 
 Every variant runs in the same process, interleaved step by step (one step of each in turn),
 each a median of ``--iters`` steps (default 50) after ``--warmup`` untimed steps (default 5),
@@ -116,32 +120,35 @@ class Case:
         self._backward(out)
 
     def make_compiled(self):
-        """An autograd.Function around torch.compile of the generated forward and backward."""
-        mod = self.mod
-        fwd, bwd = torch.compile(mod.forward), torch.compile(mod.backward)
-        n_inputs = len(self.args) + len(self.extra)
-        stateful = self.name == "batchnorm"
-        kw_names = list(self.kw)
+        """torch.compile of the generated autograd.Function's application, the way a model
+        using the generated module is compiled: Dynamo traces the Function's forward and
+        backward, AOTAutograd partitions them and inductor fuses each into C++ kernels."""
+        fn_cls, n = self.fn_cls, len(self.args)
+        extra = list(self.extra)
+        compiled = torch.compile(lambda *args: fn_cls.apply(*args, *extra))
 
-        class Compiled(torch.autograd.Function):
+        def run():
+            self._backward(compiled(*self.args[:n]))
+
+        return run
+
+    def make_floor(self):
+        """The fixed cost of the compiled path: the same wrapping around an identity
+        (forward X * 1, backward returns G), i.e. what no kernel can go below."""
+        class Identity(torch.autograd.Function):
             @staticmethod
-            def forward(ctx, *args):
-                tensors, hypers = args[:len(args) - len(kw_names)], args[len(args) -
-                                                                          len(kw_names):]
-                result = fwd(*tensors, **dict(zip(kw_names, hypers, strict=True)))
-                if stateful:
-                    for buf, new in zip(tensors[3:5], result[2], strict=True):
-                        buf.copy_(new)
-                ctx.save_for_backward(*result[1])
-                return result[0]
+            def forward(ctx, X, *rest):
+                ctx.n = len(rest)
+                return X * 1.0 if self.G is not None else (X * 1.0).sum()
 
             @staticmethod
             def backward(ctx, G):
-                grads = bwd(G, *ctx.saved_tensors)
-                return (*grads, *[None] * (n_inputs - len(grads)))
+                return (G if G.dim() else G.expand(ROWS, COLS)), *[None] * ctx.n
+
+        compiled = torch.compile(lambda *args: Identity.apply(*args))
 
         def run():
-            self._backward(Compiled.apply(*self.args, *self.extra))
+            self._backward(compiled(*self.args))
 
         return run
 
@@ -177,6 +184,9 @@ def bench(name: str, dtype: torch.dtype, iters: int, warmup: int, compile_: bool
             case.step(compiled)
             row["compile_s"] = time.perf_counter() - start
             fns["compiled"] = compiled
+            floor = case.make_floor()
+            case.step(floor)
+            fns["floor"] = floor
         except Exception as exc:  # noqa: BLE001 - report and go on without it
             row["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
             log(f"{name}: torch.compile failed: {row['compile_error']}")
@@ -189,11 +199,13 @@ def bench(name: str, dtype: torch.dtype, iters: int, warmup: int, compile_: bool
             times[label].append(case.step(fn))
     for label, ts in times.items():
         row[f"{label}_ms"] = 1e3 * statistics.median(ts)
-    row["max_grad_diff_vs_native"] = case.agree({k: v for k, v in fns.items() if k != "native"})
+    row["max_grad_diff_vs_native"] = case.agree({k: v for k, v in fns.items()
+                                                 if k not in ("native", "floor")})
     row["generated_over_autograd"] = row["generated_ms"] / row["autograd_ms"]
     row["generated_over_native"] = row["generated_ms"] / row["native_ms"]
     if "compiled_ms" in row:
         row["compiled_over_native"] = row["compiled_ms"] / row["native_ms"]
+        row["floor_over_native"] = row["floor_ms"] / row["native_ms"]
     log(f"{name} {row['dtype']}: done")
     return row
 
@@ -216,18 +228,21 @@ def profile(name: str, dtype: torch.dtype, steps: int = 50) -> None:
 def print_table(rows: list[dict]) -> None:
     compiled = any("compiled_ms" in r for r in rows)
     head = f"{'spec':<23}{'dtype':<9}{'generated':>11}{'autograd':>10}{'native':>9}" + \
-        (f"{'compiled':>10}" if compiled else "") + \
-        f"{'gen/auto':>10}{'gen/nat':>9}" + (f"{'comp/nat':>10}" if compiled else "")
+        (f"{'compiled':>10}{'floor':>9}" if compiled else "") + \
+        f"{'gen/auto':>10}{'gen/nat':>9}" + (f"{'comp/nat':>10}{'floor/nat':>11}"
+                                            if compiled else "")
     print(head)
     print("-" * len(head))
     for r in rows:
         line = f"{r['spec']:<23}{r['dtype']:<9}{r['generated_ms']:>9.3f}ms" \
                f"{r['autograd_ms']:>8.3f}ms{r['native_ms']:>7.3f}ms"
         if compiled:
-            line += f"{r['compiled_ms']:>8.3f}ms" if "compiled_ms" in r else f"{'failed':>10}"
+            line += f"{r['compiled_ms']:>8.3f}ms{r['floor_ms']:>7.3f}ms" if "compiled_ms" in r \
+                else f"{'failed':>10}{'-':>9}"
         line += f"{r['generated_over_autograd']:>10.2f}{r['generated_over_native']:>9.2f}"
         if compiled:
-            line += f"{r['compiled_over_native']:>10.2f}" if "compiled_ms" in r else f"{'-':>10}"
+            line += f"{r['compiled_over_native']:>10.2f}{r['floor_over_native']:>11.2f}" \
+                if "compiled_ms" in r else f"{'-':>10}{'-':>11}"
         print(line)
     print(f"\nmedians of forward + backward, {rows[0]['iters']} steps each; target gen/auto "
           f"<= {TARGET_AUTOGRAD}, comp/nat <= {TARGET_NATIVE}")
@@ -260,6 +275,7 @@ def tune_malloc() -> bool:
 
 
 def main() -> None:
+    global ROWS, COLS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=50, help="timed steps (default 50)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps (default 5)")
@@ -267,12 +283,15 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32", help="comma-separated (default float32)")
     parser.add_argument("--specs", default=",".join(SPECS), help="comma-separated spec names")
     parser.add_argument("--compile", action="store_true", help="also torch.compile'd kernels")
+    parser.add_argument("--rows", type=int, default=ROWS, help=f"batch size (default {ROWS})")
+    parser.add_argument("--cols", type=int, default=COLS, help=f"features (default {COLS})")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler tables of the generated Function")
     parser.add_argument("--malloc-tuned", action="store_true",
                         help="glibc mallopt: keep freed blocks (no mmap/trim), see the docs")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args()
+    ROWS, COLS = args.rows, args.cols
     torch.set_num_threads(args.threads)
     tuned = tune_malloc() if args.malloc_tuned else False
     print(f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} "

@@ -104,20 +104,40 @@ def render_check(console: Console, rows: list, show: str = "all") -> None:
     failed = [r for r in rows if not r.passed]
     if show != "summary":
         chosen = failed if show == "failed" else rows
-        table = Table(title="gradtool check", title_justify="left", show_lines=False)
-        for col, kw in (("spec", {"style": "cyan"}), ("shape", {}), ("input", {}),
-                        ("oracle", {}), ("max abs err", {"justify": "right"}),
-                        ("max rel err", {"justify": "right"}), ("worst element", {}),
-                        ("ours", {"justify": "right"}), ("oracle value", {"justify": "right"}),
-                        ("allowed", {"justify": "right"}), ("", {}), ("note", {"style": "dim"})):
-            table.add_column(col, **kw)
+        # a log file or a pipe gets every column at full width; a narrow terminal gets the
+        # columns that fit (the failures are spelled out in full below the table anyway)
+        width = console.width if console.is_terminal else max(console.width, 220)
+        compact = width < 150
+        table = Table(show_lines=False)
+        columns = [("spec", {"style": "cyan"}), ("shape", {}), ("input", {}), ("oracle", {}),
+                   ("max abs err", {"justify": "right"}), ("max rel err", {"justify": "right"}),
+                   ("worst element", {}), ("ours", {"justify": "right"}),
+                   ("oracle value", {"justify": "right"}), ("allowed", {"justify": "right"}),
+                   ("", {}), ("note", {"style": "dim"})]
+        keep = {"spec", "shape", "input", "oracle", "max rel err", "worst element", ""} \
+            if compact else {c for c, _ in columns}
+        for col, kw in columns:
+            if col in keep:
+                table.add_column(col, **kw)
         for r in chosen:
             mark = Text("pass", style="green") if r.passed else Text("FAIL", style="bold red")
             index = "" if r.index is None else "[" + ",".join(map(str, r.index)) + "]"
-            table.add_row(r.spec, r.shape, r.input, r.oracle, _num(r.max_abs),
-                          _num(r.max_rel), index, _num(r.analytic), _num(r.numeric),
-                          _num(r.allowed), mark, Text(r.note))
-        console.print(table)
+            cells = dict(zip((c for c, _ in columns), (
+                r.spec, r.shape, r.input, r.oracle, _num(r.max_abs), _num(r.max_rel), index,
+                _num(r.analytic), _num(r.numeric), _num(r.allowed), mark, Text(r.note)),
+                strict=True))
+            table.add_row(*[cells[c] for c, _ in columns if c in keep])
+        if not chosen:
+            pass
+        elif width != console.width:
+            saved = console.width
+            console.width = width
+            try:
+                console.print(table)
+            finally:
+                console.width = saved
+        else:
+            console.print(table)
     specs = sorted({r.spec for r in rows})
     bad = sorted({r.spec for r in failed})
     if failed:

@@ -64,6 +64,15 @@ def test_check_layernorm_passes():
     assert "all" in ok("check", "layernorm") and "comparisons passed" in ok("check", "layernorm")
 
 
+def test_check_table_in_a_log_keeps_every_column_whole():
+    """Output to a pipe or a CI log is not cut to 80 columns: every header and oracle name is
+    printed in full."""
+    out = ok("check", "relu")
+    for text in ("max abs err", "oracle value", "allowed", "finite differences",
+                 "numpy vs torch kernels", "kinks avoided"):
+        assert text in out, text
+
+
 def test_check_json_rows():
     rows = rows_of("check", "layernorm", "softmax")
     assert {r["spec"] for r in rows} == {"layernorm", "softmax"}
