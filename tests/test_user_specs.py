@@ -142,3 +142,16 @@ def test_user_spec_derives_from_the_command_line(tmp_path, name):
     result = CliRunner().invoke(app, ["derive", str(path)])
     assert result.exit_code == 0, result.output
     assert "dX[n,d] =" in result.output
+
+
+@pytest.mark.parametrize("name", sorted(USER_SPECS))
+def test_user_spec_kernels_pass_every_check(tmp_path, name):
+    """Generated NumPy and torch kernels (strided convolution and pooling included: affine
+    indices become integer-array indexing and their adjoint a scatter-add) against every
+    oracle, and their second derivatives."""
+    from gradtool.check.runner import CheckOptions, check_spec
+
+    spec = load_spec(write(tmp_path, name))
+    rows = check_spec(spec, CheckOptions(cases=2, order=2))
+    failed = [r for r in rows if not r.passed]
+    assert rows and not failed, failed

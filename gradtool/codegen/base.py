@@ -49,6 +49,7 @@ class ArrayPrinter:
     SUM = "{x}.sum({axes})"
     MAX = "{x}.max({axes})"
     ref: str | None = None             # a tensor to take dtype and device from
+    ranges: dict = {}                  # index symbol -> its size expression
 
     def __init__(self, names: dict[str, str], temps: dict | None = None,
                  order: list | None = None):
@@ -56,6 +57,7 @@ class ArrayPrinter:
         self.temps = temps or {}              # CSE symbol -> Arr
         self.order = list(order or [])        # preferred axis order
         self.imports: set[str] = set()        # what the emitted code used
+        self.helpers: set[str] = set()        # module-level helper functions it calls
 
     # -- axes ---------------------------------------------------------------------------------
     def _rank(self, sym) -> int:
@@ -173,20 +175,60 @@ class ArrayPrinter:
 
         return PythonCodePrinter({"fully_qualified_modules": True}).doprint(e)
 
+    def _is_index(self, s) -> bool:
+        return isinstance(s, sp.Symbol) and s not in self.temps and bool(s.is_integer) \
+            and not s.is_positive
+
     def _print_Indexed(self, e) -> Arr:
         idx = tuple(e.indices)
-        if not all(isinstance(i, sp.Symbol) for i in idx) or len(set(idx)) != len(idx):
-            raise CodegenError(f"the code generator does not support affine or repeated "
-                               f"indices yet: {e}",
-                               hint="check and derive work; code generation for convolution "
-                                    "and pooling is planned")
-        return Arr(self.names[e.base.label.name], idx)
+        name = self.names[e.base.label.name]
+        if all(self._is_index(i) for i in idx) and len(set(idx)) == len(idx):
+            return Arr(name, idx)
+        # X[n, c, S·t + k]: index the affine positions with integer arrays, one position at a
+        # time from the right (a single array index keeps its place: (N, C, T, K))
+        parts, axes, seen = [], [], set()
+        for i in idx:
+            if self._is_index(i) and i not in seen:
+                parts.append(None)
+                axes.append(i)
+                seen.add(i)
+            elif i.is_Integer:
+                parts.append(str(int(i)))
+            else:
+                arr = self.lower(i)
+                if not arr.axes or set(arr.axes) & seen or \
+                        not all(self._is_index(a) for a in arr.axes):
+                    raise CodegenError(
+                        f"the code generator cannot read {e} yet: an index is used twice "
+                        f"(a diagonal), so there are no kernels to check",
+                        hint="`gradtool derive` prints its gradient; for kernels, read the "
+                             "diagonal through a separate input")
+                parts.append(arr.code)
+                axes.extend(arr.axes)
+                seen |= set(arr.axes)
+        code = name
+        for p in reversed(range(len(parts))):
+            if parts[p] is not None:
+                code = f"{code}[{', '.join([':'] * p + [parts[p]])}]"
+        return Arr(code, tuple(axes))
+
+    ARANGE = "np.arange({n})"
+
+    def _arange(self, sym) -> Arr:
+        """An index symbol as an array of its values: the positions of an affine index."""
+        if sym not in self.ranges:
+            raise CodegenError(f"no range known for index {sym}")
+        size = self.lower(sp.sympify(self.ranges[sym]))
+        self.imports.add(self.module)
+        return Arr(self.ARANGE.format(n=size.code, ref=self.ref), (sym,), ATOM)
 
     def _print_Symbol(self, e) -> Arr:
         if e in self.temps:
             return self.temps[e]
         if e.name in self.names:
             return Arr(self.names[e.name], ())
+        if self._is_index(e):
+            return self._arange(e)
         raise CodegenError(f"no value for `{e}` in generated code")
 
     _print_Dummy = _print_Symbol
@@ -389,6 +431,12 @@ class ArrayPrinter:
     def _print_Sum(self, e) -> Arr:
         over = [lim[0] for lim in e.limits]
         body = e.function
+        for var, lo, hi in e.limits:  # bound indices renamed by the emitter keep their range
+            self.ranges.setdefault(var, sp.expand(hi - lo + 1))
+        for f in sp.Mul.make_args(body):
+            split = self._scatter_target(f, over)
+            if split is not None:
+                return self._scatter(e, f, *split)
         scalars, operands = [], []
         for f in sp.Mul.make_args(body):
             (operands if (self._indices_of(f) & set(over)) else scalars).append(f)
@@ -411,6 +459,35 @@ class ArrayPrinter:
         if outside == 1:
             return inner
         return self._times(self.lower(outside), inner)
+
+    # -- Σ_{t,k} f(t,k)·δ(h, S·t + k): the adjoint of an affine index, a scatter-add ---------
+    def _scatter_target(self, f, over):
+        """(h, S·t + k) if ``f`` is a Kronecker delta tying a free index h to an expression
+        of summed indices."""
+        if not isinstance(f, sp.KroneckerDelta):
+            return None
+        for h, target in (f.args, f.args[::-1]):
+            if self._is_index(h) and h not in over and h not in target.free_symbols and \
+                    set(over) & self._indices_of(target):
+                return h, target
+        return None
+
+    SCATTER = "scatter_add"
+
+    def _scatter(self, e, delta, h, target) -> Arr:
+        over = [lim[0] for lim in e.limits]
+        index = self.lower(target)
+        rest = sp.Mul(*[f for f in sp.Mul.make_args(e.function) if f is not delta])
+        kept = [lim for lim in e.limits if lim[0] not in index.axes]
+        inner = self.lower(sp.Sum(rest, *kept) if kept else rest)
+        if set(inner.axes) & (set(over) - set(index.axes)):
+            raise CodegenError(f"cannot scatter {e}: a summed index is left over")
+        lead = tuple(a for a in inner.axes if a not in index.axes)
+        values = self.align(inner, lead + index.axes) if inner.axes else inner.code
+        size = self.lower(sp.sympify(self.ranges[h]))
+        self.helpers.add(self.SCATTER)
+        code = f"{self.SCATTER}({values}, {index.code}, {size.code}, {len(lead)})"
+        return Arr(code, lead + (h,), ATOM)
 
     def _product(self, arrs) -> Arr:
         """Element-wise product in the layout of its largest factor (no transposes), lowest

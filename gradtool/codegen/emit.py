@@ -62,11 +62,13 @@ class Module:
             self.seed_names[out] = name
             self.names[name] = py_name(name)
         self.imports: set[str] = set()
+        self.helpers: set[str] = set()
 
     # -- sizes ----------------------------------------------------------------------------
     def size_lines(self, dims: set, available: list[tuple[str, tuple]]) -> tuple[list, list]:
         """``N, D = X.shape`` lines for ``dims`` read off available tensors; the rest must be
         passed in (returned as the second list)."""
+        dims = {x for dim in dims for x in sp.sympify(dim).free_symbols}  # (T-1)·S+K: T, S, K
         lines, found = [], set()
         for var, tdims in available:
             got = [(k, dim) for k, dim in enumerate(tdims)
@@ -90,6 +92,14 @@ class Module:
                 if isinstance(node, sp.Sum):
                     for _, _lo, hi in node.limits:
                         out |= (sp.sympify(hi).free_symbols & dims)
+                # an affine index or a scatter builds arrays of its indices' values
+                affine = [i for i in node.indices if not i.is_Symbol] \
+                    if isinstance(node, sp.Indexed) else \
+                    list(node.args) if isinstance(node, sp.KroneckerDelta) else []
+                for i in affine:
+                    for s in i.free_symbols:
+                        if s in self.d.program.ranges:
+                            out |= sp.sympify(self.d.program.ranges[s]).free_symbols & dims
         return out
 
     def _hypers_in(self, exprs) -> list[str]:
@@ -114,10 +124,11 @@ class Module:
         printer, imports = _printer(self.target, self.names)
         printer.scalar_tensors = frozenset(n for n, t in spec.tensors.items() if not t.dims)
         printer.ref = args[0] if args else None
+        printer.ranges = dict(d.program.ranges)
         shifts = self.stable_exponentials()
         for a in d.program.assigns:
             target = self.names[a.target] + ("_new" if a.kind == "update" else "")
-            shape = tuple(self.names[str(d.program.ranges[i])] for i in a.lhs)
+            shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code for i in a.lhs)
             rhs = present(self._logs_of_ratios(a.rhs(d.program), shifts))
             if a.target in shifts:  # e = exp(f - max_k f): same ratios e/Z, no overflow
                 arg = rhs.args[0]
@@ -130,6 +141,7 @@ class Module:
             code = printer.assign(rhs, tuple(a.lhs), shape)
             body.append(f"{target} = {code}")
         self.imports |= {imports[i] for i in printer.imports}
+        self.helpers |= printer.helpers
         outs = [self.names[a.target] for a in self.outputs]
         out = outs[0] if len(outs) == 1 else "(" + ", ".join(outs) + ")"
         saved = ", ".join(self.names[s] for s in self.saved()) + ("," if len(self.saved()) == 1
@@ -277,6 +289,7 @@ class Module:
         shaped = [self.names[n] for n in self.saved() if spec.tensors[n].dims]
         printer.ref = (full_seeds or shaped or seeds or [None])[0]
         printer.order = list(dict.fromkeys(i for _, _, canon in forms for i in canon))
+        printer.ranges = dict(d.program.ranges)
         body = list(size_lines)
         taken = set(self.names.values())
         for sym, value in replacements:
@@ -293,7 +306,7 @@ class Module:
         grads = []
         for (tname, _, canon), expr in zip(forms, reduced, strict=True):
             var = py_name("d" + tname)
-            shape = tuple(self.names[str(d.program.ranges[i])] for i in canon)
+            shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code for i in canon)
             if expr == 0:
                 code = self._zeros(shape, printer)
             else:
@@ -301,6 +314,7 @@ class Module:
             body.append(f"{var} = {code}")
             grads.append(var)
         self.imports |= {imports[i] for i in printer.imports}
+        self.helpers |= printer.helpers
         doc = ['"""Closed-form gradients ' + ", ".join(
             f"∂L/∂{t.name}" for t in self.grads) + " from the upstream gradient"
             + ("s" if len(seeds) > 1 else "") + '."""']
@@ -390,8 +404,15 @@ def generate(spec: Spec | str, target: str = "numpy") -> str:
     if target == "numpy" and any("np." in line for line in cls):
         imports = sorted(set(imports) | {"import numpy as np"},
                          key=lambda s: (not s.startswith("import"), s))
-    out = _header(spec, d, target) + [""] + imports + ["", ""] + fwd + ["", ""] + bwd \
-        + ["", ""] + cls
+    helpers = []
+    if m.helpers:
+        from importlib import import_module
+
+        sources = import_module(f"gradtool.codegen.{target}_target").HELPERS
+        for h in sorted(m.helpers):
+            helpers += sources[h].splitlines() + ["", ""]
+    out = _header(spec, d, target) + [""] + imports + ["", ""] + helpers + fwd + ["", ""] \
+        + bwd + ["", ""] + cls
     return "\n".join(out) + "\n"
 
 

@@ -29,6 +29,18 @@ class NumpyPrinter(ArrayPrinter):
         return f"np.broadcast_to({code}, ({', '.join(shape)},)).copy()"
 
 
+HELPERS = {
+    "scatter_add": '''def scatter_add(values, index, size, lead):
+    """out[..., index[j]] += values[..., j]: the adjoint of reading x[..., index] with an integer
+    array (strided convolution, pooling). ``lead`` axes of ``values`` come before the index
+    axes; the new last axis has ``size`` entries."""
+    values = np.asarray(values)
+    shape = values.shape[:lead] + index.shape
+    out = np.zeros(shape[:lead] + (size,), dtype=values.dtype)
+    np.add.at(out, (Ellipsis, index), np.broadcast_to(values, shape))
+    return out''',
+}
+
 IMPORTS = {
     "np": "import numpy as np",
     "math": "import math",

@@ -18,6 +18,7 @@ class TorchPrinter(ArrayPrinter):
     }
     SUM = "{x}.sum({axes})"
     MAX = "{x}.amax({axes})"
+    ARANGE = "torch.arange({n}, device={ref}.device)"
 
     def transpose(self, code: str, perm: tuple) -> str:
         if perm == (1, 0):
@@ -194,6 +195,17 @@ class TorchPrinter(ArrayPrinter):
             return f"{self.ref}.new_ones(({', '.join(shape)},)) * {self.paren(code, arr.prec, 2)}"
         return f"{self.paren(code, arr.prec, 4)}.expand({', '.join(shape)}).contiguous()"
 
+
+HELPERS = {
+    "scatter_add": '''def scatter_add(values, index, size, lead):
+    """out[..., index[j]] += values[..., j]: the adjoint of reading x[..., index] with an integer
+    tensor (strided convolution, pooling). ``lead`` axes of ``values`` come before the index
+    axes; the new last axis has ``size`` entries."""
+    shape = tuple(values.shape[:lead]) + tuple(index.shape)
+    out = values.new_zeros(shape[:lead] + (size,))
+    flat = values.expand(shape).reshape(shape[:lead] + (-1,))
+    return out.index_add_(lead, index.reshape(-1), flat)''',
+}
 
 IMPORTS = {
     "torch": "import torch",
