@@ -79,7 +79,13 @@ def test_torch_function_passes_gradcheck(name):
     args = [torch.tensor(values[t.name], requires_grad=t.name in grad)
             for t in spec.tensors.values() if t.kind in ("input", "param", "state")]
     args += [h.default for h in spec.hypers.values()]
-    extra = [int(dims[spec.dim_symbols["D"]])] if name == "expand" else []  # D is not in x
+    # sizes the forward cannot read off its inputs (expand's D, a convolution's stride) come
+    # after the hyper-parameters, in the order of the forward's keyword-only parameters
+    import inspect
+
+    sizes = [p for p, v in inspect.signature(mod.forward).parameters.items()
+             if v.kind == v.KEYWORD_ONLY and p not in spec.hypers]
+    extra = [int(dims[spec.dim_symbols[p]]) for p in sizes]
 
     def f(*xs):  # state buffers are updated in place; Y does not depend on them
         return fn.apply(*xs, *extra)

@@ -58,6 +58,7 @@ class ArrayPrinter:
         self.order = list(order or [])        # preferred axis order
         self.imports: set[str] = set()        # what the emitted code used
         self.helpers: set[str] = set()        # module-level helper functions it calls
+        self.scalars: dict = {}               # inlined CSE symbol -> its (scalar) value
 
     # -- axes ---------------------------------------------------------------------------------
     def _rank(self, sym) -> int:
@@ -432,7 +433,7 @@ class ArrayPrinter:
         over = [lim[0] for lim in e.limits]
         body = e.function
         for var, lo, hi in e.limits:  # bound indices renamed by the emitter keep their range
-            self.ranges.setdefault(var, sp.expand(hi - lo + 1))
+            self.ranges.setdefault(var, sp.expand((hi - lo + 1).xreplace(self.scalars)))
         for f in sp.Mul.make_args(body):
             split = self._scatter_target(f, over)
             if split is not None:

@@ -72,7 +72,8 @@ class Module:
         lines, found = [], set()
         for var, tdims in available:
             got = [(k, dim) for k, dim in enumerate(tdims)
-                   if dim in dims and dim not in found and isinstance(dim, sp.Symbol)]
+                   if dim in dims and dim not in found and isinstance(dim, sp.Symbol)
+                   and dim not in tdims[:k]]  # W[O, C, K, K]: K once
             if not got:
                 continue
             if len(got) == len(tdims) > 1:
@@ -296,6 +297,7 @@ class Module:
             if not value.has(sp.Indexed) and not (value.free_symbols & set(printer.temps)):
                 arr = printer.lower(value)   # a scalar such as 1/D: inline it
                 printer.temps[sym] = Arr(f"({arr.code})" if arr.prec < 4 else arr.code, ())
+                printer.scalars[sym] = value
                 continue
             name = _temp_name(value, taken)
             taken.add(name)
