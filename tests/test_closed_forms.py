@@ -163,3 +163,20 @@ def test_steps_go_through_named_intermediates():
     assert tensors.index("xhat") < tensors.index("var") < tensors.index("mu")
     mu = next(s for s in report["steps"] if s["tensor"] == "mu")
     assert "g_xc" in mu["text"]
+
+
+def test_polynomials_in_saved_tensors_are_factored(tmp_path):
+    """tanh(tanh(A)): the textbook (1 − Y²)(1 − t0²), not Y²t0² − Y² − t0² + 1."""
+    path = tmp_path / "tanh2.py"
+    path.write_text("from gradtool.lang import *\n"
+                    "spec = Spec('tanh2', 'tanh of tanh')\n"
+                    "N = spec.dims('N')\n"
+                    "n = spec.indices(n=N)\n"
+                    "A = spec.input('A', N)\n"
+                    "t0 = spec.let('t0', [n], tanh(A[n]))\n"
+                    "spec.output('Y', [n], tanh(t0[n]))\n")
+    from gradtool.spec.loader import load_spec
+    from gradtool.symbolic.reverse import derive
+
+    shown = text(present(derive(load_spec(path)).closed["A"]))
+    assert shown == "(1 - Y[n]^2)·(1 - t0[n]^2)·G[n]"

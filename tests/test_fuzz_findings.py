@@ -209,3 +209,30 @@ def test_fuzzer_finding_kernels_agree_to_round_off(tmp_path, name):
         for n in got[0]:
             scale = max(1.0, float(np.abs(got[0][n]).max()))
             assert np.abs(got[0][n] - got[1][n]).max() <= 1e-13 * scale, (n, dims)
+
+
+SATURATED_TANH = """\
+from gradtool.lang import *
+
+spec = Spec("m", "x")
+E = spec.dims("E")
+e, j = spec.indices(e=E, j=E)
+A = spec.input("A", E)
+B = spec.input("B", E)
+W = spec.param("W", E)
+t0 = spec.let("t0", [e], 2*Sum(A[j], j) + exp(W[e] / 4)*A[e] / (1 + B[e]**2))
+t1 = spec.let("t1", [e], 4*t0[e])
+t2 = spec.let("t2", [e], log(1 + t0[e]**2) + t1[e])
+t3 = spec.let("t3", [e], tanh(t1[e])*t2[e])
+spec.output("Y", [e], exp(tanh(t3[e])))
+"""
+
+
+def test_saturated_tanh_keeps_its_precision(tmp_path):
+    """Finding 11: with 1 − tanh² expanded, 8 of these 60 seeds lost all relative precision
+    where tanh saturates; factored, every one matches autograd."""
+    path = tmp_path / "saturated.py"
+    path.write_text(SATURATED_TANH)
+    d = derive(load_spec(path))
+    for seed in range(60):
+        assert_matches_autograd(d, seed=seed)

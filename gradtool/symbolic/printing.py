@@ -43,9 +43,127 @@ def _pretty(e, taken):
     return e.func(*[_pretty(a, taken) for a in e.args])
 
 
+def factored(expr: sp.Expr) -> sp.Expr:
+    """Sums over one range merged, small polynomials factored (see :func:`present`)."""
+    return _factor_polynomials(_merge_sums(expr))
+
+
 def present(expr: sp.Expr) -> sp.Expr:
-    """The form shown to people: common factors pulled out, readable bound indices."""
-    return prettify(sp.factor_terms(expr))
+    """The form shown to people: common factors pulled out, small polynomials factored
+    (``(1 − Y²)·(1 − t0²)``, not ``Y²t0² − Y² − t0² + 1``), readable bound indices."""
+    return prettify(_factor_polynomials(_merge_sums(sp.factor_terms(expr))))
+
+
+def _merge_sums(e):
+    """``8·Σ_e'(a) − 8·Σ_e'(b)`` → ``8·Σ_e'(a − b)``: sums over the same range whose
+    coefficients are numbers or sizes become one sum (whose body may then factor). A
+    coefficient that reads a tensor stays outside: x̂[n,d]·Σ_d'(…) is not Σ_d'(x̂[n,d]·…)."""
+    if not e.args or isinstance(e, (sp.Indexed, sp.IndexedBase)):
+        return e
+    args = [_merge_sums(a) for a in e.args]
+    e = e.func(*args) if args != list(e.args) else e
+    if not isinstance(e, sp.Add):
+        return e
+    groups, others = {}, []
+    for term in e.args:
+        coeff, sums = sp.S.One, []
+        for f in sp.Mul.make_args(term):
+            (sums if isinstance(f, sp.Sum) else [coeff]).append(f)
+            if not isinstance(f, sp.Sum):
+                coeff = coeff * f
+        if len(sums) != 1 or coeff.has(sp.Indexed) or len(sums[0].limits) != 1:
+            others.append(term)
+            continue
+        (var, lo, hi), = sums[0].limits
+        groups.setdefault((lo, hi), []).append((coeff, var, sums[0].function))
+    if not any(len(g) > 1 for g in groups.values()):
+        return e
+    out = list(others)
+    for (lo, hi), members in groups.items():
+        if len(members) == 1:
+            coeff, var, body = members[0]
+            out.append(coeff * sp.Sum(body, (var, lo, hi)))
+            continue
+        var = members[0][1]
+        common = sp.gcd_terms(sp.Add(*[c for c, _, _ in members]))
+        scale = sp.factor_terms(sp.Add(*[c for c, _, _ in members])).as_coeff_Mul()[0] \
+            if common else 1
+        scale = abs(scale) if scale else 1
+        body = sp.Add(*[(c / scale) * rename_bound(b, v, var) for c, v, b in members])
+        body = _factor_polynomials(sp.factor_terms(body))
+        if isinstance(body, sp.Add):  # nothing in common: the sums stay split
+            out += [c * sp.Sum(b, (v, lo, hi)) for c, v, b in members]
+            continue
+        outside = sp.Mul(*[f for f in sp.Mul.make_args(body) if var not in f.free_symbols])
+        body = sp.Mul(*[f for f in sp.Mul.make_args(body) if var in f.free_symbols])
+        out.append(scale * outside * sp.Sum(body, (var, lo, hi)))  # constants stay outside
+    return sp.Add(*out)
+
+
+def rename_bound(body, old, new):
+    return body if old == new else body.xreplace({old: new})
+
+
+_FACTOR_TERMS = 24  # larger sums are left as they are: factoring them costs more than it shows
+
+
+def _conjugate(f, g) -> bool:
+    """(x − c)·(x + c): two binomials whose product has two terms."""
+    if not (isinstance(f, sp.Add) and isinstance(g, sp.Add) and len(f.args) == len(g.args) == 2):
+        return False
+    product = sp.expand(f * g)
+    return isinstance(product, sp.Add) and len(product.args) == 2
+
+
+def _factor_polynomials(e):
+    """Factor each sum of products of tensor entries that factors. Besides being what a
+    textbook prints, a factored 1 − tanh² keeps its precision where tanh saturates (an
+    expanded X − tanh²·X is the difference of two nearly equal terms)."""
+    if isinstance(e, sp.Sum):
+        return sp.Sum(_factor_polynomials(e.function), *e.limits)
+    if not e.args or isinstance(e, (sp.Indexed, sp.IndexedBase, ArgMaxMask,
+                                    sp.KroneckerDelta, sp.Piecewise)) or \
+            isinstance(e, sp.Function):
+        return e
+    args = [_factor_polynomials(a) for a in e.args]
+    e = e.func(*args) if args != list(e.args) else e
+    if not isinstance(e, sp.Add):
+        return e
+    special = (sp.Sum, ArgMaxMask, sp.KroneckerDelta, sp.Piecewise)
+    plain = [t for t in e.args if not t.has(*special)]
+    if len(plain) < 2 or len(plain) > _FACTOR_TERMS:
+        return e
+    rest = [t for t in e.args if t.has(*special)]
+    part = sp.Add(*plain)
+    factored = _factor_one(part)
+    return e if factored is part else sp.Add(factored, *rest)
+
+
+def _factor_one(e):
+    """``e`` factored, with conjugate pairs joined, or ``e`` itself if that is not shorter."""
+    factored = sp.factor(e)
+    if not isinstance(factored, sp.Mul):
+        return e
+    factors, sign = [], 1
+    rest = list(sp.Mul.make_args(factored))
+    while rest:  # (x − c)(x + c) → x² − c², then 1 − x² rather than x² − 1
+        f = rest.pop(0)
+        mate = next((g for g in rest if _conjugate(f, g)), None)
+        if mate is not None:
+            rest.remove(mate)
+            f = sp.expand(f * mate)
+        if isinstance(f, sp.Add) and f.as_coeff_Add()[0] < 0:  # x² − 1 → −(1 − x²)
+            sign, f = -sign, -f
+        if f.is_Number and f < 0:
+            sign, f = -sign, -f
+        factors.append(f)
+    if sign < 0:  # −2·(T − X) → 2·(X − T): a sum without a constant term takes the sign
+        k = next((k for k, f in enumerate(factors)
+                  if isinstance(f, sp.Add) and f.as_coeff_Add()[0] == 0), None)
+        if k is not None:
+            sign, factors[k] = 1, -factors[k]
+    out = sign * sp.Mul(*factors)
+    return out if sp.count_ops(out) <= sp.count_ops(e) else e
 
 
 # -- plain text (index notation) ---------------------------------------------------------------

@@ -238,6 +238,13 @@ def _close(d: Derivation, name: str) -> None:
     # quotients into powers can blow it up instead, and then the form stays as it was
     if sp.count_ops(rewritten) <= sp.count_ops(closed):
         closed = rewritten
+    # sums over one range merged and small polynomials factored: 1 − tanh² stays one factor,
+    # which keeps its precision where tanh saturates (docs/fuzzing.md, finding 11)
+    # (only for what is reported: an intermediate's form is inlined and expanded again)
+    if name in {t.name for t in d.spec.grad_inputs}:
+        from gradtool.symbolic.printing import factored
+
+        closed = factored(closed)
     d.closed[name] = closed
 
 
