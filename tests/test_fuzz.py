@@ -23,9 +23,11 @@ see docs/fuzzing.md.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import signal
 import tempfile
 import zlib
 from dataclasses import dataclass, field
@@ -362,11 +364,34 @@ def _seed(source: str, salt: str) -> int:
 
 # -- properties -----------------------------------------------------------------------------
 
+_LIMIT = int(os.environ.get("GRADTOOL_FUZZ_TIME_LIMIT", "0"))
+
+
+@contextlib.contextmanager
+def _time_limit():
+    """With GRADTOOL_FUZZ_TIME_LIMIT=S, an example that runs longer than S seconds fails (and
+    prints its spec) instead of holding up a long run: how slow derivations are found."""
+    if not _LIMIT:
+        yield
+        return
+
+    def expire(*_):
+        raise TimeoutError(f"this example took longer than {_LIMIT} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(_LIMIT)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 @settings(FUZZ, max_examples=EXAMPLES_AUTOGRAD)
 @given(source=spec_sources(), shape=st.sampled_from(SHAPES))
 def test_derived_gradients_match_autograd(source, shape):
     note(source)
-    with tempfile.TemporaryDirectory() as folder:
+    with _time_limit(), tempfile.TemporaryDirectory() as folder:
         d = derive(_load(folder, source))
         assert_matches_autograd(d, seed=_seed(source, shape[0]), fixed=shape[1])
 
@@ -375,7 +400,7 @@ def test_derived_gradients_match_autograd(source, shape):
 @given(source=spec_sources())
 def test_generated_kernels_pass_every_check(source):
     note(source)
-    with tempfile.TemporaryDirectory() as folder:
+    with _time_limit(), tempfile.TemporaryDirectory() as folder:
         spec = _load(folder, source)
         rows = check_spec(spec, CheckOptions(cases=1,
                                              oracles=("fd", "autograd", "backends", "forward")))
@@ -394,7 +419,7 @@ DELTA_PROBLEMS = ("Kronecker delta", "index guard")
 @given(source=spec_sources())
 def test_printed_closed_form_is_the_closed_form(source):
     note(source)
-    with tempfile.TemporaryDirectory() as folder:
+    with _time_limit(), tempfile.TemporaryDirectory() as folder:
         d = derive(_load(folder, source))
     spec = d.spec
     rng = np.random.default_rng(_seed(source, "printed"))

@@ -45,6 +45,12 @@ def expand(expr) -> sp.Expr:
     return out.xreplace({v: k for k, v in keep.items()})
 
 
+# Folding inlines element-wise intermediates to find sums that vanish (Σ_d (X − μ) = 0), and
+# expands what it inlined. The vanishing sums of normalisation layers are small (layer norm's
+# largest is about 20 operations); past this size the expansion costs minutes and is skipped.
+INLINE_BUDGET = 60
+
+
 def count_sums(expr) -> int:
     return sum(1 for n in sp.preorder_traversal(expr) if isinstance(n, sp.Sum))
 
@@ -126,7 +132,7 @@ class Simplifier:
         if depth < 3 and any(access_name(a) in self.elementwise
                              for a in accesses(body, self.spec)):
             raw = self.inline_elementwise(body)
-            if not self._could_fold(raw):
+            if not self._could_fold(raw) or sp.count_ops(raw) > INLINE_BUDGET:
                 return summed  # inlining is only worth its (exponential) cost if a sum folds
             inlined = self(raw, depth + 1)
             candidate = self.sum_over(inlined, var, count, depth + 1)
