@@ -267,13 +267,15 @@ class ArrayPrinter:
         axes = self._union(num_arrs + den_arrs)
         full = set(axes)
         high_pairs = [(f, a) for f, a in pairs if set(a.axes) == full]
-        if len(high_pairs) == 1 and len(num_arrs) + len(den_arrs) > 1 and full and not any(
-                set(a.axes) == full for a in den_arrs):
+        if high_pairs and len(num_arrs) + len(den_arrs) > 1 and full:
             lows = [a for a in num_arrs if set(a.axes) != full]
-            low = self._quotient(lows, den_arrs)
+            low_den = [a for a in den_arrs if set(a.axes) != full]
+            low = self._quotient(lows, low_den) if lows or low_den else None
             if sign:
-                low = Arr(f"-{self.paren(low.code, low.prec, MUL + 1)}", low.axes, UNARY)
-            scaled = self._scale_in_place(*high_pairs[0], low, axes)
+                low = Arr("-1", (), UNARY) if low is None else \
+                    Arr(f"-{self.paren(low.code, low.prec, MUL + 1)}", low.axes, UNARY)
+            scaled = self._scale_in_place(high_pairs, [a for a in den_arrs
+                                                       if set(a.axes) == full], low, axes)
             if scaled is not None:
                 return scaled
         # scalars and vectors combine first (cheap), full-size factors last: γ/σ is one
@@ -294,9 +296,12 @@ class ArrayPrinter:
             return Arr(f"-1 * {self.paren(out.code, out.prec, MUL)}", out.axes, MUL)
         return Arr(sign + out.code, out.axes, UNARY if sign else out.prec)
 
-    def _scale_in_place(self, expr, arr: Arr, low: Arr, axes) -> Arr | None:
-        """``arr * low`` written as an in-place update of ``arr`` where the target can and
-        ``arr`` is a temporary nobody else holds; None to print it the ordinary way."""
+    def _scale_in_place(self, high: list, high_den: list, low: Arr | None,
+                        axes) -> Arr | None:
+        """A product of full-size factors ``high`` (expression, array pairs), full-size
+        divisors and a low-rank factor, written as in-place updates of one of the ``high``
+        arrays where the target can and that array is a temporary nobody else holds; None to
+        print it the ordinary way."""
         return None
 
     def _typed(self, num: list, den: list) -> list:

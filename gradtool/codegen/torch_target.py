@@ -98,11 +98,20 @@ class TorchPrinter(ArrayPrinter):
         return isinstance(expr, sp.Mul) and all(
             self._bool_only(f) or not self._is_array(f) for f in expr.args)
 
-    def _scale_in_place(self, expr, arr: Arr, low: Arr, axes) -> Arr | None:
-        if not self._fresh(expr, arr, axes):
+    def _scale_in_place(self, high: list, high_den: list, low: Arr | None,
+                        axes) -> Arr | None:
+        k = next((k for k, (f, a) in enumerate(high) if self._fresh(f, a, axes)), None)
+        if k is None:
             return None
-        factor = self.align(low, axes) if low.axes else low.code
-        return Arr(f"{self.paren(arr.code, arr.prec, ATOM)}.mul_({factor})", axes, ATOM)
+        code = self.paren(high[k][1].code, high[k][1].prec, ATOM)
+        for j, (_, a) in enumerate(high):
+            if j != k:
+                code += f".mul_({self.align(a, axes)})"
+        for a in high_den:
+            code += f".div_({self.align(a, axes)})"
+        if low is not None:
+            code += f".mul_({self.align(low, axes) if low.axes else low.code})"
+        return Arr(code, axes, ATOM)
 
     def _add_in_place(self, terms) -> Arr | None:
         """``a + b − c`` as ``a.add_(b).sub_(c)`` when ``a`` is a fresh full-size temporary."""
