@@ -49,7 +49,6 @@ class ArrayPrinter:
     SUM = "{x}.sum({axes})"
     MAX = "{x}.max({axes})"
     ref: str | None = None             # a tensor to take dtype and device from
-    ranges: dict = {}                  # index symbol -> its size expression
 
     def __init__(self, names: dict[str, str], temps: dict | None = None,
                  order: list | None = None):
@@ -59,6 +58,7 @@ class ArrayPrinter:
         self.imports: set[str] = set()        # what the emitted code used
         self.helpers: set[str] = set()        # module-level helper functions it calls
         self.scalars: dict = {}               # inlined CSE symbol -> its (scalar) value
+        self.ranges: dict = {}                # index symbol -> its size expression
 
     # -- axes ---------------------------------------------------------------------------------
     def _rank(self, sym) -> int:

@@ -91,12 +91,7 @@ class TorchPrinter(ArrayPrinter):
         return bool(axes) and tuple(arr.axes) == tuple(axes) \
             and isinstance(expr, (sp.Add, sp.Mul)) \
             and not self._VIEW.fullmatch(arr.code) and self._is_array(expr) \
-            and not self._bool_only(expr) and not self._is_mask_product(expr)
-
-    def _is_mask_product(self, expr) -> bool:
-        """``-1 * mask`` is an integer tensor: no float update fits in it."""
-        return isinstance(expr, sp.Mul) and all(
-            self._bool_only(f) or not self._is_array(f) for f in expr.args)
+            and not self._bool_only(expr)  # −1·mask is an integer tensor: no float fits in it
 
     def _scale_in_place(self, high: list, high_den: list, low: Arr | None,
                         axes) -> Arr | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import sympy as sp
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
@@ -85,11 +87,8 @@ def _merge_sums(e):
             out.append(coeff * sp.Sum(body, (var, lo, hi)))
             continue
         var = members[0][1]
-        common = sp.gcd_terms(sp.Add(*[c for c, _, _ in members]))
-        scale = sp.factor_terms(sp.Add(*[c for c, _, _ in members])).as_coeff_Mul()[0] \
-            if common else 1
-        scale = abs(scale) if scale else 1
-        body = sp.Add(*[(c / scale) * rename_bound(b, v, var) for c, v, b in members])
+        scale = abs(functools.reduce(sp.gcd, [c.as_coeff_Mul()[0] for c, _, _ in members]))
+        body = sp.Add(*[(c / scale) * b.xreplace({v: var}) for c, v, b in members])
         body = _factor_polynomials(sp.factor_terms(body))
         if isinstance(body, sp.Add):  # nothing in common: the sums stay split
             out += [c * sp.Sum(b, (v, lo, hi)) for c, v, b in members]
@@ -98,10 +97,6 @@ def _merge_sums(e):
         body = sp.Mul(*[f for f in sp.Mul.make_args(body) if var in f.free_symbols])
         out.append(scale * outside * sp.Sum(body, (var, lo, hi)))  # constants stay outside
     return sp.Add(*out)
-
-
-def rename_bound(body, old, new):
-    return body if old == new else body.xreplace({old: new})
 
 
 _FACTOR_TERMS = 24  # larger sums are left as they are: factoring them costs more than it shows
