@@ -382,6 +382,13 @@ def _time_limit():
     signal.alarm(_LIMIT)
     try:
         yield
+    except TimeoutError:
+        # an interrupted SymPy call can leave half-built entries in its caches (later
+        # examples then fail with KeyError: 'infinite'): start the next one clean
+        from sympy.core.cache import clear_cache
+
+        clear_cache()
+        raise
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)

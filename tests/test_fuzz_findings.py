@@ -149,6 +149,22 @@ t2 = spec.let("t2", [n, d, e], ((Sum(A[i], i)) + (((t0[n, d, e])**2) + 3)) + (t1
 t3 = spec.let("t3", [n, d, e], (tanh(Sum((A[i])*(t0[i, d, e]), i))) + (t2[n, d, e]))
 spec.output("Y", [n, d, e], (tanh((t1[n, d, e]) + (t1[n, d, e]))) + (t3[n, d, e]))
 """,
+    "quotient_of_a_chain": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz", "a random spec")
+N = spec.dims("N")
+n, i = spec.indices(n=N, i=N)
+A = spec.input("A", N)
+B = spec.input("B", N)
+W = spec.param("W", N, init="normal")
+alpha = spec.hyper("alpha", 0.7)
+t0 = spec.let("t0", [n], (exp((A[n]) / 4)) / 2)
+t1 = spec.let("t1", [n], ((Sum(B[i], i)) + ((t0[n]) + (A[n])))*(B[n]))
+t2 = spec.let("t2", [], Sum(t1[i], i))
+t3 = spec.let("t3", [n], ((t1[n]) + 3) + (t2))
+spec.output("Y", [n], (2*(t1[n])) / (1 + (t3[n])**2))
+""",
     "constant_output": """\
 from gradtool.lang import *
 

@@ -49,6 +49,9 @@ def expand(expr) -> sp.Expr:
 # expands what it inlined. The vanishing sums of normalisation layers are small (layer norm's
 # largest is about 20 operations); past this size the expansion costs minutes and is skipped.
 INLINE_BUDGET = 60
+# Matching a term against a definition whose body is a sum needs polynomial cancellation, which
+# grows fast with the term; a product body matches by cancelling equal factors alone.
+CANCEL_BUDGET = 40
 
 
 def count_sums(expr) -> int:
@@ -179,7 +182,10 @@ class Simplifier:
             if len(set(mapping.values())) != len(mapping):
                 continue  # Σ_k A[k]/B[k] is not t[k] = Σ_k A[k]/B[d]: the sum index is its own
             pattern = rename(d.body, mapping)
-            ratio = sp.cancel(body / pattern)
+            ratio = body / pattern  # equal factors cancel as SymPy builds the quotient
+            if (var in ratio.free_symbols or ratio.has(sp.Indexed)) and \
+                    isinstance(pattern, sp.Add) and sp.count_ops(body) <= CANCEL_BUDGET:
+                ratio = sp.cancel(ratio)  # a sum in the definition: Σ (a + b)·c = c·t
             if var in ratio.free_symbols or ratio.has(sp.Indexed) or accesses(ratio, self.spec):
                 continue
             if ratio.free_symbols - set(self.spec.dim_symbols.values()) \
