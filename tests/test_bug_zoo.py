@@ -13,6 +13,7 @@ from gradtool.check.runner import CheckOptions, check_spec
 from gradtool.spec.loader import builtin_specs, load_spec
 
 SQUARE = {"fixed": {"I": 4, "O": 4}}  # dW and dWᵀ have the same shape only when I = O
+OVERLAP = {"fixed": {"S": 1, "K": 3}}  # windows overlap only when the stride is below the size
 
 
 def layer(target: str):
@@ -50,6 +51,8 @@ BUGGY = [
     ("leaky_relu", "torch_functions:LeakyReLUWrongSide", "X", None, {}),
     ("softmax_cross_entropy", "torch_functions:SoftmaxCrossEntropyNoMean", "X", "global scale",
      {}),
+    ("conv2d", "conv:Conv2dOverwritesOverlap", "X", None, OVERLAP),
+    ("maxpool2d", "conv:MaxPool2dEveryElement", "X", None, {}),
 ]
 
 # (spec, buggy layer, contract that must fail)
@@ -77,6 +80,9 @@ CORRECT = [
     ("leaky_relu", "torch_functions:LeakyReLU", {}),
     ("softmax_cross_entropy", "torch_functions:SoftmaxCrossEntropy", {}),
     ("layernorm", "layernorm:LayerNorm", {"fixed": {"N": 32, "D": 64}, "cases": 1}),
+    ("conv2d", "conv:Conv2d", {}),
+    ("conv2d", "conv:Conv2d", OVERLAP),
+    ("maxpool2d", "conv:MaxPool2d", {}),
 ]
 
 
