@@ -54,9 +54,11 @@ def test_generation_is_deterministic():
 def test_contractions_are_einsums_and_common_terms_are_named():
     assert 'torch.einsum("no,oi->ni", G, W)' in generate("linear", "torch")
     source = generate("layernorm", "torch")
-    assert "dgamma = (G * xhat).sum(0)" in source  # a row-wise dot product is not an einsum
-    assert "G_gamma = gamma * G" in source  # the common subexpression G·γ, named after the math
-    assert source.count("gamma * G") == 1  # ... and reused where dX needs it over (n, d)
+    # G·x̂, which dγ sums over n and dX's Σ_d' G·γ·x̂ sums over d', is computed once and named
+    # after the math; the sums against γ are matrix-vector products
+    assert "G_xhat = G * xhat" in source and "dgamma = G_xhat.sum(0)" in source
+    assert "(G_xhat @ gamma)" in source and "(G @ gamma)" in source
+    assert source.count("gamma * G") == 1  # G·γ once, updated in place into dX
     batchnorm = generate("batchnorm", "torch")
     assert batchnorm.count("(G * xhat).sum(0)") == 1  # shared by dX and dgamma
     assert "ctx.save_for_backward(*saved)" in source

@@ -309,6 +309,12 @@ class ArrayPrinter:
         lose precision converts them here."""
         return [a for _, a in num]
 
+    def _is_array(self, f) -> bool:
+        """A tensor value (not a Python number): reads a tensor or a tensor-valued term."""
+        return any(isinstance(n, sp.Indexed) or (n in self.temps and self.temps[n].axes)
+                   or (isinstance(n, sp.Symbol) and n.name in self.scalar_tensors)
+                   for n in sp.preorder_traversal(f))
+
     def _bool_only(self, e) -> bool:
         """Does ``e`` lower to a boolean (or integer) array: masks and numbers only?"""
         if isinstance(e, (ArgMaxMask, sp.Heaviside, sp.Rel, sp.And, sp.Or, sp.Not)):
@@ -452,7 +458,10 @@ class ArrayPrinter:
         if len(operands) >= 2:
             arrs = [self.lower(f) for f in operands]
             union = set(self._union(arrs))
-            if any(set(a.axes) == union for a in arrs):
+            product = self._matvec(operands, arrs, over)
+            if product is not None:
+                inner = product
+            elif any(set(a.axes) == union for a in arrs):
                 # Σ_d G[n,d]·x̂[n,d]: no operand grows, so multiply then sum (a BLAS-free
                 # einsum is several times slower on CPU for this)
                 inner = self._reduce(self._product(arrs), over, self.SUM)
@@ -494,6 +503,22 @@ class ArrayPrinter:
         self.helpers.add(self.SCATTER)
         code = f"{self.SCATTER}({values}, {index.code}, {size.code}, {len(lead)})"
         return Arr(code, lead + (h,), ATOM)
+
+    def _matvec(self, operands, arrs, over) -> Arr | None:
+        """Σ_d A[n,d]·v[d] as ``A @ v`` (and Σ_n v[n]·A[n,d] as ``v @ A``): a BLAS
+        matrix-vector product reads A once and writes no temporary."""
+        if len(arrs) != 2 or any(self._bool_only(f) for f in operands):
+            return None
+        (big, vec) = sorted(arrs, key=lambda a: -len(a.axes))
+        if len(vec.axes) != 1 or len(big.axes) != 2 or set(over) & set(big.axes) != \
+                set(vec.axes) or vec.axes[0] not in big.axes:
+            return None
+        a, v = self.paren(big.code, big.prec, ATOM), self.paren(vec.code, vec.prec, ATOM)
+        # ADD precedence: written in parentheses next to a factor, (1/D)·(A @ v) is not
+        # the full-size ((1/D)·A) @ v
+        if big.axes[1] == vec.axes[0]:
+            return Arr(f"{a} @ {v}", (big.axes[0],), ADD)
+        return Arr(f"{v} @ {a}", (big.axes[1],), ADD)
 
     def _product(self, arrs) -> Arr:
         """Element-wise product in the layout of its largest factor (no transposes), lowest

@@ -265,6 +265,7 @@ class Module:
         d, spec = self.d, self.spec
         forms = self.closed_forms()
         exprs = [_canonical_bound(e) for _, e, _ in forms]
+        exprs, products = _shared_products(exprs, set(self.names.values()))
         replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"),
                                        optimizations=None, order="none")
         seeds = [self.names[self.seed_names[o.target]] for o in self.outputs
@@ -293,6 +294,12 @@ class Module:
         printer.ranges = dict(d.program.ranges)
         body = list(size_lines)
         taken = set(self.names.values())
+        for name, (value, idx) in products.items():  # G_xhat = G * xhat, shared by two sums
+            printer.names[name] = name
+            shape = tuple(printer.lower(sp.sympify(d.program.ranges.get(i, 1))).code
+                          for i in idx)
+            body.append(f"{name} = {printer.assign(value, idx, shape)}")
+            taken.add(name)
         for sym, value in replacements:
             if not value.has(sp.Indexed) and not (value.free_symbols & set(printer.temps)):
                 arr = printer.lower(value)   # a scalar such as 1/D: inline it
@@ -344,6 +351,64 @@ def _canonical_bound(expr, depth: int = 0):
     if not expr.args or isinstance(expr, (sp.Indexed, sp.IndexedBase)):
         return expr
     return expr.func(*[_canonical_bound(a, depth) for a in expr.args])
+
+
+def _shared_products(exprs, taken) -> tuple[list, dict]:
+    """Name an element-wise product that sums in different gradients share up to the names
+    of their indices: Σ_d' G[n,d']·γ[d']·x̂[n,d'] and Σ_n' G[n',d]·x̂[n',d] both read G·x̂,
+    which is then computed once (and the first sum becomes a matrix-vector product)."""
+    found: dict = {}
+    for e in exprs:
+        for node in sp.preorder_traversal(e):
+            if not isinstance(node, sp.Sum):
+                continue
+            for idx, factors in _same_index_factors(node.function).items():
+                if len(factors) < 2:
+                    continue
+                core = sp.Mul(*factors)
+                key = core.xreplace({s: sp.Symbol(f"_p{k}", integer=True)
+                                     for k, s in enumerate(idx)})
+                found.setdefault(key, {}).setdefault(node, idx)
+    products = {}
+    subs = {}
+    for key, uses in found.items():
+        if len(uses) < 2:  # one sum, maybe repeated: the usual common-term pass covers it
+            continue
+        idx = next(iter(uses.values()))
+        value = key.xreplace({sp.Symbol(f"_p{k}", integer=True): s for k, s in enumerate(idx)})
+        name = _temp_name(value, taken)
+        taken = taken | {name}
+        products[name] = (value, idx)
+        subs[key] = sp.IndexedBase(name)
+    if not products:
+        return exprs, {}
+
+    def rewrite(e):
+        if isinstance(e, sp.Sum):
+            body = rewrite(e.function)
+            for idx, factors in _same_index_factors(body).items():
+                core = sp.Mul(*factors)
+                key = core.xreplace({s: sp.Symbol(f"_p{k}", integer=True)
+                                     for k, s in enumerate(idx)})
+                if len(factors) >= 2 and key in subs:
+                    body = body / core * subs[key][idx]
+            return sp.Sum(body, *e.limits)
+        if not e.args or isinstance(e, sp.Indexed):
+            return e
+        return e.func(*[rewrite(a) for a in e.args])
+
+    return [rewrite(e) for e in exprs], products
+
+
+def _same_index_factors(body) -> dict:
+    """Factors of a product that read a tensor with the same index tuple (of two or more
+    distinct plain indices), grouped by that tuple."""
+    groups: dict = {}
+    for f in sp.Mul.make_args(body):
+        if isinstance(f, sp.Indexed) and len(f.indices) >= 2 and \
+                len(set(f.indices)) == len(f.indices) and all(i.is_Symbol for i in f.indices):
+            groups.setdefault(tuple(f.indices), []).append(f)
+    return groups
 
 
 def _temp_name(value, taken) -> str:

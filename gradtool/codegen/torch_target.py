@@ -72,7 +72,7 @@ class TorchPrinter(ArrayPrinter):
         if any(self._column(a, axes) for a in (rest, small, big)):
             # measured at 256×1024: addcmul over a column-broadcast operand (x[:, None]) is
             # slower than the multiply and subtract it replaces
-            return super()._print_Add(e)
+            return self._add_in_place(terms) or super()._print_Add(e)
         first, second = self.align(rest, axes), self.align(big, axes)
         if is_number:
             return Arr(f"torch.add({first}, {second}, alpha={small.code})", axes, ATOM)
@@ -150,12 +150,6 @@ class TorchPrinter(ArrayPrinter):
     def _axes_of(self, f) -> set:
         """The index symbols ``f`` varies over (bound indices of inner sums excluded)."""
         return {s for s in self._indices_of(f) if s.is_integer and not s.is_positive}
-
-    def _is_array(self, f) -> bool:
-        """A tensor value (not a Python number): reads a tensor or a tensor-valued term."""
-        return any(isinstance(n, sp.Indexed) or (n in self.temps and self.temps[n].axes)
-                   or (isinstance(n, sp.Symbol) and n.name in self.scalar_tensors)
-                   for n in sp.preorder_traversal(f))
 
     def _print_Mul(self, e) -> Arr:
         """``L·(A − a·x̂ − b)`` with L low-rank is ``L·A − (L·a)·x̂ − L·b``: every full-size
