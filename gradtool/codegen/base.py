@@ -59,6 +59,7 @@ class ArrayPrinter:
         self.helpers: set[str] = set()        # module-level helper functions it calls
         self.scalars: dict = {}               # inlined CSE symbol -> its (scalar) value
         self.ranges: dict = {}                # index symbol -> its size expression
+        self._full: dict = {}                 # CSE symbol -> its definition, fully expanded
 
     # -- axes ---------------------------------------------------------------------------------
     def _rank(self, sym) -> int:
@@ -138,7 +139,7 @@ class ArrayPrinter:
             self.temps) - set(self.definitions) - {s for s in e.free_symbols
                                                     if not s.is_integer or s.is_positive}),
                       key=str)
-        target = self._expanded(e)
+        target = None
         for sym, value in self.definitions.items():
             if sym not in self.temps or type(value) is not type(e) or \
                     len(value.args) != len(e.args):
@@ -146,7 +147,10 @@ class ArrayPrinter:
             theirs = list(self.temps[sym].axes)
             if len(theirs) != len(mine):
                 continue
-            full = self._expanded(value)  # named terms inside carry no indices: expand them
+            target = self._expanded(e) if target is None else target
+            full = self._full.get(sym)  # named terms inside carry no indices: expand them
+            if full is None:
+                full = self._full[sym] = self._expanded(value)
             for perm in permutations(mine):
                 mapping = dict(zip(theirs, perm, strict=True))
                 if rename(full, mapping) == target:
@@ -156,8 +160,10 @@ class ArrayPrinter:
 
     def _expanded(self, e):
         """``e`` with every named common term replaced by its definition, recursively."""
-        while e.free_symbols & set(self.definitions):
-            e = e.xreplace({k: v for k, v in self.definitions.items() if k in e.free_symbols})
+        named = e.free_symbols & self.definitions.keys()
+        while named:
+            e = e.xreplace({k: self.definitions[k] for k in named})
+            named = e.free_symbols & self.definitions.keys()
         return e
 
     def _number(self, e) -> Arr:
