@@ -165,6 +165,20 @@ t2 = spec.let("t2", [], Sum(t1[i], i))
 t3 = spec.let("t3", [n], ((t1[n]) + 3) + (t2))
 spec.output("Y", [n], (2*(t1[n])) / (1 + (t3[n])**2))
 """,
+    "mask_minus_number": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz", "a random spec")
+N, D = spec.dims("N D")
+n, d, i, k = spec.indices(n=N, d=D, i=N, k=D)
+A = spec.input("A", N, D)
+B = spec.input("B", N, D)
+alpha = spec.hyper("alpha", 0.7)
+t0 = spec.let("t0", [n], Max(A[n, k], k))
+t1 = spec.let("t1", [n], (Sum(A[n, k], k) / D)*(t0[n]))
+t2 = spec.let("t2", [n], (t0[n]) + (-(t1[n])))
+spec.output("Y", [n, d], (Sum((B[i, d]) / 2, i)) + (t2[n]))
+""",
     "constant_output": """\
 from gradtool.lang import *
 
