@@ -357,41 +357,32 @@ def _shared_products(exprs, taken) -> tuple[list, dict]:
     """Name an element-wise product that sums in different gradients share up to the names
     of their indices: Σ_d' G[n,d']·γ[d']·x̂[n,d'] and Σ_n' G[n',d]·x̂[n',d] both read G·x̂,
     which is then computed once (and the first sum becomes a matrix-vector product)."""
-    found: dict = {}
+    found: dict = {}  # product with positional indices -> {sum that reads it: its indices}
     for e in exprs:
         for node in sp.preorder_traversal(e):
-            if not isinstance(node, sp.Sum):
-                continue
-            for idx, factors in _same_index_factors(node.function).items():
-                if len(factors) < 2:
-                    continue
-                core = sp.Mul(*factors)
-                key = core.xreplace({s: sp.Symbol(f"_p{k}", integer=True)
-                                     for k, s in enumerate(idx)})
-                found.setdefault(key, {}).setdefault(node, idx)
-    products = {}
-    subs = {}
+            if isinstance(node, sp.Sum):
+                for idx, core in _same_index_products(node.function).items():
+                    found.setdefault(_positional(core, idx), {}).setdefault(node, idx)
+    products, bases = {}, {}
     for key, uses in found.items():
         if len(uses) < 2:  # one sum, maybe repeated: the usual common-term pass covers it
             continue
         idx = next(iter(uses.values()))
-        value = key.xreplace({sp.Symbol(f"_p{k}", integer=True): s for k, s in enumerate(idx)})
+        value = key.xreplace({p: s for p, s in zip(_PLACES, idx)})
         name = _temp_name(value, taken)
         taken = taken | {name}
         products[name] = (value, idx)
-        subs[key] = sp.IndexedBase(name)
+        bases[key] = sp.IndexedBase(name)
     if not products:
         return exprs, {}
 
     def rewrite(e):
         if isinstance(e, sp.Sum):
             body = rewrite(e.function)
-            for idx, factors in _same_index_factors(body).items():
-                core = sp.Mul(*factors)
-                key = core.xreplace({s: sp.Symbol(f"_p{k}", integer=True)
-                                     for k, s in enumerate(idx)})
-                if len(factors) >= 2 and key in subs:
-                    body = body / core * subs[key][idx]
+            for idx, core in _same_index_products(body).items():
+                base = bases.get(_positional(core, idx))
+                if base is not None:
+                    body = body / core * base[idx]
             return sp.Sum(body, *e.limits)
         if not e.args or isinstance(e, sp.Indexed):
             return e
@@ -400,15 +391,23 @@ def _shared_products(exprs, taken) -> tuple[list, dict]:
     return [rewrite(e) for e in exprs], products
 
 
-def _same_index_factors(body) -> dict:
-    """Factors of a product that read a tensor with the same index tuple (of two or more
-    distinct plain indices), grouped by that tuple."""
+_PLACES = tuple(sp.Symbol(f"_p{k}", integer=True) for k in range(8))
+
+
+def _positional(core, idx):
+    """``G[n,d]·x̂[n,d]`` and ``G[n',d]·x̂[n',d]`` both as ``G[_p0,_p1]·x̂[_p0,_p1]``."""
+    return core.xreplace(dict(zip(idx, _PLACES)))
+
+
+def _same_index_products(body) -> dict:
+    """Index tuple -> the product of two or more factors of ``body`` that read a tensor with
+    exactly that tuple (of distinct plain indices)."""
     groups: dict = {}
     for f in sp.Mul.make_args(body):
-        if isinstance(f, sp.Indexed) and len(f.indices) >= 2 and \
+        if isinstance(f, sp.Indexed) and 2 <= len(f.indices) <= len(_PLACES) and \
                 len(set(f.indices)) == len(f.indices) and all(i.is_Symbol for i in f.indices):
             groups.setdefault(tuple(f.indices), []).append(f)
-    return groups
+    return {idx: sp.Mul(*fs) for idx, fs in groups.items() if len(fs) >= 2}
 
 
 def _temp_name(value, taken) -> str:

@@ -68,11 +68,9 @@ def _merge_sums(e):
         return e
     groups, others = {}, []
     for term in e.args:
-        coeff, sums = sp.S.One, []
-        for f in sp.Mul.make_args(term):
-            (sums if isinstance(f, sp.Sum) else [coeff]).append(f)
-            if not isinstance(f, sp.Sum):
-                coeff = coeff * f
+        factors = sp.Mul.make_args(term)
+        sums = [f for f in factors if isinstance(f, sp.Sum)]
+        coeff = sp.Mul(*[f for f in factors if not isinstance(f, sp.Sum)])
         if len(sums) != 1 or coeff.has(sp.Indexed) or len(sums[0].limits) != 1:
             others.append(term)
             continue

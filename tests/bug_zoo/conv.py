@@ -29,30 +29,24 @@ class Conv2d:
         for i in range(grad_out.shape[2]):
             for j in range(grad_out.shape[3]):
                 g = grad_out[:, :, i, j]
-                self.dW += np.tensordot(g, X[:, :, i * S:i * S + K, j * S:j * S + K],
-                                        axes=([0], [0]))
-                dX[:, :, i * S:i * S + K, j * S:j * S + K] += np.tensordot(g, self.W,
-                                                                            axes=([1], [0]))
+                window = (slice(None), slice(None), slice(i * S, i * S + K),
+                          slice(j * S, j * S + K))
+                self.dW += np.tensordot(g, X[window], axes=([0], [0]))
+                self.put(dX, window, np.tensordot(g, self.W, axes=([1], [0])))
         return dX
+
+    @staticmethod
+    def put(dX, window, value):
+        dX[window] += value
 
 
 class Conv2dOverwritesOverlap(Conv2d):
     """Bug: dX[window] = … instead of +=: where windows overlap (S < K), only the last
     window's contribution survives."""
 
-    def backward(self, grad_out):
-        X, S, K = self.X, self.S, self.W.shape[2]
-        dX = np.zeros_like(X)
-        self.dW = np.zeros_like(self.W)
-        self.db = grad_out.sum(axis=(0, 2, 3))
-        for i in range(grad_out.shape[2]):
-            for j in range(grad_out.shape[3]):
-                g = grad_out[:, :, i, j]
-                self.dW += np.tensordot(g, X[:, :, i * S:i * S + K, j * S:j * S + K],
-                                        axes=([0], [0]))
-                dX[:, :, i * S:i * S + K, j * S:j * S + K] = np.tensordot(g, self.W,
-                                                                           axes=([1], [0]))
-        return dX
+    @staticmethod
+    def put(dX, window, value):
+        dX[window] = value
 
 
 class MaxPool2d:
