@@ -1,0 +1,5 @@
+"""``python -m gradtool`` runs the command-line tool (the same as the ``gradtool`` script)."""
+
+from gradtool.cli import app
+
+app(prog_name="gradtool")
