@@ -61,6 +61,17 @@ def _fail(exc: BaseException, debug: bool) -> None:
     raise typer.Exit(1) from None
 
 
+def _positive_finite(value: float | None) -> float | None:
+    """Option callback: a tolerance must be a finite number above zero (``--tol inf`` would
+    pass every wrong layer, ``--tol nan`` fail every right one)."""
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} is not a finite number above zero "
+                                 "(e.g. --tol 1e-6)")
+    return value
+
+
 @app.command("specs")
 def specs_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
@@ -149,8 +160,9 @@ def check_cmd(
         "--map", metavar="SPEC=YOURS",
         help="With --impl: your name for a spec tensor, e.g. --map gamma=weight.")] = None,
     tol: Annotated[float | None, typer.Option(
-        "--tol", help="Relative tolerance (default: 1e-6 against finite differences, 1e-9 "
-                      "against exact oracles, 1e-4 in float32 mode).")] = None,
+        "--tol", callback=_positive_finite,
+        help="Relative tolerance (default: 1e-6 against finite differences, 1e-9 against exact "
+             "oracles, 1e-4 in float32 mode).")] = None,
     float32: Annotated[bool, typer.Option(
         "--float32", help="Also run the kernels in float32 against the float64 oracles.")]
     = False,
@@ -225,18 +237,16 @@ def _run_checks(names, impl, mapping, tol, float32, order, shapes, seed, quiet):
 
 def _emit_code(spec: str, target: str | None, output: str | None, debug: bool) -> None:
     try:
-        from pathlib import Path
-
-        from gradtool.codegen.cache import write_atomic
         from gradtool.codegen.emit import TARGETS, generate
         from gradtool.errors import GradtoolError
+        from gradtool.fileio import write_user_file
 
         if target not in TARGETS:
             what = "--code needs a target" if target is None else f"unknown code target {target!r}"
             raise GradtoolError(what, hint="use --code numpy or --code torch")
         source = generate(spec, target)
         if output:
-            write_atomic(Path(output), source)
+            write_user_file(output, source)
     except Exception as exc:  # noqa: BLE001
         _fail(exc, debug)
     if output:

@@ -19,14 +19,20 @@ from gradtool.symbolic.reverse import Derivation, derive
 
 def parse_shape(shape: str | None) -> dict[str, int] | None:
     """``"N=2,D=3"`` → ``{"N": 2, "D": 3}``."""
-    if not shape:
+    if shape is None:
         return None
     sizes = {}
     for part in shape.replace(" ", "").split(","):
         name, sep, value = part.partition("=")
-        if not sep or not name or not value.isdigit() or int(value) < 1:
+        # isdigit alone accepts '²'; sizes are plain ASCII decimals
+        if not sep or not name or not (value.isascii() and value.isdigit()) or int(value) < 1:
             raise GradtoolError(f"cannot read --shape part {part!r}",
                                 hint="write sizes as NAME=INT pairs, e.g. --shape N=2,D=3")
+        if name in sizes:
+            raise GradtoolError(f"--shape gives {name} twice", hint="give each size once")
+        if len(value) > 6:
+            raise GradtoolError(f"--shape {name}={value} is too large for an explicit matrix",
+                                hint="choose small sizes, e.g. --shape N=2,D=3")
         sizes[name] = int(value)
     return sizes
 

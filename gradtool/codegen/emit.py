@@ -439,10 +439,15 @@ def _source_name(spec: Spec) -> str:
     return spec.file
 
 
+def _doc(text: str) -> str:
+    """``text`` safe inside a triple-quoted docstring: backslashes and quotes escaped."""
+    return text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+
+
 def _header(spec: Spec, d: Derivation, target: str) -> list[str]:
     source = _source_name(spec)
     lines = [f"# @generated from {source} by gradtool {__version__} ({target}); do not edit",
-             f'"""{spec.name}: {spec.description}', "", "Forward:"]
+             f'"""{spec.name}: {_doc(spec.description)}', "", "Forward:"]
     lines += ["    " + r["text"] for r in _forward(d)]
     lines += ["", "Backward (G is the upstream gradient ∂L/∂output):"]
     lines += ["    " + r["text"] for r in _gradients(d)]
@@ -543,7 +548,7 @@ def _numpy_class(m: Module) -> list[str]:
                                             for h in hypers] + ["rng=None"]
     given = [names[x] for x in m.forward_missing]
     lines = [f"class {cname}:",
-             f'    """{spec.description} (NumPy, forward/backward in the style of course',
+             f'    """{_doc(spec.description)} (NumPy, forward/backward in the style of course',
              "    assignments). Parameters live in ``params``, their gradients in ``grads``",
              '    after ``backward``; state buffers in ``state``."""', "",
              f"    def __init__({', '.join(ctor)}):",
@@ -652,7 +657,7 @@ def _torch_classes(m: Module) -> list[str]:
     if any(t.init in ("uniform", "kaiming_uniform", "xavier_uniform") for t in params + states):
         m.imports.add("import math")
     lines += [f"class {cname}(torch.nn.Module):",
-              f'    """{spec.description}: parameters initialised as the spec says."""', "",
+              f'    """{_doc(spec.description)}: parameters initialised as the spec says."""', "",
               f"    def __init__({', '.join(ctor)}):", "        super().__init__()"]
     for h in hypers + m.forward_missing:
         lines.append(f"        self.{names[h]} = {names[h]}")

@@ -24,6 +24,7 @@ Every method records the line it was called from, so errors point into the spec 
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -148,9 +149,11 @@ class Hyper:
 
 
 def _caller_line() -> int | None:
-    # the first frame outside this module is the spec file's own line
+    # the first frame outside this module is the spec file's own line (the dataclass's
+    # generated __init__ runs with this module's globals, so it counts as inside)
     frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename == __file__:
+    while frame is not None and (frame.f_code.co_filename == __file__
+                                 or frame.f_globals is globals()):
         frame = frame.f_back
     return frame.f_lineno if frame is not None else None
 
@@ -171,6 +174,21 @@ class Spec:
     facts: list[Fact] = field(default_factory=list)
     reference_fn: object = None
     min_sizes: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        line = _caller_line()
+        if not isinstance(self.name, str) or not self.name.isidentifier() \
+                or not self.name.isascii():
+            raise self.error(f"the spec's name {self.name!r} is not a valid name", line,
+                             "use an ASCII identifier such as 'layernorm' or 'my_layer' "
+                             "(it names the generated class and the cached kernel files)")
+        for what in ("description", "reference"):
+            value = getattr(self, what)
+            if value is not None and not isinstance(value, str):
+                raise self.error(f"the spec's {what} must be text, got {value!r}", line,
+                                 f'write Spec("{self.name}", "what the layer computes")')
+        if self.description is None:
+            self.description = ""
 
     # -- errors ---------------------------------------------------------------------------
     def error(self, message: str, line: int | None = None, hint: str | None = None) -> SpecError:
@@ -286,6 +304,9 @@ class Spec:
         except (TypeError, ValueError):
             raise self.error(f"hyper-parameter `{name}` needs a number as default, "
                              f"got {default!r}", line) from None
+        if not math.isfinite(value):
+            raise self.error(f"hyper-parameter `{name}` has the default {value}", line,
+                             "give a finite number")
         sym = sp.Symbol(name, real=True, positive=True) if value > 0 else sp.Symbol(name, real=True)
         self.hypers[name] = Hyper(sym, value, line)
         return sym

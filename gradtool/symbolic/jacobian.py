@@ -8,6 +8,7 @@ row of the Jacobian. Delta elimination then leaves softmax's ``S[n,j](δ(j,c) �
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import sympy as sp
@@ -115,11 +116,14 @@ def explicit_matrix(d: Derivation, jac: Jacobian, sizes: dict[str, int],
                             hint="dimensions of this spec: " + ", ".join(spec.dim_symbols))
     out_dims = [int(d.program.ranges[i].subs(values)) for i in jac.out_idx]
     in_dims = [int(d.program.ranges[i].subs(values)) for i in jac.in_idx]
+    # count before listing: --shape N=100000 must fail at once, not after building the lists
+    n_rows, n_cols = math.prod(out_dims), math.prod(in_dims)
+    if n_rows * n_cols > limit:
+        raise GradtoolError(f"the explicit Jacobian would have {n_rows}×{n_cols} entries "
+                            f"(at most {limit} are shown)",
+                            hint="choose smaller sizes with --shape")
     rows = list(itertools.product(*[range(n) for n in out_dims]))
     cols = list(itertools.product(*[range(n) for n in in_dims]))
-    if len(rows) * len(cols) > limit:
-        raise GradtoolError(f"the explicit Jacobian would have {len(rows)}×{len(cols)} "
-                            "entries", hint="choose smaller sizes with --shape")
     base = jac.expr.xreplace(values)
     matrix = sp.zeros(len(rows), len(cols))
     for r, row in enumerate(rows):
