@@ -18,9 +18,7 @@ Two shapes of implementation are understood:
 from __future__ import annotations
 
 import copy
-import importlib.util
 import inspect
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ import numpy as np
 from gradtool.check.kernels import to_numpy
 from gradtool.errors import GradtoolError
 from gradtool.spec.lang import Spec
+from gradtool.usercode import UserCodeError, import_file, line_in, running
 
 
 class ImplError(GradtoolError):
@@ -45,17 +44,7 @@ def load_impl(target: str):
         raise ImplError(f"implementation file {path_text} does not exist",
                         hint="check the path given to --impl")
     module_name = f"gradtool_impl_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except SyntaxError as exc:
-        raise ImplError(f"syntax error: {exc.msg}", file=str(path), line=exc.lineno,
-                        hint="fix the Python syntax on that line") from None
-    except Exception as exc:  # noqa: BLE001 - the user's module raised while importing
-        raise ImplError(f"importing it raised {type(exc).__name__}: {exc}", file=str(path),
-                        hint="the file must import cleanly") from None
+    module = import_file(path, module_name)
     if not hasattr(module, name):
         found = [n for n, v in vars(module).items() if inspect.isclass(v)
                  and v.__module__ == module_name]
@@ -82,6 +71,14 @@ def make_subject(spec: Spec, obj, mapping: dict[str, str] | None = None):
                     hint="see docs/checking-your-layer.md for the shapes gradtool understands")
 
 
+def _file_of(obj) -> str:
+    """The file that defines ``obj`` (for error locations)."""
+    try:
+        return inspect.getsourcefile(obj) or "<unknown>"
+    except TypeError:
+        return "<unknown>"
+
+
 def _values(spec: Spec, dims: dict) -> dict:
     values = {name: h.default for name, h in spec.hypers.items()}
     values.update({str(k): int(v) for k, v in dims.items()})
@@ -93,6 +90,7 @@ class NumpyLayerSubject:
 
     def __init__(self, spec: Spec, cls, mapping):
         self.spec, self.cls, self.mapping = spec, cls, mapping
+        self.file = _file_of(cls)
         self.params = [t.name for t in spec.tensors.values() if t.kind in ("param", "state")]
         self.data = [t.name for t in spec.tensors.values() if t.kind == "input"]
         self.grads = [t.name for t in spec.grad_inputs]
@@ -118,11 +116,8 @@ class NumpyLayerSubject:
                                     f"`{p.name}`", hint="name __init__ arguments after the "
                                     "spec's sizes and hyper-parameters, give them defaults, or "
                                     "map them with --map")
-        try:
+        with running(f"{self.cls.__name__}(**{kwargs})", self.file):
             layer = self.cls(**kwargs)
-        except Exception as exc:  # noqa: BLE001
-            raise ImplError(f"{self.cls.__name__}(**{kwargs}) raised {type(exc).__name__}: "
-                            f"{exc}") from None
         for name in self.params:
             value = np.array(inputs[name], dtype=np.float64)
             store = getattr(layer, "params", None)
@@ -168,19 +163,11 @@ class NumpyLayerSubject:
     def run(self, inputs, dims, upstream):
         layer = self.build(inputs, dims)
         data = [np.array(inputs[n], dtype=np.float64) for n in self.data]
-        try:
+        with running(f"{self.cls.__name__}.forward({', '.join(self.data)})", self.file):
             out = layer.forward(*data)
-        except Exception as exc:  # noqa: BLE001
-            raise ImplError(f"{self.cls.__name__}.forward raised {type(exc).__name__}: {exc}",
-                            hint=f"it is called as forward({', '.join(self.data)})") from None
         outs = out if isinstance(out, tuple) and len(self.outputs) > 1 else (out,)
-        try:
+        with running(f"{self.cls.__name__}.backward", self.file):
             returned = self._backward(layer, upstream)
-        except ImplError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise ImplError(f"{self.cls.__name__}.backward raised {type(exc).__name__}: "
-                            f"{exc}") from None
         grads = {}
         data_grads = [n for n in self.grads if n in self.data]
         if data_grads:
@@ -208,20 +195,23 @@ class NumpyLayerSubject:
         layer = self.build(inputs, dims)
         data = [np.array(inputs[n], dtype=np.float64) for n in self.data]
         before = [d.copy() for d in data]
-        layer.forward(*data)
+        with running(f"{self.cls.__name__}.forward({', '.join(self.data)})", self.file):
+            layer.forward(*data)
         ups = {o: (np.array(v) if np.ndim(v) else v) for o, v in upstream.items()}
         kept = copy.deepcopy(ups)  # backward receives ``ups`` itself: did it change them?
 
         try:
-            first = self._collect(layer, self._backward(layer, ups, copy_inputs=False))
+            with running(f"{self.cls.__name__}.backward", self.file):
+                first = self._collect(layer, self._backward(layer, ups, copy_inputs=False))
             if not all(np.all(np.isfinite(g)) for g in first.values()):
                 return [("finite gradients", False, "backward returned NaN or inf; the "
                          "contract checks need finite gradients")]
-            again = self._collect(layer, self._backward(layer, kept))
-            doubled = {o: v * 2.0 for o, v in kept.items()}
-            twice = self._collect(layer, self._backward(layer, doubled))
-        except Exception as exc:  # noqa: BLE001
-            return [("repeatable", False, f"calling backward again raised {exc}")]
+            with running(f"{self.cls.__name__}.backward, called again", self.file):
+                again = self._collect(layer, self._backward(layer, kept))
+                doubled = {o: v * 2.0 for o, v in kept.items()}
+                twice = self._collect(layer, self._backward(layer, doubled))
+        except UserCodeError as exc:
+            return [("repeatable", False, f"calling backward again failed: {exc.message}")]
         same = all(np.allclose(first[k], again[k], rtol=1e-12, atol=1e-14) for k in first)
         results.append(("repeatable", same, "" if same else
                         "a second backward with the same grad_out gave a different result "
@@ -254,6 +244,7 @@ class TorchFunctionSubject:
 
     def __init__(self, spec: Spec, fn, mapping):
         self.spec, self.fn, self.mapping = spec, fn, mapping
+        self.file = _file_of(fn)
         self.grads = [t.name for t in spec.grad_inputs]
         self.outputs = [s.target for s in spec.statements if s.kind == "output"]
         params = list(inspect.signature(fn.forward).parameters)[1:]  # drop ctx
@@ -277,11 +268,8 @@ class TorchFunctionSubject:
                 raise ImplError(f"{self.fn.__name__}.forward takes `{p}`, which is not a "
                                 f"tensor, hyper-parameter or size of {self.spec.name}",
                                 hint="name its arguments after the spec, or use --map")
-        try:
+        with running(f"{self.fn.__name__}.apply", self.file):
             out = self.fn.apply(*args)
-        except Exception as exc:  # noqa: BLE001
-            raise ImplError(f"{self.fn.__name__}.apply raised {type(exc).__name__}: "
-                            f"{exc}") from None
         outs = out if isinstance(out, tuple) else (out,)
         loss = sum((torch.as_tensor(upstream[o], dtype=torch.float64) * y).sum()
                    for o, y in zip(self.outputs, outs, strict=False))
@@ -290,11 +278,13 @@ class TorchFunctionSubject:
         if missing:
             raise ImplError(f"{self.fn.__name__}.forward does not take "
                             f"{', '.join(missing)}", hint="add them as arguments")
-        try:
-            got = torch.autograd.grad(loss, [leaves[k] for k in wrt], allow_unused=True)
-        except Exception as exc:  # noqa: BLE001
-            raise ImplError(f"{self.fn.__name__}.backward raised {type(exc).__name__}: "
-                            f"{exc}") from None
+        with running(f"{self.fn.__name__}.backward", self.file):
+            try:
+                got = torch.autograd.grad(loss, [leaves[k] for k in wrt], allow_unused=True)
+            except RuntimeError as exc:  # autograd's own complaint about the Function
+                if line_in(exc.__traceback__, self.file):
+                    raise
+                raise ImplError(f"{self.fn.__name__}.backward: {exc}") from None
         grads = {k: (np.zeros(np.shape(inputs[k])) if g is None else to_numpy(g))
                  for k, g in zip(wrt, got, strict=True)}
         state = {s.target: to_numpy(leaves[s.target]) for s in self.spec.statements

@@ -12,6 +12,7 @@ Oracles, each compared per differentiable input on random float64 data of severa
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import zlib
 from collections.abc import Callable
@@ -213,7 +214,7 @@ def check_spec(spec: Spec, options: CheckOptions | None = None, subject=None,
             upstream = {o: (1.0 if not np.ndim(v) else v) for o, v in upstream.items()}
         if progress:
             progress(f"{spec.name} {shape}")
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), _at_shape(shape, subject):
             outs, grads, state = subject.run(inputs, dims, upstream)
         ctx = dict(spec=spec, d=d, dims=dims, inputs=inputs, upstream=upstream, shape=shape,
                    outs=outs, grads=grads, state=state, options=options, rng=rng,
@@ -233,10 +234,24 @@ def check_spec(spec: Spec, options: CheckOptions | None = None, subject=None,
         if options.order >= 2 and subject.name == "derived":
             rows += _second_order_rows(**ctx)
         if case_no == 0 and hasattr(subject, "contract"):
-            for what, ok, why in subject.contract(inputs, dims, upstream):
+            with _at_shape(shape, subject):
+                contract = subject.contract(inputs, dims, upstream)
+            for what, ok, why in contract:
                 rows.append(Row(spec.name, "backward", f"contract: {what}", shape, 0.0, 0.0,
                                 None, None, None, 0.0, ok, why))
     return rows
+
+
+@contextlib.contextmanager
+def _at_shape(shape: str, subject):
+    """A hand-written layer's error names the sizes it was called with (a layer that fails
+    only at N = 1, because of a ``squeeze()``, is a real finding)."""
+    try:
+        yield
+    except GradtoolError as exc:
+        if subject.name != "derived" and "(called with " not in exc.message:
+            exc.message += f" (called with {shape})"
+        raise
 
 
 def _exact_tol(options, scale) -> float:

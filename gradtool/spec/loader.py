@@ -13,6 +13,7 @@ from sympy.tensor.indexed import IndexException
 
 from gradtool.errors import SpecError
 from gradtool.spec.lang import MaxOver, Spec, SumOver
+from gradtool.usercode import running
 
 # Functions the engine can differentiate; anything else in a spec is reported.
 DIFFERENTIABLE = (
@@ -75,20 +76,27 @@ def load_spec(name_or_path: str | os.PathLike) -> Spec:
     path = resolve(str(name_or_path))
     filename = str(path)
     try:
-        source = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
+        # bytes: compile() honours a PEP 263 coding line (a latin-1 spec file is valid Python)
+        source = path.read_bytes()
+    except OSError as exc:
         raise SpecError(f"cannot read spec file: {exc}", file=filename) from None
     if not source.strip():
         raise SpecError("the spec file is empty", file=filename,
                         hint="a spec file builds one Spec; see docs/spec-language.md")
     try:
         code = compile(source, filename, "exec")
-    except SyntaxError as exc:
+    except (SyntaxError, UnicodeDecodeError) as exc:
+        if isinstance(exc, UnicodeDecodeError):
+            raise SpecError(f"the file is not UTF-8 ({exc.reason} at byte {exc.start})",
+                            file=filename, hint="save it as UTF-8, or declare its encoding "
+                            "on the first line: # -*- coding: latin-1 -*-") from None
         raise SpecError(f"syntax error: {exc.msg}", file=filename, line=exc.lineno,
                         hint="fix the Python syntax on that line") from None
     namespace = {"__name__": f"gradtool_spec_{path.stem}", "__file__": filename}
     try:
-        exec(code, namespace)
+        # stdout to stderr, sys.exit and the time limit become errors; exceptions pass on
+        with running("running the spec", filename, passthrough=(Exception,)):
+            exec(code, namespace)
     except SpecError as exc:
         exc.file = exc.file or filename
         raise

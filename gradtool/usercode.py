@@ -1,0 +1,166 @@
+"""Running code gradtool is given: spec files and people's own layers.
+
+gradtool imports and executes the files it is pointed at, as a test runner does. This module is
+the one guard around that code:
+
+* its ``print`` output goes to stderr, so stdout carries only gradtool's report (``--json``);
+* ``sys.exit``, ``KeyboardInterrupt`` raised by the code, and any exception become one
+  :class:`UserCodeError` naming the file and line and the call that was running;
+* a time limit (``GRADTOOL_TIMEOUT`` seconds, 60 by default; ``0`` turns it off) stops an
+  endless loop with an error naming the call;
+* a file is imported with its own folder (and the root of the package it sits in) on the import
+  path and with ``sys.argv`` set to ``[file]``, as ``python file.py`` would see it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+from gradtool.errors import GradtoolError
+
+DEFAULT_TIMEOUT = 60.0
+
+
+class UserCodeError(GradtoolError):
+    """Code gradtool was given (a spec file, a layer) raised, exited or ran past its time."""
+
+
+class _TimeLimit(BaseException):
+    """Raised by the alarm; a BaseException so that the user's ``except Exception`` cannot
+    swallow it."""
+
+
+def time_limit() -> float:
+    """Seconds user code may run per call: ``$GRADTOOL_TIMEOUT``, else 60; 0 means none."""
+    text = os.environ.get("GRADTOOL_TIMEOUT", "")
+    try:
+        value = float(text) if text else DEFAULT_TIMEOUT
+    except ValueError:
+        raise GradtoolError(f"GRADTOOL_TIMEOUT={text!r} is not a number of seconds",
+                            hint="e.g. GRADTOOL_TIMEOUT=120, or 0 for no limit") from None
+    if value < 0 or value != value:
+        raise GradtoolError(f"GRADTOOL_TIMEOUT={text!r} is not a number of seconds",
+                            hint="e.g. GRADTOOL_TIMEOUT=120, or 0 for no limit")
+    return value
+
+
+def line_in(tb, filename: str) -> int | None:
+    """The deepest line of ``filename`` in a traceback."""
+    line = None
+    for frame in traceback.extract_tb(tb):
+        if frame.filename == filename:
+            line = frame.lineno
+    return line
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float) -> Iterator[None]:
+    usable = seconds > 0 and hasattr(signal, "setitimer") \
+        and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def ring(signum, frame):
+        raise _TimeLimit
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    outer = signal.setitimer(signal.ITIMER_REAL, seconds)[0]
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer:  # an enclosing limit keeps running (minus nothing: it is the outer bound)
+            signal.setitimer(signal.ITIMER_REAL, outer)
+
+
+@contextlib.contextmanager
+def running(what: str, file: str | os.PathLike, *,
+            timeout: float | None = None, passthrough: tuple = ()) -> Iterator[None]:
+    """Run the body as user code from ``file``; ``what`` names the call for messages
+    ("importing it", "your layer's backward at N=1, D=3").
+
+    Exceptions listed in ``passthrough`` (gradtool's own errors raised on the user's behalf,
+    such as a :class:`SpecError` from the spec language) pass unchanged. Raises
+    :class:`UserCodeError` for everything else the code raised, for ``sys.exit`` and for the
+    time limit.
+    """
+    filename = str(file)
+    limit = time_limit() if timeout is None else timeout
+    try:
+        with contextlib.redirect_stdout(sys.stderr), _alarm(limit):
+            yield
+    except passthrough:
+        raise
+    except _TimeLimit:
+        raise UserCodeError(f"{what} ran past the time limit of {limit:g} s", file=filename,
+                            hint="look for an endless loop, or raise the limit with "
+                                 "GRADTOOL_TIMEOUT=SECONDS (0: none)") from None
+    except SystemExit as exc:
+        code = exc.code
+        raise UserCodeError(f"{what} called sys.exit({code if code is not None else ''})",
+                            file=filename, line=line_in(exc.__traceback__, filename),
+                            hint="gradtool runs this code; it must not exit the process "
+                                 "(put script code under `if __name__ == \"__main__\":`)"
+                            ) from None
+    except KeyboardInterrupt as exc:
+        line = line_in(exc.__traceback__, filename)
+        if line is None:  # a real Ctrl-C, not raised by the code itself
+            raise
+        raise UserCodeError(f"{what} raised KeyboardInterrupt", file=filename, line=line,
+                            hint="gradtool runs this code; it must not raise "
+                                 "KeyboardInterrupt") from None
+    except GradtoolError:
+        raise
+    except SyntaxError as exc:
+        if exc.filename != filename:
+            raise
+        raise UserCodeError(f"syntax error: {exc.msg}", file=filename, line=exc.lineno,
+                            hint="fix the Python syntax on that line") from None
+    except Exception as exc:
+        # no line in the file: the call itself failed (a wrong number of arguments)
+        line = line_in(exc.__traceback__, filename)
+        raise UserCodeError(f"{what} raised {type(exc).__name__}: {exc}", file=filename,
+                            line=line, hint="fix that line") from None
+
+
+def _package_root(folder: Path) -> Path:
+    """The folder above the outermost package that contains ``folder`` (``folder`` itself
+    when it is not a package), so ``from mytorch.nn import Linear`` resolves."""
+    root = folder
+    while (root / "__init__.py").exists() and root.parent != root:
+        root = root.parent
+    return root
+
+
+def import_file(path: Path, module_name: str) -> ModuleType:
+    """Import ``path`` as ``module_name`` inside :func:`running`: its folder and package root
+    on ``sys.path``, ``sys.argv`` as for ``python path``. Raises :class:`UserCodeError`."""
+    path = path.resolve()
+    folders = [str(p) for p in dict.fromkeys([path.parent, _package_root(path.parent)])]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    saved_argv = list(sys.argv)
+    # the folders stay on the path: the file's functions may import siblings when called
+    sys.path[:0] = [f for f in folders if f not in sys.path]
+    sys.argv[:] = [str(path)]
+    try:
+        with running("importing it", path):
+            spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    finally:
+        sys.argv[:] = saved_argv
+    return module
