@@ -166,3 +166,30 @@ def test_builtin_spec_loads(name):
     assert spec.description.strip()
     assert spec.outputs
     assert spec.file == str(builtin_specs()[name])
+
+
+@pytest.mark.parametrize("body, message", [
+    ('Y = sympy.IndexedBase("Y")\nspec.output("Y", [n, d], X[n, d] + Y[n, d])\n',
+     "`Y` reads itself"),
+    ('Z = sympy.IndexedBase("Z")\nspec.let("A", [n, d], X[n, d] * Z[n, d])\n'
+     'spec.output("Z", [n, d], X[n, d] ** 2)\n# the error is on the line of A\n',
+     "`A` reads `Z` before it is defined"),
+    ('spec.output("Y", [n, d], None)\n', "the right-hand side of `Y` is not a SymPy expression"),
+    ('spec.output("Y", [n, d], X[n, d] / 0)\n', "`Y` divides by zero"),
+    ('h = spec.hyper("h", 0)\nspec.output("Y", [n, d], X[n, d] / h)\n',
+     "`Y` divides by zero at the default h = 0"),
+])
+def test_statement_errors_name_the_line(tmp_path, body, message):
+    """Cycles, forward references, non-expressions and constant division by zero are refused
+    where they are written (each once derived with exit 0 and failed inside check)."""
+    path = write(tmp_path, body)
+    err = load_error(path)
+    line = 2 if "line of A" in body else body.count("\n")
+    assert err.line == HEADER_LINES + line and message in str(err)
+
+
+def test_too_many_axes(tmp_path):
+    body = ('dims = spec.dims(" ".join(f"A{i}" for i in range(40)))\n'
+            'W = spec.input("W", *dims)\n')
+    err = load_error(write(tmp_path, body))
+    assert err.line == HEADER_LINES + 2 and "`W` has 40 axes" in str(err)

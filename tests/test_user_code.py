@@ -172,3 +172,17 @@ def test_latin1_spec_with_a_coding_line(tmp_path):
     result = runner.invoke(app, ["derive", str(spec), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["description"] == "carré: Y = X²"
+
+
+@pytest.mark.parametrize("returned, says", [("None", "returned None"),
+                                            ('"abc"', "returned a str, not an array")])
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_layer_returning_a_non_array(tmp_path, returned, says, where):
+    path = _relu_file(tmp_path, **{where: f"return {returned}"})
+    _one_error_line(_check(path), f"Relu.{where} {says}".replace(
+        "backward returned ", "backward returned the gradient of `X` as "))
+
+
+def test_map_of_an_unknown_name_is_an_error(tmp_path):
+    result = _check(_relu_file(tmp_path), "--map", "nothere=foo")
+    _one_error_line(result, "--map names `nothere`, which is not in relu")

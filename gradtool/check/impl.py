@@ -56,6 +56,12 @@ def load_impl(target: str):
 def make_subject(spec: Spec, obj, mapping: dict[str, str] | None = None):
     """A checkable subject for a NumPy layer class or a torch.autograd.Function."""
     mapping = mapping or {}
+    known = [*spec.tensors, *spec.hypers, *spec.dim_symbols]
+    unknown = [k for k in mapping if k not in known]
+    if unknown:
+        raise ImplError(f"--map names {', '.join(f'`{k}`' for k in unknown)}, which "
+                        f"{'is' if len(unknown) == 1 else 'are'} not in {spec.name}",
+                        hint="the left side is the spec's name: " + ", ".join(known))
     try:
         import torch
 
@@ -77,6 +83,23 @@ def _file_of(obj) -> str:
         return inspect.getsourcefile(obj) or "<unknown>"
     except TypeError:
         return "<unknown>"
+
+
+def _numeric(value, call: str, what: str = "") -> np.ndarray:
+    """A value a hand-written layer returned, as a float64 array; ``None``, text and other
+    non-numbers are an :class:`ImplError` that says what came back."""
+    subject = f"{call} returned {what + ' as ' if what else ''}"
+    if value is None:
+        raise ImplError(f"{subject}None", hint="return the array (a missing `return`?)")
+    if isinstance(value, (str, bytes, dict, set)):
+        raise ImplError(f"{subject}a {type(value).__name__}, not an array",
+                        hint="return a NumPy array")
+    try:
+        return np.asarray(to_numpy(value) if hasattr(value, "detach") else value,
+                          dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ImplError(f"{subject}{type(value).__name__}, which is not an array of numbers "
+                        f"({exc})", hint="return a NumPy array") from None
 
 
 def _values(spec: Spec, dims: dict) -> dict:
@@ -166,6 +189,7 @@ class NumpyLayerSubject:
         with running(f"{self.cls.__name__}.forward({', '.join(self.data)})", self.file):
             out = layer.forward(*data)
         outs = out if isinstance(out, tuple) and len(self.outputs) > 1 else (out,)
+        outs = tuple(_numeric(o, f"{self.cls.__name__}.forward") for o in outs)
         with running(f"{self.cls.__name__}.backward", self.file):
             returned = self._backward(layer, upstream)
         grads = {}
@@ -180,6 +204,8 @@ class NumpyLayerSubject:
         for name in self.grads:
             if name not in grads:
                 grads[name] = self._grad(layer, name)
+        grads = {name: _numeric(g, f"{self.cls.__name__}.backward", f"the gradient of `{name}`")
+                 for name, g in grads.items()}
         state = {}
         for s in self.spec.statements:
             if s.kind == "update":

@@ -158,6 +158,9 @@ def _caller_line() -> int | None:
     return frame.f_lineno if frame is not None else None
 
 
+MAX_AXES = 12  # the checker samples every axis; more axes than this is never a layer
+
+
 @dataclass
 class Spec:
     """One layer, written as math. See the module docstring for a complete example."""
@@ -260,6 +263,9 @@ class Spec:
                 raise self.error(f"`{name}` has a dimension {dim!r} that is not declared", line,
                                  'declare dimensions with spec.dims("N D"); a size may also be '
                                  'an expression of them, like (T - 1)*S + K')
+        if len(dims) > MAX_AXES:
+            raise self.error(f"`{name}` has {len(dims)} axes; a tensor has at most {MAX_AXES}",
+                             line, "merge axes, or split the layer into several specs")
         dims = tuple(sp.sympify(d) for d in dims)
         base = sp.IndexedBase(name, shape=tuple(dims) if dims else None)
         if domain not in DOMAINS:
@@ -322,11 +328,14 @@ class Spec:
             raise self.error(f"`{name}` repeats an index on the left", line,
                              "each axis of a new tensor needs its own index")
         try:
-            rhs = sp.sympify(rhs)
+            rhs = sp.sympify(rhs, strict=True)
         except (sp.SympifyError, TypeError):
+            rhs = None
+        if not isinstance(rhs, sp.Expr):
             raise self.error(f"the right-hand side of `{name}` is not a SymPy expression", line,
                              "build it from tensors, indices, numbers and gradtool.lang "
-                             "functions") from None
+                             "functions")
+        self._check_reads(name, kind, rhs, line)
         dims = tuple(self.index_dims[i] for i in lhs)
         if kind == "update":
             if name not in self.tensors or self.tensors[name].kind != "state":
@@ -340,6 +349,28 @@ class Spec:
             base = self._tensor(name, kind, dims, line)
         self.statements.append(Statement(name, lhs, rhs, kind, line))
         return base
+
+    def _check_reads(self, name: str, kind: str, rhs: sp.Expr, line) -> None:
+        """Every tensor a statement reads is declared before it (no cycles, no forward
+        references), and no constant division by zero."""
+        for base in sorted({a.base.label.name for a in rhs.atoms(sp.Indexed)}):
+            if base not in self.tensors:
+                what = "reads itself" if base == name else f"reads `{base}` before it is defined"
+                raise self.error(f"`{name}` {what}", line,
+                                 "a statement may read inputs, parameters, hyper-parameters and "
+                                 "tensors defined on earlier lines")
+            if base == name and kind != "update":
+                raise self.error(f"`{name}` reads itself", line,
+                                 "give the new value its own name")
+        if rhs.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
+            raise self.error(f"`{name}` divides by zero (its right-hand side is {rhs})", line,
+                             "check the denominators")
+        defaults = {h.symbol: h.default for h in self.hypers.values()}
+        if defaults and rhs.xreplace(defaults).has(sp.zoo, sp.nan):
+            zero = [n for n, h in self.hypers.items() if h.default == 0 and rhs.has(h.symbol)]
+            raise self.error(f"`{name}` divides by zero at the default "
+                             f"{', '.join(f'{z} = 0' for z in zero) or 'hyper-parameters'}", line,
+                             "give the hyper-parameter a non-zero default")
 
     def let(self, name: str, lhs, rhs) -> sp.IndexedBase:
         """A named intermediate: ``mu = spec.let("mu", [n], Sum(X[n, d], d) / D)``."""
