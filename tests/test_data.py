@@ -202,3 +202,163 @@ def test_replicas_shard_each_epoch_into_equal_parts_covering_every_sample():
     order = torch.randperm(10, generator=torch.Generator().manual_seed(4 * 1_000_003 + 5))
     padded = order.tolist() + order.tolist()[:2]
     assert [padded[r::3] for r in range(3)] == shards
+
+
+# ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
+
+IDX_NAMES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+             "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    """IDX as documented: 0x00 0x00, type 0x08 (ubyte), ndim, big-endian uint32 sizes, data."""
+    header = bytes([0, 0, 0x08, array.ndim])
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _write(path, payload: bytes, gz: bool):
+    import gzip
+
+    path.write_bytes(gzip.compress(payload) if gz else payload)
+    return path
+
+
+def _idx_folder(folder, n_train=60, n_test=20, gz=True, seed=0, dotted=False):
+    rng = np.random.default_rng(seed)
+    arrays = {"train_x": rng.integers(0, 256, (n_train, 6, 5)),
+              "train_y": np.arange(n_train) % 10,
+              "test_x": rng.integers(0, 256, (n_test, 6, 5)),
+              "test_y": rng.integers(0, 10, n_test)}
+    folder.mkdir(exist_ok=True)
+    for key, name in IDX_NAMES.items():
+        name = name.replace("-idx", ".idx") if dotted else name
+        _write(folder / (name + (".gz" if gz else "")), _idx_bytes(arrays[key]), gz)
+    return arrays
+
+
+@pytest.mark.parametrize("gz, dotted", [(True, False), (False, False), (False, True)])
+def test_mnist_folder_of_idx_files_gzipped_or_not(tmp_path, gz, dotted):
+    arrays = _idx_folder(tmp_path, gz=gz, dotted=dotted)
+    ds = load_dataset("mnist", tmp_path, val_fraction=0.0)
+    assert ds.input_shape == (1, 6, 5) and ds.classes == [str(d) for d in range(10)]
+    assert ds.train.y.tolist() == arrays["train_y"].tolist()
+    assert ds.test.y.tolist() == arrays["test_y"].tolist()
+    raw = ds.test.x * ds.std[0] + ds.mean[0]
+    np.testing.assert_allclose(raw[:, 0], arrays["test_x"] / 255, atol=1e-5)
+    assert len(ds.sources) == 4 and all(str(tmp_path) in s for s in ds.sources)
+
+
+def test_read_idx_matches_the_bytes_written_for_each_type(tmp_path):
+    from gradtool.data.idx import read_idx
+
+    values = np.array([[-2.5, 1.0], [3.25, 0.0]], dtype=">f4")
+    payload = bytes([0, 0, 0x0D, 2]) + (2).to_bytes(4, "big") * 2 + values.tobytes()
+    out = read_idx(_write(tmp_path / "f.idx", payload, gz=False), ndim=2)
+    assert out.dtype == np.float32 and out.dtype.isnative and out.flags.writeable
+    assert out.tolist() == [[-2.5, 1.0], [3.25, 0.0]]
+
+
+def _break(folder, key, payload_of):
+    """Replace the gzipped IDX file ``key`` in ``folder`` by ``payload_of(original bytes)``."""
+    import gzip
+
+    path = folder / (IDX_NAMES[key] + ".gz")
+    path.write_bytes(payload_of(gzip.decompress(path.read_bytes())))
+    return path
+
+
+@pytest.mark.parametrize("case, key, mutate, message", [
+    ("truncated", "train_x", lambda b: b[:1000], "expected 1816 bytes, found 1000"),
+    ("longer", "test_x", lambda b: b + b"\0", "expected 616 bytes, found 617"),
+    ("header cut", "train_y", lambda b: b[:6], "truncated IDX file: expected at least 8"),
+    ("tiny", "train_y", lambda b: b[:2], "shorter than the 4-byte magic"),
+    ("bad magic", "train_x", lambda b: b"\x12\x34" + b[2:], "bad magic number 0x12340803"),
+    ("bad type", "train_x", lambda b: b[:2] + b"\x07" + b[3:], "bad magic number 0x00000703"),
+    ("swapped", "train_y", lambda b: b[:3] + b"\x03" + b[4:], "expected 1 (magic 0x00000801)"),
+    ("count", "train_y", lambda b: b[:7] + b"\x3b" + b[8:-1], "60 images in train-images"),
+    ("label range", "test_y", lambda b: b[:-1] + b"\x0a", "label 10 is outside 0..9"),
+])
+def test_broken_idx_files_are_one_error_naming_the_file(tmp_path, case, key, mutate, message):
+    _idx_folder(tmp_path)
+    path = _break(tmp_path, key, mutate)
+    with pytest.raises(DataError) as err:
+        load_dataset("mnist", tmp_path)
+    assert err.value.file == str(path)
+    assert str(err.value).startswith(str(path)) and message in str(err.value)
+
+
+def test_corrupt_and_truncated_gzip_are_errors_naming_the_file(tmp_path):
+    _idx_folder(tmp_path)
+    path = tmp_path / (IDX_NAMES["train_x"] + ".gz")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="truncated gzip file") as err:
+        load_dataset("mnist", tmp_path)
+    assert err.value.file == str(path)
+    path.write_bytes(data[:12] + bytes(255 - b for b in data[12:]))
+    with pytest.raises(DataError, match="corrupt gzip file") as err:
+        load_dataset("mnist", tmp_path)
+    assert err.value.file == str(path)
+
+
+def test_missing_idx_file_or_folder_says_what_to_pass(tmp_path, monkeypatch):
+    _idx_folder(tmp_path)
+    (tmp_path / (IDX_NAMES["test_y"] + ".gz")).unlink()
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\[\.gz\] not found") as err:
+        load_dataset("mnist", tmp_path)
+    assert err.value.file == str(tmp_path) and "train-images-idx3-ubyte" in err.value.hint
+    with pytest.raises(DataError, match="folder not found"):
+        load_dataset("mnist", tmp_path / "nowhere")
+    monkeypatch.setenv("GRADTOOL_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="no folder given for mnist") as err:
+        load_dataset("mnist")
+    assert "--data-dir FOLDER" in err.value.hint
+
+
+def test_mnist_default_folder_comes_from_gradtool_data(tmp_path, monkeypatch):
+    arrays = _idx_folder(tmp_path / "mnist", gz=False)
+    monkeypatch.setenv("GRADTOOL_DATA", str(tmp_path))
+    ds = load_dataset("mnist", val_fraction=0.0, limit=30)
+    assert ds.train.y.tolist() == arrays["train_y"][:30].tolist()
+
+
+def test_fashion_mnist_reads_the_given_folder_with_its_class_names(tmp_path, monkeypatch):
+    monkeypatch.delenv("GRADTOOL_DATA", raising=False)
+    arrays = _idx_folder(tmp_path, seed=3)
+    ds = load_dataset("fashion-mnist", tmp_path, val_fraction=0.0)
+    assert ds.classes[0] == "T-shirt/top" and ds.classes[9] == "Ankle boot"
+    assert ds.test.y.tolist() == arrays["test_y"].tolist()
+
+
+def _shared_data(name):
+    # CI clones the repository with the project's shared/ folder beside it
+    import os
+    from pathlib import Path
+
+    folders = [Path(__file__).resolve().parents[2] / "shared" / "data" / name]
+    if os.environ.get("GRADTOOL_DATA"):
+        folders.insert(0, Path(os.environ["GRADTOOL_DATA"]) / name)
+    return next((f for f in folders if f.is_dir()), None)
+
+
+def test_real_mnist_when_present():
+    folder = _shared_data("mnist")
+    if folder is None:
+        pytest.skip("MNIST's IDX files are not in ../shared/data/mnist or $GRADTOOL_DATA/mnist")
+    ds = load_dataset("mnist", folder, seed=0)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (54000, 6000, 10000)
+    assert ds.input_shape == (1, 28, 28)
+    # MNIST's published pixel statistics on [0, 1] (all 60000 training images): 0.1307, 0.3081
+    assert abs(float(ds.mean[0]) - 0.1307) < 2e-3 and abs(float(ds.std[0]) - 0.3081) < 2e-3
+    assert np.bincount(ds.test.y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028,
+                                               974, 1009]
+
+
+def test_real_fashion_mnist_when_installed():
+    from gradtool.data.sets import FASHION_MNIST_DEBIAN_DIR
+
+    if not FASHION_MNIST_DEBIAN_DIR.is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist package is not installed")
+    ds = load_dataset("fashion-mnist", limit=2000, seed=0)
+    assert len(ds.test) == 10000 and np.bincount(ds.test.y).tolist() == [1000] * 10
