@@ -362,3 +362,182 @@ def test_real_fashion_mnist_when_installed():
         pytest.skip("Debian's dataset-fashion-mnist package is not installed")
     ds = load_dataset("fashion-mnist", limit=2000, seed=0)
     assert len(ds.test) == 10000 and np.bincount(ds.test.y).tolist() == [1000] * 10
+
+
+# ---------------------------------------------------------------- CIFAR-10 python batches
+
+CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+               "truck"]
+
+
+def _cifar_folder(folder, per_batch=12, n_test=10, protocol=2, seed=0):
+    """Batches in the documented format: {b"data": uint8 (N, 3072), b"labels": [...]}.
+    protocol "numpy1": protocol 2 naming numpy.core.multiarray, as the official files do."""
+    import pickle
+
+    def dumps(obj):
+        if protocol != "numpy1":
+            return pickle.dumps(obj, protocol=protocol)
+        return pickle.dumps(obj, protocol=2).replace(b"cnumpy._core.multiarray\n",
+                                                     b"cnumpy.core.multiarray\n")
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels = {}, {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        n = n_test if name == "test_batch" else per_batch
+        images[name] = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels[name] = rng.integers(0, 10, n).tolist()
+        batch = {b"batch_label": name.encode(), b"data": images[name],
+                 b"labels": labels[name], b"filenames": [b"x.png"] * n}
+        (folder / name).write_bytes(dumps(batch))
+    meta = {b"label_names": [n.encode() for n in CIFAR_NAMES], b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(dumps(meta))
+    return images, labels
+
+
+@pytest.mark.parametrize("protocol", [2, 5, "numpy1"])
+def test_cifar10_reader_on_generated_batches(tmp_path, protocol):
+    images, labels = _cifar_folder(tmp_path / "cifar-10-batches-py", protocol=protocol)
+    ds = load_dataset("cifar10", tmp_path, val_fraction=0.0)  # finds the subfolder
+    assert ds.classes == CIFAR_NAMES and ds.input_shape == (3, 32, 32)
+    assert len(ds.train) == 60 and len(ds.test) == 10
+    assert ds.train.y.tolist() == sum((labels[f"data_batch_{i}"] for i in range(1, 6)), [])
+    # row-major R, G, B planes of 32×32: pixel (row 2, column 5) of the green plane of image 3
+    raw = ds.test.x * ds.std[None, :, None, None] + ds.mean[None, :, None, None]
+    assert abs(raw[3, 1, 2, 5] * 255 - images["test_batch"][3, 1024 + 2 * 32 + 5]) < 1e-3
+    assert ds.mean.shape == (3,)
+    train_raw = np.concatenate([images[f"data_batch_{i}"] for i in range(1, 6)])
+    np.testing.assert_allclose(ds.mean, (train_raw.reshape(60, 3, 1024) / 255).mean(axis=(0, 2)),
+                               rtol=1e-5)
+
+
+def test_cifar10_limit_reads_only_the_batches_it_needs(tmp_path):
+    _cifar_folder(tmp_path, per_batch=12)
+    (tmp_path / "data_batch_3").write_bytes(b"")  # would fail if read
+    ds = load_dataset("cifar10", tmp_path, val_fraction=0.0, limit=20)
+    assert len(ds.train) == 20
+    assert [s.rsplit("/", 1)[1] for s in ds.sources] == ["batches.meta", "data_batch_1",
+                                                         "data_batch_2", "test_batch"]
+
+
+def test_cifar10_refuses_pickles_that_would_run_code(tmp_path):
+    import os
+    import pickle
+
+    _cifar_folder(tmp_path)
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (tmp_path / "data_batch_2").write_bytes(pickle.dumps({b"data": Exploit()}))
+    with pytest.raises(DataError, match="refused to load the global (posix|os).system") as err:
+        load_dataset("cifar10", tmp_path)
+    assert err.value.file == str(tmp_path / "data_batch_2") and not marker.exists()
+
+
+@pytest.mark.parametrize("name, batch, message", [
+    ("data_batch_1", {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2]},
+     "4 images but 3 labels: counts differ"),
+    ("test_batch", {b"data": np.zeros((2, 3071), np.uint8), b"labels": [0, 1]},
+     "'data' must be a uint8 array (N, 3072), found uint8 (2, 3071)"),
+    ("data_batch_4", {b"labels": [0]}, "no 'data' entry"),
+    ("data_batch_5", {b"data": np.zeros((1, 3072), np.uint8), b"labels": [10]},
+     "labels range over 10..10, outside 0..9"),
+    ("data_batch_1", [1, 2], "expected a pickled dict, found list"),
+])
+def test_cifar10_bad_batches_name_the_file(tmp_path, name, batch, message):
+    import pickle
+
+    _cifar_folder(tmp_path)
+    (tmp_path / name).write_bytes(pickle.dumps(batch))
+    with pytest.raises(DataError) as err:
+        load_dataset("cifar10", tmp_path)
+    assert err.value.file == str(tmp_path / name) and message in err.value.message
+
+
+def test_cifar10_truncated_or_missing_files_name_the_file(tmp_path):
+    _cifar_folder(tmp_path)
+    path = tmp_path / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(DataError, match="truncated pickle") as err:
+        load_dataset("cifar10", tmp_path)
+    assert err.value.file == str(path)
+    (tmp_path / "test_batch").unlink()
+    with pytest.raises(DataError, match="missing: test_batch") as err:
+        load_dataset("cifar10", tmp_path)
+    assert err.value.file == str(tmp_path / "test_batch")
+
+
+# ---------------------------------------------------------------- npz
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz_flat_features_and_one_hot_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    x_train, x_test = rng.normal(size=(30, 5)), rng.normal(size=(8, 5))
+    y_train, y_test = np.arange(30) % 3, np.arange(8) % 3
+    path = _npz(tmp_path / "d.npz", x_train=x_train, y_train=np.eye(3)[y_train],
+                x_test=x_test, y_test=np.eye(3)[y_test])
+    ds = load_dataset("npz", path, val_fraction=0.0)
+    assert ds.input_shape == (5,) and ds.classes == ["0", "1", "2"]
+    assert ds.train.y.tolist() == y_train.tolist() and ds.test.y.tolist() == y_test.tolist()
+    np.testing.assert_allclose(ds.mean, x_train.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(ds.train.x, (x_train - x_train.mean(0)) / x_train.std(0),
+                               atol=1e-5)
+    assert ds.sources == [str(path.resolve())]
+
+
+def test_npz_uint8_images_get_a_channel_axis_and_the_0_1_scale(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (20, 4, 4), dtype=np.uint8)
+    path = _npz(tmp_path / "img.npz", x_train=x, y_train=np.arange(20) % 4, x_test=x[:6],
+                y_test=np.array([0, 1, 2, 3, 3, 7]))
+    ds = load_dataset("npz", path, val_fraction=0.0)
+    assert ds.input_shape == (1, 4, 4) and len(ds.classes) == 8  # largest label 7
+    np.testing.assert_allclose(ds.mean[0], x.mean() / 255, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x_train": np.zeros((3, 2)), "y_train": np.zeros(3, int)},
+     "bad npz keys: missing x_test, y_test (found: x_train, y_train)"),
+    ({"x_train": np.zeros((3, 2)), "y_train": np.zeros(4, int), "x_test": np.zeros((1, 2)),
+      "y_test": np.zeros(1, int)}, "x_train holds 3 samples but y_train 4: counts differ"),
+    ({"x_train": np.zeros((3, 2)), "y_train": np.array([0, 1.5, 1]), "x_test": np.zeros((1, 2)),
+      "y_test": np.zeros(1, int)}, "y_train must hold class numbers"),
+    ({"x_train": np.zeros((3, 2)), "y_train": np.zeros(3, int), "x_test": np.zeros((1, 3)),
+      "y_test": np.zeros(1, int)}, "x_train samples are (2,) but x_test samples (3,)"),
+    ({"x_train": np.zeros(3), "y_train": np.zeros(3, int), "x_test": np.zeros(1),
+      "y_test": np.zeros(1, int)}, "x_train must be (N, D), (N, H, W) or (N, C, H, W)"),
+    ({"x_train": np.array([[np.nan]] * 3), "y_train": np.zeros(3, int),
+      "x_test": np.zeros((1, 1)), "y_test": np.zeros(1, int)}, "x_train holds NaN"),
+])
+def test_bad_npz_files_are_one_error_naming_the_file(tmp_path, arrays, message):
+    path = _npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError) as err:
+        load_dataset("npz", path)
+    assert err.value.file == str(path) and message in err.value.message
+
+
+def test_truncated_or_missing_npz_and_pickled_objects_are_errors(tmp_path):
+    path = _npz(tmp_path / "d.npz", x_train=np.zeros((3, 2)), y_train=np.zeros(3, int),
+                x_test=np.array([object()] * 2, dtype=object), y_test=np.zeros(2, int))
+    with pytest.raises(DataError, match="not a readable .npz file") as err:
+        load_dataset("npz", path)  # the object array would need pickle
+    assert err.value.file == str(path)
+    good = _npz(tmp_path / "g.npz", x_train=np.zeros((30, 2)), y_train=np.zeros(30, int),
+                x_test=np.zeros((10, 2)), y_test=np.zeros(10, int))
+    good.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(DataError, match="not a readable .npz file") as err:
+        load_dataset("npz", good)
+    assert err.value.file == str(good)
+    with pytest.raises(DataError, match="file not found"):
+        load_dataset("npz", tmp_path / "none.npz")
+    with pytest.raises(DataError, match="needs the path of a .npz file"):
+        load_dataset("npz")

@@ -56,10 +56,12 @@ def unpickle(path: str | Path) -> Any:
     try:
         with path.open("rb") as f:
             return _RestrictedUnpickler(f, encoding="bytes").load()
-    except EOFError:
-        raise DataError("truncated pickle: the file ends before the object does", file=path,
-                        hint="download or extract the file again") from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        # the pure-Python unpickler raises EOFError at the end of the data, the C one an
+        # UnpicklingError("pickle data was truncated")
+        if isinstance(exc, EOFError) or "truncated" in str(exc):
+            raise DataError("truncated pickle: the file ends before the object does",
+                            file=path, hint="download or extract the file again") from None
         raise DataError(f"not a readable CIFAR batch: {type(exc).__name__}: {exc}",
                         file=path) from None
 
