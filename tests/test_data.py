@@ -33,8 +33,8 @@ def _assemble(x_train, y_train, x_test, y_test, **kw):
 # ---------------------------------------------------------------- import cost
 
 
-def test_importing_data_imports_neither_torch_nor_sklearn():
-    code = ("import sys, gradtool.data; "
+def test_importing_data_and_plots_imports_no_torch_sklearn_or_matplotlib():
+    code = ("import sys, gradtool.data, gradtool.train.plots; "
             "print(sorted(m for m in ('torch', 'sklearn', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
