@@ -497,6 +497,9 @@ def test_npz_flat_features_and_one_hot_labels(tmp_path):
     np.testing.assert_allclose(ds.train.x, (x_train - x_train.mean(0)) / x_train.std(0),
                                atol=1e-5)
     assert ds.sources == [str(path.resolve())]
+    column = _npz(tmp_path / "c.npz", x_train=x_train, y_train=y_train[:, None], x_test=x_test,
+                  y_test=y_test[:, None])  # labels as a column (N, 1): not one-hot
+    assert load_dataset("npz", column, val_fraction=0.0).train.y.tolist() == y_train.tolist()
 
 
 def test_npz_uint8_images_get_a_channel_axis_and_the_0_1_scale(tmp_path):
@@ -522,6 +525,12 @@ def test_npz_uint8_images_get_a_channel_axis_and_the_0_1_scale(tmp_path):
       "y_test": np.zeros(1, int)}, "x_train must be (N, D), (N, H, W) or (N, C, H, W)"),
     ({"x_train": np.array([[np.nan]] * 3), "y_train": np.zeros(3, int),
       "x_test": np.zeros((1, 1)), "y_test": np.zeros(1, int)}, "x_train holds NaN"),
+    ({"x_train": np.zeros((3, 2)), "y_train": np.array([[0, 1], [1, 0], [0.3, 0.7]]),
+      "x_test": np.zeros((1, 2)), "y_test": np.array([[1, 0]])},
+     "y_train has 2 columns but row 2 is not one-hot ([0.3, 0.7])"),
+    ({"x_train": np.zeros((3, 8, 8, 3)), "y_train": np.zeros(3, int),
+      "x_test": np.zeros((1, 8, 8, 3)), "y_test": np.zeros(1, int)},
+     "x_train (3, 8, 8, 3) looks channels-last"),
 ])
 def test_bad_npz_files_are_one_error_naming_the_file(tmp_path, arrays, message):
     path = _npz(tmp_path / "bad.npz", **arrays)
