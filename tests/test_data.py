@@ -336,6 +336,22 @@ def test_fashion_mnist_reads_the_given_folder_with_its_class_names(tmp_path, mon
     assert ds.test.y.tolist() == arrays["test_y"].tolist()
 
 
+def test_fashion_mnist_default_folder_is_debians_then_says_to_pass_data_dir(tmp_path,
+                                                                           monkeypatch):
+    from gradtool.data import sets
+
+    monkeypatch.delenv("GRADTOOL_DATA", raising=False)
+    arrays = _idx_folder(tmp_path / "debian", seed=4)
+    monkeypatch.setattr(sets, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "debian")
+    assert load_dataset("fashion-mnist", val_fraction=0).test.y.tolist() == \
+        arrays["test_y"].tolist()
+    monkeypatch.setattr(sets, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "absent")
+    with pytest.raises(DataError, match="no folder given for fashion-mnist") as err:
+        load_dataset("fashion-mnist")
+    assert str(tmp_path / "absent") in err.value.message
+    assert "--data-dir FOLDER" in err.value.hint
+
+
 def _shared_data(name):
     # CI clones the repository with the project's shared/ folder beside it
     import os
