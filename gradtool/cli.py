@@ -43,6 +43,18 @@ def main(
 ) -> None:
     """Derive, check and train on backward passes written once as math in SymPy."""
     _state["debug"] = debug
+    from gradtool.terminal import ascii_fallback_streams
+
+    ascii_fallback_streams()
+
+
+def _print_json(value) -> None:
+    """JSON on stdout: Unicode as it is where stdout can show it, else \\u escapes."""
+    import sys
+
+    from gradtool.terminal import can_encode
+
+    print(json.dumps(value, indent=2, ensure_ascii=not can_encode(sys.stdout)))
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
@@ -91,7 +103,7 @@ def specs_cmd(
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
         _fail(exc, debug)
     if as_json:
-        print(json.dumps(rows, indent=2))
+        _print_json(rows)
         return
     from rich.table import Table
 
@@ -141,7 +153,7 @@ def derive_cmd(
     if as_json:
         for g in report["gradients"]:
             g.pop("sympy", None)
-        print(json.dumps(report, indent=2, ensure_ascii=False))
+        _print_json(report)
         return
     from gradtool.render import render_derivation
 
@@ -189,7 +201,7 @@ def check_cmd(
         _fail(exc, debug)
     failed = [r for r in rows if not r.passed]
     if as_json:
-        print(json.dumps([r.to_json() for r in rows], indent=2, ensure_ascii=False))
+        _print_json([r.to_json() for r in rows])
     else:
         from gradtool.render import render_check
 
