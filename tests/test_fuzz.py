@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import zlib
 from dataclasses import dataclass, field
@@ -367,38 +368,49 @@ def _seed(source: str, salt: str) -> int:
 _LIMIT = int(os.environ.get("GRADTOOL_FUZZ_TIME_LIMIT", "0"))
 
 
+FAILURES = Path(tempfile.gettempdir()) / "gradtool-fuzz-failures"
+
+
 @contextlib.contextmanager
-def _time_limit():
+def _time_limit(source: str | None = None):
     """With GRADTOOL_FUZZ_TIME_LIMIT=S, an example that runs longer than S seconds fails (and
-    prints its spec) instead of holding up a long run: how slow derivations are found."""
-    if not _LIMIT:
-        yield
-        return
+    prints its spec) instead of holding up a long run: how slow derivations are found.
 
-    def expire(*_):
-        raise TimeoutError(f"this example took longer than {_LIMIT} s")
+    Whatever fails, the example's spec is saved under FAILURES and its path and text are added
+    to the error, so a failure that fails differently (or times out again) when hypothesis
+    replays it still shows the spec that failed first."""
+    if _LIMIT:
+        def expire(*_):
+            raise TimeoutError(f"this example took longer than {_LIMIT} s")
 
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(_LIMIT)
+        old = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(_LIMIT)
     try:
         yield
-    except TimeoutError:
-        # an interrupted SymPy call can leave half-built entries in its caches (later
-        # examples then fail with KeyError: 'infinite'): start the next one clean
-        from sympy.core.cache import clear_cache
+    except BaseException as exc:
+        if isinstance(exc, TimeoutError):
+            # an interrupted SymPy call can leave half-built entries in its caches (later
+            # examples then fail with KeyError: 'infinite'): start the next one clean
+            from sympy.core.cache import clear_cache
 
-        clear_cache()
+            clear_cache()
+        if source is not None and isinstance(exc, Exception):
+            FAILURES.mkdir(parents=True, exist_ok=True)
+            path = FAILURES / f"spec_{zlib.crc32(source.encode()):08x}.py"
+            path.write_text(source)
+            exc.add_note(f"the failing spec (saved as {path}):\n{source}")
         raise
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+        if _LIMIT:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
 
 
 @settings(FUZZ, max_examples=EXAMPLES_AUTOGRAD)
 @given(source=spec_sources(), shape=st.sampled_from(SHAPES))
 def test_derived_gradients_match_autograd(source, shape):
     note(source)
-    with _time_limit(), tempfile.TemporaryDirectory() as folder:
+    with _time_limit(source), tempfile.TemporaryDirectory() as folder:
         d = derive(_load(folder, source))
         assert_matches_autograd(d, seed=_seed(source, shape[0]), fixed=shape[1])
 
@@ -407,16 +419,16 @@ def test_derived_gradients_match_autograd(source, shape):
 @given(source=spec_sources())
 def test_generated_kernels_pass_every_check(source):
     note(source)
-    with _time_limit(), tempfile.TemporaryDirectory() as folder:
+    with _time_limit(source), tempfile.TemporaryDirectory() as folder:
         spec = _load(folder, source)
         rows = check_spec(spec, CheckOptions(cases=1,
                                              oracles=("fd", "autograd", "backends", "forward")))
-    assert rows
-    failed = [r for r in rows if not r.passed]
-    assert not failed, "\n".join(
-        f"{r.input} vs {r.oracle} at {r.shape}: max_rel {r.max_rel:.2e}, analytic "
-        f"{r.analytic} vs {r.numeric} at {r.index} (allowed {r.allowed:.2e}); {r.note}"
-        for r in failed)
+        assert rows
+        failed = [r for r in rows if not r.passed]
+        assert not failed, "\n".join(
+            f"{r.input} vs {r.oracle} at {r.shape}: max_rel {r.max_rel:.2e}, analytic "
+            f"{r.analytic} vs {r.numeric} at {r.index} (allowed {r.allowed:.2e}); {r.note}"
+            for r in failed)
 
 
 DELTA_PROBLEMS = ("Kronecker delta", "index guard")
@@ -426,7 +438,12 @@ DELTA_PROBLEMS = ("Kronecker delta", "index guard")
 @given(source=spec_sources())
 def test_printed_closed_form_is_the_closed_form(source):
     note(source)
-    with _time_limit(), tempfile.TemporaryDirectory() as folder:
+    with _time_limit(source):
+        _printed_matches_closed(source)
+
+
+def _printed_matches_closed(source: str) -> None:
+    with tempfile.TemporaryDirectory() as folder:
         d = derive(_load(folder, source))
     spec = d.spec
     rng = np.random.default_rng(_seed(source, "printed"))
@@ -460,3 +477,22 @@ def test_generated_specs_are_well_formed(source):
     with tempfile.TemporaryDirectory() as folder:
         spec = _load(folder, source)
     assert spec.outputs and spec.grad_inputs
+
+
+@pytest.mark.parametrize("failure", ["assertion", "time-out"])
+def test_a_failing_example_keeps_its_spec(monkeypatch, failure):
+    """A failure carries the spec's text and its saved copy, also when it is a time-out that
+    would fail again (and differently) when hypothesis replays it."""
+    import time
+
+    source = 'spec = Spec("kept", "a failing example")\n'
+    monkeypatch.setattr(sys.modules[__name__], "_LIMIT", 1 if failure == "time-out" else 0)
+    with pytest.raises((AssertionError, TimeoutError)) as info:
+        with _time_limit(source):
+            if failure == "time-out":
+                time.sleep(5)
+            raise AssertionError("gradients differ")
+    note_text = "\n".join(info.value.__notes__)
+    assert source in note_text
+    saved = Path(note_text.split("saved as ")[1].split(")")[0])
+    assert saved.read_text() == source
