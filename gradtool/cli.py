@@ -84,7 +84,34 @@ def _positive_finite(value: float | None) -> float | None:
     return value
 
 
-@app.command("specs")
+_DERIVE_EXAMPLES = """Examples (the backward; softmax's Jacobian as a matrix; a NumPy layer file):
+
+  $ gradtool derive layernorm
+
+  $ gradtool derive softmax --jacobian --shape N=1,C=3
+
+  $ gradtool derive my_rmsnorm.py --code numpy -o rmsnorm_layer.py
+
+Docs: docs/spec-language.md, docs/tutorial.md"""
+
+_CHECK_EXAMPLES = """Examples (every built-in; second order and float32; your own layer as JSON):
+
+  $ gradtool check
+
+  $ gradtool check layernorm --order 2 --float32
+
+  $ gradtool check layernorm --impl my_ln.py:LayerNorm --json
+
+Docs: docs/checking-your-layer.md"""
+
+_SPECS_EXAMPLES = """Examples:
+
+  $ gradtool specs --json
+
+Docs: docs/spec-language.md (write your own spec)"""
+
+
+@app.command("specs", epilog=_SPECS_EXAMPLES)
 def specs_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
     debug: Debug = False,
@@ -118,7 +145,7 @@ def specs_cmd(
                   "file (docs/spec-language.md).")
 
 
-@app.command("derive")
+@app.command("derive", epilog=_DERIVE_EXAMPLES)
 def derive_cmd(
     spec: Annotated[str, typer.Argument(help="A built-in spec name (see `gradtool specs`) "
                                              "or the path of a spec file.")],
@@ -141,6 +168,15 @@ def derive_cmd(
 ) -> None:
     """Print the forward, the simplified backward and, on request, Jacobians and steps."""
     if code is not None or output is not None:
+        ignored = [name for name, given in (("--jacobian", jacobian), ("--shape", shape),
+                                            ("--steps", steps), ("--latex", latex_out),
+                                            ("--json", as_json)) if given]
+        if ignored:
+            from gradtool.errors import GradtoolError
+
+            _fail(GradtoolError(f"--code prints source code; {', '.join(ignored)} cannot be "
+                                "combined with it",
+                                hint="run the two separately"), debug)
         _emit_code(spec, code, output, debug)
         return
     try:
@@ -160,7 +196,7 @@ def derive_cmd(
     render_derivation(console, report, latex=latex_out)
 
 
-@app.command("check")
+@app.command("check", epilog=_CHECK_EXAMPLES)
 def check_cmd(
     specs: Annotated[list[str] | None, typer.Argument(
         help="Built-in spec names or spec files; all built-in specs when none is given.")] = None,

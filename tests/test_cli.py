@@ -324,3 +324,19 @@ def test_debug_is_not_sticky():
     # the global flag lives in module state; a later run without it must fail cleanly again
     invoke("--debug", "derive", "missing.py")
     fails("derive", "missing.py")
+
+
+@pytest.mark.parametrize("command", ["derive", "check", "specs"])
+def test_help_ends_with_examples_and_a_doc_page(command):
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    tail = result.output[result.output.index("Examples"):]
+    assert f"$ gradtool {command}" in tail and "Docs: docs/" in tail
+
+
+@pytest.mark.parametrize("option", [["--latex"], ["--json"], ["--steps"], ["--jacobian"],
+                                    ["--shape", "N=1,D=2"]])
+def test_code_refuses_options_it_would_ignore(option):
+    result = CliRunner().invoke(app, ["derive", "relu", "--code", "numpy", *option])
+    assert result.exit_code == 1 and "cannot be combined" in result.output
+    assert option[0] in result.output
