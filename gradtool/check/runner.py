@@ -23,7 +23,7 @@ from gradtool.check.fd import diagonal_axes, fd_with_noise, probe_fd
 from gradtool.check.kernels import Kernels, shape_of, to_numpy
 from gradtool.check.kinks import has_kinks, kink_distance
 from gradtool.check.numeric import autograd_or_none
-from gradtool.check.sampling import fact_violations, sample_dims, sample_inputs
+from gradtool.check.sampling import fact_text, fact_violations, sample_dims, sample_inputs
 from gradtool.errors import GradtoolError
 from gradtool.spec.lang import Spec
 from gradtool.symbolic.evaluate import run_forward
@@ -156,7 +156,7 @@ def _keeps_facts(spec, d: Derivation, inputs, dims) -> None:
     broken = fact_violations(d.program, env, dims)
     if broken:
         fact, err = broken[0]
-        raise spec.error(f"the fact {fact.lhs} = {fact.rhs} does not hold on the sampled "
+        raise spec.error(f"the fact {fact_text(fact)} does not hold on the sampled "
                          f"inputs (relative error {err:.2g})", fact.line,
                          "a fact about inputs must have the form Sum(A[n, k], k) = r, which "
                          "checks sample to hold; a fact about intermediates must follow "

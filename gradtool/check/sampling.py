@@ -74,9 +74,19 @@ def sample_inputs(spec: Spec, dims: dict[sp.Symbol, int],
     return values
 
 
+def fact_text(fact: Fact) -> str:
+    """``Σ_k(T[n,k]) = 1``: a fact as the derivation prints it."""
+    from gradtool.symbolic.printing import text
+
+    def as_sum(e):
+        return sp.Sum(e.body, *[(i, 0, 1) for i in e.over])
+    return f"{text(fact.lhs.replace(lambda e: isinstance(e, SumOver), as_sum))} = " \
+        f"{text(fact.rhs)}"
+
+
 def _cannot(spec: Spec, fact: Fact, why: str, hint: str | None = None) -> SpecError:
     return spec.error(f"checks cannot sample inputs that keep the fact "
-                      f"{fact.lhs} = {fact.rhs}: {why}", fact.line,
+                      f"{fact_text(fact)}: {why}", fact.line,
                       hint or "state facts as Sum(A[n, k], k) = r about an input A; see "
                            "docs/spec-language.md, 'Facts'")
 
