@@ -174,3 +174,16 @@ spec.output("L", [], Sum(xc[n, c] ** 2, n, c))
 """))
     rows = check_spec(spec, CheckOptions(cases=2, oracles=("forward", "autograd")))
     assert rows and all(r.passed for r in rows)
+
+
+def test_a_fact_about_a_differentiable_input_is_refused(tmp_path):
+    """Finite differences move X off Σ_k X = 1; the check says why instead of failing rows."""
+    spec = load_spec(write(tmp_path, HEAD + """\
+X = spec.input("X", N, C, domain="positive")
+spec.fact(Sum(X[n, k], k), 1)
+spec.output("L", [], Sum(log(X[n, c]), n, c))
+"""))
+    rng = np.random.default_rng(0)
+    with pytest.raises(SpecError, match="`X` is differentiable") as err:
+        sample_inputs(spec, sample_dims(spec, rng), rng)
+    assert err.value.line == 7 and "grad=False" in err.value.hint

@@ -105,9 +105,15 @@ def _input_fact(spec: Spec, fact: Fact):
         raise _cannot(spec, fact, "the left side is not a sum of one input")
     name, idx = lhs.body.base.label.name, tuple(lhs.body.indices)
     t = spec.tensors[name]
-    if t.kind != "input" or t.is_labels:
-        raise _cannot(spec, fact, f"`{name}` is a {'label' if t.is_labels else t.kind} "
-                                  "tensor, which checks sample by their own rules")
+    if t.is_labels:
+        raise _cannot(spec, fact, f"`{name}` holds integer labels, which need no fact",
+                      f"state facts about spec.onehot({name}) instead (its rows sum to one "
+                      "already)")
+    if t.grad:
+        raise _cannot(spec, fact, f"`{name}` is differentiable: finite differences and "
+                                  "autograd move it off the fact, where a gradient simplified "
+                                  "with the fact need not agree",
+                      "state facts about inputs declared with grad=False (targets, masks)")
     if not all(i in spec.index_dims for i in idx) or len(set(idx)) != len(idx) \
             or not set(lhs.over) <= set(idx):
         raise _cannot(spec, fact, f"`{lhs.body}` must read `{name}` at distinct plain "
@@ -134,8 +140,9 @@ def _apply_facts(spec: Spec, values: dict[str, np.ndarray], dims: dict,
                                       "constraint per tensor")
         constrained[name] = fact
         total = float(sp.sympify(fact.rhs).subs(dims).subs(spec.hyper_defaults()))
-        values[name] = _with_sums(spec, fact, spec.tensors[name].domain, values[name], axes,
-                                  total, rng)
+        t = spec.tensors[name]
+        domain = "positive" if t.kind == "state" else t.domain  # as sample_inputs draws it
+        values[name] = _with_sums(spec, fact, domain, values[name], axes, total, rng)
 
 
 def _with_sums(spec: Spec, fact: Fact, domain: str, x: np.ndarray, axes: tuple,

@@ -369,8 +369,10 @@ class Spec:
             if t is not None:
                 raise self.error(f"the integer labels `{t.name}` are read as {node}; labels "
                                  "enter the math only as their one-hot indicator", line,
-                                 f"write spec.onehot({t.name})[..., c] or "
-                                 f"KroneckerDelta(c, {t.name}[...]) (c over {t.classes})")
+                                 f"write spec.onehot({t.name})[n, c] or KroneckerDelta(c, "
+                                 f"{t.name}[n]) with c over {t.classes}; a gather "
+                                 f"X[n, {t.name}[n]] is Sum(spec.onehot({t.name})[n, c] * "
+                                 "X[n, c], c)")
         return rhs
 
     def param(self, name: str, *dims: sp.Symbol, init: str = "normal") -> sp.IndexedBase:
