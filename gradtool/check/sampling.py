@@ -74,6 +74,10 @@ def sample_inputs(spec: Spec, dims: dict[sp.Symbol, int],
     return values
 
 
+SIZES = ("if the fact needs larger sizes than checks sample (from 1), declare them with "
+         "spec.min_size(C=2)")
+
+
 def fact_text(fact: Fact) -> str:
     """``Σ_k(T[n,k]) = 1``: a fact as the derivation prints it."""
     from gradtool.symbolic.printing import text
@@ -159,7 +163,7 @@ def _with_sums(spec: Spec, fact: Fact, domain: str, x: np.ndarray, axes: tuple,
         ones = int(round(total))
         if ones != total or not 0 <= ones <= count:
             raise _cannot(spec, fact, f"a 0/1 tensor sums to a whole number between 0 and "
-                                      f"{count} over the summed axes, not {total:g}")
+                                      f"{count} over the summed axes, not {total:g}", SIZES)
         rows = np.zeros_like(rows)
         for r in range(rows.shape[0]):  # `ones` distinct positions per slice: one-hot for 1
             rows[r, rng.choice(count, size=ones, replace=False)] = 1.0
@@ -169,7 +173,8 @@ def _with_sums(spec: Spec, fact: Fact, domain: str, x: np.ndarray, axes: tuple,
         rows = rows / rows.sum(axis=1, keepdims=True) * total
     elif domain == "unit":
         if not 0 < total < count:
-            raise _cannot(spec, fact, f"{count} values in (0, 1) cannot sum to {total:g}")
+            raise _cannot(spec, fact, f"{count} values in (0, 1) cannot sum to {total:g}",
+                          SIZES)
         rows = _unit_rows(rows, total)
     elif domain == "nonzero":
         rows = _nonzero_rows(spec, fact, rows, total, rng)
