@@ -153,3 +153,39 @@ def test_label_misuse_is_a_spec_error_with_line_and_fix(tmp_path, body, line, wh
         load_spec(write(tmp_path, body))
     assert what in err.value.message, err.value
     assert err.value.line == line and err.value.hint
+
+
+COURSE_LAYER = '''
+import numpy as np
+
+
+class SoftmaxCrossEntropy:
+    """Course-style loss over integer labels: forward(X, y) -> L, backward() -> dX."""
+
+    def forward(self, X, y):
+        assert y.dtype.kind == "i", "labels arrive as integers"
+        shifted = X - X.max(axis=1, keepdims=True)
+        self.P = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+        self.y = y
+        return -np.log(self.P[np.arange(len(y)), y]).mean()
+
+    def backward(self):
+        dX = self.P.copy()
+        dX[np.arange(len(self.y)), self.y] -= 1
+        return dX / len(self.y)
+'''
+
+
+def test_a_hand_written_layer_over_integer_labels_is_checked(tmp_path):
+    from typer.testing import CliRunner
+
+    from gradtool.cli import app
+
+    path = tmp_path / "course.py"
+    path.write_text(COURSE_LAYER)
+    result = CliRunner().invoke(app, ["check", NAME, "--impl", f"{path}:SoftmaxCrossEntropy"])
+    assert result.exit_code == 0, result.output
+    buggy = COURSE_LAYER.replace("return dX / len(self.y)", "return dX")
+    path.write_text(buggy)
+    result = CliRunner().invoke(app, ["check", NAME, "--impl", f"{path}:SoftmaxCrossEntropy"])
+    assert result.exit_code == 1 and "comparisons failed" in result.stdout

@@ -223,16 +223,20 @@ class NumpyLayerSubject:
                          "contract checks need finite gradients")]
             again = self._collect(layer, self._backward(layer, kept))
             doubled = {o: v * 2.0 for o, v in kept.items()}
-            twice = self._collect(layer, self._backward(layer, doubled))
+            # a loss whose backward() takes no grad_out has no linearity to check
+            twice = self._collect(layer, self._backward(layer, doubled)) \
+                if self.takes_upstream() else None
         except Exception as exc:  # noqa: BLE001
             return [("repeatable", False, f"calling backward again raised {exc}")]
         same = all(np.allclose(first[k], again[k], rtol=1e-12, atol=1e-14) for k in first)
         results.append(("repeatable", same, "" if same else
                         "a second backward with the same grad_out gave a different result "
                         "(does it accumulate into stored gradients?)"))
-        linear = all(np.allclose(twice[k], 2 * first[k], rtol=1e-9, atol=1e-12) for k in first)
-        results.append(("linear in grad_out", linear, "" if linear else
-                        "backward(2·G) ≠ 2·backward(G)"))
+        if twice is not None:
+            linear = all(np.allclose(twice[k], 2 * first[k], rtol=1e-9, atol=1e-12)
+                         for k in first)
+            results.append(("linear in grad_out", linear, "" if linear else
+                            "backward(2·G) ≠ 2·backward(G)"))
         untouched = all(np.array_equal(a, b) for a, b in zip(before, data, strict=True))
         results.append(("inputs not mutated", untouched, "" if untouched else
                         "forward or backward changed the input arrays in place"))
