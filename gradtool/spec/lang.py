@@ -262,11 +262,13 @@ class Spec:
 
     def input(self, name: str, *dims: sp.Symbol, grad: bool = True,
               domain: str = "real") -> sp.IndexedBase:
-        """A tensor the layer receives. ``grad=False`` for targets, masks and labels.
+        """A float tensor the layer receives. ``grad=False`` for targets and masks; integer
+        class labels are :meth:`labels`.
 
         ``domain`` says where valid values live, for checks that sample random inputs:
         real (default), positive (log, division), nonzero, unit (0..1, probabilities),
-        binary (0/1 masks). Stated facts (``spec.fact``) are honoured too.
+        binary (0/1 masks, one-hot targets). Stated facts about the input (``spec.fact``,
+        e.g. rows summing to one) are kept too: see :mod:`gradtool.check.sampling`.
         """
         return self._tensor(name, "input", dims, _caller_line(), grad=grad, domain=domain)
 
@@ -452,7 +454,11 @@ class Spec:
 
     def fact(self, lhs, rhs) -> None:
         """State a fact about the inputs that the simplifier may use,
-        e.g. ``spec.fact(Sum(T[n, c], c), 1)``: each row of the targets sums to one."""
+        e.g. ``spec.fact(Sum(T[n, c], c), 1)``: each row of the targets sums to one.
+
+        Checks sample inputs that keep it (one-hot rows for a binary T, probability rows for a
+        positive one) and stop with an error at this line when they cannot, or when the
+        sampled values break it (:mod:`gradtool.check.sampling`)."""
         self.facts.append(Fact(sp.sympify(lhs), sp.sympify(rhs), _caller_line()))
 
     def torch_reference(self, fn):
