@@ -112,6 +112,21 @@ def test_binary_sum_of_two_is_two_ones_per_slice(tmp_path):
         assert np.array_equal(T.sum(axis=(1, 2)), np.full(dims["N"], 2.0))
 
 
+def test_probability_rows_in_unit_domain_include_a_single_class(tmp_path):
+    """Rows of one element in (0, 1] summing to one are [1]; wider rows stay inside (0, 1)."""
+    spec = target_spec(tmp_path, "unit", "Sum(T[n, c, h], c), 1")
+    seen = set()
+    for dims, inputs in samples(spec, count=12):
+        T = inputs["T"]
+        assert np.allclose(T.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+        seen.add(dims["C"])
+        if dims["C"] == 1:
+            assert np.all(T == 1.0)
+        else:
+            assert 0 < T.min() and T.max() < 1
+    assert 1 in seen and len(seen) > 1
+
+
 def test_sum_may_name_a_size(tmp_path):
     spec = target_spec(tmp_path, "positive", "Sum(T[n, c, h], c), H")
     for dims, inputs in samples(spec):

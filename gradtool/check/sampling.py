@@ -8,7 +8,8 @@ domain:
 
 * real: normal draws shifted to the sum;
 * positive: positive draws scaled to the sum (probability rows for r = 1);
-* unit: draws in (0, 1) that sum to r, for 0 < r < the number of summed elements;
+* unit: draws in (0, 1) that sum to r, for 0 < r < the number of summed elements (all ones
+  for r equal to it: probability rows over one class);
 * nonzero: normal draws shifted to the sum, redrawn while an element is near zero;
 * binary: exactly r ones in each slice (one-hot rows for r = 1).
 
@@ -172,8 +173,8 @@ def _with_sums(spec: Spec, fact: Fact, domain: str, x: np.ndarray, axes: tuple,
             raise _cannot(spec, fact, f"positive values cannot sum to {total:g}")
         rows = rows / rows.sum(axis=1, keepdims=True) * total
     elif domain == "unit":
-        if not 0 < total < count:
-            raise _cannot(spec, fact, f"{count} values in (0, 1) cannot sum to {total:g}",
+        if not 0 < total <= count:  # total = count: every value is 1 (one class of one)
+            raise _cannot(spec, fact, f"{count} values in (0, 1] cannot sum to {total:g}",
                           SIZES)
         rows = _unit_rows(rows, total)
     elif domain == "nonzero":

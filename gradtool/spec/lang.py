@@ -324,7 +324,7 @@ class Spec:
         if name in self.tensors:
             return self.tensors[name].base
         dims = tuple(t.dims) + (t.classes,)
-        plain = idx is not None and len(set(idx)) == len(idx) and all(
+        plain = idx is not None and len(set(idx)) == len(idx) == len(dims) and all(
             self.index_dims.get(i) == d for i, d in zip(idx, dims, strict=True))
         if not plain:
             idx = []
