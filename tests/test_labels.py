@@ -189,3 +189,35 @@ def test_a_hand_written_layer_over_integer_labels_is_checked(tmp_path):
     path.write_text(buggy)
     result = CliRunner().invoke(app, ["check", NAME, "--impl", f"{path}:SoftmaxCrossEntropy"])
     assert result.exit_code == 1 and "comparisons failed" in result.stdout
+
+
+def test_labels_with_two_axes_per_position_cross_entropy(tmp_path):
+    """y[N, H] against X[N, C, H], as F.cross_entropy takes them for segmentation: the
+    indicator onehot_y[n, h, c] lines up with X's class axis in the middle."""
+    path = tmp_path / "seg.py"
+    path.write_text(textwrap.dedent('''\
+        from gradtool.lang import KroneckerDelta, Spec, Sum, exp, log
+
+        spec = Spec("seg_ce", "per-position cross-entropy")
+        N, C, H = spec.dims("N C H")
+        n, c, k, h = spec.indices(n=N, c=C, k=C, h=H)
+        X = spec.input("X", N, C, H)
+        y = spec.labels("y", N, H, classes=C)
+        e = spec.let("e", [n, c, h], exp(X[n, c, h]))
+        Z = spec.let("Z", [n, h], Sum(e[n, k, h], k))
+        P = spec.let("P", [n, c, h], e[n, c, h] / Z[n, h])
+        spec.output("L", [], -Sum(KroneckerDelta(c, y[n, h]) * log(P[n, c, h]), n, c, h)
+                    / (N * H))
+
+
+        @spec.torch_reference
+        def reference(X, y):
+            import torch.nn.functional as F
+
+            return F.cross_entropy(X, y)
+        '''))
+    spec = load_spec(path)
+    assert text(present(derive(spec).closed["X"])) == "(P[n,c,h] - onehot_y[n,h,c])/(H·N)"
+    rows = check_spec(spec, CheckOptions(cases=2, oracles=("fd", "reference", "backends")))
+    assert rows and all(r.passed for r in rows), [r for r in rows if not r.passed]
+    assert any(r.oracle == "reference" and r.input == "X" for r in rows)
