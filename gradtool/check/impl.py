@@ -29,6 +29,11 @@ from gradtool.spec.lang import Spec
 from gradtool.usercode import UserCodeError, import_file, line_in, running
 
 
+def _as_array(spec, name: str, value) -> np.ndarray:
+    """A fresh float64 copy of an input for a user's layer; integer labels as int64."""
+    return np.array(value, dtype=np.int64 if spec.tensors[name].is_labels else np.float64)
+
+
 class ImplError(GradtoolError):
     """A hand-written implementation that cannot be loaded or called."""
 
@@ -185,7 +190,7 @@ class NumpyLayerSubject:
 
     def run(self, inputs, dims, upstream):
         layer = self.build(inputs, dims)
-        data = [np.array(inputs[n], dtype=np.float64) for n in self.data]
+        data = [_as_array(self.spec, n, inputs[n]) for n in self.data]
         with running(f"{self.cls.__name__}.forward({', '.join(self.data)})", self.file):
             out = layer.forward(*data)
         outs = out if isinstance(out, tuple) and len(self.outputs) > 1 else (out,)
@@ -219,7 +224,7 @@ class NumpyLayerSubject:
         """backward is linear in grad_out, repeatable, and mutates nothing it is given."""
         results = []
         layer = self.build(inputs, dims)
-        data = [np.array(inputs[n], dtype=np.float64) for n in self.data]
+        data = [_as_array(self.spec, n, inputs[n]) for n in self.data]
         before = [d.copy() for d in data]
         with running(f"{self.cls.__name__}.forward({', '.join(self.data)})", self.file):
             layer.forward(*data)
@@ -235,16 +240,20 @@ class NumpyLayerSubject:
             with running(f"{self.cls.__name__}.backward, called again", self.file):
                 again = self._collect(layer, self._backward(layer, kept))
                 doubled = {o: v * 2.0 for o, v in kept.items()}
-                twice = self._collect(layer, self._backward(layer, doubled))
+                # a loss whose backward() takes no grad_out has no linearity to check
+                twice = self._collect(layer, self._backward(layer, doubled)) \
+                    if self.takes_upstream() else None
         except UserCodeError as exc:
             return [("repeatable", False, f"calling backward again failed: {exc.message}")]
         same = all(np.allclose(first[k], again[k], rtol=1e-12, atol=1e-14) for k in first)
         results.append(("repeatable", same, "" if same else
                         "a second backward with the same grad_out gave a different result "
                         "(does it accumulate into stored gradients?)"))
-        linear = all(np.allclose(twice[k], 2 * first[k], rtol=1e-9, atol=1e-12) for k in first)
-        results.append(("linear in grad_out", linear, "" if linear else
-                        "backward(2·G) ≠ 2·backward(G)"))
+        if twice is not None:
+            linear = all(np.allclose(twice[k], 2 * first[k], rtol=1e-9, atol=1e-12)
+                         for k in first)
+            results.append(("linear in grad_out", linear, "" if linear else
+                            "backward(2·G) ≠ 2·backward(G)"))
         untouched = all(np.array_equal(a, b) for a, b in zip(before, data, strict=True))
         results.append(("inputs not mutated", untouched, "" if untouched else
                         "forward or backward changed the input arrays in place"))
@@ -285,7 +294,7 @@ class TorchFunctionSubject:
         for p in self.arg_names:
             key = reverse.get(p, p)
             if key in inputs:
-                leaves[key] = torch.tensor(np.asarray(inputs[key], dtype=np.float64),
+                leaves[key] = torch.tensor(_as_array(self.spec, key, inputs[key]),
                                            requires_grad=key in self.grads)
                 args.append(leaves[key])
             elif key in values:
