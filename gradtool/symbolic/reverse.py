@@ -11,7 +11,9 @@ For a statement ``T[o] = R_r f(..., A[φ], ...)`` the local partial ∂f/∂A[φ
 * a max reduction routes the gradient to its arg-max.
 
 The adjoint of each tensor is the sum of its contributions (``steps``); substituting the adjoints
-of later tensors and simplifying gives the closed form (``closed``).
+of later tensors and simplifying gives the closed form (``closed``). An output's adjoint is its
+own upstream gradient plus the contributions of every statement that reads it: with outputs
+``A = X²`` and ``B = 3·A``, ``g_A = G_A + 3·G_B`` and ``dX = 2·X·(G_A + 3·G_B)``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Derivation:
     seeds: dict[str, sp.Expr]                     # output -> its upstream gradient access
     canon: dict[str, tuple]                       # tensor -> index symbols of its adjoint
     active: list[str]                             # tensors with an adjoint, forward order
+    read_outputs: set[str] = field(default_factory=set)  # outputs that later statements read
     contributions: dict[str, list[Contribution]] = field(default_factory=dict)
     steps: dict[str, sp.Expr] = field(default_factory=dict)
     closed: dict[str, sp.Expr] = field(default_factory=dict)
@@ -63,12 +66,18 @@ class Derivation:
     def adjoint_base(self, name: str) -> sp.IndexedBase:
         return sp.IndexedBase(f"g_{name}")
 
+    def seed_access(self, name: str, idx=None) -> sp.Expr:
+        """The upstream gradient of output ``name`` (``G[n, d]``, ``G_A[n]``, or 1 for a loss)."""
+        seed = self.seeds[name]
+        if isinstance(seed, sp.Indexed):
+            return seed.base[tuple(idx if idx is not None else self.canon[name])]
+        return seed
+
     def adjoint_access(self, name: str, idx=None) -> sp.Expr:
-        if name in self.seeds:
-            seed = self.seeds[name]
-            if isinstance(seed, sp.Indexed):
-                return seed.base[tuple(idx if idx is not None else self.canon[name])]
-            return seed
+        """∂L/∂name at ``idx``: the upstream gradient itself for an output no statement reads,
+        else the adjoint ``g_name`` that sums every contribution (and the seed, if any)."""
+        if name in self.seeds and name not in self.read_outputs:
+            return self.seed_access(name, idx)
         idx = self.canon[name] if idx is None else idx
         return self.adjoint_base(name)[tuple(idx)] if idx else sp.Symbol(f"g_{name}")
 
@@ -133,7 +142,9 @@ def derive(spec: Spec) -> Derivation:
         else:
             name = "G" if len(outputs) == 1 else f"G_{a.target}"
             seeds[a.target] = sp.IndexedBase(name)[tuple(a.lhs)]
-    d = Derivation(program, Simplifier(program), seeds, canon, active)
+    read = {access_name(x) for a in program.assigns
+            if a.kind != "update" and a.target in active for x in accesses(a.body, spec)}
+    d = Derivation(program, Simplifier(program), seeds, canon, active, set(seeds) & read)
     d.contributions = {name: [] for name in active}
     for a in reversed(program.assigns):
         if a.kind == "update" or a.target not in active:
@@ -229,7 +240,7 @@ def _close(d: Derivation, name: str) -> None:
     simplify = d.simplifier
     raw = sp.Add(*[c.expr for c in d.contributions[name]])
     if name in d.seeds:
-        raw += d.adjoint_access(name)
+        raw += d.seed_access(name)
     d.steps[name] = simplify(raw)
     inlined = _inline_adjoints(d, raw)
     closed = simplify(inlined)
