@@ -411,7 +411,8 @@ def _second_order_rows(spec, dims, inputs, upstream, shape, options, rng, **_):
              else float(upstream[o]) for o in tk.outputs]
     g = tk.module.backward(*seeds, *result[1], **tk._keywords(tk.module.backward, dims))
     inner = sum((torch.as_tensor(weights[k]) * gk).sum() for k, gk in zip(wrt, g, strict=True))
-    if not inner.requires_grad:  # the backward does not depend on the inputs (ReLU, sums)
+    # the backward does not depend on the inputs (ReLU, sums), or there are none (inner is 0)
+    if not getattr(inner, "requires_grad", False):
         second = [None] * len(wrt)
     else:
         try:
