@@ -147,16 +147,20 @@ def roundoff(outputs: dict, upstream: dict, diag: dict, x: np.ndarray, h: float)
 
 
 def probe_fd(loss: Callable[[np.ndarray], float], x: np.ndarray, grad: np.ndarray,
-             probes: int, h: float, rng: np.random.Generator):
+             probes: int, h: float, rng: np.random.Generator,
+             directions: list | None = None):
     """Random signed probes v: finite difference of L along v vs ⟨grad, v⟩.
 
     Returns per-probe (analytic, numeric, noise) arrays. No tolerance grows with the size of
-    the tensor: each probe is judged against its own measured noise.
+    the tensor: each probe is judged against its own measured noise. ``directions``, if
+    given, receives each v (to project another gradient on the same probes).
     """
     analytic, numeric, noise = [], [], []
     scale = h * max(1.0, float(np.abs(x).max()))
     for _ in range(probes):
         v = rng.choice([-1.0, 1.0], size=x.shape)
+        if directions is not None:
+            directions.append(v)
         f1 = (loss(x + scale * v) - loss(x - scale * v)) / (2 * scale)
         f2 = (loss(x + 2 * scale * v) - loss(x - 2 * scale * v)) / (4 * scale)
         analytic.append(float(np.sum(grad * v)))
