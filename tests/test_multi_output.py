@@ -83,6 +83,26 @@ SPECS = {
         B = spec.output("B", [n], Sum(A[n, k] ** 2, k))
         spec.output("C", [n, d], A[n, d] * B[n])
     """,
+    # the max's arg-max mask, counted over e and contracted with W (an int64 operand)
+    "max_of_an_output": """
+        spec = Spec("max_of_an_output", "t1 = A + max_j t0, Y reads t0 and t1")
+        D, E = spec.dims("D E")
+        d, e, j = spec.indices(d=D, e=E, j=E)
+        A = spec.input("A", E)
+        W = spec.param("W", E, D)
+        t0 = spec.let("t0", [d, e], A[e] * W[e, d] + Sum(A[j] * W[j, d], j))
+        t1 = spec.output("t1", [d, e], A[e] + Max(t0[d, j], j))
+        spec.output("Y", [d, e], t0[d, e] / (1 + t0[d, e] ** 2) + t0[d, e] + t1[d, e])
+    """,
+    # dW = Σ_n [X > 0]·G: a boolean operand of an einsum
+    "step_contracted": """
+        spec = Spec("step_contracted", "Y = Σ_d H(X)·W")
+        N, D, E = spec.dims("N D E")
+        n, d, e = spec.indices(n=N, d=D, e=E)
+        X = spec.input("X", N, D)
+        W = spec.param("W", D, E)
+        spec.output("Y", [n, e], Sum(Heaviside(X[n, d]) * W[d, e], d))
+    """,
     "no_differentiable_input": """
         spec = Spec("no_differentiable_input", "B = 3·T with T not differentiated")
         N = spec.dims("N")
@@ -251,6 +271,7 @@ runner = CliRunner()
 
 @pytest.mark.parametrize("name", ["independent_outputs", "attention_two_outputs",
                                   "scalar_read_by_vector", "three_output_chain",
+                                  "max_of_an_output", "step_contracted",
                                   "no_differentiable_input"])
 def test_check_passes_on_multi_output_specs(spec_path, name):
     """`gradtool check` never stops with an internal error on a spec that derives, and every
