@@ -28,6 +28,7 @@ from gradtool.spec.loader import load_spec
 from gradtool.symbolic.evaluate import evaluate, run_forward
 from gradtool.symbolic.printing import present
 from gradtool.symbolic.reverse import derive
+from tests.helpers import assert_matches_autograd
 
 HEAD = "from gradtool.lang import *\n"
 
@@ -102,6 +103,33 @@ SPECS = {
         X = spec.input("X", N, D)
         W = spec.param("W", D, E)
         spec.output("Y", [n, e], Sum(Heaviside(X[n, d]) * W[d, e], d))
+    """,
+    # names the engine would otherwise give to an upstream gradient or an adjoint
+    "input_named_G": """
+        spec = Spec("input_named_G", "Y = X·G with G an input")
+        N = spec.dims("N")
+        n = spec.indices(n=N)
+        X = spec.input("X", N)
+        G = spec.input("G", N)
+        spec.output("Y", [n], X[n] * G[n])
+    """,
+    "input_named_G_B": """
+        spec = Spec("input_named_G_B", "A = X·G_B, B = X² with G_B an input")
+        N = spec.dims("N")
+        n = spec.indices(n=N)
+        X = spec.input("X", N)
+        GB = spec.input("G_B", N)
+        spec.output("A", [n], X[n] * GB[n])
+        spec.output("B", [n], X[n] ** 2)
+    """,
+    "tensor_named_g_t": """
+        spec = Spec("tensor_named_g_t", "Y = t·g_t with t = X², g_t = X³")
+        N = spec.dims("N")
+        n = spec.indices(n=N)
+        X = spec.input("X", N)
+        t = spec.let("t", [n], X[n] ** 2)
+        gt = spec.let("g_t", [n], X[n] ** 3)
+        spec.output("Y", [n], t[n] * gt[n])
     """,
     "no_differentiable_input": """
         spec = Spec("no_differentiable_input", "B = 3·T with T not differentiated")
@@ -272,6 +300,7 @@ runner = CliRunner()
 @pytest.mark.parametrize("name", ["independent_outputs", "attention_two_outputs",
                                   "scalar_read_by_vector", "three_output_chain",
                                   "max_of_an_output", "step_contracted",
+                                  "input_named_G", "input_named_G_B", "tensor_named_g_t",
                                   "no_differentiable_input"])
 def test_check_passes_on_multi_output_specs(spec_path, name):
     """`gradtool check` never stops with an internal error on a spec that derives, and every
@@ -283,6 +312,18 @@ def test_check_passes_on_multi_output_specs(spec_path, name):
     assert rows and all(r["passed"] for r in rows)
     if name != "no_differentiable_input":
         assert {"finite differences", "torch.autograd"} <= {r["oracle"] for r in rows}
+
+
+@pytest.mark.parametrize("name", ["input_named_G", "input_named_G_B", "tensor_named_g_t"])
+def test_upstream_and_adjoint_names_never_collide_with_the_spec(spec_path, name):
+    """An upstream gradient or adjoint named like a tensor of the spec would be read as that
+    tensor (``dX = G·G`` for ``Y = X·G``): the engine names them around the spec's names."""
+    d = derive(load_spec(spec_path(name)))
+    spec_names = set(d.spec.tensors)
+    assert not spec_names & set(d.upstream_names.values())
+    assert not spec_names & set(d.adjoint_names.values())
+    for seed in (1, 2):
+        assert_matches_autograd(d, seed=seed)
 
 
 def test_check_second_order_and_float32_on_output_reading_output(spec_path):

@@ -56,9 +56,8 @@ class Module:
         self.outputs = [a for a in d.program.assigns if a.kind == "output"]
         self.updates = [a for a in d.program.assigns if a.kind == "update"]
         self.seed_names = {}
-        for out, seed in d.seeds.items():
-            name = seed.base.label.name if isinstance(seed, sp.Indexed) else (
-                seed.name if isinstance(seed, sp.Symbol) else "G")
+        for out in d.seeds:
+            name = d.upstream_names[out]
             self.seed_names[out] = name
             self.names[name] = py_name(name)
         self.imports: set[str] = set()
