@@ -26,6 +26,7 @@ from gradtool.cli import app
 from gradtool.report import derive_report
 from gradtool.spec.loader import load_spec
 from gradtool.symbolic.evaluate import evaluate, run_forward
+from gradtool.symbolic.jacobian import explicit_matrix, jacobian
 from gradtool.symbolic.printing import present
 from gradtool.symbolic.reverse import derive
 from tests.helpers import assert_matches_autograd
@@ -252,6 +253,18 @@ def test_output_read_by_an_output_keeps_that_path(spec_path):
     assert "G_B" in report["gradients"][0]["text"]
 
 
+def test_jacobian_of_an_output_that_reads_an_output(spec_path):
+    """∂B/∂X for B = 3·A, A = X²: the explicit matrix at X = [1, −2] is diag(6, −12)."""
+    spec = load_spec(spec_path("square_then_scale"))
+    d = derive(spec)
+    x = np.array([1.0, -2.0])
+    oracle = torch.autograd.functional.jacobian(lambda X: 3 * X ** 2, torch.tensor(x))
+    matrix, _, _ = explicit_matrix(d, jacobian(d, "B", "X"), {"N": 2})
+    X = spec.tensors["X"].base
+    ours = np.array(matrix.xreplace({X[0]: x[0], X[1]: x[1]}), dtype=np.float64)
+    np.testing.assert_allclose(ours, oracle.numpy(), rtol=1e-14)
+
+
 def test_generated_backward_takes_every_upstream_gradient(spec_path):
     """Both kernels' backward take G_A and G_B; the torch autograd.Function passes both on."""
     spec = load_spec(spec_path("square_then_scale"))
@@ -290,6 +303,14 @@ def test_two_output_attention_matches_autograd(spec_path):
         for name in ("Q", "K", "V"):
             np.testing.assert_allclose(grads[name], oracle[name], rtol=1e-10, atol=1e-12,
                                        err_msg=f"{target} d{name}")
+    # the autograd.Function receives one upstream gradient per output, of each one's shape
+    leaves = [torch.tensor(inputs[k], requires_grad=True) for k in ("Q", "K", "V")]
+    A, O = Kernels(spec, "torch").module.AttentionTwoOutputsFunction.apply(*leaves)
+    ((torch.as_tensor(upstream["A"]) * A).sum() + (torch.as_tensor(upstream["O"]) * O).sum()
+     ).backward()
+    for name, leaf in zip(("Q", "K", "V"), leaves, strict=True):
+        np.testing.assert_allclose(leaf.grad.numpy(), oracle[name], rtol=1e-10, atol=1e-12,
+                                   err_msg=f"autograd.Function d{name}")
 
 
 # -- item 6: check on multi-output specs --------------------------------------------------------
