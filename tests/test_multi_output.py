@@ -413,9 +413,11 @@ def test_broken_torch_kernel_is_named(monkeypatch):
                                   "code-generation fault")
 
 
-def test_wrong_formula_is_still_a_derivation_error(private_kernels, monkeypatch):
-    """A kernel that faithfully computes a wrong formula (dX doubled in the derivation) is
-    reported against the derivation, with the pattern of the error."""
+@pytest.mark.parametrize("kernel", ["faithful", "broken"])
+def test_wrong_formula_is_still_a_derivation_error(private_kernels, monkeypatch, kernel):
+    """A derivation with dX doubled: a kernel that computes it faithfully is reported against
+    the derivation, with the pattern of the error; a kernel that is wrong in another way as
+    well is reported as differing from the (wrong) formula too."""
     import gradtool.check.runner as runner_module
     import gradtool.codegen.emit as emit
 
@@ -424,9 +426,18 @@ def test_wrong_formula_is_still_a_derivation_error(private_kernels, monkeypatch)
         d.closed["X"] = 2 * d.closed["X"]
         return d
 
-    monkeypatch.setattr(emit, "derive", doubled)  # the kernels compute the doubled formula
     monkeypatch.setattr(runner_module, "derive", doubled)
-    rows = check_spec(load_spec("relu"), CheckOptions(cases=1, oracles=("autograd",)))
+    spec = load_spec("relu")
+    if kernel == "faithful":
+        monkeypatch.setattr(emit, "derive", doubled)  # the kernels compute the doubled formula
+    else:
+        _break_backward(monkeypatch, spec, "numpy")
+    rows = check_spec(spec, CheckOptions(cases=1, oracles=("autograd",)))
     (bad,) = [r for r in rows if not r.passed]
-    assert bad.note.startswith("the derived formula itself disagrees with torch.autograd; "
-                               "global scale: the gradient is 2 ×")
+    if kernel == "faithful":
+        assert bad.note.startswith("the derived formula itself disagrees with torch.autograd; "
+                                   "global scale: the gradient is 2 ×")
+    else:
+        assert bad.note.startswith("the derived formula disagrees with torch.autograd, and the "
+                                   "generated numpy kernel differs from the formula too")
+    assert "code-generation fault" not in bad.note

@@ -247,7 +247,7 @@ def _worst(a, b) -> str:
     return f"worst at {[int(i) for i in at]}: kernel {a[at]:.6g}, formula {b[at]:.6g}"
 
 
-def judge_kernel(row: Row, formula: DerivedFormula | None, name: str, kernel_grad, expect,
+def _judge_kernel(row: Row, formula: DerivedFormula | None, name: str, kernel_grad, expect,
                  allowed, note: str = "", probes: list | None = None) -> Row:
     """Say whose fault a failed row of the generated NumPy kernel's gradient of ``name`` is.
 
@@ -400,7 +400,7 @@ def _fd_rows(spec, d, dims, inputs, upstream, shape, grads, options, rng, kink_n
             note = "; ".join(x for x in (note, kink_note) if x)
             row = compare(spec.name, t.name, "finite differences", shape, grads[t.name],
                           numeric, allowed, note)
-            rows.append(judge_kernel(row, formula, t.name, grads[t.name], numeric, allowed,
+            rows.append(_judge_kernel(row, formula, t.name, grads[t.name], numeric, allowed,
                                      note))
         else:
             probes: list = []
@@ -411,7 +411,7 @@ def _fd_rows(spec, d, dims, inputs, upstream, shape, grads, options, rng, kink_n
             note = f"{options.probes} signed probes; {kink_note}".strip("; ")
             row = compare(spec.name, t.name, "finite differences (random probes)", shape,
                           a, n, allowed, note)
-            rows.append(judge_kernel(row, formula, t.name, grads[t.name], n, allowed, note,
+            rows.append(_judge_kernel(row, formula, t.name, grads[t.name], n, allowed, note,
                                      probes))
     return rows
 
@@ -440,7 +440,7 @@ def _autograd_rows(spec, dims, inputs, upstream, shape, grads, options, formula,
         expect = np.zeros(np.shape(inputs[name])) if g is None else to_numpy(g)
         tol = _exact_tol(options, float(np.abs(expect).max()) if expect.size else 1.0)
         row = compare(spec.name, name, "torch.autograd", shape, grads[name], expect, tol)
-        rows.append(judge_kernel(row, formula, name, grads[name], expect, tol))
+        rows.append(_judge_kernel(row, formula, name, grads[name], expect, tol))
     return rows
 
 
@@ -475,7 +475,7 @@ def _reference_rows(spec, dims, inputs, upstream, shape, outs, grads, state, opt
         expect = np.zeros(np.shape(inputs[name])) if g is None else to_numpy(g)
         tol = _exact_tol(options, float(np.abs(expect).max()) if expect.size else 1.0)
         row = compare(spec.name, name, "reference", shape, grads[name], expect, tol)
-        rows.append(judge_kernel(row, formula, name, grads[name], expect, tol))
+        rows.append(_judge_kernel(row, formula, name, grads[name], expect, tol))
     return rows
 
 
@@ -503,7 +503,7 @@ def _judge_backends(row: Row, formula: DerivedFormula | None, name: str, numpy_g
     if row.passed or formula is None:
         return row
     if formula.gradient(name) is None:  # says why in the note
-        return judge_kernel(row, formula, name, torch_grad, numpy_grad, 0.0)
+        return _judge_kernel(row, formula, name, torch_grad, numpy_grad, 0.0)
     wrong = [k for k, g in (("numpy", numpy_grad), ("torch", torch_grad))
              if not formula.agrees(g, name)]
     if len(wrong) == 1:
