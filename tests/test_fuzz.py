@@ -3,10 +3,12 @@
 A hypothesis strategy writes spec source files the way a user would: 1-3 dimensions out of
 N, D, E (each with a main index and a second index for reductions), 1-2 differentiable inputs
 with axes in random order, optionally a parameter and a hyper-parameter, then a chain of 1-4
-``spec.let`` statements and a ``spec.output``. Right-hand sides are composed from element-wise
-functions, sums, max reductions, contractions and broadcasts, kept numerically safe: exponents
-are bounded, logs and divisors are bounded away from zero, and every value has a magnitude
-bound that stays below ``CAP``.
+``spec.let`` statements and a ``spec.output``. ``spec_sources(outputs=2)`` writes a second
+output: either the last ``let`` becomes an output that the final one reads, or an extra output
+reads a single tensor (and so does not depend on the other inputs). Right-hand sides are
+composed from element-wise functions, sums, max reductions, contractions and broadcasts, kept
+numerically safe: exponents are bounded, logs and divisors are bounded away from zero, and every
+value has a magnitude bound that stays below ``CAP``.
 
 Properties, each on float64 data of random sizes:
 
@@ -18,6 +20,8 @@ Properties, each on float64 data of random sizes:
    a leftover Kronecker delta or index guard;
 4. with a ``grad=False`` target T scaling the output and a stated fact Σ_k T = r in a random
    domain (``specs_with_target_facts``), checks sample T to keep the fact and pass.
+5. with two outputs, properties 1 and 2 hold as well (each output has its own upstream
+   gradient, and an output that another output reads passes both paths on).
 
 ``GRADTOOL_FUZZ_EXAMPLES=500 python -m pytest tests/test_fuzz.py -q`` runs a longer search;
 see docs/fuzzing.md.
@@ -39,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sympy as sp
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
@@ -59,6 +64,8 @@ EXAMPLES_AUTOGRAD = int(_ENV) if _ENV else 25
 EXAMPLES_CHECK = int(_ENV) if _ENV else 15
 EXAMPLES_PRINTED = int(_ENV) if _ENV else 20
 EXAMPLES_FACTS = int(_ENV) if _ENV else 4
+EXAMPLES_MULTI_AUTOGRAD = int(_ENV) if _ENV else 10
+EXAMPLES_MULTI_CHECK = int(_ENV) if _ENV else 6
 
 # The default run is derandomized (the same examples every time, so the suite is not flaky)
 # and does not shrink a failure (shrinking re-derives specs for minutes; the failing source is
@@ -279,8 +286,8 @@ def _expr(draw, ctx: Ctx, depth: int) -> Node:
 
 
 @st.composite
-def spec_sources(draw) -> str:
-    """The source of a random, well-formed spec file."""
+def spec_sources(draw, outputs: int = 1) -> str:
+    """The source of a random, well-formed spec file with ``outputs`` (1 or 2) outputs."""
     count = draw(st.sampled_from([1, 2, 3]))
     dims = tuple(sorted(draw(st.permutations(DIMS))[:count], key=DIMS.index))
     lines = ['spec = Spec("fuzz", "a random spec")']
@@ -321,6 +328,8 @@ def spec_sources(draw) -> str:
     ctx.leaves = list(tensors)
 
     n_lets = draw(st.sampled_from([1, 2, 3, 4]))
+    # a second output: the last let, which the final output reads, or one of a single tensor
+    second = draw(st.sampled_from(["reads", "reads", "alone"])) if outputs == 2 else None
     for s in range(n_lets + 1):
         node = draw(_expr(ctx, depth=draw(st.sampled_from([1, 2, 3]))))
         if node.kind == "leaf":  # a bare copy says little; pass it through a function
@@ -341,13 +350,20 @@ def spec_sources(draw) -> str:
         lhs = "[" + ", ".join(MAIN[x] for x in axes) + "]"
         if s < n_lets:
             name = f"t{s}"
-            lines.append(f'{name} = spec.let("{name}", {lhs}, {body})')
+            kind = "output" if second == "reads" and s == n_lets - 1 else "let"
+            lines.append(f'{name} = spec.{kind}("{name}", {lhs}, {body})')
             # a let is a fresh tensor: nothing reduced inside it any more
             leaf = _leaf(name, axes, node.bound, node.low)
             ctx.leaves.insert(0, Node("leaf", (), leaf.dims, leaf.bound, leaf.low, frozenset(),
                                       node.spread, name, tuple(axes)))
         else:
             lines.append(f'spec.output("Y", {lhs}, {body})')
+    if second == "alone":
+        leaf = draw(st.sampled_from(tensors))
+        tpl, _, _, _, _ = _pick(draw, ctx, _unary(leaf)[:4] or _unary(leaf))
+        node = _op(tpl, leaf, bound=0.0)
+        lhs = "[" + ", ".join(MAIN[x] for x in dims if x in leaf.dims) + "]"
+        lines.append(f'spec.output("Z", {lhs}, {node.render({x: MAIN[x] for x in dims})})')
     return HEAD + "\n".join(lines) + "\n"
 
 
@@ -422,6 +438,10 @@ def test_derived_gradients_match_autograd(source, shape):
 @settings(FUZZ, max_examples=EXAMPLES_CHECK)
 @given(source=spec_sources())
 def test_generated_kernels_pass_every_check(source):
+    _assert_checks_pass(source)
+
+
+def _assert_checks_pass(source: str) -> None:
     note(source)
     with _time_limit(source), tempfile.TemporaryDirectory() as folder:
         spec = _load(folder, source)
@@ -511,7 +531,7 @@ def test_targets_keep_their_stated_facts(case):
     simplifier may have used the fact)."""
     source, axes, summed, domain, total = case
     note(source)
-    with _time_limit(), tempfile.TemporaryDirectory() as folder:
+    with _time_limit(source), tempfile.TemporaryDirectory() as folder:
         spec = _load(folder, source)
         # finite differences of the NumPy forward: the oracle that needs no torch compile
         rows = check_spec(spec, CheckOptions(cases=1, oracles=("fd", "forward")))
@@ -524,6 +544,20 @@ def test_targets_keep_their_stated_facts(case):
         assert set(np.unique(T)) <= {0.0, 1.0}
     if domain in ("positive", "unit"):
         assert T.min() > 0 and (domain == "positive" or T.max() < 1)
+@settings(FUZZ, max_examples=EXAMPLES_MULTI_AUTOGRAD)
+@given(source=spec_sources(outputs=2), shape=st.sampled_from(SHAPES))
+def test_two_output_gradients_match_autograd(source, shape):
+    note(source)
+    with _time_limit(source), tempfile.TemporaryDirectory() as folder:
+        d = derive(_load(folder, source))
+        assert len(d.seeds) == 2
+        assert_matches_autograd(d, seed=_seed(source, shape[0]), fixed=shape[1])
+
+
+@settings(FUZZ, max_examples=EXAMPLES_MULTI_CHECK)
+@given(source=spec_sources(outputs=2))
+def test_two_output_kernels_pass_every_check(source):
+    _assert_checks_pass(source)
 
 
 # -- the strategy itself ----------------------------------------------------------------------
@@ -554,3 +588,17 @@ def test_a_failing_example_keeps_its_spec(monkeypatch, failure):
     assert source in note_text
     saved = Path(note_text.split("saved as ")[1].split(")")[0])
     assert saved.read_text() == source
+
+
+@settings(FUZZ, max_examples=30)
+@given(source=spec_sources(outputs=2))
+def test_generated_two_output_specs_are_well_formed(source):
+    """Two outputs; where the first is a ``let`` turned output, the second reads it."""
+    with tempfile.TemporaryDirectory() as folder:
+        spec = _load(folder, source)
+    assert len(spec.outputs) == 2 and spec.grad_inputs
+    first, last = (s for s in spec.statements if s.kind == "output")
+    if last.target == "Y":
+        read = {a.base.label.name for a in last.rhs.atoms(sp.Indexed)} \
+            | {x.name for x in last.rhs.free_symbols}
+        assert first.target in read

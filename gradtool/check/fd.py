@@ -15,21 +15,31 @@ from collections.abc import Callable
 import numpy as np
 import sympy as sp
 
+from gradtool.symbolic.ir import access_name, accesses
 from gradtool.symbolic.jacobian import jacobian
 from gradtool.symbolic.reverse import Derivation
 
 
 def diagonal_axes(d: Derivation, wrt: str) -> dict[int, dict[str, int]]:
-    """Input axis k → {output: axis m} where ∂output/∂wrt carries δ(i_k, o_m) in every term."""
+    """Input axis k → {output: axis m} where ∂output/∂wrt carries δ(i_k, o_m) in every term.
+
+    Only outputs that read ``wrt`` (through the forward statements) are mapped: the others do
+    not move when it is perturbed. If the derivation claims a zero Jacobian for an output that
+    does read ``wrt``, no axis is taken as diagonal, so that finite differences do not inherit
+    the claim and an effect through that output is measured.
+    """
     result: dict[int, dict[str, int]] = {}
     outputs = [o for o in d.seeds if d.spec.tensors[o].dims]
     if len(outputs) != len(d.seeds):
         return {}  # a scalar output couples everything
+    readers = _readers(d, wrt)
     per_output = {}
     for out in outputs:
+        if out not in readers:
+            continue
         jac = jacobian(d, out, wrt)
         if jac.expr == 0:
-            continue
+            return {}
         terms = sp.Add.make_args(sp.expand(jac.expr))
         axes = {}
         for k, i in enumerate(jac.in_idx):
@@ -47,14 +57,27 @@ def diagonal_axes(d: Derivation, wrt: str) -> dict[int, dict[str, int]]:
     return result
 
 
+def _readers(d: Derivation, wrt: str) -> set[str]:
+    """Tensors whose forward value depends on ``wrt``, from the statements alone."""
+    found = {wrt}
+    for a in d.program.assigns:
+        if a.kind != "update" and any(access_name(x) in found
+                                      for x in accesses(a.body, d.spec)):
+            found.add(a.target)
+    return found
+
+
 def _slice_effect(delta_out: dict, upstream: dict, diag: dict, shape: tuple) -> np.ndarray:
-    """Σ over each output of G·ΔY, kept per diagonal slice (in the input's diagonal axes)."""
+    """Σ over each output of G·ΔY, kept per diagonal slice (in the input's diagonal axes).
+    An output that ``diag`` does not map does not read the input and contributes nothing."""
     keys = sorted(diag)
     total = np.zeros(tuple(shape[k] for k in keys))
     for out, dy in delta_out.items():
         prod = np.asarray(upstream[out]) * dy
         if not keys:
             total = total + prod.sum()
+            continue
+        if out not in diag[keys[0]]:
             continue
         out_axes = [diag[k][out] for k in keys]
         others = tuple(a for a in range(prod.ndim) if a not in out_axes)
@@ -124,16 +147,20 @@ def roundoff(outputs: dict, upstream: dict, diag: dict, x: np.ndarray, h: float)
 
 
 def probe_fd(loss: Callable[[np.ndarray], float], x: np.ndarray, grad: np.ndarray,
-             probes: int, h: float, rng: np.random.Generator):
+             probes: int, h: float, rng: np.random.Generator,
+             directions: list | None = None):
     """Random signed probes v: finite difference of L along v vs ⟨grad, v⟩.
 
     Returns per-probe (analytic, numeric, noise) arrays. No tolerance grows with the size of
-    the tensor: each probe is judged against its own measured noise.
+    the tensor: each probe is judged against its own measured noise. ``directions``, if
+    given, receives each v (to project another gradient on the same probes).
     """
     analytic, numeric, noise = [], [], []
     scale = h * max(1.0, float(np.abs(x).max()))
     for _ in range(probes):
         v = rng.choice([-1.0, 1.0], size=x.shape)
+        if directions is not None:
+            directions.append(v)
         f1 = (loss(x + scale * v) - loss(x - scale * v)) / (2 * scale)
         f2 = (loss(x + 2 * scale * v) - loss(x - 2 * scale * v)) / (4 * scale)
         analytic.append(float(np.sum(grad * v)))

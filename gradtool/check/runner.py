@@ -8,6 +8,11 @@ Oracles, each compared per differentiable input on random float64 data of severa
 * the spec's independent reference implementation (``@spec.torch_reference``),
 * the NumPy kernels against the PyTorch kernels,
 * the generated forward against the spec's own evaluator.
+
+When a generated kernel fails a gradient row, the derived closed form is evaluated directly
+(by the spec evaluator, without generated code) to say where the fault lies: a formula that
+agrees with the oracle while the kernel does not is a code-generation fault, not a derivation
+error.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import sympy as sp
 
 from gradtool.check.fd import diagonal_axes, fd_with_noise, probe_fd
 from gradtool.check.kernels import Kernels, shape_of, to_numpy
 from gradtool.check.kinks import has_kinks, kink_distance
-from gradtool.check.numeric import autograd_or_none
+from gradtool.check.numeric import autograd_or_none, derived_gradients
 from gradtool.check.sampling import fact_text, fact_violations, sample_dims, sample_inputs
 from gradtool.errors import GradtoolError
 from gradtool.spec.lang import Spec
@@ -195,6 +201,111 @@ def _loss(outputs: dict, upstream: dict) -> float:
     return float(sum(np.sum(np.asarray(upstream[o]) * to_numpy(y)) for o, y in outputs.items()))
 
 
+# -- code generation or derivation? ---------------------------------------------------------
+
+class DerivedFormula:
+    """The derived closed forms of one check case, evaluated directly by the spec evaluator
+    (``gradtool.symbolic.evaluate``), with no generated code in between: the arbiter between a
+    derivation fault and a code-generation fault. Evaluated on first use, so a check that
+    passes never pays for it."""
+
+    def __init__(self, d: Derivation, inputs: dict, dims: dict, upstream: dict,
+                 options: CheckOptions):
+        self.d, self.inputs, self.dims, self.upstream = d, inputs, dims, upstream
+        self.options = options
+        self._grads: dict | None = None
+        self.error = ""
+
+    def gradient(self, name: str) -> np.ndarray | None:
+        """∂L/∂name by the formula, with the same upstream gradients the kernels were given;
+        None if the formula could not be evaluated (``error`` says why)."""
+        if self._grads is None:
+            self._grads = self._evaluate()
+        return self._grads.get(name)
+
+    def _evaluate(self) -> dict:
+        by_seed, scale = {}, 1.0
+        for out, seed in self.d.seeds.items():
+            if isinstance(seed, sp.Indexed):
+                by_seed[seed.base.label.name] = np.asarray(self.upstream[out], dtype=np.float64)
+            elif isinstance(seed, sp.Symbol):
+                by_seed[seed.name] = float(self.upstream[out])
+            else:  # a loss: the formula is ∂L/∂X, the kernel scales it by L's upstream gradient
+                scale = float(self.upstream[out])
+        try:
+            with np.errstate(all="ignore"):
+                grads = derived_gradients(self.d, self.inputs, self.dims, by_seed)
+        except Exception as exc:  # noqa: BLE001 - only a diagnosis: the failed row stays failed
+            self.error = f"{type(exc).__name__}: {exc}"
+            return {}
+        return {k: np.broadcast_to(scale * v, np.shape(self.inputs[k])) for k, v in
+                grads.items()}
+
+    def agrees(self, value, name: str) -> bool:
+        """Whether ``value`` (a kernel's gradient of ``name``) equals the formula's, to the
+        tolerance of two exact computations."""
+        f = self.gradient(name)
+        return f is not None and _exact_agree(value, f, self.options)
+
+
+def _exact_agree(a, b, options) -> bool:
+    a, b = to_numpy(a), to_numpy(b)
+    if a.shape != b.shape:
+        return False
+    tol = _exact_tol(options, float(np.abs(b).max()) if b.size else 1.0)
+    with np.errstate(invalid="ignore"):
+        return bool(np.all((a == b) | (np.abs(a - b) <= tol)))
+
+
+def _worst(a, b) -> str:
+    a, b = to_numpy(a), to_numpy(b)
+    if a.shape != b.shape or not a.size:
+        return f"shape {a.shape} vs {b.shape}"
+    with np.errstate(invalid="ignore"):
+        err = np.where(a == b, 0.0, np.abs(a - b))
+    at = np.unravel_index(int(np.argmax(np.nan_to_num(err, nan=np.inf))), a.shape)
+    return f"worst at {[int(i) for i in at]}: kernel {a[at]:.6g}, formula {b[at]:.6g}"
+
+
+def _judge_kernel(row: Row, formula: DerivedFormula | None, name: str, kernel_grad, expect,
+                 allowed, note: str = "", probes: list | None = None) -> Row:
+    """Say whose fault a failed row of the generated NumPy kernel's gradient of ``name`` is.
+
+    ``expect`` and ``allowed`` are the oracle's values and tolerance, of the gradient itself
+    or, with ``probes``, of its projections on those directions. If the derived formula agrees
+    with the oracle, the kernel is wrong: a code-generation fault, and the row says so instead
+    of naming a derivation pattern (a dropped or extra term). If the formula disagrees too,
+    the derivation is at fault and the row says that as well."""
+    if row.passed or formula is None:
+        return row
+    f = formula.gradient(name)
+    if f is None:
+        if formula.error:
+            row.note = "; ".join(x for x in (row.note, "the derived formula could not be "
+                                             f"evaluated directly ({formula.error})") if x)
+        return row
+
+    def seen(g):  # what the oracle saw of a gradient: itself, or its projections
+        g = to_numpy(g)
+        return g if probes is None else np.array([np.sum(g * v) for v in probes])
+
+    ours, value = seen(kernel_grad), seen(f)
+    by_formula = compare(row.spec, row.input, row.oracle, row.shape, value, expect, allowed)
+    if by_formula.passed:
+        row.note = "; ".join(x for x in (
+            note, "the generated numpy kernel disagrees with the derived formula, which "
+                  f"agrees with {row.oracle}: a code-generation fault, not a derivation error "
+                  f"({_worst(kernel_grad, f)})") if x)
+    elif _exact_agree(ours, value, formula.options):
+        row.note = "; ".join(x for x in (
+            f"the derived formula itself disagrees with {row.oracle}", row.note) if x)
+    else:
+        row.note = "; ".join(x for x in (
+            f"the derived formula disagrees with {row.oracle}, and the generated numpy "
+            "kernel differs from the formula too", row.note) if x)
+    return row
+
+
 # -- the check ------------------------------------------------------------------------------
 
 class Subject:
@@ -235,9 +346,11 @@ def check_spec(spec: Spec, options: CheckOptions | None = None, subject=None,
             progress(f"{spec.name} {shape}")
         with np.errstate(all="ignore"), _at_shape(shape, subject):
             outs, grads, state = subject.run(inputs, dims, upstream)
+        formula = DerivedFormula(d, inputs, dims, upstream, options) \
+            if subject.name == "derived" else None
         ctx = dict(spec=spec, d=d, dims=dims, inputs=inputs, upstream=upstream, shape=shape,
                    outs=outs, grads=grads, state=state, options=options, rng=rng,
-                   kink_note=kink_note, ref_np=ref_np, subject=subject)
+                   kink_note=kink_note, ref_np=ref_np, subject=subject, formula=formula)
         if "forward" in options.oracles:
             rows += _forward_rows(**ctx)
         if "fd" in options.oracles:
@@ -297,7 +410,7 @@ def _forward_rows(spec, d, dims, inputs, shape, outs, state, options, subject, *
 
 
 def _fd_rows(spec, d, dims, inputs, upstream, shape, grads, options, rng, kink_note, ref_np,
-             **_):
+             formula, **_):
     rows = []
     rtol = options.tol if options.tol is not None else 1e-6
     for t in spec.grad_inputs:
@@ -318,17 +431,22 @@ def _fd_rows(spec, d, dims, inputs, upstream, shape, grads, options, rng, kink_n
             note = f"{used} forward calls"
             note += f" ({len(diag)} independent ax{'is' if len(diag) == 1 else 'es'})" \
                 if diag else ""
-            rows.append(compare(spec.name, t.name, "finite differences", shape,
-                                grads[t.name], numeric, allowed,
-                                "; ".join(x for x in (note, kink_note) if x)))
+            note = "; ".join(x for x in (note, kink_note) if x)
+            row = compare(spec.name, t.name, "finite differences", shape, grads[t.name],
+                          numeric, allowed, note)
+            rows.append(_judge_kernel(row, formula, t.name, grads[t.name], numeric, allowed,
+                                     note))
         else:
+            probes: list = []
             a, n, noise = probe_fd(lambda v, name=t.name: _loss(outputs_at(v, name), upstream),
-                                   x, to_numpy(grads[t.name]), options.probes, FD_STEP, rng)
+                                   x, to_numpy(grads[t.name]), options.probes, FD_STEP, rng,
+                                   probes)
             allowed = 10 * noise + rtol * float(np.abs(n).max()) + 1e-10
+            note = f"{options.probes} signed probes; {kink_note}".strip("; ")
             row = compare(spec.name, t.name, "finite differences (random probes)", shape,
-                          a, n, allowed, f"{options.probes} signed probes; {kink_note}".strip(
-                              "; "))
-            rows.append(row)
+                          a, n, allowed, note)
+            rows.append(_judge_kernel(row, formula, t.name, grads[t.name], n, allowed, note,
+                                     probes))
     return rows
 
 
@@ -343,7 +461,7 @@ def _torch_leaves(spec, inputs, requires):
                          requires_grad=k in requires) for k, v in inputs.items()}
 
 
-def _autograd_rows(spec, dims, inputs, upstream, shape, grads, options, **_):
+def _autograd_rows(spec, dims, inputs, upstream, shape, grads, options, formula, **_):
     import torch
 
     kernels = Kernels(spec, "torch")
@@ -359,11 +477,13 @@ def _autograd_rows(spec, dims, inputs, upstream, shape, grads, options, **_):
     for name, g in zip(wrt, auto, strict=True):
         expect = np.zeros(np.shape(inputs[name])) if g is None else to_numpy(g)
         tol = _exact_tol(options, float(np.abs(expect).max()) if expect.size else 1.0)
-        rows.append(compare(spec.name, name, "torch.autograd", shape, grads[name], expect, tol))
+        row = compare(spec.name, name, "torch.autograd", shape, grads[name], expect, tol)
+        rows.append(_judge_kernel(row, formula, name, grads[name], expect, tol))
     return rows
 
 
-def _reference_rows(spec, dims, inputs, upstream, shape, outs, grads, state, options, **_):
+def _reference_rows(spec, dims, inputs, upstream, shape, outs, grads, state, options, formula,
+                    **_):
     import torch
 
     wrt = [t.name for t in spec.grad_inputs]
@@ -392,11 +512,12 @@ def _reference_rows(spec, dims, inputs, upstream, shape, outs, grads, state, opt
     for name, g in zip(wrt, auto, strict=True):
         expect = np.zeros(np.shape(inputs[name])) if g is None else to_numpy(g)
         tol = _exact_tol(options, float(np.abs(expect).max()) if expect.size else 1.0)
-        rows.append(compare(spec.name, name, "reference", shape, grads[name], expect, tol))
+        row = compare(spec.name, name, "reference", shape, grads[name], expect, tol)
+        rows.append(_judge_kernel(row, formula, name, grads[name], expect, tol))
     return rows
 
 
-def _backend_rows(spec, dims, inputs, upstream, shape, outs, grads, options, **_):
+def _backend_rows(spec, dims, inputs, upstream, shape, outs, grads, options, formula, **_):
     kernels = Kernels(spec, "torch")
     t_outs, saved, _ = kernels.forward(inputs, dims)
     t_grads = kernels.backward(upstream, saved, dims)
@@ -408,9 +529,31 @@ def _backend_rows(spec, dims, inputs, upstream, shape, outs, grads, options, **_
     for name in grads:
         ref = to_numpy(grads[name])
         tol = _exact_tol(options, float(np.abs(ref).max()) if ref.size else 1.0)
-        rows.append(compare(spec.name, name, "numpy vs torch kernels", shape, t_grads[name],
-                            ref, tol))
+        row = compare(spec.name, name, "numpy vs torch kernels", shape, t_grads[name], ref, tol)
+        rows.append(_judge_backends(row, formula, name, grads[name], t_grads[name]))
     return rows
+
+
+def _judge_backends(row: Row, formula: DerivedFormula | None, name: str, numpy_grad,
+                    torch_grad) -> Row:
+    """The NumPy and PyTorch kernels disagree: name the one that differs from the derived
+    formula evaluated directly."""
+    if row.passed or formula is None:
+        return row
+    if formula.gradient(name) is None:  # says why in the note
+        return _judge_kernel(row, formula, name, torch_grad, numpy_grad, 0.0)
+    wrong = [k for k, g in (("numpy", numpy_grad), ("torch", torch_grad))
+             if not formula.agrees(g, name)]
+    if len(wrong) == 1:
+        right = "torch" if wrong[0] == "numpy" else "numpy"
+        bad = numpy_grad if wrong[0] == "numpy" else torch_grad
+        row.note = (f"the generated {wrong[0]} kernel disagrees with the derived formula (the "
+                    f"{right} kernel agrees with it): a code-generation fault, not a "
+                    f"derivation error ({_worst(bad, formula.gradient(name))})")
+    elif wrong:
+        row.note = ("both generated kernels disagree with the derived formula: a "
+                    f"code-generation fault; {row.note}")
+    return row
 
 
 def _float32_rows(spec, dims, inputs, upstream, shape, grads, options, subject, **_):
@@ -449,7 +592,8 @@ def _second_order_rows(spec, dims, inputs, upstream, shape, options, rng, **_):
              else float(upstream[o]) for o in tk.outputs]
     g = tk.module.backward(*seeds, *result[1], **tk._keywords(tk.module.backward, dims))
     inner = sum((torch.as_tensor(weights[k]) * gk).sum() for k, gk in zip(wrt, g, strict=True))
-    if not inner.requires_grad:  # the backward does not depend on the inputs (ReLU, sums)
+    # the backward does not depend on the inputs (ReLU, sums), or there are none (inner is 0)
+    if not getattr(inner, "requires_grad", False):
         second = [None] * len(wrt)
     else:
         try:

@@ -315,6 +315,11 @@ class ArrayPrinter:
         lose precision converts them here."""
         return [a for _, a in num]
 
+    def _numeric(self, f, arr: Arr) -> Arr:
+        """An operand of an einsum; a target whose einsum refuses boolean or integer operands
+        (masks, counts of masks) next to float ones converts them here."""
+        return arr
+
     def _is_array(self, f) -> bool:
         """A tensor value (not a Python number): reads a tensor or a tensor-valued term."""
         return any(isinstance(n, sp.Indexed) or (n in self.temps and self.temps[n].axes)
@@ -325,6 +330,8 @@ class ArrayPrinter:
         """Does ``e`` lower to a boolean (or integer) array: masks and numbers only?"""
         if isinstance(e, (ArgMaxMask, sp.Heaviside, sp.Rel, sp.And, sp.Or, sp.Not)):
             return True
+        if isinstance(e, sp.Sum):  # a count of masks: an integer array
+            return self._bool_only(e.function)
         if e in self.definitions:
             return self._bool_only(self.definitions[e])
         if isinstance(e, (sp.Mul, sp.Add)):
@@ -486,7 +493,8 @@ class ArrayPrinter:
                 # einsum is several times slower on CPU for this)
                 inner = self._reduce(self._product(arrs), over, self.SUM)
             else:  # a genuine contraction (matrix product)
-                inner = self._einsum(arrs, over)
+                inner = self._einsum([self._numeric(f, a) for f, a in
+                                      zip(operands, arrs, strict=True)], over)
         elif operands:
             inner = self._reduce(self.lower(operands[0]), over, self.SUM)
         else:

@@ -56,9 +56,8 @@ class Module:
         self.outputs = [a for a in d.program.assigns if a.kind == "output"]
         self.updates = [a for a in d.program.assigns if a.kind == "update"]
         self.seed_names = {}
-        for out, seed in d.seeds.items():
-            name = seed.base.label.name if isinstance(seed, sp.Indexed) else (
-                seed.name if isinstance(seed, sp.Symbol) else "G")
+        for out in d.seeds:
+            name = d.upstream_names[out]
             self.seed_names[out] = name
             self.names[name] = py_name(name)
         self.imports: set[str] = set()
@@ -341,7 +340,8 @@ class Module:
         doc = ['"""Closed-form gradients ' + ", ".join(
             f"∂L/∂{t.name}" for t in self.grads) + " from the upstream gradient"
             + ("s" if len(seeds) > 1 else "") + '."""']
-        ret = "return " + (", ".join(grads) + ("," if len(grads) == 1 else ""))
+        # no differentiable input: an empty tuple, so that callers can still unpack it
+        ret = "return " + (", ".join(grads) + ("," if len(grads) == 1 else "") or "()")
         return [f"def backward({sig}):", *("    " + x for x in doc + body + [ret])]
 
     def _zeros(self, shape, printer) -> str:
@@ -551,6 +551,11 @@ def _size_source(m: Module, dim: str) -> str:
     return m.names[dim]
 
 
+def _unpack(grads: list[str]) -> str:
+    """``dX, dW = `` before a call of the generated backward; nothing when it returns ()."""
+    return f"{', '.join(grads)}{',' if len(grads) == 1 else ''} = " if grads else ""
+
+
 def _numpy_class(m: Module) -> list[str]:
     spec, names = m.spec, m.names
     cname = class_name(spec.name)
@@ -608,8 +613,8 @@ def _numpy_class(m: Module) -> list[str]:
     bwd_kw += [f'{names[x]}=self._sizes["{x}"]' for x in m.backward_dims]
     lines.append(f"    def backward(self, {sig}):")
     grads = ["d" + t.name for t in m.grads]
-    lines.append(f"        {', '.join(grads)}{',' if len(grads) == 1 else ''} = "
-                 f"backward({', '.join(seeds + ['*self._saved'] + bwd_kw)})")
+    call = ", ".join(seeds + ["*self._saved"] + bwd_kw)
+    lines.append(f"        {_unpack(grads)}backward({call})")
     pg = [t for t in m.grads if t.kind == "param"]
     lines.append("        self.grads = {" + ", ".join(f'"{t.name}": d{t.name}' for t in pg)
                  + "}")
@@ -654,8 +659,8 @@ def _torch_classes(m: Module) -> list[str]:
     kw = [f"{names[h]}=ctx.{names[h]}" for h in bwd_hyp] + \
         [f"{names[x]}=ctx.{names[x]}" for x in m.backward_dims]
     grads = ["d" + t.name for t in m.grads]
-    lines.append(f"        {', '.join(grads)}{',' if len(grads) == 1 else ''} = "
-                 f"backward({', '.join(seeds + ['*ctx.saved_tensors'] + kw)})")
+    call = ", ".join(seeds + ["*ctx.saved_tensors"] + kw)
+    lines.append(f"        {_unpack(grads)}backward({call})")
     ret = []
     for t in m.inputs:
         ret.append("d" + t.name if t in m.grads else "None")

@@ -200,6 +200,13 @@ class TorchPrinter(ArrayPrinter):
         arrs[k] = Arr(f"{self.paren(a.code, a.prec, ATOM)}.to({self.ref}.dtype)", a.axes, ATOM)
         return arrs
 
+    def _numeric(self, f, arr: Arr) -> Arr:
+        """torch.einsum refuses a bool or int64 operand next to a float one."""
+        if self.ref is None or not self._bool_only(f):
+            return arr
+        return Arr(f"{self.paren(arr.code, arr.prec, ATOM)}.to({self.ref}.dtype)", arr.axes,
+                   ATOM)
+
     def broadcast(self, code: str, shape: tuple[str, ...], arr: Arr) -> str:
         if not arr.axes:  # a number or a 0-d tensor, repeated over the whole shape
             return f"{self.ref}.new_ones(({', '.join(shape)},)) * {self.paren(code, arr.prec, 2)}"

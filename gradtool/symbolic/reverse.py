@@ -11,7 +11,9 @@ For a statement ``T[o] = R_r f(..., A[φ], ...)`` the local partial ∂f/∂A[φ
 * a max reduction routes the gradient to its arg-max.
 
 The adjoint of each tensor is the sum of its contributions (``steps``); substituting the adjoints
-of later tensors and simplifying gives the closed form (``closed``).
+of later tensors and simplifying gives the closed form (``closed``). An output's adjoint is its
+own upstream gradient plus the contributions of every statement that reads it: with outputs
+``A = X²`` and ``B = 3·A``, ``g_A = G_A + 3·G_B`` and ``dX = 2·X·(G_A + 3·G_B)``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class Derivation:
     seeds: dict[str, sp.Expr]                     # output -> its upstream gradient access
     canon: dict[str, tuple]                       # tensor -> index symbols of its adjoint
     active: list[str]                             # tensors with an adjoint, forward order
+    read_outputs: set[str] = field(default_factory=set)  # outputs that later statements read
+    upstream_names: dict[str, str] = field(default_factory=dict)  # output -> G, G_A, ...
+    adjoint_names: dict[str, str] = field(default_factory=dict)   # tensor -> g_xhat, ...
     contributions: dict[str, list[Contribution]] = field(default_factory=dict)
     steps: dict[str, sp.Expr] = field(default_factory=dict)
     closed: dict[str, sp.Expr] = field(default_factory=dict)
@@ -61,16 +66,23 @@ class Derivation:
         return self.program.spec
 
     def adjoint_base(self, name: str) -> sp.IndexedBase:
-        return sp.IndexedBase(f"g_{name}")
+        return sp.IndexedBase(self.adjoint_names[name])
+
+    def seed_access(self, name: str, idx=None) -> sp.Expr:
+        """The upstream gradient of output ``name`` (``G[n, d]``, ``G_A[n]``, or 1 for a loss)."""
+        seed = self.seeds[name]
+        if isinstance(seed, sp.Indexed):
+            return seed.base[tuple(idx if idx is not None else self.canon[name])]
+        return seed
 
     def adjoint_access(self, name: str, idx=None) -> sp.Expr:
-        if name in self.seeds:
-            seed = self.seeds[name]
-            if isinstance(seed, sp.Indexed):
-                return seed.base[tuple(idx if idx is not None else self.canon[name])]
-            return seed
+        """∂L/∂name at ``idx``: the upstream gradient itself for an output no statement reads,
+        else the adjoint ``g_name`` that sums every contribution (and the seed, if any)."""
+        if name in self.seeds and name not in self.read_outputs:
+            return self.seed_access(name, idx)
         idx = self.canon[name] if idx is None else idx
-        return self.adjoint_base(name)[tuple(idx)] if idx else sp.Symbol(f"g_{name}")
+        return self.adjoint_base(name)[tuple(idx)] if idx else \
+            sp.Symbol(self.adjoint_names[name])
 
     def gradient(self, name: str) -> sp.Expr:
         """The closed-form gradient of a differentiable input or parameter."""
@@ -124,16 +136,24 @@ def derive(spec: Spec) -> Derivation:
     canon = _canonical_indices(program)
     active = _active(program)
     outputs = [a for a in program.assigns if a.kind == "output"]  # each has an upstream gradient
+    taken = set(spec.tensors) | set(spec.hypers) | set(spec.dim_symbols) \
+        | {str(i) for i in program.ranges}
+    names = {}
+    for a in outputs:
+        names[a.target] = _unused("G" if len(outputs) == 1 else f"G_{a.target}",
+                                  f"G_{a.target}", taken)
     seeds: dict[str, sp.Expr] = {}
     for a in outputs:
         if not a.lhs and len(outputs) == 1:
             seeds[a.target] = sp.Integer(1)  # a loss: the gradient of L is 1
         elif not a.lhs:
-            seeds[a.target] = sp.Symbol(f"G_{a.target}", real=True)
+            seeds[a.target] = sp.Symbol(names[a.target], real=True)
         else:
-            name = "G" if len(outputs) == 1 else f"G_{a.target}"
-            seeds[a.target] = sp.IndexedBase(name)[tuple(a.lhs)]
-    d = Derivation(program, Simplifier(program), seeds, canon, active)
+            seeds[a.target] = sp.IndexedBase(names[a.target])[tuple(a.lhs)]
+    read = {access_name(x) for a in program.assigns
+            if a.kind != "update" and a.target in active for x in accesses(a.body, spec)}
+    d = Derivation(program, Simplifier(program), seeds, canon, active, set(seeds) & read,
+                   names, {t: _unused(f"g_{t}", f"g_{t}", taken) for t in active})
     d.contributions = {name: [] for name in active}
     for a in reversed(program.assigns):
         if a.kind == "update" or a.target not in active:
@@ -150,6 +170,16 @@ def derive(spec: Spec) -> Derivation:
         else:  # the output does not depend on it
             d.steps[t.name] = d.closed[t.name] = sp.Integer(0)
     return d
+
+
+def _unused(first: str, second: str, taken: set) -> str:
+    """``first``, else ``second``, else ``second`` with underscores appended: a name no tensor,
+    size, index or hyper-parameter of the spec has (an input may be called G or g_t)."""
+    name = first if first not in taken else second
+    while name in taken:
+        name += "_"
+    taken.add(name)
+    return name
 
 
 def _contribution(d: Derivation, a: Assign, node) -> Contribution | None:
@@ -229,7 +259,7 @@ def _close(d: Derivation, name: str) -> None:
     simplify = d.simplifier
     raw = sp.Add(*[c.expr for c in d.contributions[name]])
     if name in d.seeds:
-        raw += d.adjoint_access(name)
+        raw += d.seed_access(name)
     d.steps[name] = simplify(raw)
     inlined = _inline_adjoints(d, raw)
     closed = simplify(inlined)
@@ -249,13 +279,13 @@ def _close(d: Derivation, name: str) -> None:
 
 
 def _inline_adjoints(d: Derivation, expr):
+    tensor_of = {g: t for t, g in d.adjoint_names.items() if t in d.closed}
     subs = {}
     for node in sp.preorder_traversal(expr):
-        if isinstance(node, sp.Indexed) and node.base.label.name.startswith("g_"):
-            name = node.base.label.name[2:]
+        if isinstance(node, sp.Indexed) and node.base.label.name in tensor_of:
+            name = tensor_of[node.base.label.name]
             subs[node] = rename(d.closed[name], dict(zip(d.canon[name], node.indices,
                                                          strict=True)))
-        elif isinstance(node, sp.Symbol) and node.name.startswith("g_") \
-                and node.name[2:] in d.closed:
-            subs[node] = d.closed[node.name[2:]]
+        elif isinstance(node, sp.Symbol) and node.name in tensor_of:
+            subs[node] = d.closed[tensor_of[node.name]]
     return expr.xreplace(subs)
