@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
+import sympy as sp
 
 from gradtool.check.fd import diagonal_axes, fd_with_noise, probe_fd
 from gradtool.check.kernels import Kernels, shape_of, to_numpy
@@ -75,6 +76,7 @@ class CheckOptions:
     oracles: tuple = ("fd", "autograd", "reference", "backends", "forward")
     fixed: dict = field(default_factory=dict)   # sizes pinned by name
     one_hot: tuple = ()               # inputs drawn as one-hot rows (targets of -log Σ x·y)
+    batch_one: bool = True            # the first shape has N = 1
 
 
 # -- comparison ---------------------------------------------------------------------------
@@ -169,7 +171,7 @@ def _sample(spec, d: Derivation, rng, fixed, scale=1.0, one_hot=()):
         for t in spec.of_kind("input"):
             if t.name in one_hot:
                 inputs[t.name] = _one_hot(inputs[t.name].shape, rng)
-            elif scale != 1.0 and t.domain in ("real", "nonzero"):
+            elif _scalable(spec, t, scale):
                 inputs[t.name] = inputs[t.name] * scale
         if not has_kinks(d.program):
             return dims, inputs, ""
@@ -180,6 +182,15 @@ def _sample(spec, d: Derivation, rng, fixed, scale=1.0, one_hot=()):
             again = f", resampled {attempt}×" if attempt else ""
             return dims, inputs, f"kinks avoided (distance ≥ {gap:.2g}{again})"
     return dims, inputs, f"could not sample {KINK_MARGIN:g} away from a kink"
+
+
+def _scalable(spec, t, scale: float) -> bool:
+    """Whether input ``t`` stays valid at ``scale`` × its values: not binary, not bound by a
+    stated fact (rows summing to one), probabilities only towards zero."""
+    if scale == 1.0 or t.domain == "binary" or (t.domain == "unit" and scale > 1):
+        return False
+    bound = {b.base.label.name for f in spec.facts for b in f.lhs.atoms(sp.Indexed)}
+    return t.name not in bound
 
 
 def _one_hot(shape: tuple, rng) -> np.ndarray:
@@ -234,14 +245,16 @@ def check_spec(spec: Spec, options: CheckOptions | None = None, subject=None,
             options = replace(options, tol=HAND_RTOL)
     d = derive(spec)
     ref_np = Kernels(spec, "numpy")
-    cases = [{"N": 1}] + [{}] * max(0, options.cases - 1)
+    cases = [{"N": 1} if options.batch_one else {}] + [{}] * max(0, options.cases - 1)
     for case_no, fixed in enumerate(cases[:options.cases]):
         fixed = {**fixed, **options.fixed} if "N" in spec.dim_symbols or options.fixed else {}
         seed = zlib.crc32(f"{spec.name}/{options.seed}/{case_no}".encode())
         rng = np.random.default_rng(seed)
         scale = HAND_SCALES[case_no % len(HAND_SCALES)] if hand else 1.0
         dims, inputs, kink_note = _sample(spec, d, rng, fixed, scale, options.one_hot)
-        shape = shape_text(dims) + (f",scale={scale:g}" if scale != 1.0 else "")
+        scaled = scale != 1.0 and any(_scalable(spec, t, scale) and t.name not in
+                                      options.one_hot for t in spec.of_kind("input"))
+        shape = shape_text(dims) + (f",inputs×{scale:g}" if scaled else "")
         upstream = _upstream(spec, dims, rng)
         if hasattr(subject, "takes_upstream") and not subject.takes_upstream():
             # a loss layer whose backward takes no upstream gradient: it is 1
@@ -270,7 +283,7 @@ def check_spec(spec: Spec, options: CheckOptions | None = None, subject=None,
             case_rows += _second_order_rows(**ctx)
         if hand:
             _one_diagnosis(case_rows, spec, dims, inputs, upstream, grads, options)
-            _note_small_differences(case_rows)
+            _note_small_differences(case_rows, {**outs, **grads})
         rows += case_rows
         if case_no == 0 and hasattr(subject, "contract"):
             with _at_shape(shape, subject):
@@ -303,15 +316,25 @@ def _resolve_layer(spec: Spec, subject, options: CheckOptions):
                       None, 0.0, True, "; ".join(notes))]
 
 
-def _note_small_differences(rows: list[Row]) -> None:
+def _is_float32(value) -> bool:
+    a = to_numpy(value)
+    return bool(a.size) and np.array_equal(a, a.astype(np.float32).astype(np.float64))
+
+
+def _note_small_differences(rows: list[Row], values: dict) -> None:
     """A passing exact comparison of a hand-written layer that is off by more than rounding
-    says so: harmless at this size, and a hint where a stabiliser or a constant sits."""
+    says so: float32 precision when the layer's values are float32 numbers, else harmless at
+    this size (an epsilon stabiliser, a constant)."""
     for row in rows:
         if row.passed and row.analytic is not None and row.max_rel > ROUNDING \
                 and not row.oracle.startswith("finite differences"):
-            small = (f"differs by {row.max_rel:.2g} (relative), more than float64 rounding "
-                     f"but within the {row.allowed:.2g} allowed: harmless (an epsilon "
-                     "stabiliser?)")
+            name = row.input.removesuffix(" (forward)")
+            if name in values and _is_float32(values[name]):
+                small = f"float32 precision: differs by {row.max_rel:.2g} (relative)"
+            else:
+                small = (f"differs by {row.max_rel:.2g} (relative), more than float64 "
+                         f"rounding but within the {row.allowed:.2g} allowed: harmless "
+                         "(an epsilon stabiliser?)")
             row.note = "; ".join(x for x in (row.note, small) if x)
 
 
