@@ -115,9 +115,10 @@ def _number(value) -> float | None:
 
 
 def hyper_note(spec: Spec, values: dict[str, float], sources: dict[str, str]) -> str:
-    """"eps=1e-08 (your layer's `eps`)" for each hyper-parameter not at the spec's default."""
+    """"eps=1e-08 (your layer's `eps`)" for each hyper-parameter set with ``--set`` or read
+    from the layer with a value other than the spec's default."""
     parts = [f"{k}={values[k]:.6g} ({sources[k]})" for k in spec.hypers
-             if k in sources and values[k] != spec.hypers[k].default]
+             if k in sources and (values[k] != spec.hypers[k].default or sources[k] == "--set")]
     return ", ".join(parts)
 
 

@@ -361,8 +361,9 @@ def _one_diagnosis(rows: list[Row], spec, dims, inputs, upstream, grads, options
                     and np.allclose(a, r2, rtol=1e-6, atol=1e-12) \
                     and np.allclose(a2, r, rtol=1e-6, atol=1e-12) \
                     and not np.allclose(a, r, rtol=1e-6, atol=1e-12):
-                diagnosis[name] = (f"swapped: the gradient of {name} is the expected gradient "
-                                   f"of {other}, and the other way round")
+                first, second = sorted((name, other), key=list(expected).index)
+                diagnosis[name] = (f"swapped: the gradients of {first} and {second} are each "
+                                   "other's expected values")
     for row in failed:
         if row.input in diagnosis and row.note:
             head, sep, _ = row.note.rpartition("; ")
