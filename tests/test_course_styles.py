@@ -46,6 +46,8 @@ CORRECT = [
     ("cross_entropy", "losses_uva.py:OneHotCrossEntropy", None, None, ONE_HOT, ""),
     ("batchnorm", "batchnorm_cmu.py:BatchNorm1d", CMU_BN, None, {},
      "eps=1e-08 (your layer's `eps`); gamma stored as (1, C)"),
+    ("batchnorm", "batchnorm_cmu.py:BatchNorm1dBiased", CMU_BN, {"correction": 0.0}, {},
+     "correction=0 (--set)"),
     ("linear", "linear_layouts.py:LinearModule", UVA_LINEAR, None, {},
      "W stored transposed, as (I, O); b stored as (1, O)"),
     ("linear", "linear_layouts.py:Linear", SIZES, None, {}, "b stored as (O, 1)"),
@@ -133,6 +135,12 @@ def test_set_overrides_a_hyper_parameter_read_from_the_layer():
     rows = check("batchnorm", "batchnorm_cmu.py:BatchNorm1d", CMU_BN, {"eps": 1e-5}, cases=2)
     assert failed(rows)  # the layer keeps its own 1e-8; the oracles now use 1e-5
     assert "eps=1e-05 (--set)" in settings_note(rows)
+
+
+def test_biased_running_variance_fails_only_its_update_without_set():
+    bad = failed(check("batchnorm", "batchnorm_cmu.py:BatchNorm1dBiased", CMU_BN, cases=2))
+    assert {r.input for r in bad} == {"running_var (state update)"}
+    assert {r.oracle for r in bad} == {"spec evaluator", "reference"}
 
 
 runner = CliRunner()

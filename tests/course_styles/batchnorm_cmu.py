@@ -22,9 +22,11 @@ class BatchNorm1d:
         self.V = np.var(Z, axis=0, keepdims=True)
         self.NZ = (Z - self.M) / np.sqrt(self.V + self.eps)
         self.running_M = self.alpha * self.running_M + (1 - self.alpha) * self.M
-        unbiased = self.V * self.N / (self.N - 1)
-        self.running_V = self.alpha * self.running_V + (1 - self.alpha) * unbiased
+        self.running_V = self.alpha * self.running_V + (1 - self.alpha) * self._running_variance()
         return self.BW * self.NZ + self.Bb
+
+    def _running_variance(self):
+        return self.V * self.N / (self.N - 1)  # unbiased, as PyTorch
 
     def backward(self, dLdBZ):
         self.dLdBW = np.sum(dLdBZ * self.NZ, axis=0, keepdims=True)
@@ -60,3 +62,12 @@ class BatchNorm1dNoEpsInBackward(BatchNorm1d):
         mean_g = np.mean(dLdNZ, axis=0, keepdims=True)
         mean_gx = np.mean(dLdNZ * self.NZ, axis=0, keepdims=True)
         return inv * (dLdNZ - mean_g - self.NZ * mean_gx)
+
+
+
+class BatchNorm1dBiased(BatchNorm1d):
+    """Correct for a course that keeps the biased variance in running_V
+    (checked with --set correction=0)."""
+
+    def _running_variance(self):
+        return self.V
