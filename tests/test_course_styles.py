@@ -179,3 +179,55 @@ def test_gradient_name_mapped_on_its_own(tmp_path):
     assert "--map dW=" in result.stderr
     result = runner.invoke(app, args + ["--map", "dW=weight_gradient"])
     assert result.exit_code == 0, result.output
+
+
+def test_transposed_weight_stated_with_map():
+    mapping = {**UVA_LINEAR, "W": "weight.T"}
+    rows = check("linear", "linear_layouts.py:LinearModule", mapping, cases=2)
+    assert not failed(rows)
+    assert "W stored transposed (--map)" in settings_note(rows)
+
+
+def test_squeeze_at_batch_one_names_n_1(tmp_path):
+    path = tmp_path / "squeezing.py"
+    path.write_text(
+        "import numpy as np\n\n\nclass Linear:\n"
+        "    def __init__(self, I, O):\n        self.W, self.b = np.zeros((O, I)), np.zeros(O)\n\n"
+        "    def forward(self, X):\n        self.X = X.squeeze()\n"
+        "        return self.X @ self.W.T + self.b\n\n"
+        "    def backward(self, G):\n        self.dW = G.T @ self.X\n"
+        "        self.db = G.sum(axis=0)\n        return G @ self.W\n")
+    result = runner.invoke(app, ["check", "linear", "--impl", f"{path}:Linear"])
+    assert result.exit_code == 1
+    assert "N=1" in result.stderr.strip().splitlines()[-1]
+    result = runner.invoke(app, ["check", "linear", "--impl", f"{path}:Linear", "--no-batch-one",
+                                 "--show", "summary"])
+    assert result.exit_code == 0, result.output
+
+
+def test_option_errors_are_one_line():
+    target = f"{HERE / 'losses_uva.py'}:CrossEntropyModule"
+    for extra, says in ((["--one-hot", "Q"], "--one-hot Q: not an input of cross_entropy"),
+                        (["--shape", "Q=2"], "--shape names Q"),
+                        (["--set", "eps=1"], "not a hyper-parameter of cross_entropy"),
+                        (["--set", "eps=abc"], "'abc' is not a number"),
+                        (["--map", "dQ=x"], "--map names `dQ`")):
+        result = runner.invoke(app, ["check", "cross_entropy", "--impl", target, *extra])
+        assert result.exit_code == 1 and says in result.stderr, (extra, result.stderr)
+    result = runner.invoke(app, ["check", "relu", "--set", "eps=1"])
+    assert result.exit_code == 1 and "apply to a layer checked with --impl" in result.stderr
+
+
+def test_failure_lines_tell_values_apart_and_count_the_rest():
+    from rich.console import Console
+
+    from gradtool.check.runner import Row
+    from gradtool.render import render_check
+
+    rows = [Row("s", f"X{k}", "torch.autograd", "N=2", 1e-6, 1e-6, [0], 3.2600001, 3.26,
+                1e-9, False, "") for k in range(12)]
+    console = Console(width=200, record=True)
+    render_check(console, rows, show="summary")
+    text = console.export_text()
+    assert "ours 3.2600001, expected 3.26," in text
+    assert "2 more failures not shown" in text
