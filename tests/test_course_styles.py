@@ -231,3 +231,12 @@ def test_failure_lines_tell_values_apart_and_count_the_rest():
     text = console.export_text()
     assert "ours 3.2600001, expected 3.26," in text
     assert "2 more failures not shown" in text
+
+
+def test_function_backward_returning_none_is_named(tmp_path):
+    path = tmp_path / "bn_none.py"
+    path.write_text((HERE / "torch_functions.py").read_text().replace(
+        "dbeta = G.sum(dim=0) if need_beta else None", "dbeta = None"))
+    result = runner.invoke(app, ["check", "batchnorm", "--impl", f"{path}:BatchNormFunction"])
+    assert result.exit_code == 1
+    assert "BatchNormFunction.backward returned None for `beta`" in result.stderr

@@ -525,8 +525,13 @@ class TorchFunctionSubject:
                 if line_in(exc.__traceback__, self.file):
                     raise
                 raise ImplError(f"{self.fn.__name__}.backward: {exc}") from None
-        grads = {k: (np.zeros(np.shape(inputs[k])) if g is None else to_numpy(g))
-                 for k, g in zip(wrt, got, strict=True)}
+        unused = [k for k, g in zip(wrt, got, strict=True) if g is None]
+        if unused:
+            raise ImplError(f"{self.fn.__name__}.backward returned None for "
+                            f"{', '.join(f'`{k}`' for k in unused)}, which the spec "
+                            "differentiates", hint="return its gradient (None is for inputs "
+                            "without one, such as targets)")
+        grads = {k: to_numpy(g) for k, g in zip(wrt, got, strict=True)}
         state = {s.target: to_numpy(passed[s.target]) for s in self.spec.statements
                  if s.kind == "update" and s.target in passed}
         return {o: to_numpy(y) for o, y in zip(self.outputs, outs, strict=False)}, grads, state
