@@ -188,7 +188,7 @@ def check_cmd(
     tol: Annotated[float | None, typer.Option(
         "--tol", callback=_positive_finite,
         help="Relative tolerance (default: 1e-6 against finite differences, 1e-9 against exact "
-             "oracles, 1e-6 for everything with --impl, 1e-4 in float32 mode).")] = None,
+             "oracles, 1e-5 for everything with --impl, 1e-4 in float32 mode).")] = None,
     float32: Annotated[bool, typer.Option(
         "--float32", help="Also run the kernels in float32 against the float64 oracles.")]
     = False,

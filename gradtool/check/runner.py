@@ -34,9 +34,10 @@ from gradtool.symbolic.reverse import Derivation, derive
 KINK_MARGIN = 1e-3
 FD_STEP = 1e-6
 # A hand-written float64 layer is judged at several input scales with a relative tolerance
-# that admits an epsilon stabiliser (log(x + 1e-10)); a genuine slip, such as an eps dropped
-# from a backward, is large at some scale (1e-3 and more at inputs × 0.1).
-HAND_RTOL = 1e-6
+# that admits an epsilon stabiliser (log(x + 1e-8) is off by ~2e-6 at probabilities × 0.1);
+# a genuine slip, such as an eps dropped from a batch-norm backward, is large at some scale
+# (1e-3 and more at inputs × 0.1).
+HAND_RTOL = 1e-5
 HAND_SCALES = (1.0, 0.1, 10.0)
 ROUNDING = 1e-9  # above this, a passing exact comparison gets a note
 
