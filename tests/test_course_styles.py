@@ -240,3 +240,11 @@ def test_function_backward_returning_none_is_named(tmp_path):
     result = runner.invoke(app, ["check", "batchnorm", "--impl", f"{path}:BatchNormFunction"])
     assert result.exit_code == 1
     assert "BatchNormFunction.backward returned None for `beta`" in result.stderr
+
+
+def test_every_course_style_has_a_buggy_twin():
+    files = {target.split(":")[0] for _, target, *_ in CORRECT}
+    twins = {target.split(":")[0] for _, target, *_ in BUGGY} | {"torch_functions.py"}
+    assert files == twins
+    assert files == {p.name for p in HERE.glob("*.py")} - {"__init__.py",
+                                                          "activation_helpers.py"}
