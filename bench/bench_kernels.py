@@ -86,7 +86,7 @@ class Case:
                 self.state = [torch.zeros(COLS, dtype=dtype), torch.ones(COLS, dtype=dtype)]
                 self.args += self.state
                 self.kw["momentum"] = MOMENTUM
-                self.extra.append(MOMENTUM)
+                self.extra += [MOMENTUM, 1.0]  # correction 1: the unbiased running variance
             self.G = randn(ROWS, COLS)
 
     def _backward(self, out):

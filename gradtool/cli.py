@@ -207,10 +207,24 @@ def check_cmd(
     mapping: Annotated[list[str] | None, typer.Option(
         "--map", metavar="SPEC=YOURS",
         help="With --impl: your name for a spec tensor, e.g. --map gamma=weight.")] = None,
+    settings: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="NAME=VALUE",
+        help="With --impl: a hyper-parameter for your layer and every oracle, e.g. "
+             "--set eps=1e-8 (by default it is read from your layer).")] = None,
+    one_hot: Annotated[list[str] | None, typer.Option(
+        "--one-hot", metavar="INPUT",
+        help="Draw INPUT (targets T) as one-hot rows, for a loss valid only for one-hot "
+             "targets.")] = None,
+    sizes: Annotated[str | None, typer.Option(
+        "--shape", metavar="N=8,D=64",
+        help="Pin sizes for every shape checked (pinning N also skips N = 1).")] = None,
+    batch_one: Annotated[bool, typer.Option(
+        "--batch-one/--no-batch-one",
+        help="Whether the first shape has N = 1.")] = True,
     tol: Annotated[float | None, typer.Option(
         "--tol", callback=_positive_finite,
         help="Relative tolerance (default: 1e-6 against finite differences, 1e-9 against exact "
-             "oracles, 1e-4 in float32 mode).")] = None,
+             "oracles, 1e-5 for everything with --impl, 1e-4 in float32 mode).")] = None,
     float32: Annotated[bool, typer.Option(
         "--float32", help="Also run the kernels in float32 against the float64 oracles.")]
     = False,
@@ -231,8 +245,10 @@ def check_cmd(
             from gradtool.errors import GradtoolError
 
             raise GradtoolError(f"--show {show!r} is not one of all, failed, summary")
+        extra = {"settings": settings or [], "one_hot": one_hot or [], "sizes": sizes,
+                 "batch_one": batch_one}
         rows = _run_checks(specs or [], impl, mapping or [], tol, float32, order, shapes, seed,
-                           quiet=as_json)
+                           quiet=as_json, **extra)
     except Exception as exc:  # noqa: BLE001
         _fail(exc, debug)
     failed = [r for r in rows if not r.passed]
@@ -246,7 +262,20 @@ def check_cmd(
         raise typer.Exit(1)
 
 
-def _run_checks(names, impl, mapping, tol, float32, order, shapes, seed, quiet):
+def _pairs(items: list[str], option: str, example: str) -> dict[str, str]:
+    from gradtool.errors import GradtoolError
+
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise GradtoolError(f"cannot read {option} {item!r}", hint=f"write {example}")
+        pairs[key] = value
+    return pairs
+
+
+def _run_checks(names, impl, mapping, tol, float32, order, shapes, seed, quiet,
+                settings=(), one_hot=(), sizes=None, batch_one=True):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from gradtool.check.impl import load_impl, make_subject
@@ -260,16 +289,35 @@ def _run_checks(names, impl, mapping, tol, float32, order, shapes, seed, quiet):
     if impl and (float32 or order > 1):
         raise GradtoolError("--float32 and --order 2 check gradtool's generated kernels",
                             hint="drop them when checking your own layer with --impl")
-    pairs = {}
-    for item in mapping:
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
-            raise GradtoolError(f"cannot read --map {item!r}", hint="write SPEC_NAME=YOUR_NAME")
-        pairs[key] = value
+    from gradtool.report import parse_shape
+
+    pairs = _pairs(mapping, "--map", "SPEC_NAME=YOUR_NAME")
+    values = {}
+    for key, text in _pairs(settings, "--set", "NAME=NUMBER, e.g. --set eps=1e-8").items():
+        try:
+            values[key] = float(text)
+        except ValueError:
+            raise GradtoolError(f"--set {key}={text}: {text!r} is not a number",
+                                hint="e.g. --set eps=1e-8") from None
+    if (values or one_hot) and not impl:
+        raise GradtoolError("--set and --one-hot apply to a layer checked with --impl")
     specs = [load_spec(n) for n in (names or list(builtin_specs()))]
+    fixed = parse_shape(sizes) or {}
+    unknown = [k for k in fixed if not any(k in s.dim_symbols for s in specs)]
+    if unknown:
+        raise GradtoolError(f"--shape names {', '.join(unknown)}, not a size of "
+                            f"{', '.join(s.name for s in specs)}",
+                            hint="sizes: " + ", ".join(sorted({k for s in specs
+                                                               for k in s.dim_symbols})))
+    for name in one_hot:
+        if impl and (name not in specs[0].tensors or specs[0].tensors[name].kind != "input"):
+            raise GradtoolError(f"--one-hot {name}: not an input of {specs[0].name}",
+                                hint="inputs: " + ", ".join(t.name for t in
+                                                            specs[0].of_kind("input")))
     options = CheckOptions(tol=tol, dtype="float32" if float32 else "float64",
-                           cases=shapes, seed=seed, order=order)
-    subject = make_subject(specs[0], load_impl(impl), pairs) if impl else None
+                           cases=shapes, seed=seed, order=order, fixed=fixed,
+                           one_hot=tuple(one_hot), batch_one=batch_one)
+    subject = make_subject(specs[0], load_impl(impl), pairs, values) if impl else None
     rows = []
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),

@@ -99,6 +99,17 @@ def _num(x) -> str:
     return f"{x:.3g}"
 
 
+def _pair(a, b) -> tuple[str, str]:
+    """``a`` and ``b`` with enough significant figures to tell them apart (3 to 17)."""
+    if a is None or b is None or a != a or b != b:
+        return _num(a), _num(b)
+    for digits in range(3, 18):
+        sa, sb = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if sa != sb or a == b:
+            return sa, sb
+    return sa, sb
+
+
 def render_check(console: Console, rows: list, show: str = "all") -> None:
     """The check table: one row per (spec, shape, input, oracle); failures in red."""
     failed = [r for r in rows if not r.passed]
@@ -122,9 +133,10 @@ def render_check(console: Console, rows: list, show: str = "all") -> None:
         for r in chosen:
             mark = Text("pass", style="green") if r.passed else Text("FAIL", style="bold red")
             index = "" if r.index is None else "[" + ",".join(map(str, r.index)) + "]"
+            ours, theirs = _pair(r.analytic, r.numeric)
             cells = dict(zip((c for c, _ in columns), (
                 r.spec, r.shape, r.input, r.oracle, _num(r.max_abs), _num(r.max_rel), index,
-                _num(r.analytic), _num(r.numeric), _num(r.allowed), mark, Text(r.note)),
+                ours, theirs, _num(r.allowed), mark, Text(r.note)),
                 strict=True))
             table.add_row(*[cells[c] for c, _ in columns if c in keep])
         if not chosen:
@@ -149,9 +161,13 @@ def render_check(console: Console, rows: list, show: str = "all") -> None:
                 console.print(Text(f"{head}: {r.note}", style="red"))
                 continue
             where = "" if r.index is None else f" at {r.input}[{','.join(map(str, r.index))}]"
-            console.print(Text(f"{head}{where}: ours {_num(r.analytic)}, expected "
-                               f"{_num(r.numeric)}, allowed error {_num(r.allowed)}"
+            ours, theirs = _pair(r.analytic, r.numeric)
+            console.print(Text(f"{head}{where}: ours {ours}, expected "
+                               f"{theirs}, allowed error {_num(r.allowed)}"
                                + (f" — {r.note}" if r.note else ""), style="red"))
+        if len(failed) > 10:
+            console.print(Text(f"  ... and {len(failed) - 10} more failures not shown "
+                               "(--show failed lists them all)", style="red"))
     else:
         console.print(f"[bold green]all {len(rows)} comparisons passed[/] "
                       f"({len(specs)} spec{'s' if len(specs) != 1 else ''}).")

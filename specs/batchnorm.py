@@ -6,12 +6,15 @@ spec = Spec("batchnorm", "Batch normalisation over the batch axis, training mode
             reference="torch.nn.functional.batch_norm (training=True)")
 N, C = spec.dims("N C")
 n, c = spec.indices(n=N, c=C)
-spec.min_size(N=2)  # the running variance is unbiased: it divides by N − 1
+spec.min_size(N=2)  # the unbiased running variance divides by N − 1
 X = spec.input("X", N, C)
 gamma = spec.param("gamma", C, init="ones")
 beta = spec.param("beta", C, init="zeros")
 eps = spec.hyper("eps", 1e-5)
 momentum = spec.hyper("momentum", 0.1)
+# Bessel's correction of the running variance, as torch.var's `correction`: 1 keeps the
+# unbiased variance (PyTorch), 0 the biased one (some course assignments)
+correction = spec.hyper("correction", 1)
 running_mean = spec.state("running_mean", C, init="zeros")
 running_var = spec.state("running_var", C, init="ones")
 
@@ -23,15 +26,24 @@ xhat = spec.let("xhat", [n, c], xc[n, c] / std[c])
 spec.output("Y", [n, c], gamma[c] * xhat[n, c] + beta[c])
 
 spec.update("running_mean", [c], (1 - momentum) * running_mean[c] + momentum * mu[c])
-# PyTorch keeps the unbiased variance in its running estimate
 spec.update("running_var", [c],
-            (1 - momentum) * running_var[c] + momentum * var[c] * N / (N - 1))
+            (1 - momentum) * running_var[c] + momentum * var[c] * N / (N - correction))
 
 
 @spec.torch_reference
-def reference(X, gamma, beta, running_mean, running_var, eps, momentum):
+def reference(X, gamma, beta, running_mean, running_var, eps, momentum, correction):
+    import torch
     import torch.nn.functional as F
 
-    # updates running_mean / running_var in place (running_var with the unbiased variance)
-    return F.batch_norm(X, running_mean, running_var, gamma, beta, training=True,
-                        momentum=momentum, eps=eps)
+    # updates running_mean / running_var in place, running_var with the unbiased variance;
+    # another correction divides the batch's variance by N − correction instead of N − 1
+    if correction == 1:
+        return F.batch_norm(X, running_mean, running_var, gamma, beta, training=True,
+                            momentum=momentum, eps=eps)
+    n = X.shape[0]
+    Y = F.batch_norm(X, running_mean, running_var.clone(), gamma, beta, training=True,
+                     momentum=momentum, eps=eps)
+    with torch.no_grad():
+        batch = X.var(dim=0, unbiased=False) * n / (n - correction)
+        running_var.mul_(1 - momentum).add_(momentum * batch)
+    return Y

@@ -21,7 +21,7 @@ import contextlib
 import inspect
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import sympy as sp
@@ -38,6 +38,13 @@ from gradtool.symbolic.reverse import Derivation, derive
 
 KINK_MARGIN = 1e-3
 FD_STEP = 1e-6
+# A hand-written float64 layer is judged at several input scales with a relative tolerance
+# that admits an epsilon stabiliser (log(x + 1e-8) is off by ~2e-6 at probabilities × 0.1);
+# a genuine slip, such as an eps dropped from a batch-norm backward, is large at some scale
+# (1e-3 and more at inputs × 0.1).
+HAND_RTOL = 1e-5
+HAND_SCALES = (1.0, 0.1, 10.0)
+ROUNDING = 1e-9  # above this, a passing exact comparison gets a note
 
 
 @dataclass
@@ -74,6 +81,8 @@ class CheckOptions:
     max_fd_calls: int = 4096          # above this, finite differences use random probes
     oracles: tuple = ("fd", "autograd", "reference", "backends", "forward")
     fixed: dict = field(default_factory=dict)   # sizes pinned by name
+    one_hot: tuple = ()               # inputs drawn as one-hot rows (targets of -log Σ x·y)
+    batch_one: bool = True            # the first shape has N = 1
 
 
 # -- comparison ---------------------------------------------------------------------------
@@ -108,6 +117,12 @@ def classify(a: np.ndarray, r: np.ndarray, wrong: np.ndarray) -> str:
     """Name the pattern of a wrong gradient where one is recognisable."""
     if not np.all(np.isfinite(a)):
         return "non-finite values (NaN or inf) in the gradient"
+    scale = float(np.abs(r).max()) if r.size else 0.0
+    if scale and np.array_equal(a, a.astype(np.float32).astype(np.float64)) \
+            and not np.array_equal(r, r.astype(np.float32).astype(np.float64)) \
+            and float(np.abs(a - r).max()) <= 1e-4 * scale:
+        return ("float32 precision: every value is a float32 number and the differences are "
+                "at float32's rounding level (compute in float64)")
     rr = float(np.sum(r * r))
     if rr > 0 and float(np.abs(r).max()) > 1e-8 and a.size > 1:
         c = float(np.sum(a * r) / rr)
@@ -170,11 +185,17 @@ def _keeps_facts(spec, d: Derivation, inputs, dims) -> None:
                          "from their definitions")
 
 
-def _sample(spec, d: Derivation, rng, fixed):
-    """Sizes and inputs away from every kink; the note says what was done."""
+def _sample(spec, d: Derivation, rng, fixed, scale=1.0, one_hot=()):
+    """Sizes and inputs away from every kink; the note says what was done. ``scale``
+    multiplies the real-valued data inputs; ``one_hot`` names inputs drawn as one-hot rows."""
     for attempt in range(50):
         dims = sample_dims(spec, rng, low=1 if fixed.get("N") == 1 else 2, high=5, fixed=fixed)
         inputs = sample_inputs(spec, dims, rng)
+        for t in spec.of_kind("input"):
+            if t.name in one_hot:
+                inputs[t.name] = _one_hot(inputs[t.name].shape, rng)
+            elif _scalable(spec, t, scale):
+                inputs[t.name] = inputs[t.name] * scale
         if attempt == 0:
             _keeps_facts(spec, d, inputs, dims)
         if not has_kinks(d.program):
@@ -186,6 +207,26 @@ def _sample(spec, d: Derivation, rng, fixed):
             again = f", resampled {attempt}×" if attempt else ""
             return dims, inputs, f"kinks avoided (distance ≥ {gap:.2g}{again})"
     return dims, inputs, f"could not sample {KINK_MARGIN:g} away from a kink"
+
+
+def _scalable(spec, t, scale: float) -> bool:
+    """Whether input ``t`` stays valid at ``scale`` × its values: not binary, not integer
+    class labels, not bound by a stated fact (rows summing to one), probabilities only
+    towards zero."""
+    if scale == 1.0 or t.domain == "binary" or t.is_labels \
+            or (t.domain == "unit" and scale > 1):
+        return False
+    bound = {b.base.label.name for f in spec.facts for b in f.lhs.atoms(sp.Indexed)}
+    return t.name not in bound
+
+
+def _one_hot(shape: tuple, rng) -> np.ndarray:
+    """Rows that are one-hot along the last axis (class targets)."""
+    out = np.zeros(shape)
+    if out.size:
+        hot = rng.integers(0, shape[-1], shape[:-1])
+        np.put_along_axis(out, hot[..., None], 1.0, axis=-1)
+    return out
 
 
 def _upstream(spec, dims, rng) -> dict:
@@ -327,20 +368,28 @@ def check_spec(spec: Spec, options: CheckOptions | None = None, subject=None,
     """Check ``spec`` (or ``subject``, a hand-written implementation of it) against every oracle
     that applies, and return one row per (shape, input, oracle)."""
     options = options or CheckOptions()
-    d = derive(spec)
     subject = subject or Subject(spec)
-    ref_np = Kernels(spec, "numpy")
+    hand = subject.name != "derived"
     rows: list[Row] = []
-    cases = [{"N": 1}] + [{}] * max(0, options.cases - 1)
+    if hand:
+        spec, rows = _resolve_layer(spec, subject, options)
+        if options.tol is None:
+            options = replace(options, tol=HAND_RTOL)
+    d = derive(spec)
+    ref_np = Kernels(spec, "numpy")
+    cases = [{"N": 1} if options.batch_one else {}] + [{}] * max(0, options.cases - 1)
     for case_no, fixed in enumerate(cases[:options.cases]):
         fixed = {**fixed, **options.fixed} if "N" in spec.dim_symbols or options.fixed else {}
         seed = zlib.crc32(f"{spec.name}/{options.seed}/{case_no}".encode())
         rng = np.random.default_rng(seed)
-        dims, inputs, kink_note = _sample(spec, d, rng, fixed)
-        shape = shape_text(dims)
+        scale = HAND_SCALES[case_no % len(HAND_SCALES)] if hand else 1.0
+        dims, inputs, kink_note = _sample(spec, d, rng, fixed, scale, options.one_hot)
+        scaled = scale != 1.0 and any(_scalable(spec, t, scale) and t.name not in
+                                      options.one_hot for t in spec.of_kind("input"))
+        shape = shape_text(dims) + (f",inputs×{scale:g}" if scaled else "")
         upstream = _upstream(spec, dims, rng)
         if hasattr(subject, "takes_upstream") and not subject.takes_upstream():
-            # a loss layer whose backward() takes no argument: its upstream gradient is 1
+            # a loss layer whose backward takes no upstream gradient: it is 1
             upstream = {o: (1.0 if not np.ndim(v) else v) for o, v in upstream.items()}
         if progress:
             progress(f"{spec.name} {shape}")
@@ -351,20 +400,25 @@ def check_spec(spec: Spec, options: CheckOptions | None = None, subject=None,
         ctx = dict(spec=spec, d=d, dims=dims, inputs=inputs, upstream=upstream, shape=shape,
                    outs=outs, grads=grads, state=state, options=options, rng=rng,
                    kink_note=kink_note, ref_np=ref_np, subject=subject, formula=formula)
+        case_rows = []
         if "forward" in options.oracles:
-            rows += _forward_rows(**ctx)
+            case_rows += _forward_rows(**ctx)
         if "fd" in options.oracles:
-            rows += _fd_rows(**ctx)
+            case_rows += _fd_rows(**ctx)
         if "autograd" in options.oracles:
-            rows += _autograd_rows(**ctx)
+            case_rows += _autograd_rows(**ctx)
         if "reference" in options.oracles and spec.reference_fn is not None:
-            rows += _reference_rows(**ctx)
+            case_rows += _reference_rows(**ctx)
         if "backends" in options.oracles and subject.name == "derived":
-            rows += _backend_rows(**ctx)
+            case_rows += _backend_rows(**ctx)
         if options.dtype == "float32" and subject.name == "derived":
-            rows += _float32_rows(**ctx)
+            case_rows += _float32_rows(**ctx)
         if options.order >= 2 and subject.name == "derived":
-            rows += _second_order_rows(**ctx)
+            case_rows += _second_order_rows(**ctx)
+        if hand:
+            _one_diagnosis(case_rows, spec, dims, inputs, upstream, grads, options)
+            _note_small_differences(case_rows, {**outs, **grads})
+        rows += case_rows
         if case_no == 0 and hasattr(subject, "contract"):
             with _at_shape(shape, subject):
                 contract = subject.contract(inputs, dims, upstream)
@@ -372,6 +426,84 @@ def check_spec(spec: Spec, options: CheckOptions | None = None, subject=None,
                 rows.append(Row(spec.name, "backward", f"contract: {what}", shape, 0.0, 0.0,
                                 None, None, None, 0.0, ok, why))
     return rows
+
+
+def _resolve_layer(spec: Spec, subject, options: CheckOptions):
+    """The layer's own hyper-parameters (``self.eps = 1e-8``, a Function's ``eps=1e-5``
+    default, ``--set``) become the spec's for every oracle, and its parameter layouts are
+    read; one passing row says what was read. Sizes are distinct (2, 3, 4, ...) so that a
+    transposed weight is told from a square one."""
+    if not hasattr(subject, "resolve"):
+        return spec, []
+    dims = {}
+    for k, (name, sym) in enumerate(spec.dim_symbols.items()):
+        dims[sym] = max(int(options.fixed.get(name, 2 + k)), spec.min_sizes.get(name, 1))
+    notes = subject.resolve(dims)
+    values = getattr(subject, "hyper_values", {})
+    if any(values.get(k, h.default) != h.default for k, h in spec.hypers.items()):
+        spec = replace(spec, hypers={k: replace(h, default=values.get(k, h.default))
+                                     for k, h in spec.hypers.items()})
+        subject.spec = spec
+    if not notes:
+        return spec, []
+    return spec, [Row(spec.name, "settings", "read from your layer", "", 0.0, 0.0, None, None,
+                      None, 0.0, True, "; ".join(notes))]
+
+
+def _is_float32(value) -> bool:
+    a = to_numpy(value)
+    return bool(a.size) and np.array_equal(a, a.astype(np.float32).astype(np.float64))
+
+
+def _note_small_differences(rows: list[Row], values: dict) -> None:
+    """A passing exact comparison of a hand-written layer that is off by more than rounding
+    says so: float32 precision when the layer's values are float32 numbers, else harmless at
+    this size (an epsilon stabiliser, a constant)."""
+    for row in rows:
+        if row.passed and row.analytic is not None and row.max_rel > ROUNDING \
+                and not row.oracle.startswith("finite differences"):
+            name = row.input.removesuffix(" (forward)")
+            if name in values and _is_float32(values[name]):
+                small = f"float32 precision: differs by {row.max_rel:.2g} (relative)"
+            else:
+                small = (f"differs by {row.max_rel:.2g} (relative), more than float64 "
+                         f"rounding but within the {row.allowed:.2g} allowed: harmless "
+                         "(an epsilon stabiliser?)")
+            row.note = "; ".join(x for x in (row.note, small) if x)
+
+
+def _one_diagnosis(rows: list[Row], spec, dims, inputs, upstream, grads, options) -> None:
+    """One diagnosis per input for a hand-written layer, whichever oracle saw the error: the
+    pattern of its gradient against gradtool's derived one (which every oracle checks), and
+    a swap when two gradients are each other's expected values (dγ and dβ exchanged)."""
+    failed = [r for r in rows if not r.passed and r.input in grads and r.analytic is not None]
+    if not failed:
+        return
+    with np.errstate(all="ignore"):
+        _, expected, _ = Subject(spec).run(inputs, dims, upstream)
+    expected = {k: to_numpy(v) for k, v in expected.items()}
+    diagnosis = {}
+    for name in {r.input for r in failed}:
+        a, r = to_numpy(grads[name]), expected[name]
+        if a.shape != r.shape:
+            continue
+        tol = options.tol * (float(np.abs(r).max()) if r.size else 1.0) + 1e-12
+        diagnosis[name] = classify(a, r, np.abs(a - r) > tol)
+        for other, r2 in expected.items():
+            a2 = to_numpy(grads.get(other, np.empty(0)))
+            if other != name and a.shape == r2.shape and a2.shape == r.shape \
+                    and np.allclose(a, r2, rtol=1e-6, atol=1e-12) \
+                    and np.allclose(a2, r, rtol=1e-6, atol=1e-12) \
+                    and not np.allclose(a, r, rtol=1e-6, atol=1e-12):
+                first, second = sorted((name, other), key=list(expected).index)
+                diagnosis[name] = (f"swapped: the gradients of {first} and {second} are each "
+                                   "other's expected values")
+    for row in failed:
+        if row.input in diagnosis and row.note:
+            head, sep, _ = row.note.rpartition("; ")
+            row.note = head + sep + diagnosis[row.input]
+        elif row.input in diagnosis:
+            row.note = diagnosis[row.input]
 
 
 @contextlib.contextmanager
