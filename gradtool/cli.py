@@ -207,6 +207,8 @@ def _run_checks(names, impl, mapping, tol, float32, order, shapes, seed, quiet):
             raise GradtoolError(f"cannot read --map {item!r}", hint="write SPEC_NAME=YOUR_NAME")
         pairs[key] = value
     specs = [load_spec(n) for n in (names or list(builtin_specs()))]
+    if not impl:  # a layer's eval form (batch norm's running statistics) is checked as well
+        specs += [s.eval_form() for s in specs if s.eval_form() is not None]
     options = CheckOptions(tol=tol, dtype="float32" if float32 else "float64",
                            cases=shapes, seed=seed, order=order)
     subject = make_subject(specs[0], load_impl(impl), pairs) if impl else None
