@@ -7,6 +7,7 @@ engine (not ``Sum.doit()``) carries the index algebra.
 from sympy import (  # noqa: F401 - re-exported for spec files
     Abs,
     Heaviside,
+    KroneckerDelta,
     Min,
     Piecewise,
     Rational,
@@ -28,4 +29,5 @@ from gradtool.spec.lang import Max, Spec, Sum, sigmoid  # noqa: F401
 __all__ = [
     "Spec", "Sum", "Max", "Min", "sigmoid", "exp", "log", "sqrt", "tanh", "sinh", "cosh",
     "sin", "cos", "atan", "erf", "Abs", "Piecewise", "Heaviside", "Rational", "pi",
+    "KroneckerDelta",
 ]

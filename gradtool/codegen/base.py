@@ -392,6 +392,19 @@ class ArrayPrinter:
         x = self.lower(e.args[0])
         return Arr(f"({x.code} > 0)", x.axes, ATOM)
 
+    INDICATOR = "({cmp}).astype({dtype})"
+    FLOAT = "float"  # the dtype of an indicator when no tensor gives one
+
+    def _print_KroneckerDelta(self, e) -> Arr:
+        """δ(c, y[n]), the one-hot indicator of integer labels: an integer comparison
+        ``y[:, None] == np.arange(C)`` as a 0/1 array of the kernel's float dtype (a boolean
+        would not subtract, and a Python float would set the dtype in torch)."""
+        a, b = self.lower(e.args[0]), self.lower(e.args[1])
+        axes = self._union([a, b])
+        cmp = f"{self.align(b, axes)} == {self.align(a, axes)}"
+        dtype = f"{self.ref}.dtype" if self.ref is not None else self.FLOAT
+        return Arr(self.INDICATOR.format(cmp=cmp, dtype=dtype), axes, ATOM)
+
     def _print_ArgMaxMask(self, e: ArgMaxMask) -> Arr:
         a, b = self.lower(e.args[0]), self.lower(e.args[1])
         axes = self._union([a, b])

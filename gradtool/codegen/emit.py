@@ -124,7 +124,8 @@ class Module:
         body = list(size_lines)
         printer, imports = _printer(self.target, self.names)
         printer.scalar_tensors = frozenset(n for n, t in spec.tensors.items() if not t.dims)
-        printer.ref = args[0] if args else None
+        floats = [self.names[t.name] for t in self.inputs if not t.is_labels]
+        printer.ref = (floats or args or [None])[0]  # dtype and device (labels are integers)
         printer.ranges = dict(d.program.ranges)
         shifts = self.stable_exponentials()
         for a in d.program.assigns:
@@ -246,8 +247,20 @@ class Module:
             for name, seed in self.d.seeds.items():
                 if seed == 1:  # a loss: scale by the upstream gradient of L
                     expr = sp.Symbol(self.seed_names[name]) * expr
-            out.append((t.name, present(expr), self.d.canon[t.name]))
+            out.append((t.name, present(self._indicators(expr)), self.d.canon[t.name]))
         return out
+
+    def _indicators(self, expr):
+        """A one-hot tensor read by a gradient becomes its definition δ(c, y[n]): the backward
+        then keeps the integer labels, not an N×C float copy (as F.cross_entropy does)."""
+        onehot = {a.target: a for a in self.d.program.assigns
+                  if self.spec.tensors[a.target].onehot_of}
+        subs = {}
+        for node in accesses(expr, self.spec):
+            a = onehot.get(access_name(node))
+            if a is not None:
+                subs[node] = rename(a.body, dict(zip(a.lhs, access_indices(node), strict=True)))
+        return expr.xreplace(subs) if subs else expr
 
     def saved(self) -> list[str]:
         """Forward tensors the closed-form backward reads, in forward order."""
@@ -288,7 +301,8 @@ class Module:
         # a tensor to take dtype and device from: a full upstream gradient, else a saved tensor
         full_seeds = [s for s, o in zip(seeds, self.outputs, strict=False)
                       if spec.tensors[o.target].dims]
-        shaped = [self.names[n] for n in self.saved() if spec.tensors[n].dims]
+        shaped = [self.names[n] for n in self.saved() if spec.tensors[n].dims
+                  and not spec.tensors[n].is_labels]
         printer.ref = (full_seeds or shaped or seeds or [None])[0]
         printer.order = list(dict.fromkeys(i for _, _, canon in forms for i in canon))
         printer.ranges = dict(d.program.ranges)

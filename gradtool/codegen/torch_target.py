@@ -19,6 +19,8 @@ class TorchPrinter(ArrayPrinter):
     SUM = "{x}.sum({axes})"
     MAX = "{x}.amax({axes})"
     ARANGE = "torch.arange({n}, device={ref}.device)"
+    INDICATOR = "({cmp}).to({dtype})"
+    FLOAT = "torch.get_default_dtype()"
 
     def transpose(self, code: str, perm: tuple) -> str:
         if perm == (1, 0):

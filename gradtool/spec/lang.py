@@ -122,7 +122,14 @@ class Tensor:
     grad: bool = False
     init: str | None = None
     domain: str = "real"
+    classes: sp.Expr | None = None  # integer labels: the number of classes (values 0..C-1)
+    onehot_of: str | None = None    # a one-hot indicator: the labels it is built from
     keep: sp.Expr | None = None  # a sampled mask: P(value = 1), over hyper-parameters
+
+    @property
+    def is_labels(self) -> bool:
+        """Integer class labels (``spec.labels``): not a float tensor, never differentiated."""
+        return self.classes is not None
 
 
 @dataclass
@@ -238,7 +245,7 @@ class Spec:
             (expr in declared or expr.is_polynomial(*declared))
 
     def _tensor(self, name, kind, dims, line, grad=False, init=None,
-                domain="real") -> sp.IndexedBase:
+                domain="real", classes=None) -> sp.IndexedBase:
         self._new_name(name, line)
         for dim in dims:
             if not self._is_dim(dim):
@@ -247,10 +254,13 @@ class Spec:
                                  'an expression of them, like (T - 1)*S + K')
         dims = tuple(sp.sympify(d) for d in dims)
         base = sp.IndexedBase(name, shape=tuple(dims) if dims else None)
-        if domain not in DOMAINS:
-            raise self.error(f"unknown domain {domain!r} for `{name}`", line,
-                             "use one of " + ", ".join(DOMAINS))
-        self.tensors[name] = Tensor(name, kind, tuple(dims), base, line, grad, init, domain)
+        if domain not in DOMAINS and not (domain == "labels" and classes is not None):
+            hint = "use one of " + ", ".join(DOMAINS)
+            if domain == "labels":
+                hint = f'declare integer labels with spec.labels("{name}", N, classes=C)'
+            raise self.error(f"unknown domain {domain!r} for `{name}`", line, hint)
+        self.tensors[name] = Tensor(name, kind, tuple(dims), base, line, grad, init, domain,
+                                    classes)
         return base if dims else sp.Symbol(name, real=True)
 
     def input(self, name: str, *dims: sp.Symbol, grad: bool = True,
@@ -289,6 +299,109 @@ class Spec:
         self.tensors[name].keep = keep
         return base
 
+    def labels(self, name: str, *dims: sp.Symbol, classes: sp.Symbol) -> sp.IndexedBase:
+        """Integer class labels with values 0 .. classes − 1, as PyTorch's
+        ``F.cross_entropy(X, y)`` and course code take them::
+
+            y = spec.labels("y", N, classes=C)
+            T = spec.onehot(y)                  # T[n, c] = δ(c, y[n])
+
+        Labels are never differentiated. They enter the math only through their one-hot
+        indicator, ``spec.onehot(y)[n, c]`` or, the same, ``KroneckerDelta(c, y[n])``: a
+        constant 0/1 tensor whose rows sum to one (that fact is stated for you). Generated
+        kernels take ``y`` as an integer array (NumPy) or an int64 tensor (PyTorch); checks
+        sample it as integers in [0, classes).
+
+        Raises :class:`SpecError` when ``classes`` is not a declared dimension or ``y`` has
+        no axes.
+        """
+        line = _caller_line()
+        if not self._is_dim(classes):
+            raise self.error(f"labels `{name}` need classes=<a declared dimension>, got "
+                             f"{classes!r}", line,
+                             'declare it with spec.dims("N C") and pass classes=C')
+        if not dims:
+            raise self.error(f"labels `{name}` need at least one axis", line,
+                             f'one label per sample: spec.labels("{name}", N, classes=C)')
+        return self._tensor(name, "input", dims, line, grad=False, domain="labels",
+                            classes=sp.sympify(classes))
+
+    def onehot(self, labels) -> sp.IndexedBase:
+        """The one-hot indicator of integer labels (see :meth:`labels`):
+        ``spec.onehot(y)[n, c]`` is δ(c, y[n]), 1 where c is the label of sample n, else 0.
+
+        It is the constant tensor ``onehot_y`` over y's axes and the classes axis, defined by
+        its own statement, with the fact Σ_c onehot_y[n, c] = 1; the engine treats it as any
+        non-differentiable 0/1 input, so softmax cross-entropy simplifies to
+        (softmax(X) − onehot_y)/N as it does with soft targets. The kernels build it from the
+        labels (an integer comparison) and the backward reads the labels, not a float copy.
+        """
+        line = _caller_line()
+        name = getattr(getattr(labels, "label", None), "name", labels)
+        t = self.tensors.get(name) if isinstance(name, str) else None
+        if t is None or not t.is_labels:
+            raise self.error(f"spec.onehot(...) takes integer labels, got {labels!r}", line,
+                             'declare them with y = spec.labels("y", N, classes=C)')
+        return self._onehot(t, None, line)
+
+    def _onehot(self, t: Tensor, idx, line) -> sp.IndexedBase:
+        """The tensor ``onehot_<labels>``, made on first use; ``idx`` (the indices of a first
+        use such as δ(c, y[n])) names its axes when they are plain distinct indices."""
+        name = f"onehot_{t.name}"
+        if name in self.tensors:
+            return self.tensors[name].base
+        dims = tuple(t.dims) + (t.classes,)
+        plain = idx is not None and len(set(idx)) == len(idx) and all(
+            self.index_dims.get(i) == d for i, d in zip(idx, dims, strict=True))
+        if not plain:
+            idx = []
+            for d in dims:
+                free = [i for i, r in self.index_dims.items() if r == d and i not in idx]
+                if not free:
+                    raise self.error(f"the one-hot of `{t.name}` needs an index over {d}",
+                                     line, f"declare one first, e.g. spec.indices(k={d})")
+                idx.append(free[0])
+        idx = tuple(idx)
+        base = self._statement("let", name, idx, sp.KroneckerDelta(idx[-1], t.base[idx[:-1]]),
+                               line, indicators=False)
+        self.tensors[name].onehot_of = t.name
+        self.facts.append(Fact(SumOver(base[idx], idx[-1]), sp.Integer(1), line))
+        return base
+
+    def _indicators(self, rhs: sp.Expr, line) -> sp.Expr:
+        """δ(c, y[n]) with integer labels y → onehot_y[n, c]; labels read any other way (a
+        gather X[n, y[n]], arithmetic on y) are an error that says what to write."""
+        def label_access(x) -> Tensor | None:
+            if isinstance(x, sp.Indexed) and x.base.label.name in self.tensors:
+                t = self.tensors[x.base.label.name]
+                return t if t.is_labels else None
+            return None
+
+        def indicator(node):
+            a, b = node.args
+            if label_access(a) is not None:
+                a, b = b, a
+            t = label_access(b)
+            if t is None:
+                return node
+            if self.index_dims.get(a) != t.classes:
+                raise self.error(f"{node} compares the labels `{t.name}` with `{a}`, which is "
+                                 f"not an index over the classes {t.classes}", line,
+                                 f"write KroneckerDelta(c, {b}) with c an index over "
+                                 f"{t.classes}")
+            idx = tuple(b.indices) + (a,)
+            return self._onehot(t, idx, line)[idx]
+
+        rhs = rhs.replace(lambda e: isinstance(e, sp.KroneckerDelta), indicator)
+        for node in sp.preorder_traversal(rhs):
+            t = label_access(node)
+            if t is not None:
+                raise self.error(f"the integer labels `{t.name}` are read as {node}; labels "
+                                 "enter the math only as their one-hot indicator", line,
+                                 f"write spec.onehot({t.name})[..., c] or "
+                                 f"KroneckerDelta(c, {t.name}[...]) (c over {t.classes})")
+        return rhs
+
     def param(self, name: str, *dims: sp.Symbol, init: str = "normal") -> sp.IndexedBase:
         """A learned parameter; ``init`` is one of zeros, ones, normal, uniform,
         kaiming_uniform, xavier_uniform."""
@@ -320,7 +433,8 @@ class Spec:
         return sym
 
     # -- statements -------------------------------------------------------------------------
-    def _statement(self, kind: str, name: str, lhs, rhs, line) -> sp.IndexedBase:
+    def _statement(self, kind: str, name: str, lhs, rhs, line,
+                   indicators: bool = True) -> sp.IndexedBase:
         lhs = tuple(lhs) if isinstance(lhs, (list, tuple)) else (lhs,)
         for i in lhs:
             if i not in self.index_dims:
@@ -335,6 +449,8 @@ class Spec:
             raise self.error(f"the right-hand side of `{name}` is not a SymPy expression", line,
                              "build it from tensors, indices, numbers and gradtool.lang "
                              "functions") from None
+        if indicators:
+            rhs = self._indicators(rhs, line)
         dims = tuple(self.index_dims[i] for i in lhs)
         if kind == "update":
             if name not in self.tensors or self.tensors[name].kind != "state":

@@ -142,6 +142,14 @@ def _check_functions(spec: Spec, expr: sp.Expr, line: int | None) -> None:
             raise spec.error(f"`{type(node).__name__}` is not differentiable", line,
                              "gradients through it are zero or undefined; use a smooth "
                              "function or make its input non-differentiable")
+        if isinstance(node, sp.KroneckerDelta):
+            if not any(isinstance(a, sp.Indexed) and a.base.label.name in spec.tensors
+                       and spec.tensors[a.base.label.name].is_labels for a in node.args):
+                raise spec.error(f"`{node}`: KroneckerDelta compares an index with integer "
+                                 "labels only", line,
+                                 'declare y = spec.labels("y", N, classes=C) and write '
+                                 "KroneckerDelta(c, y[n]) or spec.onehot(y)[n, c]")
+            continue
         if isinstance(node, sp.core.function.AppliedUndef):
             raise spec.error(f"unknown function `{node.func}`", line,
                              f"gradtool differentiates {LANG_FUNCTIONS}; write it from those")

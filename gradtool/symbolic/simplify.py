@@ -63,8 +63,11 @@ class Simplifier:
         self.program = program
         self.spec = program.spec
         self.defs = self._definitions()
+        # a one-hot indicator of labels stays a named 0/1 tensor: its fact (rows sum to one)
+        # applies to it, and inlining δ(c, y[n]) would turn sums over c into gathers
         self.elementwise = {a.target: a for a in program.assigns
-                            if a.reduce is None and a.kind in ("let", "lifted", "output")}
+                            if a.reduce is None and a.kind in ("let", "lifted", "output")
+                            and not self.spec.tensors[a.target].onehot_of}
 
     # -- what is known ------------------------------------------------------------------------
     def _definitions(self) -> list[Definition]:
