@@ -20,7 +20,7 @@ from collections import OrderedDict
 import numpy as np
 
 from gradtool.codegen.cache import compile_spec
-from gradtool.nn.plan import LayerPlan, as_spec, call_args, init_bounds
+from gradtool.nn.plan import LayerPlan, as_spec, init_bounds
 from gradtool.spec.lang import Spec
 
 
@@ -85,14 +85,13 @@ class NumpyLayer:
                     inputs[0].dtype)
         tensors.update(self.params)
         tensors.update(self.state)
-        args, kwargs = call_args(module.forward, spec, tensors, plan.hypers, dims)
+        args, kwargs = plan.call(module.forward, spec, tensors, dims)
         result = module.forward(*args, **kwargs)
         out, self._saved = result[0], result[1]
         updates = [s.target for s in spec.statements if s.kind == "update"]
         for name, value in zip(updates, result[2] if updates else (), strict=True):
             self.state[name][...] = value  # in place: views of the state stay valid
-        self._backward_kw = call_args(module.backward, spec, {}, plan.hypers, dims,
-                                      keywords_only=True)[1]
+        self._backward_kw = plan.call(module.backward, spec, {}, dims, keywords_only=True)[1]
         self._module, self._spec = module, spec
         return out
 

@@ -78,11 +78,33 @@ class LayerPlan:
                              hint=f"e.g. {', '.join(f'{d}=64' for d in missing)}")
         for name in self.hypers:
             self.hypers[name] = float(self.hypers[name])
+        self._compile_shapes()
 
     # -- shapes ---------------------------------------------------------------------------
+    def _compile_shapes(self) -> None:
+        """Per tensor, each axis as a dimension name or a function of the sizes (sympy is too
+        slow to consult at every call)."""
+        self._axes = {}
+        for t in self.spec.tensors.values():
+            axes = []
+            for dim in t.dims:
+                if isinstance(dim, sp.Symbol):
+                    axes.append(dim.name)
+                else:
+                    names = sorted(s.name for s in dim.free_symbols)
+                    fn = sp.lambdify([sp.Symbol(n) for n in names],
+                                     dim.subs({self.spec.dim_symbols[n]: sp.Symbol(n)
+                                               for n in names}))
+                    axes.append((names, fn))
+            self._axes[t.name] = axes
+        self._keep = {t.name: float(t.keep.subs({h.symbol: self.hypers[n] for n, h in
+                                                 self.spec.hypers.items()}))
+                      for t in self.masks}
+        self._calls = {}
+
     def shape(self, t: Tensor, dims: dict[str, int]) -> tuple[int, ...]:
-        subs = {self.spec.dim_symbols[k]: v for k, v in dims.items()}
-        return tuple(int(sp.sympify(d).subs(subs)) for d in t.dims)
+        return tuple(dims[a] if isinstance(a, str) else int(a[1](*(dims[n] for n in a[0])))
+                     for a in self._axes[t.name])
 
     def owned_shape(self, t: Tensor) -> tuple[int, ...]:
         return self.shape(t, self.sizes)
@@ -94,24 +116,28 @@ class LayerPlan:
         dims = dict(self.sizes)
         for t in self.data:
             shape = shapes[t.name]
-            if len(shape) != len(t.dims):
+            axes = self._axes[t.name]
+            if len(shape) != len(axes):
                 raise LayerError(f"{spec.name}: `{t.name}` has {len(shape)} axes {tuple(shape)}"
-                                 f", but the spec declares {len(t.dims)} "
+                                 f", but the spec declares {len(axes)} "
                                  f"({', '.join(str(d) for d in t.dims)})")
-            for dim, size in zip(t.dims, shape, strict=True):
-                if not isinstance(dim, sp.Symbol):
+            for axis, size in zip(axes, shape, strict=True):
+                if not isinstance(axis, str):
                     continue
-                known = dims.get(dim.name)
+                known = dims.get(axis)
                 if known is not None and known != size:
-                    where = "the layer was built with" if dim.name in self.sizes \
+                    where = "the layer was built with" if axis in self.sizes \
                         else "another input has"
-                    raise LayerError(f"{spec.name}: `{t.name}` has {dim} = {size}, but {where} "
-                                     f"{dim} = {known}")
-                dims[dim.name] = int(size)
+                    raise LayerError(f"{spec.name}: `{t.name}` has {axis} = {size}, but {where} "
+                                     f"{axis} = {known}")
+                dims[axis] = int(size)
         for t in self.data:  # sizes given by expressions (T = (H − K)/S + 1): check them
-            expect = self.shape(t, dims) if all(
-                s.name in dims for d in t.dims for s in sp.sympify(d).free_symbols) else None
-            if expect is not None and tuple(expect) != tuple(shapes[t.name]):
+            axes = self._axes[t.name]
+            if all(isinstance(a, str) for a in axes) or \
+                    not all(n in dims for a in axes if not isinstance(a, str) for n in a[0]):
+                continue
+            expect = self.shape(t, dims)
+            if expect != tuple(shapes[t.name]):
                 raise LayerError(f"{spec.name}: `{t.name}` has shape {tuple(shapes[t.name])}, "
                                  f"expected {expect}")
         if training:
@@ -125,38 +151,47 @@ class LayerPlan:
         return dims
 
     def keep(self, t: Tensor) -> float:
-        return float(t.keep.subs({h.symbol: self.hypers[n]
-                                  for n, h in self.spec.hypers.items()}))
+        """P(mask element = 1) at this layer's hyper-parameters."""
+        return self._keep[t.name]
+
+    def call(self, fn, spec: Spec, tensors: dict, dims: dict,
+             keywords_only: bool = False) -> tuple[list, dict]:
+        """Positional and keyword arguments for a generated ``forward`` (or a Function's, or a
+        ``backward``'s keywords with ``keywords_only``), by the names in its signature:
+        tensors, hyper-parameters and sizes. The signature is read once per kernel."""
+        key = (id(fn), keywords_only)
+        if key not in self._calls:
+            self._calls[key] = _arg_plan(fn, spec, keywords_only)
+        args, kwargs = [], {}
+        for pname, name, keyword, has_default in self._calls[key]:
+            if name in tensors:
+                value = tensors[name]
+            elif name in self.hypers:
+                value = self.hypers[name]
+            elif name in dims:
+                value = dims[name]
+            elif has_default:
+                continue
+            else:
+                raise LayerError(f"{spec.name}: the generated kernel needs `{pname}`, which "
+                                 "neither the inputs nor the constructor give",
+                                 hint=f"build the layer with {pname}=...")
+            if keyword:
+                kwargs[pname] = value
+            else:
+                args.append(value)
+        return args, kwargs
 
 
-def call_args(fn, spec: Spec, tensors: dict, hypers: dict, dims: dict,
-              keywords_only: bool = False) -> tuple[list, dict]:
-    """Positional and keyword arguments for a generated ``forward`` (or a Function's), by the
-    names in its signature: tensors, hyper-parameters and sizes. ``keywords_only``: only the
-    keyword arguments (a generated ``backward``'s sizes and hyper-parameters)."""
+def _arg_plan(fn, spec: Spec, keywords_only: bool) -> list[tuple[str, str, bool, bool]]:
     names = {py_name(n): n for n in (*spec.tensors, *spec.hypers, *spec.dim_symbols)}
-    args, kwargs = [], {}
-    for p in list(inspect.signature(fn).parameters.values()):
+    out = []
+    for p in inspect.signature(fn).parameters.values():
         if p.name == "ctx" or (keywords_only and p.kind != p.KEYWORD_ONLY):
             continue
-        name = names.get(p.name, p.name)
-        if name in tensors:
-            value = tensors[name]
-        elif name in hypers:
-            value = hypers[name]
-        elif name in dims:
-            value = dims[name]
-        elif p.default is not inspect.Parameter.empty:
-            continue
-        else:
-            raise LayerError(f"{spec.name}: the generated kernel needs `{p.name}`, which "
-                             "neither the inputs nor the constructor give",
-                             hint=f"build the layer with {p.name}=...")
-        if p.kind == p.KEYWORD_ONLY:
-            kwargs[p.name] = value
-        else:
-            args.append(value)
-    return args, kwargs
+        out.append((p.name, names.get(p.name, p.name), p.kind == p.KEYWORD_ONLY,
+                    p.default is not inspect.Parameter.empty))
+    return out
 
 
 def init_bounds(t: Tensor, shape: tuple[int, ...]) -> float | None:

@@ -18,7 +18,7 @@ import torch
 
 from gradtool.codegen.cache import compile_spec
 from gradtool.codegen.emit import class_name
-from gradtool.nn.plan import LayerPlan, as_spec, call_args, init_bounds
+from gradtool.nn.plan import LayerPlan, as_spec, init_bounds
 from gradtool.spec.lang import Spec
 
 
@@ -92,7 +92,7 @@ class SpecModule(torch.nn.Module):
         tensors.update(dict(self.named_parameters(recurse=False)))
         tensors.update(dict(self.named_buffers(recurse=False)))
         fn = self._eval_fn if use_eval else self._train_fn
-        args, _ = call_args(fn.forward, self.spec, tensors, plan.hypers, dims)
+        args, _ = plan.call(fn.forward, self.spec, tensors, dims)
         return fn.apply(*args)
 
 

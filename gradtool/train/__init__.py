@@ -8,11 +8,11 @@ torch is imported when training starts, not when this package is imported.
 
 from gradtool.train.config import TrainConfig
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "load_model", "train"]
+__all__ = ["TrainConfig", "TrainResult", "DivergenceError", "load_model", "train"]
 
 
 def __getattr__(name):
-    if name in ("train", "TrainResult", "TrainingDiverged", "load_model"):
+    if name in ("train", "TrainResult", "DivergenceError", "load_model"):
         from gradtool.train import loop
 
         return getattr(loop, name)

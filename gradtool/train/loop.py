@@ -21,7 +21,6 @@ steps them in place.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import platform
@@ -38,7 +37,7 @@ METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "sec
            "samples_per_s")
 
 
-class TrainingDiverged(GradtoolError):
+class DivergenceError(GradtoolError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -211,7 +210,7 @@ def train(config: TrainConfig, progress: Progress | None = None,
 
     ``progress(kind, info)`` is called with kind "verified", "start", "step", "epoch" and
     "done". ``on_step(epoch, step, model)`` is called after every optimiser step (tests use it
-    to stop a run part-way). Raises :class:`TrainingDiverged` on a NaN or infinite loss (the
+    to stop a run part-way). Raises :class:`DivergenceError` on a NaN or infinite loss (the
     last good checkpoint stays), :class:`gradtool.train.verify.VerificationError` when a spec
     fails its check, and :class:`ConfigError` / ``DataError`` / ``ModelError`` for bad input.
     """
@@ -280,7 +279,7 @@ def train(config: TrainConfig, progress: Progress | None = None,
         for k, (x, y) in enumerate(train_loader):
             value, right = backend.step(optimizer, x, y)
             if not math.isfinite(value):
-                raise TrainingDiverged(
+                raise DivergenceError(
                     f"the loss became {value} at epoch {epoch + 1}, step {k + 1}; stopped",
                     file=str(ckpt_dir / "last.pt"),
                     hint=f"the last good checkpoint (after epoch {start_epoch_of(ckpt_dir)}) "
