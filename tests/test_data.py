@@ -33,8 +33,8 @@ def _assemble(x_train, y_train, x_test, y_test, **kw):
 # ---------------------------------------------------------------- import cost
 
 
-def test_importing_data_imports_neither_torch_nor_sklearn():
-    code = ("import sys, gradtool.data; "
+def test_importing_data_and_plots_imports_no_torch_sklearn_or_matplotlib():
+    code = ("import sys, gradtool.data, gradtool.train.plots; "
             "print(sorted(m for m in ('torch', 'sklearn', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
@@ -202,3 +202,342 @@ def test_replicas_shard_each_epoch_into_equal_parts_covering_every_sample():
     order = torch.randperm(10, generator=torch.Generator().manual_seed(4 * 1_000_003 + 5))
     padded = order.tolist() + order.tolist()[:2]
     assert [padded[r::3] for r in range(3)] == shards
+
+
+# ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
+
+IDX_NAMES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+             "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    """IDX as documented: 0x00 0x00, type 0x08 (ubyte), ndim, big-endian uint32 sizes, data."""
+    header = bytes([0, 0, 0x08, array.ndim])
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _write(path, payload: bytes, gz: bool):
+    import gzip
+
+    path.write_bytes(gzip.compress(payload) if gz else payload)
+    return path
+
+
+def _idx_folder(folder, n_train=60, n_test=20, gz=True, seed=0, dotted=False):
+    rng = np.random.default_rng(seed)
+    arrays = {"train_x": rng.integers(0, 256, (n_train, 6, 5)),
+              "train_y": np.arange(n_train) % 10,
+              "test_x": rng.integers(0, 256, (n_test, 6, 5)),
+              "test_y": rng.integers(0, 10, n_test)}
+    folder.mkdir(exist_ok=True)
+    for key, name in IDX_NAMES.items():
+        name = name.replace("-idx", ".idx") if dotted else name
+        _write(folder / (name + (".gz" if gz else "")), _idx_bytes(arrays[key]), gz)
+    return arrays
+
+
+@pytest.mark.parametrize("gz, dotted", [(True, False), (False, False), (False, True)])
+def test_mnist_folder_of_idx_files_gzipped_or_not(tmp_path, gz, dotted):
+    arrays = _idx_folder(tmp_path, gz=gz, dotted=dotted)
+    ds = load_dataset("mnist", tmp_path, val_fraction=0.0)
+    assert ds.input_shape == (1, 6, 5) and ds.classes == [str(d) for d in range(10)]
+    assert ds.train.y.tolist() == arrays["train_y"].tolist()
+    assert ds.test.y.tolist() == arrays["test_y"].tolist()
+    raw = ds.test.x * ds.std[0] + ds.mean[0]
+    np.testing.assert_allclose(raw[:, 0], arrays["test_x"] / 255, atol=1e-5)
+    assert len(ds.sources) == 4 and all(str(tmp_path) in s for s in ds.sources)
+
+
+def test_read_idx_matches_the_bytes_written_for_each_type(tmp_path):
+    from gradtool.data.idx import read_idx
+
+    values = np.array([[-2.5, 1.0], [3.25, 0.0]], dtype=">f4")
+    payload = bytes([0, 0, 0x0D, 2]) + (2).to_bytes(4, "big") * 2 + values.tobytes()
+    out = read_idx(_write(tmp_path / "f.idx", payload, gz=False), ndim=2)
+    assert out.dtype == np.float32 and out.dtype.isnative and out.flags.writeable
+    assert out.tolist() == [[-2.5, 1.0], [3.25, 0.0]]
+
+
+def _break(folder, key, payload_of):
+    """Replace the gzipped IDX file ``key`` in ``folder`` by ``payload_of(original bytes)``."""
+    import gzip
+
+    path = folder / (IDX_NAMES[key] + ".gz")
+    path.write_bytes(payload_of(gzip.decompress(path.read_bytes())))
+    return path
+
+
+@pytest.mark.parametrize("case, key, mutate, message", [
+    ("truncated", "train_x", lambda b: b[:1000], "expected 1816 bytes, found 1000"),
+    ("longer", "test_x", lambda b: b + b"\0", "expected 616 bytes, found 617"),
+    ("header cut", "train_y", lambda b: b[:6], "truncated IDX file: expected at least 8"),
+    ("tiny", "train_y", lambda b: b[:2], "shorter than the 4-byte magic"),
+    ("bad magic", "train_x", lambda b: b"\x12\x34" + b[2:], "bad magic number 0x12340803"),
+    ("bad type", "train_x", lambda b: b[:2] + b"\x07" + b[3:], "bad magic number 0x00000703"),
+    ("swapped", "train_y", lambda b: b[:3] + b"\x03" + b[4:], "expected 1 (magic 0x00000801)"),
+    ("count", "train_y", lambda b: b[:7] + b"\x3b" + b[8:-1], "60 images in train-images"),
+    ("label range", "test_y", lambda b: b[:-1] + b"\x0a", "label 10 is outside 0..9"),
+])
+def test_broken_idx_files_are_one_error_naming_the_file(tmp_path, case, key, mutate, message):
+    _idx_folder(tmp_path)
+    path = _break(tmp_path, key, mutate)
+    with pytest.raises(DataError) as err:
+        load_dataset("mnist", tmp_path)
+    assert err.value.file == str(path)
+    assert str(err.value).startswith(str(path)) and message in str(err.value)
+
+
+def test_corrupt_and_truncated_gzip_are_errors_naming_the_file(tmp_path):
+    _idx_folder(tmp_path)
+    path = tmp_path / (IDX_NAMES["train_x"] + ".gz")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="truncated gzip file") as err:
+        load_dataset("mnist", tmp_path)
+    assert err.value.file == str(path)
+    path.write_bytes(data[:12] + bytes(255 - b for b in data[12:]))
+    with pytest.raises(DataError, match="corrupt gzip file") as err:
+        load_dataset("mnist", tmp_path)
+    assert err.value.file == str(path)
+
+
+def test_missing_idx_file_or_folder_says_what_to_pass(tmp_path, monkeypatch):
+    _idx_folder(tmp_path)
+    (tmp_path / (IDX_NAMES["test_y"] + ".gz")).unlink()
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\[\.gz\] not found") as err:
+        load_dataset("mnist", tmp_path)
+    assert err.value.file == str(tmp_path) and "train-images-idx3-ubyte" in err.value.hint
+    with pytest.raises(DataError, match="folder not found"):
+        load_dataset("mnist", tmp_path / "nowhere")
+    monkeypatch.setenv("GRADTOOL_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="no folder given for mnist") as err:
+        load_dataset("mnist")
+    assert "--data-dir FOLDER" in err.value.hint
+
+
+def test_mnist_default_folder_comes_from_gradtool_data(tmp_path, monkeypatch):
+    arrays = _idx_folder(tmp_path / "mnist", gz=False)
+    monkeypatch.setenv("GRADTOOL_DATA", str(tmp_path))
+    ds = load_dataset("mnist", val_fraction=0.0, limit=30)
+    assert ds.train.y.tolist() == arrays["train_y"][:30].tolist()
+
+
+def test_fashion_mnist_reads_the_given_folder_with_its_class_names(tmp_path, monkeypatch):
+    monkeypatch.delenv("GRADTOOL_DATA", raising=False)
+    arrays = _idx_folder(tmp_path, seed=3)
+    ds = load_dataset("fashion-mnist", tmp_path, val_fraction=0.0)
+    assert ds.classes[0] == "T-shirt/top" and ds.classes[9] == "Ankle boot"
+    assert ds.test.y.tolist() == arrays["test_y"].tolist()
+
+
+def _shared_data(name):
+    # CI clones the repository with the project's shared/ folder beside it
+    import os
+    from pathlib import Path
+
+    folders = [Path(__file__).resolve().parents[2] / "shared" / "data" / name]
+    if os.environ.get("GRADTOOL_DATA"):
+        folders.insert(0, Path(os.environ["GRADTOOL_DATA"]) / name)
+    return next((f for f in folders if f.is_dir()), None)
+
+
+def test_real_mnist_when_present():
+    folder = _shared_data("mnist")
+    if folder is None:
+        pytest.skip("MNIST's IDX files are not in ../shared/data/mnist or $GRADTOOL_DATA/mnist")
+    ds = load_dataset("mnist", folder, seed=0)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (54000, 6000, 10000)
+    assert ds.input_shape == (1, 28, 28)
+    # MNIST's published pixel statistics on [0, 1] (all 60000 training images): 0.1307, 0.3081
+    assert abs(float(ds.mean[0]) - 0.1307) < 2e-3 and abs(float(ds.std[0]) - 0.3081) < 2e-3
+    assert np.bincount(ds.test.y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028,
+                                               974, 1009]
+
+
+def test_real_fashion_mnist_when_installed():
+    from gradtool.data.sets import FASHION_MNIST_DEBIAN_DIR
+
+    if not FASHION_MNIST_DEBIAN_DIR.is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist package is not installed")
+    ds = load_dataset("fashion-mnist", limit=2000, seed=0)
+    assert len(ds.test) == 10000 and np.bincount(ds.test.y).tolist() == [1000] * 10
+
+
+# ---------------------------------------------------------------- CIFAR-10 python batches
+
+CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+               "truck"]
+
+
+def _cifar_folder(folder, per_batch=12, n_test=10, protocol=2, seed=0):
+    """Batches in the documented format: {b"data": uint8 (N, 3072), b"labels": [...]}.
+    protocol "numpy1": protocol 2 naming numpy.core.multiarray, as the official files do."""
+    import pickle
+
+    def dumps(obj):
+        if protocol != "numpy1":
+            return pickle.dumps(obj, protocol=protocol)
+        return pickle.dumps(obj, protocol=2).replace(b"cnumpy._core.multiarray\n",
+                                                     b"cnumpy.core.multiarray\n")
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels = {}, {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        n = n_test if name == "test_batch" else per_batch
+        images[name] = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels[name] = rng.integers(0, 10, n).tolist()
+        batch = {b"batch_label": name.encode(), b"data": images[name],
+                 b"labels": labels[name], b"filenames": [b"x.png"] * n}
+        (folder / name).write_bytes(dumps(batch))
+    meta = {b"label_names": [n.encode() for n in CIFAR_NAMES], b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(dumps(meta))
+    return images, labels
+
+
+@pytest.mark.parametrize("protocol", [2, 5, "numpy1"])
+def test_cifar10_reader_on_generated_batches(tmp_path, protocol):
+    images, labels = _cifar_folder(tmp_path / "cifar-10-batches-py", protocol=protocol)
+    ds = load_dataset("cifar10", tmp_path, val_fraction=0.0)  # finds the subfolder
+    assert ds.classes == CIFAR_NAMES and ds.input_shape == (3, 32, 32)
+    assert len(ds.train) == 60 and len(ds.test) == 10
+    assert ds.train.y.tolist() == sum((labels[f"data_batch_{i}"] for i in range(1, 6)), [])
+    # row-major R, G, B planes of 32×32: pixel (row 2, column 5) of the green plane of image 3
+    raw = ds.test.x * ds.std[None, :, None, None] + ds.mean[None, :, None, None]
+    assert abs(raw[3, 1, 2, 5] * 255 - images["test_batch"][3, 1024 + 2 * 32 + 5]) < 1e-3
+    assert ds.mean.shape == (3,)
+    train_raw = np.concatenate([images[f"data_batch_{i}"] for i in range(1, 6)])
+    np.testing.assert_allclose(ds.mean, (train_raw.reshape(60, 3, 1024) / 255).mean(axis=(0, 2)),
+                               rtol=1e-5)
+
+
+def test_cifar10_limit_reads_only_the_batches_it_needs(tmp_path):
+    _cifar_folder(tmp_path, per_batch=12)
+    (tmp_path / "data_batch_3").write_bytes(b"")  # would fail if read
+    ds = load_dataset("cifar10", tmp_path, val_fraction=0.0, limit=20)
+    assert len(ds.train) == 20
+    assert [s.rsplit("/", 1)[1] for s in ds.sources] == ["batches.meta", "data_batch_1",
+                                                         "data_batch_2", "test_batch"]
+
+
+def test_cifar10_refuses_pickles_that_would_run_code(tmp_path):
+    import os
+    import pickle
+
+    _cifar_folder(tmp_path)
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (tmp_path / "data_batch_2").write_bytes(pickle.dumps({b"data": Exploit()}))
+    with pytest.raises(DataError, match="refused to load the global (posix|os).system") as err:
+        load_dataset("cifar10", tmp_path)
+    assert err.value.file == str(tmp_path / "data_batch_2") and not marker.exists()
+
+
+@pytest.mark.parametrize("name, batch, message", [
+    ("data_batch_1", {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2]},
+     "4 images but 3 labels: counts differ"),
+    ("test_batch", {b"data": np.zeros((2, 3071), np.uint8), b"labels": [0, 1]},
+     "'data' must be a uint8 array (N, 3072), found uint8 (2, 3071)"),
+    ("data_batch_4", {b"labels": [0]}, "no 'data' entry"),
+    ("data_batch_5", {b"data": np.zeros((1, 3072), np.uint8), b"labels": [10]},
+     "labels range over 10..10, outside 0..9"),
+    ("data_batch_1", [1, 2], "expected a pickled dict, found list"),
+])
+def test_cifar10_bad_batches_name_the_file(tmp_path, name, batch, message):
+    import pickle
+
+    _cifar_folder(tmp_path)
+    (tmp_path / name).write_bytes(pickle.dumps(batch))
+    with pytest.raises(DataError) as err:
+        load_dataset("cifar10", tmp_path)
+    assert err.value.file == str(tmp_path / name) and message in err.value.message
+
+
+def test_cifar10_truncated_or_missing_files_name_the_file(tmp_path):
+    _cifar_folder(tmp_path)
+    path = tmp_path / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(DataError, match="truncated pickle") as err:
+        load_dataset("cifar10", tmp_path)
+    assert err.value.file == str(path)
+    (tmp_path / "test_batch").unlink()
+    with pytest.raises(DataError, match="missing: test_batch") as err:
+        load_dataset("cifar10", tmp_path)
+    assert err.value.file == str(tmp_path / "test_batch")
+
+
+# ---------------------------------------------------------------- npz
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz_flat_features_and_one_hot_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    x_train, x_test = rng.normal(size=(30, 5)), rng.normal(size=(8, 5))
+    y_train, y_test = np.arange(30) % 3, np.arange(8) % 3
+    path = _npz(tmp_path / "d.npz", x_train=x_train, y_train=np.eye(3)[y_train],
+                x_test=x_test, y_test=np.eye(3)[y_test])
+    ds = load_dataset("npz", path, val_fraction=0.0)
+    assert ds.input_shape == (5,) and ds.classes == ["0", "1", "2"]
+    assert ds.train.y.tolist() == y_train.tolist() and ds.test.y.tolist() == y_test.tolist()
+    np.testing.assert_allclose(ds.mean, x_train.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(ds.train.x, (x_train - x_train.mean(0)) / x_train.std(0),
+                               atol=1e-5)
+    assert ds.sources == [str(path.resolve())]
+
+
+def test_npz_uint8_images_get_a_channel_axis_and_the_0_1_scale(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (20, 4, 4), dtype=np.uint8)
+    path = _npz(tmp_path / "img.npz", x_train=x, y_train=np.arange(20) % 4, x_test=x[:6],
+                y_test=np.array([0, 1, 2, 3, 3, 7]))
+    ds = load_dataset("npz", path, val_fraction=0.0)
+    assert ds.input_shape == (1, 4, 4) and len(ds.classes) == 8  # largest label 7
+    np.testing.assert_allclose(ds.mean[0], x.mean() / 255, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x_train": np.zeros((3, 2)), "y_train": np.zeros(3, int)},
+     "bad npz keys: missing x_test, y_test (found: x_train, y_train)"),
+    ({"x_train": np.zeros((3, 2)), "y_train": np.zeros(4, int), "x_test": np.zeros((1, 2)),
+      "y_test": np.zeros(1, int)}, "x_train holds 3 samples but y_train 4: counts differ"),
+    ({"x_train": np.zeros((3, 2)), "y_train": np.array([0, 1.5, 1]), "x_test": np.zeros((1, 2)),
+      "y_test": np.zeros(1, int)}, "y_train must hold class numbers"),
+    ({"x_train": np.zeros((3, 2)), "y_train": np.zeros(3, int), "x_test": np.zeros((1, 3)),
+      "y_test": np.zeros(1, int)}, "x_train samples are (2,) but x_test samples (3,)"),
+    ({"x_train": np.zeros(3), "y_train": np.zeros(3, int), "x_test": np.zeros(1),
+      "y_test": np.zeros(1, int)}, "x_train must be (N, D), (N, H, W) or (N, C, H, W)"),
+    ({"x_train": np.array([[np.nan]] * 3), "y_train": np.zeros(3, int),
+      "x_test": np.zeros((1, 1)), "y_test": np.zeros(1, int)}, "x_train holds NaN"),
+])
+def test_bad_npz_files_are_one_error_naming_the_file(tmp_path, arrays, message):
+    path = _npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError) as err:
+        load_dataset("npz", path)
+    assert err.value.file == str(path) and message in err.value.message
+
+
+def test_truncated_or_missing_npz_and_pickled_objects_are_errors(tmp_path):
+    path = _npz(tmp_path / "d.npz", x_train=np.zeros((3, 2)), y_train=np.zeros(3, int),
+                x_test=np.array([object()] * 2, dtype=object), y_test=np.zeros(2, int))
+    with pytest.raises(DataError, match="not a readable .npz file") as err:
+        load_dataset("npz", path)  # the object array would need pickle
+    assert err.value.file == str(path)
+    good = _npz(tmp_path / "g.npz", x_train=np.zeros((30, 2)), y_train=np.zeros(30, int),
+                x_test=np.zeros((10, 2)), y_test=np.zeros(10, int))
+    good.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(DataError, match="not a readable .npz file") as err:
+        load_dataset("npz", good)
+    assert err.value.file == str(good)
+    with pytest.raises(DataError, match="file not found"):
+        load_dataset("npz", tmp_path / "none.npz")
+    with pytest.raises(DataError, match="needs the path of a .npz file"):
+        load_dataset("npz")

@@ -39,8 +39,18 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_fraction:
     """
     from gradtool.data import sets
 
+    opts = {"val_fraction": val_fraction, "seed": seed, "limit": limit}
     if name == "digits":
-        return sets.load_digits(val_fraction=val_fraction, seed=seed, limit=limit)
+        return sets.load_digits(**opts)
+    if name == "mnist":
+        return sets.load_idx_set("mnist", data_dir, classes=[str(d) for d in range(10)], **opts)
+    if name == "fashion-mnist":
+        return sets.load_idx_set("fashion-mnist", data_dir, classes=sets.FASHION_MNIST_CLASSES,
+                                 system_dir=sets.FASHION_MNIST_DEBIAN_DIR, **opts)
+    if name == "cifar10":
+        return sets.load_cifar10(data_dir, **opts)
+    if name == "npz":
+        return sets.load_npz(data_dir, **opts)
     raise DataError(f"unknown data set {name!r}", hint=f"choose one of {', '.join(DATASETS)}")
 
 
