@@ -271,7 +271,7 @@ def train_cmd(
                                        help="An MLP, or a TOML model file listing specs.")]
     = "mlp",
     hidden: Annotated[str, typer.Option("--hidden", metavar="H1,H2",
-                                        help="MLP hidden sizes.")] = "128",
+                                        help="MLP hidden sizes.")] = "256,128",
     activation: Annotated[str, typer.Option("--activation", help="MLP activation spec (name "
                                                                  "or file).")] = "relu",
     norm: Annotated[str | None, typer.Option("--norm", help="MLP normalisation spec after each "
@@ -281,7 +281,7 @@ def train_cmd(
     backend: Annotated[str, typer.Option("--backend", metavar="torch|numpy",
                                          help="Generated torch Functions, or NumPy kernels "
                                               "with no autograd.")] = "torch",
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs (default 20; with "
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs (default 30; with "
                                                                 "--resume: the run's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size.")] = 32,
     optimizer: Annotated[str, typer.Option("--optimizer", metavar="sgd|adam|adamw",
@@ -293,11 +293,13 @@ def train_cmd(
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay.")] = 0.0,
     schedule: Annotated[str, typer.Option("--schedule", metavar="none|step|cosine",
                                           help="Learning-rate schedule "
-                                               "(torch.optim.lr_scheduler).")] = "none",
+                                               "(torch.optim.lr_scheduler).")] = "cosine",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     dtype: Annotated[str, typer.Option("--dtype", metavar="float32|float64")] = "float32",
     device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda",
                                         help="auto: cuda where present.")] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: "
+                                                                  "torch's).")] = None,
     out: Annotated[str | None, typer.Option("--out", help="Run folder (default "
                                                           "runs/DATA-MODEL-TIME).")] = None,
     resume: Annotated[str | None, typer.Option("--resume", metavar="RUN_DIR",
@@ -331,7 +333,8 @@ def train_cmd(
                              backend=backend, epochs=epochs, batch_size=batch_size,
                              optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
                              weight_decay=weight_decay, schedule=schedule, seed=seed,
-                             dtype=dtype, device=device, out=out, resume=resume,
+                             dtype=dtype, device=device, threads=threads, out=out,
+                             resume=resume,
                              verify=not no_verify, limit=limit)
         with RichProgress(err_console, quiet=as_json) as progress:
             result = train(config, progress=progress)

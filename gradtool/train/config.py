@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gradtool.errors import GradtoolError
 
-DEFAULT_EPOCHS = 20
+DEFAULT_EPOCHS = 30
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "step", "cosine")
 BACKENDS = ("torch", "numpy")
@@ -22,14 +22,15 @@ class ConfigError(GradtoolError):
 @dataclass
 class TrainConfig:
     """One training run. ``model`` is ``"mlp"`` (built from ``hidden``, ``activation``,
-    ``norm``, ``dropout``) or a TOML model file. ``epochs=None`` means 20 for a new run and the
+    ``norm``, ``dropout``) or a TOML model file. ``epochs=None`` means 30 for a new run and the
     recorded number for ``resume``. ``device="auto"`` is cuda where present, else cpu.
-    ``limit`` keeps only the first samples of the training set (quick runs)."""
+    ``limit`` keeps only the first samples of the training set (quick runs). ``threads``: torch's
+    intra-op CPU threads (``torch.set_num_threads``); None leaves torch's default."""
 
     data: str = "digits"
     data_dir: str | None = None
     model: str = "mlp"
-    hidden: tuple[int, ...] = (128,)
+    hidden: tuple[int, ...] = (256, 128)
     activation: str = "relu"
     norm: str | None = None
     dropout: float = 0.0
@@ -42,12 +43,13 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
-    schedule: str = "none"
+    schedule: str = "cosine"
     step_size: int = 10
     gamma: float = 0.1
     seed: int = 0
     dtype: str = "float32"
     device: str = "auto"
+    threads: int | None = None
     out: str | None = None
     resume: str | None = None
     verify: bool = True

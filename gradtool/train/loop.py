@@ -227,6 +227,8 @@ def train(config: TrainConfig, progress: Progress | None = None,
     config, run, ckpt = _resolve(config)
     config.validate()
     emit = progress or (lambda kind, info: None)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     device = _device(config)
     ds = load_dataset(config.data, config.data_dir, val_fraction=config.val_fraction,
                       seed=config.seed, limit=config.limit)
