@@ -229,6 +229,9 @@ def train(config: TrainConfig, progress: Progress | None = None,
     emit = progress or (lambda kind, info: None)
     if config.threads:
         torch.set_num_threads(config.threads)
+        from threadpoolctl import threadpool_limits  # NumPy's BLAS (installed with sklearn)
+
+        threadpool_limits(config.threads)
     device = _device(config)
     ds = load_dataset(config.data, config.data_dir, val_fraction=config.val_fraction,
                       seed=config.seed, limit=config.limit)
