@@ -298,8 +298,9 @@ def train_cmd(
     dtype: Annotated[str, typer.Option("--dtype", metavar="float32|float64")] = "float32",
     device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda",
                                         help="auto: cuda where present.")] = "auto",
-    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: "
-                                                                  "torch's).")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch and NumPy "
+                                                           "(0: the libraries' default).")]
+    = 1,
     out: Annotated[str | None, typer.Option("--out", help="Run folder (default "
                                                           "runs/DATA-MODEL-TIME).")] = None,
     resume: Annotated[str | None, typer.Option("--resume", metavar="RUN_DIR",

@@ -19,7 +19,7 @@ from gradtool.train import DivergenceError, TrainConfig, train
 from gradtool.train.verify import VerificationError, verify_spec
 from tests.test_nn import RMSNORM
 
-QUICK = dict(limit=300, hidden=(16,), batch_size=32, threads=1)
+QUICK = dict(limit=300, hidden=(16,), batch_size=32)
 
 
 class Stop(Exception):  # noqa: N818 - a signal, not an error
@@ -127,7 +127,7 @@ def test_model_file_with_a_user_spec_trains(tmp_path):
 
 def test_cli_json_prints_one_object(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["train", "--epochs", "1", "--json", "--threads", "1"])
+    result = CliRunner().invoke(app, ["train", "--epochs", "1", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["epochs"] == 1 and 0 <= data["test_acc"] <= 1

@@ -24,8 +24,9 @@ class TrainConfig:
     """One training run. ``model`` is ``"mlp"`` (built from ``hidden``, ``activation``,
     ``norm``, ``dropout``) or a TOML model file. ``epochs=None`` means 30 for a new run and the
     recorded number for ``resume``. ``device="auto"`` is cuda where present, else cpu.
-    ``limit`` keeps only the first samples of the training set (quick runs). ``threads``: torch's
-    intra-op CPU threads (``torch.set_num_threads``); None leaves torch's default."""
+    ``limit`` keeps only the first samples of the training set (quick runs). ``threads``: CPU
+    threads for torch and NumPy's BLAS (default 1: small models gain nothing from more, and on
+    a busy machine spinning threads cost 30×); 0 leaves the libraries' defaults."""
 
     data: str = "digits"
     data_dir: str | None = None
@@ -49,7 +50,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "auto"
-    threads: int | None = None
+    threads: int = 1
     out: str | None = None
     resume: str | None = None
     verify: bool = True
