@@ -86,6 +86,16 @@ def test_wrong_feature_size_is_an_error_not_a_wrong_gradient():
         SpecModule("linear", I=4)
 
 
+def test_a_size_no_input_carries_is_given_at_construction():
+    layer = SpecModule("expand", D=3, dtype=torch.float64)
+    x = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert torch.equal(y, x[:, None].expand(4, 3))
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(dx, torch.full((4,), 3.0, dtype=torch.float64))
+    assert NumpyLayer("expand", D=3).forward(np.ones(2)).shape == (2, 3)
+
+
 def _batchnorm_pair(numpy: bool):
     if numpy:
         return NumpyLayer("batchnorm", C=3, dtype=np.float64, rng=np.random.default_rng(0))

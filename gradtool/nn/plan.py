@@ -35,7 +35,9 @@ class LayerPlan:
     """The spec's forms, its constructor sizes and hyper-parameters, and how to bind the rest.
 
     ``options`` holds sizes by dimension name (``I=64, O=10``) and hyper-parameters by name
-    (``eps=1e-6``); sizes that the input determines are refused, since they are read from it.
+    (``eps=1e-6``). Constructor sizes are those of the parameters and state, and any size no
+    data input carries; sizes that the input determines are refused, since they are read from
+    it.
     """
 
     spec: Spec
@@ -54,6 +56,11 @@ class LayerPlan:
                 for sym in sorted(sp.sympify(dim).free_symbols, key=str):
                     if sym.name not in owned_dims:
                         owned_dims.append(sym.name)
+        # a size no data input carries (expand's D in Y[n, d] = x[n]) is given at construction
+        seen = {s.name for t in self.data for dim in t.dims for s in dim.free_symbols}
+        for name in spec.dim_symbols:
+            if name not in seen and name not in owned_dims:
+                owned_dims.append(name)
         self.owned_dims = owned_dims
         self.sizes: dict[str, int] = {}
         self.hypers = {name: h.default for name, h in spec.hypers.items()}
