@@ -1,8 +1,8 @@
 """Torch backend: ``nn.Module``s over the generated ``torch.autograd.Function``s.
 
-Because the layers are ordinary modules whose backward is a generated ``autograd.Function``,
-``torch.optim``, ``torch.utils.data``, ``DistributedDataParallel`` and ``torch.compile`` work on
-them unchanged::
+The layers are ordinary modules whose backward is a generated ``autograd.Function``, so
+``torch.optim`` and ``torch.utils.data`` work on them unchanged (and ``torch.compile`` traces
+them)::
 
     import torch
     from gradtool.nn import SpecModule
