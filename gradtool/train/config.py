@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from gradtool.errors import GradtoolError
@@ -56,7 +56,6 @@ class TrainConfig:
     verify: bool = True
     val_fraction: float = 0.1
     limit: int | None = None
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
