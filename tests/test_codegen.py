@@ -77,32 +77,121 @@ def test_contractions_are_matrix_products_and_common_terms_are_named():
            "xhat (dX, dgamma)" in source
 
 
-@pytest.mark.parametrize("name", SPECS)
-def test_torch_function_passes_gradcheck(name):
+def _function_case(name, requires=None):
+    """(spec, module, Function, its positional arguments, the sizes it needs after them, dims)
+    on float64 sample data; ``requires``: the names whose tensors require grad (default: every
+    differentiable input)."""
+    import inspect
+
+    from gradtool.check.sampling import sample_dims, sample_inputs
+
     spec = load_spec(name)
     mod = compile_spec(spec, "torch")
     fn = getattr(mod, class_name(spec.name) + "Function")
     rng = np.random.default_rng(0)
-    from gradtool.check.sampling import sample_dims, sample_inputs
-
     dims = sample_dims(spec, rng, low=2, high=4)
     values = sample_inputs(spec, dims, rng)
-    grad = {t.name for t in spec.grad_inputs}
+    grad = {t.name for t in spec.grad_inputs} if requires is None else set(requires)
     args = [torch.tensor(values[t.name], requires_grad=t.name in grad)
             for t in spec.tensors.values() if t.kind in ("input", "param", "state")]
     args += [h.default for h in spec.hypers.values()]
     # sizes the forward cannot read off its inputs (expand's D, a convolution's stride) come
     # after the hyper-parameters, in the order of the forward's keyword-only parameters
-    import inspect
-
     sizes = [p for p, v in inspect.signature(mod.forward).parameters.items()
              if v.kind == v.KEYWORD_ONLY and p not in spec.hypers]
     extra = [int(dims[spec.dim_symbols[p]]) for p in sizes]
+    return spec, mod, fn, args, extra, dims
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_torch_function_passes_gradcheck(name):
+    _, _, fn, args, extra, _ = _function_case(name)
 
     def f(*xs):  # state buffers are updated in place; Y does not depend on them
         return fn.apply(*xs, *extra)
 
     assert torch.autograd.gradcheck(f, tuple(args), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _upstream(out, gen):
+    outs = out if isinstance(out, tuple) else (out,)
+    return tuple(torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_function_computes_only_the_gradients_asked_for(name):
+    """One differentiable input at a time requires grad: the Function's backward returns None
+    for every other input, and its gradient equals torch.autograd's through the generated
+    forward (float64); gradcheck passes for that input alone."""
+    from gradtool.check.kernels import Kernels
+
+    spec = load_spec(name)
+    grads = [t.name for t in spec.grad_inputs]
+    inputs = [t.name for t in spec.tensors.values() if t.kind in ("input", "param", "state")]
+    gen = torch.Generator().manual_seed(1)
+    for wanted in grads:
+        _, mod, fn, args, extra, dims = _function_case(name, requires=[wanted])
+        out = fn.apply(*args, *extra)
+        ups = _upstream(out, gen)
+        returned = (out[0] if isinstance(out, tuple) else out).grad_fn.apply(*ups)
+        returned = returned if isinstance(returned, tuple) else (returned,)
+        k = inputs.index(wanted)
+        assert all(g is None for j, g in enumerate(returned) if j != k), (wanted, returned)
+        # oracle: autograd through the forward in primitive torch ops
+        tensors = [a.detach().requires_grad_(a.requires_grad) for a in args[:len(inputs)]]
+        kw = Kernels(spec, "torch", module=mod)._keywords(mod.forward, dims)
+        ref_out = mod.forward(*tensors, **kw)[0]
+        ref_outs = ref_out if isinstance(ref_out, tuple) else (ref_out,)
+        expected, = torch.autograd.grad(ref_outs, [tensors[k]], ups)
+        torch.testing.assert_close(returned[k], expected, rtol=1e-10, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda *xs, fn=fn, extra=extra: fn.apply(*xs, *extra),
+                                        tuple(args),
+                                        eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_numpy_backward_skips_gradients_not_needed(name):
+    """``backward(..., need=flags)`` returns None where a flag is false and the very same
+    arrays as the full backward where it is true; the layer class takes names."""
+    from gradtool.check.kernels import Kernels
+    from gradtool.check.sampling import sample_dims, sample_inputs
+
+    spec = load_spec(name)
+    kernels = Kernels(spec, "numpy")
+    rng = np.random.default_rng(2)
+    dims = sample_dims(spec, rng, low=2, high=4)
+    outs, saved, _ = kernels.forward(sample_inputs(spec, dims, rng), dims)
+    ups = [rng.standard_normal(np.shape(outs[o])) for o in kernels.outputs]
+    if not any(np.ndim(u) for u in ups):
+        ups = [float(u) for u in ups]
+    kw = kernels._keywords(kernels.module.backward, dims)
+    full = kernels.module.backward(*ups, *saved, **kw)
+    n = len(kernels.grads)
+    for k in range(n):
+        flags = tuple(j == k for j in range(n))
+        some = kernels.module.backward(*ups, *saved, **kw, need=flags)
+        assert all(g is None for j, g in enumerate(some) if j != k)
+        np.testing.assert_array_equal(some[k], full[k])
+
+
+def test_numpy_layer_skips_the_input_gradient():
+    mod = compile_spec("linear", "numpy")
+    layer = mod.Linear(O=3, I=4, rng=np.random.default_rng(0))
+    X = np.random.default_rng(1).standard_normal((5, 4))
+    G = np.random.default_rng(2).standard_normal((5, 3))
+    layer.forward(X)
+    dX = layer.backward(G)
+    full = dict(layer.grads)
+    assert dX is not None
+    assert layer.backward(G, need={"W", "b"}) is None  # a network's first layer
+    assert set(layer.grads) == {"W", "b"}
+    for k in full:
+        np.testing.assert_array_equal(layer.grads[k], full[k])
+    np.testing.assert_allclose(dX, G @ layer.params["W"])  # Σ_o G[n,o]·W[o,i]
+    layer.backward(G, need={"b"})
+    assert set(layer.grads) == {"b"}
+    with pytest.raises(ValueError, match="no gradient for"):
+        layer.backward(G, need={"Wt"})
 
 
 def test_module_owns_initialised_parameters():
