@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -45,7 +46,9 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
-from gradtool.codegen.cache import compile_spec
+# this checkout's gradtool, not one installed elsewhere (``python bench/...`` puts bench/ first)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gradtool.codegen.cache import compile_spec  # noqa: E402
 
 SIZES = (784, 256, 256, 10)
 GOAL_TORCH, GOAL_NUMPY = 0.9, 0.5
@@ -288,8 +291,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    import gradtool
+
     print(f"python {platform.python_version()}, torch {torch.__version__}, numpy "
-          f"{np.__version__}, {os.cpu_count()} CPUs")
+          f"{np.__version__}, {os.cpu_count()} CPUs; gradtool from "
+          f"{Path(gradtool.__file__).parent.parent}")
     rows = []
     for threads in (int(t) for t in args.threads.split(",")):
         rows.append(run(threads, args.batch, dtype, args.iters, args.warmup, args.repeats))
