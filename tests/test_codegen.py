@@ -302,3 +302,32 @@ def test_constant_gradient_of_a_loss(tmp_path):
     """))
     rows = check_spec(load_spec(path), CheckOptions(cases=2))
     assert rows and all(r.passed for r in rows), [r for r in rows if not r.passed]
+
+
+BATCHED = '''\
+from gradtool.lang import Spec, Sum
+
+spec = Spec("scores", "Attention scores S[b] = Q[b] K[b]ᵀ plus a bias, batched over b")
+Bt, Q, K, D = spec.dims("Bt Q K D")
+b, q, k, d = spec.indices(b=Bt, q=Q, k=K, d=D)
+Qm = spec.input("Qm", Bt, Q, D)
+Km = spec.input("Km", Bt, K, D)
+c = spec.param("c", K, init="zeros")
+spec.output("S", [b, q, k], Sum(Qm[b, q, d] * Km[b, k, d], d) + c[k])
+'''
+
+
+def test_batched_and_transposed_contractions_are_matmuls(tmp_path):
+    from gradtool.check.runner import CheckOptions, check_spec
+
+    path = tmp_path / "scores.py"
+    path.write_text(BATCHED)
+    spec = load_spec(path)
+    for target in ("numpy", "torch"):
+        source = generate(spec, target)
+        # Σ_d Q[b,q,d]·K[b,k,d]: b is a batch axis, K is read transposed; no addmm for 3-d
+        assert "S = c + (Qm @ Km.mT)" in source
+        assert "dQm = G @ Km" in source and "dKm = G.mT @ Qm" in source
+        assert "einsum" not in source
+    rows = check_spec(spec, CheckOptions(cases=1, oracles=("fd", "autograd", "backends")))
+    assert rows and all(r.passed for r in rows)
