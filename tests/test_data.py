@@ -65,7 +65,9 @@ def test_stratified_split_total_is_rounded_fraction_with_largest_remainders():
     assert none.size == 0
 
 
-def test_digits_splits_are_stratified_disjoint_and_fixed_by_seed():
+def test_digits_splits_are_stratified_and_fixed_by_seed():
+    from sklearn.datasets import load_digits
+
     ds = load_dataset("digits", seed=0)
     assert ds.name == "digits" and ds.input_shape == (1, 8, 8)
     assert ds.classes == [str(d) for d in range(10)]
@@ -73,9 +75,12 @@ def test_digits_splits_are_stratified_disjoint_and_fixed_by_seed():
     for split in (ds.train, ds.val, ds.test):
         assert split.x.dtype == np.float32 and split.y.dtype == np.int64
         assert split.x.shape == (len(split.y), 1, 8, 8)
-        counts = np.bincount(split.y, minlength=10)
-        # 1797 digits hold 174..183 of each class: a stratified share varies by at most 2
-        assert counts.max() - counts.min() <= 2 + int(0.01 * len(split.y))
+    # each class's share within one sample of its quota: 20 % of all, then 10 % of the rest
+    per_class = np.bincount(load_digits().target)
+    test_counts = np.bincount(ds.test.y, minlength=10)
+    assert np.all(np.abs(test_counts - 0.2 * per_class) < 1)
+    rest = per_class - test_counts
+    assert np.all(np.abs(np.bincount(ds.val.y, minlength=10) - 0.1 * rest) < 1)
     same = load_dataset("digits", seed=0)
     assert np.array_equal(same.test.x, ds.test.x) and np.array_equal(same.val.y, ds.val.y)
     other = load_dataset("digits", seed=1)
@@ -331,6 +336,22 @@ def test_fashion_mnist_reads_the_given_folder_with_its_class_names(tmp_path, mon
     assert ds.test.y.tolist() == arrays["test_y"].tolist()
 
 
+def test_fashion_mnist_default_folder_is_debians_then_says_to_pass_data_dir(tmp_path,
+                                                                           monkeypatch):
+    from gradtool.data import sets
+
+    monkeypatch.delenv("GRADTOOL_DATA", raising=False)
+    arrays = _idx_folder(tmp_path / "debian", seed=4)
+    monkeypatch.setattr(sets, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "debian")
+    assert load_dataset("fashion-mnist", val_fraction=0).test.y.tolist() == \
+        arrays["test_y"].tolist()
+    monkeypatch.setattr(sets, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "absent")
+    with pytest.raises(DataError, match="no folder given for fashion-mnist") as err:
+        load_dataset("fashion-mnist")
+    assert str(tmp_path / "absent") in err.value.message
+    assert "--data-dir FOLDER" in err.value.hint
+
+
 def _shared_data(name):
     # CI clones the repository with the project's shared/ folder beside it
     import os
@@ -492,6 +513,9 @@ def test_npz_flat_features_and_one_hot_labels(tmp_path):
     np.testing.assert_allclose(ds.train.x, (x_train - x_train.mean(0)) / x_train.std(0),
                                atol=1e-5)
     assert ds.sources == [str(path.resolve())]
+    column = _npz(tmp_path / "c.npz", x_train=x_train, y_train=y_train[:, None], x_test=x_test,
+                  y_test=y_test[:, None])  # labels as a column (N, 1): not one-hot
+    assert load_dataset("npz", column, val_fraction=0.0).train.y.tolist() == y_train.tolist()
 
 
 def test_npz_uint8_images_get_a_channel_axis_and_the_0_1_scale(tmp_path):
@@ -517,6 +541,12 @@ def test_npz_uint8_images_get_a_channel_axis_and_the_0_1_scale(tmp_path):
       "y_test": np.zeros(1, int)}, "x_train must be (N, D), (N, H, W) or (N, C, H, W)"),
     ({"x_train": np.array([[np.nan]] * 3), "y_train": np.zeros(3, int),
       "x_test": np.zeros((1, 1)), "y_test": np.zeros(1, int)}, "x_train holds NaN"),
+    ({"x_train": np.zeros((3, 2)), "y_train": np.array([[0, 1], [1, 0], [0.3, 0.7]]),
+      "x_test": np.zeros((1, 2)), "y_test": np.array([[1, 0]])},
+     "y_train has 2 columns but row 2 is not one-hot ([0.3, 0.7])"),
+    ({"x_train": np.zeros((3, 8, 8, 3)), "y_train": np.zeros(3, int),
+      "x_test": np.zeros((1, 8, 8, 3)), "y_test": np.zeros(1, int)},
+     "x_train (3, 8, 8, 3) looks channels-last"),
 ])
 def test_bad_npz_files_are_one_error_naming_the_file(tmp_path, arrays, message):
     path = _npz(tmp_path / "bad.npz", **arrays)

@@ -64,6 +64,17 @@ def test_plots_write_png_files(tmp_path):
                                                                     "curves.png"]
 
 
+def test_png_files_get_the_umask_permissions_not_private_ones(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        plot_curves(_history(), tmp_path / "curves.png")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "curves.png").stat().st_mode & 0o777 == 0o644
+
+
 def test_curves_figure_has_a_loss_and_an_accuracy_panel_train_vs_validation():
     fig = curves_figure(_history())
     loss_ax, acc_ax = fig.axes

@@ -145,9 +145,17 @@ def load_cifar10(data_dir: str | Path | None, *, val_fraction: float, seed: int,
 
 
 def _npz_labels(y: np.ndarray, key: str, path: Path) -> tuple[np.ndarray, int | None]:
-    """Integer labels (N,) and, for one-hot rows (N, K), K: one-hot (or probability) rows
-    become their argmax."""
+    """Integer labels (N,) and, for one-hot rows (N, K), K: one-hot rows become their argmax;
+    a column (N, 1) of labels counts as (N,)."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
     if y.ndim == 2:
+        if y.size and not (np.all((y == 0) | (y == 1)) and np.all(y.sum(axis=1) == 1)):
+            bad = int(np.flatnonzero(~np.all((y == 0) | (y == 1), axis=1)
+                                     | (y.sum(axis=1) != 1))[0])
+            raise DataError(f"{key} has {y.shape[1]} columns but row {bad} is not one-hot "
+                            f"({y[bad].tolist()[:10]})", file=path,
+                            hint="store integer labels (N,) or one-hot rows of 0s and one 1")
         return np.argmax(y, axis=1).astype(np.int64), y.shape[1]
     if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer)
                            or np.issubdtype(y.dtype, np.floating)):
@@ -165,7 +173,11 @@ def _npz_inputs(x: np.ndarray, key: str, path: Path) -> np.ndarray:
         raise DataError(f"{key} must hold real numbers, found {x.dtype}", file=path)
     if x.ndim not in (2, 3, 4):
         raise DataError(f"{key} must be (N, D), (N, H, W) or (N, C, H, W), found {x.shape}",
-                        file=path, hint="put channels first: x.transpose(0, 3, 1, 2)")
+                        file=path)
+    if x.ndim == 4 and x.shape[3] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        raise DataError(f"{key} {x.shape} looks channels-last (N, H, W, C); gradtool takes "
+                        "images channels-first (N, C, H, W)", file=path,
+                        hint="save x.transpose(0, 3, 1, 2) instead")
     if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
         raise DataError(f"{key} holds NaN or infinite values", file=path)
     return x[:, None] if x.ndim == 3 else x
