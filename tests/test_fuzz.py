@@ -18,6 +18,8 @@ Properties, each on float64 data of random sizes:
    a leftover Kronecker delta or index guard;
 4. the generated torch Function with only one input requiring grad returns None for the
    others and the same gradient as with every input requiring grad.
+5. with a ``grad=False`` target T scaling the output and a stated fact Σ_k T = r in a random
+   domain (``specs_with_target_facts``), checks sample T to keep the fact and pass.
 
 ``GRADTOOL_FUZZ_EXAMPLES=500 python -m pytest tests/test_fuzz.py -q`` runs a longer search;
 see docs/fuzzing.md.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -56,6 +59,7 @@ _ENV = os.environ.get("GRADTOOL_FUZZ_EXAMPLES")
 EXAMPLES_AUTOGRAD = int(_ENV) if _ENV else 25
 EXAMPLES_CHECK = int(_ENV) if _ENV else 15
 EXAMPLES_PRINTED = int(_ENV) if _ENV else 20
+EXAMPLES_FACTS = int(_ENV) if _ENV else 4
 
 # The default run is derandomized (the same examples every time, so the suite is not flaky)
 # and does not shrink a failure (shrinking re-derives specs for minutes; the failing source is
@@ -500,6 +504,60 @@ def test_function_skips_gradients_nobody_asked_for(source):
         k = names.index(name)
         assert all(g is None for j, g in enumerate(some) if j != k), name
         torch.testing.assert_close(some[k], full[k], rtol=1e-12, atol=1e-12)
+
+
+# -- targets with stated facts ------------------------------------------------------------------
+
+# (domain, sum) pairs the sampler can keep for a slice of any size from 1 up
+FACT_SUMS = [("binary", "1"), ("positive", "1"), ("positive", "2"), ("unit", "0.5"),
+             ("real", "0"), ("real", "1.5"), ("nonzero", "3")]
+
+
+@st.composite
+def specs_with_target_facts(draw):
+    """(source, target axes, summed axis, domain, sum): a spec from :func:`spec_sources` whose
+    output is scaled by a ``grad=False`` target T over the output's axes (a scalar output by
+    Σ T over one axis), with the fact Σ_k T = r over one of them in a random domain."""
+    source = draw(spec_sources())
+    head, out = source.rstrip("\n").rsplit("\n", 1)
+    found = re.fullmatch(r'spec\.output\("Y", \[(.*?)\], (.*)\)', out)
+    index = [i.strip() for i in found.group(1).split(",") if i.strip()]
+    dim_of = {v: k for k, v in MAIN.items()}
+    declared = re.search(r"^(.*) = spec\.dims", source, re.M).group(1).split(", ")
+    axes = [dim_of[i] for i in index] or [draw(st.sampled_from(declared))]
+    summed = draw(st.sampled_from(axes))
+    domain, total = draw(st.sampled_from(FACT_SUMS))
+    main = ", ".join(MAIN[a] for a in axes)
+    second = ", ".join(SECOND[a] if a == summed else MAIN[a] for a in axes)
+    lines = [head, f'T = spec.input("T", {", ".join(axes)}, grad=False, domain="{domain}")',
+             f"spec.fact(Sum(T[{second}], {SECOND[summed]}), {total})"]
+    if index:
+        lines.append(f'spec.output("Y", [{found.group(1)}], ({found.group(2)}) * T[{main}])')
+    else:
+        lines.append(f'spec.output("Y", [], ({found.group(2)}) * Sum(T[{main}], {main}))')
+    return "\n".join(lines) + "\n", axes, summed, domain, float(total)
+
+
+@settings(FUZZ, max_examples=EXAMPLES_FACTS)
+@given(case=specs_with_target_facts())
+def test_targets_keep_their_stated_facts(case):
+    """Sampled targets keep the fact in their domain, and every check passes on them (the
+    simplifier may have used the fact)."""
+    source, axes, summed, domain, total = case
+    note(source)
+    with _time_limit(), tempfile.TemporaryDirectory() as folder:
+        spec = _load(folder, source)
+        # finite differences of the NumPy forward: the oracle that needs no torch compile
+        rows = check_spec(spec, CheckOptions(cases=1, oracles=("fd", "forward")))
+    failed = [r for r in rows if not r.passed]
+    assert rows and not failed, "\n".join(f"{r.input} vs {r.oracle}: {r.note}" for r in failed)
+    rng = np.random.default_rng(_seed(source, "facts"))
+    T = sample_inputs(spec, sample_dims(spec, rng, low=1, high=MAX_SIZE), rng)["T"]
+    assert np.allclose(T.sum(axis=axes.index(summed)), total, rtol=0, atol=1e-12)
+    if domain == "binary":
+        assert set(np.unique(T)) <= {0.0, 1.0}
+    if domain in ("positive", "unit"):
+        assert T.min() > 0 and (domain == "positive" or T.max() < 1)
 
 
 # -- the strategy itself ----------------------------------------------------------------------

@@ -63,7 +63,8 @@ def test_reference_matches_spec_forward(specs, name, case):
 
     env = run_forward(normalize(spec), {k: v.copy() for k, v in inputs.items()}, dims,
                       backend="torch")
-    passed = {k: torch.tensor(np.array(v), dtype=torch.float64) for k, v in inputs.items()}
+    passed = {k: torch.tensor(np.array(v), dtype=torch.int64 if spec.tensors[k].is_labels
+                              else torch.float64) for k, v in inputs.items()}
     outs = call_reference(spec, passed, dims)
 
     shown = {s.name: n for s, n in dims.items()}

@@ -30,6 +30,10 @@ from gradtool.errors import GradtoolError
 from gradtool.spec.lang import Spec
 
 
+def _as_array(spec, name: str, value) -> np.ndarray:
+    """A fresh float64 copy of an input for a user's layer; integer labels as int64."""
+    return np.array(value, dtype=np.int64 if spec.tensors[name].is_labels else np.float64)
+
 class ImplError(GradtoolError):
     """A hand-written implementation that cannot be loaded or called."""
 
@@ -167,7 +171,7 @@ class NumpyLayerSubject:
 
     def run(self, inputs, dims, upstream):
         layer = self.build(inputs, dims)
-        data = [np.array(inputs[n], dtype=np.float64) for n in self.data]
+        data = [_as_array(self.spec, n, inputs[n]) for n in self.data]
         try:
             out = layer.forward(*data)
         except Exception as exc:  # noqa: BLE001
@@ -206,7 +210,7 @@ class NumpyLayerSubject:
         """backward is linear in grad_out, repeatable, and mutates nothing it is given."""
         results = []
         layer = self.build(inputs, dims)
-        data = [np.array(inputs[n], dtype=np.float64) for n in self.data]
+        data = [_as_array(self.spec, n, inputs[n]) for n in self.data]
         before = [d.copy() for d in data]
         layer.forward(*data)
         ups = {o: (np.array(v) if np.ndim(v) else v) for o, v in upstream.items()}
@@ -219,16 +223,20 @@ class NumpyLayerSubject:
                          "contract checks need finite gradients")]
             again = self._collect(layer, self._backward(layer, kept))
             doubled = {o: v * 2.0 for o, v in kept.items()}
-            twice = self._collect(layer, self._backward(layer, doubled))
+            # a loss whose backward() takes no grad_out has no linearity to check
+            twice = self._collect(layer, self._backward(layer, doubled)) \
+                if self.takes_upstream() else None
         except Exception as exc:  # noqa: BLE001
             return [("repeatable", False, f"calling backward again raised {exc}")]
         same = all(np.allclose(first[k], again[k], rtol=1e-12, atol=1e-14) for k in first)
         results.append(("repeatable", same, "" if same else
                         "a second backward with the same grad_out gave a different result "
                         "(does it accumulate into stored gradients?)"))
-        linear = all(np.allclose(twice[k], 2 * first[k], rtol=1e-9, atol=1e-12) for k in first)
-        results.append(("linear in grad_out", linear, "" if linear else
-                        "backward(2·G) ≠ 2·backward(G)"))
+        if twice is not None:
+            linear = all(np.allclose(twice[k], 2 * first[k], rtol=1e-9, atol=1e-12)
+                         for k in first)
+            results.append(("linear in grad_out", linear, "" if linear else
+                            "backward(2·G) ≠ 2·backward(G)"))
         untouched = all(np.array_equal(a, b) for a, b in zip(before, data, strict=True))
         results.append(("inputs not mutated", untouched, "" if untouched else
                         "forward or backward changed the input arrays in place"))
@@ -268,7 +276,7 @@ class TorchFunctionSubject:
         for p in self.arg_names:
             key = reverse.get(p, p)
             if key in inputs:
-                leaves[key] = torch.tensor(np.asarray(inputs[key], dtype=np.float64),
+                leaves[key] = torch.tensor(_as_array(self.spec, key, inputs[key]),
                                            requires_grad=key in self.grads)
                 args.append(leaves[key])
             elif key in values:

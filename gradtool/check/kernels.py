@@ -29,17 +29,20 @@ class Kernels:
         return {name: values[name.rstrip("_")] for name, p in params.items()
                 if p.kind == p.KEYWORD_ONLY and name.rstrip("_") in values}
 
-    def convert(self, value, dtype="float64"):
+    def convert(self, value, dtype="float64", labels: bool = False):
+        """``value`` as the target's array of ``dtype``; integer labels as int64."""
         if self.target == "torch":
             import torch
 
             dt = torch.float64 if dtype == "float64" else torch.float32
-            return torch.as_tensor(np.asarray(value), dtype=dt)
+            return torch.as_tensor(np.asarray(value), dtype=torch.int64 if labels else dt)
+        if labels:
+            return np.asarray(value, dtype=np.int64)
         return np.asarray(value, dtype=np.float64 if dtype == "float64" else np.float32)
 
     def forward(self, inputs: dict, dims: dict, dtype="float64"):
         """(outputs by name, saved tensors, new state by name)."""
-        args = [self.convert(inputs[t.name], dtype) for t in self.inputs]
+        args = [self.convert(inputs[t.name], dtype, t.is_labels) for t in self.inputs]
         result = self.module.forward(*args, **self._keywords(self.module.forward, dims))
         out, saved = result[0], result[1]
         outs = out if len(self.outputs) > 1 else (out,)

@@ -23,7 +23,7 @@ from gradtool.check.fd import diagonal_axes, fd_with_noise, probe_fd
 from gradtool.check.kernels import Kernels, shape_of, to_numpy
 from gradtool.check.kinks import has_kinks, kink_distance
 from gradtool.check.numeric import autograd_or_none
-from gradtool.check.sampling import sample_dims, sample_inputs
+from gradtool.check.sampling import fact_text, fact_violations, sample_dims, sample_inputs
 from gradtool.errors import GradtoolError
 from gradtool.spec.lang import Spec
 from gradtool.symbolic.evaluate import run_forward
@@ -146,11 +146,30 @@ def call_reference(spec: Spec, tensors: dict, dims: dict):
     return out if isinstance(out, tuple) else (out,)
 
 
+def _keeps_facts(spec, d: Derivation, inputs, dims) -> None:
+    """Raise :class:`SpecError` at a stated fact that the sampled values break: gradients
+    derived with a false fact are compared at no inputs at all."""
+    if not spec.facts:
+        return
+    with np.errstate(all="ignore"):
+        env = run_forward(d.program, inputs, dims)
+    broken = fact_violations(d.program, env, dims)
+    if broken:
+        fact, err = broken[0]
+        raise spec.error(f"the fact {fact_text(fact)} does not hold on the sampled "
+                         f"inputs (relative error {err:.2g})", fact.line,
+                         "a fact about inputs must have the form Sum(A[n, k], k) = r, which "
+                         "checks sample to hold; a fact about intermediates must follow "
+                         "from their definitions")
+
+
 def _sample(spec, d: Derivation, rng, fixed):
     """Sizes and inputs away from every kink; the note says what was done."""
     for attempt in range(50):
         dims = sample_dims(spec, rng, low=1 if fixed.get("N") == 1 else 2, high=5, fixed=fixed)
         inputs = sample_inputs(spec, dims, rng)
+        if attempt == 0:
+            _keeps_facts(spec, d, inputs, dims)
         if not has_kinks(d.program):
             return dims, inputs, ""
         with np.errstate(all="ignore"):
@@ -299,10 +318,14 @@ def _fd_rows(spec, d, dims, inputs, upstream, shape, grads, options, rng, kink_n
 
 
 def _torch_leaves(spec, inputs, requires):
+    """float64 leaves (``requires`` with gradients); integer labels as int64 tensors, as
+    F.cross_entropy and the generated kernels take them."""
     import torch
 
-    return {k: torch.tensor(np.asarray(v, dtype=np.float64), dtype=torch.float64,
-                            requires_grad=k in requires) for k, v in inputs.items()}
+    return {k: torch.tensor(np.asarray(v, dtype=np.int64), dtype=torch.int64)
+            if spec.tensors[k].is_labels else
+            torch.tensor(np.asarray(v, dtype=np.float64), dtype=torch.float64,
+                         requires_grad=k in requires) for k, v in inputs.items()}
 
 
 def _autograd_rows(spec, dims, inputs, upstream, shape, grads, options, **_):

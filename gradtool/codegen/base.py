@@ -408,9 +408,10 @@ class ArrayPrinter:
     FLOAT = "float"  # the dtype of an indicator when no tensor gives one
 
     def _print_KroneckerDelta(self, e) -> Arr:
-        """δ(c, y[n]), the one-hot indicator of integer labels: an integer comparison
-        ``y[:, None] == np.arange(C)`` as a 0/1 array of the kernel's float dtype (a boolean
-        would not subtract, and a Python float would set the dtype in torch)."""
+        """δ(a, b) outside a scatter-add (:meth:`_scatter`), e.g. δ(c, y[n]), the one-hot
+        indicator of integer labels: the integer comparison ``y[:, None] == np.arange(C)`` as
+        a 0/1 array of the kernel's float dtype (a boolean would not subtract, and a Python
+        float would set the dtype in torch)."""
         a, b = self.lower(e.args[0]), self.lower(e.args[1])
         axes = self._union([a, b])
         cmp = f"{self.align(b, axes)} == {self.align(a, axes)}"

@@ -265,11 +265,13 @@ class Spec:
 
     def input(self, name: str, *dims: sp.Symbol, grad: bool = True,
               domain: str = "real") -> sp.IndexedBase:
-        """A tensor the layer receives. ``grad=False`` for targets, masks and labels.
+        """A float tensor the layer receives. ``grad=False`` for targets and masks; integer
+        class labels are :meth:`labels`.
 
         ``domain`` says where valid values live, for checks that sample random inputs:
         real (default), positive (log, division), nonzero, unit (0..1, probabilities),
-        binary (0/1 masks). Stated facts (``spec.fact``) are honoured too.
+        binary (0/1 masks, one-hot targets). Stated facts about the input (``spec.fact``,
+        e.g. rows summing to one) are kept too: see :mod:`gradtool.check.sampling`.
         """
         return self._tensor(name, "input", dims, _caller_line(), grad=grad, domain=domain)
 
@@ -351,7 +353,7 @@ class Spec:
         if name in self.tensors:
             return self.tensors[name].base
         dims = tuple(t.dims) + (t.classes,)
-        plain = idx is not None and len(set(idx)) == len(idx) and all(
+        plain = idx is not None and len(set(idx)) == len(idx) == len(dims) and all(
             self.index_dims.get(i) == d for i, d in zip(idx, dims, strict=True))
         if not plain:
             idx = []
@@ -398,8 +400,10 @@ class Spec:
             if t is not None:
                 raise self.error(f"the integer labels `{t.name}` are read as {node}; labels "
                                  "enter the math only as their one-hot indicator", line,
-                                 f"write spec.onehot({t.name})[..., c] or "
-                                 f"KroneckerDelta(c, {t.name}[...]) (c over {t.classes})")
+                                 f"write spec.onehot({t.name})[n, c] or KroneckerDelta(c, "
+                                 f"{t.name}[n]) with c over {t.classes}; a gather "
+                                 f"X[n, {t.name}[n]] is Sum(spec.onehot({t.name})[n, c] * "
+                                 "X[n, c], c)")
         return rhs
 
     def param(self, name: str, *dims: sp.Symbol, init: str = "normal") -> sp.IndexedBase:
@@ -546,7 +550,11 @@ class Spec:
 
     def fact(self, lhs, rhs) -> None:
         """State a fact about the inputs that the simplifier may use,
-        e.g. ``spec.fact(Sum(T[n, c], c), 1)``: each row of the targets sums to one."""
+        e.g. ``spec.fact(Sum(T[n, c], c), 1)``: each row of the targets sums to one.
+
+        Checks sample inputs that keep it (one-hot rows for a binary T, probability rows for a
+        positive one) and stop with an error at this line when they cannot, or when the
+        sampled values break it (:mod:`gradtool.check.sampling`)."""
         self.facts.append(Fact(sp.sympify(lhs), sp.sympify(rhs), _caller_line()))
 
     def torch_reference(self, fn):
