@@ -228,3 +228,22 @@ def test_model_file_with_a_user_spec(tmp_path):
     model, _ = build(desc, "torch", seed=0)
     assert model(torch.randn(3, 2, 3)).shape == (3, 5)
     assert model[2].plan.hypers["eps"] == 1e-5
+
+
+@pytest.mark.parametrize("loss", ["softmax_cross_entropy_labels", "softmax_cross_entropy"])
+def test_losses_take_integer_labels(loss):
+    """Labels reach a labels spec as int64 and a soft-target spec as one-hot rows; both give
+    F.cross_entropy's value and gradient, on both backends."""
+    from gradtool.nn import LossModule, NumpyLoss
+
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, 1, 1, 2])
+    ours = LossModule(loss)(x, y)
+    (dx,) = torch.autograd.grad(ours, x)
+    x2 = x.detach().requires_grad_()
+    ref = F.cross_entropy(x2, y)
+    (dref,) = torch.autograd.grad(ref, x2)
+    assert torch.allclose(ours, ref, atol=1e-12) and torch.allclose(dx, dref, atol=1e-12)
+    np_loss = NumpyLoss(loss, dtype=np.float64)
+    assert np.isclose(np_loss.forward(x.detach().numpy(), y.numpy()), ref.item(), atol=1e-12)
+    assert np.allclose(np_loss.backward(), dref.numpy(), atol=1e-12)

@@ -113,7 +113,7 @@ def test_model_file_with_a_user_spec_trains(tmp_path):
                                out=str(tmp_path / "run"), **QUICK))
     assert result.test_acc > 0.5  # ten classes: chance is 0.1
     assert [v["spec"] for v in result.verified] == ["linear", "rmsnorm", "relu",
-                                                    "softmax_cross_entropy"]
+                                                    "softmax_cross_entropy_labels"]
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     sha = record["spec_sha256"][str((tmp_path / "rmsnorm.py").resolve())]
     assert sha == hashlib.sha256(RMSNORM.encode()).hexdigest()

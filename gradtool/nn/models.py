@@ -3,7 +3,7 @@
 A model file names each layer by built-in spec name or spec path (relative to the file), with
 the sizes of its parameters and its hyper-parameters; ``flatten`` is a step, not a spec::
 
-    loss = "softmax_cross_entropy"      # or "mse", or a loss spec file
+    loss = "softmax_cross_entropy_labels"   # the default; or "mse", or a loss spec file
 
     [[layers]]
     flatten = true
@@ -35,11 +35,9 @@ from pathlib import Path
 from gradtool.errors import GradtoolError
 from gradtool.nn.plan import as_spec
 
-# Integer labels go in as one-hot rows T[N, C] (LossModule / NumpyLoss). The labels spec
-# softmax_cross_entropy_labels (merged from h5-sampling) takes them directly, but at this
-# merge its own `gradtool check` fails (dX vs finite differences), so the verification gate
-# refuses it; switch to it here once it passes.
-DEFAULT_LOSS = "softmax_cross_entropy"
+# softmax cross-entropy over integer class labels y[N] (F.cross_entropy(X, y)); a loss whose
+# target is T[N, C] (softmax_cross_entropy, mse) gets the labels as one-hot rows
+DEFAULT_LOSS = "softmax_cross_entropy_labels"
 
 
 class ModelError(GradtoolError):
