@@ -15,6 +15,7 @@ update rule::
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 
 import numpy as np
@@ -95,12 +96,17 @@ class NumpyLayer:
         self._module, self._spec = module, spec
         return out
 
-    def backward(self, *grad_outputs):
+    def backward(self, *grad_outputs, input_grads: bool = True):
+        """``input_grads=False``: skip the inputs' gradients (the first layer of a model), where
+        the generated backward takes ``need`` flags."""
         if self._saved is None:
             raise RuntimeError(f"{self.spec.name}: backward() before forward()")
         seeds = grad_outputs or (1.0,)
-        grads = self._module.backward(*seeds, *self._saved, **self._backward_kw)
         names = [t.name for t in self._spec.grad_inputs]
+        kw = dict(self._backward_kw)
+        if not input_grads and "need" in inspect.signature(self._module.backward).parameters:
+            kw["need"] = tuple(n in self.params for n in names)
+        grads = self._module.backward(*seeds, *self._saved, **kw)
         grads = dict(zip(names, grads if isinstance(grads, tuple) else (grads,), strict=True))
         self.grads = {k: np.asarray(v) for k, v in grads.items() if k in self.params}
         inputs = [grads[t.name] for t in self.plan.data if t.name in grads]
@@ -127,7 +133,7 @@ class NumpyFlatten:
         self._shape = x.shape
         return x.reshape(x.shape[0], -1)
 
-    def backward(self, g: np.ndarray) -> np.ndarray:
+    def backward(self, g: np.ndarray, input_grads: bool = True) -> np.ndarray:
         return g.reshape(self._shape)
 
 
@@ -151,7 +157,8 @@ class NumpyLoss:
 
 
 class NumpySequential:
-    """Layers applied in order; ``backward(grad)`` runs their backwards in reverse.
+    """Layers applied in order; ``backward(grad)`` runs their backwards in reverse and leaves
+    the parameters' gradients in each layer's ``grads``.
 
     Parameter names match the torch backend's ``nn.Sequential`` (``"1.W"``, ``"3.running_mean"``)
     so that state dicts move between the backends."""
@@ -180,10 +187,13 @@ class NumpySequential:
 
     __call__ = forward
 
-    def backward(self, g):
-        for layer in reversed(self.layers):
-            g = layer.backward(g)
-        return g
+    def backward(self, g) -> None:
+        """Run the layers' backwards last to first; the input's own gradient is not computed
+        (the first layer with parameters is asked for those only)."""
+        first = next((k for k, layer in enumerate(self.layers) if layer.params), 0)
+        for k in range(len(self.layers) - 1, first - 1, -1):
+            layer = self.layers[k]
+            g = layer.backward(g, input_grads=False) if k == first else layer.backward(g)
 
     def named_arrays(self, kind: str = "params"):
         for k, layer in enumerate(self.layers):
