@@ -79,18 +79,23 @@ class SpecModule(torch.nn.Module):
             names = ", ".join(t.name for t in plan.data)
             raise TypeError(f"{self.spec.name} takes {len(plan.data)} input(s) ({names}), "
                             f"got {len(inputs)}")
-        tensors = {t.name: x for t, x in zip(plan.data, inputs, strict=True)}
-        dims = plan.bind({k: tuple(v.shape) for k, v in tensors.items()}, self.training)
-        ref = next((x for x in inputs if torch.is_floating_point(x)), None)
-        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
         use_eval = not self.training and self._eval_fn is not None
-        if not use_eval:
-            for t in plan.masks:
-                shape = plan.shape(t, dims)
-                tensors[t.name] = torch.empty(shape, dtype=dtype, device=inputs[0].device
-                                              ).bernoulli_(plan.keep(t))
-        tensors.update(dict(self.named_parameters(recurse=False)))
-        tensors.update(dict(self.named_buffers(recurse=False)))
+        # sizes are bound from the shapes at every call; the same shapes give the same binding
+        key = (self.training, tuple(x.shape for x in inputs))
+        if getattr(self, "_bound", (None,))[0] != key:
+            shapes = {t.name: tuple(x.shape) for t, x in zip(plan.data, inputs, strict=True)}
+            dims = plan.bind(shapes, self.training)
+            masks = [] if use_eval else [(t.name, plan.shape(t, dims), plan.keep(t))
+                                         for t in plan.masks]
+            self._bound = (key, dims, masks)
+        _, dims, masks = self._bound
+        tensors = {t.name: x for t, x in zip(plan.data, inputs, strict=True)}
+        for name, shape, keep in masks:
+            ref = next((x for x in inputs if torch.is_floating_point(x)), inputs[0])
+            dtype = ref.dtype if torch.is_floating_point(ref) else torch.get_default_dtype()
+            tensors[name] = torch.empty(shape, dtype=dtype, device=ref.device).bernoulli_(keep)
+        tensors.update(self._parameters)
+        tensors.update(self._buffers)
         fn = self._eval_fn if use_eval else self._train_fn
         args, _ = plan.call(fn.forward, self.spec, tensors, dims)
         return fn.apply(*args)
