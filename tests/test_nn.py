@@ -247,3 +247,22 @@ def test_losses_take_integer_labels(loss):
     np_loss = NumpyLoss(loss, dtype=np.float64)
     assert np.isclose(np_loss.forward(x.detach().numpy(), y.numpy()), ref.item(), atol=1e-12)
     assert np.allclose(np_loss.backward(), dref.numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('spec.eval_output("Z", [n, d], X[n, d])', "names no output"),
+    ('spec.eval_output("Y", [n], X[n, 0])', "indexed over"),
+    ('M = spec.mask("M", N, D, keep=1 / N)', "uses `N`, which is not a hyper-parameter"),
+])
+def test_eval_form_and_mask_errors_name_the_line(tmp_path, line, message):
+    from gradtool.errors import SpecError
+    from gradtool.spec.loader import load_spec
+
+    path = tmp_path / "bad.py"
+    path.write_text('from gradtool.lang import Spec\n\nspec = Spec("bad")\n'
+                    'N, D = spec.dims("N D")\nn, d = spec.indices(n=N, d=D)\n'
+                    'X = spec.input("X", N, D)\nq = 0.5\n'
+                    'spec.output("Y", [n, d], 2 * X[n, d])\n' + line + "\n")
+    with pytest.raises(SpecError, match=message) as err:
+        load_spec(path)
+    assert err.value.line == 9 and err.value.file == str(path)
