@@ -261,8 +261,8 @@ def test_eval_form_and_mask_errors_name_the_line(tmp_path, line, message):
     path = tmp_path / "bad.py"
     path.write_text('from gradtool.lang import Spec\n\nspec = Spec("bad")\n'
                     'N, D = spec.dims("N D")\nn, d = spec.indices(n=N, d=D)\n'
-                    'X = spec.input("X", N, D)\nq = 0.5\n'
+                    'X = spec.input("X", N, D)\n'
                     'spec.output("Y", [n, d], 2 * X[n, d])\n' + line + "\n")
     with pytest.raises(SpecError, match=message) as err:
         load_spec(path)
-    assert err.value.line == 9 and err.value.file == str(path)
+    assert err.value.line == 8 and err.value.file == str(path)
