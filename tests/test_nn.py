@@ -266,3 +266,23 @@ def test_eval_form_and_mask_errors_name_the_line(tmp_path, line, message):
     with pytest.raises(SpecError, match=message) as err:
         load_spec(path)
     assert err.value.line == 8 and err.value.file == str(path)
+
+
+def _specs_with_eval_forms():
+    from gradtool.spec.loader import builtin_specs, load_spec
+
+    return [name for name, path in builtin_specs().items() if load_spec(path).eval_statements]
+
+
+@pytest.mark.parametrize("name", _specs_with_eval_forms())
+def test_eval_forms_pass_every_oracle(name):
+    """Each built-in eval form is derived, generated and checked like a spec: finite
+    differences, torch.autograd, its eval reference (F.batch_norm(training=False), ...),
+    NumPy against torch kernels."""
+    from gradtool.check.runner import check_spec
+    from gradtool.spec.loader import load_spec
+
+    form = load_spec(name).eval_form()
+    rows = check_spec(form)
+    assert rows and all(r.passed for r in rows), [r for r in rows if not r.passed]
+    assert any(r.oracle == "reference" for r in rows)

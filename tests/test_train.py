@@ -142,3 +142,12 @@ def test_load_model_gives_the_trained_weights(tmp_path):
     saved = _weights(tmp_path / "r")
     for k, v in model.state_dict().items():
         assert torch.equal(v, saved[k])
+
+
+def test_cli_error_is_one_line_and_exit_1(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.toml").write_text('[[layers]]\nspec = "linear"\nI = 64\n')
+    result = CliRunner().invoke(app, ["train", "--model", "m.toml", "--epochs", "1"])
+    assert result.exit_code == 1
+    assert "layer 1 (linear)" in result.output and "needs the size O" in result.output
+    assert "Traceback" not in result.output
