@@ -314,6 +314,8 @@ def _run_checks(names, impl, mapping, tol, float32, order, shapes, seed, quiet,
             raise GradtoolError(f"--one-hot {name}: not an input of {specs[0].name}",
                                 hint="inputs: " + ", ".join(t.name for t in
                                                             specs[0].of_kind("input")))
+    if not impl:  # a layer's eval form (batch norm's running statistics) is checked as well
+        specs += [s.eval_form() for s in specs if s.eval_form() is not None]
     options = CheckOptions(tol=tol, dtype="float32" if float32 else "float64",
                            cases=shapes, seed=seed, order=order, fixed=fixed,
                            one_hot=tuple(one_hot), batch_one=batch_one)
@@ -349,3 +351,103 @@ def _emit_code(spec: str, target: str | None, output: str | None, debug: bool) -
         err_console.print(f"wrote {output} ({target}, {source.count(chr(10))} lines)")
     else:
         print(source, end="")
+
+
+TRAIN_EXAMPLES = """Examples:
+
+  gradtool train                                  # digits, MLP, torch backend (≥ 97 %)
+
+  gradtool train --backend numpy --hidden 64,64 --norm layernorm --dropout 0.1
+
+  gradtool train --model my_model.toml --optimizer sgd --lr 0.05 --schedule cosine
+
+  gradtool train --data mnist --data-dir ../shared/data/mnist --epochs 10
+
+  gradtool train --resume runs/digits-mlp-20260101-120000
+"""
+
+
+@app.command("train", epilog=TRAIN_EXAMPLES)
+def train_cmd(
+    data: Annotated[str, typer.Option("--data", help="Data set: digits (embedded), mnist, "
+                                                     "fashion-mnist, cifar10, npz.")] = "digits",
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="Where the data set's "
+                                                                    "files are.")] = None,
+    model: Annotated[str, typer.Option("--model", metavar="mlp|FILE.toml",
+                                       help="An MLP, or a TOML model file listing specs.")]
+    = "mlp",
+    hidden: Annotated[str, typer.Option("--hidden", metavar="H1,H2",
+                                        help="MLP hidden sizes.")] = "256,128",
+    activation: Annotated[str, typer.Option("--activation", help="MLP activation spec (name "
+                                                                 "or file).")] = "relu",
+    norm: Annotated[str | None, typer.Option("--norm", help="MLP normalisation spec after each "
+                                                            "hidden linear (batchnorm, "
+                                                            "layernorm, a file).")] = None,
+    dropout: Annotated[float, typer.Option("--dropout", help="MLP dropout probability.")] = 0.0,
+    backend: Annotated[str, typer.Option("--backend", metavar="torch|numpy",
+                                         help="Generated torch Functions, or NumPy kernels "
+                                              "with no autograd.")] = "torch",
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs (default 30; with "
+                                                                "--resume: the run's).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size.")] = 32,
+    optimizer: Annotated[str, typer.Option("--optimizer", metavar="sgd|adam|adamw",
+                                           help="A torch.optim optimiser.")] = "adam",
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 1e-3,
+    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.")] = 0.9,
+    nesterov: Annotated[bool, typer.Option("--nesterov", help="SGD with Nesterov momentum.")]
+    = False,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay.")] = 0.0,
+    schedule: Annotated[str, typer.Option("--schedule", metavar="none|step|cosine",
+                                          help="Learning-rate schedule "
+                                               "(torch.optim.lr_scheduler).")] = "cosine",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    dtype: Annotated[str, typer.Option("--dtype", metavar="float32|float64")] = "float32",
+    device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda",
+                                        help="auto: cuda where present.")] = "auto",
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch and NumPy "
+                                                           "(0: the libraries' default).")]
+    = 1,
+    out: Annotated[str | None, typer.Option("--out", help="Run folder (default "
+                                                          "runs/DATA-MODEL-TIME).")] = None,
+    resume: Annotated[str | None, typer.Option("--resume", metavar="RUN_DIR",
+                                               help="Continue a run from its last checkpoint."
+                                               )] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Train without checking the "
+                                                                "specs (recorded).")] = False,
+    limit: Annotated[int | None, typer.Option("--limit", help="Use only the first LIMIT "
+                                                              "training samples.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON "
+                                                         "object on stdout.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Train a model built from specs; every spec is verified first (cached).
+
+    Writes a run folder: config.json, metrics.csv, curves.png, confusion matrix, checkpoints,
+    model.pt. Progress goes to stderr."""
+    try:
+        from gradtool.train import TrainConfig, train
+        from gradtool.train.present import RichProgress, result_table
+
+        try:
+            sizes = tuple(int(h) for h in hidden.split(",") if h.strip())
+        except ValueError:
+            from gradtool.errors import GradtoolError
+
+            raise GradtoolError(f"--hidden {hidden!r} is not a list of sizes",
+                                hint="write e.g. --hidden 128,64") from None
+        config = TrainConfig(data=data, data_dir=data_dir, model=model, hidden=sizes,
+                             activation=activation, norm=norm, dropout=dropout,
+                             backend=backend, epochs=epochs, batch_size=batch_size,
+                             optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
+                             weight_decay=weight_decay, schedule=schedule, seed=seed,
+                             dtype=dtype, device=device, threads=threads, out=out,
+                             resume=resume,
+                             verify=not no_verify, limit=limit)
+        with RichProgress(err_console, quiet=as_json) as progress:
+            result = train(config, progress=progress)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc, debug)
+    if as_json:
+        print(json.dumps(result.to_json()))
+    else:
+        err_console.print(result_table(result))

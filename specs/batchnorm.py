@@ -1,9 +1,10 @@
-"""Batch normalisation (training): Y = gamma · (X − mean_n X) / sqrt(var_n X + eps) + beta."""
+"""Batch normalisation: Y = gamma · (X − mean_n X) / sqrt(var_n X + eps) + beta in training;
+at eval the running statistics take the place of the batch's."""
 
 from gradtool.lang import Spec, Sum, sqrt
 
-spec = Spec("batchnorm", "Batch normalisation over the batch axis, training mode",
-            reference="torch.nn.functional.batch_norm (training=True)")
+spec = Spec("batchnorm", "Batch normalisation over the batch axis (eval: running statistics)",
+            reference="torch.nn.functional.batch_norm")
 N, C = spec.dims("N C")
 n, c = spec.indices(n=N, c=C)
 spec.min_size(N=2)  # the unbiased running variance divides by N − 1
@@ -29,6 +30,9 @@ spec.update("running_mean", [c], (1 - momentum) * running_mean[c] + momentum * m
 spec.update("running_var", [c],
             (1 - momentum) * running_var[c] + momentum * var[c] * N / (N - correction))
 
+spec.eval_output("Y", [n, c], gamma[c] * (X[n, c] - running_mean[c])
+                 / sqrt(running_var[c] + eps) + beta[c])
+
 
 @spec.torch_reference
 def reference(X, gamma, beta, running_mean, running_var, eps, momentum, correction):
@@ -47,3 +51,10 @@ def reference(X, gamma, beta, running_mean, running_var, eps, momentum, correcti
         batch = X.var(dim=0, unbiased=False) * n / (n - correction)
         running_var.mul_(1 - momentum).add_(momentum * batch)
     return Y
+
+
+@spec.eval_reference
+def eval_reference(X, gamma, beta, running_mean, running_var, eps):
+    import torch.nn.functional as F
+
+    return F.batch_norm(X, running_mean, running_var, gamma, beta, training=False, eps=eps)

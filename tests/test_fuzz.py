@@ -18,7 +18,9 @@ Properties, each on float64 data of random sizes:
    NumPy vs PyTorch kernels, generated forward vs the spec evaluator) passes every row;
 3. the printed closed form evaluates to the same numbers as the closed form, and neither has
    a leftover Kronecker delta or index guard;
-4. with a ``grad=False`` target T scaling the output and a stated fact Σ_k T = r in a random
+4. the generated torch Function with only one input requiring grad returns None for the
+   others and the same gradient as with every input requiring grad.
+5. with a ``grad=False`` target T scaling the output and a stated fact Σ_k T = r in a random
    domain (``specs_with_target_facts``), checks sample T to keep the fact and pass.
 5. with two outputs, properties 1 and 2 hold as well (each output has its own upstream
    gradient, and an output that another output reads passes both paths on).
@@ -490,6 +492,55 @@ def _printed_matches_closed(source: str) -> None:
         assert np.all(np.isfinite(a)), f"d{t.name} is not finite at {dims}"
         err = max_rel_err(b, a)
         assert err < 1e-10, f"printed d{t.name} differs from the closed form by {err:.2e}"
+
+
+EXAMPLES_NEED = int(_ENV) if _ENV else 10
+
+
+@settings(FUZZ, max_examples=EXAMPLES_NEED)
+@given(source=spec_sources())
+def test_function_skips_gradients_nobody_asked_for(source):
+    """With one differentiable input requiring grad, the generated Function saves and computes
+    only what that gradient reads: it returns None for the others and the same gradient as when
+    every input requires grad (a shared term or a size read off a tensor that was not saved
+    would fail here)."""
+    import inspect
+
+    import torch
+
+    from gradtool.codegen.cache import compile_spec
+    from gradtool.codegen.emit import class_name
+
+    note(source)
+    with _time_limit(), tempfile.TemporaryDirectory() as folder:
+        spec = _load(folder, source)
+        mod = compile_spec(spec, "torch")
+    fn = getattr(mod, class_name(spec.name) + "Function")
+    rng = np.random.default_rng(_seed(source, "need"))
+    dims = sample_dims(spec, rng, low=1, high=MAX_SIZE)
+    values = sample_inputs(spec, dims, rng)
+    names = [t.name for t in spec.of_kind("input", "param", "state")]
+    sizes = [p for p, v in inspect.signature(mod.forward).parameters.items()
+             if v.kind == v.KEYWORD_ONLY and p not in spec.hypers]
+    extra = [h.default for h in spec.hypers.values()] + \
+        [int(dims[spec.dim_symbols[p]]) for p in sizes]
+
+    def gradients(wanted):
+        args = [torch.tensor(values[n], requires_grad=n in wanted) for n in names]
+        out = fn.apply(*args, *extra)
+        outs = out if isinstance(out, tuple) else (out,)
+        ups = [torch.tensor(np.random.default_rng(0).standard_normal(o.shape)) for o in outs]
+        with torch.no_grad():  # as the autograd engine calls backward (no create_graph)
+            got = outs[0].grad_fn.apply(*ups)
+        return got if isinstance(got, tuple) else (got,)
+
+    grads = [t.name for t in spec.grad_inputs]
+    full = gradients(set(grads))
+    for name in grads:
+        some = gradients({name})
+        k = names.index(name)
+        assert all(g is None for j, g in enumerate(some) if j != k), name
+        torch.testing.assert_close(some[k], full[k], rtol=1e-12, atol=1e-12)
 
 
 # -- targets with stated facts ------------------------------------------------------------------

@@ -36,9 +36,21 @@ class Arr:
     prec: int = ATOM
 
 
+@dataclass(frozen=True)
+class MatMul(Arr):
+    """A matrix product ``left @ right`` (the operands' code, already transposed where needed);
+    ``batch`` counts the leading axes it broadcasts over. A target may fuse it further
+    (torch's ``addmm`` adds a bias in the same BLAS call)."""
+    left: str = ""
+    right: str = ""
+    batch: int = 0
+
+
 def py_name(name: str) -> str:
-    """A Python identifier that shadows neither a keyword nor a module the code imports."""
-    if keyword.iskeyword(name) or name in {"np", "torch", "math", "erf", "self", "ctx"}:
+    """A Python identifier that shadows neither a keyword, a module the code imports, nor a
+    name the generated code uses itself (``need``, ``keep``)."""
+    if keyword.iskeyword(name) or name in {"np", "torch", "math", "erf", "self", "ctx", "need",
+                                           "keep"}:
         return name + "_"
     return name
 
@@ -486,6 +498,8 @@ class ArrayPrinter:
             arrs = [self.lower(f) for f in operands]
             union = set(self._union(arrs))
             product = self._matvec(operands, arrs, over)
+            if product is None:
+                product = self._matmul(operands, arrs, over)
             if product is not None:
                 inner = product
             elif any(set(a.axes) == union for a in arrs):
@@ -547,6 +561,40 @@ class ArrayPrinter:
         if big.axes[1] == vec.axes[0]:
             return Arr(f"{a} @ {v}", (big.axes[0],), ADD)
         return Arr(f"{v} @ {a}", (big.axes[1],), ADD)
+
+    def _matmul(self, operands, arrs, over) -> MatMul | None:
+        """Σ_k A[…, m, k]·B[…, k, n] as ``A @ B``: one BLAS matrix product (einsum takes a
+        generic path with copies). An operand whose k and free index come in the other order is
+        transposed (``W.T``, a view: BLAS reads it transposed for free); indices both operands
+        share and keep are batch axes, which must lead in both (``matmul`` broadcasts over
+        them). The left operand is the one whose free index comes first in the result."""
+        if len(arrs) != 2 or any(self._bool_only(f) for f in operands):
+            return None
+        a, b = arrs
+        shared = set(a.axes) & set(b.axes)
+        summed = [s for s in over if s in set(a.axes) | set(b.axes)]
+        if len(summed) != 1 or summed[0] not in shared:
+            return None
+        k = summed[0]
+        batch = tuple(s for s in a.axes if s in shared and s != k)
+        free_a = [s for s in a.axes if s not in shared]
+        free_b = [s for s in b.axes if s not in shared]
+        if len(free_a) != 1 or len(free_b) != 1 or a.axes[:len(batch)] != batch or \
+                b.axes[:len(batch)] != batch:
+            return None
+        if self._rank(free_b[0]) < self._rank(free_a[0]):
+            a, b, free_a, free_b = b, a, free_b, free_a
+
+        def operand(arr: Arr, last_two: tuple) -> str:
+            code = self.paren(arr.code, arr.prec, ATOM)
+            if arr.axes[-2:] == last_two:
+                return code
+            return code + (".T" if len(arr.axes) == 2 else ".mT")
+
+        left, right = operand(a, (free_a[0], k)), operand(b, (k, free_b[0]))
+        # ADD precedence, as for a matrix-vector product: c·(A @ B) keeps its parentheses
+        return MatMul(f"{left} @ {right}", batch + (free_a[0], free_b[0]), ADD, left, right,
+                      len(batch))
 
     def _product(self, arrs) -> Arr:
         """Element-wise product in the layout of its largest factor (no transposes), lowest

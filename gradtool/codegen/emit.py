@@ -127,10 +127,14 @@ class Module:
         printer.ref = (floats or args or [None])[0]  # dtype and device (labels are integers)
         printer.ranges = dict(d.program.ranges)
         shifts = self.stable_exponentials()
+        inlined = self.inlined_sums(shifts)
         for a in d.program.assigns:
+            if a.target in inlined:
+                continue
             target = self.names[a.target] + ("_new" if a.kind == "update" else "")
             shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code for i in a.lhs)
-            rhs = present(self._logs_of_ratios(a.rhs(d.program), shifts))
+            rhs = self._inline(a.rhs(d.program), inlined)
+            rhs = present(self._logs_of_ratios(rhs, shifts))
             if a.target in shifts:  # e = exp(f - max_k f): same ratios e/Z, no overflow
                 arg = rhs.args[0]
                 peak = printer._reduce(printer.lower(arg), [a.lhs[shifts[a.target]]],
@@ -143,6 +147,7 @@ class Module:
             body.append(f"{target} = {code}")
         self.imports |= {imports[i] for i in printer.imports}
         self.helpers |= printer.helpers
+        body = _used_sizes(body, len(size_lines))
         outs = [self.names[a.target] for a in self.outputs]
         out = outs[0] if len(outs) == 1 else "(" + ", ".join(outs) + ")"
         saved = ", ".join(self.names[s] for s in self.saved()) + ("," if len(self.saved()) == 1
@@ -155,6 +160,38 @@ class Module:
                + ("s" if len(outs) > 1 else "") + ", what backward needs"
                + (", and the new state" if self.updates else "") + '."""']
         return [f"def forward({sig}):", *("    " + x for x in doc + body + [ret])]
+
+    def inlined_sums(self, shifts) -> dict:
+        """Lifted sums written inside the one statement that reads them, as a term of its sum:
+        ``Y = b + Σ_i X·W`` is one ``X @ W.T + b`` (torch: ``torch.addmm``, the bias added in
+        the BLAS call) rather than a named product and a second full-size pass. Only a sum
+        that is read once, as a plain term of an element-wise sum, and is not saved."""
+        assigns = self.d.program.assigns
+        saved = set(self.saved())
+        found = {}
+        for a in assigns:
+            if a.kind != "lifted" or a.reduce != "sum" or a.target in saved | set(shifts):
+                continue
+            readers = [b for b in assigns if b is not a and any(
+                access_name(x) == a.target for x in accesses(b.body, self.spec))]
+            if len(readers) != 1 or readers[0].reduce or readers[0].kind == "update" or \
+                    not isinstance(readers[0].body, sp.Add):
+                continue
+            terms = [t for t in readers[0].body.args if a.target in
+                     {access_name(x) for x in accesses(t, self.spec)}]
+            if len(terms) == 1 and accesses(terms[0], self.spec) == [terms[0]]:
+                found[a.target] = a
+        return found
+
+    def _inline(self, expr, inlined: dict):
+        """``expr`` with each read of an inlined sum replaced by the sum at those indices."""
+        subs = {}
+        for x in accesses(expr, self.spec):
+            a = inlined.get(access_name(x))
+            if a is not None:
+                subs[x] = rename(a.rhs(self.d.program),
+                                 dict(zip(a.lhs, access_indices(x), strict=True)))
+        return expr.xreplace(subs) if subs else expr
 
     def stable_exponentials(self) -> dict:
         """Exponentials that are only ever normalised: ``e = exp(f)``, ``Z = Σ_k e`` and every
@@ -274,6 +311,13 @@ class Module:
         return self._saved
 
     def backward(self) -> list[str]:
+        """The closed-form backward, each gradient under its ``need`` flag.
+
+        ``need`` holds one flag per gradient (the order of the returned gradients, as
+        ``ctx.needs_input_grad`` does for the inputs); a gradient whose flag is false is None,
+        and a common term is computed only when some requested gradient reads it. Sizes are
+        read under the same conditions, so a saved tensor that no requested gradient reads
+        may be None (the torch Function saves only those it will read)."""
         d, spec = self.d, self.spec
         forms = self.closed_forms()
         exprs = [_canonical_bound(e) for _, e, _ in forms]
@@ -284,16 +328,6 @@ class Module:
                  if o.target in self.seed_names]
         saved = [self.names[s] for s in self.saved()]
         hypers = self._hypers_in(exprs)
-        dims = self._dims_in(exprs) | {spec.tensors[t.name].dims[k] for t in self.grads
-                                       for k in range(len(t.dims))}
-        avail = [(self.names[self.seed_names[o.target]], spec.tensors[o.target].dims)
-                 for o in self.outputs if o.target in self.seed_names]
-        avail += [(self.names[s], spec.tensors[s].dims) for s in self.saved()]
-        size_lines, missing = self.size_lines(dims, avail)
-        self.backward_dims = [str(m) for m in missing]
-        kw = [self.names[str(m)] for m in missing]
-        kw += [f"{self.names[h]}={spec.hypers[h].default!r}" for h in hypers]
-        sig = ", ".join(seeds + saved + (["*"] + kw if kw else []))
         printer, imports = _printer(self.target, self.names, temps={})
         printer.definitions = {}
         printer.scalar_tensors = frozenset(n for n, t in spec.tensors.items() if not t.dims)
@@ -305,13 +339,14 @@ class Module:
         printer.ref = (full_seeds or shaped or seeds or [None])[0]
         printer.order = list(dict.fromkeys(i for _, _, canon in forms for i in canon))
         printer.ranges = dict(d.program.ranges)
-        body = list(size_lines)
+        # statements as (name, code), before the conditions they run under are known
+        stmts: list[tuple[str, str]] = []
         taken = set(self.names.values())
         for name, (value, idx) in products.items():  # G_xhat = G * xhat, shared by two sums
             printer.names[name] = name
             shape = tuple(printer.lower(sp.sympify(d.program.ranges.get(i, 1))).code
                           for i in idx)
-            body.append(f"{name} = {printer.assign(value, idx, shape)}")
+            stmts.append((name, printer.assign(value, idx, shape)))
             taken.add(name)
         for sym, value in replacements:
             if not value.has(sp.Indexed) and not (value.free_symbols & set(printer.temps)):
@@ -322,24 +357,98 @@ class Module:
             name = _temp_name(value, taken)
             taken.add(name)
             arr = printer.lower(value)
-            body.append(f"{name} = {arr.code}")
+            stmts.append((name, arr.code))
             printer.temps[sym] = Arr(name, arr.axes)
             printer.definitions[sym] = value
         grads = []
         for (tname, _, canon), expr in zip(forms, reduced, strict=True):
             var = py_name("d" + tname)
             shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code for i in canon)
-            if expr == 0:
-                code = self._zeros(shape, printer)
-            else:
-                code = printer.assign(expr, tuple(canon), shape)
-            body.append(f"{var} = {code}")
+            code = self._zeros(shape, printer) if expr == 0 else \
+                printer.assign(expr, tuple(canon), shape)
+            stmts.append((var, code))
             grads.append(var)
         self.imports |= {imports[i] for i in printer.imports}
         self.helpers |= printer.helpers
-        doc = ['"""Closed-form gradients ' + ", ".join(
-            f"∂L/∂{t.name}" for t in self.grads) + " from the upstream gradient"
-            + ("s" if len(seeds) > 1 else "") + '."""']
+        # which gradients need each statement: a gradient needs its own line and, recursively,
+        # every named term that line reads
+        reads = {name: _names_read(code) for name, code in stmts}
+        needed_by: dict[str, set] = {name: set() for name, _ in stmts}
+        for k, var in enumerate(grads):
+            todo = [var]
+            while todo:
+                name = todo.pop()
+                if k in needed_by[name]:
+                    continue
+                needed_by[name].add(k)
+                todo += [r for r in reads[name] if r in needed_by and r != name]
+        # sizes: read where some statement uses them, off the upstream gradient or a saved
+        # tensor; a size no tensor has is passed in
+        dim_names = {self.names[str(x)]: x for x in spec.dim_symbols.values()}
+        dim_need: dict = {}
+        for name, _ in stmts:
+            for r in reads[name] & dim_names.keys():
+                dim_need.setdefault(r, set()).update(needed_by[name])
+        avail = [(self.names[self.seed_names[o.target]], spec.tensors[o.target].dims)
+                 for o in self.outputs if o.target in self.seed_names]
+        avail += [(self.names[s], spec.tensors[s].dims) for s in self.saved()]
+        size_groups, missing = [], []
+        for guard in dict.fromkeys(frozenset(v) for v in dim_need.values()):
+            dims = {dim_names[r] for r, v in dim_need.items() if frozenset(v) == guard}
+            lines, lacking = self.size_lines(dims, avail)
+            size_groups.append((guard, lines))
+            missing += lacking
+        missing = sorted(set(missing), key=str)
+        self.backward_dims = [str(m) for m in missing]
+        # what each saved tensor is read for, so the torch Function saves it only then
+        self.saved_need = {s: set() for s in saved}
+        for guard, lines in size_groups:
+            for line in lines:
+                for r in _names_read(line) & self.saved_need.keys():
+                    self.saved_need[r] |= guard
+        for name, _ in stmts:
+            for r in reads[name] & self.saved_need.keys():
+                self.saved_need[r] |= needed_by[name]
+        flags = [py_name("need_" + t.name) for t in self.grads]
+        self.need_default = "(" + ", ".join(["True"] * len(grads)) + \
+            ("," if len(grads) == 1 else "") + ")"
+        kw = [self.names[str(m)] for m in missing]
+        kw += [f"{self.names[h]}={spec.hypers[h].default!r}" for h in hypers]
+        kw += [f"need={self.need_default}"]
+        sig = ", ".join(seeds + saved + ["*"] + kw)
+        every = frozenset(range(len(grads)))
+
+        def condition(guard) -> str | None:
+            if guard == every and len(grads) > 1:  # some gradient is always requested
+                return None
+            return " or ".join(flags[k] for k in sorted(guard))
+
+        blocks: list[tuple[str | None, list[str]]] = []
+
+        def add(guard, line):
+            cond = condition(frozenset(guard))
+            if blocks and blocks[-1][0] == cond:
+                blocks[-1][1].append(line)
+            else:
+                blocks.append((cond, [line]))
+
+        for guard, lines in size_groups:
+            for line in lines:
+                add(guard, line)
+        for name, code in stmts:
+            if needed_by[name]:
+                add(needed_by[name], f"{name} = {code}")
+        body = [f"{', '.join(flags)}{',' if len(flags) == 1 else ''} = need",
+                " = ".join(grads) + " = None"] if grads else []
+        for cond, lines in blocks:
+            if cond is None:
+                body += lines
+            else:
+                body += [f"if {cond}:"] + ["    " + x for x in lines]
+        names = ", ".join(f"∂L/∂{t.name}" for t in self.grads)
+        doc = ['"""Closed-form gradients ' + names + " from the upstream gradient"
+               + ("s" if len(seeds) > 1 else "") + ";",
+               "``need`` flags which to compute (in that order); the others are None.\"\"\""]
         # no differentiable input: an empty tuple, so that callers can still unpack it
         ret = "return " + (", ".join(grads) + ("," if len(grads) == 1 else "") or "()")
         return [f"def backward({sig}):", *("    " + x for x in doc + body + [ret])]
@@ -349,6 +458,27 @@ class Module:
             return f"{printer.ref}.new_zeros(({', '.join(shape)},))"
         self.imports.add("import numpy as np")
         return f"np.zeros(({', '.join(shape)},))"
+
+
+def _used_sizes(body: list[str], count: int) -> list[str]:
+    """``body`` without those of its first ``count`` lines (``N, D = X.shape``) whose sizes no
+    later line reads."""
+    later = set().union(set(), *(_names_read(line) for line in body[count:]))
+    return [line for line in body[:count]
+            if _names_read(line.split("=")[0]) & later] + body[count:]
+
+
+def _names_read(code: str) -> set[str]:
+    """The Python names a line of generated code reads (attributes and strings excluded)."""
+    import io
+    import tokenize
+
+    names, previous = set(), None
+    for tok in tokenize.generate_tokens(io.StringIO(code).readline):
+        if tok.type == tokenize.NAME and previous != ".":
+            names.add(tok.string)
+        previous = tok.string
+    return names
 
 
 def _canonical_bound(expr, depth: int = 0):
@@ -611,14 +741,26 @@ def _numpy_class(m: Module) -> list[str]:
     bwd_kw = [f"{names[h]}=self.{names[h]}" for h in m._hypers_in(
         [e for _, e, _ in m.closed_forms()])]
     bwd_kw += [f'{names[x]}=self._sizes["{x}"]' for x in m.backward_dims]
-    lines.append(f"    def backward(self, {sig}):")
-    grads = ["d" + t.name for t in m.grads]
-    call = ", ".join(seeds + ["*self._saved"] + bwd_kw)
-    lines.append(f"        {_unpack(grads)}backward({call})")
+    lines.append(f"    def backward(self, {sig}, *, need=None):")
     pg = [t for t in m.grads if t.kind == "param"]
-    lines.append("        self.grads = {" + ", ".join(f'"{t.name}": d{t.name}' for t in pg)
-                 + "}")
-    ig = ["d" + t.name for t in m.grads if t.kind == "input"]
+    ig = [py_name("d" + t.name) for t in m.grads if t.kind == "input"]
+    lines += [f'        """The gradients of the input{"s" if len(ig) > 1 else ""} (returned) '
+              "and of the parameters (in ``grads``).",
+              "        ``need``: names of the inputs and parameters whose gradients to compute "
+              "(default all);",
+              '        the others are not computed: None for an input, left out of ``grads``."""']
+    grads = [py_name("d" + t.name) for t in m.grads]
+    order = ", ".join(f'"{t.name}"' for t in m.grads) + ("," if len(m.grads) == 1 else "")
+    m.helpers.add("need_flags")
+    lines.append(f"        {_unpack(grads)}"
+                 f"backward({', '.join(seeds + ['*self._saved'] + bwd_kw)}, "
+                 f"need=need_flags(need, ({order})))")
+    if pg:
+        pairs = ", ".join(f'("{t.name}", {py_name("d" + t.name)})' for t in pg) + \
+            ("," if len(pg) == 1 else "")
+        lines.append(f"        self.grads = {{k: g for k, g in ({pairs}) if g is not None}}")
+    else:
+        lines.append("        self.grads = {}")
     lines.append("        return " + (", ".join(ig) if ig else "None"))
     return lines
 
@@ -648,7 +790,17 @@ def _torch_classes(m: Module) -> list[str]:
     for k, a in enumerate(m.updates):
         lines.append(f"        {names[a.target]}.copy_(new_state[{k}])")
     lines.append(f"        # {_saved_note(m)}")
-    lines.append("        ctx.save_for_backward(*saved)")
+    positions = [m.inputs.index(t) for t in m.grads]
+    every = set(range(len(m.grads)))
+    keep = ["True" if m.saved_need[names[s]] == every else
+            " or ".join(f"need[{positions[k]}]" for k in sorted(m.saved_need[names[s]]))
+            for s in m.saved()]
+    if all(k == "True" for k in keep):
+        lines.append("        ctx.save_for_backward(*saved)")
+    else:  # a tensor only an unrequested gradient reads is not kept alive
+        lines += ["        need = ctx.needs_input_grad",
+                  f"        keep = ({', '.join(keep)}{',' if len(keep) == 1 else ''})",
+                  "        ctx.save_for_backward(*[t if k else None for t, k in zip(saved, keep)])"]
     for h in bwd_hyp:
         lines.append(f"        ctx.{names[h]} = {names[h]}")
     for x in m.backward_dims:
@@ -658,12 +810,17 @@ def _torch_classes(m: Module) -> list[str]:
     lines += ["    @staticmethod", f"    def backward(ctx, {', '.join(seeds)}):"]
     kw = [f"{names[h]}=ctx.{names[h]}" for h in bwd_hyp] + \
         [f"{names[x]}=ctx.{names[x]}" for x in m.backward_dims]
-    grads = ["d" + t.name for t in m.grads]
-    call = ", ".join(seeds + ["*ctx.saved_tensors"] + kw)
-    lines.append(f"        {_unpack(grads)}backward({call})")
+    grads = [py_name("d" + t.name) for t in m.grads]
+    if positions == list(range(len(positions))):
+        need = f"ctx.needs_input_grad[:{len(positions)}]"
+    else:
+        need = "(" + ", ".join(f"ctx.needs_input_grad[{p}]" for p in positions) + \
+            ("," if len(positions) == 1 else "") + ")"
+    lines.append(f"        {_unpack(grads)}"
+                 f"backward({', '.join(seeds + ['*ctx.saved_tensors'] + kw)}, need={need})")
     ret = []
     for t in m.inputs:
-        ret.append("d" + t.name if t in m.grads else "None")
+        ret.append(py_name("d" + t.name) if t in m.grads else "None")
     ret += ["None"] * (len(hypers) + len(m.forward_missing))
     lines.append(f"        return {', '.join(ret)}")
     lines += ["", ""]

@@ -30,6 +30,15 @@ class NumpyPrinter(ArrayPrinter):
 
 
 HELPERS = {
+    "need_flags": '''def need_flags(need, names):
+    """One flag per gradient in ``names``: all true when ``need`` is None, else whether the name
+    is in ``need``. Raises ValueError for a name that has no gradient here."""
+    if need is None:
+        return (True,) * len(names)
+    unknown = set(need) - set(names)
+    if unknown:
+        raise ValueError(f"no gradient for {sorted(unknown)}; this layer has {list(names)}")
+    return tuple(name in need for name in names)''',
     "scatter_add": '''def scatter_add(values, index, size, lead):
     """out[..., index[j]] += values[..., j]: the adjoint of reading x[..., index] with an integer
     array (strided convolution, pooling). ``lead`` axes of ``values`` come before the index

@@ -125,6 +125,7 @@ class Tensor:
     domain: str = "real"
     classes: sp.Expr | None = None  # integer labels: the number of classes (values 0..C-1)
     onehot_of: str | None = None    # a one-hot indicator: the labels it is built from
+    keep: sp.Expr | None = None  # a sampled mask: P(value = 1), over hyper-parameters
 
     @property
     def is_labels(self) -> bool:
@@ -184,6 +185,8 @@ class Spec:
     facts: list[Fact] = field(default_factory=list)
     reference_fn: object = None
     min_sizes: dict[str, int] = field(default_factory=dict)
+    eval_statements: list[Statement] = field(default_factory=list)
+    eval_reference_fn: object = None
 
     def __post_init__(self) -> None:
         line = _caller_line()
@@ -295,6 +298,32 @@ class Spec:
         e.g. rows summing to one) are kept too: see :mod:`gradtool.check.sampling`.
         """
         return self._tensor(name, "input", dims, _caller_line(), grad=grad, domain=domain)
+
+    def mask(self, name: str, *dims: sp.Symbol, keep) -> sp.IndexedBase:
+        """A random 0/1 input that a layer draws itself in training, each element 1 with
+        probability ``keep`` (an expression of hyper-parameters), as dropout's mask::
+
+            M = spec.mask("M", N, D, keep=1 - p)
+
+        For derivation and checks it is an ordinary input without a gradient (domain binary);
+        a model layer samples it at every training call, so its caller never passes it.
+        """
+        line = _caller_line()
+        try:
+            keep = sp.sympify(keep)
+        except (sp.SympifyError, TypeError):
+            raise self.error(f"keep= of mask `{name}` is not an expression", line,
+                             "write it from hyper-parameters, e.g. keep=1 - p") from None
+        hypers = {h.symbol for h in self.hypers.values()}
+        unknown = keep.free_symbols - hypers
+        if unknown:
+            sym = sorted(unknown, key=str)[0]
+            raise self.error(f"keep= of mask `{name}` uses `{sym}`, which is not a "
+                             "hyper-parameter", line,
+                             "declare it first with spec.hyper, e.g. p = spec.hyper('p', 0.5)")
+        base = self._tensor(name, "input", dims, line, grad=False, domain="binary")
+        self.tensors[name].keep = keep
+        return base
 
     def labels(self, name: str, *dims: sp.Symbol, classes: sp.Symbol) -> sp.IndexedBase:
         """Integer class labels with values 0 .. classes − 1, as PyTorch's
@@ -503,6 +532,73 @@ class Spec:
     def update(self, name: str, lhs, rhs) -> sp.IndexedBase:
         """The forward's new value of a state tensor (running mean/var); not differentiated."""
         return self._statement("update", name, lhs, rhs, _caller_line())
+
+    def eval_output(self, name: str, lhs, rhs) -> None:
+        """What output ``name`` is at evaluation (``model.eval()``) instead of in training:
+        batch norm reads its running statistics, dropout is the identity::
+
+            spec.eval_output("Y", [n, c], gamma[c] * (X[n, c] - running_mean[c])
+                             / sqrt(running_var[c] + eps) + beta[c])
+
+        The eval form (:meth:`eval_form`) is derived, generated and checked like any spec.
+        It has no state updates, no sampled masks it does not read, and no ``min_size``.
+        """
+        line = _caller_line()
+        lhs = tuple(lhs) if isinstance(lhs, (list, tuple)) else (lhs,)
+        out = self.tensors.get(name)
+        if out is None or out.kind != "output":
+            raise self.error(f"spec.eval_output('{name}', ...) names no output", line,
+                             f"declare the training form first: spec.output('{name}', ...)")
+        if any(s.target == name for s in self.eval_statements):
+            raise self.error(f"the eval form of `{name}` is given twice", line)
+        dims = tuple(self.index_dims.get(i) for i in lhs)
+        if dims != out.dims:
+            raise self.error(f"the eval form of `{name}` is indexed over {dims}, but `{name}` "
+                             f"is over {out.dims}", line, "use the same index list as its output")
+        try:
+            rhs = sp.sympify(rhs)
+        except (sp.SympifyError, TypeError):
+            raise self.error(f"the eval form of `{name}` is not a SymPy expression",
+                             line) from None
+        self.eval_statements.append(Statement(name, lhs, rhs, "output", line))
+
+    def eval_reference(self, fn):
+        """Decorator: like :meth:`torch_reference`, for the eval form (``F.batch_norm`` with
+        ``training=False``)."""
+        self.eval_reference_fn = fn
+        return fn
+
+    def eval_form(self) -> Spec | None:
+        """The layer at evaluation, as its own spec named ``<name>_eval``, or None when the
+        spec states no eval form. Outputs given by :meth:`eval_output` replace the training
+        ones; updates are dropped; intermediates and tensors no output reads are pruned."""
+        if not self.eval_statements:
+            return None
+        evals = {s.target: s for s in self.eval_statements}
+        kept = [evals.get(s.target, s) for s in self.statements if s.kind != "update"]
+        by_name = {s.target: s for s in kept}
+        needed, todo = set(), [s.target for s in kept if s.kind == "output"]
+        while todo:
+            name = todo.pop()
+            if name in needed:
+                continue
+            needed.add(name)
+            if name in by_name:
+                rhs = by_name[name].rhs
+                todo += [b.label.name for b in rhs.atoms(sp.IndexedBase)]
+                todo += [x.name for x in rhs.free_symbols if isinstance(x, sp.Symbol)
+                         and x.name in self.tensors]
+        out = Spec(f"{self.name}_eval", f"{self.description} (eval form)".lstrip(),
+                   reference=None, file=self.file)
+        out.dim_symbols = dict(self.dim_symbols)
+        out.index_dims = dict(self.index_dims)
+        out.hypers = dict(self.hypers)
+        out.tensors = {n: t for n, t in self.tensors.items() if n in needed}
+        out.statements = [s for s in kept if s.target in needed]
+        out.facts = [f for f in self.facts
+                     if {b.label.name for b in f.lhs.atoms(sp.IndexedBase)} <= needed]
+        out.reference_fn = self.eval_reference_fn
+        return out
 
     def fact(self, lhs, rhs) -> None:
         """State a fact about the inputs that the simplifier may use,

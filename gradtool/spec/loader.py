@@ -127,6 +127,8 @@ def load_spec(name_or_path: str | os.PathLike) -> Spec:
     spec = specs[0]
     spec.file = filename
     validate(spec)
+    if spec.eval_statements:
+        validate(spec.eval_form())
     return spec
 
 

@@ -1,0 +1,29 @@
+"""Layers and models over generated kernels, for both backends.
+
+* :class:`SpecModule` / :class:`LossModule`: ``torch.nn.Module``s over the generated
+  ``torch.autograd.Function``s (torch.optim, DataLoader, DDP, torch.compile work unchanged).
+* :class:`NumpyLayer`, :class:`NumpyLoss`, :class:`NumpySequential`: forward/backward on NumPy
+  arrays with no autograd; ``torch.optim`` updates their arrays in place.
+* :func:`mlp`, :func:`load_model_file`, :func:`build`: models from a description.
+
+torch is imported only when a torch layer is used.
+"""
+
+from gradtool.nn.models import LayerEntry, ModelDesc, ModelError, build, load_model_file, mlp
+from gradtool.nn.plan import LayerError, LayerPlan
+
+__all__ = ["LayerEntry", "LayerError", "LayerPlan", "LossModule", "ModelDesc", "ModelError",
+           "NumpyFlatten", "NumpyLayer", "NumpyLoss", "NumpySequential", "SpecModule", "build",
+           "load_model_file", "mlp"]
+
+
+def __getattr__(name):
+    if name in ("SpecModule", "LossModule"):
+        from gradtool.nn import torch_layers
+
+        return getattr(torch_layers, name)
+    if name in ("NumpyLayer", "NumpyLoss", "NumpySequential", "NumpyFlatten"):
+        from gradtool.nn import numpy_layers
+
+        return getattr(numpy_layers, name)
+    raise AttributeError(name)

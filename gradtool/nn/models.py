@@ -1,0 +1,200 @@
+"""Models assembled from specs: an MLP, or a model file (TOML) that lists layers.
+
+A model file names each layer by built-in spec name or spec path (relative to the file), with
+the sizes of its parameters and its hyper-parameters; ``flatten`` is a step, not a spec::
+
+    loss = "softmax_cross_entropy_labels"   # the default; or "mse", or a loss spec file
+
+    [[layers]]
+    flatten = true
+
+    [[layers]]
+    spec = "linear"
+    I = 64
+    O = 32
+
+    [[layers]]
+    spec = "rmsnorm.py"                 # a spec file beside this one
+    D = 32
+
+    [[layers]]
+    spec = "relu"
+
+    [[layers]]
+    spec = "linear"
+    I = 32
+    O = 10
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gradtool.errors import GradtoolError
+from gradtool.nn.plan import as_spec
+
+# softmax cross-entropy over integer class labels y[N] (F.cross_entropy(X, y)); a loss whose
+# target is T[N, C] (softmax_cross_entropy, mse) gets the labels as one-hot rows
+DEFAULT_LOSS = "softmax_cross_entropy_labels"
+
+
+class ModelError(GradtoolError):
+    """A model description that cannot be built."""
+
+
+@dataclass
+class LayerEntry:
+    """One step of a model: a spec (name or path) with its sizes and hyper-parameters, or
+    ``flatten``."""
+
+    spec: str | None
+    options: dict = field(default_factory=dict)
+    flatten: bool = False
+
+    def to_json(self) -> dict:
+        return {"flatten": True} if self.flatten else {"spec": self.spec, **self.options}
+
+
+@dataclass
+class ModelDesc:
+    layers: list[LayerEntry]
+    loss: str = DEFAULT_LOSS
+    source: str = "mlp"
+
+    def spec_names(self) -> list[str]:
+        """Every spec the model uses, the loss last, each once."""
+        names = [e.spec for e in self.layers if not e.flatten] + [self.loss]
+        return list(dict.fromkeys(names))
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "loss": self.loss,
+                "layers": [e.to_json() for e in self.layers]}
+
+
+def _feature_options(spec_name: str, width: int, **hypers) -> dict:
+    """Sizes of a per-feature layer (a norm, a parametric activation) placed after a layer of
+    ``width`` outputs: every size its parameters use is the width."""
+    spec = as_spec(spec_name)
+    names = []
+    for t in spec.tensors.values():
+        if t.kind in ("param", "state"):
+            for dim in t.dims:
+                names += sorted(s.name for s in dim.free_symbols if s.name not in names)
+    return {**{n: width for n in names}, **hypers}
+
+
+def mlp(input_features: int, classes: int, hidden=(128,), activation: str = "relu",
+        norm: str | None = None, dropout: float = 0.0, loss: str = DEFAULT_LOSS) -> ModelDesc:
+    """flatten → [linear → norm? → activation → dropout?] per hidden size → linear.
+
+    ``activation`` and ``norm`` are spec names or paths; their parameter sizes (if any) are set
+    to the width of the layer before them."""
+    layers = [LayerEntry(None, flatten=True)]
+    width = input_features
+    for h in hidden:
+        layers.append(LayerEntry("linear", {"I": width, "O": int(h)}))
+        if norm:
+            layers.append(LayerEntry(norm, _feature_options(norm, int(h))))
+        layers.append(LayerEntry(activation, _feature_options(activation, int(h))))
+        if dropout > 0:
+            layers.append(LayerEntry("dropout", {"p": float(dropout)}))
+        width = int(h)
+    layers.append(LayerEntry("linear", {"I": width, "O": int(classes)}))
+    return ModelDesc(layers, loss=loss, source="mlp")
+
+
+def _resolve(name: str, base: Path) -> str:
+    """A spec path relative to the model file, else the name as given (a built-in)."""
+    if name.endswith(".py") or "/" in name:
+        path = Path(name) if Path(name).is_absolute() else base / name
+        return str(path.resolve())
+    return name
+
+
+def load_model_file(path: str | Path) -> ModelDesc:
+    """Read a TOML model file (see the module docstring). Raises :class:`ModelError` naming
+    the file and the entry at fault."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        raise ModelError("model files need Python ≥ 3.11 (tomllib)") from None
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ModelError(f"cannot read model file: {exc}", file=str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ModelError(f"not valid TOML: {exc}", file=str(path)) from None
+    unknown = set(data) - {"layers", "loss"}
+    if unknown:
+        raise ModelError(f"unknown key(s) {', '.join(sorted(unknown))}", file=str(path),
+                         hint="a model file has `loss = ...` and [[layers]] tables")
+    entries = data.get("layers")
+    if not isinstance(entries, list) or not entries:
+        raise ModelError("the model file lists no layers", file=str(path),
+                         hint='add [[layers]] tables, each with spec = "name" or flatten = true')
+    layers = []
+    for k, entry in enumerate(entries, 1):
+        entry = dict(entry)
+        if entry.pop("flatten", False):
+            if entry:
+                raise ModelError(f"layer {k}: flatten takes no options "
+                                 f"({', '.join(entry)})", file=str(path))
+            layers.append(LayerEntry(None, flatten=True))
+            continue
+        name = entry.pop("spec", None)
+        if not isinstance(name, str):
+            raise ModelError(f"layer {k} names no spec", file=str(path),
+                             hint='write spec = "linear" (a built-in) or spec = "my_layer.py"')
+        layers.append(LayerEntry(_resolve(name, path.parent), entry))
+    loss = _resolve(str(data.get("loss", DEFAULT_LOSS)), path.parent)
+    return ModelDesc(layers, loss=loss, source=str(path))
+
+
+def spec_hash(name: str) -> str:
+    """sha256 of a spec file's text (built-in or path): what the run records and what the
+    verification cache is keyed by."""
+    spec = as_spec(name)
+    return hashlib.sha256(Path(spec.file).read_bytes()).hexdigest()
+
+
+def build(desc: ModelDesc, backend: str = "torch", *, dtype: str = "float32", device=None,
+          seed: int | None = None):
+    """(model, loss) for ``desc`` on ``backend``: torch gives an ``nn.Sequential`` of
+    :class:`SpecModule` and a :class:`LossModule`; numpy a :class:`NumpySequential` and a
+    :class:`NumpyLoss`. Parameters are drawn from torch's RNG in both (the numpy model copies
+    them), so the same seed gives the same initial weights on either backend."""
+    import torch
+
+    from gradtool.nn.torch_layers import LossModule, SpecModule
+
+    if backend not in ("torch", "numpy"):
+        raise ModelError(f"unknown backend {backend!r}", hint="use torch or numpy")
+    tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    if seed is not None:
+        torch.manual_seed(seed)
+    layers = []
+    for k, e in enumerate(desc.layers, 1):
+        if e.flatten:
+            layers.append(torch.nn.Flatten())
+            continue
+        try:
+            layers.append(SpecModule(e.spec, dtype=tdtype, device=device, **e.options))
+        except GradtoolError as exc:
+            raise ModelError(f"layer {k} ({e.spec}): {exc}") from None
+    model = torch.nn.Sequential(*layers)
+    if backend == "torch":
+        return model, LossModule(desc.loss)
+    import numpy as np
+
+    from gradtool.nn.numpy_layers import NumpyFlatten, NumpyLayer, NumpyLoss, NumpySequential
+
+    ndtype = np.dtype(dtype)
+    rng = np.random.default_rng(seed)
+    np_layers = [NumpyFlatten() if e.flatten else
+                 NumpyLayer(e.spec, dtype=ndtype, rng=rng, **e.options) for e in desc.layers]
+    np_model = NumpySequential(np_layers)
+    np_model.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    return np_model, NumpyLoss(desc.loss, dtype=ndtype)

@@ -1,0 +1,121 @@
+"""Torch backend: ``nn.Module``s over the generated ``torch.autograd.Function``s.
+
+The layers are ordinary modules whose backward is a generated ``autograd.Function``, so
+``torch.optim`` and ``torch.utils.data`` work on them unchanged (and ``torch.compile`` traces
+them)::
+
+    import torch
+    from gradtool.nn import SpecModule
+
+    model = torch.nn.Sequential(SpecModule("linear", I=4, O=8),
+                                SpecModule("relu"), SpecModule("linear", I=8, O=3))
+    y = model(torch.randn(5, 4))          # any batch size: N is read from the input
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradtool.codegen.cache import compile_spec
+from gradtool.codegen.emit import class_name
+from gradtool.nn.plan import LayerPlan, as_spec, init_bounds
+from gradtool.spec.lang import Spec
+
+
+def _function(spec: Spec):
+    module = compile_spec(spec, "torch")
+    return getattr(module, f"{class_name(spec.name)}Function")
+
+
+def init_tensor(t, shape, dtype, device=None) -> torch.Tensor:
+    """A parameter or state tensor initialised as the spec says (torch's global RNG)."""
+    if t.init == "zeros":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if t.init == "ones":
+        return torch.ones(shape, dtype=dtype, device=device)
+    if t.init == "normal":
+        return torch.randn(shape, dtype=dtype, device=device)
+    bound = init_bounds(t, shape)
+    return torch.empty(shape, dtype=dtype, device=device).uniform_(-bound, bound)
+
+
+class SpecModule(torch.nn.Module):
+    """A layer from any spec (built-in name, spec file path, or :class:`Spec`).
+
+    Args:
+        spec: the layer's spec.
+        dtype, device: of the parameters and state buffers.
+        **options: the sizes of its parameters (``linear``: I, O; ``layernorm``: D) and
+            hyper-parameters (``eps=1e-6``). Sizes the input determines are read at each call.
+
+    ``forward`` takes the spec's inputs in declaration order, less sampled masks (drawn here in
+    training with torch's global RNG) and returns its output(s). In eval mode a spec with an
+    eval form (batch norm, dropout) runs that form. Raises :class:`gradtool.nn.LayerError` when
+    an input's shape disagrees with the parameters, or a size is below the spec's ``min_size``
+    in training (batch norm at N = 1).
+    """
+
+    def __init__(self, spec: Spec | str, *, dtype=torch.float32, device=None, **options):
+        super().__init__()
+        self.plan = LayerPlan(as_spec(spec), options)
+        self.spec = self.plan.spec
+        self._train_fn = _function(self.spec)
+        self._eval_fn = _function(self.plan.eval_spec) if self.plan.eval_spec else None
+        for t in self.plan.owned:
+            value = init_tensor(t, self.plan.owned_shape(t), dtype, device)
+            if t.kind == "param":
+                self.register_parameter(t.name, torch.nn.Parameter(value))
+            else:
+                self.register_buffer(t.name, value)
+
+    def extra_repr(self) -> str:
+        opts = [f"{k}={v}" for k, v in self.plan.sizes.items()]
+        opts += [f"{k}={v:g}" for k, v in self.plan.hypers.items()]
+        return ", ".join([self.spec.name, *opts])
+
+    def forward(self, *inputs: torch.Tensor):
+        plan = self.plan
+        if len(inputs) != len(plan.data):
+            names = ", ".join(t.name for t in plan.data)
+            raise TypeError(f"{self.spec.name} takes {len(plan.data)} input(s) ({names}), "
+                            f"got {len(inputs)}")
+        use_eval = not self.training and self._eval_fn is not None
+        # sizes are bound from the shapes at every call; the same shapes give the same binding
+        key = (self.training, tuple(x.shape for x in inputs))
+        if getattr(self, "_bound", (None,))[0] != key:
+            shapes = {t.name: tuple(x.shape) for t, x in zip(plan.data, inputs, strict=True)}
+            dims = plan.bind(shapes, self.training)
+            masks = [] if use_eval else [(t.name, plan.shape(t, dims), plan.keep(t))
+                                         for t in plan.masks]
+            self._bound = (key, dims, masks)
+        _, dims, masks = self._bound
+        tensors = {t.name: x for t, x in zip(plan.data, inputs, strict=True)}
+        for name, shape, keep in masks:
+            ref = next((x for x in inputs if torch.is_floating_point(x)), inputs[0])
+            dtype = ref.dtype if torch.is_floating_point(ref) else torch.get_default_dtype()
+            tensors[name] = torch.empty(shape, dtype=dtype, device=ref.device).bernoulli_(keep)
+        tensors.update(self._parameters)
+        tensors.update(self._buffers)
+        fn = self._eval_fn if use_eval else self._train_fn
+        args, _ = plan.call(fn.forward, self.spec, tensors, dims)
+        return fn.apply(*args)
+
+
+class LossModule(torch.nn.Module):
+    """A loss spec (softmax cross-entropy, MSE, ...) as ``loss(outputs, targets) -> scalar``.
+
+    Integer class labels ``y[N]`` are given as they are to a spec whose target has one axis
+    (labels), and as one-hot rows to a spec whose target is ``T[N, C]`` like the outputs.
+    """
+
+    def __init__(self, spec: Spec | str, **options):
+        super().__init__()
+        self.layer = SpecModule(spec, **options)
+        self.target = self.layer.plan.data[-1]
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if not torch.is_floating_point(targets) and len(self.target.dims) == outputs.ndim:
+            targets = torch.nn.functional.one_hot(targets, outputs.shape[-1])
+        if len(self.target.dims) == outputs.ndim:
+            targets = targets.to(outputs.dtype)
+        return self.layer(outputs, targets)

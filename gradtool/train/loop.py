@@ -1,0 +1,372 @@
+"""``train(config) -> TrainResult``: the training loop behind ``gradtool train``.
+
+    from gradtool.train import TrainConfig, train
+    result = train(TrainConfig(epochs=5))          # digits, MLP, torch backend
+    print(result.test_acc, result.run_dir)
+
+A run is a folder (``config.out``, default ``runs/<data>-<model>-<time>``):
+
+    config.json         resolved configuration, spec sha256s, versions, seed, verification
+    metrics.csv         per epoch: train/val loss and accuracy, learning rate, seconds, samples/s
+    curves.png          loss and accuracy curves
+    confusion.png/.csv  confusion matrix of the test set
+    checkpoints/        last.pt (every epoch) and best.pt (best validation accuracy), atomic
+    model.pt            final weights, loadable with :func:`load_model`
+    result.json         the final result (what ``--json`` prints)
+
+Both backends take their update rule from ``torch.optim``: the NumPy model's arrays are viewed
+as tensors (no copy), the chain of generated backwards fills their ``.grad``, and the optimiser
+steps them in place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from gradtool import __version__
+from gradtool.errors import GradtoolError
+from gradtool.train.config import DEFAULT_EPOCHS, ConfigError, TrainConfig
+
+METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+           "samples_per_s")
+
+
+class DivergenceError(GradtoolError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    epochs: int
+    test_loss: float
+    test_acc: float
+    best_val_acc: float
+    best_epoch: int
+    seconds: float
+    samples_per_s: float
+    verified: list = field(default_factory=list)
+    unverified: bool = False
+    history: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+Progress = Callable[[str, dict], None]
+
+
+def _device(config: TrainConfig):
+    import torch
+
+    if config.backend == "numpy":
+        return torch.device("cpu")
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but torch sees no CUDA device",
+                          hint="use --device cpu (or auto)")
+    return torch.device(config.device)
+
+
+def _model_desc(config: TrainConfig, input_shape, classes: int):
+    from gradtool.nn import load_model_file, mlp
+
+    if config.model == "mlp":
+        desc = mlp(math.prod(input_shape), classes, hidden=config.hidden,
+                   activation=config.activation, norm=config.norm, dropout=config.dropout)
+    else:
+        desc = load_model_file(config.model)
+    if config.loss:
+        desc.loss = config.loss
+    return desc
+
+
+def _optimizer(config: TrainConfig, params):
+    import torch
+
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov, weight_decay=config.weight_decay)
+    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    kwargs = {"weight_decay": config.weight_decay} if config.optimizer == "adam" or \
+        config.weight_decay else {}
+    return cls(params, lr=config.lr, **kwargs)
+
+
+def _scheduler(config: TrainConfig, optimizer, epochs: int):
+    import torch
+
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs, 1))
+    return None
+
+
+class _Backend:
+    """One training step and one evaluation pass, on either backend."""
+
+    def __init__(self, config, model, loss, device):
+        self.numpy = config.backend == "numpy"
+        self.model, self.loss, self.device = model, loss, device
+
+    def step(self, optimizer, x, y) -> tuple[float, int]:
+        if self.numpy:
+            out = self.model.forward(x.numpy())
+            value = float(self.loss.forward(out, y.numpy()))
+            self.model.backward(self.loss.backward())
+            self.model.attach_grads()
+            optimizer.step()
+            return value, int((out.argmax(1) == y.numpy()).sum())
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        out = self.model(x)
+        loss = self.loss(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach()), int((out.detach().argmax(1) == y).sum())
+
+    def evaluate(self, loader) -> tuple[float, float, list, list]:
+        import torch
+
+        self.model.eval()
+        total, correct, count, preds, labels = 0.0, 0, 0, [], []
+        with torch.no_grad():
+            for x, y in loader:
+                if self.numpy:
+                    out = self.model.forward(x.numpy())
+                    value = float(self.loss.forward(out, y.numpy()))
+                    pred = torch.from_numpy(out.argmax(1))
+                else:
+                    x, y = x.to(self.device), y.to(self.device)
+                    out = self.model(x)
+                    value = float(self.loss(out, y))
+                    pred = out.argmax(1).cpu()
+                    y = y.cpu()
+                total += value * len(y)
+                correct += int((pred == y).sum())
+                count += len(y)
+                preds.append(pred)
+                labels.append(y)
+        self.model.train()
+        return total / max(count, 1), correct / max(count, 1), preds, labels
+
+
+def _default_out(config: TrainConfig) -> str:
+    model = "mlp" if config.model == "mlp" else Path(config.model).stem
+    return str(Path("runs") / f"{config.data}-{model}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _write_metrics(run: Path, history: list) -> None:
+    from gradtool.codegen.cache import write_atomic
+
+    lines = [",".join(METRICS)]
+    lines += [",".join(repr(row[k]) if isinstance(row[k], float) else str(row[k])
+                       for k in METRICS) for row in history]
+    write_atomic(run / "metrics.csv", "\n".join(lines) + "\n")
+
+
+def _versions() -> dict:
+    import numpy
+    import sympy
+    import torch
+
+    return {"gradtool": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "sympy": sympy.__version__, "python": platform.python_version()}
+
+
+def _resolve(config: TrainConfig) -> tuple[TrainConfig, Path, dict | None]:
+    """The configuration to run, its folder, and the checkpoint to resume from."""
+    from gradtool.train import checkpoint
+
+    if config.resume:
+        run = Path(config.resume)
+        stored = TrainConfig.from_run(run)
+        epochs = config.epochs if config.epochs is not None else stored.epochs
+        stored = replace(stored, epochs=epochs, resume=str(run), out=str(run))
+        last = run / "checkpoints" / "last.pt"
+        if not last.exists():
+            raise ConfigError(f"{run} has no checkpoint to resume from",
+                              file=str(last), hint="start the run again without --resume")
+        return stored, run, checkpoint.load(last)
+    config = replace(config, epochs=DEFAULT_EPOCHS if config.epochs is None else config.epochs)
+    run = Path(config.out or _default_out(config))
+    if (run / "checkpoints" / "last.pt").exists():
+        raise ConfigError(f"{run} already holds a run", hint=f"--resume {run} continues it; "
+                                                             "or choose another --out")
+    return replace(config, out=str(run)), run, None
+
+
+def train(config: TrainConfig, progress: Progress | None = None,
+          on_step: Callable[[int, int, object], None] | None = None) -> TrainResult:
+    """Verify the model's specs, train, evaluate, and write the run folder.
+
+    ``progress(kind, info)`` is called with kind "verified", "start", "step", "epoch" and
+    "done". ``on_step(epoch, step, model)`` is called after every optimiser step (tests use it
+    to stop a run part-way). Raises :class:`DivergenceError` on a NaN or infinite loss (the
+    last good checkpoint stays), :class:`gradtool.train.verify.VerificationError` when a spec
+    fails its check, and :class:`ConfigError` / ``DataError`` / ``ModelError`` for bad input.
+    """
+    import torch
+
+    from gradtool.codegen.cache import write_atomic
+    from gradtool.data import load_dataset, loaders
+    from gradtool.nn import build
+    from gradtool.nn.models import spec_hash
+    from gradtool.train import checkpoint
+    from gradtool.train.verify import verify_all
+
+    config.validate()
+    config, run, ckpt = _resolve(config)
+    config.validate()
+    emit = progress or (lambda kind, info: None)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+        from threadpoolctl import threadpool_limits  # NumPy's BLAS (installed with sklearn)
+
+        threadpool_limits(config.threads)
+    device = _device(config)
+    ds = load_dataset(config.data, config.data_dir, val_fraction=config.val_fraction,
+                      seed=config.seed, limit=config.limit)
+    desc = _model_desc(config, ds.input_shape, len(ds.classes))
+    names = desc.spec_names()
+    verified = []
+    if config.verify:
+        verified = [v.to_json() for v in verify_all(names, lambda v: emit("verified",
+                                                                           v.to_json()))]
+    hashes = {n: spec_hash(n) for n in names}
+
+    torch.manual_seed(config.seed)
+    tdtype = getattr(torch, config.dtype)
+    model, loss = build(desc, config.backend, dtype=config.dtype, device=device,
+                        seed=config.seed)
+    if config.backend == "torch":
+        loss = loss.to(device)
+    optimizer = _optimizer(config, model.parameters())
+    scheduler = _scheduler(config, optimizer, config.epochs)
+    train_loader, val_loader, test_loader = loaders(ds, config.batch_size, seed=config.seed,
+                                                    dtype=tdtype)
+    history, best, start_epoch = [], {"val_acc": -1.0, "epoch": 0}, 0
+    ckpt_dir = run / "checkpoints"
+    if ckpt is not None:
+        checkpoint.restore(ckpt, model, optimizer, scheduler)
+        history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"]
+    record = {"config": config.to_json(), "model": desc.to_json(), "spec_sha256": hashes,
+              "versions": _versions(), "seed": config.seed, "device": str(device),
+              "data": {"name": ds.name, "sources": ds.sources, "classes": ds.classes,
+                       "input_shape": list(ds.input_shape),
+                       "sizes": [len(ds.train), len(ds.val), len(ds.test)]},
+              "verified": verified if config.verify else "unverified (--no-verify)"}
+    run.mkdir(parents=True, exist_ok=True)
+    write_atomic(run / "config.json", json.dumps(record, indent=2) + "\n")
+    if ckpt is None:  # the initial state: a run killed in its first epoch resumes from here
+        checkpoint.save_atomic(checkpoint.make(model, optimizer, scheduler, 0, history, best),
+                               ckpt_dir / "last.pt")
+    _write_metrics(run, history)
+
+    backend = _Backend(config, model, loss, device)
+    steps = len(train_loader)
+    emit("start", {"epochs": config.epochs, "steps": steps, "start_epoch": start_epoch,
+                   "run_dir": str(run), "device": str(device)})
+    model.train()
+    started = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        total, correct, seen = 0.0, 0, 0
+        for k, (x, y) in enumerate(train_loader):
+            value, right = backend.step(optimizer, x, y)
+            if not math.isfinite(value):
+                raise DivergenceError(
+                    f"the loss became {value} at epoch {epoch + 1}, step {k + 1}; stopped",
+                    file=str(ckpt_dir / "last.pt"),
+                    hint=f"the last good checkpoint (after epoch {start_epoch_of(ckpt_dir)}) "
+                         "is kept; lower --lr, or check the data and the specs")
+            total += value * len(y)
+            correct += right
+            seen += len(y)
+            emit("step", {"epoch": epoch, "step": k + 1, "steps": steps, "loss": total / seen,
+                          "acc": correct / seen,
+                          "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
+            if on_step is not None:
+                on_step(epoch, k, model)
+        seconds = time.perf_counter() - t0
+        lr = optimizer.param_groups[0]["lr"]
+        if scheduler is not None:
+            scheduler.step()
+        val_loss, val_acc, _, _ = backend.evaluate(val_loader)
+        row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1),
+               "train_acc": correct / max(seen, 1), "val_loss": val_loss, "val_acc": val_acc,
+               "lr": lr, "seconds": round(seconds, 4), "samples_per_s": round(seen / seconds, 1)}
+        history.append(row)
+        state = checkpoint.make(model, optimizer, scheduler, epoch + 1, history, best)
+        if val_acc > best["val_acc"]:
+            best = {"val_acc": val_acc, "epoch": epoch + 1}
+            state["best"] = best
+            checkpoint.save_atomic(state, ckpt_dir / "best.pt")
+        checkpoint.save_atomic(state, ckpt_dir / "last.pt")
+        _write_metrics(run, history)
+        emit("epoch", row)
+
+    test_loss, test_acc, preds, labels = backend.evaluate(test_loader)
+    elapsed = time.perf_counter() - started
+    trained = sum(r["seconds"] for r in history)
+    samples = sum(r["samples_per_s"] * r["seconds"] for r in history)
+    torch.save({"state_dict": model.state_dict(), "config": config.to_json(),
+                "model": desc.to_json()}, run / "model.pt")
+    _figures(run, history, preds, labels, ds.classes)
+    result = TrainResult(str(run), config.epochs, test_loss, test_acc, best["val_acc"],
+                         best["epoch"], round(elapsed, 3),
+                         round(samples / trained, 1) if trained else 0.0,
+                         verified, not config.verify, history)
+    write_atomic(run / "result.json", json.dumps(result.to_json(), indent=2) + "\n")
+    emit("done", result.to_json())
+    return result
+
+
+def start_epoch_of(ckpt_dir: Path) -> int:
+    from gradtool.train import checkpoint
+
+    path = ckpt_dir / "last.pt"
+    return checkpoint.load(path)["epoch"] if path.exists() else 0
+
+
+def _figures(run: Path, history: list, preds: list, labels: list, classes: list) -> None:
+    """curves.png, and the test set's confusion matrix as confusion.png and confusion.csv."""
+    import numpy as np
+    import torch
+
+    from gradtool.train import plots
+
+    y_pred = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+    y_true = torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64)
+    matrix = plots.confusion_matrix(y_true, y_pred, len(classes))
+    np.savetxt(run / "confusion.csv", matrix, fmt="%d", delimiter=",")
+    if history:
+        plots.plot_curves(history, run / "curves.png")
+    plots.plot_confusion(matrix, classes, run / "confusion.png", "test set")
+
+
+def load_model(run_dir: str | Path, backend: str | None = None):
+    """The trained model of a run folder (``model.pt``), in eval mode, on the CPU."""
+    import torch
+
+    from gradtool.nn import LayerEntry, ModelDesc, build
+
+    saved = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=False)
+    cfg = TrainConfig.from_json(saved["config"])
+    m = saved["model"]
+    layers = [LayerEntry(None, flatten=True) if e.get("flatten") else
+              LayerEntry(e["spec"], {k: v for k, v in e.items() if k != "spec"})
+              for e in m["layers"]]
+    model, _ = build(ModelDesc(layers, m["loss"], m["source"]), backend or cfg.backend,
+                     dtype=cfg.dtype)
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()

@@ -1,0 +1,156 @@
+"""gradtool train: resume equals an uninterrupted run, NaN stop, the verification gate, model
+files with user specs, and the command's --json output. Tiny models on a slice of digits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gradtool.cli import app
+from gradtool.codegen.cache import _with_checksum, cache_dir, spec_key
+from gradtool.codegen.emit import generate
+from gradtool.spec.loader import load_spec
+from gradtool.train import DivergenceError, TrainConfig, train
+from gradtool.train.verify import VerificationError, verify_spec
+from tests.test_nn import RMSNORM
+
+QUICK = dict(limit=300, hidden=(16,), batch_size=32)
+
+
+class Stop(Exception):  # noqa: N818 - a signal, not an error
+    pass
+
+
+def _weights(run_dir):
+    return torch.load(run_dir / "model.pt", weights_only=False)["state_dict"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, backend):
+    cfg = dict(QUICK, epochs=3, dropout=0.3, norm="batchnorm", optimizer="sgd",
+               schedule="step", step_size=1, gamma=0.5, backend=backend, seed=4)
+    whole = train(TrainConfig(out=str(tmp_path / "whole"), **cfg))
+
+    def kill(epoch, step, model):
+        if epoch == 1 and step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(TrainConfig(out=str(tmp_path / "cut"), **cfg), on_step=kill)
+    resumed = train(TrainConfig(resume=str(tmp_path / "cut")))
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bitwise on the CPU
+    untimed = [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")}
+               for r in whole.history]
+    assert untimed == [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")}
+                       for r in resumed.history]
+    assert resumed.test_acc == whole.test_acc
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    def poison(epoch, step, model):
+        if epoch == 1 and step == 2:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+    with pytest.raises(DivergenceError, match="loss became nan at epoch 2"):
+        train(TrainConfig(out=str(tmp_path / "r"), epochs=3, **QUICK), on_step=poison)
+    ckpt = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def _tampered_relu(tmp_path, monkeypatch):
+    """A spec file whose cached NumPy kernel has a wrong backward (twice the gradient), as a
+    hand-edited or corrupted generated file would."""
+    monkeypatch.setenv("GRADTOOL_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "myrelu.py"
+    path.write_text(Path(load_spec("relu").file).read_text()
+                    .replace('Spec("relu"', 'Spec("myrelu"'))
+    spec = load_spec(path)
+    source = generate(spec, "numpy")
+    assert "    dX = (X > 0) * G\n" in source
+    kernel = cache_dir() / f"{spec.name}_numpy_{spec_key(spec, 'numpy')}.py"
+    kernel.parent.mkdir(parents=True, exist_ok=True)
+    # with a matching checksum, or the cache would regenerate it as a damaged file
+    kernel.write_text(_with_checksum(
+        source.replace("    dX = (X > 0) * G\n", "    dX = 2 * (X > 0) * G\n")))
+    return path
+
+
+def test_verification_gate_refuses_a_wrong_backward(tmp_path, monkeypatch):
+    path = _tampered_relu(tmp_path, monkeypatch)
+    with pytest.raises(VerificationError,
+                       match="myrelu failed verification.*code-generation fault"):
+        verify_spec(str(path))
+    cfg = dict(QUICK, epochs=1, activation=str(path))
+    with pytest.raises(VerificationError):
+        train(TrainConfig(out=str(tmp_path / "refused"), **cfg))
+    result = train(TrainConfig(out=str(tmp_path / "anyway"), verify=False, **cfg))
+    assert result.unverified
+    record = json.loads((tmp_path / "anyway" / "config.json").read_text())
+    assert record["verified"].startswith("unverified")
+
+
+def test_verification_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADTOOL_CACHE", str(tmp_path / "cache"))
+    first = verify_spec("dropout")
+    assert not first.cached and first.forms == ["dropout", "dropout_eval"]
+    assert verify_spec("dropout").cached
+
+
+def test_model_file_with_a_user_spec_trains(tmp_path):
+    (tmp_path / "rmsnorm.py").write_text(RMSNORM)
+    (tmp_path / "model.toml").write_text(
+        '[[layers]]\nflatten = true\n\n[[layers]]\nspec = "linear"\nI = 64\nO = 24\n\n'
+        '[[layers]]\nspec = "rmsnorm.py"\nD = 24\n\n[[layers]]\nspec = "relu"\n\n'
+        '[[layers]]\nspec = "linear"\nI = 24\nO = 10\n')
+    result = train(TrainConfig(model=str(tmp_path / "model.toml"), epochs=3, lr=1e-2,
+                               out=str(tmp_path / "run"), **QUICK))
+    assert result.test_acc > 0.5  # ten classes: chance is 0.1
+    assert [v["spec"] for v in result.verified] == ["linear", "rmsnorm", "relu",
+                                                    "softmax_cross_entropy_labels"]
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    sha = record["spec_sha256"][str((tmp_path / "rmsnorm.py").resolve())]
+    assert sha == hashlib.sha256(RMSNORM.encode()).hexdigest()
+    for name in ("metrics.csv", "curves.png", "confusion.png", "model.pt",
+                 "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (tmp_path / "run" / name).exists(), name
+    lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,train_loss,train_acc,val_loss,val_acc,lr")
+    assert len(lines) == 4  # a header and one row per epoch
+
+
+def test_cli_json_prints_one_object(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", "--epochs", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["epochs"] == 1 and 0 <= data["test_acc"] <= 1
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_load_model_gives_the_trained_weights(tmp_path):
+    from gradtool.train import load_model
+
+    train(TrainConfig(out=str(tmp_path / "r"), epochs=1, **QUICK))
+    model = load_model(tmp_path / "r")
+    saved = _weights(tmp_path / "r")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k])
+
+
+def test_cli_error_is_one_line_and_exit_1(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.toml").write_text('[[layers]]\nspec = "linear"\nI = 64\n')
+    result = CliRunner().invoke(app, ["train", "--model", "m.toml", "--epochs", "1"])
+    assert result.exit_code == 1
+    assert "layer 1 (linear)" in result.output and "needs the size O" in result.output
+    assert "Traceback" not in result.output
