@@ -58,7 +58,7 @@ class RichProgress:
                 f"epoch {info['epoch']:3d}  train loss {info['train_loss']:.4f} "
                 f"acc {info['train_acc']:.4f}  val loss {info['val_loss']:.4f} "
                 f"acc {info['val_acc']:.4f}  lr {info['lr']:.3g}  "
-                f"{info['samples_per_s']:,.0f} samples/s")
+                f"{info['samples_per_s']:,.0f} samples/s", soft_wrap=True)
 
 
 def result_table(result) -> Table:
