@@ -204,24 +204,75 @@ def _rule(a: Assign, idx, missing) -> str:
 
 
 def _local_form(d: Derivation, a: Assign, node, local):
-    """Write a local derivative in forward names: d tanh = 1 − Y², d sigmoid = Y(1 − Y)."""
+    """Write a local derivative in forward names: d tanh = 1 − Y², d sigmoid = Y(1 − Y).
+
+    The input is written in terms of the output by peeling the body's layers (``inverse``),
+    never by ``sympy.solve``: solving ``Y = tanh(X + X³)`` for X runs for minutes (Cardano's
+    formula under an atanh), and nested tanh for seconds each. The substituted form is kept
+    only where it is shorter, and is simplified only while it stays small (``LOCAL_BUDGET``)."""
     local = d.simplifier.substitute_forward(local)
-    if a.reduce is None and len(accesses(a.body, d.spec)) == 1 \
-            and node in local.free_symbols | set(accesses(local, d.spec)) \
-            and not a.body.has(*UNINVERTIBLE):
-        x, y = sp.Dummy("x", real=True), sp.Dummy("y", real=True)
-        try:
-            solutions = sp.solve(sp.Eq(y, a.body.xreplace({node: x})), x)
-        except (NotImplementedError, ValueError, TypeError):
-            solutions = []
-        if len(solutions) == 1:
-            out = d.program.access(a.target, a.lhs)
-            flat = local.xreplace({node: x, out: y})
-            candidate = sp.simplify(flat.subs(x, solutions[0]))
-            if x not in candidate.free_symbols and \
-                    sp.count_ops(candidate) < sp.count_ops(flat):
-                local = candidate.xreplace({y: out})
+    if a.reduce is not None or len(accesses(a.body, d.spec)) != 1 \
+            or node not in local.free_symbols | set(accesses(local, d.spec)) \
+            or a.body.has(*UNINVERTIBLE):
+        return local
+    x, y = sp.Dummy("x", real=True), sp.Dummy("y", real=True)
+    solution = inverse(a.body.xreplace({node: x}), x, y)
+    if solution is None:
+        return local
+    out = d.program.access(a.target, a.lhs)
+    flat = local.xreplace({node: x, out: y})
+    candidate = flat.xreplace({x: solution})
+    if sp.count_ops(candidate) <= LOCAL_BUDGET:
+        cancelled = sp.cancel(candidate)
+        factored = sp.factor(cancelled)
+        candidate = min((cancelled, factored), key=sp.count_ops)
+    if x not in candidate.free_symbols and sp.count_ops(candidate) < sp.count_ops(flat):
+        local = candidate.xreplace({y: out})
     return local
+
+
+# A substituted local derivative larger than this is not simplified (cancel and factor of a
+# rational function grow with its size; the local derivatives of activations are < 20).
+LOCAL_BUDGET = 40
+
+# y = f(x) ⇒ x = f⁻¹(y) for one-to-one functions on the reals
+_INVERSES = {sp.exp: sp.log, sp.log: sp.exp, sp.tanh: sp.atanh, sp.sinh: sp.asinh,
+             sp.atan: sp.tan}
+
+
+def inverse(body: sp.Expr, x: sp.Symbol, y: sp.Symbol) -> sp.Expr | None:
+    """``x`` as a function of ``y = body(x)``, or None where ``body`` is not invertible layer
+    by layer.
+
+    Each layer on the path from the root to the one occurrence of ``x`` is undone in turn:
+    adding or multiplying by something free of x, a reciprocal, a constant base raised to x,
+    and the one-to-one functions of ``_INVERSES``. The cost is linear in the depth of the
+    body; a body reading x twice (x + x³), or through a map that is not one-to-one (x²,
+    cosh), gives None."""
+    target = y
+    while body != x:
+        if body.count(x) != 1:
+            return None
+        if isinstance(body, (sp.Add, sp.Mul)):
+            inner = next(arg for arg in body.args if arg.has(x))
+            rest = body.func(*[arg for arg in body.args if arg is not inner])
+            if isinstance(body, sp.Add):
+                target = target - rest
+            elif rest == 0:
+                return None
+            else:
+                target = target / rest
+            body = inner
+        elif isinstance(body, sp.Pow) and not body.exp.has(x) and body.exp in (1, -1):
+            target, body = target ** body.exp, body.base
+        elif isinstance(body, sp.Pow) and not body.base.has(x) and body.base.is_positive \
+                and body.base != 1:
+            target, body = sp.log(target) / sp.log(body.base), body.exp
+        elif type(body) in _INVERSES and len(body.args) == 1:
+            target, body = _INVERSES[type(body)](target), body.args[0]
+        else:
+            return None
+    return target
 
 
 def _close(d: Derivation, name: str) -> None:
