@@ -98,6 +98,9 @@ def _merge_sums(e):
 
 
 _FACTOR_TERMS = 24  # larger sums are left as they are: factoring them costs more than it shows
+# and so are sums of more operations than this: multivariate factoring grows fast with the
+# number of distinct factors (the built-in specs factor sums of at most ~50 operations)
+_FACTOR_OPS = 120
 
 
 def _conjugate(f, g) -> bool:
@@ -128,6 +131,8 @@ def _factor_polynomials(e):
         return e
     rest = [t for t in e.args if t.has(*special)]
     part = sp.Add(*plain)
+    if sp.count_ops(part) > _FACTOR_OPS:
+        return e
     factored = _factor_one(part)
     return e if factored is part else sp.Add(factored, *rest)
 

@@ -9,6 +9,7 @@ uses (xc = xhat/rstd, e = S·Z).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import sympy as sp
@@ -30,7 +31,10 @@ def expand(expr) -> sp.Expr:
     """``sp.expand`` that leaves arg-max masks and denominators as they are.
 
     A mask ``[body = max body]`` compares the body with the value the forward computed; an
-    expanded body is algebraically equal but does not compare equal in floating point."""
+    expanded body is algebraically equal but does not compare equal in floating point.
+    An expression whose expansion would have more than ``EXPAND_BUDGET`` terms stays as it is
+    (still correct, only less simplified): multiplying out a product of sums grows as the
+    product of their lengths."""
     from gradtool.symbolic.ir import ArgMaxMask
 
     keep = {m: sp.Dummy("mask") for m in expr.atoms(ArgMaxMask)} if expr.has(ArgMaxMask) \
@@ -39,10 +43,49 @@ def expand(expr) -> sp.Expr:
     for p in expr.atoms(sp.Pow):
         if p.exp.is_negative and isinstance(p.base, sp.Add) and p.base not in keep:
             keep[p.base] = sp.Dummy("den")
-    if not keep:
-        return sp.expand(expr, power_base=False, power_exp=False, log=False)
-    out = sp.expand(expr.xreplace(keep), power_base=False, power_exp=False, log=False)
-    return out.xreplace({v: k for k, v in keep.items()})
+    masked = expr.xreplace(keep) if keep else expr
+    if expansion_size(masked) > EXPAND_BUDGET:
+        return expr
+    out = sp.expand(masked, power_base=False, power_exp=False, log=False)
+    return out.xreplace({v: k for k, v in keep.items()}) if keep else out
+
+
+# The largest expansion the built-in specs make has about 50 terms (conv2d; layer norm 15);
+# SymPy multiplies out a few thousand terms in about a second.
+EXPAND_BUDGET = 2000
+
+
+def expansion_size(expr, limit: int = EXPAND_BUDGET) -> int:
+    """An upper bound on the number of terms ``sp.expand`` makes of ``expr``, its top level
+    and the arguments of its functions together; counting stops once it passes ``limit``.
+
+    A sum has the terms of its parts, a product the product of its factors' counts, and
+    (a₁ + … + a_k)^m the multinomial count C(m + k − 1, k − 1)."""
+    cap = limit + 1
+
+    def size(e) -> tuple[int, int]:  # (terms at this level, terms made inside functions)
+        if e.is_Atom or isinstance(e, (sp.Indexed, sp.IndexedBase)):
+            return 1, 0
+        parts = [size(a) for a in e.args]
+        inner = min(sum(w for _, w in parts), cap)
+        if isinstance(e, sp.Add):
+            return min(sum(t for t, _ in parts), cap), inner
+        if isinstance(e, sp.Mul):
+            out = 1
+            for t, _ in parts:
+                out = min(out * t, cap)
+            return out, inner
+        if isinstance(e, sp.Pow):
+            (base, _), (exp, _) = parts
+            if e.exp.is_Integer and e.exp > 1 and base > 1:
+                m = int(e.exp)
+                return (cap if m > limit else min(math.comb(m + base - 1, base - 1), cap)), inner
+            return min(base * exp, cap), inner
+        # a function (or a Sum) is one term outside; its arguments are expanded on their own
+        return 1, min(inner + sum(t for t, _ in parts), cap)
+
+    terms, work = size(expr)
+    return min(terms + work, cap)
 
 
 # Folding inlines element-wise intermediates to find sums that vanish (Σ_d (X − μ) = 0), and
