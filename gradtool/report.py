@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import sympy as sp
 
 from gradtool.errors import GradtoolError
@@ -129,10 +131,17 @@ def _jacobians(d: Derivation, shape: dict[str, int] | None) -> list[dict]:
 
 
 def derive_report(spec_or_path: str | Spec, *, jacobians: bool = False,
-                  shape: dict[str, int] | None = None, steps: bool = False) -> dict:
-    """Derive a spec and return its forward, gradients and, on request, Jacobians and steps."""
+                  shape: dict[str, int] | None = None, steps: bool = False,
+                  progress: Callable[[str], None] | None = None) -> dict:
+    """Derive a spec and return its forward, gradients and, on request, Jacobians and steps.
+
+    ``progress`` is called with the name of each step as it starts (see
+    :func:`gradtool.symbolic.reverse.derive`)."""
+    say = progress or (lambda step: None)
+    say("loading the spec")
     spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path)
-    d = derive(spec)
+    d = derive(spec, progress=progress)
+    say("printing the closed forms")
     seeds = {name: (str(s.base) if isinstance(s, sp.Indexed) else str(s))
              for name, s in d.seeds.items()}
     report = {
@@ -141,7 +150,9 @@ def derive_report(spec_or_path: str | Spec, *, jacobians: bool = False,
         "forward": _forward(d), "gradients": _gradients(d),
     }
     if jacobians or shape is not None:
+        say("Jacobians")
         report["jacobians"] = _jacobians(d, shape)
     if steps:
+        say("chain-rule steps")
         report["steps"] = _steps(d)
     return report

@@ -16,6 +16,7 @@ of later tensors and simplifying gives the closed form (``closed``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -118,8 +119,14 @@ def _active(program: Program) -> list[str]:
     return [n for n in dict.fromkeys(order) if n in needed]
 
 
-def derive(spec: Spec) -> Derivation:
-    """Reverse mode for every differentiable input and parameter of ``spec``."""
+def derive(spec: Spec, progress: Callable[[str], None] | None = None) -> Derivation:
+    """Reverse mode for every differentiable input and parameter of ``spec``.
+
+    ``progress``, if given, is called with the name of each step as it starts (``"adjoint of
+    xhat (3/7)"``); ``gradtool derive`` shows it on a spinner. Every step is bounded in size
+    (see ``simplify.EXPAND_BUDGET``), so a derivation always ends."""
+    say = progress or (lambda step: None)
+    say("normalising to SSA form")
     program = normalize(spec)
     canon = _canonical_indices(program)
     active = _active(program)
@@ -135,17 +142,19 @@ def derive(spec: Spec) -> Derivation:
             seeds[a.target] = sp.IndexedBase(name)[tuple(a.lhs)]
     d = Derivation(program, Simplifier(program), seeds, canon, active)
     d.contributions = {name: [] for name in active}
-    for a in reversed(program.assigns):
-        if a.kind == "update" or a.target not in active:
-            continue
+    todo = [a for a in reversed(program.assigns) if a.kind != "update" and a.target in active]
+    for k, a in enumerate(todo, 1):
+        say(f"adjoint of {a.target} ({k}/{len(todo)})")
         _close(d, a.target)
         for node in accesses(a.body, spec):
             if access_name(node) in active:
+                say(f"local derivative ∂{a.target}/∂{access_name(node)}")
                 c = _contribution(d, a, node)
                 if c is not None:
                     d.contributions[c.tensor].append(c)
     for t in spec.grad_inputs:
         if t.name in active:
+            say(f"closed form of d{t.name}")
             _close(d, t.name)
         else:  # the output does not depend on it
             d.steps[t.name] = d.closed[t.name] = sp.Integer(0)
