@@ -9,7 +9,7 @@ from gradtool.spec.loader import load_spec
 from gradtool.symbolic.jacobian import explicit_matrix, jacobian
 from gradtool.symbolic.printing import present, text
 from gradtool.symbolic.reverse import derive
-from tests.helpers import evaluate_closed, max_rel_err, unsimplified
+from tests.helpers import assert_matches_autograd, evaluate_closed, max_rel_err, unsimplified
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +180,42 @@ def test_polynomials_in_saved_tensors_are_factored(tmp_path):
 
     shown = text(present(derive(load_spec(path)).closed["A"]))
     assert shown == "(1 - Y[n]^2)·(1 - t0[n]^2)·G[n]"
+
+
+# -- textbook forms of composite layers (issue 7, item 13) -----------------------------------
+
+def _user_spec(tmp_path, name, source):
+    path = tmp_path / f"{name}.py"
+    path.write_text("from gradtool.lang import *\n" + source)
+    return derive(load_spec(path))
+
+
+GROUP_NORM = """\
+spec = Spec("groupnorm4", "group norm over (Cg, L) of X[N, G, Cg, L]")
+N, G, C, L = spec.dims("N G Cg L")
+n, g, c, l = spec.indices(n=N, g=G, c=C, l=L)
+X = spec.input("X", N, G, C, L)
+eps = spec.hyper("eps", 1e-5)
+mu = spec.let("mu", [n, g], Sum(Sum(X[n, g, c, l], l), c) / (C * L))
+xc = spec.let("xc", [n, g, c, l], X[n, g, c, l] - mu[n, g])
+var = spec.let("var", [n, g], Sum(Sum(xc[n, g, c, l] ** 2, l), c) / (C * L))
+rstd = spec.let("rstd", [n, g], 1 / sqrt(var[n, g] + eps))
+xhat = spec.let("xhat", [n, g, c, l], xc[n, g, c, l] * rstd[n, g])
+spec.output("Y", [n, g, c, l], xhat[n, g, c, l])
+"""
+
+
+def test_group_norm_drops_the_vanishing_two_index_sum(tmp_path):
+    """Σ_{c,l} x̂ = 0 over the two indices a group reduces, as Σ_d x̂ = 0 in layer norm."""
+    gn = _user_spec(tmp_path, "groupnorm4", GROUP_NORM)
+    assert text(present(gn.closed["X"])) == (
+        "(G[n,g,c,l] - x̂[n,g,c,l]·Σ_c',l'(G[n,g,c',l']·x̂[n,g,c',l'])/(Cg·L) "
+        "- Σ_c',l'(G[n,g,c',l'])/(Cg·L))·rstd[n,g]")
+    grad, env, sizes = evaluate_closed(gn, "X")
+    g, xhat, rstd = env["G"], env["xhat"], env["rstd"][:, :, None, None]
+    mean = (2, 3)
+    expected = rstd * (g - g.mean(mean, keepdims=True)
+                       - xhat * (g * xhat).mean(mean, keepdims=True))
+    assert max_rel_err(grad, expected) < 1e-12
+    for seed in range(2):
+        assert_matches_autograd(gn, seed=seed)

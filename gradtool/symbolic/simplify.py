@@ -9,6 +9,7 @@ uses (xc = xhat/rstd, e = S·Z).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -97,6 +98,17 @@ INLINE_BUDGET = 60
 CANCEL_BUDGET = 40
 
 
+# A sum over more indices than this is taken in its written order only (k! orders).
+ORDER_BUDGET = 3
+
+
+def _orders(limits):
+    """The orders in which to try a sum's limits: the written one first."""
+    if len(limits) > ORDER_BUDGET:
+        return [tuple(limits)]
+    return list(itertools.permutations(limits))
+
+
 def count_sums(expr) -> int:
     return sum(1 for n in sp.preorder_traversal(expr) if isinstance(n, sp.Sum))
 
@@ -135,9 +147,19 @@ class Simplifier:
     def _sums(self, expr, depth):
         if isinstance(expr, sp.Sum):
             body = self(expr.function, depth)
-            for var, lo, hi in expr.limits:
-                body = self.sum_over(body, var, hi - lo + 1, depth)
-            return body
+            # a finite sum over several indices may be taken in any order, and a definition
+            # may only fold in one of them: Σ_c Σ_l x̂ vanishes through s_mu = Σ_l X and
+            # mu = Σ_c s_mu / (C·L), but nothing folds Σ_c x̂ first
+            best = None
+            for order in _orders(expr.limits):
+                out = body
+                for var, lo, hi in order:
+                    out = self.sum_over(out, var, hi - lo + 1, depth)
+                if count_sums(out) <= count_sums(body):
+                    return out  # every index of this sum folded away
+                if best is None or count_sums(out) < count_sums(best):
+                    best = out
+            return best
         if not expr.args or isinstance(expr, (sp.Indexed, sp.IndexedBase)):
             return expr
         if not expr.has(sp.Sum):
