@@ -219,3 +219,72 @@ def test_group_norm_drops_the_vanishing_two_index_sum(tmp_path):
     assert max_rel_err(grad, expected) < 1e-12
     for seed in range(2):
         assert_matches_autograd(gn, seed=seed)
+
+
+MISH = """\
+spec = Spec("mish", "Mish: X·tanh(softplus(X))")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+X = spec.input("X", N, D)
+sp = spec.let("sp", [n, d], log(1 + exp(X[n, d])))
+spec.output("Y", [n, d], X[n, d] * tanh(sp[n, d]))
+"""
+
+SWIGLU = """\
+spec = Spec("swiglu", "SwiGLU: (X·W1)·σ(X·W1)·(X·W2)")
+N, I, H = spec.dims("N I H")
+n, i, h = spec.indices(n=N, i=I, h=H)
+X = spec.input("X", N, I)
+W1 = spec.param("W1", I, H)
+W2 = spec.param("W2", I, H)
+a = spec.let("a", [n, h], Sum(X[n, i] * W1[i, h], i))
+b = spec.let("b", [n, h], Sum(X[n, i] * W2[i, h], i))
+spec.output("Y", [n, h], a[n, h] * sigmoid(a[n, h]) * b[n, h])
+"""
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def test_mish_names_sigmoid_and_groups_the_tanh_derivative(tmp_path):
+    """Mish: G·(tanh(sp) + X·(1 − tanh²(sp))·σ(X)), with d softplus = σ."""
+    mish = _user_spec(tmp_path, "mish", MISH)
+    assert text(present(mish.closed["X"])) == \
+        "((1 - tanh(sp[n,d])^2)·σ(X[n,d])·X[n,d] + tanh(sp[n,d]))·G[n,d]"
+    grad, env, _ = evaluate_closed(mish, "X")
+    x, t = env["X"], np.tanh(env["sp"])
+    assert max_rel_err(grad, env["G"] * (t + x * (1 - t ** 2) * _sigmoid(x))) < 1e-12
+    for seed in range(2):
+        assert_matches_autograd(mish, seed=seed)
+
+
+def test_swiglu_names_sigmoid_once(tmp_path):
+    """SwiGLU, a = X·W1, b = X·W2: da = G·b·σ(a)·(1 + a·(1 − σ(a))), db = G·a·σ(a)."""
+    sw = _user_spec(tmp_path, "swiglu", SWIGLU)
+    shown = {name: text(present(sw.closed[name])) for name in ("X", "W1", "W2")}
+    assert shown["W1"] == \
+        "Σ_n(((1 - σ(a[n,h]))·a[n,h] + 1)·σ(a[n,h])·G[n,h]·X[n,i]·b[n,h])"
+    assert shown["W2"] == "Σ_n(σ(a[n,h])·G[n,h]·X[n,i]·a[n,h])"
+    assert all("exp" not in s for s in shown.values()), shown
+    grad, env, _ = evaluate_closed(sw, "W1")
+    a, b, g = env["a"], env["b"], env["G"]
+    da = g * b * _sigmoid(a) * (1 + a * (1 - _sigmoid(a)))
+    assert max_rel_err(grad, env["X"].T @ da) < 1e-12
+    for seed in range(2):
+        assert_matches_autograd(sw, seed=seed)
+
+
+def test_sigmoid_is_named_only_where_its_quotient_appears():
+    from gradtool.symbolic.ir import Sigmoid
+    from gradtool.symbolic.simplify import name_logistic
+
+    u, v = sp.symbols("u v", real=True)
+    s = Sigmoid(u)
+    assert name_logistic(sp.exp(u) / (1 + sp.exp(u))) == s
+    assert name_logistic(v / (1 + sp.exp(-u))) == v * s
+    assert sp.expand(name_logistic(sp.exp(-u) / (1 + sp.exp(-u)) ** 2) - s * (1 - s)) == 0
+    assert name_logistic(sp.exp(u) + v) == sp.exp(u) + v  # no quotient: e^u stays
+    assert name_logistic(sp.exp(u) * v + 1 / (1 + sp.exp(-u))) == sp.exp(u) * v + s
+    x = 0.3
+    assert float(s.diff(u).subs(u, x)) == pytest.approx(_sigmoid(x) * (1 - _sigmoid(x)))

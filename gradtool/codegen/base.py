@@ -38,7 +38,8 @@ class Arr:
 
 def py_name(name: str) -> str:
     """A Python identifier that shadows neither a keyword nor a module the code imports."""
-    if keyword.iskeyword(name) or name in {"np", "torch", "math", "erf", "self", "ctx"}:
+    if keyword.iskeyword(name) or name in {"np", "torch", "math", "erf", "expit", "self",
+                                           "ctx"}:
         return name + "_"
     return name
 

@@ -32,7 +32,7 @@ from gradtool.symbolic.ir import (
     normalize,
     rename,
 )
-from gradtool.symbolic.simplify import Simplifier
+from gradtool.symbolic.simplify import Simplifier, name_logistic
 
 UNINVERTIBLE = (sp.Piecewise, sp.Max, sp.Min, sp.Heaviside, sp.Abs)
 
@@ -219,7 +219,7 @@ def _local_form(d: Derivation, a: Assign, node, local):
     never by ``sympy.solve``: solving ``Y = tanh(X + X³)`` for X runs for minutes (Cardano's
     formula under an atanh), and nested tanh for seconds each. The substituted form is kept
     only where it is shorter, and is simplified only while it stays small (``LOCAL_BUDGET``)."""
-    local = d.simplifier.substitute_forward(local)
+    local = name_logistic(d.simplifier.substitute_forward(local))
     if a.reduce is not None or len(accesses(a.body, d.spec)) != 1 \
             or node not in local.free_symbols | set(accesses(local, d.spec)) \
             or a.body.has(*UNINVERTIBLE):
@@ -292,7 +292,7 @@ def _close(d: Derivation, name: str) -> None:
         raw += d.adjoint_access(name)
     d.steps[name] = simplify(raw)
     inlined = _inline_adjoints(d, raw)
-    closed = simplify(inlined)
+    closed = name_logistic(simplify(inlined))
     rewritten = simplify(simplify.rewrite(closed))
     # the later names are meant to shorten the form (xc = xhat/rstd); substituting a chain of
     # quotients into powers can blow it up instead, and then the form stays as it was

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from gradtool.symbolic.ir import Program, access_indices, access_name, accesses, rename
+from gradtool.symbolic.ir import (
+    Program,
+    Sigmoid,
+    access_indices,
+    access_name,
+    accesses,
+    rename,
+)
 
 
 @dataclass
@@ -87,6 +94,41 @@ def expansion_size(expr, limit: int = EXPAND_BUDGET) -> int:
 
     terms, work = size(expr)
     return min(terms + work, cap)
+
+
+def name_logistic(expr) -> sp.Expr:
+    """Name the logistic function where its quotient appears: with s = σ(u),
+    e^u/(1 + e^u) → s, 1/(1 + e^(−u)) → s, e^(−u)/(1 + e^(−u))² → s·(1 − s).
+
+    Every u with a denominator 1 + e^(±u) is substituted as e^u = s/(1 − s), e^(−u) =
+    (1 − s)/s; a term keeps the result only where no denominator in s is left (e^u alone
+    stays e^u). Linear in the size of ``expr``."""
+    subs = {}
+    for p in sorted(expr.atoms(sp.Pow), key=sp.default_sort_key):
+        if not (p.exp.is_negative and isinstance(p.base, sp.Add) and len(p.base.args) == 2):
+            continue
+        one, e = p.base.as_coeff_Add()
+        if one != 1 or not isinstance(e, sp.exp):
+            continue
+        u = -e.args[0] if e.args[0].could_extract_minus_sign() else e.args[0]
+        if sp.exp(u) in subs:
+            continue
+        s = Sigmoid(u)
+        subs.update({sp.exp(u): s / (1 - s), sp.exp(-u): (1 - s) / s,
+                     1 + sp.exp(u): 1 / (1 - s), 1 + sp.exp(-u): 1 / s})
+    if not subs:
+        return expr
+    named = {v.args[0] for v in subs.values() for v in v.atoms(Sigmoid)}
+
+    def ok(term):
+        return not any(isinstance(p, sp.Pow) and p.exp.is_negative and p.base.has(Sigmoid)
+                       for p in sp.preorder_traversal(term)) and term.has(*named)
+
+    terms = []
+    for term in sp.Add.make_args(expr):
+        candidate = term.xreplace(subs)
+        terms.append(candidate if ok(candidate) else term)
+    return sp.Add(*terms)
 
 
 # Folding inlines element-wise intermediates to find sums that vanish (Σ_d (X − μ) = 0), and
