@@ -75,11 +75,14 @@ def _merge_sums(e):
             others.append(term)
             continue
         (var, lo, hi), = sums[0].limits
-        groups.setdefault((lo, hi), []).append((coeff, var, sums[0].function))
+        # a sum is merged only with sums of the same shape: G·Vᵀ (over t, s) and the row sum
+        # of G ⊙ O (over t, broadcast along s) stay two terms
+        shape = frozenset(s_ for s_ in sums[0].free_symbols if s_.is_integer)
+        groups.setdefault((lo, hi, shape), []).append((coeff, var, sums[0].function))
     if not any(len(g) > 1 for g in groups.values()):
         return e
     out = list(others)
-    for (lo, hi), members in groups.items():
+    for (lo, hi, _), members in groups.items():
         if len(members) == 1:
             coeff, var, body = members[0]
             out.append(coeff * sp.Sum(body, (var, lo, hi)))

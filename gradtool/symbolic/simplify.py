@@ -155,6 +155,18 @@ def count_sums(expr) -> int:
     return sum(1 for n in sp.preorder_traversal(expr) if isinstance(n, sp.Sum))
 
 
+def _bind(mapping: dict, pattern, access) -> dict | None:
+    """``mapping`` extended so that the read ``pattern`` becomes ``access``, or None."""
+    out = dict(mapping)
+    for a, b in zip(access_indices(pattern), access_indices(access)):
+        if not isinstance(a, sp.Symbol):
+            if a != b:
+                return None
+        elif out.setdefault(a, b) != b:
+            return None
+    return out
+
+
 class Simplifier:
     def __init__(self, program: Program):
         self.program = program
@@ -229,7 +241,28 @@ class Simplifier:
                     remaining = sp.Mul(*[g for g in dep if g is not f])
                     return rest * rename(remaining, {var: other})
         body = sp.Mul(*dep)
-        return rest * self.fold(body, var, count, depth)
+        folded = self.fold(body, var, count, depth)
+        if count_sums(folded) > count_sums(body):
+            swapped = self._interchange(dep, var, count, depth)
+            if swapped is not None and count_sums(swapped) < count_sums(folded):
+                return rest * swapped
+        return rest * folded
+
+    def _interchange(self, dep, var, count, depth):
+        """Σ_s f(s)·Σ_j g(s, j) taken as Σ_j Σ_s f·g, where the inner sum over s folds into a
+        definition: Σ_s A[t,s]·Σ_j G[t,j]·V[s,j] = Σ_j G[t,j]·O[t,j] with O = Σ_s A·V."""
+        inner = [f for f in dep if isinstance(f, sp.Sum)]
+        if len(inner) != 1 or depth >= 2:
+            return None
+        (inside,) = inner
+        bound = {lim[0] for lim in inside.limits}
+        others = [f for f in dep if f is not inside]
+        if any(f.free_symbols & bound for f in others):
+            return None
+        out = self.sum_over(expand(sp.Mul(*others) * inside.function), var, count, depth + 1)
+        for j, lo, hi in inside.limits:
+            out = self.sum_over(out, j, hi - lo + 1, depth + 1)
+        return out
 
     # -- folding a sum into what it already names ---------------------------------------------
     def fold(self, body, var, count, depth) -> sp.Expr:
@@ -276,15 +309,16 @@ class Simplifier:
         for cand in theirs:
             if access_name(cand) != access_name(first):
                 continue
-            mapping = {d.over: var}
-            ok = True
-            for a, b in zip(access_indices(first), access_indices(cand)):
-                if not isinstance(a, sp.Symbol):
-                    ok = ok and a == b
-                    continue
-                if mapping.setdefault(a, b) != b:
-                    ok = False
-            if not ok or any(i not in mapping for i in d.free):
+            mapping = _bind({d.over: var}, first, cand)
+            # free indices the first read leaves open come from the others (O = Σ_s A·V:
+            # A[t,s] gives t, V[s,j] gives j)
+            for other in mine[1:]:
+                if mapping is None or all(i in mapping for i in d.free):
+                    break
+                mapping = next((m for m in (_bind(mapping, other, c) for c in theirs
+                                            if access_name(c) == access_name(other))
+                                if m is not None), mapping)
+            if mapping is None or any(i not in mapping for i in d.free):
                 continue
             if len(set(mapping.values())) != len(mapping):
                 continue  # Σ_k A[k]/B[k] is not t[k] = Σ_k A[k]/B[d]: the sum index is its own
