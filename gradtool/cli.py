@@ -165,7 +165,7 @@ def derive_cmd(
     except Exception as exc:  # noqa: BLE001
         _fail(exc, debug)
     if as_json:
-        for g in report["gradients"]:
+        for g in report["gradients"] + report["intermediates"]:
             g.pop("sympy", None)
         print(json.dumps(report, indent=2, ensure_ascii=False))
         return

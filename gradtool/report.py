@@ -58,19 +58,23 @@ def _forward(d: Derivation) -> list[dict]:
     return rows
 
 
-def _gradients(d: Derivation) -> list[dict]:
+def _gradients(d: Derivation, names=None) -> list[dict]:
+    """A row per differentiable input (or, with ``names``, per named intermediate adjoint);
+    a gradient written through a named adjoint (dQ = dS·K/√d) is shown in that form."""
     rows = []
-    for t in d.spec.grad_inputs:
-        expr = present(d.closed[t.name])
+    tensors = [d.spec.tensors[n] for n in names] if names is not None else d.spec.grad_inputs
+    for t in tensors:
+        closed = d.via.get(t.name, d.closed[t.name])
+        expr = present(closed)
         idx = d.canon[t.name]
         lhs = "d" + _access_text(t.name, idx)
         rows.append({
             "wrt": t.name, "kind": t.kind, "indices": [str(i) for i in idx],
             "text": f"{lhs} = {text(expr)}", "expression": text(expr),
-            "matrix": matrix(d.closed[t.name], idx),
+            "matrix": matrix(closed, idx),
             "latex": rf"\frac{{\partial L}}{{\partial {_access_latex(t.name, idx)}}}"
                      f" = {latex(expr)}",
-            "sympy": sp.srepr(d.closed[t.name]),
+            "sympy": sp.srepr(closed),
         })
     return rows
 
@@ -148,6 +152,7 @@ def derive_report(spec_or_path: str | Spec, *, jacobians: bool = False,
         "spec": spec.name, "description": spec.description, "file": spec.file,
         "reference": spec.reference, "seeds": seeds,
         "forward": _forward(d), "gradients": _gradients(d),
+        "intermediates": _gradients(d, list(d.named)),
     }
     if jacobians or shape is not None:
         say("Jacobians")

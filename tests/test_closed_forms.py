@@ -288,3 +288,55 @@ def test_sigmoid_is_named_only_where_its_quotient_appears():
     assert name_logistic(sp.exp(u) * v + 1 / (1 + sp.exp(-u))) == sp.exp(u) * v + s
     x = 0.3
     assert float(s.diff(u).subs(u, x)) == pytest.approx(_sigmoid(x) * (1 - _sigmoid(x)))
+
+
+ATTENTION = """\
+spec = Spec("attention1", "O = softmax(Q Kᵀ/√d) V")
+T, Sd, Dk, Dv = spec.dims("T Sd Dk Dv")
+t, s, s2, k, j = spec.indices(t=T, s=Sd, s2=Sd, k=Dk, j=Dv)
+Q = spec.input("Q", T, Dk)
+K = spec.input("K", Sd, Dk)
+V = spec.input("V", Sd, Dv)
+S = spec.let("S", [t, s], Sum(Q[t, k] * K[s, k], k) / sqrt(Dk))
+e = spec.let("e", [t, s], exp(S[t, s]))
+Z = spec.let("Z", [t], Sum(e[t, s2], s2))
+A = spec.let("A", [t, s], e[t, s] / Z[t])
+spec.output("O", [t, j], Sum(A[t, s] * V[s, j], s))
+"""
+
+
+def test_attention_prints_through_the_scores_adjoint(tmp_path):
+    """dS = A ⊙ (G Vᵀ − rowsum(G ⊙ O)), dQ = dS K/√d, dK = dSᵀ Q/√d, dV = Aᵀ G."""
+    from gradtool.check.numeric import autograd_gradients, random_upstream
+    from gradtool.check.sampling import sample_dims, sample_inputs
+    from gradtool.symbolic.evaluate import evaluate, run_forward
+
+    path = tmp_path / "attention1.py"
+    path.write_text("from gradtool.lang import *\n" + ATTENTION)
+    report = derive_report(str(path))
+    shown = {g["wrt"]: (g["expression"], g["matrix"])
+             for g in report["intermediates"] + report["gradients"]}
+    assert shown == {
+        "S": ("(-Σ_j(G[t,j]·O[t,j]) + Σ_j(G[t,j]·V[s,j]))·A[t,s]",
+              "(G Vᵀ − (Σ_j(G ⊙ O))) ⊙ A"),
+        "Q": ("Σ_s(K[s,k]·dS[t,s])/sqrt(Dk)", "(dS K)/√Dk"),
+        "K": ("Σ_t(Q[t,k]·dS[t,s])/sqrt(Dk)", "(dSᵀ Q)/√Dk"),
+        "V": ("Σ_t(A[t,s]·G[t,j])", "Aᵀ G"),
+    }
+    att = derive(load_spec(path))
+    for seed in range(2):
+        assert_matches_autograd(att, seed=seed)
+        # the printed forms through dS, evaluated as printed, against torch.autograd
+        rng = np.random.default_rng(seed)
+        dims = sample_dims(att.spec, rng, low=1, high=5)
+        inputs = sample_inputs(att.spec, dims, rng)
+        upstream = random_upstream(att, dims, rng)
+        oracle = autograd_gradients(att, inputs, dims, upstream)
+        env = run_forward(att.program, inputs, dims)
+        env.update(upstream)
+        env["dS"] = np.asarray(evaluate(att.program, present(att.named["S"]), att.canon["S"],
+                                        env, dims))
+        for name in ("Q", "K"):
+            printed = np.asarray(evaluate(att.program, present(att.via[name]), att.canon[name],
+                                          env, dims))
+            assert max_rel_err(printed, oracle[name]) < 1e-10, name

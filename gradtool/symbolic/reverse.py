@@ -56,6 +56,10 @@ class Derivation:
     contributions: dict[str, list[Contribution]] = field(default_factory=dict)
     steps: dict[str, sp.Expr] = field(default_factory=dict)
     closed: dict[str, sp.Expr] = field(default_factory=dict)
+    # intermediates whose adjoint is shown under its own name (dS), and the gradients
+    # written through them; ``closed`` stays fully inlined (the kernels use it)
+    named: dict[str, sp.Expr] = field(default_factory=dict)
+    via: dict[str, sp.Expr] = field(default_factory=dict)
 
     @property
     def spec(self) -> Spec:
@@ -158,7 +162,44 @@ def derive(spec: Spec, progress: Callable[[str], None] | None = None) -> Derivat
             _close(d, t.name)
         else:  # the output does not depend on it
             d.steps[t.name] = d.closed[t.name] = sp.Integer(0)
+    _name_shared_adjoints(d, say)
     return d
+
+
+def _name_shared_adjoints(d: Derivation, say: Callable[[str], None]) -> None:
+    """Write gradients through a shared intermediate's adjoint, as a textbook does.
+
+    An intermediate that reads two or more differentiable inputs and whose adjoint contains a
+    reduction (attention's scores S, read by Q and K) gets its adjoint printed once as ``dS``;
+    the gradients of those inputs are then written with ``dS`` (``dQ = dS·K/√d``) instead of
+    repeating it inlined."""
+    inputs = {t.name for t in d.spec.grad_inputs if t.name in d.active}
+    readers: dict[str, set[str]] = {}
+    for name in inputs:
+        for c in d.contributions[name]:
+            readers.setdefault(c.statement.target, set()).add(name)
+    for target, read in readers.items():
+        if target in d.seeds or target in inputs or len(read) < 2 \
+                or not d.closed[target].has(sp.Sum):
+            continue
+        d.named[target] = d.closed[target]
+    if not d.named:
+        return
+    for name in sorted(inputs, key=list(d.active).index):
+        shared = [c for c in d.contributions[name] if c.statement.target in d.named]
+        if not shared:
+            continue
+        say(f"d{name} through {', '.join(sorted(d.named))}")
+        raw = sp.Add(*[c.expr for c in d.contributions[name]])
+        renamed = {}
+        for node in raw.atoms(sp.Indexed):
+            label = node.base.label.name
+            if label.startswith("g_") and label[2:] in d.named:
+                renamed[node] = sp.IndexedBase(f"d{label[2:]}")[node.indices]
+        expr = d.simplifier(_inline_adjoints(d, raw.xreplace(renamed)))
+        from gradtool.symbolic.printing import factored
+
+        d.via[name] = factored(expr)
 
 
 def _contribution(d: Derivation, a: Assign, node) -> Contribution | None:
