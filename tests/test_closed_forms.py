@@ -191,10 +191,10 @@ def _user_spec(tmp_path, name, source):
 
 
 GROUP_NORM = """\
-spec = Spec("groupnorm4", "group norm over (Cg, L) of X[N, G, Cg, L]")
-N, G, C, L = spec.dims("N G Cg L")
-n, g, c, l = spec.indices(n=N, g=G, c=C, l=L)
-X = spec.input("X", N, G, C, L)
+spec = Spec("groupnorm4", "group norm over (Cg, L) of X[N, NG, Cg, L] (NG groups; G is the upstream gradient)")
+N, NG, C, L = spec.dims("N NG Cg L")
+n, g, c, l = spec.indices(n=N, g=NG, c=C, l=L)
+X = spec.input("X", N, NG, C, L)
 eps = spec.hyper("eps", 1e-5)
 mu = spec.let("mu", [n, g], Sum(Sum(X[n, g, c, l], l), c) / (C * L))
 xc = spec.let("xc", [n, g, c, l], X[n, g, c, l] - mu[n, g])
