@@ -191,7 +191,7 @@ def _user_spec(tmp_path, name, source):
 
 
 GROUP_NORM = """\
-spec = Spec("groupnorm4", "group norm over (Cg, L) of X[N, NG, Cg, L] (NG groups; G is the upstream gradient)")
+spec = Spec("groupnorm4", "group norm over (Cg, L) of X[N, NG, Cg, L], NG groups")
 N, NG, C, L = spec.dims("N NG Cg L")
 n, g, c, l = spec.indices(n=N, g=NG, c=C, l=L)
 X = spec.input("X", N, NG, C, L)
