@@ -340,3 +340,23 @@ def test_attention_prints_through_the_scores_adjoint(tmp_path):
             printed = np.asarray(evaluate(att.program, present(att.via[name]), att.canon[name],
                                           env, dims))
             assert max_rel_err(printed, oracle[name]) < 1e-10, name
+
+
+def test_softplus_derivative_is_sigmoid(tmp_path):
+    sp_ = _user_spec(tmp_path, "softplus", """\
+spec = Spec("softplus", "log(1 + e^X)")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+X = spec.input("X", N, D)
+spec.output("Y", [n, d], log(1 + exp(X[n, d])))
+""")
+    assert text(present(sp_.closed["X"])) == "σ(X[n,d])·G[n,d]"
+    grad, env, _ = evaluate_closed(sp_, "X")
+    assert max_rel_err(grad, env["G"] * _sigmoid(env["X"])) < 1e-12
+    assert_matches_autograd(sp_, seed=0)
+
+
+@pytest.mark.parametrize("name", ["layernorm", "batchnorm", "softmax", "linear"])
+def test_unshared_adjoints_stay_inlined(name):
+    """Only an intermediate read by two inputs, with a reduction in its adjoint, is named."""
+    assert derive_report(name)["intermediates"] == []

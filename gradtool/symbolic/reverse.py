@@ -196,10 +196,7 @@ def _name_shared_adjoints(d: Derivation, say: Callable[[str], None]) -> None:
             label = node.base.label.name
             if label.startswith("g_") and label[2:] in d.named:
                 renamed[node] = sp.IndexedBase(f"d{label[2:]}")[node.indices]
-        expr = d.simplifier(_inline_adjoints(d, raw.xreplace(renamed)))
-        from gradtool.symbolic.printing import factored
-
-        d.via[name] = factored(expr)
+        d.via[name] = _closed_form(d, _inline_adjoints(d, raw.xreplace(renamed)), True)
 
 
 def _contribution(d: Derivation, a: Assign, node) -> Contribution | None:
@@ -327,12 +324,18 @@ def inverse(body: sp.Expr, x: sp.Symbol, y: sp.Symbol) -> sp.Expr | None:
 
 def _close(d: Derivation, name: str) -> None:
     """Sum the contributions to ``name`` and substitute the closed forms upstream."""
-    simplify = d.simplifier
     raw = sp.Add(*[c.expr for c in d.contributions[name]])
     if name in d.seeds:
         raw += d.adjoint_access(name)
-    d.steps[name] = simplify(raw)
-    inlined = _inline_adjoints(d, raw)
+    d.steps[name] = d.simplifier(raw)
+    d.closed[name] = _closed_form(d, _inline_adjoints(d, raw),
+                                  name in {t.name for t in d.spec.grad_inputs})
+
+
+def _closed_form(d: Derivation, inlined: sp.Expr, reported: bool) -> sp.Expr:
+    """Simplify an adjoint whose upstream adjoints are inlined, σ named, in the later forward
+    names where that is shorter; factored if ``reported``."""
+    simplify = d.simplifier
     closed = name_logistic(simplify(inlined))
     rewritten = simplify(simplify.rewrite(closed))
     # the later names are meant to shorten the form (xc = xhat/rstd); substituting a chain of
@@ -342,11 +345,11 @@ def _close(d: Derivation, name: str) -> None:
     # sums over one range merged and small polynomials factored: 1 − tanh² stays one factor,
     # which keeps its precision where tanh saturates (docs/fuzzing.md, finding 11)
     # (only for what is reported: an intermediate's form is inlined and expanded again)
-    if name in {t.name for t in d.spec.grad_inputs}:
+    if reported:
         from gradtool.symbolic.printing import factored
 
         closed = factored(closed)
-    d.closed[name] = closed
+    return closed
 
 
 def _inline_adjoints(d: Derivation, expr):

@@ -118,16 +118,15 @@ def name_logistic(expr) -> sp.Expr:
                      1 + sp.exp(u): 1 / (1 - s), 1 + sp.exp(-u): 1 / s})
     if not subs:
         return expr
-    named = {v.args[0] for v in subs.values() for v in v.atoms(Sigmoid)}
 
-    def ok(term):
-        return not any(isinstance(p, sp.Pow) and p.exp.is_negative and p.base.has(Sigmoid)
-                       for p in sp.preorder_traversal(term)) and term.has(*named)
+    def divides_by_sigma(term) -> bool:
+        return any(isinstance(p, sp.Pow) and p.exp.is_negative and p.base.has(Sigmoid)
+                   for p in sp.preorder_traversal(term))
 
     terms = []
     for term in sp.Add.make_args(expr):
         candidate = term.xreplace(subs)
-        terms.append(candidate if ok(candidate) else term)
+        terms.append(term if divides_by_sigma(candidate) else candidate)
     return sp.Add(*terms)
 
 
