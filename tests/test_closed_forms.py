@@ -360,3 +360,19 @@ spec.output("Y", [n, d], log(1 + exp(X[n, d])))
 def test_unshared_adjoints_stay_inlined(name):
     """Only an intermediate read by two inputs, with a reduction in its adjoint, is named."""
     assert derive_report(name)["intermediates"] == []
+
+
+def test_elementwise_swiglu_gate(tmp_path):
+    """The gate alone, Y = a·σ(a)·b: da = G·b·σ(a)·(1 + a·(1 − σ(a))), db = G·a·σ(a)."""
+    gate = _user_spec(tmp_path, "gate", """\
+spec = Spec("gate", "a·σ(a)·b")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+a = spec.input("a", N, D)
+b = spec.input("b", N, D)
+spec.output("Y", [n, d], a[n, d] * sigmoid(a[n, d]) * b[n, d])
+""")
+    assert text(present(gate.closed["a"])) == \
+        "((1 - σ(a[n,d]))·a[n,d] + 1)·σ(a[n,d])·G[n,d]·b[n,d]"
+    assert text(present(gate.closed["b"])) == "σ(a[n,d])·G[n,d]·a[n,d]"
+    assert_matches_autograd(gate, seed=0)
