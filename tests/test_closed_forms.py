@@ -259,20 +259,31 @@ def test_mish_names_sigmoid_and_groups_the_tanh_derivative(tmp_path):
         assert_matches_autograd(mish, seed=seed)
 
 
-def test_swiglu_names_sigmoid_once(tmp_path):
-    """SwiGLU, a = X·W1, b = X·W2: da = G·b·σ(a)·(1 + a·(1 − σ(a))), db = G·a·σ(a)."""
-    sw = _user_spec(tmp_path, "swiglu", SWIGLU)
-    shown = {name: text(present(sw.closed[name])) for name in ("X", "W1", "W2")}
-    assert shown["W1"] == \
-        "Σ_n(((1 - σ(a[n,h]))·a[n,h] + 1)·σ(a[n,h])·G[n,h]·X[n,i]·b[n,h])"
-    assert shown["W2"] == "Σ_n(σ(a[n,h])·G[n,h]·X[n,i]·a[n,h])"
-    assert all("exp" not in s for s in shown.values()), shown
+def test_swiglu_names_sigmoid_and_the_shared_adjoints(tmp_path):
+    """SwiGLU, a = X·W1, b = X·W2: da = G·b·σ(a)·(1 + a·(1 − σ(a))), db = G·a·σ(a),
+    dX = da W1ᵀ + db W2ᵀ, dW1 = Xᵀ da, dW2 = Xᵀ db."""
+    path = tmp_path / "swiglu.py"
+    path.write_text("from gradtool.lang import *\n" + SWIGLU)
+    report = derive_report(str(path))
+    shown = {g["wrt"]: (g["expression"], g["matrix"])
+             for g in report["intermediates"] + report["gradients"]}
+    assert shown == {
+        "a": ("((1 - σ(a[n,h]))·a[n,h] + 1)·σ(a[n,h])·G[n,h]·b[n,h]",
+              "(1 + (1 − σ(a)) ⊙ a) ⊙ G ⊙ b ⊙ σ(a)"),
+        "b": ("σ(a[n,h])·G[n,h]·a[n,h]", "G ⊙ a ⊙ σ(a)"),
+        "X": ("Σ_h(W1[i,h]·da[n,h]) + Σ_h(W2[i,h]·db[n,h])", "da W1ᵀ + db W2ᵀ"),
+        "W1": ("Σ_n(X[n,i]·da[n,h])", "Xᵀ da"),
+        "W2": ("Σ_n(X[n,i]·db[n,h])", "Xᵀ db"),
+    }
+    assert all("exp" not in text for text, _ in shown.values()), shown
+    sw = derive(load_spec(path))
     grad, env, _ = evaluate_closed(sw, "W1")
     a, b, g = env["a"], env["b"], env["G"]
     da = g * b * _sigmoid(a) * (1 + a * (1 - _sigmoid(a)))
     assert max_rel_err(grad, env["X"].T @ da) < 1e-12
     for seed in range(2):
         assert_matches_autograd(sw, seed=seed)
+        assert_printed_through_names_match_autograd(sw, seed)
 
 
 def test_sigmoid_is_named_only_where_its_quotient_appears():
@@ -307,10 +318,6 @@ spec.output("O", [t, j], Sum(A[t, s] * V[s, j], s))
 
 def test_attention_prints_through_the_scores_adjoint(tmp_path):
     """dS = A ⊙ (G Vᵀ − rowsum(G ⊙ O)), dQ = dS K/√d, dK = dSᵀ Q/√d, dV = Aᵀ G."""
-    from gradtool.check.numeric import autograd_gradients, random_upstream
-    from gradtool.check.sampling import sample_dims, sample_inputs
-    from gradtool.symbolic.evaluate import evaluate, run_forward
-
     path = tmp_path / "attention1.py"
     path.write_text("from gradtool.lang import *\n" + ATTENTION)
     report = derive_report(str(path))
@@ -324,22 +331,33 @@ def test_attention_prints_through_the_scores_adjoint(tmp_path):
         "V": ("Σ_t(A[t,s]·G[t,j])", "Aᵀ G"),
     }
     att = derive(load_spec(path))
+    assert set(att.via) == {"Q", "K"}
     for seed in range(2):
         assert_matches_autograd(att, seed=seed)
-        # the printed forms through dS, evaluated as printed, against torch.autograd
-        rng = np.random.default_rng(seed)
-        dims = sample_dims(att.spec, rng, low=1, high=5)
-        inputs = sample_inputs(att.spec, dims, rng)
-        upstream = random_upstream(att, dims, rng)
-        oracle = autograd_gradients(att, inputs, dims, upstream)
-        env = run_forward(att.program, inputs, dims)
-        env.update(upstream)
-        env["dS"] = np.asarray(evaluate(att.program, present(att.named["S"]), att.canon["S"],
-                                        env, dims))
-        for name in ("Q", "K"):
-            printed = np.asarray(evaluate(att.program, present(att.via[name]), att.canon[name],
-                                          env, dims))
-            assert max_rel_err(printed, oracle[name]) < 1e-10, name
+        assert_printed_through_names_match_autograd(att, seed)
+
+
+def assert_printed_through_names_match_autograd(d, seed):
+    """Each named adjoint (dS) and each gradient printed through it, evaluated as printed,
+    against torch.autograd in float64."""
+    from gradtool.check.numeric import autograd_gradients, random_upstream
+    from gradtool.check.sampling import sample_dims, sample_inputs
+    from gradtool.symbolic.evaluate import evaluate, run_forward
+
+    rng = np.random.default_rng(seed)
+    dims = sample_dims(d.spec, rng, low=1, high=5)
+    inputs = sample_inputs(d.spec, dims, rng)
+    upstream = random_upstream(d, dims, rng)
+    oracle = autograd_gradients(d, inputs, dims, upstream)
+    env = run_forward(d.program, inputs, dims)
+    env.update(upstream)
+    for name, adjoint in d.named.items():
+        env[f"d{name}"] = np.asarray(evaluate(d.program, present(adjoint), d.canon[name],
+                                              env, dims))
+    assert d.via
+    for name, form in d.via.items():
+        printed = np.asarray(evaluate(d.program, present(form), d.canon[name], env, dims))
+        assert max_rel_err(printed, oracle[name]) < 1e-10, name
 
 
 def test_softplus_derivative_is_sigmoid(tmp_path):

@@ -169,19 +169,20 @@ def derive(spec: Spec, progress: Callable[[str], None] | None = None) -> Derivat
 def _name_shared_adjoints(d: Derivation, say: Callable[[str], None]) -> None:
     """Write gradients through a shared intermediate's adjoint, as a textbook does.
 
-    An intermediate that reads two or more differentiable inputs and whose adjoint contains a
-    reduction (attention's scores S, read by Q and K) gets its adjoint printed once as ``dS``;
-    the gradients of those inputs are then written with ``dS`` (``dQ = dS·K/√d``) instead of
-    repeating it inlined."""
+    An intermediate that reads two or more differentiable inputs, and whose adjoint is more
+    than the upstream gradient times one factor, gets its adjoint printed once under its own
+    name: attention's scores S (read by Q and K) as ``dS``, SwiGLU's a = X·W1 as ``da``. The
+    gradients of those inputs are then written with it (``dQ = dS·K/√d``, ``dW1 = Xᵀ·da``)
+    instead of repeating it inlined."""
     inputs = {t.name for t in d.spec.grad_inputs if t.name in d.active}
     readers: dict[str, set[str]] = {}
     for name in inputs:
         for c in d.contributions[name]:
             readers.setdefault(c.statement.target, set()).add(name)
-    for target, read in readers.items():
+    for target, read in sorted(readers.items(), key=lambda item: d.active.index(item[0])):
         if target in d.seeds or target in inputs or len(read) < 2 \
-                or not d.closed[target].has(sp.Sum):
-            continue
+                or sp.count_ops(d.closed[target]) < 2:
+            continue  # dh = G or G·W reads better inlined
         d.named[target] = d.closed[target]
     if not d.named:
         return
