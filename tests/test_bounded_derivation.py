@@ -146,3 +146,20 @@ def test_expansion_budget_keeps_the_plain_form():
     assert expansion_size((a[0] + a[1] + a[2]) ** 4) == 15  # C(4 + 2, 2)
     assert expansion_size(sp.tanh(small) * sp.exp(small)) == 1 + 4 + 4
 
+
+
+@pytest.mark.parametrize("name", ["layernorm", "softmax_cross_entropy", "sigmoid", "conv2d"])
+def test_over_budget_the_plain_form_is_still_right(monkeypatch, name):
+    """With every size budget at its smallest, each rewrite falls back to the plain form;
+    the gradients are longer but still equal torch.autograd's."""
+    import gradtool.symbolic.printing as printing
+    import gradtool.symbolic.reverse as reverse
+    import gradtool.symbolic.simplify as simplify
+    from tests.helpers import assert_matches_autograd
+
+    for module, attr, value in [(simplify, "EXPAND_BUDGET", 1), (simplify, "INLINE_BUDGET", 0),
+                                (simplify, "CANCEL_BUDGET", 0), (simplify, "ORDER_BUDGET", 1),
+                                (reverse, "LOCAL_BUDGET", 0), (printing, "_FACTOR_OPS", 0)]:
+        monkeypatch.setattr(module, attr, value)
+    d = derive(load_spec(name))
+    assert_matches_autograd(d, seed=0)
