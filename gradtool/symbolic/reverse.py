@@ -186,17 +186,19 @@ def _name_shared_adjoints(d: Derivation, say: Callable[[str], None]) -> None:
         d.named[target] = d.closed[target]
     if not d.named:
         return
-    for name in sorted(inputs, key=list(d.active).index):
+    for name in sorted(inputs, key=d.active.index):
         shared = [c for c in d.contributions[name] if c.statement.target in d.named]
         if not shared:
             continue
         say(f"d{name} through {', '.join(sorted(d.named))}")
         raw = sp.Add(*[c.expr for c in d.contributions[name]])
         renamed = {}
-        for node in raw.atoms(sp.Indexed):
-            label = node.base.label.name
-            if label.startswith("g_") and label[2:] in d.named:
-                renamed[node] = sp.IndexedBase(f"d{label[2:]}")[node.indices]
+        for node in raw.atoms(sp.Indexed, sp.Symbol):
+            label = node.base.label.name if isinstance(node, sp.Indexed) else node.name
+            if not (label.startswith("g_") and label[2:] in d.named):
+                continue
+            renamed[node] = sp.IndexedBase(f"d{label[2:]}")[node.indices] \
+                if isinstance(node, sp.Indexed) else sp.Symbol(f"d{label[2:]}", real=True)
         d.via[name] = _closed_form(d, _inline_adjoints(d, raw.xreplace(renamed)), True)
 
 
