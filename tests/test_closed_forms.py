@@ -394,3 +394,20 @@ spec.output("Y", [n, d], a[n, d] * sigmoid(a[n, d]) * b[n, d])
         "((1 - σ(a[n,d]))·a[n,d] + 1)·σ(a[n,d])·G[n,d]·b[n,d]"
     assert text(present(gate.closed["b"])) == "σ(a[n,d])·G[n,d]·a[n,d]"
     assert_matches_autograd(gate, seed=0)
+
+
+def test_a_shared_scalar_adjoint_is_named(tmp_path):
+    """s = Σ X·W read by X and W: ds = (1 − tanh²(s))·Σ G·X, dW = ds·X."""
+    d = _user_spec(tmp_path, "scalar_shared", """\
+spec = Spec("scalar_shared", "tanh(Σ X·W)·X")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+X = spec.input("X", N, D)
+W = spec.param("W", N, D)
+s = spec.let("s", [], Sum(X[n, d] * W[n, d], n, d))
+spec.output("Y", [n, d], tanh(s) * X[n, d])
+""")
+    assert text(present(d.named["s"])) == "(1 - tanh(s)^2)·Σ_n,d(G[n,d]·X[n,d])"
+    assert text(present(d.via["W"])) == "ds·X[n,d]"
+    for seed in range(2):
+        assert_printed_through_names_match_autograd(d, seed)
