@@ -145,6 +145,42 @@ def specs_cmd(
                   "file (docs/spec-language.md).")
 
 
+class _Working:
+    """A spinner on stderr naming the current step, shown once a command has run for
+    ``DELAY`` seconds (a quick derivation prints nothing extra) and only on a terminal, so
+    piped output and ``--json`` stay as they are."""
+
+    DELAY = 1.0
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and err_console.is_terminal
+        self.status = None
+
+    def __enter__(self):
+        import time
+
+        self.start = time.monotonic()
+        return self
+
+    def step(self, text: str) -> None:
+        if not self.enabled:
+            return
+        from rich.markup import escape
+
+        if self.status is None:
+            import time
+
+            if time.monotonic() - self.start < self.DELAY:
+                return
+            self.status = err_console.status("", spinner="dots")
+            self.status.start()
+        self.status.update(f"[dim]deriving:[/] {escape(text)}")
+
+    def __exit__(self, *exc) -> None:
+        if self.status is not None:
+            self.status.stop()
+
+
 @app.command("derive", epilog=_DERIVE_EXAMPLES)
 def derive_cmd(
     spec: Annotated[str, typer.Argument(help="A built-in spec name (see `gradtool specs`) "
@@ -182,12 +218,13 @@ def derive_cmd(
     try:
         from gradtool.report import derive_report, parse_shape
 
-        report = derive_report(spec, jacobians=jacobian, shape=parse_shape(shape),
-                               steps=steps)
+        with _Working(enabled=not as_json) as working:
+            report = derive_report(spec, jacobians=jacobian, shape=parse_shape(shape),
+                                   steps=steps, progress=working.step)
     except Exception as exc:  # noqa: BLE001
         _fail(exc, debug)
     if as_json:
-        for g in report["gradients"]:
+        for g in report["gradients"] + report["intermediates"]:
             g.pop("sympy", None)
         _print_json(report)
         return

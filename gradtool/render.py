@@ -23,7 +23,7 @@ def render_latex(console: Console, report: dict) -> None:
     out = [f"% {report['spec']}: {report['description']}", "% forward"]
     out += [r["latex"] for r in report["forward"]]
     out.append("% backward")
-    out += [g["latex"] for g in report["gradients"]]
+    out += [g["latex"] for g in report.get("intermediates", []) + report["gradients"]]
     for jac in report.get("jacobians", []):
         out.append(f"% Jacobian d{jac['output']}/d{jac['wrt']}")
         out.append(jac["latex"])
@@ -51,7 +51,7 @@ def render_derivation(console: Console, report: dict, latex: bool = False) -> No
     seeds = ", ".join(f"{s} = ∂L/∂{out}" for out, s in report["seeds"].items() if s != "1")
     note = "dX = ∂L/∂X" + (f"; {seeds}" if seeds else "; L is the output itself")
     body = Text()
-    for k, g in enumerate(report["gradients"]):
+    for k, g in enumerate(report.get("intermediates", []) + report["gradients"]):
         if k:
             body.append("\n")
         body.append(g[key], style="bold")

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import sympy as sp
 
 from gradtool.errors import GradtoolError
@@ -62,19 +64,23 @@ def _forward(d: Derivation) -> list[dict]:
     return rows
 
 
-def _gradients(d: Derivation) -> list[dict]:
+def _gradients(d: Derivation, names=None) -> list[dict]:
+    """A row per differentiable input (or, with ``names``, per named intermediate adjoint);
+    a gradient written through a named adjoint (dQ = dS·K/√d) is shown in that form."""
     rows = []
-    for t in d.spec.grad_inputs:
-        expr = present(d.closed[t.name])
+    tensors = [d.spec.tensors[n] for n in names] if names is not None else d.spec.grad_inputs
+    for t in tensors:
+        closed = d.via.get(t.name, d.closed[t.name])
+        expr = present(closed)
         idx = d.canon[t.name]
         lhs = "d" + _access_text(t.name, idx)
         rows.append({
             "wrt": t.name, "kind": t.kind, "indices": [str(i) for i in idx],
             "text": f"{lhs} = {text(expr)}", "expression": text(expr),
-            "matrix": matrix(d.closed[t.name], idx),
+            "matrix": matrix(closed, idx),
             "latex": rf"\frac{{\partial L}}{{\partial {_access_latex(t.name, idx)}}}"
                      f" = {latex(expr)}",
-            "sympy": sp.srepr(d.closed[t.name]),
+            "sympy": sp.srepr(closed),
         })
     return rows
 
@@ -135,19 +141,29 @@ def _jacobians(d: Derivation, shape: dict[str, int] | None) -> list[dict]:
 
 
 def derive_report(spec_or_path: str | Spec, *, jacobians: bool = False,
-                  shape: dict[str, int] | None = None, steps: bool = False) -> dict:
-    """Derive a spec and return its forward, gradients and, on request, Jacobians and steps."""
+                  shape: dict[str, int] | None = None, steps: bool = False,
+                  progress: Callable[[str], None] | None = None) -> dict:
+    """Derive a spec and return its forward, gradients and, on request, Jacobians and steps.
+
+    ``progress`` is called with the name of each step as it starts (see
+    :func:`gradtool.symbolic.reverse.derive`)."""
+    say = progress or (lambda step: None)
+    say("loading the spec")
     spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path)
-    d = derive(spec)
+    d = derive(spec, progress=progress)
+    say("printing the closed forms")
     seeds = {name: (str(s.base) if isinstance(s, sp.Indexed) else str(s))
              for name, s in d.seeds.items()}
     report = {
         "spec": spec.name, "description": spec.description, "file": spec.file,
         "reference": spec.reference, "seeds": seeds,
         "forward": _forward(d), "gradients": _gradients(d),
+        "intermediates": _gradients(d, list(d.named)),
     }
     if jacobians or shape is not None:
+        say("Jacobians")
         report["jacobians"] = _jacobians(d, shape)
     if steps:
+        say("chain-rule steps")
         report["steps"] = _steps(d)
     return report

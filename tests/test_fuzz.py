@@ -68,6 +68,7 @@ EXAMPLES_PRINTED = int(_ENV) if _ENV else 20
 EXAMPLES_FACTS = int(_ENV) if _ENV else 4
 EXAMPLES_MULTI_AUTOGRAD = int(_ENV) if _ENV else 10
 EXAMPLES_MULTI_CHECK = int(_ENV) if _ENV else 6
+EXAMPLES_CHAINS = int(_ENV) if _ENV else 8
 
 # The default run is derandomized (the same examples every time, so the suite is not flaky)
 # and does not shrink a failure (shrinking re-derives specs for minutes; the failing source is
@@ -394,19 +395,21 @@ FAILURES = Path(tempfile.gettempdir()) / "gradtool-fuzz-failures"
 
 
 @contextlib.contextmanager
-def _time_limit(source: str | None = None):
-    """With GRADTOOL_FUZZ_TIME_LIMIT=S, an example that runs longer than S seconds fails (and
-    prints its spec) instead of holding up a long run: how slow derivations are found.
+def _time_limit(source: str | None = None, seconds: int = 0):
+    """With GRADTOOL_FUZZ_TIME_LIMIT=S (or ``seconds``), an example that runs longer than S
+    seconds fails (and prints its spec) instead of holding up a long run: how slow
+    derivations are found.
 
     Whatever fails, the example's spec is saved under FAILURES and its path and text are added
     to the error, so a failure that fails differently (or times out again) when hypothesis
     replays it still shows the spec that failed first."""
-    if _LIMIT:
+    limit = _LIMIT or seconds
+    if limit:
         def expire(*_):
-            raise TimeoutError(f"this example took longer than {_LIMIT} s")
+            raise TimeoutError(f"this example took longer than {limit} s")
 
         old = signal.signal(signal.SIGALRM, expire)
-        signal.alarm(_LIMIT)
+        signal.alarm(limit)
     try:
         yield
     except BaseException as exc:
@@ -423,7 +426,7 @@ def _time_limit(source: str | None = None):
             exc.add_note(f"the failing spec (saved as {path}):\n{source}")
         raise
     finally:
-        if _LIMIT:
+        if limit:
             signal.alarm(0)
             signal.signal(signal.SIGALRM, old)
 
@@ -512,7 +515,7 @@ def test_function_skips_gradients_nobody_asked_for(source):
     from gradtool.codegen.emit import class_name
 
     note(source)
-    with _time_limit(), tempfile.TemporaryDirectory() as folder:
+    with _time_limit(source), tempfile.TemporaryDirectory() as folder:
         spec = _load(folder, source)
         mod = compile_spec(spec, "torch")
     fn = getattr(mod, class_name(spec.name) + "Function")
@@ -611,6 +614,56 @@ def test_two_output_kernels_pass_every_check(source):
     _assert_checks_pass(source)
 
 
+
+# -- composed exp / log / tanh chains (issue 7, item 5) -------------------------------------
+
+# (template, allowed for an argument bound m?, bound of the result): the element-wise maps
+# whose derivatives once sent the engine into sympy.solve for minutes
+CHAIN_MAPS = [
+    ("tanh({})", lambda m: m <= SATURATE, lambda m: 1.0),
+    ("sigmoid({})", lambda m: m <= SATURATE, lambda m: 1.0),
+    ("exp({})", lambda m: m <= 5, math.exp),
+    ("log(1 + exp({}))", lambda m: m <= 30, lambda m: math.log1p(math.exp(m))),
+    ("log(1 + ({})**2)", lambda m: True, lambda m: math.log1p(m * m)),
+    ("({}) + ({})**3", lambda m: m <= 3, lambda m: m + m ** 3),
+    ("({}) / 3", lambda m: True, lambda m: m / 3),
+]
+CHAIN_HANG = 60  # seconds: far above what any chain takes; fails only a derivation that hangs
+
+
+@st.composite
+def chain_sources(draw) -> str:
+    """An element-wise spec Y = Σ_k k·f_k(X/k), each f_k a composition of 1-3 maps from
+    ``CHAIN_MAPS`` (tanh(tanh(tanh(X))), tanh(X + X³), log(1 + exp(tanh(X))), ...), written
+    inline or, for one term, through a ``spec.let`` per layer."""
+    lines = ['spec = Spec("chain", "a composed element-wise chain")',
+             'N, D = spec.dims("N D")', "n, d = spec.indices(n=N, d=D)",
+             'X = spec.input("X", N, D)']
+    count = draw(st.integers(1, 3))
+    lets = count == 1 and draw(st.booleans())
+    terms = []
+    for k in range(1, count + 1):
+        text, bound = ("X[n, d]", 5.0) if k == 1 else (f"X[n, d] / {k}", 5.0 / k)
+        for layer in range(draw(st.integers(1, 3))):
+            tpl, _, size = draw(st.sampled_from([m for m in CHAIN_MAPS if m[1](bound)]))
+            text, bound = tpl.format(text, text), size(bound)
+            if lets:
+                lines.append(f'u{layer} = spec.let("u{layer}", [n, d], {text})')
+                text = f"u{layer}[n, d]"
+        terms.append(text if k == 1 else f"{k}*({text})")
+    lines.append(f'spec.output("Y", [n, d], {" + ".join(terms)})')
+    return HEAD + "\n".join(lines) + "\n"
+
+
+@settings(FUZZ, max_examples=EXAMPLES_CHAINS)
+@given(source=chain_sources(), shape=st.sampled_from(SHAPES))
+def test_composed_chains_derive_and_match_autograd(source, shape):
+    note(source)
+    with _time_limit(source, CHAIN_HANG), tempfile.TemporaryDirectory() as folder:
+        d = derive(_load(folder, source))
+        assert_matches_autograd(d, seed=_seed(source, shape[0]), fixed=shape[1])
+
+
 # -- the strategy itself ----------------------------------------------------------------------
 
 @settings(FUZZ, max_examples=50)
@@ -653,3 +706,11 @@ def test_generated_two_output_specs_are_well_formed(source):
         read = {a.base.label.name for a in last.rhs.atoms(sp.Indexed)} \
             | {x.name for x in last.rhs.free_symbols}
         assert first.target in read
+
+
+@settings(FUZZ, max_examples=30)
+@given(source=chain_sources())
+def test_generated_chains_are_well_formed(source):
+    with tempfile.TemporaryDirectory() as folder:
+        spec = _load(folder, source)
+    assert [t.name for t in spec.grad_inputs] == ["X"]

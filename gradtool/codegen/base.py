@@ -49,8 +49,8 @@ class MatMul(Arr):
 def py_name(name: str) -> str:
     """A Python identifier that shadows neither a keyword, a module the code imports, nor a
     name the generated code uses itself (``need``, ``keep``)."""
-    if keyword.iskeyword(name) or name in {"np", "torch", "math", "erf", "self", "ctx", "need",
-                                           "keep"}:
+    if keyword.iskeyword(name) or name in {"np", "torch", "math", "erf", "expit", "self", "ctx",
+                                           "need", "keep"}:
         return name + "_"
     return name
 

@@ -594,7 +594,7 @@ def _header(spec: Spec, d: Derivation, target: str) -> list[str]:
              f'"""{spec.name}: {_doc(spec.description)}', "", "Forward:"]
     lines += ["    " + r["text"] for r in _forward(d)]
     lines += ["", "Backward (G is the upstream gradient ∂L/∂output):"]
-    lines += ["    " + r["text"] for r in _gradients(d)]
+    lines += ["    " + r["text"] for r in _gradients(d, list(d.named)) + _gradients(d)]
     lines.append('"""')
     return lines
 

@@ -11,14 +11,15 @@ class NumpyPrinter(ArrayPrinter):
         "exp": "np.exp", "log": "np.log", "sqrt": "np.sqrt", "tanh": "np.tanh",
         "sinh": "np.sinh", "cosh": "np.cosh", "sin": "np.sin", "cos": "np.cos",
         "atan": "np.arctan", "Abs": "np.abs", "sign": "np.sign", "erf": "erf",
+        "Sigmoid": "expit",
     }
     SUM = "{x}.sum({axes})"
     MAX = "{x}.max({axes})"
 
     def _call(self, fname, arg, expr):
         out = super()._call(fname, arg, expr)
-        if fname == "erf" and not out.code.startswith("math."):
-            self.imports.add("erf")
+        if fname in ("erf", "Sigmoid") and not out.code.startswith("math."):
+            self.imports.add(self.FUNCS[fname])
         return out
 
     def einsum(self, spec: str, args: str) -> str:
@@ -54,4 +55,5 @@ IMPORTS = {
     "np": "import numpy as np",
     "math": "import math",
     "erf": "from scipy.special import erf",
+    "expit": "from scipy.special import expit",
 }

@@ -15,6 +15,7 @@ class TorchPrinter(ArrayPrinter):
         "exp": "torch.exp", "log": "torch.log", "sqrt": "torch.sqrt", "tanh": "torch.tanh",
         "sinh": "torch.sinh", "cosh": "torch.cosh", "sin": "torch.sin", "cos": "torch.cos",
         "atan": "torch.atan", "Abs": "torch.abs", "sign": "torch.sign", "erf": "torch.erf",
+        "Sigmoid": "torch.sigmoid",
     }
     SUM = "{x}.sum({axes})"
     MAX = "{x}.amax({axes})"

@@ -54,6 +54,8 @@ class NumpyOps:
             except ImportError:  # pragma: no cover - scipy comes with scikit-learn
                 erf = np.vectorize(math.erf)
             return erf
+        if name == "Sigmoid":  # σ(u) = e^(−log(1 + e^(−u))): no overflow at large |u|
+            return lambda u: np.exp(-np.logaddexp(0.0, -u))
         return {"exp": np.exp, "log": np.log, "tanh": np.tanh, "sinh": np.sinh,
                 "cosh": np.cosh, "sin": np.sin, "cos": np.cos, "atan": np.arctan,
                 "Abs": np.abs, "sign": np.sign}[name]
@@ -104,7 +106,7 @@ class TorchOps(NumpyOps):
         t = self.torch
         return {"exp": t.exp, "log": t.log, "tanh": t.tanh, "sinh": t.sinh, "cosh": t.cosh,
                 "sin": t.sin, "cos": t.cos, "atan": t.atan, "Abs": t.abs, "erf": t.erf,
-                "sign": t.sign}[name]
+                "sign": t.sign, "Sigmoid": t.sigmoid}[name]
 
     def broadcast(self, x, shape):
         return self.asarray(x).expand(shape).clone()

@@ -33,6 +33,45 @@ class ArgMaxMask(sp.Function):
         return rf"\left[{value} = {best}\right]"
 
 
+class Sigmoid(sp.Function):
+    """The logistic function σ(u) = 1 / (1 + e^(−u)) as one named node, so that a derived form
+    reads σ(X) and σ(X)·(1 − σ(X)) where a textbook does, not e^X/(1 + e^X).
+
+    Its derivative is σ·(1 − σ); the engine names it (``simplify.name_logistic``), the
+    spec language's ``sigmoid`` still writes the quotient. Evaluates with torch.sigmoid and
+    scipy.special.expit, which do not overflow where e^(−u) does."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, u):
+        if u.is_Number:
+            return 1 / (1 + sp.exp(-u))
+        return None
+
+    def fdiff(self, argindex=1):
+        return self * (1 - self)
+
+    def _eval_rewrite_as_exp(self, u, **kwargs):
+        return 1 / (1 + sp.exp(-u))
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_is_positive(self):
+        return True if self.args[0].is_real else None
+
+    def _eval_evalf(self, prec):
+        return (1 / (1 + sp.exp(-self.args[0])))._eval_evalf(prec)
+
+    def _sympystr(self, printer):
+        return f"σ({printer.doprint(self.args[0])})"
+
+    def _latex(self, printer, exp=None):
+        out = rf"\sigma\left({printer._print(self.args[0])}\right)"
+        return out if exp is None else f"{out}^{{{exp}}}"
+
+
 @dataclass
 class Assign:
     target: str

@@ -8,7 +8,7 @@ import sympy as sp
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
-from gradtool.symbolic.ir import ArgMaxMask, access_indices, access_name
+from gradtool.symbolic.ir import ArgMaxMask, Sigmoid, access_indices, access_name
 
 GREEK = {"gamma": "γ", "beta": "β", "alpha": "α", "mu": "μ", "sigma": "σ", "eps": "ε",
          "lambda_": "λ", "tau": "τ", "rho": "ρ", "theta": "θ", "xhat": "x̂",
@@ -75,11 +75,14 @@ def _merge_sums(e):
             others.append(term)
             continue
         (var, lo, hi), = sums[0].limits
-        groups.setdefault((lo, hi), []).append((coeff, var, sums[0].function))
+        # a sum is merged only with sums of the same shape: G·Vᵀ (over t, s) and the row sum
+        # of G ⊙ O (over t, broadcast along s) stay two terms
+        shape = frozenset(s_ for s_ in sums[0].free_symbols if s_.is_integer)
+        groups.setdefault((lo, hi, shape), []).append((coeff, var, sums[0].function))
     if not any(len(g) > 1 for g in groups.values()):
         return e
     out = list(others)
-    for (lo, hi), members in groups.items():
+    for (lo, hi, _), members in groups.items():
         if len(members) == 1:
             coeff, var, body = members[0]
             out.append(coeff * sp.Sum(body, (var, lo, hi)))
@@ -98,6 +101,9 @@ def _merge_sums(e):
 
 
 _FACTOR_TERMS = 24  # larger sums are left as they are: factoring them costs more than it shows
+# and so are sums of more operations than this: multivariate factoring grows fast with the
+# number of distinct factors (the built-in specs factor sums of at most ~50 operations)
+_FACTOR_OPS = 120
 
 
 def _conjugate(f, g) -> bool:
@@ -128,15 +134,18 @@ def _factor_polynomials(e):
         return e
     rest = [t for t in e.args if t.has(*special)]
     part = sp.Add(*plain)
+    if sp.count_ops(part) > _FACTOR_OPS:
+        return e
     factored = _factor_one(part)
     return e if factored is part else sp.Add(factored, *rest)
 
 
 def _factor_one(e):
-    """``e`` factored, with conjugate pairs joined, or ``e`` itself if that is not shorter."""
+    """``e`` factored, with conjugate pairs joined and what is left grouped by common
+    factors, or ``e`` itself if that is not shorter."""
     factored = sp.factor(e)
     if not isinstance(factored, sp.Mul):
-        return e
+        return _group(e)
     factors, sign = [], 1
     rest = list(sp.Mul.make_args(factored))
     while rest:  # (x − c)(x + c) → x² − c², then 1 − x² rather than x² − 1
@@ -155,8 +164,54 @@ def _factor_one(e):
                   if isinstance(f, sp.Add) and f.as_coeff_Add()[0] == 0), None)
         if k is not None:
             sign, factors[k] = 1, -factors[k]
+    factors = [_group(f) if isinstance(f, sp.Add) else f for f in factors]
     out = sign * sp.Mul(*factors)
     return out if sp.count_ops(out) <= sp.count_ops(e) else e
+
+
+def _monomial(term) -> dict:
+    """A product as {base: positive integer exponent}, numbers left out."""
+    out = {}
+    for f in sp.Mul.make_args(term):
+        base, exp = f.as_base_exp()
+        if f.is_Number or not (exp.is_Integer and exp > 0):
+            continue
+        out[base] = out.get(base, 0) + int(exp)
+    return out
+
+
+def _group(e):
+    """An irreducible sum with its terms grouped by their largest shared factor:
+    tanh + X·σ − X·σ·tanh² → tanh + X·σ·(1 − tanh²), 1 + a − a·σ → 1 + a·(1 − σ).
+    Returns ``e`` where grouping does not shorten it."""
+    if not isinstance(e, sp.Add) or len(e.args) < 3:
+        return e
+    terms = list(e.args)
+    monos = [_monomial(t) for t in terms]
+    best = None
+    for base in sorted(set().union(*monos), key=sp.default_sort_key):
+        members = [k for k, m in enumerate(monos) if base in m]
+        if len(members) < 2 or len(members) == len(terms):
+            continue
+        common = sp.Mul(*[b ** min(monos[k].get(b, 0) for k in members)
+                          for b in sorted(monos[members[0]], key=sp.default_sort_key)])
+        score = (len(members), sp.count_ops(common) + len(sp.Mul.make_args(common)))
+        if best is None or score > best[0]:
+            best = (score, common, members)
+    if best is None:
+        return e
+    _, common, members = best
+    inner = _factor_polynomials(sp.Add(*[sp.cancel(terms[k] / common) for k in members]))
+    others = _group(sp.Add(*[t for k, t in enumerate(terms) if k not in members]))
+    out = common * inner + others
+    return out if _weight(out) < _weight(e) else e
+
+
+def _weight(e) -> tuple[int, int]:
+    """(reads of tensors and scalars, operations): what grouping a sum should lessen."""
+    reads = sum(1 for n in sp.preorder_traversal(e)
+                if isinstance(n, sp.Indexed) or (isinstance(n, sp.Symbol) and not n.is_integer))
+    return reads, sp.count_ops(e)
 
 
 # -- plain text (index notation) ---------------------------------------------------------------
@@ -186,6 +241,9 @@ class IndexPrinter(StrPrinter):
 
     def _print_Heaviside(self, expr):
         return f"[{self._print(expr.args[0])} > 0]"
+
+    def _print_Sigmoid(self, expr):
+        return f"σ({self._print(expr.args[0])})"
 
     def _print_ArgMaxMask(self, expr):
         return f"[{self._print(expr.args[0])} = {self._print(expr.args[1])}]"
@@ -251,6 +309,10 @@ class IndexLatexPrinter(LatexPrinter):
     def _print_Heaviside(self, expr, pow=None):
         return rf"\left[{self._print(expr.args[0])} > 0\right]"
 
+    def _print_Sigmoid(self, expr, exp=None):
+        out = rf"\sigma\left({self._print(expr.args[0])}\right)"
+        return out if exp is None else f"{out}^{{{exp}}}"
+
     def _print_ArgMaxMask(self, expr):
         return rf"\left[{self._print(expr.args[0])} = {self._print(expr.args[1])}\right]"
 
@@ -315,7 +377,8 @@ def _mat(e, free) -> str:
     if isinstance(e, sp.Heaviside):
         return f"[{_mat(e.args[0], free)} > 0]"
     if isinstance(e, sp.Function) and not isinstance(e, ArgMaxMask) and len(e.args) == 1:
-        return f"{type(e).__name__}({_mat(e.args[0], free)})"
+        name = "σ" if isinstance(e, Sigmoid) else type(e).__name__
+        return f"{name}({_mat(e.args[0], free)})"
     raise _NoMatrixFormError
 
 

@@ -18,6 +18,7 @@ own upstream gradient plus the contributions of every statement that reads it: w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -33,7 +34,7 @@ from gradtool.symbolic.ir import (
     normalize,
     rename,
 )
-from gradtool.symbolic.simplify import Simplifier
+from gradtool.symbolic.simplify import Simplifier, name_logistic
 
 UNINVERTIBLE = (sp.Piecewise, sp.Max, sp.Min, sp.Heaviside, sp.Abs)
 
@@ -60,6 +61,10 @@ class Derivation:
     contributions: dict[str, list[Contribution]] = field(default_factory=dict)
     steps: dict[str, sp.Expr] = field(default_factory=dict)
     closed: dict[str, sp.Expr] = field(default_factory=dict)
+    # intermediates whose adjoint is shown under its own name (dS), and the gradients
+    # written through them; ``closed`` stays fully inlined (the kernels use it)
+    named: dict[str, sp.Expr] = field(default_factory=dict)
+    via: dict[str, sp.Expr] = field(default_factory=dict)
 
     @property
     def spec(self) -> Spec:
@@ -130,8 +135,14 @@ def _active(program: Program) -> list[str]:
     return [n for n in dict.fromkeys(order) if n in needed]
 
 
-def derive(spec: Spec) -> Derivation:
-    """Reverse mode for every differentiable input and parameter of ``spec``."""
+def derive(spec: Spec, progress: Callable[[str], None] | None = None) -> Derivation:
+    """Reverse mode for every differentiable input and parameter of ``spec``.
+
+    ``progress``, if given, is called with the name of each step as it starts (``"adjoint of
+    xhat (3/7)"``); ``gradtool derive`` shows it on a spinner. Every step is bounded in size
+    (see ``simplify.EXPAND_BUDGET``), so a derivation always ends."""
+    say = progress or (lambda step: None)
+    say("normalising to SSA form")
     program = normalize(spec)
     canon = _canonical_indices(program)
     active = _active(program)
@@ -155,20 +166,23 @@ def derive(spec: Spec) -> Derivation:
     d = Derivation(program, Simplifier(program), seeds, canon, active, set(seeds) & read,
                    names, {t: _unused(f"g_{t}", f"g_{t}", taken) for t in active})
     d.contributions = {name: [] for name in active}
-    for a in reversed(program.assigns):
-        if a.kind == "update" or a.target not in active:
-            continue
+    todo = [a for a in reversed(program.assigns) if a.kind != "update" and a.target in active]
+    for k, a in enumerate(todo, 1):
+        say(f"adjoint of {a.target} ({k}/{len(todo)})")
         _close(d, a.target)
         for node in accesses(a.body, spec):
             if access_name(node) in active:
+                say(f"local derivative ∂{a.target}/∂{access_name(node)}")
                 c = _contribution(d, a, node)
                 if c is not None:
                     d.contributions[c.tensor].append(c)
     for t in spec.grad_inputs:
         if t.name in active:
+            say(f"closed form of d{t.name}")
             _close(d, t.name)
         else:  # the output does not depend on it
             d.steps[t.name] = d.closed[t.name] = sp.Integer(0)
+    _name_shared_adjoints(d, say)
     return d
 
 
@@ -180,6 +194,42 @@ def _unused(first: str, second: str, taken: set) -> str:
         name += "_"
     taken.add(name)
     return name
+
+
+def _name_shared_adjoints(d: Derivation, say: Callable[[str], None]) -> None:
+    """Write gradients through a shared intermediate's adjoint, as a textbook does.
+
+    An intermediate that reads two or more differentiable inputs, and whose adjoint is more
+    than the upstream gradient times one factor, gets its adjoint printed once under its own
+    name: attention's scores S (read by Q and K) as ``dS``, SwiGLU's a = X·W1 as ``da``. The
+    gradients of those inputs are then written with it (``dQ = dS·K/√d``, ``dW1 = Xᵀ·da``)
+    instead of repeating it inlined."""
+    inputs = {t.name for t in d.spec.grad_inputs if t.name in d.active}
+    readers: dict[str, set[str]] = {}
+    for name in inputs:
+        for c in d.contributions[name]:
+            readers.setdefault(c.statement.target, set()).add(name)
+    for target, read in sorted(readers.items(), key=lambda item: d.active.index(item[0])):
+        if target in d.seeds or target in inputs or len(read) < 2 \
+                or sp.count_ops(d.closed[target]) < 2:
+            continue  # dh = G or G·W reads better inlined
+        d.named[target] = d.closed[target]
+    if not d.named:
+        return
+    for name in sorted(inputs, key=d.active.index):
+        shared = [c for c in d.contributions[name] if c.statement.target in d.named]
+        if not shared:
+            continue
+        say(f"d{name} through {', '.join(sorted(d.named))}")
+        raw = sp.Add(*[c.expr for c in d.contributions[name]])
+        renamed = {}
+        for node in raw.atoms(sp.Indexed, sp.Symbol):
+            label = node.base.label.name if isinstance(node, sp.Indexed) else node.name
+            if not (label.startswith("g_") and label[2:] in d.named):
+                continue
+            renamed[node] = sp.IndexedBase(f"d{label[2:]}")[node.indices] \
+                if isinstance(node, sp.Indexed) else sp.Symbol(f"d{label[2:]}", real=True)
+        d.via[name] = _closed_form(d, _inline_adjoints(d, raw.xreplace(renamed)), True)
 
 
 def _contribution(d: Derivation, a: Assign, node) -> Contribution | None:
@@ -234,35 +284,92 @@ def _rule(a: Assign, idx, missing) -> str:
 
 
 def _local_form(d: Derivation, a: Assign, node, local):
-    """Write a local derivative in forward names: d tanh = 1 − Y², d sigmoid = Y(1 − Y)."""
-    local = d.simplifier.substitute_forward(local)
-    if a.reduce is None and len(accesses(a.body, d.spec)) == 1 \
-            and node in local.free_symbols | set(accesses(local, d.spec)) \
-            and not a.body.has(*UNINVERTIBLE):
-        x, y = sp.Dummy("x", real=True), sp.Dummy("y", real=True)
-        try:
-            solutions = sp.solve(sp.Eq(y, a.body.xreplace({node: x})), x)
-        except (NotImplementedError, ValueError, TypeError):
-            solutions = []
-        if len(solutions) == 1:
-            out = d.program.access(a.target, a.lhs)
-            flat = local.xreplace({node: x, out: y})
-            candidate = sp.simplify(flat.subs(x, solutions[0]))
-            if x not in candidate.free_symbols and \
-                    sp.count_ops(candidate) < sp.count_ops(flat):
-                local = candidate.xreplace({y: out})
+    """Write a local derivative in forward names: d tanh = 1 − Y², d sigmoid = Y(1 − Y).
+
+    The input is written in terms of the output by peeling the body's layers (``inverse``),
+    never by ``sympy.solve``: solving ``Y = tanh(X + X³)`` for X runs for minutes (Cardano's
+    formula under an atanh), and nested tanh for seconds each. The substituted form is kept
+    only where it is shorter, and is simplified only while it stays small (``LOCAL_BUDGET``)."""
+    local = name_logistic(d.simplifier.substitute_forward(local))
+    if a.reduce is not None or len(accesses(a.body, d.spec)) != 1 \
+            or node not in local.free_symbols | set(accesses(local, d.spec)) \
+            or a.body.has(*UNINVERTIBLE):
+        return local
+    x, y = sp.Dummy("x", real=True), sp.Dummy("y", real=True)
+    solution = inverse(a.body.xreplace({node: x}), x, y)
+    if solution is None:
+        return local
+    out = d.program.access(a.target, a.lhs)
+    flat = local.xreplace({node: x, out: y})
+    candidate = flat.xreplace({x: solution})
+    if sp.count_ops(candidate) <= LOCAL_BUDGET:
+        cancelled = sp.cancel(candidate)
+        factored = sp.factor(cancelled)
+        candidate = min((cancelled, factored), key=sp.count_ops)
+    if x not in candidate.free_symbols and sp.count_ops(candidate) < sp.count_ops(flat):
+        local = candidate.xreplace({y: out})
     return local
+
+
+# A substituted local derivative larger than this is not simplified (cancel and factor of a
+# rational function grow with its size; the local derivatives of activations are < 20).
+LOCAL_BUDGET = 40
+
+# y = f(x) ⇒ x = f⁻¹(y) for one-to-one functions on the reals
+_INVERSES = {sp.exp: sp.log, sp.log: sp.exp, sp.tanh: sp.atanh, sp.sinh: sp.asinh,
+             sp.atan: sp.tan}
+
+
+def inverse(body: sp.Expr, x: sp.Symbol, y: sp.Symbol) -> sp.Expr | None:
+    """``x`` as a function of ``y = body(x)``, or None where ``body`` is not invertible layer
+    by layer.
+
+    Each layer on the path from the root to the one occurrence of ``x`` is undone in turn:
+    adding or multiplying by something free of x, a reciprocal, a constant base raised to x,
+    and the one-to-one functions of ``_INVERSES``. The cost is linear in the depth of the
+    body; a body reading x twice (x + x³), or through a map that is not one-to-one (x²,
+    cosh), gives None."""
+    target = y
+    while body != x:
+        if body.count(x) != 1:
+            return None
+        if isinstance(body, (sp.Add, sp.Mul)):
+            inner = next(arg for arg in body.args if arg.has(x))
+            rest = body.func(*[arg for arg in body.args if arg is not inner])
+            if isinstance(body, sp.Add):
+                target = target - rest
+            elif rest == 0:
+                return None
+            else:
+                target = target / rest
+            body = inner
+        elif isinstance(body, sp.Pow) and not body.exp.has(x) and body.exp in (1, -1):
+            target, body = target ** body.exp, body.base
+        elif isinstance(body, sp.Pow) and not body.base.has(x) and body.base.is_positive \
+                and body.base != 1:
+            target, body = sp.log(target) / sp.log(body.base), body.exp
+        elif type(body) in _INVERSES and len(body.args) == 1:
+            target, body = _INVERSES[type(body)](target), body.args[0]
+        else:
+            return None
+    return target
 
 
 def _close(d: Derivation, name: str) -> None:
     """Sum the contributions to ``name`` and substitute the closed forms upstream."""
-    simplify = d.simplifier
     raw = sp.Add(*[c.expr for c in d.contributions[name]])
     if name in d.seeds:
         raw += d.seed_access(name)
-    d.steps[name] = simplify(raw)
-    inlined = _inline_adjoints(d, raw)
-    closed = simplify(inlined)
+    d.steps[name] = d.simplifier(raw)
+    d.closed[name] = _closed_form(d, _inline_adjoints(d, raw),
+                                  name in {t.name for t in d.spec.grad_inputs})
+
+
+def _closed_form(d: Derivation, inlined: sp.Expr, reported: bool) -> sp.Expr:
+    """Simplify an adjoint whose upstream adjoints are inlined, σ named, in the later forward
+    names where that is shorter; factored if ``reported``."""
+    simplify = d.simplifier
+    closed = name_logistic(simplify(inlined))
     rewritten = simplify(simplify.rewrite(closed))
     # the later names are meant to shorten the form (xc = xhat/rstd); substituting a chain of
     # quotients into powers can blow it up instead, and then the form stays as it was
@@ -271,11 +378,11 @@ def _close(d: Derivation, name: str) -> None:
     # sums over one range merged and small polynomials factored: 1 − tanh² stays one factor,
     # which keeps its precision where tanh saturates (docs/fuzzing.md, finding 11)
     # (only for what is reported: an intermediate's form is inlined and expanded again)
-    if name in {t.name for t in d.spec.grad_inputs}:
+    if reported:
         from gradtool.symbolic.printing import factored
 
         closed = factored(closed)
-    d.closed[name] = closed
+    return closed
 
 
 def _inline_adjoints(d: Derivation, expr):

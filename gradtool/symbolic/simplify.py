@@ -9,11 +9,20 @@ uses (xc = xhat/rstd, e = S·Z).
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import sympy as sp
 
-from gradtool.symbolic.ir import Program, access_indices, access_name, accesses, rename
+from gradtool.symbolic.ir import (
+    Program,
+    Sigmoid,
+    access_indices,
+    access_name,
+    accesses,
+    rename,
+)
 
 
 @dataclass
@@ -30,7 +39,10 @@ def expand(expr) -> sp.Expr:
     """``sp.expand`` that leaves arg-max masks and denominators as they are.
 
     A mask ``[body = max body]`` compares the body with the value the forward computed; an
-    expanded body is algebraically equal but does not compare equal in floating point."""
+    expanded body is algebraically equal but does not compare equal in floating point.
+    An expression whose expansion would have more than ``EXPAND_BUDGET`` terms stays as it is
+    (still correct, only less simplified): multiplying out a product of sums grows as the
+    product of their lengths."""
     from gradtool.symbolic.ir import ArgMaxMask
 
     keep = {m: sp.Dummy("mask") for m in expr.atoms(ArgMaxMask)} if expr.has(ArgMaxMask) \
@@ -39,10 +51,83 @@ def expand(expr) -> sp.Expr:
     for p in expr.atoms(sp.Pow):
         if p.exp.is_negative and isinstance(p.base, sp.Add) and p.base not in keep:
             keep[p.base] = sp.Dummy("den")
-    if not keep:
-        return sp.expand(expr, power_base=False, power_exp=False, log=False)
-    out = sp.expand(expr.xreplace(keep), power_base=False, power_exp=False, log=False)
-    return out.xreplace({v: k for k, v in keep.items()})
+    masked = expr.xreplace(keep) if keep else expr
+    if expansion_size(masked) > EXPAND_BUDGET:
+        return expr
+    out = sp.expand(masked, power_base=False, power_exp=False, log=False)
+    return out.xreplace({v: k for k, v in keep.items()}) if keep else out
+
+
+# The largest expansion the built-in specs make has about 50 terms (conv2d; layer norm 15);
+# SymPy multiplies out a few thousand terms in about a second.
+EXPAND_BUDGET = 2000
+
+
+def expansion_size(expr, limit: int = EXPAND_BUDGET) -> int:
+    """An upper bound on the number of terms ``sp.expand`` makes of ``expr``, its top level
+    and the arguments of its functions together; counting stops once it passes ``limit``.
+
+    A sum has the terms of its parts, a product the product of its factors' counts, and
+    (a₁ + … + a_k)^m the multinomial count C(m + k − 1, k − 1)."""
+    cap = limit + 1
+
+    def size(e) -> tuple[int, int]:  # (terms at this level, terms made inside functions)
+        if e.is_Atom or isinstance(e, (sp.Indexed, sp.IndexedBase)):
+            return 1, 0
+        parts = [size(a) for a in e.args]
+        inner = min(sum(w for _, w in parts), cap)
+        if isinstance(e, sp.Add):
+            return min(sum(t for t, _ in parts), cap), inner
+        if isinstance(e, sp.Mul):
+            out = 1
+            for t, _ in parts:
+                out = min(out * t, cap)
+            return out, inner
+        if isinstance(e, sp.Pow):
+            (base, _), (exp, _) = parts
+            if e.exp.is_Integer and e.exp > 1 and base > 1:
+                m = int(e.exp)
+                return (cap if m > limit else min(math.comb(m + base - 1, base - 1), cap)), inner
+            return min(base * exp, cap), inner
+        # a function (or a Sum) is one term outside; its arguments are expanded on their own
+        return 1, min(inner + sum(t for t, _ in parts), cap)
+
+    terms, work = size(expr)
+    return min(terms + work, cap)
+
+
+def name_logistic(expr) -> sp.Expr:
+    """Name the logistic function where its quotient appears: with s = σ(u),
+    e^u/(1 + e^u) → s, 1/(1 + e^(−u)) → s, e^(−u)/(1 + e^(−u))² → s·(1 − s).
+
+    Every u with a denominator 1 + e^(±u) is substituted as e^u = s/(1 − s), e^(−u) =
+    (1 − s)/s; a term keeps the result only where no denominator in s is left (e^u alone
+    stays e^u). Linear in the size of ``expr``."""
+    subs = {}
+    for p in sorted(expr.atoms(sp.Pow), key=sp.default_sort_key):
+        if not (p.exp.is_negative and isinstance(p.base, sp.Add) and len(p.base.args) == 2):
+            continue
+        one, e = p.base.as_coeff_Add()
+        if one != 1 or not isinstance(e, sp.exp):
+            continue
+        u = -e.args[0] if e.args[0].could_extract_minus_sign() else e.args[0]
+        if sp.exp(u) in subs:
+            continue
+        s = Sigmoid(u)
+        subs.update({sp.exp(u): s / (1 - s), sp.exp(-u): (1 - s) / s,
+                     1 + sp.exp(u): 1 / (1 - s), 1 + sp.exp(-u): 1 / s})
+    if not subs:
+        return expr
+
+    def divides_by_sigma(term) -> bool:
+        return any(isinstance(p, sp.Pow) and p.exp.is_negative and p.base.has(Sigmoid)
+                   for p in sp.preorder_traversal(term))
+
+    terms = []
+    for term in sp.Add.make_args(expr):
+        candidate = term.xreplace(subs)
+        terms.append(term if divides_by_sigma(candidate) else candidate)
+    return sp.Add(*terms)
 
 
 # Folding inlines element-wise intermediates to find sums that vanish (Σ_d (X − μ) = 0), and
@@ -54,8 +139,31 @@ INLINE_BUDGET = 60
 CANCEL_BUDGET = 40
 
 
+# A sum over more indices than this is taken in its written order only (k! orders).
+ORDER_BUDGET = 3
+
+
+def _orders(limits):
+    """The orders in which to try a sum's limits: the written one first."""
+    if len(limits) > ORDER_BUDGET:
+        return [tuple(limits)]
+    return list(itertools.permutations(limits))
+
+
 def count_sums(expr) -> int:
     return sum(1 for n in sp.preorder_traversal(expr) if isinstance(n, sp.Sum))
+
+
+def _bind(mapping: dict, pattern, access) -> dict | None:
+    """``mapping`` extended so that the read ``pattern`` becomes ``access``, or None."""
+    out = dict(mapping)
+    for a, b in zip(access_indices(pattern), access_indices(access)):
+        if not isinstance(a, sp.Symbol):
+            if a != b:
+                return None
+        elif out.setdefault(a, b) != b:
+            return None
+    return out
 
 
 class Simplifier:
@@ -95,9 +203,19 @@ class Simplifier:
     def _sums(self, expr, depth):
         if isinstance(expr, sp.Sum):
             body = self(expr.function, depth)
-            for var, lo, hi in expr.limits:
-                body = self.sum_over(body, var, hi - lo + 1, depth)
-            return body
+            # a finite sum over several indices may be taken in any order, and a definition
+            # may only fold in one of them: Σ_c Σ_l x̂ vanishes through s_mu = Σ_l X and
+            # mu = Σ_c s_mu / (C·L), but nothing folds Σ_c x̂ first
+            best = None
+            for order in _orders(expr.limits):
+                out = body
+                for var, lo, hi in order:
+                    out = self.sum_over(out, var, hi - lo + 1, depth)
+                if count_sums(out) <= count_sums(body):
+                    return out  # every index of this sum folded away
+                if best is None or count_sums(out) < count_sums(best):
+                    best = out
+            return best
         if not expr.args or isinstance(expr, (sp.Indexed, sp.IndexedBase)):
             return expr
         if not expr.has(sp.Sum):
@@ -125,7 +243,28 @@ class Simplifier:
                     remaining = sp.Mul(*[g for g in dep if g is not f])
                     return rest * rename(remaining, {var: other})
         body = sp.Mul(*dep)
-        return rest * self.fold(body, var, count, depth)
+        folded = self.fold(body, var, count, depth)
+        if count_sums(folded) > count_sums(body):
+            swapped = self._interchange(dep, var, count, depth)
+            if swapped is not None and count_sums(swapped) < count_sums(folded):
+                return rest * swapped
+        return rest * folded
+
+    def _interchange(self, dep, var, count, depth):
+        """Σ_s f(s)·Σ_j g(s, j) taken as Σ_j Σ_s f·g, where the inner sum over s folds into a
+        definition: Σ_s A[t,s]·Σ_j G[t,j]·V[s,j] = Σ_j G[t,j]·O[t,j] with O = Σ_s A·V."""
+        inner = [f for f in dep if isinstance(f, sp.Sum)]
+        if len(inner) != 1 or depth >= 2:
+            return None
+        (inside,) = inner
+        bound = {lim[0] for lim in inside.limits}
+        others = [f for f in dep if f is not inside]
+        if any(f.free_symbols & bound for f in others):
+            return None
+        out = self.sum_over(expand(sp.Mul(*others) * inside.function), var, count, depth + 1)
+        for j, lo, hi in inside.limits:
+            out = self.sum_over(out, j, hi - lo + 1, depth + 1)
+        return out
 
     # -- folding a sum into what it already names ---------------------------------------------
     def fold(self, body, var, count, depth) -> sp.Expr:
@@ -172,15 +311,16 @@ class Simplifier:
         for cand in theirs:
             if access_name(cand) != access_name(first):
                 continue
-            mapping = {d.over: var}
-            ok = True
-            for a, b in zip(access_indices(first), access_indices(cand)):
-                if not isinstance(a, sp.Symbol):
-                    ok = ok and a == b
-                    continue
-                if mapping.setdefault(a, b) != b:
-                    ok = False
-            if not ok or any(i not in mapping for i in d.free):
+            mapping = _bind({d.over: var}, first, cand)
+            # free indices the first read leaves open come from the others (O = Σ_s A·V:
+            # A[t,s] gives t, V[s,j] gives j)
+            for other in mine[1:]:
+                if mapping is None or all(i in mapping for i in d.free):
+                    break
+                mapping = next((m for m in (_bind(mapping, other, c) for c in theirs
+                                            if access_name(c) == access_name(other))
+                                if m is not None), mapping)
+            if mapping is None or any(i not in mapping for i in d.free):
                 continue
             if len(set(mapping.values())) != len(mapping):
                 continue  # Σ_k A[k]/B[k] is not t[k] = Σ_k A[k]/B[d]: the sum index is its own

@@ -1,0 +1,165 @@
+"""Every derivation ends (issue 7, item 5): no rewrite runs unbounded.
+
+Each example once ran for seconds to minutes (or past 1 GB) inside ``sympy.solve``. Each now
+derives in a subprocess that is killed only if it hangs (the limit is far above the time it
+takes, and no time is asserted), and its gradient is compared with torch.autograd in float64.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sympy as sp
+from rich.console import Console
+from typer.testing import CliRunner
+
+from gradtool.spec.loader import load_spec
+from gradtool.symbolic.reverse import derive, inverse
+
+ROOT = Path(__file__).resolve().parent.parent
+HANG = 60  # seconds; each example derives in about a second (docs/benchmarks.md)
+
+HEAD = """\
+from gradtool.lang import *
+spec = Spec("chain", "a composed element-wise chain")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+X = spec.input("X", N, D)
+x = X[n, d]
+"""
+
+EXAMPLES = {
+    "gelu_tanh_inline": "spec.output('Y', [n, d], tanh(x + x**3))",
+    "tanh2": "spec.output('Y', [n, d], tanh(tanh(x)))",
+    "tanh3": "spec.output('Y', [n, d], tanh(tanh(tanh(x))))",
+    "ten_tanh_terms": "spec.output('Y', [n, d], sum(k * tanh(x / k) for k in range(1, 11)))",
+}
+
+CHILD = """\
+import sys
+from gradtool.spec.loader import load_spec
+from gradtool.symbolic.reverse import derive
+from tests.helpers import assert_matches_autograd
+
+d = derive(load_spec(sys.argv[1]))
+for seed in range(2):
+    assert_matches_autograd(d, seed=seed)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_derivation_ends_and_matches_autograd(tmp_path, name):
+    path = tmp_path / f"{name}.py"
+    path.write_text(HEAD + EXAMPLES[name] + "\n")
+    try:
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(path)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=HANG)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{name}: deriving did not end within {HANG} s")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"
+
+
+def test_local_derivatives_in_forward_names_without_solve(tmp_path):
+    """The layers are peeled, not solved: sigmoid's derivative is still written in Y."""
+    path = tmp_path / "sig.py"
+    path.write_text(HEAD + "spec.output('Y', [n, d], 1 / (1 + exp(-x)))\n")
+    d = derive(load_spec(path))
+    G, Y = sp.IndexedBase("G"), d.spec.tensors["Y"].base
+    n, dd = d.canon["X"]
+    assert sp.expand(d.closed["X"] - G[n, dd] * Y[n, dd] * (1 - Y[n, dd])) == 0
+
+
+@pytest.mark.parametrize("body, expected", [
+    (lambda x: sp.tanh(2 * x + 1), lambda y: (sp.atanh(y) - 1) / 2),
+    (lambda x: 1 / (1 + sp.exp(-x)), lambda y: -sp.log(1 / y - 1)),
+    (lambda x: sp.log(3 + sp.exp(x)), lambda y: sp.log(sp.exp(y) - 3)),
+    (lambda x: 2 ** x, lambda y: sp.log(y) / sp.log(2)),
+])
+def test_inverse_peels_one_to_one_layers(body, expected):
+    x, y = sp.symbols("x y", real=True)
+    solution = inverse(body(x), x, y)
+    assert sp.simplify(solution - expected(y)) == 0
+    assert sp.simplify(body(solution) - y) == 0
+
+
+@pytest.mark.parametrize("body", [
+    lambda x: x + x ** 3,            # x read twice
+    lambda x: x ** 2,                # not one-to-one
+    lambda x: sp.cosh(x),
+    lambda x: sp.tanh(x) * sp.exp(x),
+])
+def test_inverse_gives_up_where_layers_do_not_invert(body):
+    x, y = sp.symbols("x y", real=True)
+    assert inverse(body(x), x, y) is None
+
+
+def test_derive_names_each_step(tmp_path):
+    path = tmp_path / "t.py"
+    path.write_text(HEAD + "t = spec.let('t', [n, d], tanh(x))\n"
+                           "spec.output('Y', [n, d], exp(t[n, d]))\n")
+    steps: list[str] = []
+    derive(load_spec(path), progress=steps.append)
+    assert steps == ["normalising to SSA form", "adjoint of Y (1/2)", "local derivative ∂Y/∂t",
+                     "adjoint of t (2/2)", "local derivative ∂t/∂X", "closed form of dX"]
+
+
+def test_cli_shows_the_step_on_a_terminal_only(monkeypatch):
+    import gradtool.cli as cli
+
+    runner = CliRunner()
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "err_console", Console(file=screen, force_terminal=True,
+                                                    width=100))
+    monkeypatch.setattr(cli._Working, "DELAY", 0.0)
+    result = runner.invoke(cli.app, ["derive", "tanh"])
+    assert result.exit_code == 0, result.output
+    assert "deriving:" in screen.getvalue()
+    assert "deriving:" not in result.stdout
+
+    screen.seek(0)
+    screen.truncate(0)
+    result = runner.invoke(cli.app, ["derive", "tanh", "--json"])
+    assert result.exit_code == 0
+    assert screen.getvalue() == "", "--json shows no spinner"
+    import json
+
+    json.loads(result.stdout)
+
+
+def test_expansion_budget_keeps_the_plain_form():
+    """A product of sums too large to multiply out stays a product (and stays correct)."""
+    from gradtool.symbolic.simplify import EXPAND_BUDGET, expand, expansion_size
+
+    a = sp.symbols("a0:8")
+    small = (a[0] + a[1]) * (a[2] + a[3])
+    assert expansion_size(small) == 4
+    assert expand(small) == sp.expand(small)
+    big = sp.Mul(*[sum(a) + k for k in range(5)])  # 9⁵ terms
+    assert expansion_size(big) > EXPAND_BUDGET
+    assert expand(big) == big
+    assert expansion_size((a[0] + a[1] + a[2]) ** 4) == 15  # C(4 + 2, 2)
+    assert expansion_size(sp.tanh(small) * sp.exp(small)) == 1 + 4 + 4
+
+
+
+@pytest.mark.parametrize("name", ["layernorm", "softmax_cross_entropy", "sigmoid", "conv2d"])
+def test_over_budget_the_plain_form_is_still_right(monkeypatch, name):
+    """With every size budget at its smallest, each rewrite falls back to the plain form;
+    the gradients are longer but still equal torch.autograd's."""
+    import gradtool.symbolic.printing as printing
+    import gradtool.symbolic.reverse as reverse
+    import gradtool.symbolic.simplify as simplify
+    from tests.helpers import assert_matches_autograd
+
+    for module, attr, value in [(simplify, "EXPAND_BUDGET", 1), (simplify, "INLINE_BUDGET", 0),
+                                (simplify, "CANCEL_BUDGET", 0), (simplify, "ORDER_BUDGET", 1),
+                                (reverse, "LOCAL_BUDGET", 0), (printing, "_FACTOR_OPS", 0)]:
+        monkeypatch.setattr(module, attr, value)
+    d = derive(load_spec(name))
+    assert_matches_autograd(d, seed=0)
