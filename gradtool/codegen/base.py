@@ -451,6 +451,9 @@ class ArrayPrinter:
         body = e.function
         for var, lo, hi in e.limits:  # bound indices renamed by the emitter keep their range
             self.ranges.setdefault(var, sp.expand((hi - lo + 1).xreplace(self.scalars)))
+        merged = self._merge_window(e)
+        if merged is not None:
+            return self.lower(merged)
         for f in sp.Mul.make_args(body):
             split = self._scatter_target(f, over)
             if split is not None:
@@ -493,11 +496,44 @@ class ArrayPrinter:
                 return h, target
         return None
 
+    def _merge_window(self, e):
+        """Σ_k W[k]·Σ_t δ(h, S·t + k)·G[n,t] as one sum Σ_{k,t} W[k]·δ(h, S·t + k)·G[n,t].
+
+        The window index k of the inner scatter is summed outside it: every factor that
+        depends on k (the weight W[k] of a strided or depthwise convolution) has to be
+        scattered with the values at k, so the two sums become one scatter-add over (t, k).
+        None when ``e`` has no such inner sum."""
+        over = {lim[0] for lim in e.limits}
+        factors = list(sp.Mul.make_args(e.function))
+        for f in factors:
+            if not isinstance(f, sp.Sum):
+                continue
+            inner_over = {lim[0] for lim in f.limits}
+            rest = [g for g in factors if g is not f]
+            if any(inner_over & self._indices_of(g) for g in rest) or inner_over & over:
+                continue  # merging would capture an index
+            window = [d for d in sp.Mul.make_args(f.function)
+                      if self._scatter_target(d, list(inner_over)) is not None]
+            if any(self._indices_of(self._scatter_target(d, list(inner_over))[1]) & over
+                   for d in window):
+                return sp.Sum(sp.Mul(*rest) * f.function, *e.limits, *f.limits)
+        return None
+
     SCATTER = "scatter_add"
 
     def _scatter(self, e, delta, h, target) -> Arr:
+        """Σ_over values·δ(h, target) as a scatter-add into a new axis h.
+
+        Indices of ``target`` that this sum does not reduce (k in Σ_t δ(h, S·t + k)·G[n,t])
+        keep their axis: each of their values is a scatter of its own (``batch`` axes)."""
         over = [lim[0] for lim in e.limits]
         index = self.lower(target)
+        batch = tuple(a for a in index.axes if a not in over)
+        window = tuple(a for a in index.axes if a in over)
+        if batch and index.axes != batch + window:
+            perm = tuple(index.axes.index(a) for a in batch + window)
+            index = Arr(self.transpose(self.paren(index.code, index.prec, ATOM), perm),
+                        batch + window, ATOM)
         rest = sp.Mul(*[f for f in sp.Mul.make_args(e.function) if f is not delta])
         kept = [lim for lim in e.limits if lim[0] not in index.axes]
         inner = self.lower(sp.Sum(rest, *kept) if kept else rest)
@@ -507,8 +543,11 @@ class ArrayPrinter:
         values = self.align(inner, lead + index.axes) if inner.axes else inner.code
         size = self.lower(sp.sympify(self.ranges[h]))
         self.helpers.add(self.SCATTER)
-        code = f"{self.SCATTER}({values}, {index.code}, {size.code}, {len(lead)})"
-        return Arr(code, lead + (h,), ATOM)
+        self.imports.add("math")  # the helper counts the kept entries with math.prod
+        args = f"{values}, {index.code}, {size.code}, {len(lead)}"
+        if batch:
+            args += f", batch={len(batch)}"
+        return Arr(f"{self.SCATTER}({args})", lead + batch + (h,), ATOM)
 
     def _matvec(self, operands, arrs, over) -> Arr | None:
         """Σ_d A[n,d]·v[d] as ``A @ v`` (and Σ_n v[n]·A[n,d] as ``v @ A``): a BLAS

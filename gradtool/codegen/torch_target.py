@@ -205,14 +205,19 @@ class TorchPrinter(ArrayPrinter):
 
 
 HELPERS = {
-    "scatter_add": '''def scatter_add(values, index, size, lead):
-    """out[..., index[j]] += values[..., j]: the adjoint of reading x[..., index] with an integer
-    tensor (strided convolution, pooling). ``lead`` axes of ``values`` come before the index
-    axes; the new last axis has ``size`` entries."""
+    "scatter_add": '''def scatter_add(values, index, size, lead, batch=0):
+    """out[..., b, index[b, j]] += values[..., b, j]: the adjoint of reading x[..., index] with
+    an integer tensor (strided convolution, pooling). ``lead`` axes of ``values`` come before
+    the index axes; the first ``batch`` axes of ``index`` are kept (one scatter per entry),
+    the others are summed into a new last axis of ``size`` entries."""
     shape = tuple(values.shape[:lead]) + tuple(index.shape)
-    out = values.new_zeros(shape[:lead] + (size,))
+    kept = tuple(index.shape[:batch])
+    offset = torch.arange(math.prod(kept), device=index.device).reshape(
+        kept + (1,) * (index.dim() - batch)) * size
+    out = values.new_zeros(shape[:lead] + (math.prod(kept) * size,))
     flat = values.expand(shape).reshape(shape[:lead] + (-1,))
-    return out.index_add_(lead, index.reshape(-1), flat)''',
+    out.index_add_(lead, (index + offset).reshape(-1), flat)
+    return out.reshape(shape[:lead] + kept + (size,))''',
 }
 
 IMPORTS = {
