@@ -132,3 +132,79 @@ def test_scatter_keeps_a_window_index_its_sum_leaves_free(target):
         for tt in range(3):
             want[:, kk, 2 * tt + kk] += g[:, tt]
     assert np.array_equal(got, want), code
+
+
+# -- item 7: an index that can leave its tensor's range is a spec error -----------------------
+
+RANGE_HEAD = """\
+from gradtool.lang import Spec, Sum
+
+spec = Spec("ranges", "affine reads")
+N, T, K, S, A, B = spec.dims("N T K S A B")
+n, t, k, a, b = spec.indices(n=N, t=T, k=K, a=A, b=B)
+"""
+RANGE_LINE = RANGE_HEAD.count("\n") + 2  # the output statement, after the input
+
+
+def load_access(tmp_path, size: str, access: str, lhs: str = "n, t", extra: str = ""):
+    path = tmp_path / "ranges.py"
+    path.write_text(RANGE_HEAD + f'X = spec.input("X", N, {size})\n'
+                    + f'spec.output("Y", [{lhs}], {access})\n' + extra)
+    return path, lambda: load_spec(path)
+
+
+def test_shifted_read_is_refused_with_file_line_and_fix(tmp_path):
+    """Y[n,t] = X[n, t − 1] read X[n, −1] at t = 0 (torch wrapped around to X[n, T − 1])."""
+    from gradtool.errors import SpecError
+
+    path, load = load_access(tmp_path, "T", "X[n, t - 1]")
+    with pytest.raises(SpecError) as info:
+        load()
+    err = info.value
+    assert err.file == str(path) and err.line == RANGE_LINE
+    assert "`X[n, t - 1]` can read outside `X`" in err.message
+    assert "below 0" in err.message and "reaches -1 (t = 0)" in err.message
+    assert "pad the input or shift the index" in err.hint
+    assert "zero padding is not in the language yet" in err.hint
+
+
+@pytest.mark.parametrize("size, access, lhs, reason", [
+    ("T", "X[n, t + 1]", "n, t", "past the last entry T - 1"),
+    ("T", "X[n, t*S]", "n, t", "S = 2, T = 2"),
+    ("T", "X[n, t + k]", "n, t, k", "past the last entry"),
+    ("A*B", "X[n, a*B + b + 1]", "n, a, b", "past the last entry A*B - 1"),
+    ("T", "X[n, (A - B)*t]", "n, t", "cannot tell"),
+])
+def test_reads_that_can_leave_the_axis_are_refused(tmp_path, size, access, lhs, reason):
+    from gradtool.errors import SpecError
+
+    _, load = load_access(tmp_path, size, access, lhs)
+    with pytest.raises(SpecError) as info:
+        load()
+    assert reason in info.value.message
+    assert info.value.line == RANGE_LINE
+
+
+@pytest.mark.parametrize("size, access, lhs", [
+    ("(T - 1)*S + K", "X[n, t*S + k]", "n, t, k"),   # a strided window
+    ("T + K - 1", "X[n, t + k]", "n, t, k"),         # stride one
+    ("T", "X[n, T - 1 - t]", "n, t"),                # reversed
+    ("A*B", "X[n, a*B + b]", "n, a, b"),             # a split index
+    ("A*B", "X[n, b*A + a]", "n, a, b"),             # the other way round
+    ("T*S", "X[n, (S - 1)*t]", "n, t"),              # a step that may be zero
+])
+def test_reads_inside_the_axis_are_accepted(tmp_path, size, access, lhs):
+    load_access(tmp_path, size, access, lhs)[1]()
+
+
+def test_a_stated_minimum_size_makes_a_constant_index_safe(tmp_path):
+    from gradtool.errors import SpecError
+
+    with pytest.raises(SpecError, match="past the last entry T - 1"):
+        load_access(tmp_path, "T", "X[n, 1]", "n")[1]()
+    load_access(tmp_path, "T", "X[n, 1]", "n", "spec.min_size(T=2)\n")[1]()
+
+
+def test_builtin_affine_specs_still_load():
+    for name in ("conv2d", "maxpool2d"):
+        assert load_spec(name).name == name
