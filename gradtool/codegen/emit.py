@@ -268,6 +268,7 @@ class Module:
         exprs, products = _shared_products(exprs, set(self.names.values()))
         replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"),
                                        optimizations=None, order="none")
+        replacements, reduced = _keep_deltas_in_sums(replacements, reduced)
         seeds = [self.names[self.seed_names[o.target]] for o in self.outputs
                  if o.target in self.seed_names]
         saved = [self.names[s] for s in self.saved()]
@@ -292,6 +293,9 @@ class Module:
         printer.ref = (full_seeds or shaped or seeds or [None])[0]
         printer.order = list(dict.fromkeys(i for _, _, canon in forms for i in canon))
         printer.ranges = dict(d.program.ranges)
+        # a common term can read X[n, Cg·g + q] with g bound by a sum around it: the term is
+        # computed first, and builds the positions of g from g's range
+        printer.ranges.update(_bound_ranges(exprs + [v for _, v in replacements]))
         body = list(size_lines)
         taken = set(self.names.values())
         for name, (value, idx) in products.items():  # G_xhat = G * xhat, shared by two sums
@@ -335,6 +339,32 @@ class Module:
             return f"{printer.ref}.new_zeros(({', '.join(shape)},))"
         self.imports.add("import numpy as np")
         return f"np.zeros(({', '.join(shape)},))"
+
+
+def _keep_deltas_in_sums(replacements, reduced):
+    """Put back the common terms that hold a Kronecker delta δ(h, B·a + b).
+
+    A delta is not a value of its own: it says where its sum scatters (a scatter-add into
+    h), so it has to stay a factor of the sum that reduces a and b."""
+    inline, kept = {}, []
+    for sym, value in replacements:
+        value = value.xreplace(inline)
+        if value.has(sp.KroneckerDelta):
+            inline[sym] = value
+        else:
+            kept.append((sym, value))
+    return kept, [e.xreplace(inline) for e in reduced]
+
+
+def _bound_ranges(exprs) -> dict:
+    """Index -> its number of values, for every index a sum in ``exprs`` binds."""
+    out = {}
+    for e in exprs:
+        for node in sp.preorder_traversal(e):
+            if isinstance(node, sp.Sum):
+                for var, lo, hi in node.limits:
+                    out.setdefault(var, sp.expand(hi - lo + 1))
+    return out
 
 
 def _canonical_bound(expr, depth: int = 0):

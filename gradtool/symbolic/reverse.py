@@ -132,6 +132,9 @@ def derive(spec: Spec) -> Derivation:
             seeds[a.target] = sp.Symbol(f"G_{a.target}", real=True)
         else:
             name = "G" if len(outputs) == 1 else f"G_{a.target}"
+            taken = set(spec.tensors) | set(spec.dim_symbols) | set(spec.hypers)
+            while name in taken:  # G, the number of groups of a group norm, is the spec's
+                name = f"{name}_{a.target}"
             seeds[a.target] = sp.IndexedBase(name)[tuple(a.lhs)]
     d = Derivation(program, Simplifier(program), seeds, canon, active)
     d.contributions = {name: [] for name in active}
