@@ -341,15 +341,24 @@ class Module:
         return f"np.zeros(({', '.join(shape)},))"
 
 
+def _is_position(value) -> bool:
+    """An index expression such as Cg·g + q: integer indices and sizes, no tensor."""
+    return not value.has(sp.Indexed) and bool(value.free_symbols) and all(
+        s.is_integer for s in value.free_symbols) and any(
+        not s.is_positive for s in value.free_symbols)
+
+
 def _keep_deltas_in_sums(replacements, reduced):
-    """Put back the common terms that hold a Kronecker delta δ(h, B·a + b).
+    """Put back the common terms that hold a Kronecker delta δ(h, B·a + b) or that are a
+    position B·a + b.
 
     A delta is not a value of its own: it says where its sum scatters (a scatter-add into
-    h), so it has to stay a factor of the sum that reduces a and b."""
+    h), so it has to stay a factor of the sum that reduces a and b; a position is read as
+    an affine index (gamma[Cg·g + q]), not as a tensor of numbers."""
     inline, kept = {}, []
     for sym, value in replacements:
         value = value.xreplace(inline)
-        if value.has(sp.KroneckerDelta):
+        if value.has(sp.KroneckerDelta) or _is_position(value):
             inline[sym] = value
         else:
             kept.append((sym, value))
@@ -522,12 +531,22 @@ def _saved_note(m: Module) -> str:
                                                                      "nothing")
 
 
+def _size_code(dim, names) -> str:
+    """Python for a size: ``K`` or, for an axis such as gamma's G·Cg, ``(Cg * G)``."""
+    if str(dim) in names:
+        return names[str(dim)]
+    from sympy.printing.pycode import PythonCodePrinter
+
+    dim = dim.xreplace({s: sp.Symbol(names[str(s)]) for s in dim.free_symbols})
+    return f"({PythonCodePrinter().doprint(dim)})"
+
+
 def _init_code(t, target: str, names) -> str:
-    shape = ", ".join(names[str(x)] for x in t.dims)
+    sizes = [_size_code(x, names) for x in t.dims]
+    shape = ", ".join(sizes)
     shp = f"({shape},)"
-    fan_in = " * ".join(names[str(x)] for x in t.dims[1:]) or (names[str(t.dims[0])]
-                                                               if t.dims else "1")
-    fan_out = names[str(t.dims[0])] if t.dims else "1"
+    fan_in = " * ".join(sizes[1:]) or (sizes[0] if t.dims else "1")
+    fan_out = sizes[0] if t.dims else "1"
     bound = {"uniform": f"1 / math.sqrt({fan_in})",
              "kaiming_uniform": f"math.sqrt(6 / ({fan_in}))",
              "xavier_uniform": f"math.sqrt(6 / ({fan_in} + {fan_out}))"}.get(t.init)
