@@ -451,12 +451,93 @@ def test_printed_closed_form_is_the_closed_form(source):
         assert err < 1e-10, f"printed d{t.name} differs from the closed form by {err:.2e}"
 
 
+# -- affine reads: strided windows and split indices ------------------------------------------
+
+EXAMPLES_AFFINE = int(_ENV) if _ENV else 6
+
+# element-wise functions applied to a read; each keeps values well inside CAP
+AFFINE_FUNCTIONS = ("{}", "tanh({})", "({})**2 / 4", "exp(tanh({}))")
+
+
+@st.composite
+def affine_sources(draw) -> str:
+    """A spec that reads its input through affine indices: a strided window
+    ``X[n, (c,) t*S + k]`` (or the flipped ``t*S + K - 1 - k``) times a parameter that may
+    depend on the window index, or a split index ``X[n, a*B + b]`` (either way round) with
+    block statistics and a parameter read at the same split position (group norm's shape)."""
+    fn = draw(st.sampled_from(AFFINE_FUNCTIONS))
+    if draw(st.booleans()):
+        channel = draw(st.booleans())
+        c, C = ("c, ", "C, ") if channel else ("", "")
+        pos = draw(st.sampled_from(["t * S + k", "t * S + K - 1 - k"]))
+        weights = ["", "W[k] * ", "W[t, k] * "] + (["W[c, k] * "] if channel else [])
+        weight = draw(st.sampled_from(weights))
+        lines = ['spec = Spec("fuzz_window", "a random strided window")',
+                 f'N, T, K, S{", C" if channel else ""} = spec.dims('
+                 f'"N T K S{" C" if channel else ""}")',
+                 f'n, t, k{", c" if channel else ""} = spec.indices('
+                 f'n=N, t=T, k=K{", c=C" if channel else ""})',
+                 f'X = spec.input("X", N, {C}(T - 1) * S + K)']
+        if weight:
+            axes = {"W[k] * ": "K", "W[t, k] * ": "T, K", "W[c, k] * ": "C, K"}[weight]
+            lines.append(f'W = spec.param("W", {axes})')
+        read = fn.format(f"X[n, {c}{pos}]")
+        if not weight and draw(st.booleans()):
+            body = f"Max({read}, k)"
+        else:
+            body = f"Sum({weight}{read}, k)"
+        lines.append(f'spec.output("Y", [n, {c}t], {body})')
+        return HEAD + "\n".join(lines) + "\n"
+    pos = draw(st.sampled_from(["a * B + b", "b * A + a"]))
+    over = draw(st.sampled_from(["b", "a"]))
+    kept = "a" if over == "b" else "b"
+    weight = draw(st.sampled_from(["", f"W[{pos}] * ", "W[b] * "]))
+    lines = ['spec = Spec("fuzz_split", "a random split index")',
+             'N, A, B = spec.dims("N A B")',
+             'n, a, b = spec.indices(n=N, a=A, b=B)',
+             'X = spec.input("X", N, A * B)']
+    if weight:
+        lines.append(f'W = spec.param("W", {"B" if weight == "W[b] * " else "A * B"})')
+    read = f"X[n, {pos}]"
+    stat = draw(st.sampled_from([fn.format(read), f"{weight}{read}"]))
+    lines.append(f'm = spec.let("m", [n, {kept}], Sum({stat}, {over}) / '
+                 f'{"B" if over == "b" else "A"})')
+    body = draw(st.sampled_from([f"({read} - m[n, {kept}])", f"tanh({read}) * m[n, {kept}]"]))
+    lines.append(f'spec.output("Y", [n, a, b], {weight}{body})')
+    return HEAD + "\n".join(lines) + "\n"
+
+
+@settings(FUZZ, max_examples=EXAMPLES_AFFINE)
+@given(source=affine_sources())
+def test_affine_reads_pass_every_check(source):
+    """Strided and split reads: the derived closed form against torch.autograd, and the
+    generated kernels against every oracle of ``check``."""
+    note(source)
+    with _time_limit(), tempfile.TemporaryDirectory() as folder:
+        spec = _load(folder, source)
+        assert_matches_autograd(derive(spec), seed=_seed(source, "affine"))
+        rows = check_spec(spec, CheckOptions(cases=1,
+                                             oracles=("fd", "autograd", "backends", "forward")))
+    failed = [r for r in rows if not r.passed]
+    assert rows and not failed, "\n".join(
+        f"{r.input} vs {r.oracle} at {r.shape}: max_rel {r.max_rel:.2e}" for r in failed)
+
+
 # -- the strategy itself ----------------------------------------------------------------------
 
 @settings(FUZZ, max_examples=50)
 @given(source=spec_sources())
 def test_generated_specs_are_well_formed(source):
     """Every generated file loads and validates (a strategy bug would show up here first)."""
+    with tempfile.TemporaryDirectory() as folder:
+        spec = _load(folder, source)
+    assert spec.outputs and spec.grad_inputs
+
+
+@settings(FUZZ, max_examples=30)
+@given(source=affine_sources())
+def test_generated_affine_specs_are_well_formed(source):
+    """Every strided / split spec loads: its reads pass the range check."""
     with tempfile.TemporaryDirectory() as folder:
         spec = _load(folder, source)
     assert spec.outputs and spec.grad_inputs
