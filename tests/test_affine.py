@@ -260,3 +260,22 @@ def test_groupnorm_kernels_match_torch_group_norm(target):
     assert max_rel_err(out["Y"], ref) < 1e-12
     for name in ("X", "gamma", "beta"):
         assert max_rel_err(grads[name], ref_grads[name]) < 1e-10, name
+
+
+def test_groupnorm_closed_form_is_the_textbook_one():
+    """The statistics reduce over two indices (q, l): Σ_{q,l} X = Cg·L·μ is folded like layer
+    norm's Σ_d X = D·μ, so Σ_{q,l} x̂ = 0 drops out and dX keeps three terms,
+    rstd·(Gγ − mean(Gγ) − x̂·mean(Gγ·x̂)), each scattered back by δ(h, Cg·g + q)."""
+    from gradtool.symbolic.reverse import derive
+    from tests.helpers import unsimplified
+
+    d = derive(load_spec("groupnorm"))
+    dX = d.closed["X"]
+    assert len(sp.Add.make_args(sp.expand(dX))) == 3, dX
+    sums = [s for s in sp.preorder_traversal(dX) if isinstance(s, sp.Sum)]
+    assert not any(isinstance(s.function, sp.Indexed) and s.function.base.label.name ==
+                   "xhat" for s in sums), dX
+    reads = {a.base.label.name for a in dX.atoms(sp.Indexed)}
+    assert reads == {"G_Y", "gamma", "rstd", "xhat"}, reads
+    for name in ("X", "gamma", "beta"):
+        assert unsimplified(d.closed[name]) == [], name
