@@ -316,9 +316,10 @@ def _check_range(spec: Spec, name: str, idx: tuple, axis: int, line) -> None:
         bound = least if gap is least else greatest
         place = ", ".join(f"{i} = {v}" for i, v in where.items())
         if ok is None:
+            at = f" ({place})" if place else ""
             raise spec.error(f"cannot tell whether `{access}` stays inside `{name}`: index "
-                             f"`{idx[axis]}` of axis {axis} reaches {sp.factor(bound)} "
-                             f"({place}), the axis has size {size}", line,
+                             f"`{idx[axis]}` of axis {axis} reaches {sp.factor(bound)}{at}, "
+                             f"the axis has size {size}", line,
                              "declare the axis with a size that covers the index, like "
                              "(T - 1)*S + K for t*S + k, or state a minimum with "
                              "spec.min_size(...); " + OUTSIDE_HINT)
