@@ -279,3 +279,26 @@ def test_groupnorm_closed_form_is_the_textbook_one():
     assert reads == {"G_Y", "gamma", "rstd", "xhat"}, reads
     for name in ("X", "gamma", "beta"):
         assert unsimplified(d.closed[name]) == [], name
+
+
+SHIFTED = """
+    spec = Spec("shifted", "shifted and reversed reads, a three-way split")
+    N, T, A, B, C = spec.dims("N T A B C")
+    n, t, a, b, c = spec.indices(n=N, t=T, a=A, b=B, c=C)
+    X = spec.input("X", N, T + 1)
+    Z = spec.input("Z", N, A * B * C)
+    W = spec.param("W", B * C)
+    d = spec.let("d", [n, t], X[n, t + 1] * X[n, T - t])
+    s = spec.let("s", [n, a], Sum(W[b * C + c] * tanh(Z[n, a * B * C + b * C + c]), b, c))
+    spec.output("Y", [n, t, a], d[n, t] * s[n, a])
+"""
+
+
+def test_two_scatters_grouped_in_one_sum_and_a_three_way_split_pass_check(tmp_path):
+    """dX = Σ_t (δ(h, T − t)·X[n, t + 1] + δ(h, t + 1)·X[n, T − t])·…: the factored form
+    groups two scatters in one sum; each becomes its own scatter-add."""
+    from gradtool.check.runner import CheckOptions, check_spec
+
+    rows = check_spec(load_spec(write(tmp_path, "shifted", SHIFTED)), CheckOptions(cases=1))
+    failed = [r for r in rows if not r.passed]
+    assert rows and not failed, failed

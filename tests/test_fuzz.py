@@ -463,10 +463,26 @@ AFFINE_FUNCTIONS = ("{}", "tanh({})", "({})**2 / 4", "exp(tanh({}))")
 def affine_sources(draw) -> str:
     """A spec that reads its input through affine indices: a strided window
     ``X[n, (c,) t*S + k]`` (or the flipped ``t*S + K - 1 - k``) times a parameter that may
-    depend on the window index, or a split index ``X[n, a*B + b]`` (either way round) with
-    block statistics and a parameter read at the same split position (group norm's shape)."""
+    depend on the window index; a split index ``X[n, a*B + b]`` (either way round) with
+    block statistics and a parameter read at the same split position (group norm's shape); or
+    two shifted / reversed reads of one axis (``X[n, t + 1]``, ``X[n, T - t]``) combined."""
     fn = draw(st.sampled_from(AFFINE_FUNCTIONS))
-    if draw(st.booleans()):
+    kind = draw(st.sampled_from(["window", "split", "shift"]))
+    if kind == "shift":  # two shifted or reversed reads of one axis, combined
+        reads = draw(st.lists(st.sampled_from(["X[n, t + 1]", "X[n, T - t]", "X[n, T - 1 - t]"]),
+                              min_size=2, max_size=2))
+        op = draw(st.sampled_from(["({}) * ({})", "({}) + ({})", "({}) * tanh({})"]))
+        weight = draw(st.sampled_from(["", "W[t] * "]))
+        lines = ['spec = Spec("fuzz_shift", "random shifted reads")',
+                 'N, T = spec.dims("N T")',
+                 'n, t = spec.indices(n=N, t=T)',
+                 'X = spec.input("X", N, T + 1)']
+        if weight:
+            lines.append('W = spec.param("W", T)')
+        body = op.format(fn.format(reads[0]), reads[1])
+        lines.append(f'spec.output("Y", [n, t], {weight}{body})')
+        return HEAD + "\n".join(lines) + "\n"
+    if kind == "window":
         channel = draw(st.booleans())
         c, C = ("c, ", "C, ") if channel else ("", "")
         pos = draw(st.sampled_from(["t * S + k", "t * S + K - 1 - k"]))

@@ -454,6 +454,9 @@ class ArrayPrinter:
         merged = self._merge_window(e)
         if merged is not None:
             return self.lower(merged)
+        spread = self._spread_scatters(e)
+        if spread is not None:
+            return self.lower(spread)
         for f in sp.Mul.make_args(body):
             split = self._scatter_target(f, over)
             if split is not None:
@@ -517,6 +520,20 @@ class ArrayPrinter:
             if any(self._indices_of(self._scatter_target(d, list(inner_over))[1]) & over
                    for d in window):
                 return sp.Sum(sp.Mul(*rest) * f.function, *e.limits, *f.limits)
+        return None
+
+    def _spread_scatters(self, e):
+        """Σ_t (δ(h, T − t)·A + δ(h, t + 1)·B)·C as Σ_t δ(h, T − t)·A·C + Σ_t δ(h, t + 1)·B·C:
+        each delta scatters its own term (a factored closed form groups them); None when no
+        factor of the body is a sum of terms with a scatter delta."""
+        over = [lim[0] for lim in e.limits]
+        factors = list(sp.Mul.make_args(e.function))
+        for f in factors:
+            if isinstance(f, sp.Add) and any(
+                    self._scatter_target(g, over) is not None
+                    for term in f.args for g in sp.Mul.make_args(term)):
+                rest = sp.Mul(*[g for g in factors if g is not f])
+                return sp.Add(*[sp.Sum(term * rest, *e.limits) for term in f.args])
         return None
 
     SCATTER = "scatter_add"
