@@ -106,6 +106,37 @@ def test_depthwise_conv2d_kernels_match_grouped_conv2d(tmp_path, target):
         assert max_rel_err(grads[name], ref_grads[name]) < 1e-12, name
 
 
+GROUPED = """
+    spec = Spec("grouped", "grouped 2-D convolution, stride S")
+    N, G, Cg, Og, OH, OW, K, S = spec.dims("N G Cg Og OH OW K S")
+    n, g, c, o, i, j, p, q = spec.indices(n=N, g=G, c=Cg, o=Og, i=OH, j=OW, p=K, q=K)
+    X = spec.input("X", N, G * Cg, (OH - 1) * S + K, (OW - 1) * S + K)
+    W = spec.param("W", G * Og, Cg, K, K)
+    spec.output("Y", [n, g, o, i, j],
+                Sum(W[g * Og + o, c, p, q] * X[n, g * Cg + c, i * S + p, j * S + q], c, p, q))
+"""
+
+
+@pytest.mark.parametrize("target", ["numpy", "torch"])
+def test_grouped_conv2d_kernels_match_conv2d_groups(tmp_path, target):
+    """Channels split into groups (g·Cg + c, g·Og + o) and a strided 2-D window at once,
+    against F.conv2d(groups=G); the output keeps the split axis (N, G, Og, OH, OW)."""
+    spec = load_spec(write(tmp_path, "grouped", GROUPED))
+    rng = np.random.default_rng(11)
+    dims = {"N": 2, "G": 2, "Cg": 2, "Og": 3, "OH": 2, "OW": 3, "K": 2, "S": 2}
+    inputs = {"X": rng.standard_normal((2, 4, 4, 6)), "W": rng.standard_normal((6, 2, 2, 2))}
+    upstream = rng.standard_normal((2, 2, 3, 2, 3))
+    out, grads = kernel_gradients(spec, target, inputs, dims, {"Y": upstream})
+
+    def conv(X, W):
+        return F.conv2d(X, W, stride=2, groups=2).reshape(2, 2, 3, 2, 3)
+
+    ref, ref_grads = autograd(conv, inputs, upstream)
+    assert max_rel_err(out["Y"], ref) < 1e-12
+    for name in ("X", "W"):
+        assert max_rel_err(grads[name], ref_grads[name]) < 1e-12, name
+
+
 @pytest.mark.parametrize("target", ["numpy", "torch"])
 def test_scatter_keeps_a_window_index_its_sum_leaves_free(target):
     """Σ_t δ(h, S·t + k)·G[n,t] with k free is one scatter per k (axes n, k, h), as a
