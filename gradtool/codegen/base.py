@@ -537,6 +537,27 @@ class ArrayPrinter:
         return None
 
     SCATTER = "scatter_add"
+    JOIN = "join_axes"
+
+    def _dense_split(self, target, window, h) -> tuple | None:
+        """The window indices from most to least significant if ``target`` numbers every
+        position of h exactly once (B·a + b with b over B and h over A·B; C·B·a + C·b + c),
+        else None."""
+        expr = sp.expand(target)
+        steps = {w: expr.coeff(w) for w in window}
+        if not window or any(w not in self.ranges for w in window) or h not in self.ranges \
+                or sp.expand(expr - sum(c * w for w, c in steps.items())) != 0:
+            return None
+        order, step = [], sp.Integer(1)
+        while len(order) < len(window):
+            nxt = [w for w in window if w not in order and sp.expand(steps[w] - step) == 0]
+            if len(nxt) != 1:
+                return None
+            order.append(nxt[0])
+            step = sp.expand(step * self.ranges[nxt[0]])
+        if sp.expand(step - self.ranges[h]) != 0:
+            return None
+        return tuple(reversed(order))
 
     def _scatter(self, e, delta, h, target) -> Arr:
         """Σ_over values·δ(h, target) as a scatter-add into a new axis h.
@@ -557,6 +578,13 @@ class ArrayPrinter:
         if set(inner.axes) & (set(over) - set(index.axes)):
             raise CodegenError(f"cannot scatter {e}: a summed index is left over")
         lead = tuple(a for a in inner.axes if a not in index.axes)
+        split = None if batch else self._dense_split(target, window, h)
+        if split is not None and inner.axes:
+            # every position of h is written once: the scatter-add is a reshape
+            values = self.align(inner, lead + split)
+            sizes = ", ".join(self.lower(sp.sympify(self.ranges[w])).code for w in split)
+            self.helpers.add(self.JOIN)
+            return Arr(f"{self.JOIN}({values}, ({sizes},), {len(lead)})", lead + (h,), ATOM)
         values = self.align(inner, lead + index.axes) if inner.axes else inner.code
         size = self.lower(sp.sympify(self.ranges[h]))
         self.helpers.add(self.SCATTER)

@@ -42,6 +42,12 @@ HELPERS = {
     out = np.zeros(shape[:lead] + (math.prod(kept) * size,), dtype=values.dtype)
     np.add.at(out, (Ellipsis, index + offset), np.broadcast_to(values, shape))
     return out.reshape(shape[:lead] + kept + (size,))''',
+    "join_axes": '''def join_axes(values, sizes, lead):
+    """out[..., B·a + b] = values[..., a, b]: the adjoint of reading x[..., a*B + b], where a
+    split index reads every position once, so that its scatter-add is a reshape. ``lead`` axes
+    of ``values`` come before the split axes, whose ``sizes`` are (A, B)."""
+    shape = np.shape(values)[:lead] + tuple(sizes)
+    return np.broadcast_to(values, shape).reshape(shape[:lead] + (-1,))''',
 }
 
 IMPORTS = {

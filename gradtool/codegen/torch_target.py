@@ -218,6 +218,12 @@ HELPERS = {
     flat = values.expand(shape).reshape(shape[:lead] + (-1,))
     out.index_add_(lead, (index + offset).reshape(-1), flat)
     return out.reshape(shape[:lead] + kept + (size,))''',
+    "join_axes": '''def join_axes(values, sizes, lead):
+    """out[..., B·a + b] = values[..., a, b]: the adjoint of reading x[..., a*B + b], where a
+    split index reads every position once, so that its scatter-add is a reshape. ``lead`` axes
+    of ``values`` come before the split axes, whose ``sizes`` are (A, B)."""
+    shape = tuple(values.shape[:lead]) + tuple(sizes)
+    return values.expand(shape).reshape(shape[:lead] + (-1,))''',
 }
 
 IMPORTS = {
