@@ -326,9 +326,12 @@ def _check_range(spec: Spec, name: str, idx: tuple, axis: int, line) -> None:
         example = ", ".join(f"{k} = {v}" for k, v in sorted(sizes.items(), key=str))
         when = "; ".join(x for x in (place, example) if x)
         when = f" ({when})" if when else ""
+        hint = OUTSIDE_HINT if gap is least else (
+            "give the axis a size that covers the index, like (T - 1)*S + K for t*S + k "
+            "(strides are sizes), or shift the index; zero padding is not in the language yet")
         raise spec.error(f"`{access}` can read outside `{name}`: index `{idx[axis]}` of axis "
                          f"{axis} goes {side} (it reaches {sp.factor(bound)}{when}; the axis "
-                         f"has size {size})", line, OUTSIDE_HINT)
+                         f"has size {size})", line, hint)
 
 
 def validate(spec: Spec) -> None:
