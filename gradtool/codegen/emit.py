@@ -268,7 +268,7 @@ class Module:
         exprs, products = _shared_products(exprs, set(self.names.values()))
         replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"),
                                        optimizations=None, order="none")
-        replacements, reduced = _keep_deltas_in_sums(replacements, reduced)
+        replacements, reduced = _inline_index_terms(replacements, reduced)
         seeds = [self.names[self.seed_names[o.target]] for o in self.outputs
                  if o.target in self.seed_names]
         saved = [self.names[s] for s in self.saved()]
@@ -348,7 +348,7 @@ def _is_position(value) -> bool:
         not s.is_positive for s in value.free_symbols)
 
 
-def _keep_deltas_in_sums(replacements, reduced):
+def _inline_index_terms(replacements, reduced):
     """Put back the common terms that hold a Kronecker delta δ(h, B·a + b) or that are a
     position B·a + b.
 
