@@ -334,3 +334,31 @@ def test_two_scatters_grouped_in_one_sum_and_a_three_way_split_pass_check(tmp_pa
     rows = check_spec(load_spec(write(tmp_path, "shifted", SHIFTED)), CheckOptions(cases=1))
     failed = [r for r in rows if not r.passed]
     assert rows and not failed, failed
+
+
+CENTRED_MAX = """
+    spec = Spec("centred_max", "max over overlapping windows, centred over t")
+    N, T, K, S = spec.dims("N T K S")
+    n, t, t2, k = spec.indices(n=N, t=T, t2=T, k=K)
+    X = spec.input("X", N, (T - 1) * S + K)
+    u = spec.let("u", [n, t], Max(X[n, t * S + k], k))
+    spec.output("Y", [n, t], u[n, t] - Sum(u[n, t2], t2) / T)
+"""
+
+
+@pytest.mark.parametrize("target", ["numpy", "torch"])
+def test_a_mask_scattered_by_overlapping_windows_counts_them(tmp_path, target):
+    """dX = Σ_t [X = u]·δ·G − mean(G)·Σ_t [X = u]·δ: where two windows share their maximum
+    the second scatter adds the mask twice (booleans would give True + True = True)."""
+    spec = load_spec(write(tmp_path, "centred_max", CENTRED_MAX))
+    inputs = {"X": np.array([[0.0, 5.0, 1.0, 2.0], [3.0, -1.0, 0.5, 4.0]])}
+    dims = {"N": 2, "T": 2, "K": 3, "S": 1}
+    upstream = np.array([[0.3, -1.2], [2.0, 0.7]])
+    _, grads = kernel_gradients(spec, target, inputs, dims, {"Y": upstream})
+
+    def centred_max(X):
+        u = F.max_pool1d(X[:, None], 3, stride=1)[:, 0]
+        return u - u.mean(1, keepdim=True)
+
+    _, ref_grads = autograd(centred_max, inputs, upstream)
+    assert max_rel_err(grads["X"], ref_grads["X"]) < 1e-12

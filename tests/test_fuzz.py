@@ -502,6 +502,10 @@ def affine_sources(draw) -> str:
             body = f"Max({read}, k)"
         else:
             body = f"Sum({weight}{read}, k)"
+        if draw(st.booleans()):  # the window's result centred over t: a broadcast upstream
+            lines.append('t2 = spec.indices(t2=T)')
+            lines.append(f'u = spec.let("u", [n, {c}t], {body})')
+            body = f"u[n, {c}t] - Sum(u[n, {c}t2], t2) / T"
         lines.append(f'spec.output("Y", [n, {c}t], {body})')
         return HEAD + "\n".join(lines) + "\n"
     pos = draw(st.sampled_from(["a * B + b", "b * A + a"]))

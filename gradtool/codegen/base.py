@@ -316,8 +316,10 @@ class ArrayPrinter:
         return [a for _, a in num]
 
     def _is_array(self, f) -> bool:
-        """A tensor value (not a Python number): reads a tensor or a tensor-valued term."""
-        return any(isinstance(n, sp.Indexed) or (n in self.temps and self.temps[n].axes)
+        """A tensor value (not a Python number): reads a tensor or a tensor-valued term, or
+        scatters (Σ_t,k δ(h, S·t + k) counts windows: an array over h)."""
+        return any(isinstance(n, (sp.Indexed, sp.KroneckerDelta))
+                   or (n in self.temps and self.temps[n].axes)
                    or (isinstance(n, sp.Symbol) and n.name in self.scalar_tensors)
                    for n in sp.preorder_traversal(f))
 
@@ -585,7 +587,13 @@ class ArrayPrinter:
             sizes = ", ".join(self.lower(sp.sympify(self.ranges[w])).code for w in split)
             self.helpers.add(self.JOIN)
             return Arr(f"{self.JOIN}({values}, ({sizes},), {len(lead)})", lead + (h,), ATOM)
-        values = self.align(inner, lead + index.axes) if inner.axes else inner.code
+        values = self.align(inner, lead + index.axes) if inner.axes else \
+            self.scatter_scalar(inner.code, rest)
+        if inner.axes and self._bool_only(rest) and self.ref is not None:
+            # a mask [X = max X] scattered by overlapping windows counts them: added as
+            # booleans, True + True would stay True
+            prec = inner.prec if values == inner.code else ATOM
+            values = self.cast_like(self.paren(values, prec, ATOM), self.ref)
         size = self.lower(sp.sympify(self.ranges[h]))
         self.helpers.add(self.SCATTER)
         self.imports.add("math")  # the helper counts the kept entries with math.prod
@@ -593,6 +601,15 @@ class ArrayPrinter:
         if batch:
             args += f", batch={len(batch)}"
         return Arr(f"{self.SCATTER}({args})", lead + batch + (h,), ATOM)
+
+    def cast_like(self, code: str, ref: str) -> str:
+        """``code`` converted to the dtype of the array ``ref``."""
+        return f"{code}.astype({ref}.dtype)"
+
+    def scatter_scalar(self, code: str, expr) -> str:
+        """The values of a scatter that are one number for every position (Σ_t,k δ(h, S·t + k)
+        counts the windows that cover h): NumPy takes a Python number as it is."""
+        return code
 
     def _matvec(self, operands, arrs, over) -> Arr | None:
         """Σ_d A[n,d]·v[d] as ``A @ v`` (and Σ_n v[n]·A[n,d] as ``v @ A``): a BLAS

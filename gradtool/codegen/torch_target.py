@@ -198,6 +198,15 @@ class TorchPrinter(ArrayPrinter):
         arrs[k] = Arr(f"{self.paren(a.code, a.prec, ATOM)}.to({self.ref}.dtype)", a.axes, ATOM)
         return arrs
 
+    def cast_like(self, code: str, ref: str) -> str:
+        return f"{code}.to({ref}.dtype)"
+
+    def scatter_scalar(self, code: str, expr) -> str:
+        """A number scattered over positions becomes a 0-d tensor of the kernel's dtype."""
+        if self._is_array(expr) or self.ref is None:
+            return code
+        return f"{self.ref}.new_tensor({code})"
+
     def broadcast(self, code: str, shape: tuple[str, ...], arr: Arr) -> str:
         if not arr.axes:  # a number or a 0-d tensor, repeated over the whole shape
             return f"{self.ref}.new_ones(({', '.join(shape)},)) * {self.paren(code, arr.prec, 2)}"
