@@ -9,6 +9,7 @@ spec = Spec("groupnorm", "Group normalisation, C = G·Cg channels in G groups",
             reference="torch.nn.functional.group_norm")
 N, G, Cg, L = spec.dims("N G Cg L")
 n, g, q, l = spec.indices(n=N, g=G, q=Cg, l=L)
+c = spec.indices(c=G * Cg)  # names the channel axis in the gradients: dX[n, c, l], dgamma[c]
 X = spec.input("X", N, G * Cg, L)
 gamma = spec.param("gamma", G * Cg, init="ones")
 beta = spec.param("beta", G * Cg, init="zeros")
