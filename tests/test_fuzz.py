@@ -462,10 +462,11 @@ AFFINE_FUNCTIONS = ("{}", "tanh({})", "({})**2 / 4", "exp(tanh({}))")
 @st.composite
 def affine_sources(draw) -> str:
     """A spec that reads its input through affine indices: a strided window
-    ``X[n, (c,) t*S + k]`` (or the flipped ``t*S + K - 1 - k``) times a parameter that may
-    depend on the window index; a split index ``X[n, a*B + b]`` (either way round) with
-    block statistics and a parameter read at the same split position (group norm's shape); or
-    two shifted / reversed reads of one axis (``X[n, t + 1]``, ``X[n, T - t]``) combined."""
+    ``X[n, (c | g*Cg + c,) t*S + k]`` (or the flipped ``t*S + K - 1 - k``) times a parameter
+    that may depend on the window index and the channel or group; a split index
+    ``X[n, a*B + b]`` (either way round) with block statistics and a parameter read at the
+    same split position (group norm's shape); or two shifted / reversed reads of one axis
+    (``X[n, t + 1]``, ``X[n, T - t]``) combined."""
     fn = draw(st.sampled_from(AFFINE_FUNCTIONS))
     kind = draw(st.sampled_from(["window", "split", "shift"]))
     if kind == "shift":  # two shifted or reversed reads of one axis, combined
@@ -483,30 +484,37 @@ def affine_sources(draw) -> str:
         lines.append(f'spec.output("Y", [n, t], {weight}{body})')
         return HEAD + "\n".join(lines) + "\n"
     if kind == "window":
-        channel = draw(st.booleans())
-        c, C = ("c, ", "C, ") if channel else ("", "")
+        # channels: none, plain (depthwise), or split into groups g·Cg + c (grouped)
+        channel = draw(st.sampled_from(["", "plain", "grouped"]))
+        sizes, idx, axis, at, lhs = {
+            "": ("", "", "", "", ""),
+            "plain": (" C", ", c=C", "C, ", "c, ", "c, "),
+            "grouped": (" G Cg", ", g=G, c=Cg", "G * Cg, ", "g * Cg + c, ", "g, c, "),
+        }[channel]
         pos = draw(st.sampled_from(["t * S + k", "t * S + K - 1 - k"]))
-        weights = ["", "W[k] * ", "W[t, k] * "] + (["W[c, k] * "] if channel else [])
+        weights = ["", "W[k] * ", "W[t, k] * "]
+        weights += {"": [], "plain": ["W[c, k] * "],
+                    "grouped": ["W[g, c, k] * ", "W[g * Cg + c, k] * "]}[channel]
         weight = draw(st.sampled_from(weights))
         lines = ['spec = Spec("fuzz_window", "a random strided window")',
-                 f'N, T, K, S{", C" if channel else ""} = spec.dims('
-                 f'"N T K S{" C" if channel else ""}")',
-                 f'n, t, k{", c" if channel else ""} = spec.indices('
-                 f'n=N, t=T, k=K{", c=C" if channel else ""})',
-                 f'X = spec.input("X", N, {C}(T - 1) * S + K)']
+                 f'{", ".join(("N T K S" + sizes).split())} = spec.dims("N T K S{sizes}")',
+                 f'{", ".join(["n", "t", "k"] + [x.split("=")[0] for x in idx.split(", ")[1:]])}'
+                 f' = spec.indices(n=N, t=T, k=K{idx})',
+                 f'X = spec.input("X", N, {axis}(T - 1) * S + K)']
         if weight:
-            axes = {"W[k] * ": "K", "W[t, k] * ": "T, K", "W[c, k] * ": "C, K"}[weight]
+            axes = {"W[k] * ": "K", "W[t, k] * ": "T, K", "W[c, k] * ": "C, K",
+                    "W[g, c, k] * ": "G, Cg, K", "W[g * Cg + c, k] * ": "G * Cg, K"}[weight]
             lines.append(f'W = spec.param("W", {axes})')
-        read = fn.format(f"X[n, {c}{pos}]")
+        read = fn.format(f"X[n, {at}{pos}]")
         if not weight and draw(st.booleans()):
             body = f"Max({read}, k)"
         else:
             body = f"Sum({weight}{read}, k)"
         if draw(st.booleans()):  # the window's result centred over t: a broadcast upstream
             lines.append('t2 = spec.indices(t2=T)')
-            lines.append(f'u = spec.let("u", [n, {c}t], {body})')
-            body = f"u[n, {c}t] - Sum(u[n, {c}t2], t2) / T"
-        lines.append(f'spec.output("Y", [n, {c}t], {body})')
+            lines.append(f'u = spec.let("u", [n, {lhs}t], {body})')
+            body = f"u[n, {lhs}t] - Sum(u[n, {lhs}t2], t2) / T"
+        lines.append(f'spec.output("Y", [n, {lhs}t], {body})')
         return HEAD + "\n".join(lines) + "\n"
     pos = draw(st.sampled_from(["a * B + b", "b * A + a"]))
     over = draw(st.sampled_from(["b", "a"]))
