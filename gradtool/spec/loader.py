@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import linecache
 import os
 import sys
@@ -234,6 +235,7 @@ def _check_access(spec: Spec, name: str, idx: tuple, line) -> None:
 
 OUTSIDE_HINT = "pad the input or shift the index; zero padding is not in the language yet"
 SEARCH_VALUES = (0, 1, 2, 3)  # offsets D' above each size's minimum tried for a counterexample
+SEARCH_POINTS = 256
 
 
 def _shifted(spec: Spec, expr: sp.Expr):
@@ -267,9 +269,9 @@ def _nonnegative(spec: Spec, expr: sp.Expr):
     coeffs = sp.Poly(value, *primes).coeffs()
     if all(c.is_number and c >= 0 for c in coeffs):
         return True, None
-    import itertools
-
-    for point in itertools.product(SEARCH_VALUES, repeat=len(primes)):
+    # fewer values per size when there are many sizes: at most about SEARCH_POINTS tries
+    count = max(2, min(len(SEARCH_VALUES), int(SEARCH_POINTS ** (1 / len(primes)))))
+    for point in itertools.product(SEARCH_VALUES[:count], repeat=len(primes)):
         at = dict(zip(primes, point, strict=True))
         if value.xreplace(at) < 0:
             return False, {offsets[p][0]: offsets[p][1] + v for p, v in at.items()}
