@@ -598,6 +598,8 @@ def test_targets_keep_their_stated_facts(case):
         assert set(np.unique(T)) <= {0.0, 1.0}
     if domain in ("positive", "unit"):
         assert T.min() > 0 and (domain == "positive" or T.max() < 1)
+
+
 @settings(FUZZ, max_examples=EXAMPLES_MULTI_AUTOGRAD)
 @given(source=spec_sources(outputs=2), shape=st.sampled_from(SHAPES))
 def test_two_output_gradients_match_autograd(source, shape):
@@ -612,7 +614,6 @@ def test_two_output_gradients_match_autograd(source, shape):
 @given(source=spec_sources(outputs=2))
 def test_two_output_kernels_pass_every_check(source):
     _assert_checks_pass(source)
-
 
 
 # -- composed exp / log / tanh chains (issue 7, item 5) -------------------------------------
@@ -662,6 +663,106 @@ def test_composed_chains_derive_and_match_autograd(source, shape):
     with _time_limit(source, CHAIN_HANG), tempfile.TemporaryDirectory() as folder:
         d = derive(_load(folder, source))
         assert_matches_autograd(d, seed=_seed(source, shape[0]), fixed=shape[1])
+
+
+# -- affine reads: strided windows and split indices ------------------------------------------
+
+EXAMPLES_AFFINE = int(_ENV) if _ENV else 6
+
+# element-wise functions applied to a read; each keeps values well inside CAP
+AFFINE_FUNCTIONS = ("{}", "tanh({})", "({})**2 / 4", "exp(tanh({}))")
+
+
+@st.composite
+def affine_sources(draw) -> str:
+    """A spec that reads its input through affine indices: a strided window
+    ``X[n, (c | g*Cg + c,) t*S + k]`` (or the flipped ``t*S + K - 1 - k``) times a parameter
+    that may depend on the window index and the channel or group; a split index
+    ``X[n, a*B + b]`` (either way round) with block statistics and a parameter read at the
+    same split position (group norm's shape); or two shifted / reversed reads of one axis
+    (``X[n, t + 1]``, ``X[n, T - t]``) combined."""
+    fn = draw(st.sampled_from(AFFINE_FUNCTIONS))
+    kind = draw(st.sampled_from(["window", "split", "shift"]))
+    if kind == "shift":  # two shifted or reversed reads of one axis, combined
+        reads = draw(st.lists(st.sampled_from(["X[n, t + 1]", "X[n, T - t]", "X[n, T - 1 - t]"]),
+                              min_size=2, max_size=2))
+        op = draw(st.sampled_from(["({}) * ({})", "({}) + ({})", "({}) * tanh({})"]))
+        weight = draw(st.sampled_from(["", "W[t] * "]))
+        lines = ['spec = Spec("fuzz_shift", "random shifted reads")',
+                 'N, T = spec.dims("N T")',
+                 'n, t = spec.indices(n=N, t=T)',
+                 'X = spec.input("X", N, T + 1)']
+        if weight:
+            lines.append('W = spec.param("W", T)')
+        body = op.format(fn.format(reads[0]), reads[1])
+        lines.append(f'spec.output("Y", [n, t], {weight}{body})')
+        return HEAD + "\n".join(lines) + "\n"
+    if kind == "window":
+        # channels: none, plain (depthwise), or split into groups g·Cg + c (grouped)
+        channel = draw(st.sampled_from(["", "plain", "grouped"]))
+        sizes, idx, axis, at, lhs = {
+            "": ("", "", "", "", ""),
+            "plain": (" C", ", c=C", "C, ", "c, ", "c, "),
+            "grouped": (" G Cg", ", g=G, c=Cg", "G * Cg, ", "g * Cg + c, ", "g, c, "),
+        }[channel]
+        pos = draw(st.sampled_from(["t * S + k", "t * S + K - 1 - k"]))
+        weights = ["", "W[k] * ", "W[t, k] * "]
+        weights += {"": [], "plain": ["W[c, k] * "],
+                    "grouped": ["W[g, c, k] * ", "W[g * Cg + c, k] * "]}[channel]
+        weight = draw(st.sampled_from(weights))
+        lines = ['spec = Spec("fuzz_window", "a random strided window")',
+                 f'{", ".join(("N T K S" + sizes).split())} = spec.dims("N T K S{sizes}")',
+                 f'{", ".join(["n", "t", "k"] + [x.split("=")[0] for x in idx.split(", ")[1:]])}'
+                 f' = spec.indices(n=N, t=T, k=K{idx})',
+                 f'X = spec.input("X", N, {axis}(T - 1) * S + K)']
+        if weight:
+            axes = {"W[k] * ": "K", "W[t, k] * ": "T, K", "W[c, k] * ": "C, K",
+                    "W[g, c, k] * ": "G, Cg, K", "W[g * Cg + c, k] * ": "G * Cg, K"}[weight]
+            lines.append(f'W = spec.param("W", {axes})')
+        read = fn.format(f"X[n, {at}{pos}]")
+        if not weight and draw(st.booleans()):
+            body = f"Max({read}, k)"
+        else:
+            body = f"Sum({weight}{read}, k)"
+        if draw(st.booleans()):  # the window's result centred over t: a broadcast upstream
+            lines.append('t2 = spec.indices(t2=T)')
+            lines.append(f'u = spec.let("u", [n, {lhs}t], {body})')
+            body = f"u[n, {lhs}t] - Sum(u[n, {lhs}t2], t2) / T"
+        lines.append(f'spec.output("Y", [n, {lhs}t], {body})')
+        return HEAD + "\n".join(lines) + "\n"
+    pos = draw(st.sampled_from(["a * B + b", "b * A + a"]))
+    over = draw(st.sampled_from(["b", "a"]))
+    kept = "a" if over == "b" else "b"
+    weight = draw(st.sampled_from(["", f"W[{pos}] * ", "W[b] * "]))
+    lines = ['spec = Spec("fuzz_split", "a random split index")',
+             'N, A, B = spec.dims("N A B")',
+             'n, a, b = spec.indices(n=N, a=A, b=B)',
+             'X = spec.input("X", N, A * B)']
+    if weight:
+        lines.append(f'W = spec.param("W", {"B" if weight == "W[b] * " else "A * B"})')
+    read = f"X[n, {pos}]"
+    stat = draw(st.sampled_from([fn.format(read), f"{weight}{read}"]))
+    lines.append(f'm = spec.let("m", [n, {kept}], Sum({stat}, {over}) / '
+                 f'{"B" if over == "b" else "A"})')
+    body = draw(st.sampled_from([f"({read} - m[n, {kept}])", f"tanh({read}) * m[n, {kept}]"]))
+    lines.append(f'spec.output("Y", [n, a, b], {weight}{body})')
+    return HEAD + "\n".join(lines) + "\n"
+
+
+@settings(FUZZ, max_examples=EXAMPLES_AFFINE)
+@given(source=affine_sources())
+def test_affine_reads_pass_every_check(source):
+    """Strided and split reads: the derived closed form against torch.autograd, and the
+    generated kernels against every oracle of ``check``."""
+    note(source)
+    with _time_limit(source), tempfile.TemporaryDirectory() as folder:
+        spec = _load(folder, source)
+        assert_matches_autograd(derive(spec), seed=_seed(source, "affine"))
+        rows = check_spec(spec, CheckOptions(cases=1,
+                                             oracles=("fd", "autograd", "backends", "forward")))
+    failed = [r for r in rows if not r.passed]
+    assert rows and not failed, "\n".join(
+        f"{r.input} vs {r.oracle} at {r.shape}: max_rel {r.max_rel:.2e}" for r in failed)
 
 
 # -- the strategy itself ----------------------------------------------------------------------
@@ -714,3 +815,12 @@ def test_generated_chains_are_well_formed(source):
     with tempfile.TemporaryDirectory() as folder:
         spec = _load(folder, source)
     assert [t.name for t in spec.grad_inputs] == ["X"]
+
+
+@settings(FUZZ, max_examples=30)
+@given(source=affine_sources())
+def test_generated_affine_specs_are_well_formed(source):
+    """Every strided / split spec loads: its reads pass the range check."""
+    with tempfile.TemporaryDirectory() as folder:
+        spec = _load(folder, source)
+    assert spec.outputs and spec.grad_inputs

@@ -333,8 +333,10 @@ class ArrayPrinter:
         return arr
 
     def _is_array(self, f) -> bool:
-        """A tensor value (not a Python number): reads a tensor or a tensor-valued term."""
-        return any(isinstance(n, sp.Indexed) or (n in self.temps and self.temps[n].axes)
+        """A tensor value (not a Python number): reads a tensor or a tensor-valued term, or
+        scatters (Σ_t,k δ(h, S·t + k) counts windows: an array over h)."""
+        return any(isinstance(n, (sp.Indexed, sp.KroneckerDelta))
+                   or (n in self.temps and self.temps[n].axes)
                    or (isinstance(n, sp.Symbol) and n.name in self.scalar_tensors)
                    for n in sp.preorder_traversal(f))
 
@@ -484,6 +486,12 @@ class ArrayPrinter:
         body = e.function
         for var, lo, hi in e.limits:  # bound indices renamed by the emitter keep their range
             self.ranges.setdefault(var, sp.expand((hi - lo + 1).xreplace(self.scalars)))
+        merged = self._merge_window(e)
+        if merged is not None:
+            return self.lower(merged)
+        spread = self._spread_scatters(e)
+        if spread is not None:
+            return self.lower(spread)
         for f in sp.Mul.make_args(body):
             split = self._scatter_target(f, over)
             if split is not None:
@@ -529,22 +537,115 @@ class ArrayPrinter:
                 return h, target
         return None
 
+    def _merge_window(self, e):
+        """Σ_k W[k]·Σ_t δ(h, S·t + k)·G[n,t] as one sum Σ_{k,t} W[k]·δ(h, S·t + k)·G[n,t].
+
+        The window index k of the inner scatter is summed outside it: every factor that
+        depends on k (the weight W[k] of a strided or depthwise convolution) has to be
+        scattered with the values at k, so the two sums become one scatter-add over (t, k).
+        None when ``e`` has no such inner sum."""
+        over = {lim[0] for lim in e.limits}
+        factors = list(sp.Mul.make_args(e.function))
+        for f in factors:
+            if not isinstance(f, sp.Sum):
+                continue
+            inner_over = {lim[0] for lim in f.limits}
+            rest = [g for g in factors if g is not f]
+            if any(inner_over & self._indices_of(g) for g in rest) or inner_over & over:
+                continue  # merging would capture an index
+            window = [d for d in sp.Mul.make_args(f.function)
+                      if self._scatter_target(d, list(inner_over)) is not None]
+            if any(self._indices_of(self._scatter_target(d, list(inner_over))[1]) & over
+                   for d in window):
+                return sp.Sum(sp.Mul(*rest) * f.function, *e.limits, *f.limits)
+        return None
+
+    def _spread_scatters(self, e):
+        """Σ_t (δ(h, T − t)·A + δ(h, t + 1)·B)·C as Σ_t δ(h, T − t)·A·C + Σ_t δ(h, t + 1)·B·C:
+        each delta scatters its own term (a factored closed form groups them); None when no
+        factor of the body is a sum of terms with a scatter delta."""
+        over = [lim[0] for lim in e.limits]
+        factors = list(sp.Mul.make_args(e.function))
+        for f in factors:
+            if isinstance(f, sp.Add) and any(
+                    self._scatter_target(g, over) is not None
+                    for term in f.args for g in sp.Mul.make_args(term)):
+                rest = sp.Mul(*[g for g in factors if g is not f])
+                return sp.Add(*[sp.Sum(term * rest, *e.limits) for term in f.args])
+        return None
+
     SCATTER = "scatter_add"
+    JOIN = "join_axes"
+
+    def _dense_split(self, target, window, h) -> tuple | None:
+        """The window indices from most to least significant if ``target`` numbers every
+        position of h exactly once (B·a + b with b over B and h over A·B; C·B·a + C·b + c),
+        else None."""
+        expr = sp.expand(target)
+        steps = {w: expr.coeff(w) for w in window}
+        if not window or any(w not in self.ranges for w in window) or h not in self.ranges \
+                or sp.expand(expr - sum(c * w for w, c in steps.items())) != 0:
+            return None
+        order, step = [], sp.Integer(1)
+        while len(order) < len(window):
+            nxt = [w for w in window if w not in order and sp.expand(steps[w] - step) == 0]
+            if len(nxt) != 1:
+                return None
+            order.append(nxt[0])
+            step = sp.expand(step * self.ranges[nxt[0]])
+        if sp.expand(step - self.ranges[h]) != 0:
+            return None
+        return tuple(reversed(order))
 
     def _scatter(self, e, delta, h, target) -> Arr:
+        """Σ_over values·δ(h, target) as a scatter-add into a new axis h.
+
+        Indices of ``target`` that this sum does not reduce (k in Σ_t δ(h, S·t + k)·G[n,t])
+        keep their axis: each of their values is a scatter of its own (``batch`` axes)."""
         over = [lim[0] for lim in e.limits]
         index = self.lower(target)
+        batch = tuple(a for a in index.axes if a not in over)
+        window = tuple(a for a in index.axes if a in over)
+        if batch and index.axes != batch + window:
+            perm = tuple(index.axes.index(a) for a in batch + window)
+            index = Arr(self.transpose(self.paren(index.code, index.prec, ATOM), perm),
+                        batch + window, ATOM)
         rest = sp.Mul(*[f for f in sp.Mul.make_args(e.function) if f is not delta])
         kept = [lim for lim in e.limits if lim[0] not in index.axes]
         inner = self.lower(sp.Sum(rest, *kept) if kept else rest)
         if set(inner.axes) & (set(over) - set(index.axes)):
             raise CodegenError(f"cannot scatter {e}: a summed index is left over")
         lead = tuple(a for a in inner.axes if a not in index.axes)
-        values = self.align(inner, lead + index.axes) if inner.axes else inner.code
+        split = None if batch else self._dense_split(target, window, h)
+        if split is not None and inner.axes:
+            # every position of h is written once: the scatter-add is a reshape
+            values = self.align(inner, lead + split)
+            sizes = ", ".join(self.lower(sp.sympify(self.ranges[w])).code for w in split)
+            self.helpers.add(self.JOIN)
+            return Arr(f"{self.JOIN}({values}, ({sizes},), {len(lead)})", lead + (h,), ATOM)
+        values = self.align(inner, lead + index.axes) if inner.axes else \
+            self.scatter_scalar(inner.code, rest)
+        if inner.axes and self._bool_only(rest) and self.ref is not None:
+            # a mask [X = max X] scattered by overlapping windows counts them: added as
+            # booleans, True + True would stay True
+            prec = inner.prec if values == inner.code else ATOM
+            values = self.cast_like(self.paren(values, prec, ATOM), self.ref)
         size = self.lower(sp.sympify(self.ranges[h]))
         self.helpers.add(self.SCATTER)
-        code = f"{self.SCATTER}({values}, {index.code}, {size.code}, {len(lead)})"
-        return Arr(code, lead + (h,), ATOM)
+        self.imports.add("math")  # the helper counts the kept entries with math.prod
+        args = f"{values}, {index.code}, {size.code}, {len(lead)}"
+        if batch:
+            args += f", batch={len(batch)}"
+        return Arr(f"{self.SCATTER}({args})", lead + batch + (h,), ATOM)
+
+    def cast_like(self, code: str, ref: str) -> str:
+        """``code`` converted to the dtype of the array ``ref``."""
+        return f"{code}.astype({ref}.dtype)"
+
+    def scatter_scalar(self, code: str, expr) -> str:
+        """The values of a scatter that are one number for every position (Σ_t,k δ(h, S·t + k)
+        counts the windows that cover h): NumPy takes a Python number as it is."""
+        return code
 
     def _matvec(self, operands, arrs, over) -> Arr | None:
         """Σ_d A[n,d]·v[d] as ``A @ v`` (and Σ_n v[n]·A[n,d] as ``v @ A``): a BLAS

@@ -324,6 +324,7 @@ class Module:
         exprs, products = _shared_products(exprs, set(self.names.values()))
         replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"),
                                        optimizations=None, order="none")
+        replacements, reduced = _inline_index_terms(replacements, reduced)
         seeds = [self.names[self.seed_names[o.target]] for o in self.outputs
                  if o.target in self.seed_names]
         saved = [self.names[s] for s in self.saved()]
@@ -339,6 +340,9 @@ class Module:
         printer.ref = (full_seeds or shaped or seeds or [None])[0]
         printer.order = list(dict.fromkeys(i for _, _, canon in forms for i in canon))
         printer.ranges = dict(d.program.ranges)
+        # a common term can read X[n, Cg·g + q] with g bound by a sum around it: the term is
+        # computed first, and builds the positions of g from g's range
+        printer.ranges.update(_bound_ranges(exprs + [v for _, v in replacements]))
         # statements as (name, code), before the conditions they run under are known
         stmts: list[tuple[str, str]] = []
         taken = set(self.names.values())
@@ -479,6 +483,41 @@ def _names_read(code: str) -> set[str]:
             names.add(tok.string)
         previous = tok.string
     return names
+
+
+def _is_position(value) -> bool:
+    """An index expression such as Cg·g + q: integer indices and sizes, no tensor."""
+    return not value.has(sp.Indexed) and bool(value.free_symbols) and all(
+        s.is_integer for s in value.free_symbols) and any(
+        not s.is_positive for s in value.free_symbols)
+
+
+def _inline_index_terms(replacements, reduced):
+    """Put back the common terms that hold a Kronecker delta δ(h, B·a + b) or that are a
+    position B·a + b.
+
+    A delta is not a value of its own: it says where its sum scatters (a scatter-add into
+    h), so it has to stay a factor of the sum that reduces a and b; a position is read as
+    an affine index (gamma[Cg·g + q]), not as a tensor of numbers."""
+    inline, kept = {}, []
+    for sym, value in replacements:
+        value = value.xreplace(inline)
+        if value.has(sp.KroneckerDelta) or _is_position(value):
+            inline[sym] = value
+        else:
+            kept.append((sym, value))
+    return kept, [e.xreplace(inline) for e in reduced]
+
+
+def _bound_ranges(exprs) -> dict:
+    """Index -> its number of values, for every index a sum in ``exprs`` binds."""
+    out = {}
+    for e in exprs:
+        for node in sp.preorder_traversal(e):
+            if isinstance(node, sp.Sum):
+                for var, lo, hi in node.limits:
+                    out.setdefault(var, sp.expand(hi - lo + 1))
+    return out
 
 
 def _canonical_bound(expr, depth: int = 0):
@@ -641,12 +680,22 @@ def _saved_note(m: Module) -> str:
                                                                      "nothing")
 
 
+def _size_code(dim, names) -> str:
+    """Python for a size: ``K`` or, for an axis such as gamma's G·Cg, ``(Cg * G)``."""
+    if str(dim) in names:
+        return names[str(dim)]
+    from sympy.printing.pycode import PythonCodePrinter
+
+    dim = dim.xreplace({s: sp.Symbol(names[str(s)]) for s in dim.free_symbols})
+    return f"({PythonCodePrinter().doprint(dim)})"
+
+
 def _init_code(t, target: str, names) -> str:
-    shape = ", ".join(names[str(x)] for x in t.dims)
+    sizes = [_size_code(x, names) for x in t.dims]
+    shape = ", ".join(sizes)
     shp = f"({shape},)"
-    fan_in = " * ".join(names[str(x)] for x in t.dims[1:]) or (names[str(t.dims[0])]
-                                                               if t.dims else "1")
-    fan_out = names[str(t.dims[0])] if t.dims else "1"
+    fan_in = " * ".join(sizes[1:]) or (sizes[0] if t.dims else "1")
+    fan_out = sizes[0] if t.dims else "1"
     bound = {"uniform": f"1 / math.sqrt({fan_in})",
              "kaiming_uniform": f"math.sqrt(6 / ({fan_in}))",
              "xavier_uniform": f"math.sqrt(6 / ({fan_in} + {fan_out}))"}.get(t.init)

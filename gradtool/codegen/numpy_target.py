@@ -40,15 +40,24 @@ HELPERS = {
     if unknown:
         raise ValueError(f"no gradient for {sorted(unknown)}; this layer has {list(names)}")
     return tuple(name in need for name in names)''',
-    "scatter_add": '''def scatter_add(values, index, size, lead):
-    """out[..., index[j]] += values[..., j]: the adjoint of reading x[..., index] with an integer
-    array (strided convolution, pooling). ``lead`` axes of ``values`` come before the index
-    axes; the new last axis has ``size`` entries."""
+    "scatter_add": '''def scatter_add(values, index, size, lead, batch=0):
+    """out[..., b, index[b, j]] += values[..., b, j]: the adjoint of reading x[..., index] with
+    an integer array (strided convolution, pooling). ``lead`` axes of ``values`` come before
+    the index axes; the first ``batch`` axes of ``index`` are kept (one scatter per entry),
+    the others are summed into a new last axis of ``size`` entries."""
     values = np.asarray(values)
     shape = values.shape[:lead] + index.shape
-    out = np.zeros(shape[:lead] + (size,), dtype=values.dtype)
-    np.add.at(out, (Ellipsis, index), np.broadcast_to(values, shape))
-    return out''',
+    kept = index.shape[:batch]
+    offset = np.arange(math.prod(kept)).reshape(kept + (1,) * (index.ndim - batch)) * size
+    out = np.zeros(shape[:lead] + (math.prod(kept) * size,), dtype=values.dtype)
+    np.add.at(out, (Ellipsis, index + offset), np.broadcast_to(values, shape))
+    return out.reshape(shape[:lead] + kept + (size,))''',
+    "join_axes": '''def join_axes(values, sizes, lead):
+    """out[..., B·a + b] = values[..., a, b]: the adjoint of reading x[..., a*B + b], where a
+    split index reads every position once, so that its scatter-add is a reshape. ``lead`` axes
+    of ``values`` come before the split axes, whose ``sizes`` are (A, B)."""
+    shape = np.shape(values)[:lead] + tuple(sizes)
+    return np.broadcast_to(values, shape).reshape(shape[:lead] + (-1,))''',
 }
 
 IMPORTS = {

@@ -249,6 +249,15 @@ class TorchPrinter(ArrayPrinter):
         return Arr(f"{self.paren(arr.code, arr.prec, ATOM)}.to({self.ref}.dtype)", arr.axes,
                    ATOM)
 
+    def cast_like(self, code: str, ref: str) -> str:
+        return f"{code}.to({ref}.dtype)"
+
+    def scatter_scalar(self, code: str, expr) -> str:
+        """A number scattered over positions becomes a 0-d tensor of the kernel's dtype."""
+        if self._is_array(expr) or self.ref is None:
+            return code
+        return f"{self.ref}.new_tensor({code})"
+
     def broadcast(self, code: str, shape: tuple[str, ...], arr: Arr) -> str:
         if not arr.axes:  # a number or a 0-d tensor, repeated over the whole shape
             return f"{self.ref}.new_ones(({', '.join(shape)},)) * {self.paren(code, arr.prec, 2)}"
@@ -256,14 +265,25 @@ class TorchPrinter(ArrayPrinter):
 
 
 HELPERS = {
-    "scatter_add": '''def scatter_add(values, index, size, lead):
-    """out[..., index[j]] += values[..., j]: the adjoint of reading x[..., index] with an integer
-    tensor (strided convolution, pooling). ``lead`` axes of ``values`` come before the index
-    axes; the new last axis has ``size`` entries."""
+    "scatter_add": '''def scatter_add(values, index, size, lead, batch=0):
+    """out[..., b, index[b, j]] += values[..., b, j]: the adjoint of reading x[..., index] with
+    an integer tensor (strided convolution, pooling). ``lead`` axes of ``values`` come before
+    the index axes; the first ``batch`` axes of ``index`` are kept (one scatter per entry),
+    the others are summed into a new last axis of ``size`` entries."""
     shape = tuple(values.shape[:lead]) + tuple(index.shape)
-    out = values.new_zeros(shape[:lead] + (size,))
+    kept = tuple(index.shape[:batch])
+    offset = torch.arange(math.prod(kept), device=index.device).reshape(
+        kept + (1,) * (index.dim() - batch)) * size
+    out = values.new_zeros(shape[:lead] + (math.prod(kept) * size,))
     flat = values.expand(shape).reshape(shape[:lead] + (-1,))
-    return out.index_add_(lead, index.reshape(-1), flat)''',
+    out.index_add_(lead, (index + offset).reshape(-1), flat)
+    return out.reshape(shape[:lead] + kept + (size,))''',
+    "join_axes": '''def join_axes(values, sizes, lead):
+    """out[..., B·a + b] = values[..., a, b]: the adjoint of reading x[..., a*B + b], where a
+    split index reads every position once, so that its scatter-add is a reshape. ``lead`` axes
+    of ``values`` come before the split axes, whose ``sizes`` are (A, B)."""
+    shape = tuple(values.shape[:lead]) + tuple(sizes)
+    return values.expand(shape).reshape(shape[:lead] + (-1,))''',
 }
 
 IMPORTS = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import linecache
 import os
 import sys
@@ -236,6 +237,121 @@ def _check_access(spec: Spec, name: str, idx: tuple, line) -> None:
             raise spec.error(f"index `{ix}` runs over {spec.index_dims[ix]} but axis {axis} of "
                              f"`{name}` has size {dim}", line,
                              f"use an index declared over {dim}")
+        if ix not in spec.index_dims:
+            _check_range(spec, name, idx, axis, line)
+
+
+# -- index ranges ----------------------------------------------------------------------------
+#
+# An affine index c0 + Σ c_i·i with i in [0, R_i) takes its least value where every index with
+# a negative coefficient is at its last value and the others at 0, and its greatest value the
+# other way round. An access stays inside its axis of size A when least ≥ 0 and A − 1 − greatest
+# ≥ 0. Both are polynomials in the sizes (and stride-like hyper-parameters); with every size
+# D = m + D' for its minimum m (1 unless spec.min_size says more) and D' ≥ 0, a polynomial
+# whose coefficients are all ≥ 0 is ≥ 0 for every size. Otherwise small sizes are tried for a
+# counterexample; failing both, the access is refused as undecided rather than accepted.
+
+OUTSIDE_HINT = "pad the input or shift the index; zero padding is not in the language yet"
+SEARCH_VALUES = (0, 1, 2, 3)  # offsets D' above each size's minimum tried for a counterexample
+SEARCH_POINTS = 256
+
+
+def _shifted(spec: Spec, expr: sp.Expr):
+    """``expr`` over non-negative offsets D' = D − min(D); None if a symbol has no known sign.
+
+    Returns (the shifted expression, offsets, {offset: (symbol, its minimum)})."""
+    offsets, subs = {}, {}
+    hypers = {h.symbol for h in spec.hypers.values()}
+    for sym in sorted(expr.free_symbols, key=str):
+        if sym in spec.dim_symbols.values():
+            low = max(1, spec.min_sizes.get(sym.name, 1))
+        elif sym in hypers and sym.is_positive:
+            low = 0  # a positive hyper-parameter: only its sign is known
+        else:
+            return None
+        prime = sp.Symbol(f"{sym.name}_off", integer=True, nonnegative=True)
+        subs[sym] = low + prime
+        offsets[prime] = (sym, low)
+    return sp.expand(expr.xreplace(subs)), list(offsets), offsets
+
+
+def _nonnegative(spec: Spec, expr: sp.Expr):
+    """(True, None) if ``expr`` ≥ 0 for all sizes; (False, sizes) with sizes where it is
+    negative; (None, None) when neither could be shown."""
+    shifted = _shifted(spec, expr)
+    if shifted is None:
+        return None, None
+    value, primes, offsets = shifted
+    if value.is_number:
+        return (True, None) if value >= 0 else (False, {})
+    coeffs = sp.Poly(value, *primes).coeffs()
+    if all(c.is_number and c >= 0 for c in coeffs):
+        return True, None
+    # fewer values per size when there are many sizes: at most about SEARCH_POINTS tries
+    count = max(2, min(len(SEARCH_VALUES), int(SEARCH_POINTS ** (1 / len(primes)))))
+    for point in itertools.product(SEARCH_VALUES[:count], repeat=len(primes)):
+        at = dict(zip(primes, point, strict=True))
+        if value.xreplace(at) < 0:
+            return False, {offsets[p][0]: offsets[p][1] + v for p, v in at.items()}
+    return None, None
+
+
+def _sign(spec: Spec, coeff: sp.Expr) -> int | None:
+    if _nonnegative(spec, coeff)[0]:
+        return 1
+    if _nonnegative(spec, -coeff)[0]:
+        return -1
+    return None
+
+
+def _check_range(spec: Spec, name: str, idx: tuple, axis: int, line) -> None:
+    """Refuse an access whose affine index can leave [0, size) of its axis."""
+    ix = sp.expand(sp.sympify(idx[axis]))
+    size = spec.tensors[name].dims[axis]
+    access = f"{name}[{', '.join(str(i) for i in idx)}]"
+    indices = sorted(ix.free_symbols & set(spec.index_dims), key=str)
+    least = greatest = ix.xreplace({i: 0 for i in indices})
+    at_least, at_greatest = {}, {}
+    for i in indices:
+        coeff = ix.coeff(i)
+        last = spec.index_dims[i] - 1
+        sign = _sign(spec, coeff)
+        if sign is None:
+            raise spec.error(f"cannot tell whether `{access}` stays inside `{name}`: the sign "
+                             f"of `{coeff}`, the step of index `{i}`, is unknown", line,
+                             "write the index with steps that are sizes, numbers or positive "
+                             "hyper-parameters")
+        if sign > 0:
+            greatest += coeff * last
+            at_least[i], at_greatest[i] = 0, last
+        else:
+            least += coeff * last
+            at_least[i], at_greatest[i] = last, 0
+    checks = ((least, at_least, "below 0"), (size - 1 - greatest, at_greatest,
+                                             f"past the last entry {size - 1}"))
+    for gap, where, side in checks:
+        ok, sizes = _nonnegative(spec, gap)
+        if ok:
+            continue
+        bound = least if gap is least else greatest
+        place = ", ".join(f"{i} = {v}" for i, v in where.items())
+        if ok is None:
+            at = f" ({place})" if place else ""
+            raise spec.error(f"cannot tell whether `{access}` stays inside `{name}`: index "
+                             f"`{idx[axis]}` of axis {axis} reaches {sp.factor(bound)}{at}, "
+                             f"the axis has size {size}", line,
+                             "declare the axis with a size that covers the index, like "
+                             "(T - 1)*S + K for t*S + k, or state a minimum with "
+                             "spec.min_size(...); " + OUTSIDE_HINT)
+        example = ", ".join(f"{k} = {v}" for k, v in sorted(sizes.items(), key=str))
+        when = "; ".join(x for x in (place, example) if x)
+        when = f" ({when})" if when else ""
+        hint = OUTSIDE_HINT if gap is least else (
+            "give the axis a size that covers the index, like (T - 1)*S + K for t*S + k "
+            "(strides are sizes), or shift the index; zero padding is not in the language yet")
+        raise spec.error(f"`{access}` can read outside `{name}`: index `{idx[axis]}` of axis "
+                         f"{axis} goes {side} (it reaches {sp.factor(bound)}{when}; the axis "
+                         f"has size {size})", line, hint)
 
 
 def validate(spec: Spec) -> None:

@@ -166,11 +166,21 @@ def _bind(mapping: dict, pattern, access) -> dict | None:
     return out
 
 
+def _count_limits(expr) -> int:
+    """Summed indices in ``expr``: Σ_{q,l} counts two."""
+    return sum(len(n.limits) for n in sp.preorder_traversal(expr) if isinstance(n, sp.Sum))
+
+
 class Simplifier:
     def __init__(self, program: Program):
         self.program = program
         self.spec = program.spec
         self.defs = self._definitions()
+        # reductions over several indices (group norm's mean over channels of a group and
+        # length), matched against nested sums: Σ_l Σ_q X[n, Cg·g + q, l] = Cg·L·mu[n, g]
+        self.multi = [Definition(program.access(a.target, a.lhs), tuple(a.over), a.body, a.lhs)
+                      for a in program.assigns
+                      if a.reduce == "sum" and len(a.over) > 1 and a.kind != "update"]
         # a one-hot indicator of labels stays a named 0/1 tensor: its fact (rows sum to one)
         # applies to it, and inlining δ(c, y[n]) would turn sums over c into gathers
         self.elementwise = {a.target: a for a in program.assigns
@@ -269,6 +279,10 @@ class Simplifier:
     # -- folding a sum into what it already names ---------------------------------------------
     def fold(self, body, var, count, depth) -> sp.Expr:
         hi = count - 1
+        if isinstance(body, sp.Sum) and self.multi:
+            found = self._fold_nested(body, var, count, depth)
+            if found is not None:
+                return found
         for d in self.defs:
             found = self._match(d, body, var)
             if found is not None:
@@ -336,6 +350,92 @@ class Simplifier:
                 continue
             return ratio * rename(d.value, mapping)
         return None
+
+    def _fold_nested(self, body, var, count, depth):
+        """Σ_var Σ_q f as what a reduction over (q, var) names, or as a form with fewer sums
+        once element-wise intermediates are inlined (Σ_l Σ_q x̂ = 0 in group norm); None if
+        neither."""
+        inner = body.function
+        over = [lim[0] for lim in body.limits] + [var]
+        for d in self.multi:
+            found = self._match_many(d, inner, over)
+            if found is not None:
+                return found
+        if depth >= 3 or not any(access_name(a) in self.elementwise
+                                 for a in accesses(inner, self.spec)):
+            return None
+        raw = self.inline_elementwise(inner)
+        if sp.count_ops(raw) > INLINE_BUDGET or not self._could_fold_many(raw):
+            return None
+        candidate = self(raw, depth + 1)
+        for v, lo, hi in body.limits:
+            candidate = self.sum_over(candidate, v, hi - lo + 1, depth + 1)
+        candidate = self.sum_over(candidate, var, count, depth + 1)
+        if candidate == 0 or _count_limits(candidate) < _count_limits(body) + 1:
+            return candidate
+        return None
+
+    def _could_fold_many(self, expr) -> bool:
+        names = {access_name(a) for a in accesses(expr, self.spec)}
+        return any(access_name(accesses(d.body, self.spec)[0]) in names for d in self.multi
+                   if accesses(d.body, self.spec))
+
+    def _match_many(self, d: Definition, body, over):
+        """``value·ratio`` if Σ_over body is ``ratio`` times the reduction ``d``; else None."""
+        from itertools import permutations
+
+        mine = accesses(d.body, self.spec)
+        if not mine or len(d.over) != len(over):
+            return None
+        ranges = self.program.ranges
+        for cand in accesses(body, self.spec):
+            if access_name(cand) != access_name(mine[0]):
+                continue
+            for order in permutations(over):
+                if any(ranges.get(o) != ranges.get(v) for o, v in zip(d.over, order)):
+                    continue
+                mapping = self._map_indices(mine[0], cand, dict(zip(d.over, order)))
+                if mapping is None or any(i not in mapping for i in d.free) or \
+                        len(set(mapping.values())) != len(mapping):
+                    continue
+                ratio = body / rename(d.body, mapping)
+                if set(over) & ratio.free_symbols and isinstance(d.body, sp.Add) and \
+                        sp.count_ops(body) <= CANCEL_BUDGET:
+                    ratio = sp.cancel(ratio)
+                if set(over) & ratio.free_symbols or ratio.has(sp.Indexed) or \
+                        accesses(ratio, self.spec) or ratio.free_symbols \
+                        - set(self.spec.dim_symbols.values()) \
+                        - {h.symbol for h in self.spec.hypers.values()}:
+                    continue
+                return ratio * rename(d.value, mapping)
+        return None
+
+    def _map_indices(self, pattern, access, mapping):
+        """Extend ``mapping`` so that ``pattern``'s indices become ``access``'s: plain
+        indices map to what stands in their place, and an affine position Cg·g + q with one
+        index not yet mapped is solved for it; None if they cannot correspond."""
+        mapping = dict(mapping)
+        pairs = list(zip(access_indices(pattern), access_indices(access)))
+        for a, b in pairs:
+            if isinstance(a, sp.Symbol) and mapping.setdefault(a, b) != b:
+                return None
+        for a, b in pairs:
+            if isinstance(a, sp.Symbol):
+                continue
+            unknown = [s for s in a.free_symbols if s in self.program.ranges
+                       and s not in mapping]
+            if len(unknown) > 1:
+                return None
+            if unknown:
+                s = unknown[0]
+                step = sp.expand(a).coeff(s)
+                target = sp.expand((b - rename(a.xreplace({s: 0}), mapping)) / step)
+                if not isinstance(target, sp.Symbol) or target not in self.program.ranges:
+                    return None
+                mapping[s] = target
+            if sp.expand(rename(a, mapping) - b) != 0:
+                return None
+        return mapping
 
     def inline_elementwise(self, expr):
         """Replace each access of an element-wise intermediate by its definition."""
