@@ -328,8 +328,11 @@ class ArrayPrinter:
         return [a for _, a in num]
 
     def _is_array(self, f) -> bool:
-        """A tensor value (not a Python number): reads a tensor or a tensor-valued term."""
-        return any(isinstance(n, sp.Indexed) or (n in self.temps and self.temps[n].axes)
+        """A tensor value (not a Python number): reads a tensor or a tensor-valued term, a
+        named 0-d one (``sum_B_G = (B * G).sum(0)``) included; inlined scalars such as
+        ``1 / D`` are numbers."""
+        return any(isinstance(n, sp.Indexed) or (n in self.temps and (
+            self.temps[n].axes or n not in self.scalars))
                    or (isinstance(n, sp.Symbol) and n.name in self.scalar_tensors)
                    for n in sp.preorder_traversal(f))
 
