@@ -323,10 +323,12 @@ def test_batched_and_transposed_contractions_are_matmuls(tmp_path):
     path = tmp_path / "scores.py"
     path.write_text(BATCHED)
     spec = load_spec(path)
-    for target in ("numpy", "torch"):
+    for target, forward in (("numpy", "S = c + (Qm @ Km.mT)"),
+                            ("torch", "S = (Qm @ Km.mT).add_(c)")):
         source = generate(spec, target)
-        # Σ_d Q[b,q,d]·K[b,k,d]: b is a batch axis, K is read transposed; no addmm for 3-d
-        assert "S = c + (Qm @ Km.mT)" in source
+        # Σ_d Q[b,q,d]·K[b,k,d]: b is a batch axis, K is read transposed; no addmm for 3-d,
+        # but torch adds the bias in place into the product it just made
+        assert forward in source
         assert "dQm = G @ Km" in source and "dKm = G.mT @ Qm" in source
         assert "einsum" not in source
     rows = check_spec(spec, CheckOptions(cases=1, oracles=("fd", "autograd", "backends")))
