@@ -33,6 +33,7 @@ item 8): torch / nn ≥ 0.9, numpy / nn ≥ 0.5. A missed goal is printed, not r
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -159,9 +160,8 @@ class NumpyModel:
 
 
 def backward_of(layer, g, need_input: bool):
-    """``layer.backward(g)``, skipping the input's gradient where the kernels can."""
-    import inspect
-
+    """``layer.backward(g)``, asking for the input's gradient only if ``need_input``; kernels
+    from a checkout without ``need=`` (to measure "before") compute every gradient."""
     if "need" in inspect.signature(layer.backward).parameters:
         keep = set(layer.params) | ({"X"} if need_input else set())
         return layer.backward(g, need=keep)

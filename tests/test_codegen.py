@@ -323,11 +323,46 @@ def test_batched_and_transposed_contractions_are_matmuls(tmp_path):
     path = tmp_path / "scores.py"
     path.write_text(BATCHED)
     spec = load_spec(path)
-    for target in ("numpy", "torch"):
+    for target, forward in (("numpy", "S = c + (Qm @ Km.mT)"),
+                            ("torch", "S = (Qm @ Km.mT).add_(c)")):
         source = generate(spec, target)
-        # Σ_d Q[b,q,d]·K[b,k,d]: b is a batch axis, K is read transposed; no addmm for 3-d
-        assert "S = c + (Qm @ Km.mT)" in source
+        # Σ_d Q[b,q,d]·K[b,k,d]: b is a batch axis, K is read transposed; no addmm for 3-d,
+        # but torch adds the bias in place into the product it just made
+        assert forward in source
         assert "dQm = G @ Km" in source and "dKm = G.mT @ Qm" in source
         assert "einsum" not in source
     rows = check_spec(spec, CheckOptions(cases=1, oracles=("fd", "autograd", "backends")))
     assert rows and all(r.passed for r in rows)
+
+
+ZERO_D_TERM = '''\
+from gradtool.lang import *
+
+spec = Spec("fuzz", "a random spec")
+E = spec.dims("E")
+e, j = spec.indices(e=E, j=E)
+A = spec.input("A", E, domain="positive")
+B = spec.input("B", E)
+W = spec.param("W", E, init="uniform")
+t0 = spec.let("t0", [e], exp((B[e]) / 4))
+t1 = spec.let("t1", [e], tanh(t0[e]))
+t2 = spec.let("t2", [e], (Sum((W[j])*(A[j]), j))*(t1[e]))
+t3 = spec.let("t3", [e], (Max(A[j], j)) + (t2[e]))
+spec.output("Y", [e], ((Sum((t1[j])*(A[j]), j)) / (1 + (B[e])**2)) + (t3[e]))
+'''
+
+
+def test_named_0d_term_is_a_tensor_so_the_backward_differentiates(tmp_path):
+    """``sum_B_G = (…).sum(0)`` is a 0-d tensor: ``x.add_(t1, alpha=sum_B_G)`` raised a
+    TypeError under autograd (found by the need= fuzz property); it is an addcmul now, and the
+    gradients of the generated backward (check --order 2) match."""
+    from gradtool.check.runner import CheckOptions, check_spec
+
+    path = tmp_path / "zero_d.py"
+    path.write_text(ZERO_D_TERM)
+    spec = load_spec(path)
+    source = generate(spec, "torch")
+    assert "alpha=sum_" not in source and ".addcmul_(sum_B_G, t1)" in source
+    rows = check_spec(spec, CheckOptions(cases=1, order=2))
+    assert any("2nd order" in r.oracle for r in rows)
+    assert rows and all(r.passed for r in rows), [r for r in rows if not r.passed]

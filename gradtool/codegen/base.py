@@ -333,10 +333,11 @@ class ArrayPrinter:
         return arr
 
     def _is_array(self, f) -> bool:
-        """A tensor value (not a Python number): reads a tensor or a tensor-valued term, or
-        scatters (Σ_t,k δ(h, S·t + k) counts windows: an array over h)."""
+        """A tensor value (not a Python number): reads a tensor or a tensor-valued term, a
+        named 0-d one (``sum_B_G = (B * G).sum(0)``) included, or scatters (Σ_t,k δ(h, S·t + k)
+        counts windows: an array over h); inlined scalars such as ``1 / D`` are numbers."""
         return any(isinstance(n, (sp.Indexed, sp.KroneckerDelta))
-                   or (n in self.temps and self.temps[n].axes)
+                   or (n in self.temps and (self.temps[n].axes or n not in self.scalars))
                    or (isinstance(n, sp.Symbol) and n.name in self.scalar_tensors)
                    for n in sp.preorder_traversal(f))
 

@@ -414,11 +414,10 @@ class Module:
             for r in reads[name] & self.saved_need.keys():
                 self.saved_need[r] |= needed_by[name]
         flags = [py_name("need_" + t.name) for t in self.grads]
-        self.need_default = "(" + ", ".join(["True"] * len(grads)) + \
-            ("," if len(grads) == 1 else "") + ")"
+        default = "(" + ", ".join(["True"] * len(grads)) + ("," if len(grads) == 1 else "") + ")"
         kw = [self.names[str(m)] for m in missing]
         kw += [f"{self.names[h]}={spec.hypers[h].default!r}" for h in hypers]
-        kw += [f"need={self.need_default}"]
+        kw += [f"need={default}"]
         sig = ", ".join(seeds + saved + ["*"] + kw)
         every = frozenset(range(len(grads)))
 
@@ -843,7 +842,7 @@ def _torch_classes(m: Module) -> list[str]:
     every = set(range(len(m.grads)))
     keep = ["True" if m.saved_need[names[s]] == every else
             " or ".join(f"need[{positions[k]}]" for k in sorted(m.saved_need[names[s]]))
-            for s in m.saved()]
+            or "False" for s in m.saved()]
     if all(k == "True" for k in keep):
         lines.append("        ctx.save_for_backward(*saved)")
     else:  # a tensor only an unrequested gradient reads is not kept alive

@@ -120,11 +120,13 @@ class TorchPrinter(ArrayPrinter):
         """Is ``arr`` a full-size float tensor that this expression has just allocated (not
         a name, a view or a boolean mask), so that updating it in place is safe?
 
-        Only sums and products: autograd keeps the outputs of exp, tanh, sqrt or 1/x for
-        their backward (an in-place update would break autograd through the forward, and the
-        double backward), while add, mul and addcmul keep only their inputs."""
-        return bool(axes) and tuple(arr.axes) == tuple(axes) \
-            and isinstance(expr, (sp.Add, sp.Mul)) \
+        Only sums, products and matrix products: autograd keeps the outputs of exp, tanh,
+        sqrt or 1/x for their backward (an in-place update would break autograd through the
+        forward, and the double backward), while add, mul, addcmul and mm keep only their
+        inputs."""
+        made = isinstance(expr, (sp.Add, sp.Mul)) or (
+            isinstance(expr, sp.Sum) and isinstance(arr, MatMul))
+        return bool(axes) and tuple(arr.axes) == tuple(axes) and made \
             and not self._VIEW.fullmatch(arr.code) and self._is_array(expr) \
             and not self._bool_only(expr)  # −1·mask is an integer tensor: no float fits in it
 
