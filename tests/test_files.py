@@ -166,3 +166,25 @@ def test_tolerance_must_be_finite_and_positive(tol):
 def test_bad_shapes_fail_at_once(shape, message):
     result = runner.invoke(app, ["derive", "layernorm", "--shape", shape])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_four_processes_share_one_cache_for_several_rounds(tmp_path):
+    """Four processes compiling the same specs at once, twice over, all succeed and leave one
+    intact file per kernel (atomic writes; a reader never sees half a file)."""
+    import subprocess
+
+    script = textwrap.dedent("""
+        from gradtool.codegen.cache import compile_spec
+        for name in ("relu", "tanh", "sigmoid"):
+            compile_spec(name, "numpy")
+    """)
+    env = {**os.environ, "GRADTOOL_CACHE": str(tmp_path / "shared")}
+    for _ in range(2):
+        procs = [subprocess.Popen([sys.executable, "-c", script], env=env,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        errors = [p.communicate(timeout=300)[1] for p in procs]
+        assert all(p.returncode == 0 for p in procs), errors
+        assert not any("damaged" in e or "cannot use" in e for e in errors), errors
+    files = sorted((tmp_path / "shared").glob("*.py"))
+    assert len(files) == 3 and all(cache._intact(f) for f in files)
+    assert not list((tmp_path / "shared").glob(".*.tmp"))
