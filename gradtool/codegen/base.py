@@ -392,10 +392,22 @@ class ArrayPrinter:
         x = self.lower(e.args[0])
         return Arr(f"({x.code} > 0)", x.axes, ATOM)
 
+    FIRST_HIT = "first_hit"
+
     def _print_ArgMaxMask(self, e: ArgMaxMask) -> Arr:
         a, b = self.lower(e.args[0]), self.lower(e.args[1])
         axes = self._union([a, b])
-        return Arr(f"({self.align(a, axes)} == {self.align(b, axes)})", axes, ATOM)
+        hit = f"({self.align(a, axes)} == {self.align(b, axes)})"
+        if not e.over:
+            return Arr(hit, axes, ATOM)
+        if any(i not in axes for i in e.over):
+            raise CodegenError(f"the maximum over {', '.join(map(str, e.over))} of a body "
+                               "that does not depend on them has no kernel yet",
+                               hint="reduce only over indices the body uses")
+        # ties: only the first maximum (row-major over the window) gets the gradient
+        self.helpers.add(self.FIRST_HIT)
+        positions = tuple(axes.index(i) for i in e.over)
+        return Arr(f"{self.FIRST_HIT}({hit}, {positions})", axes, ATOM)
 
     def _relational(self, e) -> Arr:
         a, b = self.lower(e.lhs), self.lower(e.rhs)

@@ -39,6 +39,14 @@ HELPERS = {
     out = np.zeros(shape[:lead] + (size,), dtype=values.dtype)
     np.add.at(out, (Ellipsis, index), np.broadcast_to(values, shape))
     return out''',
+    "first_hit": '''def first_hit(hit, axes):
+    """``hit`` kept only at its first True over ``axes`` (row-major): ties at a maximum send
+    the gradient to one element, the first, as torch.nn.functional.max_pool2d does."""
+    k = len(axes)
+    moved = np.moveaxis(hit, axes, range(-k, 0))
+    flat = moved.reshape(moved.shape[:moved.ndim - k] + (-1,))
+    first = flat & (np.cumsum(flat, axis=-1) == 1)
+    return np.moveaxis(first.reshape(moved.shape), range(-k, 0), axes)''',
 }
 
 IMPORTS = {

@@ -213,6 +213,15 @@ HELPERS = {
     out = values.new_zeros(shape[:lead] + (size,))
     flat = values.expand(shape).reshape(shape[:lead] + (-1,))
     return out.index_add_(lead, index.reshape(-1), flat)''',
+    "first_hit": '''def first_hit(hit, axes):
+    """``hit`` kept only at its first True over ``axes`` (row-major): ties at a maximum send
+    the gradient to one element, the first, as torch.nn.functional.max_pool2d does."""
+    k = len(axes)
+    last = tuple(range(-k, 0))
+    moved = torch.movedim(hit, axes, last)
+    flat = moved.reshape(tuple(moved.shape[:moved.dim() - k]) + (-1,))
+    first = flat & (flat.cumsum(-1) == 1)
+    return torch.movedim(first.reshape(moved.shape), last, axes)''',
 }
 
 IMPORTS = {

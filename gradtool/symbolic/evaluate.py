@@ -67,6 +67,14 @@ class NumpyOps:
     def float(self, c):
         return c.astype(np.float64)
 
+    def first_hit(self, hit, axes):
+        """``hit`` (booleans) kept only at its first True over ``axes``, row-major."""
+        k = len(axes)
+        moved = np.moveaxis(hit, axes, range(-k, 0))
+        flat = moved.reshape(moved.shape[:moved.ndim - k] + (-1,))
+        first = flat & (np.cumsum(flat, axis=-1) == 1)
+        return np.moveaxis(first.reshape(moved.shape), range(-k, 0), axes)
+
 
 class TorchOps(NumpyOps):
     name = "torch"
@@ -114,6 +122,14 @@ class TorchOps(NumpyOps):
 
     def float(self, c):
         return c.to(self.torch.float64)
+
+    def first_hit(self, hit, axes):
+        k = len(axes)
+        last = tuple(range(-k, 0))
+        moved = self.torch.movedim(hit, tuple(axes), last)
+        flat = moved.reshape(tuple(moved.shape[:moved.dim() - k]) + (-1,))
+        first = flat & (flat.cumsum(-1) == 1)
+        return self.torch.movedim(first.reshape(moved.shape), last, tuple(axes))
 
 
 def ops_for(backend: str):
@@ -216,8 +232,7 @@ class Evaluator:
             a, b = [self._ev_int(x) for x in e.args]
             return ops.float(self._lift(a) == self._lift(b))
         if isinstance(e, ArgMaxMask):
-            a, b = [self.ev(x) for x in e.args]
-            return ops.float(self._lift(a) == self._lift(b))
+            return ops.float(self._first_max(e))
         if isinstance(e, sp.Heaviside):
             x = self._lift(self.ev(e.args[0]))
             return ops.float(x > 0)
@@ -250,6 +265,20 @@ class Evaluator:
         if isinstance(e, sp.Not):
             return ~self._lift(self.ev(e.args[0]))
         raise TypeError(f"cannot evaluate {type(e).__name__}: {e}")
+
+    def _first_max(self, e: ArgMaxMask):
+        """``value == best`` kept only at its first hit over ``e.over`` (row-major)."""
+        a, b = [self.ev(x) for x in e.args[:2]]
+        for sym in e.over:
+            self._axis(sym)
+        hit = self._lift(self._lift(a) == self._lift(b))
+        if not e.over:
+            return hit
+        axes = [self.axes[s] for s in e.over]
+        shape = list(hit.shape)
+        for sym, ax in zip(e.over, axes, strict=True):
+            shape[ax] = self.sizes[sym]
+        return self.ops.first_hit(self.ops.broadcast(hit, tuple(shape)), axes)
 
     def _ev_int(self, e):
         v = self.ev(e)

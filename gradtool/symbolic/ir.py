@@ -20,16 +20,25 @@ _counter = itertools.count(1)
 
 
 class ArgMaxMask(sp.Function):
-    """1 where ``value`` equals the reduced maximum ``best``, else 0: the adjoint of a Max."""
+    """``ArgMaxMask(value, best, *over)``: 1 at the first position, in row-major order over
+    the reduced indices ``over``, where ``value`` equals the reduced maximum ``best``; else 0.
+    The adjoint of a Max reduction: each maximum's gradient goes to exactly one element (the
+    one ``torch.nn.functional.max_pool2d`` and ``torch.max(dim)`` pick), so the gradients of
+    a window always sum to the upstream gradient, ties or not. Without ``over`` it is the
+    plain indicator ``[value = best]``."""
 
-    nargs = 2
+    nargs = None
+
+    @property
+    def over(self) -> tuple:
+        return tuple(self.args[2:])
 
     def _sympystr(self, printer):
-        value, best = (printer.doprint(a) for a in self.args)
+        value, best = (printer.doprint(a) for a in self.args[:2])
         return f"[{value} = {best}]"
 
     def _latex(self, printer):
-        value, best = (printer._print(a) for a in self.args)
+        value, best = (printer._print(a) for a in self.args[:2])
         return rf"\left[{value} = {best}\right]"
 
 

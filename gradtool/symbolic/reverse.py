@@ -165,7 +165,8 @@ def _contribution(d: Derivation, a: Assign, node) -> Contribution | None:
         return None
     local = _local_form(d, a, node, local)
     upstream = d.adjoint_access(a.target, a.lhs)
-    mask = ArgMaxMask(a.body, program.access(a.target, a.lhs)) if a.reduce == "max" else 1
+    mask = ArgMaxMask(a.body, program.access(a.target, a.lhs), *a.over) \
+        if a.reduce == "max" else 1
     expr = upstream * local * mask
     name, idx = access_name(node), access_indices(node)
     domain = list(a.lhs) + list(a.over)

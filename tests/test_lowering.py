@@ -1,0 +1,100 @@
+"""Lowering rules at the edges of their domain, each against an independent float64 oracle:
+ties at a maximum, Max/Min against a hyper-parameter, log-sum-exp at large logits, and a
+mask in front of a term that is 0/0 on the branch it does not select (docs/spec-language.md)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradtool.check.kernels import Kernels, to_numpy
+from gradtool.check.numeric import derived_gradients
+from gradtool.spec.loader import load_spec
+from gradtool.symbolic.reverse import derive
+
+HEAD = "from gradtool.lang import *\n\n"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADTOOL_CACHE", str(tmp_path / "cache"))
+
+
+def spec_from(tmp_path, source: str, name: str = "layer"):
+    path = tmp_path / f"{name}.py"
+    path.write_text(HEAD + source)
+    return load_spec(path)
+
+
+def three_ways(spec, inputs: dict, dims: dict, upstream: dict) -> dict:
+    """{derived, numpy, torch}: each a dict (outputs, gradients) on the same data: the
+    closed form evaluated by the engine and both generated kernels, all in float64."""
+    d = derive(spec)
+    dims = {spec.dim_symbols[k]: v for k, v in dims.items()}
+    with np.errstate(all="ignore"):
+        out = {"derived": ({}, derived_gradients(d, inputs, dims, upstream))}
+    by_output = {o: upstream[str(s.base.label) if hasattr(s, "base") else str(s)]
+                 for o, s in d.seeds.items()}
+    for target in ("numpy", "torch"):
+        k = Kernels(spec, target)
+        with np.errstate(all="ignore"):
+            outs, saved, _ = k.forward(inputs, dims)
+            grads = k.backward(by_output, saved, dims)
+        out[target] = ({n: to_numpy(v) for n, v in outs.items()},
+                       {n: to_numpy(v) for n, v in grads.items()})
+    return out
+
+
+def assert_all_close(results: dict, name: str, expected, what="grad", rtol=1e-10):
+    for way, (outs, grads) in results.items():
+        if what == "out" and way == "derived":
+            continue
+        got = (outs if what == "out" else grads)[name]
+        assert np.all(np.isfinite(got)), f"{way}: {what} {name} is not finite: {got}"
+        np.testing.assert_allclose(got, expected, rtol=rtol, atol=1e-12,
+                                   err_msg=f"{way}: {what} {name}")
+
+
+# -- ties at a maximum: one element per window gets the gradient ---------------------------
+
+def test_maxpool_tie_goes_to_the_first_maximum_like_max_pool2d():
+    spec = load_spec("maxpool2d")
+    x = np.array([[[[1.0, 2.0], [2.0, 2.0]]]])
+    g = np.ones((1, 1, 1, 1))
+    xt = torch.tensor(x, requires_grad=True)
+    F.max_pool2d(xt, 2, stride=1).backward(torch.tensor(g))
+    oracle = xt.grad.numpy()
+    assert oracle.ravel().tolist() == [0, 1, 0, 0]  # the issue's right value
+    results = three_ways(spec, {"X": x}, {"N": 1, "C": 1, "OH": 1, "OW": 1, "K": 2, "S": 1},
+                         {"G": g})
+    assert_all_close(results, "X", oracle)
+
+
+def test_overlapping_windows_with_ties_match_max_pool2d():
+    spec = load_spec("maxpool2d")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, size=(2, 2, 5, 5)).astype(np.float64)  # many ties
+    g = rng.standard_normal((2, 2, 2, 2))
+    xt = torch.tensor(x, requires_grad=True)
+    F.max_pool2d(xt, 3, stride=2).backward(torch.tensor(g))
+    results = three_ways(spec, {"X": x}, {"N": 2, "C": 2, "OH": 2, "OW": 2, "K": 3, "S": 2},
+                         {"G": g})
+    assert_all_close(results, "X", xt.grad.numpy())
+
+
+def test_row_max_with_ties_routes_to_the_first_like_torch_max(tmp_path):
+    spec = spec_from(tmp_path, """\
+spec = Spec("rowmax", "largest entry of each row")
+N, D = spec.dims("N D")
+n, k = spec.indices(n=N, k=D)
+X = spec.input("X", N, D)
+spec.output("Y", [n], Max(X[n, k], k))
+""")
+    x = np.array([[3.0, 1.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 0.5, 2.0]])
+    g = np.array([0.5, -2.0, 1.5])
+    xt = torch.tensor(x, requires_grad=True)
+    torch.max(xt, dim=1).values.backward(torch.tensor(g))
+    oracle = xt.grad.numpy()
+    np.testing.assert_array_equal(oracle.sum(1), g)  # each row's gradient sums to G
+    results = three_ways(spec, {"X": x}, {"N": 3, "D": 4}, {"G": g})
+    assert_all_close(results, "X", oracle)
