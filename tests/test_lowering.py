@@ -98,3 +98,52 @@ spec.output("Y", [n], Max(X[n, k], k))
     np.testing.assert_array_equal(oracle.sum(1), g)  # each row's gradient sums to G
     results = three_ways(spec, {"X": x}, {"N": 3, "D": 4}, {"G": g})
     assert_all_close(results, "X", oracle)
+
+
+def test_elementwise_max_and_min_tie_give_one_side_the_whole_gradient(tmp_path):
+    spec = spec_from(tmp_path, """\
+spec = Spec("max2", "element-wise maximum and minimum of two inputs")
+N = spec.dims("N")
+n = spec.indices(n=N)
+A = spec.input("A", N)
+B = spec.input("B", N)
+spec.output("Y", [n], Max(A[n], B[n]))
+spec.output("Z", [n], Min(A[n], B[n]))
+""")
+    a = np.array([1.0, 2.0, -1.0, 0.5, 3.0])
+    b = np.array([1.0, 1.0, 0.0, 0.5, 3.0])  # ties at 0, 3, 4
+    gy, gz = np.array([1.0, -2.0, 3.0, 0.5, 2.0]), np.array([0.25, 1.0, -1.0, 4.0, -3.0])
+    results = three_ways(spec, {"A": a, "B": b}, {"N": 5}, {"G_Y": gy, "G_Z": gz})
+    # oracle away from ties: torch.maximum / torch.minimum through autograd
+    at, bt = (torch.tensor(v, requires_grad=True) for v in (a, b))
+    (torch.maximum(at, bt) * torch.tensor(gy) + torch.minimum(at, bt) * torch.tensor(gz)
+     ).sum().backward()
+    tie = a == b
+    for way, (_, grads) in results.items():
+        np.testing.assert_allclose(grads["A"][~tie], at.grad.numpy()[~tie], err_msg=way)
+        np.testing.assert_allclose(grads["B"][~tie], bt.grad.numpy()[~tie], err_msg=way)
+        # at a tie the whole gradient goes to one side (a valid subgradient: the two sum to G)
+        np.testing.assert_allclose(grads["A"] + grads["B"], gy + gz, err_msg=way)
+        np.testing.assert_allclose(grads["A"], results["derived"][1]["A"], err_msg=way)
+        assert set(np.round(grads["A"][tie] / (gy + gz)[tie], 12)) <= {0.0, 1.0}
+
+
+def test_max_and_min_against_a_hyper_parameter_run_on_both_targets(tmp_path):
+    spec = spec_from(tmp_path, """\
+spec = Spec("clip", "clip each entry to [floor, ceil]")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+X = spec.input("X", N, D)
+floor = spec.hyper("floor", 0.1)
+ceil = spec.hyper("ceil", 0.7)
+spec.output("Y", [n, d], Min(Max(X[n, d], floor), ceil) * X[n, d])
+""")
+    rng = np.random.default_rng(1)
+    x, g = rng.uniform(-1, 1.5, (3, 4)), rng.standard_normal((3, 4))
+    xt = torch.tensor(x, requires_grad=True)
+    y = torch.minimum(torch.maximum(xt, torch.tensor(0.1, dtype=torch.float64)),
+                      torch.tensor(0.7, dtype=torch.float64)) * xt
+    y.backward(torch.tensor(g))
+    results = three_ways(spec, {"X": x}, {"N": 3, "D": 4}, {"G": g})
+    assert_all_close(results, "Y", y.detach().numpy(), what="out")
+    assert_all_close(results, "X", xt.grad.numpy())

@@ -35,14 +35,21 @@ class TorchPrinter(ArrayPrinter):
         return f"torch.where({cond}, {av}, {bv})"
 
     def _extremum(self, e, fname):
-        args = [self.lower(a) for a in e.args]
-        if len(args) == 2 and any(not a.axes and a.code.lstrip("-").replace(".", "").isdigit()
-                                  for a in args):
-            x, c = (args[0], args[1]) if args[1].code.lstrip("-").replace(".", "").isdigit() \
-                else (args[1], args[0])
-            bound = "min" if fname == "maximum" else "max"
-            return Arr(f"torch.clamp({x.code}, {bound}={c.code})", x.axes)
-        return super()._extremum(e, fname)
+        """``torch.maximum`` takes two tensors: numbers (literals, sizes, hyper-parameters)
+        become a bound of ``torch.clamp``, and a maximum of numbers only is Python's."""
+        numbers = [a for a in e.args if self._plain_number(a)]
+        tensors = [a for a in e.args if not self._plain_number(a)]
+        pick = "max" if fname == "maximum" else "min"
+        if not tensors:
+            return Arr(f"{pick}({', '.join(self.lower(a).code for a in numbers)})", (), ATOM)
+        out = super()._extremum(type(e)(*tensors, evaluate=False), fname) \
+            if len(tensors) > 1 else self.lower(tensors[0])
+        if not numbers:
+            return out
+        bound = self.lower(numbers[0]) if len(numbers) == 1 else \
+            Arr(f"{pick}({', '.join(self.lower(a).code for a in numbers)})", (), ATOM)
+        side = "min" if fname == "maximum" else "max"
+        return Arr(f"torch.clamp({out.code}, {side}={bound.code})", out.axes, ATOM)
 
     # -- fewer full-size passes: addcmul, and low-rank factors distributed into sums -------
     def _print_Add(self, e) -> Arr:
