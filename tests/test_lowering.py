@@ -147,3 +147,26 @@ spec.output("Y", [n, d], Min(Max(X[n, d], floor), ceil) * X[n, d])
     results = three_ways(spec, {"X": x}, {"N": 3, "D": 4}, {"G": g})
     assert_all_close(results, "Y", y.detach().numpy(), what="out")
     assert_all_close(results, "X", xt.grad.numpy())
+
+
+# -- a switch in front of a term that is 0/0 where the switch is off ---------------------------
+
+def test_l2_normalisation_at_a_zero_row_has_gradient_g_over_eps(tmp_path):
+    spec = spec_from(tmp_path, """\
+spec = Spec("l2norm", "L2 normalisation of each row, as F.normalize")
+N, D = spec.dims("N D")
+n, d, k = spec.indices(n=N, d=D, k=D)
+X = spec.input("X", N, D)
+eps = spec.hyper("eps", 1e-3)
+spec.output("Y", [n, d], X[n, d] / Max(sqrt(Sum(X[n, k] ** 2, k)), eps))
+""")
+    x = np.array([[0.0, 0.0, 0.0], [0.3, -1.2, 2.0], [1e-4, 0.0, -2e-4]])
+    g = np.array([[1.0, -2.0, 0.5], [0.7, 0.1, -0.3], [2.0, 1.0, 1.0]])
+    xt = torch.tensor(x, requires_grad=True)
+    y = F.normalize(xt, dim=1, eps=1e-3)
+    y.backward(torch.tensor(g))
+    oracle = xt.grad.numpy()
+    np.testing.assert_allclose(oracle[0], g[0] / 1e-3)  # the issue's right value: G/eps
+    results = three_ways(spec, {"X": x}, {"N": 3, "D": 3}, {"G": g})
+    assert_all_close(results, "Y", y.detach().numpy(), what="out")
+    assert_all_close(results, "X", oracle)

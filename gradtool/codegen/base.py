@@ -113,6 +113,8 @@ class ArrayPrinter:
         reused = self._reuse(e)
         if reused is not None:
             return reused
+        if isinstance(e, sp.Mul) and self._needs_guard(e):
+            return self._guarded(e)
         method = getattr(self, f"_print_{type(e).__name__}", None)
         if method is not None:
             return method(e)
@@ -302,6 +304,36 @@ class ArrayPrinter:
             return Arr(f"-1 * {self.paren(out.code, out.prec, MUL)}", out.axes, MUL)
         return Arr(sign + out.code, out.axes, UNARY if sign else out.prec)
 
+    # -- a switch in front of a term that is 0/0 or inf where the switch is off ---------------
+    def _switch(self, f) -> bool:
+        """Is ``f`` a 0/1 switch (an arg-max mask or a step), seen through named terms?"""
+        return isinstance(self._expanded(f) if self.definitions else f,
+                          (ArgMaxMask, sp.Heaviside))
+
+    def _may_blow_up(self, f) -> bool:
+        """Can ``f`` be inf or NaN on finite data: a division, a root or a log?"""
+        f = self._expanded(f) if self.definitions else f
+        return any(isinstance(n, sp.log) or (isinstance(n, sp.Pow) and not (
+            n.exp.is_integer and n.exp.is_nonnegative)) for n in sp.preorder_traversal(f))
+
+    def _needs_guard(self, e) -> bool:
+        factors = sp.Mul.make_args(e)
+        return any(self._switch(f) for f in factors) and any(
+            self._may_blow_up(f) for f in factors if not self._switch(f))
+
+    def _guarded(self, e) -> Arr:
+        """``[c]·t`` as ``where(c, t, 0)``: where the switch is off the term may be 0/0
+        (L2 normalisation at a zero row: the ‖x‖ < ε branch multiplies x·Σx·g/‖x‖), and
+        0·NaN would be NaN; the switch's meaning is that the term is absent there."""
+        factors = sp.Mul.make_args(e)
+        conds = [self.lower(f) for f in factors if self._switch(f)]
+        rest = sp.Mul(*[f for f in factors if not self._switch(f)])
+        value = self.lower(rest)
+        axes = self._union(conds + [value])
+        cond = " & ".join(self.align(c, axes) if c.axes else c.code for c in conds)
+        return Arr(self.where(cond, value, Arr("0.0", (), ATOM), axes,
+                              numbers=not self._is_array(rest)), axes, ATOM)
+
     def _scale_in_place(self, high: list, high_den: list, low: Arr | None,
                         axes) -> Arr | None:
         """A product of full-size factors ``high`` (expression, array pairs), full-size
@@ -437,7 +469,7 @@ class ArrayPrinter:
         axes = self._union([a, b, c])
         return Arr(self.where(self.align(c, axes), a, b, axes), axes, ATOM)
 
-    def where(self, cond: str, a: Arr, b: Arr, axes) -> str:
+    def where(self, cond: str, a: Arr, b: Arr, axes, numbers: bool = True) -> str:
         self.imports.add(self.module)
         return f"{self.module}.where({cond}, {self.align(a, axes)}, {self.align(b, axes)})"
 

@@ -25,12 +25,12 @@ class TorchPrinter(ArrayPrinter):
             return f"{code}.T"
         return f"{code}.permute{perm}"
 
-    def where(self, cond: str, a: Arr, b: Arr, axes) -> str:
+    def where(self, cond: str, a: Arr, b: Arr, axes, numbers: bool = True) -> str:
         # a Python-number branch would make torch.where return float32: give it the
         # condition's dtype through a tensor that is already there
         ref = next((v for v in self.names.values() if v in cond), None)
         av, bv = self.align(a, axes), self.align(b, axes)
-        if ref is not None and not a.axes and not b.axes:
+        if ref is not None and not a.axes and not b.axes and numbers:
             av = f"{ref}.new_tensor({av})"
         return f"torch.where({cond}, {av}, {bv})"
 
@@ -142,6 +142,8 @@ class TorchPrinter(ArrayPrinter):
 
     def _split_product(self, t):
         """(small factor, full-size factor, small is a number) for a product worth fusing."""
+        if isinstance(t, sp.Mul) and self._needs_guard(t):
+            return None  # lowered as a where() of its own
         factors = list(sp.Mul.make_args(t))
         arrays = [f for f in factors if self._is_array(f)
                   and not (isinstance(f, sp.Pow) and f.exp.is_negative)]

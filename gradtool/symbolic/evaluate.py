@@ -136,6 +136,18 @@ def ops_for(backend: str):
     return TorchOps() if backend == "torch" else NumpyOps()
 
 
+_SWITCHES = (ArgMaxMask, sp.Heaviside)
+
+
+def _guarded(e: sp.Mul) -> bool:
+    """A product of a 0/1 switch and a factor that may be inf or NaN (a division, a root, a
+    log): where the switch is off, the product is 0 whatever that factor is."""
+    return any(isinstance(a, _SWITCHES) for a in e.args) and any(
+        isinstance(n, sp.log) or (isinstance(n, sp.Pow) and not (
+            n.exp.is_integer and n.exp.is_nonnegative))
+        for a in e.args if not isinstance(a, _SWITCHES) for n in sp.preorder_traversal(a))
+
+
 class Evaluator:
     """Evaluates expressions given tensor values ``env`` and integer sizes of indices."""
 
@@ -212,6 +224,14 @@ class Evaluator:
                 value = self.ev(a)  # may add axes: lift both afterwards
                 out = self._lift(out) + self._lift(value)
             return out
+        if isinstance(e, sp.Mul) and _guarded(e):
+            # [c]·t is absent where c is off, even where t is 0/0 there (L2 normalisation
+            # at a zero row): where(c, t, 0), not 0·NaN
+            switches = [a for a in e.args if isinstance(a, _SWITCHES)]
+            on = self._lift(self.ev(sp.Mul(*switches))) != 0
+            value = self._lift(self.ev(sp.Mul(*[a for a in e.args if a not in switches])))
+            on, value = self._lift(on), self._lift(value)
+            return ops.where(on, value, 0.0)
         if isinstance(e, sp.Mul):
             out = self.ev(e.args[0])
             for a in e.args[1:]:
