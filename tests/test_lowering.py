@@ -170,3 +170,57 @@ spec.output("Y", [n, d], X[n, d] / Max(sqrt(Sum(X[n, k] ** 2, k)), eps))
     results = three_ways(spec, {"X": x}, {"N": 3, "D": 3}, {"G": g})
     assert_all_close(results, "Y", y.detach().numpy(), what="out")
     assert_all_close(results, "X", oracle)
+
+
+# -- log-sum-exp: shifted by the maximum in both kernels -----------------------------------------
+
+def kernels_only(spec, inputs: dict, dims: dict, upstream: dict) -> dict:
+    return {k: v for k, v in three_ways(spec, inputs, dims, upstream).items() if k != "derived"}
+
+
+LOGITS = [np.array([[-800.0, -790.0, -805.0]]), np.array([[800.0, 790.0, 805.0]]),
+          np.array([[-800.0, -790.0, -805.0], [800.0, 790.0, 805.0], [0.1, -0.2, 0.3]])]
+
+
+@pytest.mark.parametrize("x", LOGITS, ids=["minus800", "plus800", "mixed"])
+def test_log_softmax_at_large_logits_matches_torch(x):
+    g = np.arange(1.0, 1.0 + x.size).reshape(x.shape)
+    xt = torch.tensor(x, requires_grad=True)
+    y = torch.log_softmax(xt, dim=1)
+    y.backward(torch.tensor(g))
+    if x.shape[0] == 1 and x[0, 0] < 0:  # the issue's right value
+        np.testing.assert_allclose(y.detach().numpy(),
+                                   [[-10.0000457, -0.0000457, -15.0000457]], atol=1e-7)
+    results = kernels_only(load_spec("log_softmax"), {"X": x}, {"N": x.shape[0], "C": 3},
+                           {"G": g})
+    assert_all_close(results, "Y", y.detach().numpy(), what="out")
+    assert_all_close(results, "X", xt.grad.numpy())
+
+
+INLINE = """\
+spec = Spec("lse_inline", "log-sum-exp and softmax written inline, with a weight")
+N, C = spec.dims("N C")
+n, c, k = spec.indices(n=N, c=C, k=C)
+X = spec.input("X", N, C)
+w = spec.input("w", C, domain="positive")
+spec.output("Y", [n], log(Sum(w[k] * exp(X[n, k]), k)))
+spec.output("P", [n, c], exp(X[n, c]) / Sum(exp(X[n, k]), k))
+"""
+
+
+@pytest.mark.parametrize("x", LOGITS, ids=["minus800", "plus800", "mixed"])
+def test_inline_log_sum_exp_and_softmax_are_shifted(tmp_path, x):
+    spec = spec_from(tmp_path, INLINE)
+    w = np.array([0.5, 2.0, 1.5])
+    gy = np.linspace(-1, 1, x.shape[0])
+    gp = np.arange(x.size, dtype=np.float64).reshape(x.shape) / 7
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    y = torch.logsumexp(xt + torch.log(wt), dim=1)
+    p = torch.softmax(xt, dim=1)
+    (y * torch.tensor(gy)).sum().add((p * torch.tensor(gp)).sum()).backward()
+    results = kernels_only(spec, {"X": x, "w": w}, {"N": x.shape[0], "C": 3},
+                           {"G_Y": gy, "G_P": gp})
+    assert_all_close(results, "Y", y.detach().numpy(), what="out")
+    assert_all_close(results, "P", p.detach().numpy(), what="out")
+    assert_all_close(results, "X", xt.grad.numpy(), rtol=1e-9)
+    assert_all_close(results, "w", wt.grad.numpy(), rtol=1e-9)

@@ -18,7 +18,7 @@ import sympy as sp
 from gradtool import __version__
 from gradtool.codegen.base import Arr, CodegenError, py_name
 from gradtool.report import _forward, _gradients
-from gradtool.spec.lang import Spec
+from gradtool.spec.lang import MaxOver, Spec
 from gradtool.symbolic.ir import access_indices, access_name, accesses, rename
 from gradtool.symbolic.printing import present
 from gradtool.symbolic.reverse import Derivation, derive
@@ -63,6 +63,7 @@ class Module:
             self.names[name] = py_name(name)
         self.imports: set[str] = set()
         self.helpers: set[str] = set()
+        self.lse = self.shifted_sums()
 
     # -- sizes ----------------------------------------------------------------------------
     def size_lines(self, dims: set, available: list[tuple[str, tuple]]) -> tuple[list, list]:
@@ -131,6 +132,15 @@ class Module:
             target = self.names[a.target] + ("_new" if a.kind == "update" else "")
             shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code for i in a.lhs)
             rhs = present(self._logs_of_ratios(a.rhs(d.program), shifts))
+            if a.target in self.lse:  # Z = Σ_k c·exp(f) as exp(M)·Σ_k c·exp(f − M)
+                peak, f = self.lse[a.target], self._lse_exponent(a)
+                body.append(f"{peak} = {printer.assign(MaxOver(f, *a.over), tuple(a.lhs), shape)}")
+                printer.names[peak] = peak
+                m = self._peak_access(a.target, a.lhs)
+                rhs = present(d.program.make_sum(a.body.xreplace({sp.exp(f): sp.exp(f - m)}),
+                                                 a.over))
+            else:
+                rhs = self._unshift(rhs)
             if a.target in shifts:  # e = exp(f - max_k f): same ratios e/Z, no overflow
                 arg = rhs.args[0]
                 peak = printer._reduce(printer.lower(arg), [a.lhs[shifts[a.target]]],
@@ -177,6 +187,102 @@ class Module:
             if self._only_ratios(a.target, z.target, pos, skip=(a, z)):
                 found[a.target] = pos
         return found
+
+    # -- log-sum-exp: Σ_k exp(f) feeding a log or a division --------------------------------
+    def shifted_sums(self) -> dict[str, str]:
+        """Sums of exponentials ``Z = Σ_k c·exp(f)`` (log-sum-exp, an inline softmax's
+        normaliser) that the kernels compute as ``exp(M)·Z'`` with ``M = max_k f`` and
+        ``Z' = Σ_k c·exp(f − M)``: every later use of Z reads ``exp(M)·Z'``, so that
+        ``log Z = M + log Z'`` and ``exp(g)/Z = exp(g − M)/Z'`` never overflow (logits of
+        ±800). Returns {Z: the name of its M}. Outputs keep their plain value."""
+        found = {}
+        for a in self.d.program.assigns:
+            if a.reduce == "sum" and a.kind in ("let", "lifted") and \
+                    self._lse_exponent(a) is not None:
+                found[a.target] = self._fresh_name(f"{a.target}_max")
+                self.names[found[a.target]] = found[a.target]
+        return found
+
+    def _lse_exponent(self, a) -> sp.Expr | None:
+        """f when the body of the sum ``a`` is ``c·exp(f)`` with f varying over the sum."""
+        exps = [f for f in sp.Mul.make_args(a.body) if isinstance(f, sp.exp)]
+        if len(exps) != 1 or not set(a.over) & exps[0].free_symbols:
+            return None
+        rest = a.body / exps[0]
+        if rest.has(sp.exp) and any(set(a.over) & x.free_symbols
+                                    for x in rest.atoms(sp.exp)):
+            return None
+        return exps[0].args[0]
+
+    def _peak_access(self, z: str, idx) -> sp.Expr:
+        name = self.lse[z]
+        return sp.IndexedBase(name)[tuple(idx)] if idx else sp.Symbol(name)
+
+    def _unshift(self, expr):
+        """Every read of a shifted sum Z as ``exp(M)·Z'`` (``log Z`` as ``M + log Z'``),
+        with the exponentials of each product merged: exp(g)·exp(−M) = exp(g − M)."""
+        if not self.lse:
+            return expr
+
+        def z_of(node):
+            if isinstance(node, sp.Indexed) and access_name(node) in self.lse:
+                return access_name(node), access_indices(node)
+            if isinstance(node, sp.Symbol) and node.name in self.lse:
+                return node.name, ()
+            return None
+
+        def walk(e):
+            if isinstance(e, sp.log) and z_of(e.args[0]):
+                return e + self._peak_access(*z_of(e.args[0]))
+            if z_of(e):
+                return sp.exp(self._peak_access(*z_of(e))) * e
+            if not e.args or isinstance(e, (sp.Indexed, sp.IndexedBase)):
+                return e
+            return e.func(*[walk(x) for x in e.args])
+
+        def has_exp(term) -> bool:
+            if isinstance(term, sp.Sum):
+                return has_exp(term.function)
+            return any(isinstance(f, sp.exp) for f in sp.Mul.make_args(term))
+
+        def merge(e):
+            """exp(a)·exp(b) as exp(a + b); a product's exponentials go into a sum or a
+            sum of terms beside them that has exponentials of its own to meet."""
+            if not e.args or isinstance(e, (sp.Indexed, sp.IndexedBase)):
+                return e
+            e = e.func(*[merge(x) for x in e.args])
+            if not isinstance(e, sp.Mul):
+                return e
+            exps = [f for f in e.args if isinstance(f, sp.exp)]
+            if not exps:
+                return e
+            rest = [f for f in e.args if not isinstance(f, sp.exp)]
+            combined = sp.exp(sp.Add(*[f.args[0] for f in exps]))
+            for k, f in enumerate(rest):
+                if isinstance(f, sp.Add) and any(has_exp(t) for t in f.args):
+                    rest[k] = sp.Add(*[merge(t * combined) for t in f.args])
+                    return sp.Mul(*rest)
+                if isinstance(f, sp.Sum) and has_exp(f.function):
+                    rest[k] = sp.Sum(merge(f.function * combined), *f.limits)
+                    return sp.Mul(*rest)
+            return sp.Mul(*rest, combined)
+
+        return merge(walk(expr))
+
+    def _fresh_name(self, stem: str) -> str:
+        """``stem``, or ``stem_`` and so on: a kernel variable no declared name uses."""
+        taken = set(self.names.values()) | set(self.names)
+        name = stem
+        while name in taken:
+            name += "_"
+        return name
+
+    def tensor_dims(self, name: str) -> tuple:
+        """Axes of a forward tensor, or of the max M of a shifted sum (Z's axes)."""
+        if name in self.spec.tensors:
+            return self.spec.tensors[name].dims
+        z = next(z for z, m in self.lse.items() if m == name)
+        return self.spec.tensors[z].dims
 
     def _peak(self, e_name: str, idx, shifts) -> sp.Expr:
         """max_k of e's exponent, at e's indices ``idx`` (less the reduced position)."""
@@ -246,7 +352,7 @@ class Module:
             for name, seed in self.d.seeds.items():
                 if seed == 1:  # a loss: scale by the upstream gradient of L
                     expr = sp.Symbol(self.seed_names[name]) * expr
-            out.append((t.name, present(expr), self.d.canon[t.name]))
+            out.append((t.name, self._unshift(present(expr)), self.d.canon[t.name]))
         return out
 
     def saved(self) -> list[str]:
@@ -256,7 +362,9 @@ class Module:
         used = set()
         for _, expr, _ in self.closed_forms():
             used |= {access_name(a) for a in accesses(expr, self.spec)}
-        order = [t.name for t in self.inputs] + [a.target for a in self.d.program.assigns]
+        order = [t.name for t in self.inputs] + [x for a in self.d.program.assigns
+                                                 for x in (a.target, self.lse.get(a.target))
+                                                 if x is not None]
         seeds = set(self.seed_names.values())
         self._saved = [n for n in dict.fromkeys(order) if n in used and n not in seeds]
         return self._saved
@@ -276,7 +384,7 @@ class Module:
                                        for k in range(len(t.dims))}
         avail = [(self.names[self.seed_names[o.target]], spec.tensors[o.target].dims)
                  for o in self.outputs if o.target in self.seed_names]
-        avail += [(self.names[s], spec.tensors[s].dims) for s in self.saved()]
+        avail += [(self.names[s], self.tensor_dims(s)) for s in self.saved()]
         size_lines, missing = self.size_lines(dims, avail)
         self.backward_dims = [str(m) for m in missing]
         kw = [self.names[str(m)] for m in missing]
@@ -288,7 +396,7 @@ class Module:
         # a tensor to take dtype and device from: a full upstream gradient, else a saved tensor
         full_seeds = [s for s, o in zip(seeds, self.outputs, strict=False)
                       if spec.tensors[o.target].dims]
-        shaped = [self.names[n] for n in self.saved() if spec.tensors[n].dims]
+        shaped = [self.names[n] for n in self.saved() if self.tensor_dims(n)]
         printer.ref = (full_seeds or shaped or seeds or [None])[0]
         printer.order = list(dict.fromkeys(i for _, _, canon in forms for i in canon))
         printer.ranges = dict(d.program.ranges)

@@ -26,12 +26,16 @@ class TorchPrinter(ArrayPrinter):
         return f"{code}.permute{perm}"
 
     def where(self, cond: str, a: Arr, b: Arr, axes, numbers: bool = True) -> str:
+        # (``numbers``: is branch a a Python number rather than a tensor?)
         # a Python-number branch would make torch.where return float32: give it the
         # condition's dtype through a tensor that is already there
         ref = next((v for v in self.names.values() if v in cond), None)
         av, bv = self.align(a, axes), self.align(b, axes)
-        if ref is not None and not a.axes and not b.axes and numbers:
-            av = f"{ref}.new_tensor({av})"
+        if ref is not None and not a.axes and not b.axes:
+            if numbers:
+                av = f"{ref}.new_tensor({av})"
+            else:  # a is a 0-d tensor already; b is the number
+                bv = f"{ref}.new_tensor({bv})"
         return f"torch.where({cond}, {av}, {bv})"
 
     def _extremum(self, e, fname):
