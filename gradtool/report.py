@@ -93,8 +93,8 @@ def _steps(d: Derivation) -> list[dict]:
         seed = name in d.seeds
         rows.append({
             "tensor": name, "indices": [str(i) for i in idx],
-            "text": f"{_access_text('g_' + name, idx)} = {text(adj)}",
-            "latex": f"{_access_latex('g_' + name, idx)} = {latex(adj)}",
+            "text": f"{_access_text(d.adjoint_label(name), idx)} = {text(adj)}",
+            "latex": f"{_access_latex(d.adjoint_label(name), idx)} = {latex(adj)}",
             "seed": seed, "contributions": contributions,
         })
     return rows

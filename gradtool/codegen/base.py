@@ -36,11 +36,36 @@ class Arr:
     prec: int = ATOM
 
 
+# Names the generated modules use for themselves: modules, helpers, the two kernels and the
+# locals of the layer classes. A declared name equal to one of them is renamed in the kernels
+# (``np`` → ``np_``); the math keeps the spec's names.
+RESERVED = frozenset(keyword.kwlist) | {
+    "np", "torch", "math", "erf", "scatter_add", "first_hit", "max", "min",
+    "forward", "backward", "use_torch_compile", "self", "ctx", "out", "saved", "new_state",
+    "rng", "dtype", "super", "params", "state", "grads",
+}
+
+
 def py_name(name: str) -> str:
-    """A Python identifier that shadows neither a keyword nor a module the code imports."""
-    if keyword.iskeyword(name) or name in {"np", "torch", "math", "erf", "self", "ctx"}:
-        return name + "_"
+    """A Python identifier that shadows neither a keyword nor a module the code imports
+    (kernels name things through :func:`kernel_names`, which also avoids other names)."""
+    while keyword.iskeyword(name) or name in RESERVED:
+        name = name + "_"
     return name
+
+
+def kernel_names(declared: list[str], reserved=frozenset()) -> dict[str, str]:
+    """Declared name -> its variable in the kernels: itself, or with ``_`` appended until
+    it is neither reserved (``RESERVED`` and ``reserved``) nor another declared name."""
+    taken = set(RESERVED) | set(reserved)
+    names: dict[str, str] = {}
+    for name in declared:
+        var = name
+        while var in taken or (var != name and var in declared):
+            var += "_"
+        names[name] = var
+        taken.add(var)
+    return names
 
 
 class ArrayPrinter:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sympy as sp
 
 from gradtool import __version__
-from gradtool.codegen.base import Arr, CodegenError, py_name
+from gradtool.codegen.base import Arr, CodegenError, kernel_names
 from gradtool.report import _forward, _gradients
 from gradtool.spec.lang import MaxOver, Spec
 from gradtool.symbolic.ir import access_indices, access_name, accesses, rename
@@ -28,6 +28,15 @@ TARGETS = ("numpy", "torch")
 
 def class_name(spec_name: str) -> str:
     return "".join(part.capitalize() for part in spec_name.split("_")) or "Layer"
+
+
+def _target_attributes(target: str) -> set[str]:
+    """Attributes of the generated layer class that a declared name must not replace."""
+    if target == "torch":
+        from gradtool.codegen.torch_target import MODULE_ATTRIBUTES
+
+        return set(MODULE_ATTRIBUTES)
+    return set()
 
 
 def _printer(target: str, names, temps=None):
@@ -48,21 +57,27 @@ class Module:
     def __init__(self, d: Derivation, target: str):
         self.d, self.spec, self.target = d, d.spec, target
         spec = d.spec
-        self.names = {n: py_name(n) for n in spec.tensors}
-        self.names.update({n: py_name(n) for n in spec.hypers})
-        self.names.update({n: py_name(n) for n in spec.dim_symbols})
+        cname = class_name(spec.name)
+        reserved = {cname, cname + "Function"} | _target_attributes(target)
+        self.seed_names = {}
+        for out, seed in d.seeds.items():
+            self.seed_names[out] = seed.base.label.name if isinstance(seed, sp.Indexed) \
+                else (seed.name if isinstance(seed, sp.Symbol) else "G")
+        declared = list(spec.tensors) + list(spec.hypers) + list(spec.dim_symbols)
+        # seeds come last: derive named them clear of every declared name
+        self.names = kernel_names(declared + [s for s in self.seed_names.values()
+                                              if s not in declared], reserved)
         self.inputs = [t for t in spec.tensors.values() if t.kind in ("input", "param", "state")]
         self.grads = [t for t in spec.grad_inputs]
         self.outputs = [a for a in d.program.assigns if a.kind == "output"]
         self.updates = [a for a in d.program.assigns if a.kind == "update"]
-        self.seed_names = {}
-        for out, seed in d.seeds.items():
-            name = seed.base.label.name if isinstance(seed, sp.Indexed) else (
-                seed.name if isinstance(seed, sp.Symbol) else "G")
-            self.seed_names[out] = name
-            self.names[name] = py_name(name)
         self.imports: set[str] = set()
         self.helpers: set[str] = set()
+        # kernel variables gradtool makes: the gradients, new state, shifts of exponentials
+        self.grad_names = {t.name: self._fresh_name(f"d{self.names[t.name]}", claim=True)
+                           for t in self.grads}
+        self.new_names = {a.target: self._fresh_name(f"{self.names[a.target]}_new",
+                                                     claim=True) for a in self.updates}
         self.lse = self.shifted_sums()
 
     # -- sizes ----------------------------------------------------------------------------
@@ -129,7 +144,7 @@ class Module:
         printer.ranges = dict(d.program.ranges)
         shifts = self.stable_exponentials()
         for a in d.program.assigns:
-            target = self.names[a.target] + ("_new" if a.kind == "update" else "")
+            target = self.new_names[a.target] if a.kind == "update" else self.names[a.target]
             shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code for i in a.lhs)
             rhs = present(self._logs_of_ratios(a.rhs(d.program), shifts))
             if a.target in self.lse:  # Z = Σ_k c·exp(f) as exp(M)·Σ_k c·exp(f − M)
@@ -145,7 +160,7 @@ class Module:
                 arg = rhs.args[0]
                 peak = printer._reduce(printer.lower(arg), [a.lhs[shifts[a.target]]],
                                        printer.MAX)
-                name = f"{self.names[a.target]}_max"
+                name = self._exp_peak(a.target)
                 body.append(f"{name} = {peak.code}")
                 printer.names[name] = name
                 rhs = sp.exp(arg - self._peak(a.target, a.lhs, shifts))
@@ -159,7 +174,7 @@ class Module:
                                                                  else "")
         ret = f"return {out}, ({saved})"
         if self.updates:
-            new = ", ".join(self.names[a.target] + "_new" for a in self.updates)
+            new = ", ".join(self.new_names[a.target] for a in self.updates)
             ret += f", ({new}{',' if len(self.updates) == 1 else ''})"
         doc = [f'"""The forward of {spec.name}; returns the output'
                + ("s" if len(outs) > 1 else "") + ", what backward needs"
@@ -199,7 +214,7 @@ class Module:
         for a in self.d.program.assigns:
             if a.reduce == "sum" and a.kind in ("let", "lifted") and \
                     self._lse_exponent(a) is not None:
-                found[a.target] = self._fresh_name(f"{a.target}_max")
+                found[a.target] = self._fresh_name(f"{self.names[a.target]}_max", claim=True)
                 self.names[found[a.target]] = found[a.target]
         return found
 
@@ -269,12 +284,23 @@ class Module:
 
         return merge(walk(expr))
 
-    def _fresh_name(self, stem: str) -> str:
-        """``stem``, or ``stem_`` and so on: a kernel variable no declared name uses."""
-        taken = set(self.names.values()) | set(self.names)
+    def _taken(self) -> set[str]:
+        """Every name a kernel variable of gradtool's own must not take."""
+        from gradtool.codegen.base import RESERVED
+
+        return set(self.names.values()) | set(self.names) | RESERVED | \
+            getattr(self, "_made", set())
+
+    def _fresh_name(self, stem: str, claim: bool = False) -> str:
+        """``stem``, or ``stem_`` and so on: a kernel variable that no declared name, no
+        reserved name and no other variable gradtool made uses (``claim`` records it)."""
+        made = getattr(self, "_made", set())
+        taken = self._taken()
         name = stem
         while name in taken:
             name += "_"
+        if claim:
+            self._made = made | {name}
         return name
 
     def tensor_dims(self, name: str) -> tuple:
@@ -287,8 +313,15 @@ class Module:
     def _peak(self, e_name: str, idx, shifts) -> sp.Expr:
         """max_k of e's exponent, at e's indices ``idx`` (less the reduced position)."""
         rest = [i for p, i in enumerate(idx) if p != shifts[e_name]]
-        base = sp.IndexedBase(f"{self.names[e_name]}_max")
-        return base[tuple(rest)] if rest else sp.Symbol(f"{self.names[e_name]}_max")
+        name = self._exp_peak(e_name)
+        return sp.IndexedBase(name)[tuple(rest)] if rest else sp.Symbol(name)
+
+    def _exp_peak(self, e_name: str) -> str:
+        """The kernel variable holding max_k f of a shifted exponential e = exp(f)."""
+        peaks = self.__dict__.setdefault("_exp_peaks", {})
+        if e_name not in peaks:
+            peaks[e_name] = self._fresh_name(f"{self.names[e_name]}_max", claim=True)
+        return peaks[e_name]
 
     def _logs_of_ratios(self, expr, shifts):
         """log(P) with P = e/Z and e a shifted exponential: (f − max f) − log Z, so that a
@@ -373,7 +406,7 @@ class Module:
         d, spec = self.d, self.spec
         forms = self.closed_forms()
         exprs = [_canonical_bound(e) for _, e, _ in forms]
-        exprs, products = _shared_products(exprs, set(self.names.values()))
+        exprs, products = _shared_products(exprs, self._taken())
         replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"),
                                        optimizations=None, order="none")
         seeds = [self.names[self.seed_names[o.target]] for o in self.outputs
@@ -401,7 +434,7 @@ class Module:
         printer.order = list(dict.fromkeys(i for _, _, canon in forms for i in canon))
         printer.ranges = dict(d.program.ranges)
         body = list(size_lines)
-        taken = set(self.names.values())
+        taken = self._taken()
         for name, (value, idx) in products.items():  # G_xhat = G * xhat, shared by two sums
             printer.names[name] = name
             shape = tuple(printer.lower(sp.sympify(d.program.ranges.get(i, 1))).code
@@ -422,7 +455,7 @@ class Module:
             printer.definitions[sym] = value
         grads = []
         for (tname, _, canon), expr in zip(forms, reduced, strict=True):
-            var = py_name("d" + tname)
+            var = self.grad_names[tname]
             shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code for i in canon)
             if expr == 0:
                 code = self._zeros(shape, printer)
@@ -547,12 +580,19 @@ def _source_name(spec: Spec) -> str:
     return spec.file
 
 
+def _seed_texts(d: Derivation) -> dict[str, str]:
+    """Output -> the name of its upstream gradient (none for a loss)."""
+    return {out: seed.base.label.name if isinstance(seed, sp.Indexed) else seed.name
+            for out, seed in d.seeds.items() if seed != 1}
+
+
 def _header(spec: Spec, d: Derivation, target: str) -> list[str]:
     source = _source_name(spec)
     lines = [f"# @generated from {source} by gradtool {__version__} ({target}); do not edit",
              f'"""{spec.name}: {spec.description}', "", "Forward:"]
     lines += ["    " + r["text"] for r in _forward(d)]
-    lines += ["", "Backward (G is the upstream gradient ∂L/∂output):"]
+    seeds = [f"{s} = ∂L/∂{out}" for out, s in _seed_texts(d).items()]
+    lines += ["", f"Backward ({'; '.join(seeds)}):" if seeds else "Backward (L is the output):"]
     lines += ["    " + r["text"] for r in _gradients(d)]
     lines.append('"""')
     return lines
@@ -594,7 +634,7 @@ def _saved_note(m: Module) -> str:
     users = {}
     for tname, expr, _ in m.closed_forms():
         for a in accesses(expr, m.spec):
-            users.setdefault(access_name(a), []).append("d" + tname)
+            users.setdefault(access_name(a), []).append(m.grad_names[tname])
     parts = [f"{s} ({', '.join(dict.fromkeys(users.get(s, [])))})" for s in m.saved()]
     return "saved for backward, by the gradients that read them: " + (", ".join(parts) or
                                                                      "nothing")
@@ -696,13 +736,14 @@ def _numpy_class(m: Module) -> list[str]:
         [e for _, e, _ in m.closed_forms()])]
     bwd_kw += [f'{names[x]}=self._sizes["{x}"]' for x in m.backward_dims]
     lines.append(f"    def backward(self, {sig}):")
-    grads = ["d" + t.name for t in m.grads]
+    grads = [m.grad_names[t.name] for t in m.grads]
     lines.append(f"        {', '.join(grads)}{',' if len(grads) == 1 else ''} = "
                  f"backward({', '.join(seeds + ['*self._saved'] + bwd_kw)})")
     pg = [t for t in m.grads if t.kind == "param"]
-    lines.append("        self.grads = {" + ", ".join(f'"{t.name}": d{t.name}' for t in pg)
+    lines.append("        self.grads = {" + ", ".join(f'"{t.name}": {m.grad_names[t.name]}'
+                                                for t in pg)
                  + "}")
-    ig = ["d" + t.name for t in m.grads if t.kind == "input"]
+    ig = [m.grad_names[t.name] for t in m.grads if t.kind == "input"]
     lines.append("        return " + (", ".join(ig) if ig else "None"))
     return lines
 
@@ -742,12 +783,12 @@ def _torch_classes(m: Module) -> list[str]:
     lines += ["    @staticmethod", f"    def backward(ctx, {', '.join(seeds)}):"]
     kw = [f"{names[h]}=ctx.{names[h]}" for h in bwd_hyp] + \
         [f"{names[x]}=ctx.{names[x]}" for x in m.backward_dims]
-    grads = ["d" + t.name for t in m.grads]
+    grads = [m.grad_names[t.name] for t in m.grads]
     lines.append(f"        {', '.join(grads)}{',' if len(grads) == 1 else ''} = "
                  f"backward({', '.join(seeds + ['*ctx.saved_tensors'] + kw)})")
     ret = []
     for t in m.inputs:
-        ret.append("d" + t.name if t in m.grads else "None")
+        ret.append(m.grad_names[t.name] if t in m.grads else "None")
     ret += ["None"] * (len(hypers) + len(m.forward_missing))
     lines.append(f"        return {', '.join(ret)}")
     lines += ["", ""]
@@ -768,7 +809,7 @@ def _torch_classes(m: Module) -> list[str]:
         lines.append(f"        self.{names[t.name]} = torch.nn.Parameter("
                      f"{_init_code(t, 'torch', names)})")
     for t in states:
-        lines.append(f'        self.register_buffer("{t.name}", '
+        lines.append(f'        self.register_buffer("{names[t.name]}", '
                      f"{_init_code(t, 'torch', names)})")
     lines += ["", f"    def forward(self, {', '.join(names[t.name] for t in data)}):"]
     args = [names[t.name] if t.kind == "input" else f"self.{names[t.name]}" for t in m.inputs]

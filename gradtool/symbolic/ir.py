@@ -76,9 +76,13 @@ class Program:
 
     # -- indices ----------------------------------------------------------------------------
     def fresh(self, like: sp.Symbol) -> sp.Symbol:
-        """A new bound index over the same range as ``like``."""
+        """A new bound index over the same range as ``like`` (no declared name)."""
         base = like.name.rstrip("'0123456789_") or "i"
-        sym = sp.Symbol(f"{base}_{next(_counter)}", integer=True)
+        declared = self.spec._names()
+        name = f"{base}_{next(_counter)}"
+        while name in declared:
+            name = f"{base}_{next(_counter)}"
+        sym = sp.Symbol(name, integer=True)
         self.ranges[sym] = self.ranges[like]
         return sym
 
@@ -187,11 +191,11 @@ def _lift(program: Program, st, expr, counter, top=False):
         body = _lift(program, st, expr.body, counter)
         free = _free(body, spec, program) - set(expr.over)
         order = [i for i in st.lhs if i in free] + sorted(free - set(st.lhs), key=str)
-        prefix = "s" if isinstance(expr, SumOver) else "m"
-        name = f"{prefix}_{st.target}" + ("" if (k := next(counter)) == 1 else str(k))
+        name = _lifted_name(spec, "s" if isinstance(expr, SumOver) else "m", st, counter)
         dims = [program.ranges[i] for i in order]
         if name not in spec.tensors:  # normalising twice reuses the lifted tensor
             spec._tensor(name, "lifted", dims, st.line)
+            spec.lifted[name] = (st.target, st.line)
         kind = "sum" if isinstance(expr, SumOver) else "max"
         program.assigns.append(Assign(name, tuple(order), body, kind, tuple(expr.over),
                                       st.line, "lifted"))
@@ -199,6 +203,18 @@ def _lift(program: Program, st, expr, counter, top=False):
     if not expr.args or isinstance(expr, (sp.Indexed, sp.IndexedBase)):
         return expr
     return expr.func(*[_lift(program, st, a, counter) for a in expr.args])
+
+
+def _lifted_name(spec: Spec, prefix: str, st, counter) -> str:
+    """``s_Y``, ``s_Y2``, ... for the sums lifted out of Y's statement: the next name that
+    no declared name and no other statement's lift uses (normalising twice gives the same
+    names, so a lift of this statement is reused)."""
+    taken = spec._names()
+    while True:
+        k = next(counter)
+        name = f"{prefix}_{st.target}" + ("" if k == 1 else str(k))
+        if name not in taken or spec.lifted.get(name) == (st.target, st.line):
+            return name
 
 
 def _free(expr, spec, program) -> set:

@@ -60,8 +60,25 @@ class Derivation:
     def spec(self) -> Spec:
         return self.program.spec
 
+    adjoint_labels: dict[str, str] = field(default_factory=dict)  # tensor -> g_<tensor>
+
+    def adjoint_label(self, name: str) -> str:
+        """``g_<name>``, the adjoint's name in the derivation steps; the spec language
+        refuses a declared ``g_X`` beside X, and a lifted tensor's adjoint label steps
+        around declared names."""
+        if name not in self.adjoint_labels:
+            label, taken = f"g_{name}", self.spec._names()
+            while label in taken:
+                label += "'"
+            self.adjoint_labels[name] = label
+        return self.adjoint_labels[name]
+
+    def adjoint_of(self, label: str) -> str | None:
+        """The tensor whose adjoint is called ``label``, if any."""
+        return next((t for t, x in self.adjoint_labels.items() if x == label), None)
+
     def adjoint_base(self, name: str) -> sp.IndexedBase:
-        return sp.IndexedBase(f"g_{name}")
+        return sp.IndexedBase(self.adjoint_label(name))
 
     def adjoint_access(self, name: str, idx=None) -> sp.Expr:
         if name in self.seeds:
@@ -70,7 +87,8 @@ class Derivation:
                 return seed.base[tuple(idx if idx is not None else self.canon[name])]
             return seed
         idx = self.canon[name] if idx is None else idx
-        return self.adjoint_base(name)[tuple(idx)] if idx else sp.Symbol(f"g_{name}")
+        return self.adjoint_base(name)[tuple(idx)] if idx else \
+            sp.Symbol(self.adjoint_label(name))
 
     def gradient(self, name: str) -> sp.Expr:
         """The closed-form gradient of a differentiable input or parameter."""
@@ -118,6 +136,19 @@ def _active(program: Program) -> list[str]:
     return [n for n in dict.fromkeys(order) if n in needed]
 
 
+def seed_name(spec: Spec, output: str, outputs: int) -> str:
+    """The upstream gradient's name: ``G`` (``G_Y`` beside other outputs), or, where the
+    spec declares that name itself (a size G, a tensor G_Y), ``G_Y``, then ``G_Y_``, ...:
+    the printed backward and the kernels never mix the two up."""
+    taken = spec._names()
+    name = "G" if outputs == 1 else f"G_{output}"
+    if name in taken:
+        name = f"G_{output}"
+    while name in taken:
+        name += "_"
+    return name
+
+
 def derive(spec: Spec) -> Derivation:
     """Reverse mode for every differentiable input and parameter of ``spec``."""
     program = normalize(spec)
@@ -129,9 +160,9 @@ def derive(spec: Spec) -> Derivation:
         if not a.lhs and len(outputs) == 1:
             seeds[a.target] = sp.Integer(1)  # a loss: the gradient of L is 1
         elif not a.lhs:
-            seeds[a.target] = sp.Symbol(f"G_{a.target}", real=True)
+            seeds[a.target] = sp.Symbol(seed_name(spec, a.target, len(outputs)), real=True)
         else:
-            name = "G" if len(outputs) == 1 else f"G_{a.target}"
+            name = seed_name(spec, a.target, len(outputs))
             seeds[a.target] = sp.IndexedBase(name)[tuple(a.lhs)]
     d = Derivation(program, Simplifier(program), seeds, canon, active)
     d.contributions = {name: [] for name in active}
@@ -288,11 +319,10 @@ def _close(d: Derivation, name: str) -> None:
 def _inline_adjoints(d: Derivation, expr):
     subs = {}
     for node in sp.preorder_traversal(expr):
-        if isinstance(node, sp.Indexed) and node.base.label.name.startswith("g_"):
-            name = node.base.label.name[2:]
+        if isinstance(node, sp.Indexed) and d.adjoint_of(node.base.label.name):
+            name = d.adjoint_of(node.base.label.name)
             subs[node] = rename(d.closed[name], dict(zip(d.canon[name], node.indices,
                                                          strict=True)))
-        elif isinstance(node, sp.Symbol) and node.name.startswith("g_") \
-                and node.name[2:] in d.closed:
-            subs[node] = d.closed[node.name[2:]]
+        elif isinstance(node, sp.Symbol) and d.adjoint_of(node.name) in d.closed:
+            subs[node] = d.closed[d.adjoint_of(node.name)]
     return expr.xreplace(subs)
