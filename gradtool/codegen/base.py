@@ -377,6 +377,7 @@ class ArrayPrinter:
         return any(isinstance(n, sp.Indexed) or (n in self.temps and self.temps[n].axes)
                    or (isinstance(n, sp.Symbol) and n.name in self.scalar_tensors)
                    or (n in self.definitions and self._is_array(self.definitions[n]))
+                   or (n in self.scalars and self._is_array(self.scalars[n]))
                    for n in sp.preorder_traversal(f))
 
     def _bool_only(self, e) -> bool:

@@ -425,7 +425,9 @@ class Module:
         sig = ", ".join(seeds + saved + (["*"] + kw if kw else []))
         printer, imports = _printer(self.target, self.names, temps={})
         printer.definitions = {}
-        printer.scalar_tensors = frozenset(n for n, t in spec.tensors.items() if not t.dims)
+        # a loss's upstream gradient is a 0-d tensor too (torch.autograd passes one)
+        printer.scalar_tensors = frozenset(n for n, t in spec.tensors.items() if not t.dims) \
+            | {s for o, s in self.seed_names.items() if not spec.tensors[o].dims}
         # a tensor to take dtype and device from: a full upstream gradient, else a saved tensor
         full_seeds = [s for s, o in zip(seeds, self.outputs, strict=False)
                       if spec.tensors[o.target].dims]
