@@ -223,7 +223,7 @@ class Module:
         exps = [f for f in sp.Mul.make_args(a.body) if isinstance(f, sp.exp)]
         if len(exps) != 1 or not set(a.over) & exps[0].free_symbols:
             return None
-        rest = a.body / exps[0]
+        rest = sp.Mul(*[f for f in sp.Mul.make_args(a.body) if f is not exps[0]])
         if rest.has(sp.exp) and any(set(a.over) & x.free_symbols
                                     for x in rest.atoms(sp.exp)):
             return None
