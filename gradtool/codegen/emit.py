@@ -139,10 +139,10 @@ class Module:
         sig = ", ".join(args + (["*"] + kw if kw else []))
         body = list(size_lines)
         printer, imports = _printer(self.target, self.names)
-        printer.scalar_tensors = frozenset(n for n, t in spec.tensors.items() if not t.dims)
         printer.ref = args[0] if args else None
         printer.ranges = dict(d.program.ranges)
         shifts = self.stable_exponentials()
+        printer.scalar_tensors = self._scalar_tensors(shifts)
         for a in d.program.assigns:
             target = self.new_names[a.target] if a.kind == "update" else self.names[a.target]
             shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code for i in a.lhs)
@@ -283,6 +283,18 @@ class Module:
             return sp.Mul(*rest, combined)
 
         return merge(walk(expr))
+
+    def _scalar_tensors(self, shifts=()) -> frozenset:
+        """Names of 0-d tensors in the kernels (not Python numbers: ``math`` cannot take
+        them): scalar tensors, a loss's upstream gradient (torch.autograd passes a 0-d
+        tensor) and the maxima of shifted exponentials and sums."""
+        tensors = self.spec.tensors
+        out = {n for n, t in tensors.items() if not t.dims}
+        out |= {s for o, s in self.seed_names.items() if not tensors[o].dims}
+        out |= {m for z, m in self.lse.items() if not tensors[z].dims}
+        out |= {self._exp_peak(e) for e, pos in dict(shifts).items()
+                if len(tensors[e].dims) == 1}
+        return frozenset(out)
 
     def _taken(self) -> set[str]:
         """Every name a kernel variable of gradtool's own must not take."""
@@ -426,8 +438,7 @@ class Module:
         printer, imports = _printer(self.target, self.names, temps={})
         printer.definitions = {}
         # a loss's upstream gradient is a 0-d tensor too (torch.autograd passes one)
-        printer.scalar_tensors = frozenset(n for n, t in spec.tensors.items() if not t.dims) \
-            | {s for o, s in self.seed_names.items() if not spec.tensors[o].dims}
+        printer.scalar_tensors = self._scalar_tensors()
         # a tensor to take dtype and device from: a full upstream gradient, else a saved tensor
         full_seeds = [s for s, o in zip(seeds, self.outputs, strict=False)
                       if spec.tensors[o.target].dims]
