@@ -516,14 +516,16 @@ PATTERNS = (
     ("[n, c]", "{pc} - log({z})", lambda p: torch.log_softmax(p, 1)),
     ("[n, c]", "exp({pc}) / {z}", lambda p: torch.softmax(p, 1)),
     ("[n]", "log({z})", lambda p: torch.logsumexp(p, 1)),
-    ("[n]", "tanh(log({z}) / 1000)", lambda p: torch.tanh(torch.logsumexp(p, 1) / 1000)),
+    ("[n]", "log({z})**2 / 1000", lambda p: torch.logsumexp(p, 1) ** 2 / 1000),
+    ("[n, c]", "tanh({pc} - log({z}))", lambda p: torch.tanh(torch.log_softmax(p, 1))),
     ("[n, c]", "exp({pc} - log({z}))", lambda p: torch.softmax(p, 1)),
 )
 
 
 @settings(FUZZ, max_examples=int(_ENV) if _ENV else 8)
 @given(logits=st.sampled_from(range(len(LOGITS))),
-       pattern=st.sampled_from(range(len(PATTERNS))), named=st.booleans(),
+       pattern=st.sampled_from(range(len(PATTERNS))),
+       named=st.sampled_from(["inline", "Z", "e"]),
        seed=st.integers(0, 2 ** 16))
 def test_log_sum_exp_kernels_are_finite_and_right_at_large_logits(logits, pattern, named,
                                                                   seed):
@@ -535,10 +537,17 @@ def test_log_sum_exp_kernels_are_finite_and_right_at_large_logits(logits, patter
     lines = ['spec = Spec("lse", "a normalised exponential at large logits")',
              'N, C = spec.dims("N C")', "n, c, k = spec.indices(n=N, c=C, k=C)",
              'X = spec.input("X", N, C)', 'B = spec.input("B", C, domain="positive")']
-    if named:
+    pc = text.format(i="c")
+    if named == "e":  # a named exponential, summed by a named normaliser
+        lines.append(f'e = spec.let("e", [n, c], exp({pc}))')
+        z = "Sum(e[n, k], k)"
+    if named != "inline":
         lines.append(f'Z = spec.let("Z", [n], {z})')
         z = "Z[n]"
-    lines.append(f'spec.output("Y", {lhs}, {out.format(pc=text.format(i="c"), z=z)})')
+    body = out.format(pc=pc, z=z)
+    if named == "e":
+        body = body.replace(f"exp({pc})", "e[n, c]")
+    lines.append(f'spec.output("Y", {lhs}, {body})')
     source = HEAD + "\n".join(lines) + "\n"
     note(source)
     rng = np.random.default_rng(seed)

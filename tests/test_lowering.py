@@ -224,3 +224,29 @@ def test_inline_log_sum_exp_and_softmax_are_shifted(tmp_path, x):
     assert_all_close(results, "P", p.detach().numpy(), what="out")
     assert_all_close(results, "X", xt.grad.numpy(), rtol=1e-9)
     assert_all_close(results, "w", wt.grad.numpy(), rtol=1e-9)
+
+
+NAMED = """\
+spec = Spec("attend", "a softmax-weighted average and log-sum-exp over a named exponential")
+N, C = spec.dims("N C")
+n, c, k = spec.indices(n=N, c=C, k=C)
+X = spec.input("X", N, C)
+V = spec.param("V", C)
+e = spec.let("e", [n, c], exp(X[n, c]))
+Z = spec.let("Z", [n], Sum(e[n, k], k))
+spec.output("Y", [n], Sum(e[n, c] * V[c], c) / Z[n] + log(Z[n]))
+"""
+
+
+@pytest.mark.parametrize("x", LOGITS, ids=["minus800", "plus800", "mixed"])
+def test_named_exponential_read_by_the_backward_is_shifted(tmp_path, x):
+    spec = spec_from(tmp_path, NAMED)
+    v = np.array([0.5, -2.0, 1.5])
+    up = np.linspace(-1, 2, x.shape[0])
+    xt, vt = torch.tensor(x, requires_grad=True), torch.tensor(v, requires_grad=True)
+    y = torch.softmax(xt, 1) @ vt + torch.logsumexp(xt, 1)
+    y.backward(torch.tensor(up))
+    results = kernels_only(spec, {"X": x, "V": v}, {"N": x.shape[0], "C": 3}, {"G": up})
+    assert_all_close(results, "Y", y.detach().numpy(), what="out")
+    assert_all_close(results, "X", xt.grad.numpy(), rtol=1e-9)
+    assert_all_close(results, "V", vt.grad.numpy(), rtol=1e-9)

@@ -147,14 +147,25 @@ class Module:
             target = self.new_names[a.target] if a.kind == "update" else self.names[a.target]
             shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code for i in a.lhs)
             rhs = present(self._logs_of_ratios(a.rhs(d.program), shifts))
-            if a.target in self.lse:  # Z = Σ_k c·exp(f) as exp(M)·Σ_k c·exp(f − M)
+            if a.target in self.lse and self._lse_exponent(a) is not None:
+                # Z = Σ_k c·exp(f) as exp(M)·Σ_k c·exp(f − M)
                 peak, f = self.lse[a.target], self._lse_exponent(a)
                 body.append(f"{peak} = {printer.assign(MaxOver(f, *a.over), tuple(a.lhs), shape)}")
                 printer.names[peak] = peak
                 m = self._peak_access(a.target, a.lhs)
                 rhs = present(d.program.make_sum(a.body.xreplace({sp.exp(f): sp.exp(f - m)}),
                                                  a.over))
-            else:
+            elif a.target in self.lse_exp:  # e = exp(f) as exp(f − M), M = max_k f
+                peak, pos = self.lse_exp[a.target]
+                f, rest = a.body.args[0], tuple(i for p, i in enumerate(a.lhs) if p != pos)
+                shape_m = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code
+                                for i in rest)
+                body.append(f"{peak} = "
+                            f"{printer.assign(MaxOver(f, a.lhs[pos]), rest, shape_m)}")
+                printer.names[peak] = peak
+                m = sp.IndexedBase(peak)[rest] if rest else sp.Symbol(peak)
+                rhs = present(sp.exp(f - m))
+            elif a.target not in self.lse:  # a sum of named exponentials reads them as is
                 rhs = self._unshift(rhs)
             if a.target in shifts:  # e = exp(f - max_k f): same ratios e/Z, no overflow
                 arg = rhs.args[0]
@@ -186,8 +197,11 @@ class Module:
         other use of e and Z is the ratio e/Z. Subtracting max_k f before ``exp`` leaves every
         ratio unchanged and keeps large logits from overflowing (softmax, cross-entropy).
         Returns {e: the position of k among e's indices}."""
+        if hasattr(self, "_stable"):
+            return self._stable
         assigns = self.d.program.assigns
-        saved = set(self.saved())
+        saved = {access_name(x) for _, e, _ in self.closed_forms(raw=True)
+                 for x in accesses(e, self.spec)}
         found = {}
         for a in assigns:
             if a.reduce or not isinstance(a.body, sp.exp) or a.target in saved:
@@ -201,6 +215,7 @@ class Module:
             pos = list(z.body.indices).index(k)
             if self._only_ratios(a.target, z.target, pos, skip=(a, z)):
                 found[a.target] = pos
+        self._stable = found
         return found
 
     # -- log-sum-exp: Σ_k exp(f) feeding a log or a division --------------------------------
@@ -211,12 +226,58 @@ class Module:
         ``log Z = M + log Z'`` and ``exp(g)/Z = exp(g − M)/Z'`` never overflow (logits of
         ±800). Returns {Z: the name of its M}. Outputs keep their plain value."""
         found = {}
+        self.lse_exp = {}  # a named exponential e -> (its M, the position of k in e)
+        by_target = {b.target: b for b in self.d.program.assigns if b.kind != "update"}
         for a in self.d.program.assigns:
-            if a.reduce == "sum" and a.kind in ("let", "lifted") and \
-                    self._lse_exponent(a) is not None:
+            if a.reduce != "sum" or a.kind not in ("let", "lifted"):
+                continue
+            if self._lse_exponent(a) is not None:
                 found[a.target] = self._fresh_name(f"{self.names[a.target]}_max", claim=True)
                 self.names[found[a.target]] = found[a.target]
+                continue
+            named = self._named_exponential(a, by_target)
+            if named is None:
+                continue
+            e, pos = named
+            if e not in self.lse_exp:
+                if not self._sums_agree(e, pos, by_target):
+                    continue
+                peak = self._fresh_name(f"{self.names[e]}_max", claim=True)
+                self.names[peak] = peak
+                self.lse_exp[e] = (peak, pos)
+            found[a.target] = self.lse_exp[e][0]
         return found
+
+    def _named_exponential(self, a, by_target) -> tuple[str, int] | None:
+        """(e, position of k) when the sum ``a`` is ``Z[i] = Σ_k c·e[i, k]`` over a let
+        ``e = exp(f)`` that the ratio rule (:meth:`stable_exponentials`) leaves alone: e is
+        then computed as exp(f − M) with M = max_k f, Z as Σ_k c·exp(f − M), and both are
+        read as exp(M)·(what was computed)."""
+        if len(a.over) != 1:
+            return None
+        reads = [x for x in sp.Mul.make_args(a.body) if isinstance(x, sp.Indexed)
+                 and getattr(by_target.get(access_name(x)), "kind", None) == "let"
+                 and isinstance(by_target[access_name(x)].body, sp.exp)]
+        if len(reads) != 1 or access_name(reads[0]) in self.stable_exponentials():
+            return None
+        idx = list(access_indices(reads[0]))
+        k = a.over[0]
+        rest = sp.Mul(*[f for f in sp.Mul.make_args(a.body) if f is not reads[0]])
+        if idx.count(k) != 1 or rest.has(sp.exp) or \
+                any(access_name(x) in by_target and by_target[access_name(x)].reduce
+                    for x in accesses(rest, self.spec)) or \
+                [i for i in idx if i != k] != list(a.lhs) or len(set(idx)) != len(idx):
+            return None
+        return access_name(reads[0]), idx.index(k)
+
+    def _sums_agree(self, e: str, pos: int, by_target) -> bool:
+        """Does every sum that reads e reduce the same axis of it (the one M is over)?"""
+        for b in self.d.program.assigns:
+            if b.reduce == "sum" and any(access_name(x) == e
+                                         for x in accesses(b.body, self.spec)):
+                if self._named_exponential(b, by_target) != (e, pos):
+                    return False
+        return True
 
     def _lse_exponent(self, a) -> sp.Expr | None:
         """f when the body of the sum ``a`` is ``c·exp(f)`` with f varying over the sum."""
@@ -229,8 +290,13 @@ class Module:
             return None
         return exps[0].args[0]
 
-    def _peak_access(self, z: str, idx) -> sp.Expr:
-        name = self.lse[z]
+    def _peak_access(self, z, idx) -> sp.Expr:
+        """M at ``idx``: ``z`` names a shifted sum, or is (M's name, M's indices) already."""
+        if isinstance(z, tuple):
+            z, idx = z
+            name = z
+        else:
+            name = self.lse[z]
         return sp.IndexedBase(name)[tuple(idx)] if idx else sp.Symbol(name)
 
     def _unshift(self, expr):
@@ -239,14 +305,26 @@ class Module:
         if not self.lse:
             return expr
 
+        by_target = {a.target: a for a in self.d.program.assigns if a.kind != "update"}
+
         def z_of(node):
+            """(Z, the indices of its M) for a read of a shifted sum or exponential."""
             if isinstance(node, sp.Indexed) and access_name(node) in self.lse:
                 return access_name(node), access_indices(node)
+            if isinstance(node, sp.Indexed) and access_name(node) in self.lse_exp:
+                peak, pos = self.lse_exp[access_name(node)]
+                rest = tuple(i for p, i in enumerate(access_indices(node)) if p != pos)
+                return (peak, rest), None
             if isinstance(node, sp.Symbol) and node.name in self.lse:
                 return node.name, ()
             return None
 
         def walk(e):
+            if isinstance(e, sp.log) and isinstance(e.args[0], sp.Indexed) and \
+                    access_name(e.args[0]) in self.lse_exp:  # log e = f
+                a = by_target[access_name(e.args[0])]
+                return rename(a.body.args[0], dict(zip(a.lhs, access_indices(e.args[0]),
+                                                       strict=True)))
             if isinstance(e, sp.log) and z_of(e.args[0]):
                 return e + self._peak_access(*z_of(e.args[0]))
             if z_of(e):
@@ -261,11 +339,14 @@ class Module:
             return any(isinstance(f, sp.exp) for f in sp.Mul.make_args(term))
 
         def merge(e):
-            """exp(a)·exp(b) as exp(a + b); a product's exponentials go into a sum or a
-            sum of terms beside them that has exponentials of its own to meet."""
+            """exp(a)·exp(b) as exp(a + b), bottom-up (each node once)."""
             if not e.args or isinstance(e, (sp.Indexed, sp.IndexedBase)):
                 return e
-            e = e.func(*[merge(x) for x in e.args])
+            return combine(e.func(*[merge(x) for x in e.args]))
+
+        def combine(e):
+            """A product's exponentials (its factors already merged) go into a sum or a
+            sum of terms beside it that has exponentials of its own to meet."""
             if not isinstance(e, sp.Mul):
                 return e
             exps = [f for f in e.args if isinstance(f, sp.exp)]
@@ -275,10 +356,10 @@ class Module:
             combined = sp.exp(sp.Add(*[f.args[0] for f in exps]))
             for k, f in enumerate(rest):
                 if isinstance(f, sp.Add) and any(has_exp(t) for t in f.args):
-                    rest[k] = sp.Add(*[merge(t * combined) for t in f.args])
+                    rest[k] = sp.Add(*[combine(t * combined) for t in f.args])
                     return sp.Mul(*rest)
                 if isinstance(f, sp.Sum) and has_exp(f.function):
-                    rest[k] = sp.Sum(merge(f.function * combined), *f.limits)
+                    rest[k] = sp.Sum(combine(f.function * combined), *f.limits)
                     return sp.Mul(*rest)
             return sp.Mul(*rest, combined)
 
@@ -390,14 +471,17 @@ class Module:
         return True
 
     # -- backward ---------------------------------------------------------------------------
-    def closed_forms(self) -> list[tuple[str, sp.Expr, tuple]]:
+    def closed_forms(self, raw: bool = False) -> list[tuple[str, sp.Expr, tuple]]:
+        """(input, its gradient as the kernel computes it, its indices); ``raw``: before
+        shifted sums and exponentials are read through their maxima."""
         out = []
         for t in self.grads:
             expr = self.d.closed[t.name]
             for name, seed in self.d.seeds.items():
                 if seed == 1:  # a loss: scale by the upstream gradient of L
                     expr = sp.Symbol(self.seed_names[name]) * expr
-            out.append((t.name, self._unshift(present(expr)), self.d.canon[t.name]))
+            expr = present(expr)
+            out.append((t.name, expr if raw else self._unshift(expr), self.d.canon[t.name]))
         return out
 
     def saved(self) -> list[str]:
