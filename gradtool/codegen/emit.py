@@ -152,7 +152,7 @@ class Module:
                 peak, f = self.lse[a.target], self._lse_exponent(a)
                 body.append(f"{peak} = {printer.assign(MaxOver(f, *a.over), tuple(a.lhs), shape)}")
                 printer.names[peak] = peak
-                m = self._peak_access(a.target, a.lhs)
+                m = self._m_access(peak, a.lhs)
                 rhs = present(d.program.make_sum(a.body.xreplace({sp.exp(f): sp.exp(f - m)}),
                                                  a.over))
             elif a.target in self.lse_exp:  # e = exp(f) as exp(f − M), M = max_k f
@@ -163,8 +163,7 @@ class Module:
                 body.append(f"{peak} = "
                             f"{printer.assign(MaxOver(f, a.lhs[pos]), rest, shape_m)}")
                 printer.names[peak] = peak
-                m = sp.IndexedBase(peak)[rest] if rest else sp.Symbol(peak)
-                rhs = present(sp.exp(f - m))
+                rhs = present(sp.exp(f - self._m_access(peak, rest)))
             elif a.target not in self.lse:  # a sum of named exponentials reads them as is
                 rhs = self._unshift(rhs)
             if a.target in shifts:  # e = exp(f - max_k f): same ratios e/Z, no overflow
@@ -263,8 +262,10 @@ class Module:
         idx = list(access_indices(reads[0]))
         k = a.over[0]
         rest = sp.Mul(*[f for f in sp.Mul.make_args(a.body) if f is not reads[0]])
+        # the factor c is read as it is: it must hold no sum and no exponential
         if idx.count(k) != 1 or rest.has(sp.exp) or \
-                any(access_name(x) in by_target and by_target[access_name(x)].reduce
+                any(access_name(x) in by_target and (by_target[access_name(x)].reduce or
+                                                     by_target[access_name(x)].body.has(sp.exp))
                     for x in accesses(rest, self.spec)) or \
                 [i for i in idx if i != k] != list(a.lhs) or len(set(idx)) != len(idx):
             return None
@@ -290,13 +291,9 @@ class Module:
             return None
         return exps[0].args[0]
 
-    def _peak_access(self, z, idx) -> sp.Expr:
-        """M at ``idx``: ``z`` names a shifted sum, or is (M's name, M's indices) already."""
-        if isinstance(z, tuple):
-            z, idx = z
-            name = z
-        else:
-            name = self.lse[z]
+    @staticmethod
+    def _m_access(name: str, idx) -> sp.Expr:
+        """The maximum M called ``name`` at indices ``idx`` (a symbol when it has none)."""
         return sp.IndexedBase(name)[tuple(idx)] if idx else sp.Symbol(name)
 
     def _unshift(self, expr):
@@ -308,15 +305,14 @@ class Module:
         by_target = {a.target: a for a in self.d.program.assigns if a.kind != "update"}
 
         def z_of(node):
-            """(Z, the indices of its M) for a read of a shifted sum or exponential."""
+            """(M's name, its indices) for a read of a shifted sum or exponential."""
             if isinstance(node, sp.Indexed) and access_name(node) in self.lse:
-                return access_name(node), access_indices(node)
+                return self.lse[access_name(node)], access_indices(node)
             if isinstance(node, sp.Indexed) and access_name(node) in self.lse_exp:
                 peak, pos = self.lse_exp[access_name(node)]
-                rest = tuple(i for p, i in enumerate(access_indices(node)) if p != pos)
-                return (peak, rest), None
+                return peak, tuple(i for p, i in enumerate(access_indices(node)) if p != pos)
             if isinstance(node, sp.Symbol) and node.name in self.lse:
-                return node.name, ()
+                return self.lse[node.name], ()
             return None
 
         def walk(e):
@@ -326,9 +322,9 @@ class Module:
                 return rename(a.body.args[0], dict(zip(a.lhs, access_indices(e.args[0]),
                                                        strict=True)))
             if isinstance(e, sp.log) and z_of(e.args[0]):
-                return e + self._peak_access(*z_of(e.args[0]))
+                return e + self._m_access(*z_of(e.args[0]))
             if z_of(e):
-                return sp.exp(self._peak_access(*z_of(e))) * e
+                return sp.exp(self._m_access(*z_of(e))) * e
             if not e.args or isinstance(e, (sp.Indexed, sp.IndexedBase)):
                 return e
             return e.func(*[walk(x) for x in e.args])
