@@ -250,3 +250,26 @@ def test_named_exponential_read_by_the_backward_is_shifted(tmp_path, x):
     assert_all_close(results, "Y", y.detach().numpy(), what="out")
     assert_all_close(results, "X", xt.grad.numpy(), rtol=1e-9)
     assert_all_close(results, "V", vt.grad.numpy(), rtol=1e-9)
+
+
+def test_a_switch_inside_a_sum_in_front_of_a_zero_over_zero_term(tmp_path):
+    """dW sums [‖x_n‖ > ε]·x_n·(…)/‖x_n‖ over the rows n: a zero row must add nothing."""
+    spec = spec_from(tmp_path, """\
+spec = Spec("scaled_l2", "L2 normalisation of each row, then a learned scale per column")
+N, D = spec.dims("N D")
+n, d, k = spec.indices(n=N, d=D, k=D)
+X = spec.input("X", N, D)
+W = spec.param("W", D)
+eps = spec.hyper("eps", 1e-3)
+spec.output("Y", [n, d], W[d] * X[n, d] / Max(sqrt(Sum((W[k] * X[n, k]) ** 2, k)), eps))
+""")
+    x = np.array([[0.0, 0.0, 0.0], [0.3, -1.2, 2.0], [1e-4, 0.0, -2e-4]])
+    w = np.array([0.5, 2.0, -1.0])
+    g = np.array([[1.0, -2.0, 0.5], [0.7, 0.1, -0.3], [2.0, 1.0, 1.0]])
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    y = F.normalize(xt * wt, dim=1, eps=1e-3)
+    y.backward(torch.tensor(g))
+    results = three_ways(spec, {"X": x, "W": w}, {"N": 3, "D": 3}, {"G": g})
+    assert_all_close(results, "Y", y.detach().numpy(), what="out")
+    assert_all_close(results, "X", xt.grad.numpy())
+    assert_all_close(results, "W", wt.grad.numpy())

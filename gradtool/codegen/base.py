@@ -526,6 +526,11 @@ class ArrayPrinter:
             split = self._scatter_target(f, over)
             if split is not None:
                 return self._scatter(e, f, *split)
+        if isinstance(body, sp.Mul) and self._needs_guard(body):  # Σ where(c, t, 0)
+            arr = self.lower(body)
+            counts = [lim[2] - lim[1] + 1 for lim in e.limits if lim[0] not in arr.axes]
+            inner = self._reduce(arr, over, self.SUM) if set(over) & set(arr.axes) else arr
+            return self._times(self.lower(sp.Mul(*counts)), inner) if counts else inner
         scalars, operands = [], []
         for f in sp.Mul.make_args(body):
             (operands if (self._indices_of(f) & set(over)) else scalars).append(f)
