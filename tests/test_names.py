@@ -149,3 +149,22 @@ spec.output("Y", [n], X[n])
     with pytest.raises(SpecError) as err:
         spec_from(tmp_path, source)
     assert err.value.line == 7 and f"`{name}`" in str(err.value)
+
+
+def test_a_shared_adjoint_is_named_beside_a_tensor_called_g_t(tmp_path):
+    """t's adjoint is g_t_ when the spec declares g_t; the textbook form still writes the
+    gradients through dt (not the inlined adjoint), and matches autograd."""
+    spec = spec_from(tmp_path, """\
+spec = Spec("shared", "a shared intermediate beside a tensor g_t")
+N = spec.dims("N")
+n = spec.indices(n=N)
+X = spec.input("X", N)
+W = spec.input("W", N)
+t = spec.let("t", [n], X[n] * W[n])
+gt = spec.let("g_t", [n], X[n] ** 2)
+spec.output("Y", [n], tanh(t[n]) * gt[n] + t[n] ** 2)
+""")
+    d = derive(spec)
+    assert d.adjoint_names["t"] == "g_t_" and "t" in d.named
+    assert all("dt" in str(d.via[x]) for x in ("X", "W"))
+    assert_matches_autograd(d, seed=1)

@@ -222,13 +222,16 @@ def _name_shared_adjoints(d: Derivation, say: Callable[[str], None]) -> None:
             continue
         say(f"d{name} through {', '.join(sorted(d.named))}")
         raw = sp.Add(*[c.expr for c in d.contributions[name]])
+        # the adjoints by their names (g_t, or g_t_ beside a declared tensor g_t)
+        shared_of = {d.adjoint_names[t]: t for t in d.named}
         renamed = {}
         for node in raw.atoms(sp.Indexed, sp.Symbol):
             label = node.base.label.name if isinstance(node, sp.Indexed) else node.name
-            if not (label.startswith("g_") and label[2:] in d.named):
+            if label not in shared_of:
                 continue
-            renamed[node] = sp.IndexedBase(f"d{label[2:]}")[node.indices] \
-                if isinstance(node, sp.Indexed) else sp.Symbol(f"d{label[2:]}", real=True)
+            renamed[node] = sp.IndexedBase(f"d{shared_of[label]}")[node.indices] \
+                if isinstance(node, sp.Indexed) else \
+                sp.Symbol(f"d{shared_of[label]}", real=True)
         d.via[name] = _closed_form(d, _inline_adjoints(d, raw.xreplace(renamed)), True)
 
 
