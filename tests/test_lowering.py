@@ -273,3 +273,26 @@ spec.output("Y", [n, d], W[d] * X[n, d] / Max(sqrt(Sum((W[k] * X[n, k]) ** 2, k)
     assert_all_close(results, "Y", y.detach().numpy(), what="out")
     assert_all_close(results, "X", xt.grad.numpy())
     assert_all_close(results, "W", wt.grad.numpy())
+
+
+def test_a_scalar_sum_of_exponentials_saves_its_maximum(tmp_path):
+    """t0 = Σ_j exp(A/4)/E has no axes: its maximum M is a 0-d value the backward reads
+    (exp(−M)/t0), so forward returns it with the saved tensors (found by the fuzzer)."""
+    spec = spec_from(tmp_path, """\
+spec = Spec("scalar_lse", "a scalar normaliser read by the backward")
+D, E = spec.dims("D E")
+d, e, j = spec.indices(d=D, e=E, j=E)
+A = spec.input("A", E, domain="positive")
+W = spec.param("W", D)
+t0 = spec.let("t0", [], Sum(exp(A[j] / 4), j) / E)
+spec.output("Y", [d, e], A[e] * sqrt(1 + W[d] ** 2) / t0)
+""")
+    rng = np.random.default_rng(0)
+    a, w, g = rng.uniform(0.5, 2, 3), rng.standard_normal(2), rng.standard_normal((2, 3))
+    at, wt = (torch.tensor(v, requires_grad=True) for v in (a, w))
+    y = at[None, :] * torch.sqrt(1 + wt[:, None] ** 2) / (torch.exp(at / 4).sum() / 3)
+    y.backward(torch.tensor(g))
+    results = three_ways(spec, {"A": a, "W": w}, {"D": 2, "E": 3}, {"G": g})
+    assert_all_close(results, "Y", y.detach().numpy(), what="out")
+    assert_all_close(results, "A", at.grad.numpy())
+    assert_all_close(results, "W", wt.grad.numpy())

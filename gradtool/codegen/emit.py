@@ -535,8 +535,10 @@ class Module:
         if hasattr(self, "_saved"):
             return self._saved
         used = set()
+        peaks = set(self.lse.values())  # a 0-d maximum M is a plain Symbol, not an access
         for _, expr, _ in self.closed_forms():
             used |= {access_name(a) for a in accesses(expr, self.spec)}
+            used |= {s.name for s in expr.free_symbols if isinstance(s, sp.Symbol)} & peaks
         order = [t.name for t in self.inputs] + [x for a in self.d.program.assigns
                                                  for x in (a.target, self.lse.get(a.target))
                                                  if x is not None]
