@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sympy as sp
+import torch
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
@@ -824,3 +825,156 @@ def test_generated_affine_specs_are_well_formed(source):
     with tempfile.TemporaryDirectory() as folder:
         spec = _load(folder, source)
     assert spec.outputs and spec.grad_inputs
+
+
+# -- declared names equal to the names gradtool makes -------------------------------------------
+
+# names the kernels, the printed backward or the engine use for themselves: a spec may declare
+# any of them (docs/spec-language.md, "Names")
+CLASHES = ("G", "G_Y", "s_Y", "m_Y", "np", "torch", "math", "erf", "ctx", "self", "saved",
+           "out", "forward", "backward", "max", "min", "first_hit", "scatter_add", "lambda",
+           "dtype", "rng", "params", "eval", "training", "Y_max", "t0_max", "t0_new", "Fuzz")
+
+
+@st.composite
+def clashing_sources(draw) -> str:
+    """A spec from :func:`spec_sources` whose sizes, tensors and hyper-parameter are declared
+    under names gradtool's generated code uses (the Python variables stay as they were)."""
+    import re
+
+    source = draw(spec_sources())
+    declared = re.findall(r'spec\.(?:input|param|let|hyper)\("(\w+)"', source)
+    dims = re.search(r'spec\.dims\("([\w ]+)"\)', source).group(1).split()
+    new = draw(st.permutations(CLASHES))[:len(declared) + len(dims)]
+    for old, name in zip(declared, new, strict=False):
+        source = re.sub(rf'(spec\.\w+\()"{old}"', rf'\1"{name}"', source)
+    renamed = " ".join(new[len(declared):len(declared) + len(dims)])
+    return source.replace(f'spec.dims("{" ".join(dims)}")', f'spec.dims("{renamed}")')
+
+
+@settings(FUZZ, max_examples=int(_ENV) if _ENV else 6)
+@given(source=clashing_sources())
+def test_declared_names_equal_to_kernel_names_pass_every_check(source):
+    note(source)
+    with _time_limit(source), tempfile.TemporaryDirectory() as folder:
+        spec = _load(folder, source)
+        assert_matches_autograd(derive(spec), seed=_seed(source, "names"))
+        rows = check_spec(spec, CheckOptions(cases=1, oracles=("autograd", "backends",
+                                                               "forward")))
+    failed = [r for r in rows if not r.passed]
+    assert rows and not failed, failed
+
+
+# -- log-sum-exp and softmax patterns at logits up to ±800 ------------------------------------
+
+# (spec text of the logits P at index i, the same in torch); X is uniform in ±800, B in 0.5..2
+LOGITS = (
+    ("X[n, {i}]", lambda x, b: x),
+    ("2*X[n, {i}] - 3", lambda x, b: 2 * x - 3),
+    ("X[n, {i}] + B[{i}]", lambda x, b: x + b),
+    ("X[n, {i}]*B[{i}]", lambda x, b: x * b),
+    ("-X[n, {i}] / 2", lambda x, b: -x / 2),
+)
+# (output axes, spec text given the logits at c and at k and the normaliser Z, torch function)
+PATTERNS = (
+    ("[n, c]", "{pc} - log({z})", lambda p: torch.log_softmax(p, 1)),
+    ("[n, c]", "exp({pc}) / {z}", lambda p: torch.softmax(p, 1)),
+    ("[n]", "log({z})", lambda p: torch.logsumexp(p, 1)),
+    ("[n]", "log({z})**2 / 1000", lambda p: torch.logsumexp(p, 1) ** 2 / 1000),
+    ("[n, c]", "tanh({pc} - log({z}))", lambda p: torch.tanh(torch.log_softmax(p, 1))),
+    ("[n, c]", "exp({pc} - log({z}))", lambda p: torch.softmax(p, 1)),
+)
+
+
+@settings(FUZZ, max_examples=int(_ENV) if _ENV else 8)
+@given(logits=st.sampled_from(range(len(LOGITS))),
+       pattern=st.sampled_from(range(len(PATTERNS))),
+       named=st.sampled_from(["inline", "Z", "e"]),
+       seed=st.integers(0, 2 ** 16))
+def test_log_sum_exp_kernels_are_finite_and_right_at_large_logits(logits, pattern, named,
+                                                                  seed):
+    from gradtool.check.kernels import Kernels, to_numpy
+
+    text, logit_fn = LOGITS[logits]
+    lhs, out, out_fn = PATTERNS[pattern]
+    z = "Sum(exp({}), k)".format(text.format(i="k"))
+    lines = ['spec = Spec("lse", "a normalised exponential at large logits")',
+             'N, C = spec.dims("N C")', "n, c, k = spec.indices(n=N, c=C, k=C)",
+             'X = spec.input("X", N, C)', 'B = spec.input("B", C, domain="positive")']
+    pc = text.format(i="c")
+    if named == "e":  # a named exponential, summed by a named normaliser
+        lines.append(f'e = spec.let("e", [n, c], exp({pc}))')
+        z = "Sum(e[n, k], k)"
+    if named != "inline":
+        lines.append(f'Z = spec.let("Z", [n], {z})')
+        z = "Z[n]"
+    body = out.format(pc=pc, z=z)
+    if named == "e":
+        body = body.replace(f"exp({pc})", "e[n, c]")
+    lines.append(f'spec.output("Y", {lhs}, {body})')
+    source = HEAD + "\n".join(lines) + "\n"
+    note(source)
+    rng = np.random.default_rng(seed)
+    x, b = rng.uniform(-800, 800, (3, 4)), rng.uniform(0.5, 2, 4)
+    xt, bt = (torch.tensor(v, requires_grad=True) for v in (x, b))
+    y = out_fn(logit_fn(xt, bt))
+    up = rng.standard_normal(tuple(y.shape))
+    y.backward(torch.tensor(up))
+    with _time_limit(source), tempfile.TemporaryDirectory() as folder:
+        spec = _load(folder, source)
+        dims = {spec.dim_symbols["N"]: 3, spec.dim_symbols["C"]: 4}
+        for target in ("numpy", "torch"):
+            k = Kernels(spec, target)
+            outs, saved, _ = k.forward({"X": x, "B": b}, dims)
+            grads = k.backward({"Y": up}, saved, dims)
+            got = [to_numpy(outs["Y"]), to_numpy(grads["X"]), to_numpy(grads["B"])]
+            want = [y.detach().numpy(), xt.grad.numpy(),
+                    np.zeros(4) if bt.grad is None else bt.grad.numpy()]
+            for what, a, w in zip(("Y", "dX", "dB"), got, want, strict=True):
+                assert np.all(np.isfinite(a)), f"{target}: {what} is not finite"
+                err = max_rel_err(a, w, atol=1e-12)
+                assert err < 1e-8, f"{target}: {what} differs from torch by {err:.2e}"
+
+
+# -- tied maxima --------------------------------------------------------------------------------
+
+# strictly increasing functions keep ties between equal inputs exactly
+INCREASING = (("{}", lambda x: x), ("2*{} + 1", lambda x: 2 * x + 1),
+              ("({})**3", lambda x: x ** 3), ("tanh({})", lambda x: torch.tanh(x)))
+
+
+@settings(FUZZ, max_examples=int(_ENV) if _ENV else 6)
+@given(fn=st.sampled_from(range(len(INCREASING))), two_axes=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_max_reductions_with_tied_inputs_route_to_the_first_maximum(fn, two_axes, seed):
+    """Integer inputs from {0, 1, 2}: most windows tie. torch.max(dim) routes each row's
+    gradient to its first maximum (row-major over the window), as gradtool must."""
+    from gradtool.check.kernels import Kernels, to_numpy
+    from gradtool.check.numeric import derived_gradients
+
+    tpl, f = INCREASING[fn]
+    lines = ['spec = Spec("ties", "a max over tied inputs")', 'N, D, E = spec.dims("N D E")',
+             "n, k, j = spec.indices(n=N, k=D, j=E)", 'X = spec.input("X", N, D, E)']
+    over = "k, j" if two_axes else "k"
+    lhs = "[n]" if two_axes else "[n, j]"
+    lines.append(f'spec.output("Y", {lhs}, Max({tpl.format("X[n, k, j]")}, {over}))')
+    source = HEAD + "\n".join(lines) + "\n"
+    note(source)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 3, (2, 3, 2)).astype(np.float64)
+    xt = torch.tensor(x, requires_grad=True)
+    body = f(xt)
+    y = body.reshape(2, -1).max(1).values if two_axes else body.max(1).values
+    up = rng.standard_normal(tuple(y.shape))
+    y.backward(torch.tensor(up))
+    with _time_limit(source), tempfile.TemporaryDirectory() as folder:
+        spec = _load(folder, source)
+        d = derive(spec)
+        dims = {spec.dim_symbols[s]: v for s, v in zip("NDE", (2, 3, 2), strict=True)}
+        got = {"derived": derived_gradients(d, {"X": x}, dims, {"G": up})["X"]}
+        for target in ("numpy", "torch"):
+            k = Kernels(spec, target)
+            _, saved, _ = k.forward({"X": x}, dims)
+            got[target] = to_numpy(k.backward({"Y": up}, saved, dims)["X"])
+    for way, g in got.items():
+        assert max_rel_err(g, xt.grad.numpy()) < 1e-12, f"{way}: {g} vs {xt.grad.numpy()}"

@@ -46,13 +46,37 @@ class MatMul(Arr):
     batch: int = 0
 
 
+# Names the generated modules use for themselves: modules, helpers, the two kernels and the
+# locals of the layer classes. A declared name equal to one of them is renamed in the kernels
+# (``np`` → ``np_``); the math keeps the spec's names.
+RESERVED = frozenset(keyword.kwlist) | {
+    "np", "torch", "math", "erf", "expit", "scatter_add", "join_axes", "need_flags", "first_hit",
+    "max", "min", "need", "keep",
+    "forward", "backward", "use_torch_compile", "self", "ctx", "out", "saved", "new_state",
+    "rng", "dtype", "super", "params", "state", "grads",
+}
+
+
 def py_name(name: str) -> str:
-    """A Python identifier that shadows neither a keyword, a module the code imports, nor a
-    name the generated code uses itself (``need``, ``keep``)."""
-    if keyword.iskeyword(name) or name in {"np", "torch", "math", "erf", "expit", "self", "ctx",
-                                           "need", "keep"}:
-        return name + "_"
+    """A Python identifier that shadows neither a keyword nor a module the code imports
+    (kernels name things through :func:`kernel_names`, which also avoids other names)."""
+    while keyword.iskeyword(name) or name in RESERVED:
+        name = name + "_"
     return name
+
+
+def kernel_names(declared: list[str], reserved=frozenset()) -> dict[str, str]:
+    """Declared name -> its variable in the kernels: itself, or with ``_`` appended until
+    it is neither reserved (``RESERVED`` and ``reserved``) nor another declared name."""
+    taken = set(RESERVED) | set(reserved)
+    names: dict[str, str] = {}
+    for name in declared:
+        var = name
+        while var in taken or (var != name and var in declared):
+            var += "_"
+        names[name] = var
+        taken.add(var)
+    return names
 
 
 class ArrayPrinter:
@@ -125,6 +149,8 @@ class ArrayPrinter:
         reused = self._reuse(e)
         if reused is not None:
             return reused
+        if isinstance(e, sp.Mul) and self._needs_guard(e):
+            return self._guarded(e)
         method = getattr(self, f"_print_{type(e).__name__}", None)
         if method is not None:
             return method(e)
@@ -314,6 +340,36 @@ class ArrayPrinter:
             return Arr(f"-1 * {self.paren(out.code, out.prec, MUL)}", out.axes, MUL)
         return Arr(sign + out.code, out.axes, UNARY if sign else out.prec)
 
+    # -- a switch in front of a term that is 0/0 or inf where the switch is off ---------------
+    def _switch(self, f) -> bool:
+        """Is ``f`` a 0/1 switch (an arg-max mask or a step), seen through named terms?"""
+        return isinstance(self._expanded(f) if self.definitions else f,
+                          (ArgMaxMask, sp.Heaviside))
+
+    def _may_blow_up(self, f) -> bool:
+        """Can ``f`` be inf or NaN on finite data: a division, a root or a log?"""
+        f = self._expanded(f) if self.definitions else f
+        return any(isinstance(n, sp.log) or (isinstance(n, sp.Pow) and not (
+            n.exp.is_integer and n.exp.is_nonnegative)) for n in sp.preorder_traversal(f))
+
+    def _needs_guard(self, e) -> bool:
+        factors = sp.Mul.make_args(e)
+        return any(self._switch(f) for f in factors) and any(
+            self._may_blow_up(f) for f in factors if not self._switch(f))
+
+    def _guarded(self, e) -> Arr:
+        """``[c]·t`` as ``where(c, t, 0)``: where the switch is off the term may be 0/0
+        (L2 normalisation at a zero row: the ‖x‖ < ε branch multiplies x·Σx·g/‖x‖), and
+        0·NaN would be NaN; the switch's meaning is that the term is absent there."""
+        factors = sp.Mul.make_args(e)
+        conds = [self.lower(f) for f in factors if self._switch(f)]
+        rest = sp.Mul(*[f for f in factors if not self._switch(f)])
+        value = self.lower(rest)
+        axes = self._union(conds + [value])
+        cond = " & ".join(self.align(c, axes) if c.axes else c.code for c in conds)
+        return Arr(self.where(cond, value, Arr("0.0", (), ATOM), axes,
+                              numbers=not self._is_array(rest)), axes, ATOM)
+
     def _scale_in_place(self, high: list, high_den: list, low: Arr | None,
                         axes) -> Arr | None:
         """A product of full-size factors ``high`` (expression, array pairs), full-size
@@ -339,6 +395,8 @@ class ArrayPrinter:
         return any(isinstance(n, (sp.Indexed, sp.KroneckerDelta))
                    or (n in self.temps and (self.temps[n].axes or n not in self.scalars))
                    or (isinstance(n, sp.Symbol) and n.name in self.scalar_tensors)
+                   or (n in self.definitions and self._is_array(self.definitions[n]))
+                   or (n in self.scalars and self._is_array(self.scalars[n]))
                    for n in sp.preorder_traversal(f))
 
     def _bool_only(self, e) -> bool:
@@ -428,10 +486,22 @@ class ArrayPrinter:
         dtype = f"{self.ref}.dtype" if self.ref is not None else self.FLOAT
         return Arr(self.INDICATOR.format(cmp=cmp, dtype=dtype), axes, ATOM)
 
+    FIRST_HIT = "first_hit"
+
     def _print_ArgMaxMask(self, e: ArgMaxMask) -> Arr:
         a, b = self.lower(e.args[0]), self.lower(e.args[1])
         axes = self._union([a, b])
-        return Arr(f"({self.align(a, axes)} == {self.align(b, axes)})", axes, ATOM)
+        hit = f"({self.align(a, axes)} == {self.align(b, axes)})"
+        if not e.over:
+            return Arr(hit, axes, ATOM)
+        if any(i not in axes for i in e.over):
+            raise CodegenError(f"the maximum over {', '.join(map(str, e.over))} of a body "
+                               "that does not depend on them has no kernel yet",
+                               hint="reduce only over indices the body uses")
+        # ties: only the first maximum (row-major over the window) gets the gradient
+        self.helpers.add(self.FIRST_HIT)
+        positions = tuple(axes.index(i) for i in e.over)
+        return Arr(f"{self.FIRST_HIT}({hit}, {positions})", axes, ATOM)
 
     def _relational(self, e) -> Arr:
         a, b = self.lower(e.lhs), self.lower(e.rhs)
@@ -461,7 +531,7 @@ class ArrayPrinter:
         axes = self._union([a, b, c])
         return Arr(self.where(self.align(c, axes), a, b, axes), axes, ATOM)
 
-    def where(self, cond: str, a: Arr, b: Arr, axes) -> str:
+    def where(self, cond: str, a: Arr, b: Arr, axes, numbers: bool = True) -> str:
         self.imports.add(self.module)
         return f"{self.module}.where({cond}, {self.align(a, axes)}, {self.align(b, axes)})"
 
@@ -497,6 +567,11 @@ class ArrayPrinter:
             split = self._scatter_target(f, over)
             if split is not None:
                 return self._scatter(e, f, *split)
+        if isinstance(body, sp.Mul) and self._needs_guard(body):  # Σ where(c, t, 0)
+            arr = self.lower(body)
+            counts = [lim[2] - lim[1] + 1 for lim in e.limits if lim[0] not in arr.axes]
+            inner = self._reduce(arr, over, self.SUM) if set(over) & set(arr.axes) else arr
+            return self._times(self.lower(sp.Mul(*counts)), inner) if counts else inner
         scalars, operands = [], []
         for f in sp.Mul.make_args(body):
             (operands if (self._indices_of(f) & set(over)) else scalars).append(f)

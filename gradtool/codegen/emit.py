@@ -16,9 +16,9 @@ from __future__ import annotations
 import sympy as sp
 
 from gradtool import __version__
-from gradtool.codegen.base import Arr, CodegenError, py_name
+from gradtool.codegen.base import Arr, CodegenError, kernel_names
 from gradtool.report import _forward, _gradients
-from gradtool.spec.lang import Spec
+from gradtool.spec.lang import MaxOver, Spec
 from gradtool.symbolic.ir import access_indices, access_name, accesses, rename
 from gradtool.symbolic.printing import present
 from gradtool.symbolic.reverse import Derivation, derive
@@ -28,6 +28,15 @@ TARGETS = ("numpy", "torch")
 
 def class_name(spec_name: str) -> str:
     return "".join(part.capitalize() for part in spec_name.split("_")) or "Layer"
+
+
+def _target_attributes(target: str) -> set[str]:
+    """Attributes of the generated layer class that a declared name must not replace."""
+    if target == "torch":
+        from gradtool.codegen.torch_target import MODULE_ATTRIBUTES
+
+        return set(MODULE_ATTRIBUTES)
+    return set()
 
 
 def _printer(target: str, names, temps=None):
@@ -48,20 +57,27 @@ class Module:
     def __init__(self, d: Derivation, target: str):
         self.d, self.spec, self.target = d, d.spec, target
         spec = d.spec
-        self.names = {n: py_name(n) for n in spec.tensors}
-        self.names.update({n: py_name(n) for n in spec.hypers})
-        self.names.update({n: py_name(n) for n in spec.dim_symbols})
+        cname = class_name(spec.name)
+        reserved = {cname, cname + "Function"} | _target_attributes(target)
+        self.seed_names = {out: d.upstream_names[out] for out in d.seeds}
+        declared = list(spec.tensors) + list(spec.hypers) + list(spec.dim_symbols)
+        # seeds come last: derive named them clear of every declared name
+        self.names = kernel_names(declared + [s for s in self.seed_names.values()
+                                              if s not in declared], reserved)
         self.inputs = [t for t in spec.tensors.values() if t.kind in ("input", "param", "state")]
         self.grads = [t for t in spec.grad_inputs]
         self.outputs = [a for a in d.program.assigns if a.kind == "output"]
         self.updates = [a for a in d.program.assigns if a.kind == "update"]
-        self.seed_names = {}
-        for out in d.seeds:
-            name = d.upstream_names[out]
-            self.seed_names[out] = name
-            self.names[name] = py_name(name)
         self.imports: set[str] = set()
         self.helpers: set[str] = set()
+        # kernel variables gradtool makes: the gradients, new state, shifts of exponentials
+        self.grad_names = {t.name: self._fresh_name(f"d{self.names[t.name]}", claim=True)
+                           for t in self.grads}
+        self.new_names = {a.target: self._fresh_name(f"{self.names[a.target]}_new",
+                                                     claim=True) for a in self.updates}
+        self.need_names = {t.name: self._fresh_name(f"need_{self.names[t.name]}", claim=True)
+                           for t in self.grads}
+        self.lse = self.shifted_sums()
 
     # -- sizes ----------------------------------------------------------------------------
     def size_lines(self, dims: set, available: list[tuple[str, tuple]]) -> tuple[list, list]:
@@ -122,24 +138,43 @@ class Module:
         sig = ", ".join(args + (["*"] + kw if kw else []))
         body = list(size_lines)
         printer, imports = _printer(self.target, self.names)
-        printer.scalar_tensors = frozenset(n for n, t in spec.tensors.items() if not t.dims)
         floats = [self.names[t.name] for t in self.inputs if not t.is_labels]
         printer.ref = (floats or args or [None])[0]  # dtype and device (labels are integers)
         printer.ranges = dict(d.program.ranges)
         shifts = self.stable_exponentials()
         inlined = self.inlined_sums(shifts)
+        printer.scalar_tensors = self._scalar_tensors(shifts)
         for a in d.program.assigns:
             if a.target in inlined:
                 continue
-            target = self.names[a.target] + ("_new" if a.kind == "update" else "")
+            target = self.new_names[a.target] if a.kind == "update" else self.names[a.target]
             shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code for i in a.lhs)
             rhs = self._inline(a.rhs(d.program), inlined)
             rhs = present(self._logs_of_ratios(rhs, shifts))
+            if a.target in self.lse and self._lse_exponent(a) is not None:
+                # Z = Σ_k c·exp(f) as exp(M)·Σ_k c·exp(f − M)
+                peak, f = self.lse[a.target], self._lse_exponent(a)
+                body.append(f"{peak} = {printer.assign(MaxOver(f, *a.over), tuple(a.lhs), shape)}")
+                printer.names[peak] = peak
+                m = self._m_access(peak, a.lhs)
+                rhs = present(d.program.make_sum(a.body.xreplace({sp.exp(f): sp.exp(f - m)}),
+                                                 a.over))
+            elif a.target in self.lse_exp:  # e = exp(f) as exp(f − M), M = max_k f
+                peak, pos = self.lse_exp[a.target]
+                f, rest = a.body.args[0], tuple(i for p, i in enumerate(a.lhs) if p != pos)
+                shape_m = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code
+                                for i in rest)
+                body.append(f"{peak} = "
+                            f"{printer.assign(MaxOver(f, a.lhs[pos]), rest, shape_m)}")
+                printer.names[peak] = peak
+                rhs = present(sp.exp(f - self._m_access(peak, rest)))
+            elif a.target not in self.lse:  # a sum of named exponentials reads them as is
+                rhs = self._unshift(rhs)
             if a.target in shifts:  # e = exp(f - max_k f): same ratios e/Z, no overflow
                 arg = rhs.args[0]
                 peak = printer._reduce(printer.lower(arg), [a.lhs[shifts[a.target]]],
                                        printer.MAX)
-                name = f"{self.names[a.target]}_max"
+                name = self._exp_peak(a.target)
                 body.append(f"{name} = {peak.code}")
                 printer.names[name] = name
                 rhs = sp.exp(arg - self._peak(a.target, a.lhs, shifts))
@@ -154,7 +189,7 @@ class Module:
                                                                  else "")
         ret = f"return {out}, ({saved})"
         if self.updates:
-            new = ", ".join(self.names[a.target] + "_new" for a in self.updates)
+            new = ", ".join(self.new_names[a.target] for a in self.updates)
             ret += f", ({new}{',' if len(self.updates) == 1 else ''})"
         doc = [f'"""The forward of {spec.name}; returns the output'
                + ("s" if len(outs) > 1 else "") + ", what backward needs"
@@ -170,7 +205,8 @@ class Module:
         saved = set(self.saved())
         found = {}
         for a in assigns:
-            if a.kind != "lifted" or a.reduce != "sum" or a.target in saved | set(shifts):
+            if a.kind != "lifted" or a.reduce != "sum" or a.target in saved | set(shifts) \
+                    or a.target in self.lse:
                 continue
             readers = [b for b in assigns if b is not a and any(
                 access_name(x) == a.target for x in accesses(b.body, self.spec))]
@@ -198,8 +234,11 @@ class Module:
         other use of e and Z is the ratio e/Z. Subtracting max_k f before ``exp`` leaves every
         ratio unchanged and keeps large logits from overflowing (softmax, cross-entropy).
         Returns {e: the position of k among e's indices}."""
+        if hasattr(self, "_stable"):
+            return self._stable
         assigns = self.d.program.assigns
-        saved = set(self.saved())
+        saved = {access_name(x) for _, e, _ in self.closed_forms(raw=True)
+                 for x in accesses(e, self.spec)}
         found = {}
         for a in assigns:
             if a.reduce or not isinstance(a.body, sp.exp) or a.target in saved:
@@ -213,13 +252,203 @@ class Module:
             pos = list(z.body.indices).index(k)
             if self._only_ratios(a.target, z.target, pos, skip=(a, z)):
                 found[a.target] = pos
+        self._stable = found
         return found
+
+    # -- log-sum-exp: Σ_k exp(f) feeding a log or a division --------------------------------
+    def shifted_sums(self) -> dict[str, str]:
+        """Sums of exponentials ``Z = Σ_k c·exp(f)`` (log-sum-exp, an inline softmax's
+        normaliser) that the kernels compute as ``exp(M)·Z'`` with ``M = max_k f`` and
+        ``Z' = Σ_k c·exp(f − M)``: every later use of Z reads ``exp(M)·Z'``, so that
+        ``log Z = M + log Z'`` and ``exp(g)/Z = exp(g − M)/Z'`` never overflow (logits of
+        ±800). Returns {Z: the name of its M}. Outputs keep their plain value."""
+        found = {}
+        self.lse_exp = {}  # a named exponential e -> (its M, the position of k in e)
+        by_target = {b.target: b for b in self.d.program.assigns if b.kind != "update"}
+        for a in self.d.program.assigns:
+            if a.reduce != "sum" or a.kind not in ("let", "lifted"):
+                continue
+            if self._lse_exponent(a) is not None:
+                found[a.target] = self._fresh_name(f"{self.names[a.target]}_max", claim=True)
+                self.names[found[a.target]] = found[a.target]
+                continue
+            named = self._named_exponential(a, by_target)
+            if named is None:
+                continue
+            e, pos = named
+            if e not in self.lse_exp:
+                if not self._sums_agree(e, pos, by_target):
+                    continue
+                peak = self._fresh_name(f"{self.names[e]}_max", claim=True)
+                self.names[peak] = peak
+                self.lse_exp[e] = (peak, pos)
+            found[a.target] = self.lse_exp[e][0]
+        return found
+
+    def _named_exponential(self, a, by_target) -> tuple[str, int] | None:
+        """(e, position of k) when the sum ``a`` is ``Z[i] = Σ_k c·e[i, k]`` over a let
+        ``e = exp(f)`` that the ratio rule (:meth:`stable_exponentials`) leaves alone: e is
+        then computed as exp(f − M) with M = max_k f, Z as Σ_k c·exp(f − M), and both are
+        read as exp(M)·(what was computed)."""
+        if len(a.over) != 1:
+            return None
+        reads = [x for x in sp.Mul.make_args(a.body) if isinstance(x, sp.Indexed)
+                 and getattr(by_target.get(access_name(x)), "kind", None) == "let"
+                 and isinstance(by_target[access_name(x)].body, sp.exp)]
+        if len(reads) != 1 or access_name(reads[0]) in self.stable_exponentials():
+            return None
+        idx = list(access_indices(reads[0]))
+        k = a.over[0]
+        rest = sp.Mul(*[f for f in sp.Mul.make_args(a.body) if f is not reads[0]])
+        # the factor c is read as it is: it must hold no sum and no exponential
+        if idx.count(k) != 1 or rest.has(sp.exp) or \
+                any(access_name(x) in by_target and (by_target[access_name(x)].reduce or
+                                                     by_target[access_name(x)].body.has(sp.exp))
+                    for x in accesses(rest, self.spec)) or \
+                [i for i in idx if i != k] != list(a.lhs) or len(set(idx)) != len(idx):
+            return None
+        return access_name(reads[0]), idx.index(k)
+
+    def _sums_agree(self, e: str, pos: int, by_target) -> bool:
+        """Does every sum that reads e reduce the same axis of it (the one M is over)?"""
+        for b in self.d.program.assigns:
+            if b.reduce == "sum" and any(access_name(x) == e
+                                         for x in accesses(b.body, self.spec)):
+                if self._named_exponential(b, by_target) != (e, pos):
+                    return False
+        return True
+
+    def _lse_exponent(self, a) -> sp.Expr | None:
+        """f when the body of the sum ``a`` is ``c·exp(f)`` with f varying over the sum."""
+        exps = [f for f in sp.Mul.make_args(a.body) if isinstance(f, sp.exp)]
+        if len(exps) != 1 or not set(a.over) & exps[0].free_symbols:
+            return None
+        rest = sp.Mul(*[f for f in sp.Mul.make_args(a.body) if f is not exps[0]])
+        if rest.has(sp.exp) and any(set(a.over) & x.free_symbols
+                                    for x in rest.atoms(sp.exp)):
+            return None
+        return exps[0].args[0]
+
+    @staticmethod
+    def _m_access(name: str, idx) -> sp.Expr:
+        """The maximum M called ``name`` at indices ``idx`` (a symbol when it has none)."""
+        return sp.IndexedBase(name)[tuple(idx)] if idx else sp.Symbol(name)
+
+    def _unshift(self, expr):
+        """Every read of a shifted sum Z as ``exp(M)·Z'`` (``log Z`` as ``M + log Z'``),
+        with the exponentials of each product merged: exp(g)·exp(−M) = exp(g − M)."""
+        if not self.lse:
+            return expr
+
+        by_target = {a.target: a for a in self.d.program.assigns if a.kind != "update"}
+
+        def z_of(node):
+            """(M's name, its indices) for a read of a shifted sum or exponential."""
+            if isinstance(node, sp.Indexed) and access_name(node) in self.lse:
+                return self.lse[access_name(node)], access_indices(node)
+            if isinstance(node, sp.Indexed) and access_name(node) in self.lse_exp:
+                peak, pos = self.lse_exp[access_name(node)]
+                return peak, tuple(i for p, i in enumerate(access_indices(node)) if p != pos)
+            if isinstance(node, sp.Symbol) and node.name in self.lse:
+                return self.lse[node.name], ()
+            return None
+
+        def walk(e):
+            if isinstance(e, sp.log) and isinstance(e.args[0], sp.Indexed) and \
+                    access_name(e.args[0]) in self.lse_exp:  # log e = f
+                a = by_target[access_name(e.args[0])]
+                return rename(a.body.args[0], dict(zip(a.lhs, access_indices(e.args[0]),
+                                                       strict=True)))
+            if isinstance(e, sp.log) and z_of(e.args[0]):
+                return e + self._m_access(*z_of(e.args[0]))
+            if z_of(e):
+                return sp.exp(self._m_access(*z_of(e))) * e
+            if not e.args or isinstance(e, (sp.Indexed, sp.IndexedBase)):
+                return e
+            return e.func(*[walk(x) for x in e.args])
+
+        def has_exp(term) -> bool:
+            if isinstance(term, sp.Sum):
+                return has_exp(term.function)
+            return any(isinstance(f, sp.exp) for f in sp.Mul.make_args(term))
+
+        def merge(e):
+            """exp(a)·exp(b) as exp(a + b), bottom-up (each node once)."""
+            if not e.args or isinstance(e, (sp.Indexed, sp.IndexedBase)):
+                return e
+            return combine(e.func(*[merge(x) for x in e.args]))
+
+        def combine(e):
+            """A product's exponentials (its factors already merged) go into a sum or a
+            sum of terms beside it that has exponentials of its own to meet."""
+            if not isinstance(e, sp.Mul):
+                return e
+            exps = [f for f in e.args if isinstance(f, sp.exp)]
+            if not exps:
+                return e
+            rest = [f for f in e.args if not isinstance(f, sp.exp)]
+            combined = sp.exp(sp.Add(*[f.args[0] for f in exps]))
+            for k, f in enumerate(rest):
+                if isinstance(f, sp.Add) and any(has_exp(t) for t in f.args):
+                    rest[k] = sp.Add(*[combine(t * combined) for t in f.args])
+                    return sp.Mul(*rest)
+                if isinstance(f, sp.Sum) and has_exp(f.function):
+                    rest[k] = sp.Sum(combine(f.function * combined), *f.limits)
+                    return sp.Mul(*rest)
+            return sp.Mul(*rest, combined)
+
+        return merge(walk(expr))
+
+    def _scalar_tensors(self, shifts=()) -> frozenset:
+        """Names of 0-d tensors in the kernels (not Python numbers: ``math`` cannot take
+        them): scalar tensors, a loss's upstream gradient (torch.autograd passes a 0-d
+        tensor) and the maxima of shifted exponentials and sums."""
+        tensors = self.spec.tensors
+        out = {n for n, t in tensors.items() if not t.dims}
+        out |= {s for o, s in self.seed_names.items() if not tensors[o].dims}
+        out |= {m for z, m in self.lse.items() if not tensors[z].dims}
+        out |= {self._exp_peak(e) for e, pos in dict(shifts).items()
+                if len(tensors[e].dims) == 1}
+        return frozenset(out)
+
+    def _taken(self) -> set[str]:
+        """Every name a kernel variable of gradtool's own must not take."""
+        from gradtool.codegen.base import RESERVED
+
+        return set(self.names.values()) | set(self.names) | RESERVED | \
+            getattr(self, "_made", set())
+
+    def _fresh_name(self, stem: str, claim: bool = False) -> str:
+        """``stem``, or ``stem_`` and so on: a kernel variable that no declared name, no
+        reserved name and no other variable gradtool made uses (``claim`` records it)."""
+        made = getattr(self, "_made", set())
+        taken = self._taken()
+        name = stem
+        while name in taken:
+            name += "_"
+        if claim:
+            self._made = made | {name}
+        return name
+
+    def tensor_dims(self, name: str) -> tuple:
+        """Axes of a forward tensor, or of the max M of a shifted sum (Z's axes)."""
+        if name in self.spec.tensors:
+            return self.spec.tensors[name].dims
+        z = next(z for z, m in self.lse.items() if m == name)
+        return self.spec.tensors[z].dims
 
     def _peak(self, e_name: str, idx, shifts) -> sp.Expr:
         """max_k of e's exponent, at e's indices ``idx`` (less the reduced position)."""
         rest = [i for p, i in enumerate(idx) if p != shifts[e_name]]
-        base = sp.IndexedBase(f"{self.names[e_name]}_max")
-        return base[tuple(rest)] if rest else sp.Symbol(f"{self.names[e_name]}_max")
+        name = self._exp_peak(e_name)
+        return sp.IndexedBase(name)[tuple(rest)] if rest else sp.Symbol(name)
+
+    def _exp_peak(self, e_name: str) -> str:
+        """The kernel variable holding max_k f of a shifted exponential e = exp(f)."""
+        peaks = self.__dict__.setdefault("_exp_peaks", {})
+        if e_name not in peaks:
+            peaks[e_name] = self._fresh_name(f"{self.names[e_name]}_max", claim=True)
+        return peaks[e_name]
 
     def _logs_of_ratios(self, expr, shifts):
         """log(P) with P = e/Z and e a shifted exponential: (f − max f) − log Z, so that a
@@ -276,14 +505,17 @@ class Module:
         return True
 
     # -- backward ---------------------------------------------------------------------------
-    def closed_forms(self) -> list[tuple[str, sp.Expr, tuple]]:
+    def closed_forms(self, raw: bool = False) -> list[tuple[str, sp.Expr, tuple]]:
+        """(input, its gradient as the kernel computes it, its indices); ``raw``: before
+        shifted sums and exponentials are read through their maxima."""
         out = []
         for t in self.grads:
             expr = self.d.closed[t.name]
             for name, seed in self.d.seeds.items():
                 if seed == 1:  # a loss: scale by the upstream gradient of L
                     expr = sp.Symbol(self.seed_names[name]) * expr
-            out.append((t.name, present(self._indicators(expr)), self.d.canon[t.name]))
+            expr = present(self._indicators(expr))
+            out.append((t.name, expr if raw else self._unshift(expr), self.d.canon[t.name]))
         return out
 
     def _indicators(self, expr):
@@ -303,9 +535,13 @@ class Module:
         if hasattr(self, "_saved"):
             return self._saved
         used = set()
+        peaks = set(self.lse.values())  # a 0-d maximum M is a plain Symbol, not an access
         for _, expr, _ in self.closed_forms():
             used |= {access_name(a) for a in accesses(expr, self.spec)}
-        order = [t.name for t in self.inputs] + [a.target for a in self.d.program.assigns]
+            used |= {s.name for s in expr.free_symbols if isinstance(s, sp.Symbol)} & peaks
+        order = [t.name for t in self.inputs] + [x for a in self.d.program.assigns
+                                                 for x in (a.target, self.lse.get(a.target))
+                                                 if x is not None]
         seeds = set(self.seed_names.values())
         self._saved = [n for n in dict.fromkeys(order) if n in used and n not in seeds]
         return self._saved
@@ -321,7 +557,7 @@ class Module:
         d, spec = self.d, self.spec
         forms = self.closed_forms()
         exprs = [_canonical_bound(e) for _, e, _ in forms]
-        exprs, products = _shared_products(exprs, set(self.names.values()))
+        exprs, products = _shared_products(exprs, self._taken())
         replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"),
                                        optimizations=None, order="none")
         replacements, reduced = _inline_index_terms(replacements, reduced)
@@ -331,12 +567,13 @@ class Module:
         hypers = self._hypers_in(exprs)
         printer, imports = _printer(self.target, self.names, temps={})
         printer.definitions = {}
-        printer.scalar_tensors = frozenset(n for n, t in spec.tensors.items() if not t.dims)
+        # a loss's upstream gradient is a 0-d tensor too (torch.autograd passes one)
+        printer.scalar_tensors = self._scalar_tensors()
         # a tensor to take dtype and device from: a full upstream gradient, else a saved tensor
         full_seeds = [s for s, o in zip(seeds, self.outputs, strict=False)
                       if spec.tensors[o.target].dims]
-        shaped = [self.names[n] for n in self.saved() if spec.tensors[n].dims
-                  and not spec.tensors[n].is_labels]
+        shaped = [self.names[n] for n in self.saved() if self.tensor_dims(n)
+                  and not (n in spec.tensors and spec.tensors[n].is_labels)]
         printer.ref = (full_seeds or shaped or seeds or [None])[0]
         printer.order = list(dict.fromkeys(i for _, _, canon in forms for i in canon))
         printer.ranges = dict(d.program.ranges)
@@ -345,7 +582,7 @@ class Module:
         printer.ranges.update(_bound_ranges(exprs + [v for _, v in replacements]))
         # statements as (name, code), before the conditions they run under are known
         stmts: list[tuple[str, str]] = []
-        taken = set(self.names.values())
+        taken = self._taken()
         for name, (value, idx) in products.items():  # G_xhat = G * xhat, shared by two sums
             printer.names[name] = name
             shape = tuple(printer.lower(sp.sympify(d.program.ranges.get(i, 1))).code
@@ -366,7 +603,7 @@ class Module:
             printer.definitions[sym] = value
         grads = []
         for (tname, _, canon), expr in zip(forms, reduced, strict=True):
-            var = py_name("d" + tname)
+            var = self.grad_names[tname]
             shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code for i in canon)
             code = self._zeros(shape, printer) if expr == 0 else \
                 printer.assign(expr, tuple(canon), shape)
@@ -395,7 +632,7 @@ class Module:
                 dim_need.setdefault(r, set()).update(needed_by[name])
         avail = [(self.names[self.seed_names[o.target]], spec.tensors[o.target].dims)
                  for o in self.outputs if o.target in self.seed_names]
-        avail += [(self.names[s], spec.tensors[s].dims) for s in self.saved()]
+        avail += [(self.names[s], self.tensor_dims(s)) for s in self.saved()]
         size_groups, missing = [], []
         for guard in dict.fromkeys(frozenset(v) for v in dim_need.values()):
             dims = {dim_names[r] for r, v in dim_need.items() if frozenset(v) == guard}
@@ -413,7 +650,7 @@ class Module:
         for name, _ in stmts:
             for r in reads[name] & self.saved_need.keys():
                 self.saved_need[r] |= needed_by[name]
-        flags = [py_name("need_" + t.name) for t in self.grads]
+        flags = [self.need_names[t.name] for t in self.grads]
         default = "(" + ", ".join(["True"] * len(grads)) + ("," if len(grads) == 1 else "") + ")"
         kw = [self.names[str(m)] for m in missing]
         kw += [f"{self.names[h]}={spec.hypers[h].default!r}" for h in hypers]
@@ -626,12 +863,18 @@ def _doc(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
 
 
+def _seed_texts(d: Derivation) -> dict[str, str]:
+    """Output -> the name of its upstream gradient (none for a loss)."""
+    return {out: d.upstream_names[out] for out, seed in d.seeds.items() if seed != 1}
+
+
 def _header(spec: Spec, d: Derivation, target: str) -> list[str]:
     source = _source_name(spec)
     lines = [f"# @generated from {source} by gradtool {__version__} ({target}); do not edit",
              f'"""{spec.name}: {_doc(spec.description)}', "", "Forward:"]
     lines += ["    " + r["text"] for r in _forward(d)]
-    lines += ["", "Backward (G is the upstream gradient ∂L/∂output):"]
+    seeds = [f"{s} = ∂L/∂{out}" for out, s in _seed_texts(d).items()]
+    lines += ["", f"Backward ({'; '.join(seeds)}):" if seeds else "Backward (L is the output):"]
     lines += ["    " + r["text"] for r in _gradients(d, list(d.named)) + _gradients(d)]
     lines.append('"""')
     return lines
@@ -673,7 +916,7 @@ def _saved_note(m: Module) -> str:
     users = {}
     for tname, expr, _ in m.closed_forms():
         for a in accesses(expr, m.spec):
-            users.setdefault(access_name(a), []).append("d" + tname)
+            users.setdefault(access_name(a), []).append(m.grad_names[tname])
     parts = [f"{s} ({', '.join(dict.fromkeys(users.get(s, [])))})" for s in m.saved()]
     return "saved for backward, by the gradients that read them: " + (", ".join(parts) or
                                                                      "nothing")
@@ -791,20 +1034,20 @@ def _numpy_class(m: Module) -> list[str]:
     bwd_kw += [f'{names[x]}=self._sizes["{x}"]' for x in m.backward_dims]
     lines.append(f"    def backward(self, {sig}, *, need=None):")
     pg = [t for t in m.grads if t.kind == "param"]
-    ig = [py_name("d" + t.name) for t in m.grads if t.kind == "input"]
+    ig = [m.grad_names[t.name] for t in m.grads if t.kind == "input"]
     lines += [f'        """The gradients of the input{"s" if len(ig) > 1 else ""} (returned) '
               "and of the parameters (in ``grads``).",
               "        ``need``: names of the inputs and parameters whose gradients to compute "
               "(default all);",
               '        the others are not computed: None for an input, left out of ``grads``."""']
-    grads = [py_name("d" + t.name) for t in m.grads]
+    grads = [m.grad_names[t.name] for t in m.grads]
     order = ", ".join(f'"{t.name}"' for t in m.grads) + ("," if len(m.grads) == 1 else "")
     m.helpers.add("need_flags")
     lines.append(f"        {_unpack(grads)}"
                  f"backward({', '.join(seeds + ['*self._saved'] + bwd_kw)}, "
                  f"need=need_flags(need, ({order})))")
     if pg:
-        pairs = ", ".join(f'("{t.name}", {py_name("d" + t.name)})' for t in pg) + \
+        pairs = ", ".join(f'("{t.name}", {m.grad_names[t.name]})' for t in pg) + \
             ("," if len(pg) == 1 else "")
         lines.append(f"        self.grads = {{k: g for k, g in ({pairs}) if g is not None}}")
     else:
@@ -858,7 +1101,7 @@ def _torch_classes(m: Module) -> list[str]:
     lines += ["    @staticmethod", f"    def backward(ctx, {', '.join(seeds)}):"]
     kw = [f"{names[h]}=ctx.{names[h]}" for h in bwd_hyp] + \
         [f"{names[x]}=ctx.{names[x]}" for x in m.backward_dims]
-    grads = [py_name("d" + t.name) for t in m.grads]
+    grads = [m.grad_names[t.name] for t in m.grads]
     if positions == list(range(len(positions))):
         need = f"ctx.needs_input_grad[:{len(positions)}]"
     else:
@@ -868,7 +1111,7 @@ def _torch_classes(m: Module) -> list[str]:
                  f"backward({', '.join(seeds + ['*ctx.saved_tensors'] + kw)}, need={need})")
     ret = []
     for t in m.inputs:
-        ret.append(py_name("d" + t.name) if t in m.grads else "None")
+        ret.append(m.grad_names[t.name] if t in m.grads else "None")
     ret += ["None"] * (len(hypers) + len(m.forward_missing))
     lines.append(f"        return {', '.join(ret)}")
     lines += ["", ""]
@@ -889,7 +1132,7 @@ def _torch_classes(m: Module) -> list[str]:
         lines.append(f"        self.{names[t.name]} = torch.nn.Parameter("
                      f"{_init_code(t, 'torch', names)})")
     for t in states:
-        lines.append(f'        self.register_buffer("{t.name}", '
+        lines.append(f'        self.register_buffer("{names[t.name]}", '
                      f"{_init_code(t, 'torch', names)})")
     lines += ["", f"    def forward(self, {', '.join(names[t.name] for t in data)}):"]
     args = [names[t.name] if t.kind == "input" else f"self.{names[t.name]}" for t in m.inputs]

@@ -58,6 +58,14 @@ HELPERS = {
     of ``values`` come before the split axes, whose ``sizes`` are (A, B)."""
     shape = np.shape(values)[:lead] + tuple(sizes)
     return np.broadcast_to(values, shape).reshape(shape[:lead] + (-1,))''',
+    "first_hit": '''def first_hit(hit, axes):
+    """``hit`` kept only at its first True over ``axes`` (row-major): ties at a maximum send
+    the gradient to one element, the first, as torch.nn.functional.max_pool2d does."""
+    k = len(axes)
+    moved = np.moveaxis(hit, axes, range(-k, 0))
+    flat = moved.reshape(moved.shape[:moved.ndim - k] + (-1,))
+    first = flat & (np.cumsum(flat, axis=-1) == 1)
+    return np.moveaxis(first.reshape(moved.shape), range(-k, 0), axes)''',
 }
 
 IMPORTS = {

@@ -28,24 +28,35 @@ class TorchPrinter(ArrayPrinter):
             return f"{code}.T"
         return f"{code}.permute{perm}"
 
-    def where(self, cond: str, a: Arr, b: Arr, axes) -> str:
+    def where(self, cond: str, a: Arr, b: Arr, axes, numbers: bool = True) -> str:
+        # (``numbers``: is branch a a Python number rather than a tensor?)
         # a Python-number branch would make torch.where return float32: give it the
         # condition's dtype through a tensor that is already there
         ref = next((v for v in self.names.values() if v in cond), None)
         av, bv = self.align(a, axes), self.align(b, axes)
         if ref is not None and not a.axes and not b.axes:
-            av = f"{ref}.new_tensor({av})"
+            if numbers:
+                av = f"{ref}.new_tensor({av})"
+            else:  # a is a 0-d tensor already; b is the number
+                bv = f"{ref}.new_tensor({bv})"
         return f"torch.where({cond}, {av}, {bv})"
 
     def _extremum(self, e, fname):
-        args = [self.lower(a) for a in e.args]
-        if len(args) == 2 and any(not a.axes and a.code.lstrip("-").replace(".", "").isdigit()
-                                  for a in args):
-            x, c = (args[0], args[1]) if args[1].code.lstrip("-").replace(".", "").isdigit() \
-                else (args[1], args[0])
-            bound = "min" if fname == "maximum" else "max"
-            return Arr(f"torch.clamp({x.code}, {bound}={c.code})", x.axes)
-        return super()._extremum(e, fname)
+        """``torch.maximum`` takes two tensors: numbers (literals, sizes, hyper-parameters)
+        become a bound of ``torch.clamp``, and a maximum of numbers only is Python's."""
+        numbers = [a for a in e.args if self._plain_number(a)]
+        tensors = [a for a in e.args if not self._plain_number(a)]
+        pick = "max" if fname == "maximum" else "min"
+        if not tensors:
+            return Arr(f"{pick}({', '.join(self.lower(a).code for a in numbers)})", (), ATOM)
+        out = super()._extremum(type(e)(*tensors, evaluate=False), fname) \
+            if len(tensors) > 1 else self.lower(tensors[0])
+        if not numbers:
+            return out
+        bound = self.lower(numbers[0]) if len(numbers) == 1 else \
+            Arr(f"{pick}({', '.join(self.lower(a).code for a in numbers)})", (), ATOM)
+        side = "min" if fname == "maximum" else "max"
+        return Arr(f"torch.clamp({out.code}, {side}={bound.code})", out.axes, ATOM)
 
     # -- fewer full-size passes: addcmul, and low-rank factors distributed into sums -------
     def _print_Add(self, e) -> Arr:
@@ -162,6 +173,8 @@ class TorchPrinter(ArrayPrinter):
 
     def _split_product(self, t):
         """(small factor, full-size factor, small is a number) for a product worth fusing."""
+        if isinstance(t, sp.Mul) and self._needs_guard(t):
+            return None  # lowered as a where() of its own
         factors = list(sp.Mul.make_args(t))
         arrays = [f for f in factors if self._is_array(f)
                   and not (isinstance(f, sp.Pow) and f.exp.is_negative)]
@@ -286,7 +299,33 @@ HELPERS = {
     of ``values`` come before the split axes, whose ``sizes`` are (A, B)."""
     shape = tuple(values.shape[:lead]) + tuple(sizes)
     return values.expand(shape).reshape(shape[:lead] + (-1,))''',
+    "first_hit": '''def first_hit(hit, axes):
+    """``hit`` kept only at its first True over ``axes`` (row-major): ties at a maximum send
+    the gradient to one element, the first, as torch.nn.functional.max_pool2d does."""
+    k = len(axes)
+    last = tuple(range(-k, 0))
+    moved = torch.movedim(hit, axes, last)
+    flat = moved.reshape(tuple(moved.shape[:moved.dim() - k]) + (-1,))
+    first = flat & (flat.cumsum(-1) == 1)
+    return torch.movedim(first.reshape(moved.shape), last, axes)''',
 }
+
+# torch.nn.Module's own attributes: a layer's parameter or hyper-parameter attribute must not
+# replace one (a parameter called `eval` or `training`)
+MODULE_ATTRIBUTES = frozenset({
+    "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init",
+    "children", "compile", "cpu", "cuda", "double", "dump_patches", "eval", "extra_repr",
+    "float", "forward", "get_buffer", "get_extra_state", "get_parameter", "get_submodule",
+    "half", "ipu", "load_state_dict", "modules", "mtia", "named_buffers", "named_children",
+    "named_modules", "named_parameters", "parameters", "register_backward_hook",
+    "register_buffer", "register_forward_hook", "register_forward_pre_hook",
+    "register_full_backward_hook", "register_full_backward_pre_hook",
+    "register_load_state_dict_post_hook", "register_load_state_dict_pre_hook",
+    "register_module", "register_parameter", "register_state_dict_post_hook",
+    "register_state_dict_pre_hook", "requires_grad_", "set_extra_state", "set_submodule",
+    "share_memory", "state_dict", "to", "to_empty", "train", "training", "type", "xpu",
+    "zero_grad",
+})
 
 IMPORTS = {
     "torch": "import torch",

@@ -25,7 +25,9 @@ Every method records the line it was called from, so errors point into the spec 
 from __future__ import annotations
 
 import math
+import re
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -187,6 +189,7 @@ class Spec:
     min_sizes: dict[str, int] = field(default_factory=dict)
     eval_statements: list[Statement] = field(default_factory=list)
     eval_reference_fn: object = None
+    lifted: dict[str, tuple] = field(default_factory=dict)  # lifted tensor -> its statement
 
     def __post_init__(self) -> None:
         line = _caller_line()
@@ -207,12 +210,40 @@ class Spec:
     def error(self, message: str, line: int | None = None, hint: str | None = None) -> SpecError:
         return SpecError(message, file=self.file, line=line, hint=hint)
 
-    def _new_name(self, name: str, line: int | None) -> None:
+    def _new_name(self, name: str, line: int | None, what: str = "name") -> None:
+        """Refuse a name that is not one Python identifier of its own: not an identifier,
+        not in the form Python reads it (NFKC: ``ℕ`` is ``N``, ``ﬁ`` is ``fi``), already
+        declared (sizes, tensors, hyper-parameters and indices share one namespace), or
+        one that gradtool's printed gradients would read as the gradient of another name
+        (a tensor ``dX`` beside a tensor ``X``). Names that the generated kernels use for
+        themselves (G, np, torch, ctx, ...) are fine: the kernels rename around them, and the
+        upstream gradient and the adjoints take other names (``Derivation.upstream_names``,
+        ``Derivation.adjoint_names``: a tensor ``g_t`` beside ``t`` gives the adjoint ``g_t_``)."""
         if not isinstance(name, str) or not name.isidentifier():
             raise self.error(f"{name!r} is not a valid name", line,
                              "use a Python identifier such as 'X' or 'gamma'")
-        if name in self.tensors or name in self.hypers or name in self.dim_symbols:
-            raise self.error(f"`{name}` is declared twice", line, "give each tensor its own name")
+        plain = unicodedata.normalize("NFKC", name)
+        if plain != name:
+            raise self.error(f"the {what} `{name}` is `{plain}` to Python (identifiers are "
+                             "NFKC-normalised), so it would be one variable with any "
+                             f"`{plain}`", line, f"write it as `{plain}`, or pick another name")
+        if name in self._names():
+            raise self.error(f"`{name}` is declared twice", line,
+                             "sizes, tensors, hyper-parameters and indices each need a name "
+                             "of their own")
+        if what != "tensor":
+            return
+        for other in self.tensors:
+            grad, base = (name, other) if name == "d" + other else (other, name) \
+                if other == "d" + name else (None, None)
+            if grad is not None:
+                raise self.error(f"`{grad}` reads as the gradient of `{base}` in "
+                                 "gradtool's printed backward", line,
+                                 f"rename `{grad}` (or `{base}`)")
+
+    def _names(self) -> set[str]:
+        return set(self.tensors) | set(self.hypers) | set(self.dim_symbols) | \
+            {i.name for i in self.index_dims}
 
     # -- declarations -----------------------------------------------------------------------
     def dims(self, names: str) -> tuple[sp.Symbol, ...]:
@@ -220,7 +251,7 @@ class Spec:
         line = _caller_line()
         out = []
         for name in names.replace(",", " ").split():
-            self._new_name(name, line)
+            self._new_name(name, line, "size")
             sym = sp.Symbol(name, integer=True, positive=True)
             self.dim_symbols[name] = sym
             out.append(sym)
@@ -244,13 +275,18 @@ class Spec:
         line = _caller_line()
         out = []
         for name, dim in ranges.items():
+            if sp.Symbol(name, integer=True) in self.index_dims:
+                raise self.error(f"index `{name}` is declared twice", line)
+            self._new_name(name, line, "index")
+            if re.fullmatch(r"[^\W\d]*'*_\d+", name):
+                raise self.error(f"index names like `{name}` are the ones gradtool gives the "
+                                 "indices it binds itself", line,
+                                 f"drop the underscore: `{name.replace('_', '')}`")
             if not self._is_dim(dim):
                 raise self.error(f"index `{name}` runs over {dim!r}, which is not a declared "
                                  "dimension", line, 'declare it first with spec.dims("N D")')
             dim = sp.sympify(dim)
             sym = sp.Symbol(name, integer=True)
-            if sym in self.index_dims:
-                raise self.error(f"index `{name}` is declared twice", line)
             self.index_dims[sym] = dim
             out.append(sym)
         return out[0] if len(out) == 1 else tuple(out)
@@ -267,7 +303,11 @@ class Spec:
 
     def _tensor(self, name, kind, dims, line, grad=False, init=None,
                 domain="real", classes=None) -> sp.IndexedBase:
-        self._new_name(name, line)
+        if kind == "lifted":  # named by the engine, which keeps clear of declared names
+            if name in self._names():
+                raise self.error(f"internal: the lifted name `{name}` is taken", line)
+        else:
+            self._new_name(name, line, "tensor")
         for dim in dims:
             if not self._is_dim(dim):
                 raise self.error(f"`{name}` has a dimension {dim!r} that is not declared", line,
@@ -450,7 +490,7 @@ class Spec:
     def hyper(self, name: str, default: float) -> sp.Symbol:
         """A hyper-parameter with a default value, a plain scalar in the math (eps, slope, p)."""
         line = _caller_line()
-        self._new_name(name, line)
+        self._new_name(name, line, "hyper-parameter")
         try:
             value = float(default)
         except (TypeError, ValueError):

@@ -69,6 +69,14 @@ class NumpyOps:
     def float(self, c):
         return c.astype(np.float64)
 
+    def first_hit(self, hit, axes):
+        """``hit`` (booleans) kept only at its first True over ``axes``, row-major."""
+        k = len(axes)
+        moved = np.moveaxis(hit, axes, range(-k, 0))
+        flat = moved.reshape(moved.shape[:moved.ndim - k] + (-1,))
+        first = flat & (np.cumsum(flat, axis=-1) == 1)
+        return np.moveaxis(first.reshape(moved.shape), range(-k, 0), axes)
+
 
 class TorchOps(NumpyOps):
     name = "torch"
@@ -117,9 +125,29 @@ class TorchOps(NumpyOps):
     def float(self, c):
         return c.to(self.torch.float64)
 
+    def first_hit(self, hit, axes):
+        k = len(axes)
+        last = tuple(range(-k, 0))
+        moved = self.torch.movedim(hit, tuple(axes), last)
+        flat = moved.reshape(tuple(moved.shape[:moved.dim() - k]) + (-1,))
+        first = flat & (flat.cumsum(-1) == 1)
+        return self.torch.movedim(first.reshape(moved.shape), last, tuple(axes))
+
 
 def ops_for(backend: str):
     return TorchOps() if backend == "torch" else NumpyOps()
+
+
+_SWITCHES = (ArgMaxMask, sp.Heaviside)
+
+
+def _guarded(e: sp.Mul) -> bool:
+    """A product of a 0/1 switch and a factor that may be inf or NaN (a division, a root, a
+    log): where the switch is off, the product is 0 whatever that factor is."""
+    return any(isinstance(a, _SWITCHES) for a in e.args) and any(
+        isinstance(n, sp.log) or (isinstance(n, sp.Pow) and not (
+            n.exp.is_integer and n.exp.is_nonnegative))
+        for a in e.args if not isinstance(a, _SWITCHES) for n in sp.preorder_traversal(a))
 
 
 class Evaluator:
@@ -198,6 +226,14 @@ class Evaluator:
                 value = self.ev(a)  # may add axes: lift both afterwards
                 out = self._lift(out) + self._lift(value)
             return out
+        if isinstance(e, sp.Mul) and _guarded(e):
+            # [c]·t is absent where c is off, even where t is 0/0 there (L2 normalisation
+            # at a zero row): where(c, t, 0), not 0·NaN
+            switches = [a for a in e.args if isinstance(a, _SWITCHES)]
+            on = self._lift(self.ev(sp.Mul(*switches))) != 0
+            value = self._lift(self.ev(sp.Mul(*[a for a in e.args if a not in switches])))
+            on, value = self._lift(on), self._lift(value)
+            return ops.where(on, value, 0.0)
         if isinstance(e, sp.Mul):
             out = self.ev(e.args[0])
             for a in e.args[1:]:
@@ -218,8 +254,7 @@ class Evaluator:
             a, b = [self._ev_int(x) for x in e.args]
             return ops.float(self._lift(a) == self._lift(b))
         if isinstance(e, ArgMaxMask):
-            a, b = [self.ev(x) for x in e.args]
-            return ops.float(self._lift(a) == self._lift(b))
+            return ops.float(self._first_max(e))
         if isinstance(e, sp.Heaviside):
             x = self._lift(self.ev(e.args[0]))
             return ops.float(x > 0)
@@ -252,6 +287,20 @@ class Evaluator:
         if isinstance(e, sp.Not):
             return ~self._lift(self.ev(e.args[0]))
         raise TypeError(f"cannot evaluate {type(e).__name__}: {e}")
+
+    def _first_max(self, e: ArgMaxMask):
+        """``value == best`` kept only at its first hit over ``e.over`` (row-major)."""
+        a, b = [self.ev(x) for x in e.args[:2]]
+        for sym in e.over:
+            self._axis(sym)
+        hit = self._lift(self._lift(a) == self._lift(b))
+        if not e.over:
+            return hit
+        axes = [self.axes[s] for s in e.over]
+        shape = list(hit.shape)
+        for sym, ax in zip(e.over, axes, strict=True):
+            shape[ax] = self.sizes[sym]
+        return self.ops.first_hit(self.ops.broadcast(hit, tuple(shape)), axes)
 
     def _ev_int(self, e):
         v = self.ev(e)

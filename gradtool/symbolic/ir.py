@@ -20,16 +20,25 @@ _counter = itertools.count(1)
 
 
 class ArgMaxMask(sp.Function):
-    """1 where ``value`` equals the reduced maximum ``best``, else 0: the adjoint of a Max."""
+    """``ArgMaxMask(value, best, *over)``: 1 at the first position, in row-major order over
+    the reduced indices ``over``, where ``value`` equals the reduced maximum ``best``; else 0.
+    The adjoint of a Max reduction: each maximum's gradient goes to exactly one element (the
+    one ``torch.nn.functional.max_pool2d`` and ``torch.max(dim)`` pick), so the gradients of
+    a window always sum to the upstream gradient, ties or not. Without ``over`` it is the
+    plain indicator ``[value = best]``."""
 
-    nargs = 2
+    nargs = None
+
+    @property
+    def over(self) -> tuple:
+        return tuple(self.args[2:])
 
     def _sympystr(self, printer):
-        value, best = (printer.doprint(a) for a in self.args)
+        value, best = (printer.doprint(a) for a in self.args[:2])
         return f"[{value} = {best}]"
 
     def _latex(self, printer):
-        value, best = (printer._print(a) for a in self.args)
+        value, best = (printer._print(a) for a in self.args[:2])
         return rf"\left[{value} = {best}\right]"
 
 
@@ -106,9 +115,13 @@ class Program:
 
     # -- indices ----------------------------------------------------------------------------
     def fresh(self, like: sp.Symbol) -> sp.Symbol:
-        """A new bound index over the same range as ``like``."""
+        """A new bound index over the same range as ``like`` (no declared name)."""
         base = like.name.rstrip("'0123456789_") or "i"
-        sym = sp.Symbol(f"{base}_{next(_counter)}", integer=True)
+        declared = self.spec._names()
+        name = f"{base}_{next(_counter)}"
+        while name in declared:
+            name = f"{base}_{next(_counter)}"
+        sym = sp.Symbol(name, integer=True)
         self.ranges[sym] = self.ranges[like]
         return sym
 
@@ -217,11 +230,11 @@ def _lift(program: Program, st, expr, counter, top=False):
         body = _lift(program, st, expr.body, counter)
         free = _free(body, spec, program) - set(expr.over)
         order = [i for i in st.lhs if i in free] + sorted(free - set(st.lhs), key=str)
-        prefix = "s" if isinstance(expr, SumOver) else "m"
-        name = f"{prefix}_{st.target}" + ("" if (k := next(counter)) == 1 else str(k))
+        name = _lifted_name(spec, "s" if isinstance(expr, SumOver) else "m", st, counter)
         dims = [program.ranges[i] for i in order]
         if name not in spec.tensors:  # normalising twice reuses the lifted tensor
             spec._tensor(name, "lifted", dims, st.line)
+            spec.lifted[name] = (st.target, st.line)
         kind = "sum" if isinstance(expr, SumOver) else "max"
         program.assigns.append(Assign(name, tuple(order), body, kind, tuple(expr.over),
                                       st.line, "lifted"))
@@ -229,6 +242,18 @@ def _lift(program: Program, st, expr, counter, top=False):
     if not expr.args or isinstance(expr, (sp.Indexed, sp.IndexedBase)):
         return expr
     return expr.func(*[_lift(program, st, a, counter) for a in expr.args])
+
+
+def _lifted_name(spec: Spec, prefix: str, st, counter) -> str:
+    """``s_Y``, ``s_Y2``, ... for the sums lifted out of Y's statement: the next name that
+    no declared name and no other statement's lift uses (normalising twice gives the same
+    names, so a lift of this statement is reused)."""
+    taken = spec._names()
+    while True:
+        k = next(counter)
+        name = f"{prefix}_{st.target}" + ("" if k == 1 else str(k))
+        if name not in taken or spec.lifted.get(name) == (st.target, st.line):
+            return name
 
 
 def _free(expr, spec, program) -> set:

@@ -222,14 +222,53 @@ def _name_shared_adjoints(d: Derivation, say: Callable[[str], None]) -> None:
             continue
         say(f"d{name} through {', '.join(sorted(d.named))}")
         raw = sp.Add(*[c.expr for c in d.contributions[name]])
+        # the adjoints by their names (g_t, or g_t_ beside a declared tensor g_t)
+        shared_of = {d.adjoint_names[t]: t for t in d.named}
         renamed = {}
         for node in raw.atoms(sp.Indexed, sp.Symbol):
             label = node.base.label.name if isinstance(node, sp.Indexed) else node.name
-            if not (label.startswith("g_") and label[2:] in d.named):
+            if label not in shared_of:
                 continue
-            renamed[node] = sp.IndexedBase(f"d{label[2:]}")[node.indices] \
-                if isinstance(node, sp.Indexed) else sp.Symbol(f"d{label[2:]}", real=True)
+            renamed[node] = sp.IndexedBase(f"d{shared_of[label]}")[node.indices] \
+                if isinstance(node, sp.Indexed) else \
+                sp.Symbol(f"d{shared_of[label]}", real=True)
         d.via[name] = _closed_form(d, _inline_adjoints(d, raw.xreplace(renamed)), True)
+
+
+def _tie_slope(args, i: int, largest: bool) -> sp.Expr:
+    """∂ Max(a_0, …)/∂a_i (``largest``) or ∂ Min/∂a_i with ties broken for the first
+    argument: 1 where a_i is the first extremum in the argument order, else 0. Exactly one
+    argument gets the gradient at every point, so the slopes always sum to one (a valid
+    subgradient at a tie; SymPy's own derivative gives every tied argument 0)."""
+    a = args[i]
+    out = sp.Integer(1)
+    for j, b in enumerate(args):
+        if j == i:
+            continue
+        beats = (a - b) if largest else (b - a)
+        # strictly better than the arguments before it, at least as good as those after
+        out *= sp.Heaviside(beats) if j < i else 1 - sp.Heaviside(-beats)
+    return out
+
+
+class _TieMax(sp.Function):
+    """Element-wise Max with the first-argument tie rule of :func:`_tie_slope`, used only
+    while differentiating."""
+
+    def fdiff(self, argindex=1):
+        return _tie_slope(self.args, argindex - 1, largest=True)
+
+
+class _TieMin(sp.Function):
+    def fdiff(self, argindex=1):
+        return _tie_slope(self.args, argindex - 1, largest=False)
+
+
+def _diff(body, wrt) -> sp.Expr:
+    """``sympy.diff`` with gradtool's tie rule for element-wise Max and Min."""
+    swap = body.replace(lambda e: isinstance(e, (sp.Max, sp.Min)),
+                        lambda e: (_TieMax if isinstance(e, sp.Max) else _TieMin)(*e.args))
+    return sp.diff(swap, wrt).replace(_TieMax, sp.Max).replace(_TieMin, sp.Min)
 
 
 def _contribution(d: Derivation, a: Assign, node) -> Contribution | None:
@@ -237,7 +276,7 @@ def _contribution(d: Derivation, a: Assign, node) -> Contribution | None:
     nodes = accesses(a.body, spec)
     dummies = {x: sp.Dummy(f"a{k}", real=True) for k, x in enumerate(nodes)}
     flat = a.body.xreplace(dummies)
-    local = sp.diff(flat, dummies[node])
+    local = _diff(flat, dummies[node])
     local = local.xreplace({v: k for k, v in dummies.items()})
     # a step (Heaviside, sign) has derivative zero away from its jump; checks avoid the jump
     local = local.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.Integer(0))
@@ -245,7 +284,8 @@ def _contribution(d: Derivation, a: Assign, node) -> Contribution | None:
         return None
     local = _local_form(d, a, node, local)
     upstream = d.adjoint_access(a.target, a.lhs)
-    mask = ArgMaxMask(a.body, program.access(a.target, a.lhs)) if a.reduce == "max" else 1
+    mask = ArgMaxMask(a.body, program.access(a.target, a.lhs), *a.over) \
+        if a.reduce == "max" else 1
     expr = upstream * local * mask
     name, idx = access_name(node), access_indices(node)
     domain = list(a.lhs) + list(a.over)

@@ -1,0 +1,298 @@
+"""Lowering rules at the edges of their domain, each against an independent float64 oracle:
+ties at a maximum, Max/Min against a hyper-parameter, log-sum-exp at large logits, and a
+mask in front of a term that is 0/0 on the branch it does not select (docs/spec-language.md)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradtool.check.kernels import Kernels, to_numpy
+from gradtool.check.numeric import derived_gradients
+from gradtool.spec.loader import load_spec
+from gradtool.symbolic.reverse import derive
+
+HEAD = "from gradtool.lang import *\n\n"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADTOOL_CACHE", str(tmp_path / "cache"))
+
+
+def spec_from(tmp_path, source: str, name: str = "layer"):
+    path = tmp_path / f"{name}.py"
+    path.write_text(HEAD + source)
+    return load_spec(path)
+
+
+def three_ways(spec, inputs: dict, dims: dict, upstream: dict) -> dict:
+    """{derived, numpy, torch}: each a dict (outputs, gradients) on the same data: the
+    closed form evaluated by the engine and both generated kernels, all in float64."""
+    d = derive(spec)
+    dims = {spec.dim_symbols[k]: v for k, v in dims.items()}
+    with np.errstate(all="ignore"):
+        out = {"derived": ({}, derived_gradients(d, inputs, dims, upstream))}
+    by_output = {o: upstream[str(s.base.label) if hasattr(s, "base") else str(s)]
+                 for o, s in d.seeds.items()}
+    for target in ("numpy", "torch"):
+        k = Kernels(spec, target)
+        with np.errstate(all="ignore"):
+            outs, saved, _ = k.forward(inputs, dims)
+            grads = k.backward(by_output, saved, dims)
+        out[target] = ({n: to_numpy(v) for n, v in outs.items()},
+                       {n: to_numpy(v) for n, v in grads.items()})
+    return out
+
+
+def assert_all_close(results: dict, name: str, expected, what="grad", rtol=1e-10):
+    for way, (outs, grads) in results.items():
+        if what == "out" and way == "derived":
+            continue
+        got = (outs if what == "out" else grads)[name]
+        assert np.all(np.isfinite(got)), f"{way}: {what} {name} is not finite: {got}"
+        np.testing.assert_allclose(got, expected, rtol=rtol, atol=1e-12,
+                                   err_msg=f"{way}: {what} {name}")
+
+
+# -- ties at a maximum: one element per window gets the gradient ---------------------------
+
+def test_maxpool_tie_goes_to_the_first_maximum_like_max_pool2d():
+    spec = load_spec("maxpool2d")
+    x = np.array([[[[1.0, 2.0], [2.0, 2.0]]]])
+    g = np.ones((1, 1, 1, 1))
+    xt = torch.tensor(x, requires_grad=True)
+    F.max_pool2d(xt, 2, stride=1).backward(torch.tensor(g))
+    oracle = xt.grad.numpy()
+    assert oracle.ravel().tolist() == [0, 1, 0, 0]  # the issue's right value
+    results = three_ways(spec, {"X": x}, {"N": 1, "C": 1, "OH": 1, "OW": 1, "K": 2, "S": 1},
+                         {"G": g})
+    assert_all_close(results, "X", oracle)
+
+
+def test_overlapping_windows_with_ties_match_max_pool2d():
+    spec = load_spec("maxpool2d")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, size=(2, 2, 5, 5)).astype(np.float64)  # many ties
+    g = rng.standard_normal((2, 2, 2, 2))
+    xt = torch.tensor(x, requires_grad=True)
+    F.max_pool2d(xt, 3, stride=2).backward(torch.tensor(g))
+    results = three_ways(spec, {"X": x}, {"N": 2, "C": 2, "OH": 2, "OW": 2, "K": 3, "S": 2},
+                         {"G": g})
+    assert_all_close(results, "X", xt.grad.numpy())
+
+
+def test_row_max_with_ties_routes_to_the_first_like_torch_max(tmp_path):
+    spec = spec_from(tmp_path, """\
+spec = Spec("rowmax", "largest entry of each row")
+N, D = spec.dims("N D")
+n, k = spec.indices(n=N, k=D)
+X = spec.input("X", N, D)
+spec.output("Y", [n], Max(X[n, k], k))
+""")
+    x = np.array([[3.0, 1.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 0.5, 2.0]])
+    g = np.array([0.5, -2.0, 1.5])
+    xt = torch.tensor(x, requires_grad=True)
+    torch.max(xt, dim=1).values.backward(torch.tensor(g))
+    oracle = xt.grad.numpy()
+    np.testing.assert_array_equal(oracle.sum(1), g)  # each row's gradient sums to G
+    results = three_ways(spec, {"X": x}, {"N": 3, "D": 4}, {"G": g})
+    assert_all_close(results, "X", oracle)
+
+
+def test_elementwise_max_and_min_tie_give_one_side_the_whole_gradient(tmp_path):
+    spec = spec_from(tmp_path, """\
+spec = Spec("max2", "element-wise maximum and minimum of two inputs")
+N = spec.dims("N")
+n = spec.indices(n=N)
+A = spec.input("A", N)
+B = spec.input("B", N)
+spec.output("Y", [n], Max(A[n], B[n]))
+spec.output("Z", [n], Min(A[n], B[n]))
+""")
+    a = np.array([1.0, 2.0, -1.0, 0.5, 3.0])
+    b = np.array([1.0, 1.0, 0.0, 0.5, 3.0])  # ties at 0, 3, 4
+    gy, gz = np.array([1.0, -2.0, 3.0, 0.5, 2.0]), np.array([0.25, 1.0, -1.0, 4.0, -3.0])
+    results = three_ways(spec, {"A": a, "B": b}, {"N": 5}, {"G_Y": gy, "G_Z": gz})
+    # oracle away from ties: torch.maximum / torch.minimum through autograd
+    at, bt = (torch.tensor(v, requires_grad=True) for v in (a, b))
+    (torch.maximum(at, bt) * torch.tensor(gy) + torch.minimum(at, bt) * torch.tensor(gz)
+     ).sum().backward()
+    tie = a == b
+    for way, (_, grads) in results.items():
+        np.testing.assert_allclose(grads["A"][~tie], at.grad.numpy()[~tie], err_msg=way)
+        np.testing.assert_allclose(grads["B"][~tie], bt.grad.numpy()[~tie], err_msg=way)
+        # at a tie the whole gradient goes to one side (a valid subgradient: the two sum to G)
+        np.testing.assert_allclose(grads["A"] + grads["B"], gy + gz, err_msg=way)
+        np.testing.assert_allclose(grads["A"], results["derived"][1]["A"], err_msg=way)
+        assert set(np.round(grads["A"][tie] / (gy + gz)[tie], 12)) <= {0.0, 1.0}
+
+
+def test_max_and_min_against_a_hyper_parameter_run_on_both_targets(tmp_path):
+    spec = spec_from(tmp_path, """\
+spec = Spec("clip", "clip each entry to [floor, ceil]")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+X = spec.input("X", N, D)
+floor = spec.hyper("floor", 0.1)
+ceil = spec.hyper("ceil", 0.7)
+spec.output("Y", [n, d], Min(Max(X[n, d], floor), ceil) * X[n, d])
+""")
+    rng = np.random.default_rng(1)
+    x, g = rng.uniform(-1, 1.5, (3, 4)), rng.standard_normal((3, 4))
+    xt = torch.tensor(x, requires_grad=True)
+    y = torch.minimum(torch.maximum(xt, torch.tensor(0.1, dtype=torch.float64)),
+                      torch.tensor(0.7, dtype=torch.float64)) * xt
+    y.backward(torch.tensor(g))
+    results = three_ways(spec, {"X": x}, {"N": 3, "D": 4}, {"G": g})
+    assert_all_close(results, "Y", y.detach().numpy(), what="out")
+    assert_all_close(results, "X", xt.grad.numpy())
+
+
+# -- a switch in front of a term that is 0/0 where the switch is off ---------------------------
+
+def test_l2_normalisation_at_a_zero_row_has_gradient_g_over_eps(tmp_path):
+    spec = spec_from(tmp_path, """\
+spec = Spec("l2norm", "L2 normalisation of each row, as F.normalize")
+N, D = spec.dims("N D")
+n, d, k = spec.indices(n=N, d=D, k=D)
+X = spec.input("X", N, D)
+eps = spec.hyper("eps", 1e-3)
+spec.output("Y", [n, d], X[n, d] / Max(sqrt(Sum(X[n, k] ** 2, k)), eps))
+""")
+    x = np.array([[0.0, 0.0, 0.0], [0.3, -1.2, 2.0], [1e-4, 0.0, -2e-4]])
+    g = np.array([[1.0, -2.0, 0.5], [0.7, 0.1, -0.3], [2.0, 1.0, 1.0]])
+    xt = torch.tensor(x, requires_grad=True)
+    y = F.normalize(xt, dim=1, eps=1e-3)
+    y.backward(torch.tensor(g))
+    oracle = xt.grad.numpy()
+    np.testing.assert_allclose(oracle[0], g[0] / 1e-3)  # the issue's right value: G/eps
+    results = three_ways(spec, {"X": x}, {"N": 3, "D": 3}, {"G": g})
+    assert_all_close(results, "Y", y.detach().numpy(), what="out")
+    assert_all_close(results, "X", oracle)
+
+
+# -- log-sum-exp: shifted by the maximum in both kernels -----------------------------------------
+
+def kernels_only(spec, inputs: dict, dims: dict, upstream: dict) -> dict:
+    return {k: v for k, v in three_ways(spec, inputs, dims, upstream).items() if k != "derived"}
+
+
+LOGITS = [np.array([[-800.0, -790.0, -805.0]]), np.array([[800.0, 790.0, 805.0]]),
+          np.array([[-800.0, -790.0, -805.0], [800.0, 790.0, 805.0], [0.1, -0.2, 0.3]])]
+
+
+@pytest.mark.parametrize("x", LOGITS, ids=["minus800", "plus800", "mixed"])
+def test_log_softmax_at_large_logits_matches_torch(x):
+    g = np.arange(1.0, 1.0 + x.size).reshape(x.shape)
+    xt = torch.tensor(x, requires_grad=True)
+    y = torch.log_softmax(xt, dim=1)
+    y.backward(torch.tensor(g))
+    if x.shape[0] == 1 and x[0, 0] < 0:  # the issue's right value
+        np.testing.assert_allclose(y.detach().numpy(),
+                                   [[-10.0000457, -0.0000457, -15.0000457]], atol=1e-7)
+    results = kernels_only(load_spec("log_softmax"), {"X": x}, {"N": x.shape[0], "C": 3},
+                           {"G": g})
+    assert_all_close(results, "Y", y.detach().numpy(), what="out")
+    assert_all_close(results, "X", xt.grad.numpy())
+
+
+INLINE = """\
+spec = Spec("lse_inline", "log-sum-exp and softmax written inline, with a weight")
+N, C = spec.dims("N C")
+n, c, k = spec.indices(n=N, c=C, k=C)
+X = spec.input("X", N, C)
+w = spec.input("w", C, domain="positive")
+spec.output("Y", [n], log(Sum(w[k] * exp(X[n, k]), k)))
+spec.output("P", [n, c], exp(X[n, c]) / Sum(exp(X[n, k]), k))
+"""
+
+
+@pytest.mark.parametrize("x", LOGITS, ids=["minus800", "plus800", "mixed"])
+def test_inline_log_sum_exp_and_softmax_are_shifted(tmp_path, x):
+    spec = spec_from(tmp_path, INLINE)
+    w = np.array([0.5, 2.0, 1.5])
+    gy = np.linspace(-1, 1, x.shape[0])
+    gp = np.arange(x.size, dtype=np.float64).reshape(x.shape) / 7
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    y = torch.logsumexp(xt + torch.log(wt), dim=1)
+    p = torch.softmax(xt, dim=1)
+    (y * torch.tensor(gy)).sum().add((p * torch.tensor(gp)).sum()).backward()
+    results = kernels_only(spec, {"X": x, "w": w}, {"N": x.shape[0], "C": 3},
+                           {"G_Y": gy, "G_P": gp})
+    assert_all_close(results, "Y", y.detach().numpy(), what="out")
+    assert_all_close(results, "P", p.detach().numpy(), what="out")
+    assert_all_close(results, "X", xt.grad.numpy(), rtol=1e-9)
+    assert_all_close(results, "w", wt.grad.numpy(), rtol=1e-9)
+
+
+NAMED = """\
+spec = Spec("attend", "a softmax-weighted average and log-sum-exp over a named exponential")
+N, C = spec.dims("N C")
+n, c, k = spec.indices(n=N, c=C, k=C)
+X = spec.input("X", N, C)
+V = spec.param("V", C)
+e = spec.let("e", [n, c], exp(X[n, c]))
+Z = spec.let("Z", [n], Sum(e[n, k], k))
+spec.output("Y", [n], Sum(e[n, c] * V[c], c) / Z[n] + log(Z[n]))
+"""
+
+
+@pytest.mark.parametrize("x", LOGITS, ids=["minus800", "plus800", "mixed"])
+def test_named_exponential_read_by_the_backward_is_shifted(tmp_path, x):
+    spec = spec_from(tmp_path, NAMED)
+    v = np.array([0.5, -2.0, 1.5])
+    up = np.linspace(-1, 2, x.shape[0])
+    xt, vt = torch.tensor(x, requires_grad=True), torch.tensor(v, requires_grad=True)
+    y = torch.softmax(xt, 1) @ vt + torch.logsumexp(xt, 1)
+    y.backward(torch.tensor(up))
+    results = kernels_only(spec, {"X": x, "V": v}, {"N": x.shape[0], "C": 3}, {"G": up})
+    assert_all_close(results, "Y", y.detach().numpy(), what="out")
+    assert_all_close(results, "X", xt.grad.numpy(), rtol=1e-9)
+    assert_all_close(results, "V", vt.grad.numpy(), rtol=1e-9)
+
+
+def test_a_switch_inside_a_sum_in_front_of_a_zero_over_zero_term(tmp_path):
+    """dW sums [‖x_n‖ > ε]·x_n·(…)/‖x_n‖ over the rows n: a zero row must add nothing."""
+    spec = spec_from(tmp_path, """\
+spec = Spec("scaled_l2", "L2 normalisation of each row, then a learned scale per column")
+N, D = spec.dims("N D")
+n, d, k = spec.indices(n=N, d=D, k=D)
+X = spec.input("X", N, D)
+W = spec.param("W", D)
+eps = spec.hyper("eps", 1e-3)
+spec.output("Y", [n, d], W[d] * X[n, d] / Max(sqrt(Sum((W[k] * X[n, k]) ** 2, k)), eps))
+""")
+    x = np.array([[0.0, 0.0, 0.0], [0.3, -1.2, 2.0], [1e-4, 0.0, -2e-4]])
+    w = np.array([0.5, 2.0, -1.0])
+    g = np.array([[1.0, -2.0, 0.5], [0.7, 0.1, -0.3], [2.0, 1.0, 1.0]])
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    y = F.normalize(xt * wt, dim=1, eps=1e-3)
+    y.backward(torch.tensor(g))
+    results = three_ways(spec, {"X": x, "W": w}, {"N": 3, "D": 3}, {"G": g})
+    assert_all_close(results, "Y", y.detach().numpy(), what="out")
+    assert_all_close(results, "X", xt.grad.numpy())
+    assert_all_close(results, "W", wt.grad.numpy())
+
+
+def test_a_scalar_sum_of_exponentials_saves_its_maximum(tmp_path):
+    """t0 = Σ_j exp(A/4)/E has no axes: its maximum M is a 0-d value the backward reads
+    (exp(−M)/t0), so forward returns it with the saved tensors (found by the fuzzer)."""
+    spec = spec_from(tmp_path, """\
+spec = Spec("scalar_lse", "a scalar normaliser read by the backward")
+D, E = spec.dims("D E")
+d, e, j = spec.indices(d=D, e=E, j=E)
+A = spec.input("A", E, domain="positive")
+W = spec.param("W", D)
+t0 = spec.let("t0", [], Sum(exp(A[j] / 4), j) / E)
+spec.output("Y", [d, e], A[e] * sqrt(1 + W[d] ** 2) / t0)
+""")
+    rng = np.random.default_rng(0)
+    a, w, g = rng.uniform(0.5, 2, 3), rng.standard_normal(2), rng.standard_normal((2, 3))
+    at, wt = (torch.tensor(v, requires_grad=True) for v in (a, w))
+    y = at[None, :] * torch.sqrt(1 + wt[:, None] ** 2) / (torch.exp(at / 4).sum() / 3)
+    y.backward(torch.tensor(g))
+    results = three_ways(spec, {"A": a, "W": w}, {"D": 2, "E": 3}, {"G": g})
+    assert_all_close(results, "Y", y.detach().numpy(), what="out")
+    assert_all_close(results, "A", at.grad.numpy())
+    assert_all_close(results, "W", wt.grad.numpy())
