@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gradtool.cli import app
+from tests.conftest import kernel_modules
 
 runner = CliRunner()
 ZOO = Path(__file__).parent / "bug_zoo"
@@ -90,24 +91,6 @@ def test_float32_and_second_order_pass(flags):
 
 # -- a bug injected into a generated kernel ---------------------------------------------------
 
-def _kernel_modules() -> dict:
-    return {k: v for k, v in sys.modules.items() if k.startswith("gradtool_kernels.")}
-
-
-@pytest.fixture
-def private_cache(tmp_path, monkeypatch):
-    """A fresh kernel cache in tmp_path; the imported kernels are put back afterwards, so no
-    other test sees an edited one."""
-    monkeypatch.setenv("GRADTOOL_CACHE", str(tmp_path))
-    saved = _kernel_modules()
-    for k in saved:
-        del sys.modules[k]
-    yield tmp_path
-    for k in _kernel_modules():
-        del sys.modules[k]
-    sys.modules.update(saved)
-
-
 def _flip_first_minus_in_dX(lines):
     i = next(i for i, line in enumerate(lines) if line.lstrip().startswith("dX = ")
              and not line.rstrip().endswith("None"))  # not `dX = dgamma = dbeta = None`
@@ -136,7 +119,7 @@ def test_bug_injected_into_generated_kernel_is_caught(private_cache, wrong, edit
     edit(body)
     # a consistent checksum, or the cache would see a damaged file and regenerate it
     path.write_text(_with_checksum("\n".join(lines[:start] + body) + "\n"))
-    for k in _kernel_modules():
+    for k in kernel_modules():
         del sys.modules[k]  # re-import the edited file
 
     rows = rows_of("check", "layernorm", exit_code=1)

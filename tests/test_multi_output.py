@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import sys
 import textwrap
 
 import numpy as np
@@ -175,24 +174,6 @@ def _kernel_cache(tmp_path_factory):
         os.environ.pop("GRADTOOL_CACHE", None)
     else:
         os.environ["GRADTOOL_CACHE"] = old
-
-
-def _kernel_modules() -> dict:
-    return {k: v for k, v in sys.modules.items() if k.startswith("gradtool_kernels.")}
-
-
-@pytest.fixture
-def private_kernels(tmp_path, monkeypatch):
-    """A fresh kernel cache and no imported kernels; the imported ones are put back after,
-    so that no other test sees a kernel generated here."""
-    monkeypatch.setenv("GRADTOOL_CACHE", str(tmp_path))
-    saved = _kernel_modules()
-    for k in saved:
-        del sys.modules[k]
-    yield tmp_path
-    for k in _kernel_modules():
-        del sys.modules[k]
-    sys.modules.update(saved)
 
 
 def _autograd(name: str, inputs: dict, upstream: dict) -> dict:
@@ -414,7 +395,7 @@ def test_broken_torch_kernel_is_named(monkeypatch):
 
 
 @pytest.mark.parametrize("kernel", ["faithful", "broken"])
-def test_wrong_formula_is_still_a_derivation_error(private_kernels, monkeypatch, kernel):
+def test_wrong_formula_is_still_a_derivation_error(private_cache, monkeypatch, kernel):
     """A derivation with dX doubled: a kernel that computes it faithfully is reported against
     the derivation, with the pattern of the error; a kernel that is wrong in another way as
     well is reported as differing from the (wrong) formula too."""
