@@ -60,7 +60,10 @@ def _print_json(value) -> None:
 def _fail(exc: BaseException, debug: bool) -> None:
     from gradtool.errors import GradtoolError
 
-    if debug or _state["debug"]:
+    debug = debug or _state["debug"]
+    if _distributed_rank_is_quiet(exc, debug):
+        raise typer.Exit(1) from None
+    if debug:
         raise exc
     from rich.markup import escape
 
@@ -71,6 +74,28 @@ def _fail(exc: BaseException, debug: bool) -> None:
                           f"{escape(str(exc))} (run again with --debug for the traceback)",
                           soft_wrap=True)
     raise typer.Exit(1) from None
+
+
+def _distributed_rank_is_quiet(exc: BaseException, debug: bool) -> bool:
+    """In a process of a distributed run (``WORLD_SIZE`` > 1): record the failure for the
+    launcher's report, and say whether this rank stays silent. Rank 0 prints its own errors;
+    the other ranks, which fail the same way on the same input, leave theirs to the launcher's
+    report (``--nproc-per-node`` prints it as one line); a rank that only lost its peers says
+    nothing, the rank that failed first does. ``--debug`` shows every rank's traceback."""
+    import os
+
+    from gradtool.errors import GradtoolError
+
+    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
+        return False
+    from gradtool.train import distributed
+
+    peer = distributed.is_peer_loss(exc)
+    message = str(exc) if isinstance(exc, GradtoolError) else f"{type(exc).__name__}: {exc}"
+    distributed.record_failure(message, root=not peer)
+    if debug:
+        return False
+    return peer or os.environ.get("RANK", "0") != "0"
 
 
 def _positive_finite(value: float | None) -> float | None:
@@ -406,6 +431,7 @@ TRAIN_EXAMPLES = """Examples:
 
 @app.command("train", epilog=TRAIN_EXAMPLES)
 def train_cmd(
+    ctx: typer.Context,
     data: Annotated[str, typer.Option("--data", help="Data set: digits (embedded), mnist, "
                                                      "fashion-mnist, cifar10, npz.")] = "digits",
     data_dir: Annotated[str | None, typer.Option("--data-dir", help="Where the data set's "
@@ -455,12 +481,21 @@ def train_cmd(
                                                               "training samples.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON "
                                                          "object on stdout.")] = False,
+    nproc_per_node: Annotated[int | None, typer.Option(
+        "--nproc-per-node", metavar="K", help="Data parallel on this machine: K processes "
+                                              "started by torch.distributed.run (one per GPU, "
+                                              "or CPU processes with gloo).")] = None,
     debug: Debug = False,
 ) -> None:
     """Train a model built from specs; every spec is verified first (cached).
 
     Writes a run folder: config.json, metrics.csv, curves.png, confusion matrix, checkpoints,
-    model.pt. Progress goes to stderr."""
+    model.pt. Progress goes to stderr. Under torchrun, or with --nproc-per-node, each process
+    trains its share of every global batch (DistributedDataParallel); rank 0 prints and
+    writes."""
+    if nproc_per_node is not None:
+        _launch_train(ctx, nproc_per_node, debug)
+        return
     try:
         from gradtool.train import TrainConfig, train
         from gradtool.train.present import RichProgress, result_table
@@ -480,11 +515,55 @@ def train_cmd(
                              dtype=dtype, device=device, threads=threads, out=out,
                              resume=resume,
                              verify=not no_verify, limit=limit)
-        with RichProgress(err_console, quiet=as_json) as progress:
+        with RichProgress(err_console, quiet=as_json or _is_other_rank()) as progress:
             result = train(config, progress=progress)
     except Exception as exc:  # noqa: BLE001
         _fail(exc, debug)
+    if _is_other_rank():
+        return
     if as_json:
         print(json.dumps(result.to_json()))
     else:
         err_console.print(result_table(result))
+
+
+def _is_other_rank() -> bool:
+    """A process of a distributed run other than rank 0 (which alone prints)."""
+    import os
+
+    return os.environ.get("RANK", "0") != "0"
+
+
+def _launch_train(ctx: typer.Context, nproc: int, debug: bool) -> None:
+    """``gradtool train --nproc-per-node K ...``: the same command, minus that option, in K
+    processes started by ``torch.distributed.run`` (see
+    :func:`gradtool.train.distributed.launch`)."""
+    argv = (["--debug"] if _state["debug"] else []) + ["train"] + _given_options(
+        ctx, exclude=("nproc_per_node",))
+    try:
+        from gradtool.train import distributed
+
+        distributed.launch(nproc, argv)
+    except SystemExit:
+        raise typer.Exit(1) from None
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc, debug)
+
+
+def _given_options(ctx: typer.Context, exclude: tuple[str, ...]) -> list[str]:
+    """The options of the running command as given on its command line (their values as
+    parsed), except those named in ``exclude``: what the command's other processes are
+    started with."""
+    argv = []
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if param.name in exclude or param.param_type_name != "option" or \
+                getattr(source, "name", None) != "COMMANDLINE":
+            continue
+        value = ctx.params[param.name]
+        if param.is_flag:
+            if value:
+                argv.append(param.opts[0])
+        elif value is not None:
+            argv += [param.opts[0], str(value)]
+    return argv

@@ -50,19 +50,34 @@ def restore_rng(model, state: dict) -> None:
             layer.rng.bit_generator.state = s
 
 
-def make(model, optimizer, scheduler, epoch: int, history: list, best: dict) -> dict:
-    return {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": rng_state(model), "history": history, "best": best}
+def make(model, optimizer, scheduler, epoch: int, history: list, best: dict, *,
+         rank_rngs: list | None = None) -> dict:
+    """The checkpoint of ``model`` (unwrapped, never its ``DistributedDataParallel``: the
+    names stay those of a one-process run). ``rank_rngs``: every rank's :func:`rng_state`, in
+    rank order, for a distributed run (its ``rng`` is rank 0's)."""
+    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+             "rng": rng_state(model), "history": history, "best": best}
+    if rank_rngs is not None:
+        state["rank_rngs"] = rank_rngs
+    return state
 
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def restore(ckpt: dict, model, optimizer, scheduler) -> None:
+def restore(ckpt: dict, model, optimizer, scheduler, *, rank: int = 0,
+            world_size: int = 1) -> bool:
+    """Load ``ckpt`` into the model, optimiser, scheduler and random generators of process
+    ``rank`` of ``world_size``. Returns whether the generators are that rank's own: True for
+    rank 0 and for a rank whose state the checkpoint holds from a run of the same world size;
+    False when a rank has to seed its generators afresh (they were restored to rank 0's)."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None and ckpt["scheduler"] is not None:
         scheduler.load_state_dict(ckpt["scheduler"])
-    restore_rng(model, ckpt["rng"])
+    rngs = ckpt.get("rank_rngs")
+    own = rank == 0 or (rngs is not None and len(rngs) == world_size)
+    restore_rng(model, rngs[rank] if own and rank else ckpt["rng"])
+    return own

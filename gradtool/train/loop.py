@@ -54,6 +54,7 @@ class TrainResult:
     verified: list = field(default_factory=list)
     unverified: bool = False
     history: list = field(default_factory=list)
+    world_size: int = 1
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -62,9 +63,13 @@ class TrainResult:
 Progress = Callable[[str, dict], None]
 
 
-def _device(config: TrainConfig):
+def _device(config: TrainConfig, world=None):
     import torch
 
+    from gradtool.train import distributed
+
+    if world is not None and world.parallel:
+        return distributed.device(config, world)
     if config.backend == "numpy":
         return torch.device("cpu")
     if config.device == "auto":
@@ -111,11 +116,13 @@ def _scheduler(config: TrainConfig, optimizer, epochs: int):
 
 
 class _Backend:
-    """One training step and one evaluation pass, on either backend."""
+    """One training step and one evaluation pass, on either backend. ``net`` is what a step
+    runs (the model, or its ``DistributedDataParallel`` wrapper); evaluation runs ``model``."""
 
-    def __init__(self, config, model, loss, device):
+    def __init__(self, config, model, loss, device, net=None):
         self.numpy = config.backend == "numpy"
         self.model, self.loss, self.device = model, loss, device
+        self.net = model if net is None else net
 
     def step(self, optimizer, x, y) -> tuple[float, int]:
         if self.numpy:
@@ -126,7 +133,7 @@ class _Backend:
             optimizer.step()
             return value, int((out.argmax(1) == y.numpy()).sum())
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        out = self.model(x)
+        out = self.net(x)
         loss = self.loss(out, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -213,34 +220,60 @@ def train(config: TrainConfig, progress: Progress | None = None,
     to stop a run part-way). Raises :class:`DivergenceError` on a NaN or infinite loss (the
     last good checkpoint stays), :class:`gradtool.train.verify.VerificationError` when a spec
     fails its check, and :class:`ConfigError` / ``DataError`` / ``ModelError`` for bad input.
+
+    Started by ``torchrun`` (``RANK``, ``WORLD_SIZE`` > 1 in the environment), each process
+    trains its share of every global batch of ``config.batch_size`` samples, the torch model
+    wrapped in ``DistributedDataParallel`` (see :mod:`gradtool.train.distributed`); rank 0
+    alone calls ``progress``, evaluates the full validation and test sets and writes the run
+    folder, and every rank returns rank 0's result.
     """
+    from gradtool.train import distributed
+
+    config.validate()
+    world = distributed.from_env()
+    base = TrainConfig.from_run(config.resume) if config.resume else config
+    distributed.check(base, world)
+    device = _device(base, world)
+    started = distributed.start(world, device)
+    try:
+        return _train(config, world, device, progress, on_step)
+    finally:
+        distributed.stop(started)
+
+
+def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult:
     import torch
 
     from gradtool.codegen.cache import write_atomic
     from gradtool.data import load_dataset, loaders
     from gradtool.nn import build
     from gradtool.nn.models import spec_hash
-    from gradtool.train import checkpoint
+    from gradtool.train import checkpoint, distributed
     from gradtool.train.verify import verify_all
 
-    config.validate()
+    if world.parallel and not config.resume and not config.out:  # one folder, rank 0's time
+        config = replace(config, out=distributed.broadcast(world, _default_out(config)))
     config, run, ckpt = _resolve(config)
     config.validate()
-    emit = progress or (lambda kind, info: None)
+    distributed.barrier(world)  # every rank has read the folder before rank 0 writes to it
+    emit = progress if progress is not None and world.main else (lambda kind, info: None)
     if config.threads:
         torch.set_num_threads(config.threads)
         from threadpoolctl import threadpool_limits  # NumPy's BLAS (installed with sklearn)
 
         threadpool_limits(config.threads)
-    device = _device(config)
     ds = load_dataset(config.data, config.data_dir, val_fraction=config.val_fraction,
                       seed=config.seed, limit=config.limit)
     desc = _model_desc(config, ds.input_shape, len(ds.classes))
     names = desc.spec_names()
     verified = []
     if config.verify:
+        if not world.main:  # rank 0 generates and verifies; the others then read its cache
+            distributed.barrier(world)
         verified = [v.to_json() for v in verify_all(names, lambda v: emit("verified",
                                                                            v.to_json()))]
+        if world.main:
+            distributed.barrier(world)
     hashes = {n: spec_hash(n) for n in names}
 
     torch.manual_seed(config.seed)
@@ -249,32 +282,53 @@ def train(config: TrainConfig, progress: Progress | None = None,
                         seed=config.seed)
     if config.backend == "torch":
         loss = loss.to(device)
+    if not world.main:  # the same initial weights, but masks of its own on each rank
+        torch.manual_seed(distributed.rank_seed(config.seed, world.rank, 0))
     optimizer = _optimizer(config, model.parameters())
     scheduler = _scheduler(config, optimizer, config.epochs)
-    train_loader, val_loader, test_loader = loaders(ds, config.batch_size, seed=config.seed,
-                                                    dtype=tdtype)
+    train_loader, val_loader, test_loader = loaders(
+        ds, config.batch_size // world.world_size, seed=config.seed, dtype=tdtype,
+        eval_batch_size=config.batch_size, num_replicas=world.world_size, rank=world.rank)
     history, best, start_epoch = [], {"val_acc": -1.0, "epoch": 0}, 0
     ckpt_dir = run / "checkpoints"
     if ckpt is not None:
-        checkpoint.restore(ckpt, model, optimizer, scheduler)
+        if not checkpoint.restore(ckpt, model, optimizer, scheduler, rank=world.rank,
+                                  world_size=world.world_size):
+            torch.manual_seed(distributed.rank_seed(config.seed, world.rank, ckpt["epoch"]))
         history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"]
+    net = distributed.wrap(model, device) if world.parallel else model
     record = {"config": config.to_json(), "model": desc.to_json(), "spec_sha256": hashes,
               "versions": _versions(), "seed": config.seed, "device": str(device),
+              "world_size": world.world_size, "process_group": distributed.backend_name(),
               "data": {"name": ds.name, "sources": ds.sources, "classes": ds.classes,
                        "input_shape": list(ds.input_shape),
                        "sizes": [len(ds.train), len(ds.val), len(ds.test)]},
               "verified": verified if config.verify else "unverified (--no-verify)"}
-    run.mkdir(parents=True, exist_ok=True)
-    write_atomic(run / "config.json", json.dumps(record, indent=2) + "\n")
-    if ckpt is None:  # the initial state: a run killed in its first epoch resumes from here
-        checkpoint.save_atomic(checkpoint.make(model, optimizer, scheduler, 0, history, best),
-                               ckpt_dir / "last.pt")
-    _write_metrics(run, history)
 
-    backend = _Backend(config, model, loss, device)
+    def save(epoch: int, best_too: bool = False) -> None:
+        """Rank 0 writes the checkpoints of ``epoch`` (every rank's generators in them)."""
+        rngs = distributed.gather(world, checkpoint.rng_state(model))
+        if world.main:
+            state = checkpoint.make(model, optimizer, scheduler, epoch, history, best,
+                                    rank_rngs=rngs if world.parallel else None)
+            if best_too:
+                checkpoint.save_atomic(state, ckpt_dir / "best.pt")
+            checkpoint.save_atomic(state, ckpt_dir / "last.pt")
+            _write_metrics(run, history)
+
+    if world.main:
+        run.mkdir(parents=True, exist_ok=True)
+        write_atomic(run / "config.json", json.dumps(record, indent=2) + "\n")
+    if ckpt is None:  # the initial state: a run killed in its first epoch resumes from here
+        save(0)
+    elif world.main:
+        _write_metrics(run, history)
+    distributed.barrier(world)  # rank 0's files are written before any rank goes on
+
+    backend = _Backend(config, model, loss, device, net)
     steps = len(train_loader)
     emit("start", {"epochs": config.epochs, "steps": steps, "start_epoch": start_epoch,
-                   "run_dir": str(run), "device": str(device)})
+                   "run_dir": str(run), "device": str(device), "world_size": world.world_size})
     model.train()
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
@@ -283,15 +337,20 @@ def train(config: TrainConfig, progress: Progress | None = None,
         total, correct, seen = 0.0, 0, 0
         for k, (x, y) in enumerate(train_loader):
             value, right = backend.step(optimizer, x, y)
+            count = len(y)
+            if world.parallel:  # the global batch's mean loss, the same on every rank
+                summed, right, count = distributed.all_sum(world, [value * count, right, count],
+                                                           device)
+                value, right, count = summed / count, int(right), int(count)
             if not math.isfinite(value):
                 raise DivergenceError(
                     f"the loss became {value} at epoch {epoch + 1}, step {k + 1}; stopped",
                     file=str(ckpt_dir / "last.pt"),
                     hint=f"the last good checkpoint (after epoch {start_epoch_of(ckpt_dir)}) "
                          "is kept; lower --lr, or check the data and the specs")
-            total += value * len(y)
+            total += value * count
             correct += right
-            seen += len(y)
+            seen += count
             emit("step", {"epoch": epoch, "step": k + 1, "steps": steps, "loss": total / seen,
                           "acc": correct / seen,
                           "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
@@ -301,19 +360,33 @@ def train(config: TrainConfig, progress: Progress | None = None,
         lr = optimizer.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step()
-        val_loss, val_acc, _, _ = backend.evaluate(val_loader)
         row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1),
-               "train_acc": correct / max(seen, 1), "val_loss": val_loss, "val_acc": val_acc,
+               "train_acc": correct / max(seen, 1), "val_loss": None, "val_acc": None,
                "lr": lr, "seconds": round(seconds, 4), "samples_per_s": round(seen / seconds, 1)}
+        if world.main:  # rank 0 evaluates the whole validation set; the others wait below
+            row["val_loss"], row["val_acc"], _, _ = backend.evaluate(val_loader)
         history.append(row)
-        state = checkpoint.make(model, optimizer, scheduler, epoch + 1, history, best)
-        if val_acc > best["val_acc"]:
-            best = {"val_acc": val_acc, "epoch": epoch + 1}
-            state["best"] = best
-            checkpoint.save_atomic(state, ckpt_dir / "best.pt")
-        checkpoint.save_atomic(state, ckpt_dir / "last.pt")
-        _write_metrics(run, history)
+        improved = world.main and row["val_acc"] > best["val_acc"]
+        if improved:
+            best = {"val_acc": row["val_acc"], "epoch": epoch + 1}
+        save(epoch + 1, best_too=improved)
+        distributed.barrier(world)  # the epoch's checkpoint is on disk before any rank goes on
         emit("epoch", row)
+
+    result = None
+    if world.main:
+        result = _finish(config, run, desc, model, backend, test_loader, history, best,
+                         started, verified, ds.classes, world.world_size)
+        emit("done", result.to_json())
+    return distributed.broadcast(world, result)
+
+
+def _finish(config, run, desc, model, backend, test_loader, history, best, started, verified,
+            classes, world_size) -> TrainResult:
+    """Rank 0's end of a run: the test set, model.pt, the figures and result.json."""
+    import torch
+
+    from gradtool.codegen.cache import write_atomic
 
     test_loss, test_acc, preds, labels = backend.evaluate(test_loader)
     elapsed = time.perf_counter() - started
@@ -321,13 +394,12 @@ def train(config: TrainConfig, progress: Progress | None = None,
     samples = sum(r["samples_per_s"] * r["seconds"] for r in history)
     torch.save({"state_dict": model.state_dict(), "config": config.to_json(),
                 "model": desc.to_json()}, run / "model.pt")
-    _figures(run, history, preds, labels, ds.classes)
+    _figures(run, history, preds, labels, classes)
     result = TrainResult(str(run), config.epochs, test_loss, test_acc, best["val_acc"],
                          best["epoch"], round(elapsed, 3),
                          round(samples / trained, 1) if trained else 0.0,
-                         verified, not config.verify, history)
+                         verified, not config.verify, history, world_size)
     write_atomic(run / "result.json", json.dumps(result.to_json(), indent=2) + "\n")
-    emit("done", result.to_json())
     return result
 
 

@@ -44,7 +44,9 @@ class RichProgress:
             forms = " + eval form" if len(info["forms"]) > 1 else ""
             self.console.print(f"[green]verified[/] {info['spec']}{forms} ({how})")
         elif kind == "start":
-            self.console.print(f"run folder {info['run_dir']} on {info['device']}")
+            procs = info.get("world_size", 1)
+            on = f"{procs} processes ({info['device']} on rank 0)" if procs > 1 else info["device"]
+            self.console.print(f"run folder {info['run_dir']} on {on}")
             total = info["steps"] * info["epochs"]
             self.task = self.bar.add_task("train", total=total,
                                           completed=info["steps"] * info["start_epoch"],
