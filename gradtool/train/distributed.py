@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -136,9 +137,16 @@ def start(world: World, dev) -> bool:
 
 
 def stop(started: bool) -> None:
+    """End the process group that :func:`start` started. The run's ``DistributedDataParallel``
+    (whose reducer holds the group, and whose hooks make reference cycles) is collected first:
+    a gloo group left to the interpreter's exit can abort the process ("terminate called
+    without an active exception") after a run that succeeded."""
+    import gc
+
     import torch.distributed as dist
 
     if started and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -212,8 +220,7 @@ def record_failure(message: str, *, root: bool) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    data = {"message": {"message": message,
-                        "extraInfo": {"py_callstack": "", "timestamp": str(int(time.time()))}},
+    data = {"message": message, "timestamp": str(int(time.time())),
             "gradtool": {"root": root, "rank": int(os.environ.get("RANK", "0"))}}
     try:
         with open(path, "w") as fp:
@@ -260,7 +267,10 @@ def launch(nproc: int, argv: list[str], *, monitor_interval: float = 0.1) -> Non
 
 
 def _own(failure) -> bool:
-    """Whether a failed rank stopped for a reason of its own (not a lost peer)."""
+    """Whether a failed rank stopped for a reason of its own: not a lost peer, and not the
+    SIGTERM with which the launcher stops the other ranks once one has failed."""
+    if failure.exitcode == -signal.SIGTERM:
+        return False
     data = getattr(failure, "error_file_data", None) or {}
     return data.get("gradtool", {}).get("root", True)
 
