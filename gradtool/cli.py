@@ -58,11 +58,31 @@ def _print_json(value) -> None:
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
+    debug = debug or _state["debug"]
+    rank = _distributed_rank()
+    if rank is None:
+        _print_error(exc, debug)
+    # a process of a distributed run: the launcher's report gets the message (error file);
+    # rank 0 prints its own errors, the other ranks (which fail the same way on the same
+    # input) stay silent, and so does a rank that only lost its peers: the rank that failed
+    # first has the reason. --debug shows every rank's traceback.
+    from gradtool.errors import GradtoolError
+    from gradtool.train import distributed
+
+    peer = distributed.is_peer_loss(exc)
+    message = str(exc) if isinstance(exc, GradtoolError) else f"{type(exc).__name__}: {exc}"
+    if not debug and (peer or rank != 0):
+        distributed.record_failure(message, root=not peer)
+        raise typer.Exit(1) from None
+    try:
+        _print_error(exc, debug)
+    finally:
+        distributed.record_failure(message, root=not peer, printed=True)
+
+
+def _print_error(exc: BaseException, debug: bool) -> None:
     from gradtool.errors import GradtoolError
 
-    debug = debug or _state["debug"]
-    if _distributed_rank_is_quiet(exc, debug):
-        raise typer.Exit(1) from None
     if debug:
         raise exc
     from rich.markup import escape
@@ -76,26 +96,16 @@ def _fail(exc: BaseException, debug: bool) -> None:
     raise typer.Exit(1) from None
 
 
-def _distributed_rank_is_quiet(exc: BaseException, debug: bool) -> bool:
-    """In a process of a distributed run (``WORLD_SIZE`` > 1): record the failure for the
-    launcher's report, and say whether this rank stays silent. Rank 0 prints its own errors;
-    the other ranks, which fail the same way on the same input, leave theirs to the launcher's
-    report (``--nproc-per-node`` prints it as one line); a rank that only lost its peers says
-    nothing, the rank that failed first does. ``--debug`` shows every rank's traceback."""
+def _distributed_rank() -> int | None:
+    """This process's rank when it is one of several of a distributed run (``WORLD_SIZE`` > 1,
+    set by torchrun), else None."""
     import os
 
-    from gradtool.errors import GradtoolError
-
-    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
-        return False
-    from gradtool.train import distributed
-
-    peer = distributed.is_peer_loss(exc)
-    message = str(exc) if isinstance(exc, GradtoolError) else f"{type(exc).__name__}: {exc}"
-    distributed.record_failure(message, root=not peer)
-    if debug:
-        return False
-    return peer or os.environ.get("RANK", "0") != "0"
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+            else None
+    except ValueError:
+        return None
 
 
 def _positive_finite(value: float | None) -> float | None:
@@ -493,9 +503,6 @@ def train_cmd(
     model.pt. Progress goes to stderr. Under torchrun, or with --nproc-per-node, each process
     trains its share of every global batch (DistributedDataParallel); rank 0 prints and
     writes."""
-    if nproc_per_node is not None:
-        _launch_train(ctx, nproc_per_node, debug)
-        return
     try:
         from gradtool.train import TrainConfig, train
         from gradtool.train.present import RichProgress, result_table
@@ -515,6 +522,9 @@ def train_cmd(
                              dtype=dtype, device=device, threads=threads, out=out,
                              resume=resume,
                              verify=not no_verify, limit=limit)
+        if nproc_per_node is not None:
+            _launch_train(ctx, config, nproc_per_node)
+            return
         with RichProgress(err_console, quiet=as_json or _is_other_rank()) as progress:
             result = train(config, progress=progress)
     except Exception as exc:  # noqa: BLE001
@@ -534,20 +544,20 @@ def _is_other_rank() -> bool:
     return os.environ.get("RANK", "0") != "0"
 
 
-def _launch_train(ctx: typer.Context, nproc: int, debug: bool) -> None:
+def _launch_train(ctx: typer.Context, config, nproc: int) -> None:
     """``gradtool train --nproc-per-node K ...``: the same command, minus that option, in K
     processes started by ``torch.distributed.run`` (see
-    :func:`gradtool.train.distributed.launch`)."""
+    :func:`gradtool.train.distributed.launch`), once the options have passed the checks every
+    rank would make (so that a bad option is one message, not K)."""
+    from gradtool.train import distributed
+
+    distributed.check_launch(config, nproc)
     argv = (["--debug"] if _state["debug"] else []) + ["train"] + _given_options(
         ctx, exclude=("nproc_per_node",))
     try:
-        from gradtool.train import distributed
-
-        distributed.launch(nproc, argv)
+        distributed.launch(nproc, argv, quiet=not _state["debug"] and not ctx.params["debug"])
     except SystemExit:
         raise typer.Exit(1) from None
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc, debug)
 
 
 def _given_options(ctx: typer.Context, exclude: tuple[str, ...]) -> list[str]:

@@ -164,17 +164,18 @@ def test_other_ranks_leave_their_error_to_the_launcher(tmp_path, monkeypatch):
     assert result.exit_code == 1 and result.output == ""
     data = json.loads(error_file.read_text())
     assert "numpy backend runs on one process" in data["message"]
-    assert data["gradtool"] == {"root": True, "rank": 1}
+    assert data["gradtool"] == {"root": True, "printed": False, "rank": 1}
 
 
-def _failure(tmp_path, rank: int, exitcode: int, message: str | None, root: bool):
+def _failure(tmp_path, rank: int, exitcode: int, message: str | None, root: bool,
+             printed: bool = False):
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
     path = Path(tempfile.mkdtemp(dir=tmp_path)) / "error.json"
     if message is not None:
         os.environ["RANK"] = str(rank)
         os.environ["TORCHELASTIC_ERROR_FILE"] = str(path)
-        dist_mod.record_failure(message, root=root)
+        dist_mod.record_failure(message, root=root, printed=printed)
     return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode,
                           error_file=str(path))
 
@@ -189,6 +190,10 @@ def test_launch_reports_the_rank_that_failed_first(tmp_path, monkeypatch):
         "peer": ({0: _failure(tmp_path, 0, 1, "DistBackendError: connection closed", False),
                   1: _failure(tmp_path, 1, 1, "OutOfMemoryError: CUDA out of memory", True)},
                  "rank 1 of 2 failed: OutOfMemoryError: CUDA out of memory"),
+        # rank 1 killed by a signal, rank 0 then stopped by the launcher
+        "sigterm": ({0: _failure(tmp_path, 0, -15, None, True),
+                     1: _failure(tmp_path, 1, -9, None, True)},
+                    "rank 1 of 2 failed: Signal 9 (SIGKILL)"),
         # rank 1 killed by a signal, rank 0 then lost it
         "signal": ({0: _failure(tmp_path, 0, 1, "DistBackendError: closed", False),
                     1: _failure(tmp_path, 1, -9, None, True)},
@@ -202,9 +207,10 @@ def test_launch_reports_the_rank_that_failed_first(tmp_path, monkeypatch):
         with pytest.raises(dist_mod.LaunchError, match=expected.replace("(", r"\(")
                            .replace(")", r"\)")):
             dist_mod.launch(2, ["train"])
-    # rank 0 failed on its own: it printed the error; the launch only exits 1
-    failures = {0: _failure(tmp_path, 0, 1, "ConfigError: bad", True),
-                1: _failure(tmp_path, 1, -15, None, True)}
+    # rank 0 printed its error, then the launcher stopped it (it had seen rank 1 fail the same
+    # way first): the launch only exits 1
+    failures = {0: _failure(tmp_path, 0, -15, "ConfigError: bad", True, printed=True),
+                1: _failure(tmp_path, 1, 1, "ConfigError: bad", True)}
     monkeypatch.setattr("torch.distributed.run.run",
                         lambda args: (_ for _ in ()).throw(ChildFailedError("g", failures)))
     with pytest.raises(SystemExit):
@@ -213,9 +219,22 @@ def test_launch_reports_the_rank_that_failed_first(tmp_path, monkeypatch):
 
 def test_nproc_per_node_passes_the_same_options_minus_itself(monkeypatch):
     seen = {}
-    monkeypatch.setattr(dist_mod, "launch", lambda nproc, argv: seen.update(n=nproc, a=argv))
+    monkeypatch.setattr(dist_mod, "launch", lambda nproc, argv, **kw: seen.update(n=nproc,
+                                                                                a=argv))
     result = CliRunner().invoke(app, ["train", "--hidden", "8,8", "--nproc-per-node", "2",
                                       "--nesterov", "--limit", "50", "--no-verify"])
     assert result.exit_code == 0, result.output
     assert seen == {"n": 2, "a": ["train", "--hidden", "8,8", "--nesterov", "--no-verify",
                                   "--limit", "50"]}
+
+
+def test_nproc_per_node_checks_the_options_once_before_launching(monkeypatch):
+    monkeypatch.setattr(dist_mod, "launch", lambda *a, **kw: pytest.fail("launched"))
+    for args, expected in ((["--backend", "numpy"], "numpy backend runs on one process, but "
+                                                    "WORLD_SIZE is 3"),
+                           (["--batch-size", "32"], "--batch-size 32 (the global batch) does "
+                                                    "not divide among 3 processes"),
+                           (["--resume", "no/such/run"], "not a run folder")):
+        result = CliRunner().invoke(app, ["train", "--nproc-per-node", "3", *args])
+        assert result.exit_code == 1
+        assert expected in result.output and result.output.count("error:") == 1, result.output

@@ -18,6 +18,7 @@ mean gradient: the same update as one process, up to the order of floating-point
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -95,6 +96,18 @@ def check(config, world: World) -> None:
                           f"among {world.world_size} processes",
                           hint=f"use a multiple of {world.world_size}, e.g. --batch-size "
                                f"{-(-config.batch_size // world.world_size) * world.world_size}")
+
+
+def check_launch(config, nproc: int) -> None:
+    """The checks of :func:`check` (and the configuration's own) for a run about to be started
+    on ``nproc`` processes, made once before starting them."""
+    from gradtool.train.config import TrainConfig
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc-per-node {nproc} must be at least 1")
+    config.validate()
+    check(TrainConfig.from_run(config.resume) if config.resume else config,
+          World(0, nproc, 0))
 
 
 def device(config, world: World):
@@ -212,16 +225,18 @@ def is_peer_loss(exc: BaseException) -> bool:
     return isinstance(exc, dist.DistError)
 
 
-def record_failure(message: str, *, root: bool) -> None:
+def record_failure(message: str, *, root: bool, printed: bool = False) -> None:
     """Write this rank's failure where the launcher collects it (``TORCHELASTIC_ERROR_FILE``,
     the file ``torch.distributed.elastic``'s ``@record`` writes), in the launcher's format, so
     that ``torchrun``'s report and :func:`launch` show the reason. ``root`` is False for a rank
-    that only lost its peers (:func:`is_peer_loss`)."""
+    that only lost its peers (:func:`is_peer_loss`); ``printed`` says that this rank has
+    shown the message itself (rank 0), so that :func:`launch` does not repeat it."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
     data = {"message": message, "timestamp": str(int(time.time())),
-            "gradtool": {"root": root, "rank": int(os.environ.get("RANK", "0"))}}
+            "gradtool": {"root": root, "printed": printed,
+                         "rank": int(os.environ.get("RANK", "0"))}}
     try:
         with open(path, "w") as fp:
             json.dump(data, fp)
@@ -233,7 +248,8 @@ class LaunchError(ConfigError):
     """A distributed run started by ``--nproc-per-node`` stopped because a rank failed."""
 
 
-def launch(nproc: int, argv: list[str], *, monitor_interval: float = 0.1) -> None:
+def launch(nproc: int, argv: list[str], *, monitor_interval: float = 0.1,
+           quiet: bool = True) -> None:
     """Start ``nproc`` processes of ``python -m gradtool <argv>`` on this machine with PyTorch's
     launcher (``torch.distributed.run``, as ``torchrun --standalone --nproc-per-node nproc``:
     a c10d rendezvous on a free local port). Returns when all of them have finished.
@@ -248,6 +264,8 @@ def launch(nproc: int, argv: list[str], *, monitor_interval: float = 0.1) -> Non
 
     if nproc < 1:
         raise ConfigError(f"--nproc-per-node {nproc} must be at least 1")
+    if quiet:  # the launcher's own log lines; its failures are reported below, as one line
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     args = get_args_parser().parse_args(
         ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", "0",
          "--monitor-interval", str(monitor_interval), "--no-python", sys.executable,
@@ -257,13 +275,18 @@ def launch(nproc: int, argv: list[str], *, monitor_interval: float = 0.1) -> Non
     try:
         run(args)
     except ChildFailedError as exc:
-        main = exc.failures.get(0)
-        if main is not None and main.exitcode == 1 and _own(main):
+        if _printed(exc.failures.get(0)):
             raise SystemExit(1) from None  # rank 0 printed its error itself
         rank, failure = first_failure(exc.failures)
         raise LaunchError(f"rank {rank} of {nproc} failed: {failure.message}",
                           hint="the other ranks were stopped; rerun with --debug for "
                                "every rank's traceback") from None
+
+
+def _printed(failure) -> bool:
+    """Whether a failed rank printed its own error (see :func:`record_failure`)."""
+    data = getattr(failure, "error_file_data", None) or {}
+    return bool(data.get("gradtool", {}).get("printed"))
 
 
 def _own(failure) -> bool:
