@@ -527,6 +527,8 @@ def train_cmd(
             return
         with RichProgress(err_console, quiet=as_json or _is_other_rank()) as progress:
             result = train(config, progress=progress)
+    except typer.Exit:
+        raise
     except Exception as exc:  # noqa: BLE001
         _fail(exc, debug)
     if _is_other_rank():
@@ -548,7 +550,8 @@ def _launch_train(ctx: typer.Context, config, nproc: int) -> None:
     """``gradtool train --nproc-per-node K ...``: the same command, minus that option, in K
     processes started by ``torch.distributed.run`` (see
     :func:`gradtool.train.distributed.launch`), once the options have passed the checks every
-    rank would make (so that a bad option is one message, not K)."""
+    rank would make (so that a bad option is one message, not K). Raises ``typer.Exit(1)``
+    when rank 0 failed (it has printed its error), :class:`LaunchError` for another rank's."""
     from gradtool.train import distributed
 
     distributed.check_launch(config, nproc)
@@ -556,7 +559,7 @@ def _launch_train(ctx: typer.Context, config, nproc: int) -> None:
         ctx, exclude=("nproc_per_node",))
     try:
         distributed.launch(nproc, argv, quiet=not _state["debug"] and not ctx.params["debug"])
-    except SystemExit:
+    except SystemExit:  # rank 0 failed and printed its error
         raise typer.Exit(1) from None
 
 
