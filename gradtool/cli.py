@@ -436,6 +436,8 @@ TRAIN_EXAMPLES = """Examples:
   gradtool train --data mnist --data-dir ../shared/data/mnist --epochs 10
 
   gradtool train --resume runs/digits-mlp-20260101-120000
+
+  gradtool train --nproc-per-node 2 --batch-size 64   # data parallel (torch.distributed)
 """
 
 
@@ -500,9 +502,9 @@ def train_cmd(
     """Train a model built from specs; every spec is verified first (cached).
 
     Writes a run folder: config.json, metrics.csv, curves.png, confusion matrix, checkpoints,
-    model.pt. Progress goes to stderr. Under torchrun, or with --nproc-per-node, each process
-    trains its share of every global batch (DistributedDataParallel); rank 0 prints and
-    writes."""
+    model.pt. Progress goes to stderr.
+
+    Data parallel under torchrun or with --nproc-per-node: rank 0 prints and writes."""
     try:
         from gradtool.train import TrainConfig, train
         from gradtool.train.present import RichProgress, result_table
