@@ -238,3 +238,13 @@ def test_nproc_per_node_checks_the_options_once_before_launching(monkeypatch):
         result = CliRunner().invoke(app, ["train", "--nproc-per-node", "3", *args])
         assert result.exit_code == 1
         assert expected in result.output and result.output.count("error:") == 1, result.output
+
+
+def test_world_is_read_from_the_launchers_environment():
+    assert dist_mod.from_env({}) == dist_mod.World(0, 1, 0)
+    world = dist_mod.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert world == dist_mod.World(3, 4, 1) and world.parallel and not world.main
+    for env in ({"RANK": "x", "WORLD_SIZE": "2"}, {"RANK": "2", "WORLD_SIZE": "2"},
+                {"RANK": "0", "WORLD_SIZE": "0"}):
+        with pytest.raises(ConfigError, match="torchrun"):
+            dist_mod.from_env(env)
