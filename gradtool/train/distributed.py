@@ -13,6 +13,8 @@ taking positions r, r + W, r + 2W, …, and each rank batches its share B / W at
 k-th batches of the W ranks hold exactly the samples of the one-process run's k-th batch, and
 DDP's gradient average (the mean of the W per-rank means, equal-sized shards) is that batch's
 mean gradient: the same update as one process, up to the order of floating-point additions.
+That holds for a loss that is a mean over the batch (every built-in loss spec); a loss that sums
+over the batch would get 1/W of its one-process gradient.
 """
 
 from __future__ import annotations
