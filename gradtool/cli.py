@@ -543,9 +543,7 @@ def train_cmd(
 
 def _is_other_rank() -> bool:
     """A process of a distributed run other than rank 0 (which alone prints)."""
-    import os
-
-    return os.environ.get("RANK", "0") != "0"
+    return _distributed_rank() not in (None, 0)
 
 
 def _launch_train(ctx: typer.Context, config, nproc: int) -> None:
