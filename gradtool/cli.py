@@ -11,10 +11,64 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from gradtool import __version__
 
+# The schema of every --json output (docs/json.md, gradtool/schemas/*.schema.json): raised
+# when a field is removed or changes meaning, not when one is added.
+JSON_SCHEMA_VERSION = 1
+
+
+def json_version() -> dict:
+    """The ``version`` field of every ``--json`` output."""
+    return {"schema": JSON_SCHEMA_VERSION, "gradtool": __version__}
+
+
+def _error_json(exc: BaseException, exit_code: int) -> dict:
+    """An error as the one JSON object ``--json`` prints on stdout (``error.schema.json``)."""
+    from gradtool.errors import GradtoolError
+
+    where = {"file": None, "line": None, "hint": None}
+    if isinstance(exc, GradtoolError):
+        kind, message = "error", exc.message
+        where = {"file": None if exc.file is None else str(exc.file), "line": exc.line,
+                 "hint": exc.hint}
+    elif isinstance(exc, typer.TyperException):  # click's usage errors (typer's own click)
+        kind, message = "usage", exc.format_message()
+    else:
+        kind, message = "internal", f"{type(exc).__name__}: {exc}"
+    return {"version": json_version(),
+            "error": {"kind": kind, "type": type(exc).__name__, "message": message,
+                      "text": message if kind != "error" else str(exc),
+                      "exit_code": exit_code, **where}}
+
+
+class _JsonErrors(TyperGroup):
+    """With ``--json`` among the arguments, a usage error (``--order 3``, an unknown option)
+    is one JSON object on stdout, as the commands' own errors are; the exit code stays
+    click's (2)."""
+
+    def main(self, args=None, *rest, **kwargs):
+        import sys
+
+        words = list(sys.argv[1:] if args is None else args)
+        self.json_errors = "--json" in words[:words.index("--")] if "--" in words \
+            else "--json" in words
+        return super().main(words, *rest, **kwargs)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except typer.TyperException as exc:  # base of click's ClickException in typer
+            if not getattr(self, "json_errors", False):
+                raise
+            _print_json(_error_json(exc, exc.exit_code))
+            raise typer.Exit(exc.exit_code) from None
+
+
 app = typer.Typer(
+    cls=_JsonErrors,
     name="gradtool",
     help="Derive, check and train on backward passes written once as math in SymPy.",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -57,11 +111,16 @@ def _print_json(value) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=not can_encode(sys.stdout)))
 
 
-def _fail(exc: BaseException, debug: bool) -> None:
+def _fail(exc: BaseException, debug: bool, as_json: bool = False) -> None:
+    """Report ``exc`` and exit 1: one rich line on stderr, or with ``as_json`` one JSON
+    object on stdout (``{"version": ..., "error": {...}}``)."""
     from gradtool.errors import GradtoolError
 
     if debug or _state["debug"]:
         raise exc
+    if as_json:
+        _print_json(_error_json(exc, 1))
+        raise typer.Exit(1) from None
     from rich.markup import escape
 
     if isinstance(exc, GradtoolError):
@@ -212,7 +271,7 @@ def derive_cmd(
 
             _fail(GradtoolError(f"--code prints source code; {', '.join(ignored)} cannot be "
                                 "combined with it",
-                                hint="run the two separately"), debug)
+                                hint="run the two separately"), debug, as_json)
         _emit_code(spec, code, output, debug)
         return
     try:
@@ -222,11 +281,11 @@ def derive_cmd(
             report = derive_report(spec, jacobians=jacobian, shape=parse_shape(shape),
                                    steps=steps, progress=working.step)
     except Exception as exc:  # noqa: BLE001
-        _fail(exc, debug)
+        _fail(exc, debug, as_json)
     if as_json:
         for g in report["gradients"] + report["intermediates"]:
             g.pop("sympy", None)
-        _print_json(report)
+        _print_json({"version": json_version(), **report})
         return
     from gradtool.render import render_derivation
 
@@ -287,10 +346,14 @@ def check_cmd(
         rows = _run_checks(specs or [], impl, mapping or [], tol, float32, order, shapes, seed,
                            quiet=as_json, **extra)
     except Exception as exc:  # noqa: BLE001
-        _fail(exc, debug)
+        _fail(exc, debug, as_json)
     failed = [r for r in rows if not r.passed]
     if as_json:
-        _print_json([r.to_json() for r in rows])
+        _print_json({"version": json_version(), "passed": not failed,
+                     "comparisons": len(rows), "failed": len(failed),
+                     "specs": sorted({r.spec for r in rows}),
+                     "failed_specs": sorted({r.spec for r in failed}),
+                     "rows": [r.to_json() for r in rows]})
     else:
         from gradtool.render import render_check
 
@@ -483,8 +546,8 @@ def train_cmd(
         with RichProgress(err_console, quiet=as_json) as progress:
             result = train(config, progress=progress)
     except Exception as exc:  # noqa: BLE001
-        _fail(exc, debug)
+        _fail(exc, debug, as_json)
     if as_json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps({"version": json_version(), **result.to_json()}))
     else:
         err_console.print(result_table(result))

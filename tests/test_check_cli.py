@@ -3,7 +3,6 @@ kernel, ``--impl`` error messages, ``--float32``, ``--order 2`` and ``--map``.""
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -13,12 +12,13 @@ from typer.testing import CliRunner
 
 from gradtool.cli import app
 from tests.conftest import kernel_modules
+from tests.json_schemas import rows as json_rows
 
 runner = CliRunner()
 ZOO = Path(__file__).parent / "bug_zoo"
 BROKEN = ZOO / "broken.py"
-ROW_KEYS = {"spec", "input", "oracle", "shape", "max_abs", "max_rel", "index", "analytic",
-            "numeric", "allowed", "passed", "note"}
+ROW_KEYS = {"spec", "kind", "tensor", "input", "oracle", "shape", "input_scale", "max_abs",
+            "max_rel", "index", "analytic", "numeric", "allowed", "passed", "diagnoses", "note"}
 
 
 def invoke(*args):
@@ -35,7 +35,7 @@ def ok(*args) -> str:
 def rows_of(*args, exit_code: int = 0) -> list[dict]:
     result = invoke(*args, "--json")
     assert result.exit_code == exit_code, result.output
-    rows = json.loads(result.stdout)
+    rows = json_rows(result.stdout)
     assert rows and all(set(r) == ROW_KEYS and isinstance(r["passed"], bool) for r in rows)
     return rows
 
