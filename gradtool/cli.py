@@ -329,18 +329,23 @@ def check_cmd(
     shapes: Annotated[int, typer.Option("--shapes", min=1, max=20,
                                         help="How many random shapes (the first has N=1).")] = 3,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    show: Annotated[str, typer.Option("--show", metavar="all|failed|summary",
-                                      help="Which rows to print.")] = "all",
+    show: Annotated[str, typer.Option(
+        "--show", metavar="inputs|all|failed|summary",
+        help="inputs: one line per spec and input (worst error, verdict), failures below; "
+             "all: every comparison (shape × input × oracle); failed: only failed "
+             "comparisons; summary: the closing line and the failures.")] = "inputs",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
     debug: Debug = False,
 ) -> None:
     """Verify derived backwards (or your own layer) against finite differences,
     torch.autograd, reference ops and the other backend. Exits 1 on any failure."""
     try:
-        if show not in ("all", "failed", "summary"):
+        from gradtool.render import SHOW
+
+        if show not in SHOW:
             from gradtool.errors import GradtoolError
 
-            raise GradtoolError(f"--show {show!r} is not one of all, failed, summary")
+            raise GradtoolError(f"--show {show!r} is not one of {', '.join(SHOW)}")
         extra = {"settings": settings or [], "one_hot": one_hot or [], "sizes": sizes,
                  "batch_one": batch_one}
         rows = _run_checks(specs or [], impl, mapping or [], tol, float32, order, shapes, seed,
