@@ -207,37 +207,62 @@ def specs_cmd(
 class _Working:
     """A spinner on stderr naming the current step, shown once a command has run for
     ``DELAY`` seconds (a quick derivation prints nothing extra) and only on a terminal, so
-    piped output and ``--json`` stay as they are."""
+    piped output, logs, one-line errors and ``--json`` stay as they are.
+
+    A watcher thread starts the spinner even while one step runs long without reporting
+    (importing torch, building an explicit Jacobian); :meth:`step` names the next step."""
 
     DELAY = 1.0
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, what: str = "deriving"):
         self.enabled = enabled and err_console.is_terminal
+        self.what = what
+        self.text = ""
         self.status = None
 
     def __enter__(self):
+        import threading
         import time
 
         self.start = time.monotonic()
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        if self.enabled:
+            self.watcher = threading.Thread(target=self._watch, daemon=True)
+            self.watcher.start()
         return self
 
-    def step(self, text: str) -> None:
-        if not self.enabled:
-            return
+    def _watch(self) -> None:
+        while not self.done.wait(0.1):
+            self._show()
+
+    def _show(self) -> None:
+        import time
+
         from rich.markup import escape
 
-        if self.status is None:
-            import time
-
-            if time.monotonic() - self.start < self.DELAY:
+        with self.lock:
+            if self.done.is_set() or time.monotonic() - self.start < self.DELAY:
                 return
-            self.status = err_console.status("", spinner="dots")
-            self.status.start()
-        self.status.update(f"[dim]deriving:[/] {escape(text)}")
+            if self.status is None:
+                self.status = err_console.status("", spinner="dots")
+                self.status.start()
+            self.status.update(f"[dim]{self.what}:[/] {escape(self.text)}")
+
+    def step(self, text: str) -> None:
+        self.text = text
+        if self.enabled:
+            self._show()
 
     def __exit__(self, *exc) -> None:
-        if self.status is not None:
-            self.status.stop()
+        if not self.enabled:
+            return
+        with self.lock:
+            self.done.set()
+            if self.status is not None:
+                self.status.stop()
+                self.status = None
+        self.watcher.join()
 
 
 @app.command("derive", epilog=_DERIVE_EXAMPLES)
@@ -381,10 +406,40 @@ def _pairs(items: list[str], option: str, example: str) -> dict[str, str]:
 
 def _run_checks(names, impl, mapping, tol, float32, order, shapes, seed, quiet,
                 settings=(), one_hot=(), sizes=None, batch_one=True):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    """The checks behind ``gradtool check``: a spinner while torch is imported and the specs
+    are loaded, then a bar per (spec, shape); both on a terminal's stderr only."""
+    with _Working(enabled=not quiet, what="preparing the check") as working:
+        working.step("importing torch")
+        import torch  # noqa: F401 - seconds on first use: imported here, under the spinner
+
+        working.step("loading the specs")
+        specs, options, subject = _check_plan(names, impl, mapping, tol, float32, order,
+                                              shapes, seed, settings, one_hot, sizes,
+                                              batch_one)
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from gradtool.check.runner import check_spec
+
+    rows = []
+    with Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"),
+                  BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err_console, transient=True,
+                  disable=quiet or not err_console.is_terminal) as bar:
+        task = bar.add_task(f"checking {specs[0].name}", total=len(specs) * shapes)
+        for spec in specs:
+            bar.update(task, description=f"checking {spec.name}")
+            rows += check_spec(spec, options, subject=subject,
+                               progress=lambda text: bar.update(task, advance=1,
+                                                                description=text))
+    return rows
+
+
+def _check_plan(names, impl, mapping, tol, float32, order, shapes, seed, settings, one_hot,
+                sizes, batch_one):
+    """The specs to check (with eval forms), the options and, with ``--impl``, the layer."""
 
     from gradtool.check.impl import load_impl, make_subject
-    from gradtool.check.runner import CheckOptions, check_spec
+    from gradtool.check.runner import CheckOptions
     from gradtool.errors import GradtoolError
     from gradtool.spec.loader import builtin_specs, load_spec
 
@@ -425,17 +480,7 @@ def _run_checks(names, impl, mapping, tol, float32, order, shapes, seed, quiet,
                            cases=shapes, seed=seed, order=order, fixed=fixed,
                            one_hot=tuple(one_hot), batch_one=batch_one)
     subject = make_subject(specs[0], load_impl(impl), pairs, values) if impl else None
-    rows = []
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                  console=err_console, transient=True,
-                  disable=quiet or not err_console.is_terminal) as bar:
-        task = bar.add_task("checking", total=len(specs) * shapes)
-        for spec in specs:
-            rows += check_spec(spec, options, subject=subject,
-                               progress=lambda text: bar.update(task, advance=1,
-                                                                description=text))
-    return rows
+    return specs, options, subject
 
 
 def _emit_code(spec: str, target: str | None, output: str | None, debug: bool) -> None:
@@ -447,7 +492,9 @@ def _emit_code(spec: str, target: str | None, output: str | None, debug: bool) -
         if target not in TARGETS:
             what = "--code needs a target" if target is None else f"unknown code target {target!r}"
             raise GradtoolError(what, hint="use --code numpy or --code torch")
-        source = generate(spec, target)
+        with _Working(what=f"generating {target} code") as working:
+            working.step(spec)
+            source = generate(spec, target)
         if output:
             write_user_file(output, source)
     except Exception as exc:  # noqa: BLE001

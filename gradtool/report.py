@@ -112,12 +112,14 @@ def _steps(d: Derivation) -> list[dict]:
     return rows
 
 
-def _jacobians(d: Derivation, shape: dict[str, int] | None) -> list[dict]:
+def _jacobians(d: Derivation, shape: dict[str, int] | None, say=lambda step: None
+               ) -> list[dict]:
     rows = []
     for out in d.seeds:
         for t in d.spec.grad_inputs:
             if d.closed[t.name] == 0:
                 continue
+            say(f"Jacobian ∂{out}/∂{t.name}")
             jac = jacobian(d, out, t.name)
             expr = present(jac.expr)
             lhs = f"∂{_access_text(out, jac.out_idx)}/∂{_access_text(t.name, jac.in_idx)}"
@@ -130,7 +132,9 @@ def _jacobians(d: Derivation, shape: dict[str, int] | None) -> list[dict]:
                          rf"{{\partial {_access_latex(t.name, jac.in_idx)}}} = {latex(expr)}",
             }
             if shape is not None:
-                mat, rws, cols = explicit_matrix(d, jac, shape)
+                mat, rws, cols = explicit_matrix(
+                    d, jac, shape, progress=lambda r, n, out=out, wrt=t.name:
+                    say(f"Jacobian ∂{out}/∂{wrt} as a matrix, row {r + 1} of {n}"))
                 row["rows"] = [_access_text(out, r) for r in rws]
                 row["columns"] = [_access_text(t.name, c) for c in cols]
                 row["matrix"] = [[text(mat[i, j]) for j in range(mat.cols)]
@@ -161,8 +165,7 @@ def derive_report(spec_or_path: str | Spec, *, jacobians: bool = False,
         "intermediates": _gradients(d, list(d.named)),
     }
     if jacobians or shape is not None:
-        say("Jacobians")
-        report["jacobians"] = _jacobians(d, shape)
+        report["jacobians"] = _jacobians(d, shape, say)
     if steps:
         say("chain-rule steps")
         report["steps"] = _steps(d)
