@@ -23,7 +23,12 @@ def render_latex(console: Console, report: dict) -> None:
     out = [f"% {report['spec']}: {report['description']}", "% forward"]
     out += [r["latex"] for r in report["forward"]]
     out.append("% backward")
-    out += [g["latex"] for g in report.get("intermediates", []) + report["gradients"]]
+    for g in report.get("intermediates", []) + report["gradients"]:
+        out.append(g["latex"])
+        if g.get("matrix_latex"):
+            out.append(f"% d{g['wrt']} in matrix form"
+                       + (" (\\odot: element-wise product)" if "odot" in g["matrix_latex"] else ""))
+            out.append(g["matrix_latex"])
     for jac in report.get("jacobians", []):
         out.append(f"% Jacobian d{jac['output']}/d{jac['wrt']}")
         out.append(jac["latex"])
@@ -33,6 +38,11 @@ def render_latex(console: Console, report: dict) -> None:
         out.append("% chain rule, from the outputs back")
     for step in report.get("steps", []):
         out.append(step["latex"])
+        if step["seed"]:
+            out.append("% the upstream gradient of an output")
+        for c in step["contributions"]:
+            out.append(f"% from {c['from']}: {c['rule']}")
+            out.append(c["local_latex"])
     for line in out:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
