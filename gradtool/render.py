@@ -125,8 +125,12 @@ SHOW = ("inputs", "all", "failed", "summary")
 
 def _label(r) -> str:
     """What a row is about, as the per-input view names it: the tensor with its kind
-    (``Y (forward)``), ``backward (contract)`` or ``settings``."""
-    return f"{r.input} (contract)" if r.kind == "contract" else r.input
+    (``Y (forward)``), ``backward (contract)``, ``settings`` or ``reference (skipped)``."""
+    if r.kind == "contract":
+        return f"{r.input} (contract)"
+    if r.kind == "skipped":  # an oracle that could not run (a reference refusing N = 1)
+        return f"{r.oracle} (skipped)"
+    return r.input
 
 
 def _worst_row(rows: list):
