@@ -150,8 +150,10 @@ def _steps(d: Derivation) -> list[dict]:
     return rows
 
 
-def _jacobians(d: Derivation, shape: dict[str, int] | None, say=lambda step: None
-               ) -> list[dict]:
+def _jacobians(d: Derivation, shape: dict[str, int] | None, say=lambda step: None,
+               reads: set | None = None) -> list[dict]:
+    """Each output's Jacobian for each differentiable input; the tensors they read are
+    added to ``reads``."""
     rows = []
     for out in d.seeds:
         for t in d.spec.grad_inputs:
@@ -160,6 +162,8 @@ def _jacobians(d: Derivation, shape: dict[str, int] | None, say=lambda step: Non
             say(f"Jacobian ∂{out}/∂{t.name}")
             jac = jacobian(d, out, t.name)
             expr = present(jac.expr)
+            if reads is not None:
+                reads |= _names([jac.expr])
             lhs = f"∂{_access_text(out, jac.out_idx)}/∂{_access_text(t.name, jac.in_idx)}"
             row = {
                 "output": out, "wrt": t.name,
@@ -210,17 +214,16 @@ def derive_report(spec_or_path: str | Spec, *, jacobians: bool = False,
              for name, s in d.seeds.items()}
     shown = _names([d.via.get(t.name, d.closed[t.name]) for t in spec.grad_inputs]
                    + list(d.named.values()))
-    if steps:  # the chain rule goes through every statement, lifted ones included
-        shown |= {a.target for a in d.program.assigns}
     report = {
         "spec": spec.name, "description": spec.description, "file": spec.file,
-        "reference": spec.reference, "seeds": seeds,
-        "forward": _forward(d, shown), "gradients": _gradients(d),
-        "intermediates": _gradients(d, list(d.named)),
+        "reference": spec.reference, "seeds": seeds, "forward": [],
+        "gradients": _gradients(d), "intermediates": _gradients(d, list(d.named)),
     }
     if jacobians or shape is not None:
-        report["jacobians"] = _jacobians(d, shape, say)
-    if steps:
+        report["jacobians"] = _jacobians(d, shape, say, shown)
+    if steps:  # the chain rule goes through every statement, lifted ones included
         say("chain-rule steps")
         report["steps"] = _steps(d)
+        shown |= {a.target for a in d.program.assigns}
+    report["forward"] = _forward(d, shown)
     return report
