@@ -244,10 +244,17 @@ class _Working:
         with self.lock:
             if self.done.is_set() or time.monotonic() - self.start < self.DELAY:
                 return
-            if self.status is None:
-                self.status = err_console.status("", spinner="dots")
-                self.status.start()
-            self.status.update(f"[dim]{self.what}:[/] {escape(self.text)}")
+            text = f"[dim]{self.what}:[/] {escape(self.text)}"
+            if self.status is None:  # drawn at once; then redrawn 12.5 times a second
+                from rich.live import Live
+                from rich.spinner import Spinner
+
+                self.spinner = Spinner("dots", text)
+                self.status = Live(self.spinner, console=err_console, transient=True,
+                                   refresh_per_second=12.5)
+                self.status.start(refresh=True)
+            else:
+                self.spinner.update(text=text)
 
     def step(self, text: str) -> None:
         self.text = text
