@@ -11,10 +11,64 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from gradtool import __version__
 
+# The schema of every --json output (docs/json.md, gradtool/schemas/*.schema.json): raised
+# when a field is removed or changes meaning, not when one is added.
+JSON_SCHEMA_VERSION = 1
+
+
+def json_version() -> dict:
+    """The ``version`` field of every ``--json`` output."""
+    return {"schema": JSON_SCHEMA_VERSION, "gradtool": __version__}
+
+
+def _error_json(exc: BaseException, exit_code: int) -> dict:
+    """An error as the one JSON object ``--json`` prints on stdout (``error.schema.json``)."""
+    from gradtool.errors import GradtoolError
+
+    where = {"file": None, "line": None, "hint": None}
+    if isinstance(exc, GradtoolError):
+        kind, message = "error", exc.message
+        where = {"file": None if exc.file is None else str(exc.file), "line": exc.line,
+                 "hint": exc.hint}
+    elif isinstance(exc, typer.TyperException):  # click's usage errors (typer's own click)
+        kind, message = "usage", exc.format_message()
+    else:
+        kind, message = "internal", f"{type(exc).__name__}: {exc}"
+    return {"version": json_version(),
+            "error": {"kind": kind, "type": type(exc).__name__, "message": message,
+                      "text": message if kind != "error" else str(exc),
+                      "exit_code": exit_code, **where}}
+
+
+class _JsonErrors(TyperGroup):
+    """With ``--json`` among the arguments, a usage error (``--order 3``, an unknown option)
+    is one JSON object on stdout, as the commands' own errors are; the exit code stays
+    click's (2)."""
+
+    def main(self, args=None, *rest, **kwargs):
+        import sys
+
+        words = list(sys.argv[1:] if args is None else args)
+        self.json_errors = "--json" in words[:words.index("--")] if "--" in words \
+            else "--json" in words
+        return super().main(words, *rest, **kwargs)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except typer.TyperException as exc:  # base of click's ClickException in typer
+            if not getattr(self, "json_errors", False):
+                raise
+            _print_json(_error_json(exc, exc.exit_code))
+            raise typer.Exit(exc.exit_code) from None
+
+
 app = typer.Typer(
+    cls=_JsonErrors,
     name="gradtool",
     help="Derive, check and train on backward passes written once as math in SymPy.",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -57,11 +111,13 @@ def _print_json(value) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=not can_encode(sys.stdout)))
 
 
-def _fail(exc: BaseException, debug: bool) -> None:
+def _fail(exc: BaseException, debug: bool, as_json: bool = False) -> None:
+    """Report ``exc`` and exit 1: one rich line on stderr, or with ``as_json`` one JSON
+    object on stdout (``{"version": ..., "error": {...}}``)."""
     debug = debug or _state["debug"]
     rank = _distributed_rank()
     if rank is None:
-        _print_error(exc, debug)
+        _print_error(exc, debug, as_json)
     # a process of a distributed run: the launcher's report gets the message (error file);
     # rank 0 prints its own errors, the other ranks (which fail the same way on the same
     # input) stay silent, and so does a rank that only lost its peers: the rank that failed
@@ -75,16 +131,19 @@ def _fail(exc: BaseException, debug: bool) -> None:
         distributed.record_failure(message, root=not peer)
         raise typer.Exit(1) from None
     try:
-        _print_error(exc, debug)
+        _print_error(exc, debug, as_json)
     finally:
         distributed.record_failure(message, root=not peer, printed=True)
 
 
-def _print_error(exc: BaseException, debug: bool) -> None:
+def _print_error(exc: BaseException, debug: bool, as_json: bool = False) -> None:
     from gradtool.errors import GradtoolError
 
     if debug:
         raise exc
+    if as_json:
+        _print_json(_error_json(exc, 1))
+        raise typer.Exit(1) from None
     from rich.markup import escape
 
     if isinstance(exc, GradtoolError):
@@ -183,37 +242,69 @@ def specs_cmd(
 class _Working:
     """A spinner on stderr naming the current step, shown once a command has run for
     ``DELAY`` seconds (a quick derivation prints nothing extra) and only on a terminal, so
-    piped output and ``--json`` stay as they are."""
+    piped output, logs, one-line errors and ``--json`` stay as they are.
+
+    A watcher thread starts the spinner even while one step runs long without reporting
+    (importing torch, building an explicit Jacobian); :meth:`step` names the next step."""
 
     DELAY = 1.0
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, what: str = "deriving"):
         self.enabled = enabled and err_console.is_terminal
+        self.what = what
+        self.text = ""
         self.status = None
 
     def __enter__(self):
+        import threading
         import time
 
         self.start = time.monotonic()
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        if self.enabled:
+            self.watcher = threading.Thread(target=self._watch, daemon=True)
+            self.watcher.start()
         return self
 
-    def step(self, text: str) -> None:
-        if not self.enabled:
-            return
+    def _watch(self) -> None:
+        while not self.done.wait(0.1):
+            self._show()
+
+    def _show(self) -> None:
+        import time
+
         from rich.markup import escape
 
-        if self.status is None:
-            import time
-
-            if time.monotonic() - self.start < self.DELAY:
+        with self.lock:
+            if self.done.is_set() or time.monotonic() - self.start < self.DELAY:
                 return
-            self.status = err_console.status("", spinner="dots")
-            self.status.start()
-        self.status.update(f"[dim]deriving:[/] {escape(text)}")
+            text = f"[dim]{self.what}:[/] {escape(self.text)}"
+            if self.status is None:  # drawn at once; then redrawn 12.5 times a second
+                from rich.live import Live
+                from rich.spinner import Spinner
+
+                self.spinner = Spinner("dots", text)
+                self.status = Live(self.spinner, console=err_console, transient=True,
+                                   refresh_per_second=12.5)
+                self.status.start(refresh=True)
+            else:
+                self.spinner.update(text=text)
+
+    def step(self, text: str) -> None:
+        self.text = text
+        if self.enabled:
+            self._show()
 
     def __exit__(self, *exc) -> None:
-        if self.status is not None:
-            self.status.stop()
+        if not self.enabled:
+            return
+        with self.lock:
+            self.done.set()
+            if self.status is not None:
+                self.status.stop()
+                self.status = None
+        self.watcher.join()
 
 
 @app.command("derive", epilog=_DERIVE_EXAMPLES)
@@ -247,7 +338,7 @@ def derive_cmd(
 
             _fail(GradtoolError(f"--code prints source code; {', '.join(ignored)} cannot be "
                                 "combined with it",
-                                hint="run the two separately"), debug)
+                                hint="run the two separately"), debug, as_json)
         _emit_code(spec, code, output, debug)
         return
     try:
@@ -257,11 +348,11 @@ def derive_cmd(
             report = derive_report(spec, jacobians=jacobian, shape=parse_shape(shape),
                                    steps=steps, progress=working.step)
     except Exception as exc:  # noqa: BLE001
-        _fail(exc, debug)
+        _fail(exc, debug, as_json)
     if as_json:
         for g in report["gradients"] + report["intermediates"]:
             g.pop("sympy", None)
-        _print_json(report)
+        _print_json({"version": json_version(), **report})
         return
     from gradtool.render import render_derivation
 
@@ -305,27 +396,36 @@ def check_cmd(
     shapes: Annotated[int, typer.Option("--shapes", min=1, max=20,
                                         help="How many random shapes (the first has N=1).")] = 3,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    show: Annotated[str, typer.Option("--show", metavar="all|failed|summary",
-                                      help="Which rows to print.")] = "all",
+    show: Annotated[str, typer.Option(
+        "--show", metavar="inputs|all|failed|summary",
+        help="inputs: one line per spec and input (worst error, verdict), failures below; "
+             "all: every comparison (shape × input × oracle); failed: only failed "
+             "comparisons; summary: the closing line and the failures.")] = "inputs",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
     debug: Debug = False,
 ) -> None:
     """Verify derived backwards (or your own layer) against finite differences,
     torch.autograd, reference ops and the other backend. Exits 1 on any failure."""
     try:
-        if show not in ("all", "failed", "summary"):
+        from gradtool.render import SHOW
+
+        if show not in SHOW:
             from gradtool.errors import GradtoolError
 
-            raise GradtoolError(f"--show {show!r} is not one of all, failed, summary")
+            raise GradtoolError(f"--show {show!r} is not one of {', '.join(SHOW)}")
         extra = {"settings": settings or [], "one_hot": one_hot or [], "sizes": sizes,
                  "batch_one": batch_one}
         rows = _run_checks(specs or [], impl, mapping or [], tol, float32, order, shapes, seed,
                            quiet=as_json, **extra)
     except Exception as exc:  # noqa: BLE001
-        _fail(exc, debug)
+        _fail(exc, debug, as_json)
     failed = [r for r in rows if not r.passed]
     if as_json:
-        _print_json([r.to_json() for r in rows])
+        _print_json({"version": json_version(), "passed": not failed,
+                     "comparisons": len(rows), "failed": len(failed),
+                     "specs": sorted({r.spec for r in rows}),
+                     "failed_specs": sorted({r.spec for r in failed}),
+                     "rows": [r.to_json() for r in rows]})
     else:
         from gradtool.render import render_check
 
@@ -348,10 +448,40 @@ def _pairs(items: list[str], option: str, example: str) -> dict[str, str]:
 
 def _run_checks(names, impl, mapping, tol, float32, order, shapes, seed, quiet,
                 settings=(), one_hot=(), sizes=None, batch_one=True):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    """The checks behind ``gradtool check``: a spinner while torch is imported and the specs
+    are loaded, then a bar per (spec, shape); both on a terminal's stderr only."""
+    with _Working(enabled=not quiet, what="preparing the check") as working:
+        working.step("importing torch")
+        import torch  # noqa: F401 - seconds on first use: imported here, under the spinner
+
+        working.step("loading the specs")
+        specs, options, subject = _check_plan(names, impl, mapping, tol, float32, order,
+                                              shapes, seed, settings, one_hot, sizes,
+                                              batch_one)
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from gradtool.check.runner import check_spec
+
+    rows = []
+    with Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"),
+                  BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err_console, transient=True,
+                  disable=quiet or not err_console.is_terminal) as bar:
+        task = bar.add_task(f"checking {specs[0].name}", total=len(specs) * shapes)
+        for spec in specs:
+            bar.update(task, description=f"checking {spec.name}")
+            rows += check_spec(spec, options, subject=subject,
+                               progress=lambda text: bar.update(task, advance=1,
+                                                                description=text))
+    return rows
+
+
+def _check_plan(names, impl, mapping, tol, float32, order, shapes, seed, settings, one_hot,
+                sizes, batch_one):
+    """The specs to check (with eval forms), the options and, with ``--impl``, the layer."""
 
     from gradtool.check.impl import load_impl, make_subject
-    from gradtool.check.runner import CheckOptions, check_spec
+    from gradtool.check.runner import CheckOptions
     from gradtool.errors import GradtoolError
     from gradtool.spec.loader import builtin_specs, load_spec
 
@@ -392,17 +522,7 @@ def _run_checks(names, impl, mapping, tol, float32, order, shapes, seed, quiet,
                            cases=shapes, seed=seed, order=order, fixed=fixed,
                            one_hot=tuple(one_hot), batch_one=batch_one)
     subject = make_subject(specs[0], load_impl(impl), pairs, values) if impl else None
-    rows = []
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                  console=err_console, transient=True,
-                  disable=quiet or not err_console.is_terminal) as bar:
-        task = bar.add_task("checking", total=len(specs) * shapes)
-        for spec in specs:
-            rows += check_spec(spec, options, subject=subject,
-                               progress=lambda text: bar.update(task, advance=1,
-                                                                description=text))
-    return rows
+    return specs, options, subject
 
 
 def _emit_code(spec: str, target: str | None, output: str | None, debug: bool) -> None:
@@ -414,7 +534,9 @@ def _emit_code(spec: str, target: str | None, output: str | None, debug: bool) -
         if target not in TARGETS:
             what = "--code needs a target" if target is None else f"unknown code target {target!r}"
             raise GradtoolError(what, hint="use --code numpy or --code torch")
-        source = generate(spec, target)
+        with _Working(what=f"generating {target} code") as working:
+            working.step(spec)
+            source = generate(spec, target)
         if output:
             write_user_file(output, source)
     except Exception as exc:  # noqa: BLE001
@@ -532,11 +654,11 @@ def train_cmd(
     except typer.Exit:
         raise
     except Exception as exc:  # noqa: BLE001
-        _fail(exc, debug)
+        _fail(exc, debug, as_json)
     if _is_other_rank():
         return
     if as_json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps({"version": json_version(), **result.to_json()}))
     else:
         err_console.print(result_table(result))
 

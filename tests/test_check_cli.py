@@ -3,7 +3,6 @@ kernel, ``--impl`` error messages, ``--float32``, ``--order 2`` and ``--map``.""
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -13,12 +12,13 @@ from typer.testing import CliRunner
 
 from gradtool.cli import app
 from tests.conftest import kernel_modules
+from tests.json_schemas import rows as json_rows
 
 runner = CliRunner()
 ZOO = Path(__file__).parent / "bug_zoo"
 BROKEN = ZOO / "broken.py"
-ROW_KEYS = {"spec", "input", "oracle", "shape", "max_abs", "max_rel", "index", "analytic",
-            "numeric", "allowed", "passed", "note"}
+ROW_KEYS = {"spec", "kind", "tensor", "input", "oracle", "shape", "input_scale", "max_abs",
+            "max_rel", "index", "analytic", "numeric", "allowed", "passed", "diagnoses", "note"}
 
 
 def invoke(*args):
@@ -35,7 +35,7 @@ def ok(*args) -> str:
 def rows_of(*args, exit_code: int = 0) -> list[dict]:
     result = invoke(*args, "--json")
     assert result.exit_code == exit_code, result.output
-    rows = json.loads(result.stdout)
+    rows = json_rows(result.stdout)
     assert rows and all(set(r) == ROW_KEYS and isinstance(r["passed"], bool) for r in rows)
     return rows
 
@@ -68,10 +68,55 @@ def test_check_layernorm_passes():
 def test_check_table_in_a_log_keeps_every_column_whole():
     """Output to a pipe or a CI log is not cut to 80 columns: every header and oracle name is
     printed in full."""
-    out = ok("check", "relu")
+    out = ok("check", "relu", "--show", "all")
     for text in ("max abs err", "oracle value", "allowed", "finite differences",
                  "numpy vs torch kernels", "kinks avoided"):
         assert text in out, text
+
+
+def test_check_default_is_one_line_per_spec_and_input():
+    """The default view: a line per (spec, input) with its verdict; the full table only with
+    --show all."""
+    out = ok("check", "batchnorm", "--shapes", "2")
+    lines = [line for line in out.splitlines() if line.startswith("│")]
+    labels = [" ".join(line.strip("│ ").split(" │ ")[:2]) for line in lines]
+    # batchnorm: Y, two state updates, X, gamma, beta; its eval form: Y, X, gamma, beta
+    assert len(lines) == 10, out
+    assert sum("running_mean (state update)" in x for x in labels) == 1
+    assert all(line.rstrip("│ ").endswith("pass") for line in lines), out
+    assert "max abs err" not in out and "comparisons passed" in out
+
+
+@pytest.mark.parametrize("show", ["inputs", "all", "failed"])
+@pytest.mark.parametrize("width", [50, 80])
+def test_names_are_never_cut_on_a_narrow_terminal(show, width):
+    from rich.console import Console
+
+    from gradtool.check.runner import Row
+    from gradtool.render import render_check
+
+    rows = [Row("batchnorm", f"running_{s} (state update)", "finite differences (random "
+                "probes)", "C=3,N=2", 0.5, 0.5, [1], 1.0, 2.0, 1e-6, s == "mean", "")
+            for s in ("mean", "var")]
+    console = Console(width=width, record=True, force_terminal=True)
+    render_check(console, rows, show=show)
+    text = console.export_text()
+    table = [line for line in text.splitlines() if line.startswith("│")]
+    assert "…" not in text
+    assert any("running_var (state update)" in line for line in table)
+    assert show == "failed" or any("running_mean (state update)" in line for line in table)
+    if show == "all" or width >= 80 and show != "inputs":
+        assert any("finite differences (random probes)" in line for line in table)
+    assert "running_var[1]: ours 1, expected 2" in text  # the failure spelled out below
+
+
+def test_default_view_spells_out_each_failed_input():
+    out = fails_with_table("check", "layernorm", "--impl",
+                           f"{ZOO / 'layernorm.py'}:LayerNormNoMeanTerm", "--shapes", "2")
+    x_line = next(line for line in out.splitlines() if line.startswith("│ layernorm │ X "))
+    assert "FAIL" in x_line
+    assert "layernorm X: 6 of 6 comparisons failed" in out
+    assert "wrong almost everywhere" in out
 
 
 def test_check_json_rows():

@@ -150,7 +150,7 @@ def test_script_style_file_from_the_command_line():
     result = runner.invoke(app, ["check", "sigmoid", "--impl",
                                  f"{HERE / 'script_style.py'}:Sigmoid", "--json"])
     assert result.exit_code == 0, result.output
-    assert all(row["passed"] for row in json.loads(result.stdout))
+    assert all(row["passed"] for row in json.loads(result.stdout)["rows"])
     assert "learning rate 0.1" in result.stderr and "forward" in result.stderr
 
 
@@ -161,12 +161,14 @@ def test_cli_options_for_course_styles():
         args += ["--map", f"{key}={value}"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert {r["shape"] for r in json.loads(result.stdout) if r["shape"]} == \
-        {"C=3,N=4", "C=3,N=4,inputs×0.1"}
+    rows = json.loads(result.stdout)["rows"]
+    assert {(tuple(sorted(r["shape"].items())), r["input_scale"]) for r in rows
+            if r["shape"]} == {((("C", 3), ("N", 4)), 1.0), ((("C", 3), ("N", 4)), 0.1)}
     result = runner.invoke(app, args + ["--set", "eps=1e-5"])
     assert result.exit_code == 1
     result = runner.invoke(app, args + ["--set", "nothere=1"])
-    assert result.exit_code == 1 and "not a hyper-parameter of batchnorm" in result.stderr
+    assert result.exit_code == 1  # with --json, the error is a JSON object on stdout
+    assert "not a hyper-parameter of batchnorm" in json.loads(result.stdout)["error"]["message"]
 
 
 def test_gradient_name_mapped_on_its_own(tmp_path):

@@ -310,7 +310,7 @@ def test_check_passes_on_multi_output_specs(spec_path, name):
     result = runner.invoke(app, ["check", str(spec_path(name)), "--json"])
     assert "internal error" not in result.output
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
+    rows = json.loads(result.stdout)["rows"]
     assert rows and all(r["passed"] for r in rows)
     if name != "no_differentiable_input":
         assert {"finite differences", "torch.autograd"} <= {r["oracle"] for r in rows}
@@ -333,7 +333,7 @@ def test_check_second_order_and_float32_on_output_reading_output(spec_path):
                                  "--float32", "--json"])
     assert "internal error" not in result.output
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
+    rows = json.loads(result.stdout)["rows"]
     assert {"2nd order (probes)", "float32 kernels vs float64"} <= {r["oracle"] for r in rows}
 
 

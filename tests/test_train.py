@@ -11,12 +11,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from gradtool import __version__
 from gradtool.cli import app
 from gradtool.codegen.cache import _with_checksum, cache_dir, spec_key
 from gradtool.codegen.emit import generate
 from gradtool.spec.loader import load_spec
 from gradtool.train import DivergenceError, TrainConfig, train
 from gradtool.train.verify import VerificationError, verify_spec
+from tests.json_schemas import valid
 from tests.test_nn import RMSNORM
 
 QUICK = dict(limit=300, hidden=(16,), batch_size=32)
@@ -132,8 +134,9 @@ def test_cli_json_prints_one_object(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["train", "--epochs", "1", "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
+    data = valid("train", result.stdout)
     assert data["epochs"] == 1 and 0 <= data["test_acc"] <= 1
+    assert data["version"]["gradtool"] == __version__
     assert len(list((tmp_path / "runs").iterdir())) == 1
 
 

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gradtool.cli import app
+from tests.json_schemas import error as json_error
 
 runner = CliRunner()
 
@@ -44,8 +45,15 @@ def _check(path, *extra, env=None):
 
 
 def _one_error_line(result, *needles):
+    """One ``error:`` line on stderr, or with ``--json`` one JSON error object on stdout."""
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output and "internal error" not in result.output
+    if result.stdout.startswith("{"):
+        err = json_error(result)
+        assert err["kind"] == "error", err
+        for needle in needles:
+            assert needle in err["text"], err["text"]
+        return
     err = result.stderr.strip().splitlines()
     assert err[-1].startswith("error:"), result.stderr
     for needle in needles:
@@ -65,7 +73,7 @@ def test_exit_or_interrupt_in_a_layer_is_one_error(tmp_path, where, line, how, s
     for extra in ([], ["--json"]):
         result = _check(path, *extra)
         _one_error_line(result, f"{path}:{line + 1}:", says)
-        assert result.stdout == ""
+        assert result.stdout == "" if not extra else result.stdout.startswith("{")
 
 
 def test_exit_at_import_is_one_error(tmp_path):
@@ -86,7 +94,7 @@ def test_prints_in_a_layer_keep_json_clean(tmp_path):
                       head="print('importing')\n")
     result = _check(path, "--json")
     assert result.exit_code == 0, result.output
-    assert all(row["passed"] for row in json.loads(result.stdout))
+    assert all(row["passed"] for row in json.loads(result.stdout)["rows"])
     assert "forward called" in result.stderr and "importing" in result.stderr
 
 

@@ -45,6 +45,18 @@ FD_STEP = 1e-6
 HAND_RTOL = 1e-5
 HAND_SCALES = (1.0, 0.1, 10.0)
 ROUNDING = 1e-9  # above this, a passing exact comparison gets a note
+# what a row compares, read from its ``input`` label (``Y (forward)``, ``running_mean (state
+# update)``) or its oracle (``contract: ...``); see :attr:`Row.kind`
+KIND_SUFFIXES = {" (forward)": "forward", " (state update)": "state_update"}
+
+
+@dataclass
+class Diagnosis:
+    """A named finding on a row: ``code`` is stable snake_case for scripts (docs/json.md lists
+    every code), ``text`` the sentence the table prints."""
+
+    code: str
+    text: str
 
 
 @dataclass
@@ -61,13 +73,64 @@ class Row:
     allowed: float
     passed: bool
     note: str = ""
+    diagnoses: list = field(default_factory=list)  # Diagnosis, the decisive one first
+
+    @property
+    def kind(self) -> str:
+        """``gradient``, ``second_order``, ``forward``, ``state_update``, ``contract``,
+        ``settings`` (what was read from a hand-written layer) or ``skipped`` (an oracle
+        that could not run)."""
+        if self.oracle.startswith("contract: "):
+            return "contract"
+        if self.input == "settings":
+            return "settings"
+        for suffix, kind in KIND_SUFFIXES.items():
+            if self.input.endswith(suffix):
+                return kind
+        if self.oracle.startswith("2nd order"):
+            return "second_order"
+        return "skipped" if self.input == "all" and self.passed else "gradient"
+
+    @property
+    def tensor(self) -> str | None:
+        """The tensor the row is about, without the kind (``Y`` of ``Y (forward)``); ``None``
+        for a row about the whole layer."""
+        if self.input in ("all", "settings", "backward"):
+            return None
+        for suffix in KIND_SUFFIXES:
+            if self.input.endswith(suffix):
+                return self.input.removesuffix(suffix)
+        return self.input
+
+    def diagnose(self, code: str, text: str, first: bool = False) -> None:
+        """Add a finding to the note and to :attr:`diagnoses` (``first``: it comes before the
+        others, as the decisive one)."""
+        found = Diagnosis(code, text)
+        parts = [text, self.note] if first else [self.note, text]
+        self.note = "; ".join(x for x in parts if x)
+        self.diagnoses = [found, *self.diagnoses] if first else [*self.diagnoses, found]
 
     def to_json(self) -> dict:
-        out = asdict(self)
-        for k in ("max_abs", "max_rel", "analytic", "numeric", "allowed"):
-            v = out[k]
-            out[k] = None if v is None or not np.isfinite(v) else float(v)
+        """One row as docs/json.md describes it (``schemas/check.schema.json``): the shape as
+        an object of sizes, the kind and the tensor apart, each diagnosis as a code and its
+        sentence; infinite or NaN numbers become ``null``."""
+        sizes, scale = parse_shape_text(self.shape)
+        out = {"spec": self.spec, "kind": self.kind, "tensor": self.tensor,
+               "input": self.input, "oracle": self.oracle, "shape": sizes,
+               "input_scale": scale}
+        for k in ("max_abs", "max_rel"):
+            out[k] = _finite(getattr(self, k))
+        out["index"] = self.index
+        for k in ("analytic", "numeric", "allowed"):
+            out[k] = _finite(getattr(self, k))
+        out["passed"] = self.passed
+        out["diagnoses"] = [asdict(d) for d in self.diagnoses]
+        out["note"] = self.note
         return out
+
+
+def _finite(v) -> float | None:
+    return None if v is None or not np.isfinite(v) else float(v)
 
 
 @dataclass
@@ -91,8 +154,9 @@ def compare(spec, name, oracle, shape, analytic, reference, allowed, note="") ->
     """Row for ``analytic`` vs ``reference``; ``allowed`` is a scalar or per-element array."""
     a, r = to_numpy(analytic), to_numpy(reference)
     if a.shape != r.shape:
-        return Row(spec, name, oracle, shape, np.inf, np.inf, None, None, None, 0.0, False,
-                   f"shape {a.shape} but expected {r.shape}")
+        row = Row(spec, name, oracle, shape, np.inf, np.inf, None, None, None, 0.0, False)
+        row.diagnose("wrong_shape", f"shape {a.shape} but expected {r.shape}")
+        return row
     if a.size == 0:
         return Row(spec, name, oracle, shape, 0.0, 0.0, None, None, None, 0.0, True, note)
     allowed = np.broadcast_to(np.asarray(allowed, dtype=np.float64), a.shape)
@@ -106,49 +170,73 @@ def compare(spec, name, oracle, shape, analytic, reference, allowed, note="") ->
     scale = float(finite.max()) if finite.size else 0.0
     max_abs = float(np.nanmax(np.where(bad, np.inf, err)))
     passed = bool(np.all(err <= allowed) and not bad.any())
+    row = Row(spec, name, oracle, shape, max_abs, max_abs / scale if scale else max_abs,
+              [int(i) for i in worst], float(a[worst]), float(r[worst]),
+              float(allowed[worst]), passed, note)
     if not passed:
-        note = "; ".join(x for x in (note, classify(a, r, err > allowed)) if x)
-    return Row(spec, name, oracle, shape, max_abs, max_abs / scale if scale else max_abs,
-               [int(i) for i in worst], float(a[worst]), float(r[worst]),
-               float(allowed[worst]), passed, note)
+        row.diagnose(*diagnose(a, r, err > allowed))
+    return row
 
 
 def classify(a: np.ndarray, r: np.ndarray, wrong: np.ndarray) -> str:
-    """Name the pattern of a wrong gradient where one is recognisable."""
+    """Name the pattern of a wrong gradient where one is recognisable (the sentence of
+    :func:`diagnose`)."""
+    return diagnose(a, r, wrong)[1]
+
+
+def diagnose(a: np.ndarray, r: np.ndarray, wrong: np.ndarray) -> tuple[str, str]:
+    """``(code, sentence)`` naming the pattern of a wrong gradient ``a`` against the expected
+    ``r`` (same shape; ``wrong`` marks the elements outside tolerance)."""
     if not np.all(np.isfinite(a)):
-        return "non-finite values (NaN or inf) in the gradient"
+        return "non_finite", "non-finite values (NaN or inf) in the gradient"
     scale = float(np.abs(r).max()) if r.size else 0.0
     if scale and np.array_equal(a, a.astype(np.float32).astype(np.float64)) \
             and not np.array_equal(r, r.astype(np.float32).astype(np.float64)) \
             and float(np.abs(a - r).max()) <= 1e-4 * scale:
-        return ("float32 precision: every value is a float32 number and the differences are "
-                "at float32's rounding level (compute in float64)")
+        return "float32_precision", ("float32 precision: every value is a float32 number and "
+                                     "the differences are at float32's rounding level "
+                                     "(compute in float64)")
     rr = float(np.sum(r * r))
     if rr > 0 and float(np.abs(r).max()) > 1e-8 and a.size > 1:
         c = float(np.sum(a * r) / rr)
         resid = float(np.linalg.norm(a - c * r)) / max(float(np.linalg.norm(r)), 1e-300)
         if resid < 1e-6 and abs(c - 1) > 1e-6 and 1e-3 < abs(c) < 1e3:
             if abs(c + 1) < 1e-6:
-                return "wrong sign: the gradient is the negative of the expected one"
-            return f"global scale: the gradient is {c:.4g} × the expected one (sum vs mean?)"
+                return "wrong_sign", "wrong sign: the gradient is the negative of the expected one"
+            return "global_scale", (f"global scale: the gradient is {c:.4g} × the expected one "
+                                    "(sum vs mean?)")
     if a.ndim == 2 and a.shape[0] == a.shape[1] and np.allclose(a, r.T, rtol=1e-6, atol=1e-9) \
             and not np.allclose(a, r, rtol=1e-6, atol=1e-9):
-        return "transposed: the gradient equals the expected one transposed"
+        return "transposed", "transposed: the gradient equals the expected one transposed"
     for axis in range(wrong.ndim):
         if wrong.shape[axis] < 2:
             continue
         rows = np.flatnonzero(wrong.any(axis=tuple(k for k in range(wrong.ndim) if k != axis)))
         if len(rows) == 1:
-            return f"only index {int(rows[0])} along axis {axis} is wrong"
+            return "one_index_wrong", f"only index {int(rows[0])} along axis {axis} is wrong"
     if wrong.mean() > 0.5:
-        return "wrong almost everywhere: a dropped or extra term"
-    return f"{int(wrong.sum())} of {wrong.size} elements wrong"
+        return "wrong_almost_everywhere", "wrong almost everywhere: a dropped or extra term"
+    return "some_elements_wrong", f"{int(wrong.sum())} of {wrong.size} elements wrong"
 
 
 # -- helpers ----------------------------------------------------------------------------------
 
 def shape_text(dims: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(((str(k), v) for k, v in dims.items())))
+
+
+SCALED = ",inputs×"  # a hand-written layer's shape at scaled inputs: "N=2,D=3,inputs×0.1"
+
+
+def parse_shape_text(shape: str) -> tuple[dict[str, int], float]:
+    """``"D=3,N=2,inputs×0.1"`` (a row's shape) → ``({"D": 3, "N": 2}, 0.1)``."""
+    head, sep, scale = shape.partition(SCALED.lstrip(","))
+    sizes = {}
+    for part in head.split(","):
+        name, eq, value = part.partition("=")
+        if eq:
+            sizes[name] = int(value)
+    return sizes, float(scale) if sep else 1.0
 
 
 def call_reference(spec: Spec, tensors: dict, dims: dict):
@@ -332,18 +420,18 @@ def _judge_kernel(row: Row, formula: DerivedFormula | None, name: str, kernel_gr
 
     ours, value = seen(kernel_grad), seen(f)
     by_formula = compare(row.spec, row.input, row.oracle, row.shape, value, expect, allowed)
-    if by_formula.passed:
-        row.note = "; ".join(x for x in (
-            note, "the generated numpy kernel disagrees with the derived formula, which "
-                  f"agrees with {row.oracle}: a code-generation fault, not a derivation error "
-                  f"({_worst(kernel_grad, f)})") if x)
+    if by_formula.passed:  # the pattern against the oracle says nothing about the kernel
+        row.note, row.diagnoses = note, []
+        row.diagnose("codegen_fault", "the generated numpy kernel disagrees with the derived "
+                     f"formula, which agrees with {row.oracle}: a code-generation fault, not "
+                     f"a derivation error ({_worst(kernel_grad, f)})")
     elif _exact_agree(ours, value, formula.options):
-        row.note = "; ".join(x for x in (
-            f"the derived formula itself disagrees with {row.oracle}", row.note) if x)
+        row.diagnose("derivation_fault",
+                     f"the derived formula itself disagrees with {row.oracle}", first=True)
     else:
-        row.note = "; ".join(x for x in (
-            f"the derived formula disagrees with {row.oracle}, and the generated numpy "
-            "kernel differs from the formula too", row.note) if x)
+        row.diagnose("derivation_and_codegen_fault",
+                     f"the derived formula disagrees with {row.oracle}, and the generated "
+                     "numpy kernel differs from the formula too", first=True)
     return row
 
 
@@ -386,7 +474,7 @@ def check_spec(spec: Spec, options: CheckOptions | None = None, subject=None,
         dims, inputs, kink_note = _sample(spec, d, rng, fixed, scale, options.one_hot)
         scaled = scale != 1.0 and any(_scalable(spec, t, scale) and t.name not in
                                       options.one_hot for t in spec.of_kind("input"))
-        shape = shape_text(dims) + (f",inputs×{scale:g}" if scaled else "")
+        shape = shape_text(dims) + (f"{SCALED}{scale:g}" if scaled else "")
         upstream = _upstream(spec, dims, rng)
         if hasattr(subject, "takes_upstream") and not subject.takes_upstream():
             # a loss layer whose backward takes no upstream gradient: it is 1
@@ -423,8 +511,13 @@ def check_spec(spec: Spec, options: CheckOptions | None = None, subject=None,
             with _at_shape(shape, subject):
                 contract = subject.contract(inputs, dims, upstream)
             for what, ok, why in contract:
-                rows.append(Row(spec.name, "backward", f"contract: {what}", shape, 0.0, 0.0,
-                                None, None, None, 0.0, ok, why))
+                row = Row(spec.name, "backward", f"contract: {what}", shape, 0.0, 0.0,
+                          None, None, None, 0.0, ok)
+                if ok:
+                    row.note = why
+                else:  # "grad_out not mutated" broken: code contract_grad_out_not_mutated
+                    row.diagnose("contract_" + "_".join(what.replace("-", " ").split()), why)
+                rows.append(row)
     return rows
 
 
@@ -488,7 +581,7 @@ def _one_diagnosis(rows: list[Row], spec, dims, inputs, upstream, grads, options
         if a.shape != r.shape:
             continue
         tol = options.tol * (float(np.abs(r).max()) if r.size else 1.0) + 1e-12
-        diagnosis[name] = classify(a, r, np.abs(a - r) > tol)
+        diagnosis[name] = diagnose(a, r, np.abs(a - r) > tol)
         for other, r2 in expected.items():
             a2 = to_numpy(grads.get(other, np.empty(0)))
             if other != name and a.shape == r2.shape and a2.shape == r.shape \
@@ -496,14 +589,15 @@ def _one_diagnosis(rows: list[Row], spec, dims, inputs, upstream, grads, options
                     and np.allclose(a2, r, rtol=1e-6, atol=1e-12) \
                     and not np.allclose(a, r, rtol=1e-6, atol=1e-12):
                 first, second = sorted((name, other), key=list(expected).index)
-                diagnosis[name] = (f"swapped: the gradients of {first} and {second} are each "
-                                   "other's expected values")
-    for row in failed:
-        if row.input in diagnosis and row.note:
+                diagnosis[name] = ("swapped", f"swapped: the gradients of {first} and "
+                                   f"{second} are each other's expected values")
+    for row in failed:  # the pattern against the derived gradient replaces the oracle's
+        if row.input not in diagnosis:
+            continue
+        if row.diagnoses:
             head, sep, _ = row.note.rpartition("; ")
-            row.note = head + sep + diagnosis[row.input]
-        elif row.input in diagnosis:
-            row.note = diagnosis[row.input]
+            row.note, row.diagnoses = head, row.diagnoses[:-1]
+        row.diagnose(*diagnosis[row.input])
 
 
 @contextlib.contextmanager
@@ -531,7 +625,7 @@ def _forward_rows(spec, d, dims, inputs, shape, outs, state, options, subject, *
         tol = _exact_tol(options, float(np.abs(expect).max()) if np.size(expect) else 1.0)
         row = compare(spec.name, f"{name} (forward)", "spec evaluator", shape, y, expect, tol)
         if not row.passed and subject.name != "derived":
-            row.note = "; ".join(x for x in ("the forward already disagrees", row.note) if x)
+            row.diagnose("forward_disagrees", "the forward already disagrees", first=True)
         rows.append(row)
     for name, value in state.items():
         expect = env[f"{name}:new"]
@@ -679,12 +773,14 @@ def _judge_backends(row: Row, formula: DerivedFormula | None, name: str, numpy_g
     if len(wrong) == 1:
         right = "torch" if wrong[0] == "numpy" else "numpy"
         bad = numpy_grad if wrong[0] == "numpy" else torch_grad
-        row.note = (f"the generated {wrong[0]} kernel disagrees with the derived formula (the "
-                    f"{right} kernel agrees with it): a code-generation fault, not a "
-                    f"derivation error ({_worst(bad, formula.gradient(name))})")
+        row.note, row.diagnoses = "", []
+        row.diagnose("codegen_fault",
+                     f"the generated {wrong[0]} kernel disagrees with the derived formula (the "
+                     f"{right} kernel agrees with it): a code-generation fault, not a "
+                     f"derivation error ({_worst(bad, formula.gradient(name))})")
     elif wrong:
-        row.note = ("both generated kernels disagree with the derived formula: a "
-                    f"code-generation fault; {row.note}")
+        row.diagnose("codegen_fault", "both generated kernels disagree with the derived "
+                     "formula: a code-generation fault", first=True)
     return row
 
 
@@ -731,8 +827,11 @@ def _second_order_rows(spec, dims, inputs, upstream, shape, options, rng, **_):
         try:
             second = torch.autograd.grad(inner, [leaves[k] for k in wrt], allow_unused=True)
         except RuntimeError as exc:
-            return [Row(spec.name, "all", "2nd order", shape, np.nan, np.nan, None, None, None,
-                        0.0, False, f"the generated backward is not differentiable: {exc}")]
+            row = Row(spec.name, "all", "2nd order", shape, np.nan, np.nan, None, None, None,
+                      0.0, False)
+            row.diagnose("backward_not_differentiable",
+                         f"the generated backward is not differentiable: {exc}")
+            return [row]
     rows = []
     rtol = options.tol if options.tol is not None else 1e-6
     for name, s in zip(wrt, second, strict=True):
@@ -752,4 +851,5 @@ def summary(rows: list[Row]) -> dict:
             "failed_specs": sorted({r.spec for r in failed})}
 
 
-__all__ = ["CheckOptions", "Row", "check_spec", "compare", "classify", "summary"]
+__all__ = ["CheckOptions", "Diagnosis", "Row", "check_spec", "compare", "classify", "diagnose",
+           "parse_shape_text", "summary"]

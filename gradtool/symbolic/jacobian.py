@@ -100,8 +100,11 @@ def _prefer_output_indices(expr, in_idx, out_idx):
 
 
 def explicit_matrix(d: Derivation, jac: Jacobian, sizes: dict[str, int],
-                    limit: int = 4096) -> tuple[sp.Matrix, list, list]:
-    """The Jacobian for concrete sizes: rows are output elements, columns input elements."""
+                    limit: int = 4096, progress=None) -> tuple[sp.Matrix, list, list]:
+    """The Jacobian for concrete sizes: rows are output elements, columns input elements.
+
+    ``progress(done, total)`` is called before each row (a convolution's matrix takes
+    seconds)."""
     spec = d.spec
     missing = [str(sym) for t in (jac.output, jac.wrt) for dim in spec.tensors[t].dims
                for sym in dim.free_symbols if str(sym) not in sizes]
@@ -127,6 +130,8 @@ def explicit_matrix(d: Derivation, jac: Jacobian, sizes: dict[str, int],
     base = jac.expr.xreplace(values)
     matrix = sp.zeros(len(rows), len(cols))
     for r, row in enumerate(rows):
+        if progress is not None:
+            progress(r, len(rows))
         at_row = base.xreplace(dict(zip(jac.out_idx, map(sp.Integer, row), strict=True)))
         for c, col in enumerate(cols):
             entry = at_row.xreplace(dict(zip(jac.in_idx, map(sp.Integer, col), strict=True)))

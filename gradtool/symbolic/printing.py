@@ -10,9 +10,15 @@ from sympy.printing.str import StrPrinter
 
 from gradtool.symbolic.ir import ArgMaxMask, Sigmoid, access_indices, access_name
 
-GREEK = {"gamma": "γ", "beta": "β", "alpha": "α", "mu": "μ", "sigma": "σ", "eps": "ε",
-         "lambda_": "λ", "tau": "τ", "rho": "ρ", "theta": "θ", "xhat": "x̂",
-         "yhat": "ŷ", "var": "σ²", "std": "σ"}
+# a name that is a Greek letter's prints as the letter (a hyper-parameter ``delta``, Huber's δ,
+# is δ, never the word "delta" beside a Kronecker δ(c,j)); ``lambda_`` because ``lambda`` is
+# a Python keyword
+GREEK_LETTERS = {
+    "alpha": "α", "beta": "β", "gamma": "γ", "delta": "δ", "epsilon": "ε", "zeta": "ζ",
+    "eta": "η", "theta": "θ", "iota": "ι", "kappa": "κ", "lambda_": "λ", "lam": "λ", "mu": "μ",
+    "nu": "ν", "xi": "ξ", "pi": "π", "rho": "ρ", "sigma": "σ", "tau": "τ", "upsilon": "υ",
+    "phi": "φ", "chi": "χ", "psi": "ψ", "omega": "ω"}
+GREEK = {**GREEK_LETTERS, "eps": "ε", "xhat": "x̂", "yhat": "ŷ", "var": "σ²", "std": "σ"}
 
 
 def display_name(name: str) -> str:
@@ -269,9 +275,9 @@ def text(expr: sp.Expr) -> str:
 
 # -- LaTeX ----------------------------------------------------------------------------------
 
-LATEX_NAMES = {"gamma": r"\gamma", "beta": r"\beta", "alpha": r"\alpha", "mu": r"\mu",
-               "eps": r"\epsilon", "xhat": r"\hat{x}", "var": r"\sigma^2", "std": r"\sigma",
-               "rstd": r"\mathrm{rstd}", "sigma": r"\sigma"}
+LATEX_NAMES = {**{k: "\\" + k.rstrip("_") for k in GREEK_LETTERS},
+               "lam": r"\lambda", "eps": r"\epsilon", "xhat": r"\hat{x}", "yhat": r"\hat{y}",
+               "var": r"\sigma^2", "std": r"\sigma", "rstd": r"\mathrm{rstd}"}
 
 
 def latex_name(name: str) -> str:
@@ -284,6 +290,21 @@ def latex_name(name: str) -> str:
     return name
 
 
+def latex_access(name: str, indices) -> str:
+    """A tensor entry with its subscript where people write it: ``X_{n,d}``,
+    ``\\sigma^2_{n}`` (not ``{\\sigma^2}_{n}``), ``g_{\\mathrm{rstd},n}`` for the adjoint
+    of rstd at n; a scalar (no indices) is its name alone."""
+    base = latex_name(name)
+    idx = ",".join(str(i) for i in indices)
+    if not idx:
+        return base
+    if base.startswith("g_{") and base.endswith("}"):  # the adjoint's name and the indices
+        return f"{base[:-1]},{idx}}}"
+    if base.endswith("}") and "_" in base and not base.startswith("\\"):
+        return f"{{{base}}}_{{{idx}}}"  # a name that already has a subscript
+    return f"{base}_{{{idx}}}"
+
+
 class IndexLatexPrinter(LatexPrinter):
     def _print_Symbol(self, expr, style="plain"):
         if expr.is_integer and not expr.is_positive:  # an index: d' stays d'
@@ -291,9 +312,17 @@ class IndexLatexPrinter(LatexPrinter):
         return latex_name(expr.name)
 
     def _print_Indexed(self, expr):
-        name = latex_name(expr.base.label.name)
-        idx = ",".join(self._print(i) for i in expr.indices)
-        return f"{{{name}}}_{{{idx}}}"
+        return latex_access(expr.base.label.name, [self._print(i) for i in expr.indices])
+
+    def _print_Pow(self, expr, exp=None):
+        """``\\left(\\sigma^2_{n}\\right)^{2}``: a base that carries its own superscript is
+        bracketed before it is raised (``\\sigma^2_{n}^{2}`` is a double superscript)."""
+        out = super()._print_Pow(expr, exp) if exp is not None else super()._print_Pow(expr)
+        if isinstance(expr.base, (sp.Indexed, sp.Symbol)):
+            base = self._print(expr.base)
+            if "^" in base and out.startswith(base + "^"):
+                out = rf"\left({base}\right)" + out[len(base):]
+        return out
 
     def _print_Sum(self, expr):
         over = ",".join(self._print(lim[0]) for lim in expr.limits)
@@ -321,9 +350,164 @@ def latex(expr: sp.Expr) -> str:
     return IndexLatexPrinter().doprint(expr)
 
 
+ALIGN_WIDTH = 100  # a right-hand side longer than this is broken over lines
+
+
+def latex_equation(lhs: str, rhs: str, width: int = ALIGN_WIDTH) -> str:
+    """``lhs = rhs``; a long one as an ``aligned`` block broken before top-level ``+``/``-``
+    (those inside one pair of ``\\left( … \\right)`` too, whose delimiters then become
+    ``\\Bigl( … \\Bigr)``, as ``\\left``/``\\right`` cannot span lines)."""
+    if len(rhs) <= width:
+        return f"{lhs} = {rhs}"
+    cuts, outer = _break_points(rhs)
+    if not cuts:
+        return f"{lhs} = {rhs}"
+    lines, start, last = [], 0, 0
+    for cut in cuts + [len(rhs)]:
+        if cut - start > width and last > start:
+            lines.append(rhs[start:last])
+            start = last
+        last = cut
+    lines.append(rhs[start:])
+    if len(lines) == 1:
+        return f"{lhs} = {rhs}"
+    if outer is not None:  # the broken \left( … \right) pair
+        lines = [_big_delimiters(line, outer, start_at) for line, start_at in
+                 zip(lines, _offsets(lines), strict=True)]
+    body = " \\\\\n".join(f"{lhs} ={{}}& {line.strip()}" if not k else
+                            rf"&\quad {line.strip()}" for k, line in enumerate(lines))
+    return "\\begin{aligned}\n" + body + "\n\\end{aligned}"
+
+
+def _offsets(lines: list[str]) -> list[int]:
+    out, at = [], 0
+    for line in lines:
+        out.append(at)
+        at += len(line)
+    return out
+
+
+def _big_delimiters(line: str, outer: tuple[int, int, str, str], at: int) -> str:
+    """Replace the ``\\left(`` at ``outer[0]`` and the ``\\right)`` at ``outer[1]`` (positions
+    in the whole right-hand side; ``at`` is where ``line`` starts) by ``\\Bigl(``,
+    ``\\Bigr)``."""
+    (lo, hi, open_, close) = outer
+    end = at + len(line)
+    if at <= hi < end:
+        k = hi - at
+        line = line[:k] + r"\Bigr" + close + line[k + len(r"\right") + len(close):]
+    if at <= lo < end:
+        k = lo - at
+        line = line[:k] + r"\Bigl" + open_ + line[k + len(r"\left") + len(open_):]
+    return line
+
+
+def _break_points(rhs: str):
+    """Positions of `` + `` and `` - `` outside braces and ``\\left…\\right`` pairs or, if
+    there are none, inside the single pair that holds the whole sum; and that pair as
+    (position of ``\\left``, position of ``\\right``, opening, closing delimiter)."""
+    depth, pairs, stack = 0, [], []
+    found = {0: [], 1: []}
+    k = 0
+    while k < len(rhs):
+        if rhs.startswith(r"\left", k) and not rhs[k + 5:k + 6].isalpha():
+            stack.append((k, rhs[k + 5]))
+            k += 6
+            continue
+        if rhs.startswith(r"\right", k) and not rhs[k + 6:k + 7].isalpha():
+            lo, open_ = stack.pop()
+            pairs.append((lo, k, open_, rhs[k + 6], len(stack)))
+            k += 7
+            continue
+        ch = rhs[k]
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        elif depth == 0 and len(stack) <= 1 and rhs[k - 1:k + 2] in (" + ", " - ") and k > 1:
+            found[len(stack)].append((k - 1, stack[-1][0] if stack else None))
+        k += 1
+    if found[0]:
+        return [c for c, _ in found[0]], None
+    owners = {owner for _, owner in found[1]}
+    if len(owners) != 1:
+        return [], None
+    (owner,) = owners
+    pair = next(p for p in pairs if p[0] == owner and p[4] == 0)
+    return [c for c, _ in found[1]], pair[:4]
+
+
 # -- matrix notation ----------------------------------------------------------------------
 
-def matrix(expr: sp.Expr, free: tuple) -> str | None:
+class _Notation:
+    """How the matrix form is spelled: as text (``Gᵀ X``, ``S ⊙ (G − …)``) or LaTeX
+    (``G^{\\top} X``, ``S \\odot \\left(G - …\\right)``)."""
+
+    def __init__(self, latex_form: bool):
+        self.tex = latex_form
+        self.odot = r" \odot " if latex_form else " ⊙ "
+        self.times = r" \cdot " if latex_form else "·"
+        self.minus = " - " if latex_form else " − "
+
+    def name(self, name: str) -> str:
+        return latex_name(name) if self.tex else display_name(name)
+
+    def transposed(self, shown: str) -> str:
+        if not self.tex:
+            return shown + "ᵀ"
+        return (f"{{{shown}}}" if "^" in shown or "_" in shown else shown) + r"^{\top}"
+
+    def scalar(self, e) -> str:
+        return latex(e) if self.tex else text(e)
+
+    def wrap(self, s: str) -> str:
+        if self.tex:
+            plain = s.startswith(r"\left(") and s.endswith(r"\right)") \
+                and s.count(r"\left(") == 1
+            ops = (" + ", " - ", r"\odot", r"\cdot", "/")
+            return s if plain or not any(op in s for op in ops) else rf"\left({s}\right)"
+        if s.startswith("(") and s.endswith(")") and s.count("(") == 1:
+            return s
+        return f"({s})" if any(op in s for op in " +−-⊙/·") else s
+
+    def reciprocal(self, s: str) -> str:
+        return rf"\frac{{1}}{{{s}}}" if self.tex else f"1/{self.wrap(s)}"
+
+    def sqrt(self, s: str) -> str:
+        return rf"\sqrt{{{s}}}" if self.tex else f"√{self.wrap(s)}"
+
+    def power(self, s: str, exp) -> str:
+        return f"{self.wrap(s)}^{{{latex(exp)}}}" if self.tex else f"{self.wrap(s)}^{text(exp)}"
+
+    def fraction(self, num: str, den: str) -> str:
+        if not self.tex:
+            return f"{num}/{self.wrap(den)}"
+        if num.startswith(r"\left(") and num.endswith(r"\right)") \
+                and num.count(r"\left(") == 1:  # a fraction bar needs no brackets
+            num = num[len(r"\left("):-len(r"\right)")]
+        return rf"\frac{{{num}}}{{{den}}}"
+
+    def total(self, var, inner: str) -> str:
+        if self.tex:
+            return rf"\sum_{{{latex(var)}}} {inner}"
+        return f"Σ_{text(var)}({inner})" if self.wrap(inner) != inner \
+            else f"Σ_{text(var)} {inner}"
+
+    def positive(self, s: str) -> str:
+        return rf"\left[{s} > 0\right]" if self.tex else f"[{s} > 0]"
+
+    def function(self, name: str, s: str) -> str:
+        if not self.tex:
+            return f"{name}({s})"
+        head = {"σ": r"\sigma", "exp": r"\exp", "log": r"\log", "tanh": r"\tanh",
+                "sin": r"\sin", "cos": r"\cos"}.get(name, rf"\operatorname{{{name}}}")
+        return rf"{head}\left({s}\right)"
+
+
+TEXT, LATEX = _Notation(False), _Notation(True)
+
+
+def matrix(expr: sp.Expr, free: tuple, notation: _Notation = TEXT) -> str | None:
     """``G W``, ``Gᵀ X``, ``Σ_n G``, ``S ⊙ (G − …)`` for results of rank ≤ 2, else None.
 
     ``⊙`` is the element-wise product with NumPy broadcasting; ``Σ_k`` sums over axis k.
@@ -331,90 +515,89 @@ def matrix(expr: sp.Expr, free: tuple) -> str | None:
     if len(free) > 2:
         return None
     try:
-        return _mat(present(expr), tuple(free))
+        return _mat(present(expr), tuple(free), notation)
     except _NoMatrixFormError:
         return None
+
+
+def matrix_latex(expr: sp.Expr, free: tuple) -> str | None:
+    """The matrix form in LaTeX: ``G W``, ``G^{\\top} X``, ``\\sum_{n} G``."""
+    return matrix(expr, free, LATEX)
 
 
 class _NoMatrixFormError(Exception):
     pass
 
 
-def _label(node, free) -> str:
+def _label(node, free, nt: _Notation) -> str:
     """A tensor's name; ``ᵀ`` when a 2-d access runs against the result's axes."""
     idx = access_indices(node)
-    name = display_name(access_name(node))
+    name = nt.name(access_name(node))
     if any(not isinstance(i, sp.Symbol) for i in idx) or len(set(idx)) != len(idx):
         raise _NoMatrixFormError
     if free is not None and len(free) == 2 and tuple(idx) == tuple(reversed(free)):
-        return name + "ᵀ"
+        return nt.transposed(name)
     return name
 
 
-def _mat(e, free) -> str:
+def _mat(e, free, nt: _Notation) -> str:
     if isinstance(e, sp.Indexed):
-        return _label(e, free)
+        return _label(e, free, nt)
     if e.is_Number or isinstance(e, sp.Symbol):
-        return text(e)
+        return nt.scalar(e)
     if isinstance(e, sp.Add):
         terms = sorted(e.args, key=lambda a: a.could_extract_minus_sign())
-        out = _mat(terms[0], free)
+        out = _mat(terms[0], free, nt)
         for a in terms[1:]:
-            s = _mat(a, free)
-            out += f" − {s[1:]}" if s.startswith("-") else f" + {s}"
+            s = _mat(a, free, nt)
+            out += f"{nt.minus}{s[1:]}" if s.startswith("-") else f" + {s}"
         return out
     if isinstance(e, sp.Mul):
-        return _mat_mul(e, free)
+        return _mat_mul(e, free, nt)
     if isinstance(e, sp.Pow):
-        base = _mat(e.base, free)
+        base = _mat(e.base, free, nt)
         if e.exp == -1:
-            return f"1/{_wrap(base)}"
+            return nt.reciprocal(base)
         if e.exp == sp.Rational(1, 2):
-            return f"√{_wrap(base)}"
-        return f"{_wrap(base)}^{text(e.exp)}"
+            return nt.sqrt(base)
+        return nt.power(base, e.exp)
     if isinstance(e, sp.Sum):
-        return _mat_sum(e, free)
+        return _mat_sum(e, free, nt)
     if isinstance(e, sp.Heaviside):
-        return f"[{_mat(e.args[0], free)} > 0]"
+        return nt.positive(_mat(e.args[0], free, nt))
     if isinstance(e, sp.Function) and not isinstance(e, ArgMaxMask) and len(e.args) == 1:
         name = "σ" if isinstance(e, Sigmoid) else type(e).__name__
-        return f"{name}({_mat(e.args[0], free)})"
+        return nt.function(name, _mat(e.args[0], free, nt))
     raise _NoMatrixFormError
-
-
-def _wrap(s: str) -> str:
-    if s.startswith("(") and s.endswith(")") and s.count("(") == 1:
-        return s
-    return f"({s})" if any(op in s for op in " +−-⊙/·") else s
 
 
 def _is_scalar(f) -> bool:
     return not f.has(sp.Indexed)
 
 
-def _mat_mul(e, free) -> str:
+def _mat_mul(e, free, nt: _Notation) -> str:
     coeff, factors = e.as_coeff_mul()
     num = [f for f in factors if not (isinstance(f, sp.Pow) and f.exp.is_negative)]
     den = [1 / f for f in factors if isinstance(f, sp.Pow) and f.exp.is_negative]
 
     def join(fs):
-        scalars = [_wrap(_mat(f, free)) for f in fs if _is_scalar(f)]
-        arrays = [_wrap(_mat(f, free)) if isinstance(f, (sp.Add, sp.Sum)) else _mat(f, free)
-                  for f in fs if not _is_scalar(f)]
-        out = " ⊙ ".join(arrays)
-        return "·".join(scalars + ([out] if out else [])) or "1"
+        scalars = [nt.wrap(_mat(f, free, nt)) for f in fs if _is_scalar(f)]
+        arrays = [nt.wrap(_mat(f, free, nt)) if isinstance(f, (sp.Add, sp.Sum))
+                  else _mat(f, free, nt) for f in fs if not _is_scalar(f)]
+        out = nt.odot.join(arrays)
+        return nt.times.join(scalars + ([out] if out else [])) or "1"
 
     joined = join(num)
     if den:
-        joined = f"{joined}/{_wrap(join(den))}"
+        joined = nt.fraction(joined, join(den))
     if coeff == -1:
         return "-" + joined
     if coeff != 1:
-        return f"{text(coeff)}·{joined}"
+        return f"{nt.scalar(coeff)}{nt.times}{joined}"
     return joined
 
 
-def _mat_sum(e: sp.Sum, free) -> str:
+def _mat_sum(e: sp.Sum, free, nt: _Notation) -> str:
     (var, _, _), *more = e.limits
     if more or free is None:
         raise _NoMatrixFormError
@@ -424,7 +607,7 @@ def _mat_sum(e: sp.Sum, free) -> str:
     if any(f.has(var) for f in factors if not isinstance(f, sp.Indexed)):
         raise _NoMatrixFormError
     if len(free) == 2:
-        product = _mat_product(reads, var, free)
+        product = _mat_product(reads, var, free, nt)
         if product is not None:
             return product
     # Σ_k over one axis of an element-wise expression; if k pairs with two different free
@@ -433,11 +616,10 @@ def _mat_sum(e: sp.Sum, free) -> str:
     union = set().union(*with_var) if with_var else set()
     if with_var and not any(union <= s_ for s_ in with_var):
         raise _NoMatrixFormError
-    inner = _mat(body, None)
-    return f"Σ_{text(var)}({inner})" if _wrap(inner) != inner else f"Σ_{text(var)} {inner}"
+    return nt.total(var, _mat(body, None, nt))
 
 
-def _mat_product(reads, var, free) -> str | None:
+def _mat_product(reads, var, free, nt: _Notation) -> str | None:
     """Σ_k A[i,k]·B[k,j] (each side possibly an element-wise product): ``A B``."""
     left = [r for r in reads if set(r.indices) == {free[0], var}]
     right = [r for r in reads if set(r.indices) == {var, free[1]}]
@@ -449,9 +631,9 @@ def _mat_product(reads, var, free) -> str | None:
         if len(orders) != 1:
             return None
         (order,) = orders
-        names = " ⊙ ".join(display_name(access_name(r)) for r in group)
-        names = f"({names})" if len(group) > 1 else names
-        return names + ("" if order[0] == first else "ᵀ")
+        names = nt.odot.join(nt.name(access_name(r)) for r in group)
+        names = nt.wrap(names) if len(group) > 1 else names
+        return names if order[0] == first else nt.transposed(names)
 
     a, b = side(left, free[0]), side(right, var)
     return None if a is None or b is None else f"{a} {b}"
