@@ -103,12 +103,13 @@ def explicit_matrix(d: Derivation, jac: Jacobian, sizes: dict[str, int],
                     limit: int = 4096) -> tuple[sp.Matrix, list, list]:
     """The Jacobian for concrete sizes: rows are output elements, columns input elements."""
     spec = d.spec
+    sizes = spec.sizes_from(sizes) if spec.derived else sizes  # OH from H, K, S, P
     missing = [str(sym) for t in (jac.output, jac.wrt) for dim in spec.tensors[t].dims
                for sym in dim.free_symbols if str(sym) not in sizes]
     if missing:
         raise GradtoolError(f"--shape gives no size for {', '.join(sorted(set(missing)))}",
                             hint="give every dimension, e.g. --shape "
-                                 + ",".join(f"{k}=2" for k in spec.dim_symbols))
+                                 + ",".join(f"{k}=2" for k in spec.base_dims))
     values = {spec.dim_symbols[k]: v for k, v in sizes.items() if k in spec.dim_symbols}
     unknown = set(sizes) - set(spec.dim_symbols)
     if unknown:
