@@ -309,3 +309,43 @@ def test_padding_an_intermediate_slices_its_adjoint(tmp_path, target):
     np.testing.assert_allclose(to_numpy(grads["X"]), xt.grad.numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(to_numpy(grads["weight"]), wt.grad.numpy(), rtol=1e-10,
                                atol=1e-12)
+
+
+ASYMMETRIC = """\
+from gradtool.lang import Spec, Sum
+
+spec = Spec("shiftconv", "a 1-D convolution padded by 1 before and 2 after")
+N, L, K = spec.dims("N L K")
+OL = spec.size("OL", L + 3 - K + 1)
+n, i, p = spec.indices(n=N, i=OL, p=K)
+X = spec.input("X", N, L)
+weight = spec.param("weight", K)
+Xp = spec.pad("Xp", X, (0, (1, 2)))
+spec.output("Y", [n, i], Sum(weight[p] * Xp[n, i + p], p))
+"""
+
+
+def test_number_and_pair_widths_pad_each_side(tmp_path):
+    """Widths given as numbers, (before, after) = (1, 2), and a derived size without a
+    floor: formula and both kernels against F.conv1d of F.pad(X, (1, 2))."""
+    path = tmp_path / "shiftconv.py"
+    path.write_text(ASYMMETRIC)
+    spec = load_spec(path)
+    dims = spec.sizes_from({spec.dim_symbols["N"]: 2, spec.dim_symbols["L"]: 5,
+                            spec.dim_symbols["K"]: 3})
+    rng = np.random.default_rng(4)
+    x, w = rng.standard_normal((2, 5)), rng.standard_normal(3)
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    y = F.conv1d(F.pad(xt, (1, 2))[:, None], wt[None, None])[:, 0]
+    g = rng.standard_normal(tuple(y.shape))
+    y.backward(torch.tensor(g))
+    got = derived_gradients(derive(spec), {"X": x, "weight": w}, dims, {"G": g})
+    np.testing.assert_allclose(got["X"], xt.grad.numpy(), rtol=1e-10, atol=1e-12)
+    for target in ("numpy", "torch"):
+        kernels = Kernels(spec, target)
+        outs, saved, _ = kernels.forward({"X": x, "weight": w}, dims)
+        grads = kernels.backward({"Y": g}, saved, dims)
+        np.testing.assert_allclose(to_numpy(outs["Y"]), y.detach().numpy(), rtol=1e-10)
+        for name, want in (("X", xt.grad), ("weight", wt.grad)):
+            np.testing.assert_allclose(to_numpy(grads[name]), want.numpy(), rtol=1e-10,
+                                       atol=1e-12, err_msg=f"{target}: d{name}")
