@@ -244,6 +244,7 @@ spec.output("Y", [n, i], Sum(X[n, i*S + p - P], p))
     ('spec.pad("Xp", X, (0, -1))', "not a size or a non-negative integer"),
     ('spec.pad("Xp", X, (0, P), fill=X)', "must be a number"),
     ('spec.size("OL", X)', "not a formula of declared sizes"),
+    ('spec.size("OL", L / K)', "not a formula of declared sizes"),
     ("spec.require(L)", "relations between sizes"),
 ])
 def test_language_errors_name_the_line(tmp_path, call, message):
