@@ -82,6 +82,10 @@ def _forward(d: Derivation, shown: set[str] | None = None) -> list[dict]:
                             and access_name(e) in lifted, body)
 
     rows = []
+    for name, formula in d.spec.derived.items():  # sizes that follow from the input's
+        rows.append({"target": name, "indices": [], "kind": "size", "line": None,
+                     "text": f"{name} = {text(formula)}",
+                     "latex": f"{latex(sp.Symbol(name))} = {latex(formula)}"})
     for a in d.program.assigns:
         if a.target in lifted:
             continue
