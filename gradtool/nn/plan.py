@@ -15,7 +15,7 @@ import sympy as sp
 
 from gradtool.codegen.base import py_name
 from gradtool.errors import GradtoolError
-from gradtool.spec.lang import Spec, Tensor
+from gradtool.spec.lang import MaxOver, Spec, SumOver, Tensor
 
 
 class LayerError(GradtoolError):
@@ -62,6 +62,7 @@ class LayerPlan:
             if name not in seen and name not in owned_dims:
                 owned_dims.append(name)
         self.owned_dims = owned_dims
+        self.elementwise = is_elementwise(spec)
         self.sizes: dict[str, int] = {}
         self.hypers = {name: h.default for name, h in spec.hypers.items()}
         for key, value in self.options.items():
@@ -188,6 +189,35 @@ class LayerPlan:
             else:
                 args.append(value)
         return args, kwargs
+
+
+def is_elementwise(spec: Spec) -> bool:
+    """True when the spec acts on each element alone (relu, tanh, dropout): no parameters or
+    state, every data input, mask and output over the same dimensions, every statement (eval
+    form included) reading each tensor at exactly the indices it writes, and no reduction.
+    Such a layer may be applied to an input of higher rank by merging its trailing axes into
+    the spec's last one (``elementwise_view``): the result is the same element by element."""
+    tensors = list(spec.tensors.values())
+    if any(t.kind in ("param", "state") for t in tensors):
+        return False
+    ends = [t for t in tensors if t.kind in ("input", "output")]
+    if not ends or len({t.dims for t in ends}) != 1 or not ends[0].dims:
+        return False
+    for s in (*spec.statements, *spec.eval_statements):
+        if s.kind == "update" or s.rhs.atoms(SumOver, MaxOver):
+            return False
+        if any(tuple(a.indices) != tuple(s.lhs) for a in s.rhs.atoms(sp.Indexed)):
+            return False
+    return True
+
+
+def elementwise_view(shape: tuple[int, ...], rank: int) -> tuple[int, ...] | None:
+    """The shape an element-wise layer of ``rank`` axes sees for an input of ``shape``:
+    the trailing axes merged into the last one, e.g. (N, C, H, W) → (N, C·H·W) for rank 2;
+    None when the input's rank is not higher than the spec's."""
+    if len(shape) <= rank:
+        return None
+    return (*shape[:rank - 1], math.prod(shape[rank - 1:]))
 
 
 def _arg_plan(fn, spec: Spec, keywords_only: bool) -> list[tuple[str, str, bool, bool]]:

@@ -18,7 +18,7 @@ import torch
 
 from gradtool.codegen.cache import compile_spec
 from gradtool.codegen.emit import class_name
-from gradtool.nn.plan import LayerPlan, as_spec, init_bounds
+from gradtool.nn.plan import LayerPlan, as_spec, elementwise_view, init_bounds
 from gradtool.spec.lang import Spec
 
 
@@ -49,10 +49,12 @@ class SpecModule(torch.nn.Module):
             hyper-parameters (``eps=1e-6``). Sizes the input determines are read at each call.
 
     ``forward`` takes the spec's inputs in declaration order, less sampled masks (drawn here in
-    training with torch's global RNG) and returns its output(s). In eval mode a spec with an
-    eval form (batch norm, dropout) runs that form. Raises :class:`gradtool.nn.LayerError` when
-    an input's shape disagrees with the parameters, or a size is below the spec's ``min_size``
-    in training (batch norm at N = 1).
+    training with torch's global RNG) and returns its output(s). An element-wise spec (relu,
+    dropout) also takes inputs of higher rank than it declares, e.g. (N, C, H, W) images for
+    relu's X[N, D]: their trailing axes are merged into the spec's last one. In eval mode a
+    spec with an eval form (batch norm, dropout) runs that form. Raises
+    :class:`gradtool.nn.LayerError` when an input's shape disagrees with the parameters, or a
+    size is below the spec's ``min_size`` in training (batch norm at N = 1).
     """
 
     def __init__(self, spec: Spec | str, *, dtype=torch.float32, device=None, **options):
@@ -79,6 +81,11 @@ class SpecModule(torch.nn.Module):
             names = ", ".join(t.name for t in plan.data)
             raise TypeError(f"{self.spec.name} takes {len(plan.data)} input(s) ({names}), "
                             f"got {len(inputs)}")
+        if plan.elementwise:  # relu on (N, C, H, W): the spec's (N, D) with D = C·H·W
+            view = elementwise_view(tuple(inputs[0].shape), len(plan.data[0].dims))
+            if view is not None and all(x.shape == inputs[0].shape for x in inputs):
+                out = self(*(x.reshape(view) for x in inputs))
+                return out.reshape(inputs[0].shape)
         use_eval = not self.training and self._eval_fn is not None
         # sizes are bound from the shapes at every call; the same shapes give the same binding
         key = (self.training, tuple(x.shape for x in inputs))
