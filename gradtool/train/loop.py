@@ -76,11 +76,13 @@ def _device(config: TrainConfig):
 
 
 def _model_desc(config: TrainConfig, input_shape, classes: int):
-    from gradtool.nn import load_model_file, mlp
+    from gradtool.nn import cnn, load_model_file, mlp
 
     if config.model == "mlp":
         desc = mlp(math.prod(input_shape), classes, hidden=config.hidden,
                    activation=config.activation, norm=config.norm, dropout=config.dropout)
+    elif config.model == "cnn":
+        desc = cnn(input_shape, classes, activation=config.activation, dropout=config.dropout)
     else:
         desc = load_model_file(config.model)
     if config.loss:
@@ -160,7 +162,7 @@ class _Backend:
 
 
 def _default_out(config: TrainConfig) -> str:
-    model = "mlp" if config.model == "mlp" else Path(config.model).stem
+    model = Path(config.model).stem  # mlp, cnn, a shipped model's name, a file's stem
     return str(Path("runs") / f"{config.data}-{model}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
