@@ -156,16 +156,16 @@ def test_one_conv_layer_serves_two_image_sizes(numpy_backend):
     for hw in ((7, 7), (8, 5)):
         x = rng.standard_normal((2, 2, *hw))
         xt = torch.tensor(x, requires_grad=True)
-        wt = torch.tensor(params["W"], requires_grad=True)
-        bt = torch.tensor(params["b"], requires_grad=True)
+        wt = torch.tensor(params["weight"], requires_grad=True)
+        bt = torch.tensor(params["bias"], requires_grad=True)
         ref = F.conv2d(xt, wt, bt, stride=2, padding=1)
         g = rng.standard_normal(tuple(ref.shape))
         y, dx, grads = _run(layer, x, g, numpy_backend)
         rdx, rdw, rdb = torch.autograd.grad(ref, [xt, wt, bt], torch.tensor(g))
         _close(y, ref.detach())
         _close(dx, rdx)
-        _close(grads["W"], rdw)
-        _close(grads["b"], rdb)
+        _close(grads["weight"], rdw)
+        _close(grads["bias"], rdb)
 
 
 def test_cnn_model_suits_digits_and_mnist_sizes_and_refuses_flat_data():
