@@ -665,7 +665,7 @@ class Spec:
         """A new index over a padded axis, named after the axis (h over H + 2P)."""
         stem = str(old).lower() if isinstance(old, sp.Symbol) and str(old).isalpha() else "x"
         taken = self._names()
-        name = next(n for n in (stem, stem + "p", *(f"{stem}p{k}" for k in range(2, 99)))
+        name = next(n for n in (stem + "p", *(f"{stem}p{k}" for k in range(2, 99)))
                     if n not in taken)
         sym = sp.Symbol(name, integer=True)
         self.index_dims[sym] = sp.sympify(dim)
