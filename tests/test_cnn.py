@@ -242,3 +242,21 @@ def test_model_cnn_trains_on_digits(tmp_path, backend):
     record = json.loads((out / "config.json").read_text())
     assert [e.get("spec") for e in record["model"]["layers"]][-2:] == ["global_avgpool",
                                                                         "linear"]
+
+
+@pytest.mark.parametrize("numpy_backend", [False, True])
+def test_init_option_replaces_the_specs_initialisation(numpy_backend):
+    """conv2d's spec says kaiming_uniform, ±√(6/fan_in); init={"weight": "uniform"} gives
+    nn.Conv2d's ±1/√fan_in (fan_in = C·K·K = 36 here); bias keeps the spec's zeros."""
+    torch.manual_seed(0)
+    layer = _layer("conv2d", numpy_backend, C=4, O=50, K=3, S=1, P=1,
+                   init={"weight": "uniform"})
+    params = layer.params if numpy_backend else {k: v.detach().numpy()
+                                                 for k, v in layer.named_parameters()}
+    w = np.abs(params["weight"])
+    assert w.max() <= 1 / 6 and w.max() > 0.9 / 6
+    assert not params["bias"].any()
+    with pytest.raises(LayerError, match="no parameter `W`.*bias, weight"):
+        _layer("conv2d", numpy_backend, C=4, O=5, K=3, S=1, P=1, init={"W": "uniform"})
+    with pytest.raises(LayerError, match="unknown init 'he'"):
+        _layer("conv2d", numpy_backend, C=4, O=5, K=3, S=1, P=1, init={"weight": "he"})

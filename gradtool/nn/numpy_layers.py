@@ -25,14 +25,16 @@ from gradtool.nn.plan import LayerPlan, as_spec, elementwise_view, init_bounds
 from gradtool.spec.lang import Spec
 
 
-def init_array(t, shape, dtype, rng: np.random.Generator) -> np.ndarray:
-    if t.init == "zeros":
+def init_array(t, shape, dtype, rng: np.random.Generator, kind: str | None = None
+               ) -> np.ndarray:
+    kind = kind or t.init
+    if kind == "zeros":
         return np.zeros(shape, dtype=dtype)
-    if t.init == "ones":
+    if kind == "ones":
         return np.ones(shape, dtype=dtype)
-    if t.init == "normal":
+    if kind == "normal":
         return rng.standard_normal(shape).astype(dtype)
-    bound = init_bounds(t, shape)
+    bound = init_bounds(t, shape, kind)
     return rng.uniform(-bound, bound, shape).astype(dtype)
 
 
@@ -54,7 +56,8 @@ class NumpyLayer:
         self.params: dict[str, np.ndarray] = {}
         self.state: dict[str, np.ndarray] = {}
         for t in self.plan.owned:
-            value = init_array(t, self.plan.owned_shape(t), self.dtype, self.rng)
+            value = init_array(t, self.plan.owned_shape(t), self.dtype, self.rng,
+                               self.plan.inits[t.name])
             (self.params if t.kind == "param" else self.state)[t.name] = value
         self.grads: dict[str, np.ndarray] = {}
         self.training = True

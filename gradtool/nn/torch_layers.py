@@ -27,15 +27,17 @@ def _function(spec: Spec):
     return getattr(module, f"{class_name(spec.name)}Function")
 
 
-def init_tensor(t, shape, dtype, device=None) -> torch.Tensor:
-    """A parameter or state tensor initialised as the spec says (torch's global RNG)."""
-    if t.init == "zeros":
+def init_tensor(t, shape, dtype, device=None, kind: str | None = None) -> torch.Tensor:
+    """A parameter or state tensor initialised as ``kind`` (default: as the spec says), with
+    torch's global RNG."""
+    kind = kind or t.init
+    if kind == "zeros":
         return torch.zeros(shape, dtype=dtype, device=device)
-    if t.init == "ones":
+    if kind == "ones":
         return torch.ones(shape, dtype=dtype, device=device)
-    if t.init == "normal":
+    if kind == "normal":
         return torch.randn(shape, dtype=dtype, device=device)
-    bound = init_bounds(t, shape)
+    bound = init_bounds(t, shape, kind)
     return torch.empty(shape, dtype=dtype, device=device).uniform_(-bound, bound)
 
 
@@ -46,7 +48,9 @@ class SpecModule(torch.nn.Module):
         spec: the layer's spec.
         dtype, device: of the parameters and state buffers.
         **options: the sizes of its parameters (``linear``: I, O; ``layernorm``: D) and
-            hyper-parameters (``eps=1e-6``). Sizes the input determines are read at each call.
+            hyper-parameters (``eps=1e-6``); ``init={"weight": "uniform"}`` replaces the
+            spec's initialisation of the parameters it names. Sizes the input determines are
+            read at each call.
 
     ``forward`` takes the spec's inputs in declaration order, less sampled masks (drawn here in
     training with torch's global RNG) and returns its output(s). An element-wise spec (relu,
@@ -64,7 +68,8 @@ class SpecModule(torch.nn.Module):
         self._train_fn = _function(self.spec)
         self._eval_fn = _function(self.plan.eval_spec) if self.plan.eval_spec else None
         for t in self.plan.owned:
-            value = init_tensor(t, self.plan.owned_shape(t), dtype, device)
+            value = init_tensor(t, self.plan.owned_shape(t), dtype, device,
+                                self.plan.inits[t.name])
             if t.kind == "param":
                 self.register_parameter(t.name, torch.nn.Parameter(value))
             else:
