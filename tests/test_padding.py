@@ -122,6 +122,18 @@ def test_padding_prints_as_a_read_inside_the_source():
     assert "(inside X, else -∞)" in "\n".join(str(x) for x in _forward(d))
 
 
+def test_steps_show_the_adjoint_of_the_source_as_a_slice():
+    from gradtool.report import derive_report
+
+    report = derive_report("conv2d", steps=True)
+    step = next(r for r in report["steps"] if r["tensor"] == "X")
+    assert step["text"] == "g_X[n,c,h,w] = g_Xp[n,c,P + h,P + w]"
+    (c,) = step["contributions"]
+    assert c["from"] == "Xp" and "slice of Xp's adjoint" in c["rule"]
+    sizes = [r["text"] for r in report["forward"] if r["kind"] == "size"]
+    assert sizes == ["OH = ⌊(H - K + 2·P)/S⌋ + 1", "OW = ⌊(-K + 2·P + W)/S⌋ + 1"]
+
+
 def test_derived_size_is_computed_in_the_kernels():
     from gradtool.codegen.emit import generate
 
@@ -244,6 +256,7 @@ spec.output("Y", [n, i], Sum(X[n, i*S + p - P], p))
     ('spec.pad("Xp", X, (0, -1))', "not a size or a non-negative integer"),
     ('spec.pad("Xp", X, (0, P), fill=X)', "must be a number"),
     ('spec.size("OL", X)', "not a formula of declared sizes"),
+    ('spec.size("OL", L / K)', "not a formula of declared sizes"),
     ("spec.require(L)", "relations between sizes"),
 ])
 def test_language_errors_name_the_line(tmp_path, call, message):
@@ -265,3 +278,87 @@ def test_checks_sample_sizes_that_keep_derived_sizes_and_requirements():
         assert dims["OH"] == (dims["H"] + 2 * dims["P"] - dims["K"]) // dims["S"] + 1
         seen_zero |= dims["P"] == 0
     assert seen_zero
+
+
+ACTCONV = """\
+from gradtool.lang import Spec, Sum, tanh
+
+spec = Spec("actconv", "tanh, then a padded 1-D convolution of it")
+N, C, O, L, K, S, P = spec.dims("N C O L K S P")
+spec.min_size(P=0)
+OL = spec.size("OL", (L + 2 * P - K) // S + 1)
+n, c, o, i, p, l = spec.indices(n=N, c=C, o=O, i=OL, p=K, l=L)
+X = spec.input("X", N, C, L)
+weight = spec.param("weight", O, C, K)
+Z = spec.let("Z", [n, c, l], tanh(X[n, c, l]))
+Zp = spec.pad("Zp", Z, (0, 0, P))
+spec.output("Y", [n, o, i], Sum(weight[o, c, p] * Zp[n, c, i * S + p], c, p))
+"""
+
+
+@pytest.mark.parametrize("target", ["numpy", "torch"])
+def test_padding_an_intermediate_slices_its_adjoint(tmp_path, target):
+    """A padded intermediate (tanh, then padding): the kernels scatter into the padded axis
+    and slice it, dX = (1 − Z²)·g_Zp[..., P:P + L], against F.conv1d(tanh(X)) in float64."""
+    from gradtool.codegen.emit import generate
+
+    path = tmp_path / "actconv.py"
+    path.write_text(ACTCONV)
+    spec = load_spec(path)
+    code = generate(spec, target)
+    assert "[:, :, P:(L + P)]" in code and "== (P +" not in code
+    sizes = dict(N=2, C=2, O=3, L=9, K=3, S=2, P=1)
+    dims = spec.sizes_from({spec.dim_symbols[k]: v for k, v in sizes.items()})
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((2, 2, 9)), rng.standard_normal((3, 2, 3))
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    y = F.conv1d(torch.tanh(xt), wt, stride=2, padding=1)
+    g = rng.standard_normal(tuple(y.shape))
+    y.backward(torch.tensor(g))
+    kernels = Kernels(spec, target)
+    outs, saved, _ = kernels.forward({"X": x, "weight": w}, dims)
+    grads = kernels.backward({"Y": g}, saved, dims)
+    np.testing.assert_allclose(to_numpy(outs["Y"]), y.detach().numpy(), rtol=1e-10)
+    np.testing.assert_allclose(to_numpy(grads["X"]), xt.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(grads["weight"]), wt.grad.numpy(), rtol=1e-10,
+                               atol=1e-12)
+
+
+ASYMMETRIC = """\
+from gradtool.lang import Spec, Sum
+
+spec = Spec("shiftconv", "a 1-D convolution padded by 1 before and 2 after")
+N, L, K = spec.dims("N L K")
+OL = spec.size("OL", L + 3 - K + 1)
+n, i, p = spec.indices(n=N, i=OL, p=K)
+X = spec.input("X", N, L)
+weight = spec.param("weight", K)
+Xp = spec.pad("Xp", X, (0, (1, 2)))
+spec.output("Y", [n, i], Sum(weight[p] * Xp[n, i + p], p))
+"""
+
+
+def test_number_and_pair_widths_pad_each_side(tmp_path):
+    """Widths given as numbers, (before, after) = (1, 2), and a derived size without a
+    floor: formula and both kernels against F.conv1d of F.pad(X, (1, 2))."""
+    path = tmp_path / "shiftconv.py"
+    path.write_text(ASYMMETRIC)
+    spec = load_spec(path)
+    dims = spec.sizes_from({spec.dim_symbols["N"]: 2, spec.dim_symbols["L"]: 5,
+                            spec.dim_symbols["K"]: 3})
+    rng = np.random.default_rng(4)
+    x, w = rng.standard_normal((2, 5)), rng.standard_normal(3)
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    y = F.conv1d(F.pad(xt, (1, 2))[:, None], wt[None, None])[:, 0]
+    g = rng.standard_normal(tuple(y.shape))
+    y.backward(torch.tensor(g))
+    got = derived_gradients(derive(spec), {"X": x, "weight": w}, dims, {"G": g})
+    np.testing.assert_allclose(got["X"], xt.grad.numpy(), rtol=1e-10, atol=1e-12)
+    for target in ("numpy", "torch"):
+        kernels = Kernels(spec, target)
+        outs, saved, _ = kernels.forward({"X": x, "weight": w}, dims)
+        grads = kernels.backward({"Y": g}, saved, dims)
+        np.testing.assert_allclose(to_numpy(outs["Y"]), y.detach().numpy(), rtol=1e-10)
+        for name, want in (("X", xt.grad), ("weight", wt.grad)):
+            np.testing.assert_allclose(to_numpy(grads[name]), want.numpy(), rtol=1e-10,
+                                       atol=1e-12, err_msg=f"{target}: d{name}")
