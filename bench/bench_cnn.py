@@ -148,7 +148,7 @@ def main() -> None:
     rate = {k: args.batch / statistics.median(v) for k, v in times.items()}
     goals = {"torch/plain": 0.9, "numpy/plain": 0.25}
     ratios = {f"{k}/plain": rate[k] / rate["plain"] for k in variants if k != "plain"}
-    what = f"{desc.source} on {args.batch}×{'×'.join(map(str, shape))}"
+    what = f"{args.model} on {args.batch}×{'×'.join(map(str, shape))}"
     print(f"{what}, Adam, float32, {args.threads} thread(s), median of {args.iters} steps")
     for k, r in rate.items():
         print(f"  {k:6s} {r:10,.0f} samples/s  ({statistics.median(times[k]) * 1e3:.2f} ms/step)")
