@@ -184,6 +184,9 @@ def test_shipped_model_files_load_by_name_and_fit_their_images():
     widths = [e.options["O"] for e in vu.layers if e.spec == "conv2d"]
     assert widths == [32, 64, 128] and vu.layers[0].spec == "batchnorm2d"
     assert [e.options["p"] for e in vu.layers if e.spec == "dropout"] == [0.3, 0.3]
+    # weights start as nn.Conv2d's and nn.Linear's (±1/√fan_in), as in the course
+    assert all(e.options.get("init") in ({"weight": "uniform"}, {"W": "uniform"})
+               for e in vu.layers if e.spec in ("conv2d", "linear"))
     model, _ = build(vu, "torch", seed=0)
     assert model.eval()(torch.randn(1, 1, 28, 28)).shape == (1, 10)
     uva = load_model_file("uva-cifar10-convnet")
