@@ -263,3 +263,19 @@ def test_init_option_replaces_the_specs_initialisation(numpy_backend):
         _layer("conv2d", numpy_backend, C=4, O=5, K=3, S=1, P=1, init={"W": "uniform"})
     with pytest.raises(LayerError, match="unknown init 'he'"):
         _layer("conv2d", numpy_backend, C=4, O=5, K=3, S=1, P=1, init={"weight": "he"})
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_a_model_for_other_images_fails_before_training_at_the_layer_that_refuses(backend):
+    """vu-mnist-cnn's first linear takes 128·3·3 features from 28×28 images; 8×8 digits
+    give it 128."""
+    from gradtool.nn.models import check_input
+
+    desc = load_model_file("vu-mnist-cnn")
+    model, _ = build(desc, backend, seed=0)
+    check_input(model, desc, (1, 28, 28))
+    assert model.training
+    with pytest.raises(ModelError, match=r"layer 12 \(linear\) cannot take the samples of "
+                                         r"shape \(128,\) .* data of shape \(1, 8, 8\)"):
+        check_input(model, desc, (1, 8, 8))
+    assert model.training  # the mode is restored

@@ -219,6 +219,49 @@ def spec_hash(name: str) -> str:
     return hashlib.sha256(Path(spec.file).read_bytes()).hexdigest()
 
 
+def check_input(model, desc: ModelDesc, input_shape) -> None:
+    """Run one sample of zeros of ``input_shape`` through ``model`` (either backend) in eval
+    mode, layer by layer, so that a model written for other inputs fails before training, at
+    the layer that refuses what it gets. Raises :class:`ModelError` naming that layer, the shape
+    it got and the data's; the model's mode is restored and no state changes (eval forms
+    update nothing and draw no masks)."""
+    import numpy as np
+
+    layers = list(model)
+    numpy_backend = hasattr(model, "attach_grads")  # a NumpySequential
+    if numpy_backend:
+        dtype = next((layer.dtype for layer in layers if hasattr(layer, "dtype")), np.float32)
+        x = np.zeros((1, *input_shape), dtype=dtype)
+    else:
+        import torch
+
+        ref = next(iter(model.parameters()), None)
+        x = torch.zeros((1, *input_shape), dtype=ref.dtype if ref is not None else None,
+                        device=ref.device if ref is not None else None)
+    was_training = model.training
+    model.eval()
+    try:
+        for k, (layer, entry) in enumerate(zip(layers, desc.layers, strict=True), 1):
+            shape = tuple(x.shape[1:])
+            try:
+                if numpy_backend:
+                    x = layer.forward(x)
+                else:
+                    with torch.no_grad():
+                        x = layer(x)
+            except GradtoolError as exc:
+                what = "flatten" if entry.flatten else entry.spec
+                raise ModelError(
+                    f"layer {k} ({what}) cannot take the samples of shape {shape} it gets from "
+                    f"data of shape {tuple(input_shape)}: {exc.message}",
+                    file=None if desc.source in ("mlp", "cnn") else desc.source,
+                    hint="the model was written for other inputs: change its sizes (a linear "
+                         "after flatten takes C·H·W features) or use data it was written for"
+                ) from None
+    finally:
+        model.train(was_training)
+
+
 def build(desc: ModelDesc, backend: str = "torch", *, dtype: str = "float32", device=None,
           seed: int | None = None):
     """(model, loss) for ``desc`` on ``backend``: torch gives an ``nn.Sequential`` of

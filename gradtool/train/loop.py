@@ -221,7 +221,7 @@ def train(config: TrainConfig, progress: Progress | None = None,
     from gradtool.codegen.cache import write_atomic
     from gradtool.data import load_dataset, loaders
     from gradtool.nn import build
-    from gradtool.nn.models import spec_hash
+    from gradtool.nn.models import check_input, spec_hash
     from gradtool.train import checkpoint
     from gradtool.train.verify import verify_all
 
@@ -249,6 +249,7 @@ def train(config: TrainConfig, progress: Progress | None = None,
     tdtype = getattr(torch, config.dtype)
     model, loss = build(desc, config.backend, dtype=config.dtype, device=device,
                         seed=config.seed)
+    check_input(model, desc, ds.input_shape)  # a model for other inputs fails here, not mid-epoch
     if config.backend == "torch":
         loss = loss.to(device)
     optimizer = _optimizer(config, model.parameters())
