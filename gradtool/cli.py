@@ -554,7 +554,11 @@ TRAIN_EXAMPLES = """Examples:
 
   gradtool train --backend numpy --hidden 64,64 --norm layernorm --dropout 0.1
 
+  gradtool train --model cnn                      # digits, a small CNN (≥ 98.5 %)
+
   gradtool train --model my_model.toml --optimizer sgd --lr 0.05 --schedule cosine
+
+  gradtool train --model vu-mnist-cnn --data mnist --batch-size 128 --epochs 10
 
   gradtool train --data mnist --data-dir ../shared/data/mnist --epochs 10
 
@@ -564,6 +568,16 @@ TRAIN_EXAMPLES = """Examples:
 """
 
 
+def _model_help() -> str:
+    from gradtool.model_files import shipped_models, summary
+
+    lines = ["mlp (--hidden, --norm, --activation, --dropout); cnn (3×3 conv, batchnorm2d, "
+             "max-pool, global average; --activation, --dropout); a TOML model file; or a "
+             "model file shipped with gradtool:"]
+    lines += [f"{name}: {summary(path)}" for name, path in shipped_models().items()]
+    return "\n\n".join(lines)
+
+
 @app.command("train", epilog=TRAIN_EXAMPLES)
 def train_cmd(
     ctx: typer.Context,
@@ -571,17 +585,17 @@ def train_cmd(
                                                      "fashion-mnist, cifar10, npz.")] = "digits",
     data_dir: Annotated[str | None, typer.Option("--data-dir", help="Where the data set's "
                                                                     "files are.")] = None,
-    model: Annotated[str, typer.Option("--model", metavar="mlp|FILE.toml",
-                                       help="An MLP, or a TOML model file listing specs.")]
+    model: Annotated[str, typer.Option("--model", metavar="mlp|cnn|NAME|FILE.toml",
+                                       help=_model_help())]
     = "mlp",
     hidden: Annotated[str, typer.Option("--hidden", metavar="H1,H2",
                                         help="MLP hidden sizes.")] = "256,128",
-    activation: Annotated[str, typer.Option("--activation", help="MLP activation spec (name "
-                                                                 "or file).")] = "relu",
+    activation: Annotated[str, typer.Option("--activation", help="MLP/CNN activation spec "
+                                                                 "(name or file).")] = "relu",
     norm: Annotated[str | None, typer.Option("--norm", help="MLP normalisation spec after each "
                                                             "hidden linear (batchnorm, "
                                                             "layernorm, a file).")] = None,
-    dropout: Annotated[float, typer.Option("--dropout", help="MLP dropout probability.")] = 0.0,
+    dropout: Annotated[float, typer.Option("--dropout", help="MLP/CNN dropout probability.")] = 0.0,
     backend: Annotated[str, typer.Option("--backend", metavar="torch|numpy",
                                          help="Generated torch Functions, or NumPy kernels "
                                               "with no autograd.")] = "torch",

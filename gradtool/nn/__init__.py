@@ -4,17 +4,26 @@
   ``torch.autograd.Function``s (torch.optim, DataLoader, DDP, torch.compile work unchanged).
 * :class:`NumpyLayer`, :class:`NumpyLoss`, :class:`NumpySequential`: forward/backward on NumPy
   arrays with no autograd; ``torch.optim`` updates their arrays in place.
-* :func:`mlp`, :func:`load_model_file`, :func:`build`: models from a description.
+* :func:`mlp`, :func:`cnn`, :func:`load_model_file`, :func:`build`: models from a description
+  (a model file by path, or a shipped one by name: ``vu-mnist-cnn``).
 
 torch is imported only when a torch layer is used.
 """
 
-from gradtool.nn.models import LayerEntry, ModelDesc, ModelError, build, load_model_file, mlp
+from gradtool.nn.models import (
+    LayerEntry,
+    ModelDesc,
+    ModelError,
+    build,
+    cnn,
+    load_model_file,
+    mlp,
+)
 from gradtool.nn.plan import LayerError, LayerPlan
 
 __all__ = ["LayerEntry", "LayerError", "LayerPlan", "LossModule", "ModelDesc", "ModelError",
            "NumpyFlatten", "NumpyLayer", "NumpyLoss", "NumpySequential", "SpecModule", "build",
-           "load_model_file", "mlp"]
+           "cnn", "load_model_file", "mlp"]
 
 
 def __getattr__(name):

@@ -24,6 +24,12 @@ the sizes of its parameters and its hyper-parameters; ``flatten`` is a step, not
     spec = "linear"
     I = 32
     O = 10
+
+A convolution is a spec like any other: ``{ spec = "conv2d", C = 1, O = 32, K = 3, S = 1,
+P = 1 }`` (TOML's inline table, one layer per line inside ``layers = [ ... ]``), and so are
+pooling (``maxpool2d`` with K, S, P), ``batchnorm2d`` (C) and ``global_avgpool``. A layer's
+``init = { weight = "uniform" }`` replaces the spec's initialisation of the parameters named.
+Model files shipped with gradtool (:mod:`gradtool.model_files`) are loaded by name.
 """
 
 from __future__ import annotations
@@ -105,6 +111,59 @@ def mlp(input_features: int, classes: int, hidden=(128,), activation: str = "rel
     return ModelDesc(layers, loss=loss, source="mlp")
 
 
+# the default CNN's channel widths: enough for 8×8 digits and 28×28 MNIST, small enough for a CPU
+CNN_WIDTHS = (32, 64, 128)
+
+
+def cnn(input_shape, classes: int, widths=CNN_WIDTHS, activation: str = "relu",
+        dropout: float = 0.0, loss: str = DEFAULT_LOSS) -> ModelDesc:
+    """A small CNN for (C, H, W) images of any size: per width w,
+    conv2d 3×3 (stride 1, padding 1) → batchnorm2d → activation, with a 2×2 max-pool after
+    every block but the last; then global_avgpool → dropout? → linear to the classes.
+
+    8×8 digits go 8 → 4 → 2, 28×28 MNIST 28 → 14 → 7 before the global average. The
+    convolutions' weights start as ``nn.Conv2d``'s do, uniform in ±1/√(C·K·K), not the spec's
+    He init: ahead of batch norm their scale only sets Adam's effective step, and on digits the
+    smaller one reaches 99.1 % against 98.2 % (plain torch.nn, seeds 0-2). Raises
+    :class:`ModelError` when ``input_shape`` is not (C, H, W)."""
+    if len(input_shape) != 3:
+        raise ModelError(f"--model cnn needs images (C, H, W), but the data's samples have "
+                         f"shape {tuple(input_shape)}",
+                         hint="use --model mlp for flat features, or give the data as images")
+    layers = []
+    channels = int(input_shape[0])
+    for k, w in enumerate(widths):
+        layers.append(LayerEntry("conv2d", {"C": channels, "O": int(w), "K": 3, "S": 1, "P": 1,
+                                            "init": {"weight": "uniform"}}))
+        layers.append(LayerEntry("batchnorm2d", {"C": int(w)}))
+        layers.append(LayerEntry(activation, {}))
+        if k < len(widths) - 1:
+            layers.append(LayerEntry("maxpool2d", {"K": 2, "S": 2, "P": 0}))
+        channels = int(w)
+    layers.append(LayerEntry("global_avgpool", {}))
+    if dropout > 0:
+        layers.append(LayerEntry("dropout", {"p": float(dropout)}))
+    layers.append(LayerEntry("linear", {"I": channels, "O": int(classes)}))
+    return ModelDesc(layers, loss=loss, source="cnn")
+
+
+def model_file(name: str | Path) -> Path:
+    """The model file ``name`` stands for: a shipped model (``vu-mnist-cnn``, see
+    :func:`gradtool.model_files.shipped_models`) or a path. Raises :class:`ModelError` listing
+    the shipped names when it is neither."""
+    from gradtool.model_files import shipped_models
+
+    shipped = shipped_models()
+    if str(name) in shipped:
+        return shipped[str(name)]
+    path = Path(name)
+    if path.suffix == ".toml" or path.exists():
+        return path
+    raise ModelError(f"no model {str(name)!r}",
+                     hint=f"use mlp, cnn, a shipped model ({', '.join(shipped)}) or a "
+                          "TOML model file")
+
+
 def _resolve(name: str, base: Path) -> str:
     """A spec path relative to the model file, else the name as given (a built-in)."""
     if name.endswith(".py") or "/" in name:
@@ -114,13 +173,13 @@ def _resolve(name: str, base: Path) -> str:
 
 
 def load_model_file(path: str | Path) -> ModelDesc:
-    """Read a TOML model file (see the module docstring). Raises :class:`ModelError` naming
-    the file and the entry at fault."""
+    """Read a TOML model file (see the module docstring), or a shipped one by name
+    (``vu-mnist-cnn``). Raises :class:`ModelError` naming the file and the entry at fault."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         raise ModelError("model files need Python ≥ 3.11 (tomllib)") from None
-    path = Path(path)
+    path = model_file(path)
     try:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
@@ -158,6 +217,49 @@ def spec_hash(name: str) -> str:
     verification cache is keyed by."""
     spec = as_spec(name)
     return hashlib.sha256(Path(spec.file).read_bytes()).hexdigest()
+
+
+def check_input(model, desc: ModelDesc, input_shape) -> None:
+    """Run one sample of zeros of ``input_shape`` through ``model`` (either backend) in eval
+    mode, layer by layer, so that a model written for other inputs fails before training, at
+    the layer that refuses what it gets. Raises :class:`ModelError` naming that layer, the shape
+    it got and the data's; the model's mode is restored and no state changes (eval forms
+    update nothing and draw no masks)."""
+    import numpy as np
+
+    layers = list(model)
+    numpy_backend = hasattr(model, "attach_grads")  # a NumpySequential
+    if numpy_backend:
+        dtype = next((layer.dtype for layer in layers if hasattr(layer, "dtype")), np.float32)
+        x = np.zeros((1, *input_shape), dtype=dtype)
+    else:
+        import torch
+
+        ref = next(iter(model.parameters()), None)
+        x = torch.zeros((1, *input_shape), dtype=ref.dtype if ref is not None else None,
+                        device=ref.device if ref is not None else None)
+    was_training = model.training
+    model.eval()
+    try:
+        for k, (layer, entry) in enumerate(zip(layers, desc.layers, strict=True), 1):
+            shape = tuple(x.shape[1:])
+            try:
+                if numpy_backend:
+                    x = layer.forward(x)
+                else:
+                    with torch.no_grad():
+                        x = layer(x)
+            except GradtoolError as exc:
+                what = "flatten" if entry.flatten else entry.spec
+                raise ModelError(
+                    f"layer {k} ({what}) cannot take the samples of shape {shape} it gets from "
+                    f"data of shape {tuple(input_shape)}: {exc.message}",
+                    file=None if desc.source in ("mlp", "cnn") else desc.source,
+                    hint="the model was written for other inputs: change its sizes (a linear "
+                         "after flatten takes C·H·W features) or use data it was written for"
+                ) from None
+    finally:
+        model.train(was_training)
 
 
 def build(desc: ModelDesc, backend: str = "torch", *, dtype: str = "float32", device=None,

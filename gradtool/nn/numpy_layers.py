@@ -21,18 +21,20 @@ from collections import OrderedDict
 import numpy as np
 
 from gradtool.codegen.cache import compile_spec
-from gradtool.nn.plan import LayerPlan, as_spec, init_bounds
+from gradtool.nn.plan import LayerPlan, as_spec, elementwise_view, init_bounds
 from gradtool.spec.lang import Spec
 
 
-def init_array(t, shape, dtype, rng: np.random.Generator) -> np.ndarray:
-    if t.init == "zeros":
+def init_array(t, shape, dtype, rng: np.random.Generator, kind: str | None = None
+               ) -> np.ndarray:
+    kind = kind or t.init
+    if kind == "zeros":
         return np.zeros(shape, dtype=dtype)
-    if t.init == "ones":
+    if kind == "ones":
         return np.ones(shape, dtype=dtype)
-    if t.init == "normal":
+    if kind == "normal":
         return rng.standard_normal(shape).astype(dtype)
-    bound = init_bounds(t, shape)
+    bound = init_bounds(t, shape, kind)
     return rng.uniform(-bound, bound, shape).astype(dtype)
 
 
@@ -41,7 +43,8 @@ class NumpyLayer:
     :class:`gradtool.nn.SpecModule`). ``forward(*inputs)`` caches what ``backward`` needs;
     ``backward(*grad_outputs)`` stores parameter gradients in ``grads`` and returns the input
     gradients (one array, a tuple for several, None when no input takes a gradient).
-    Sampled masks are drawn with ``rng`` in training; ``train()``/``eval()`` switch modes."""
+    Sampled masks are drawn with ``rng`` in training; ``train()``/``eval()`` switch modes.
+    An element-wise spec takes inputs of higher rank, as :class:`gradtool.nn.SpecModule`."""
 
     def __init__(self, spec: Spec | str, *, dtype=np.float32, rng=None, **options):
         self.plan = LayerPlan(as_spec(spec), options)
@@ -53,11 +56,13 @@ class NumpyLayer:
         self.params: dict[str, np.ndarray] = {}
         self.state: dict[str, np.ndarray] = {}
         for t in self.plan.owned:
-            value = init_array(t, self.plan.owned_shape(t), self.dtype, self.rng)
+            value = init_array(t, self.plan.owned_shape(t), self.dtype, self.rng,
+                               self.plan.inits[t.name])
             (self.params if t.kind == "param" else self.state)[t.name] = value
         self.grads: dict[str, np.ndarray] = {}
         self.training = True
         self._saved = None
+        self._shape = None  # an element-wise layer's input shape when it was merged (forward)
 
     def train(self, mode: bool = True) -> NumpyLayer:
         self.training = mode
@@ -76,6 +81,13 @@ class NumpyLayer:
         if len(inputs) != len(plan.data):
             raise TypeError(f"{self.spec.name} takes {len(plan.data)} input(s), "
                             f"got {len(inputs)}")
+        self._shape = None
+        if plan.elementwise:  # relu on (N, C, H, W): the spec's (N, D) with D = C·H·W
+            shape = np.shape(inputs[0])
+            view = elementwise_view(shape, len(plan.data[0].dims))
+            if view is not None and all(np.shape(x) == shape for x in inputs):
+                inputs = tuple(np.reshape(x, view) for x in inputs)
+                self._shape = shape
         tensors = {t.name: x for t, x in zip(plan.data, inputs, strict=True)}
         dims = plan.bind({k: np.shape(v) for k, v in tensors.items()}, self.training)
         module, spec = self._form()
@@ -89,6 +101,8 @@ class NumpyLayer:
         args, kwargs = plan.call(module.forward, spec, tensors, dims)
         result = module.forward(*args, **kwargs)
         out, self._saved = result[0], result[1]
+        if self._shape is not None:
+            out = out.reshape(self._shape)
         updates = [s.target for s in spec.statements if s.kind == "update"]
         for name, value in zip(updates, result[2] if updates else (), strict=True):
             self.state[name][...] = value  # in place: views of the state stay valid
@@ -102,6 +116,9 @@ class NumpyLayer:
         if self._saved is None:
             raise RuntimeError(f"{self.spec.name}: backward() before forward()")
         seeds = grad_outputs or (1.0,)
+        if self._shape is not None:
+            view = elementwise_view(self._shape, len(self.plan.data[0].dims))
+            seeds = tuple(np.reshape(g, view) if np.ndim(g) else g for g in seeds)
         names = [t.name for t in self._spec.grad_inputs]
         kw = dict(self._backward_kw)
         if not input_grads and "need" in inspect.signature(self._module.backward).parameters:
@@ -110,6 +127,8 @@ class NumpyLayer:
         grads = dict(zip(names, grads if isinstance(grads, tuple) else (grads,), strict=True))
         self.grads = {k: np.asarray(v) for k, v in grads.items() if k in self.params}
         inputs = [grads[t.name] for t in self.plan.data if t.name in grads]
+        if self._shape is not None:
+            inputs = [g.reshape(self._shape) for g in inputs]
         if not inputs:
             return None
         return inputs[0] if len(inputs) == 1 else tuple(inputs)

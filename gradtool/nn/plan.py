@@ -15,7 +15,7 @@ import sympy as sp
 
 from gradtool.codegen.base import py_name
 from gradtool.errors import GradtoolError
-from gradtool.spec.lang import Spec, Tensor
+from gradtool.spec.lang import MaxOver, Spec, SumOver, Tensor
 
 
 class LayerError(GradtoolError):
@@ -35,8 +35,10 @@ class LayerPlan:
     """The spec's forms, its constructor sizes and hyper-parameters, and how to bind the rest.
 
     ``options`` holds sizes by dimension name (``I=64, O=10``) and hyper-parameters by name
-    (``eps=1e-6``). Constructor sizes are those of the parameters and state, and any size no
-    data input carries; sizes that the input determines are refused, since they are read from
+    (``eps=1e-6``), and may hold ``init``, a dict that replaces the spec's initialisation of
+    some parameters (``init={"weight": "uniform"}``; the kinds are ``spec.param``'s).
+    Constructor sizes are those of the parameters and state, and any size no data input
+    carries; sizes that the input determines are refused, since they are read from
     it.
     """
 
@@ -62,9 +64,12 @@ class LayerPlan:
             if name not in seen and name not in owned_dims:
                 owned_dims.append(name)
         self.owned_dims = owned_dims
+        self.elementwise = is_elementwise(spec)
         self.sizes: dict[str, int] = {}
         self.hypers = {name: h.default for name, h in spec.hypers.items()}
-        for key, value in self.options.items():
+        options = dict(self.options)
+        self.inits = _inits(spec, self.owned, options.pop("init", None) or {})
+        for key, value in options.items():
             if key in spec.hypers:
                 self.hypers[key] = float(value)
             elif key in owned_dims:
@@ -220,6 +225,35 @@ class LayerPlan:
         return args, kwargs
 
 
+def is_elementwise(spec: Spec) -> bool:
+    """True when the spec acts on each element alone (relu, tanh, dropout): no parameters or
+    state, every data input, mask and output over the same dimensions, every statement (eval
+    form included) reading each tensor at exactly the indices it writes, and no reduction.
+    Such a layer may be applied to an input of higher rank by merging its trailing axes into
+    the spec's last one (``elementwise_view``): the result is the same element by element."""
+    tensors = list(spec.tensors.values())
+    if any(t.kind in ("param", "state") for t in tensors):
+        return False
+    ends = [t for t in tensors if t.kind in ("input", "output")]
+    if not ends or len({t.dims for t in ends}) != 1 or not ends[0].dims:
+        return False
+    for s in (*spec.statements, *spec.eval_statements):
+        if s.kind == "update" or s.rhs.atoms(SumOver, MaxOver):
+            return False
+        if any(tuple(a.indices) != tuple(s.lhs) for a in s.rhs.atoms(sp.Indexed)):
+            return False
+    return True
+
+
+def elementwise_view(shape: tuple[int, ...], rank: int) -> tuple[int, ...] | None:
+    """The shape an element-wise layer of ``rank`` axes sees for an input of ``shape``:
+    the trailing axes merged into the last one, e.g. (N, C, H, W) → (N, C·H·W) for rank 2;
+    None when the input's rank is not higher than the spec's."""
+    if len(shape) <= rank:
+        return None
+    return (*shape[:rank - 1], math.prod(shape[rank - 1:]))
+
+
 def _arg_plan(fn, spec: Spec, keywords_only: bool) -> list[tuple[str, str, bool, bool]]:
     names = {py_name(n): n for n in (*spec.tensors, *spec.hypers, *spec.dim_symbols)}
     out = []
@@ -231,11 +265,30 @@ def _arg_plan(fn, spec: Spec, keywords_only: bool) -> list[tuple[str, str, bool,
     return out
 
 
-def init_bounds(t: Tensor, shape: tuple[int, ...]) -> float | None:
-    """The half-width of a uniform init (as the generated classes use): uniform 1/√fan_in,
-    kaiming_uniform √(6/fan_in) (He et al. 2015, ReLU gain), xavier_uniform
+def _inits(spec: Spec, owned: list[Tensor], given: dict) -> dict[str, str]:
+    """Each parameter's and state's initialisation: the spec's, or the one ``given`` by name."""
+    from gradtool.spec.lang import INITS
+
+    names = {t.name for t in owned}
+    if not isinstance(given, dict):
+        raise LayerError(f"{spec.name}: init must map parameter names to kinds, got {given!r}",
+                         hint='e.g. init = { weight = "uniform" }')
+    for name, kind in given.items():
+        if name not in names:
+            raise LayerError(f"{spec.name} has no parameter `{name}` to initialise",
+                             hint=f"its parameters: {', '.join(sorted(names)) or 'none'}")
+        if kind not in INITS:
+            raise LayerError(f"{spec.name}: unknown init {kind!r} for `{name}`",
+                             hint=f"use one of {', '.join(INITS)}")
+    return {t.name: given.get(t.name, t.init) for t in owned}
+
+
+def init_bounds(t: Tensor, shape: tuple[int, ...], kind: str | None = None) -> float | None:
+    """The half-width of a uniform init of kind ``kind`` (default: the spec's, as the
+    generated classes use): uniform 1/√fan_in (PyTorch's default for nn.Linear and nn.Conv2d
+    weights), kaiming_uniform √(6/fan_in) (He et al. 2015, ReLU gain), xavier_uniform
     √(6/(fan_in + fan_out)) (Glorot and Bengio 2010)."""
     fan_in = math.prod(shape[1:]) if len(shape) > 1 else (shape[0] if shape else 1)
     fan_out = shape[0] if shape else 1
     return {"uniform": 1 / math.sqrt(fan_in), "kaiming_uniform": math.sqrt(6 / fan_in),
-            "xavier_uniform": math.sqrt(6 / (fan_in + fan_out))}.get(t.init)
+            "xavier_uniform": math.sqrt(6 / (fan_in + fan_out))}.get(kind or t.init)

@@ -18,7 +18,7 @@ import torch
 
 from gradtool.codegen.cache import compile_spec
 from gradtool.codegen.emit import class_name
-from gradtool.nn.plan import LayerPlan, as_spec, init_bounds
+from gradtool.nn.plan import LayerPlan, as_spec, elementwise_view, init_bounds
 from gradtool.spec.lang import Spec
 
 
@@ -27,15 +27,17 @@ def _function(spec: Spec):
     return getattr(module, f"{class_name(spec.name)}Function")
 
 
-def init_tensor(t, shape, dtype, device=None) -> torch.Tensor:
-    """A parameter or state tensor initialised as the spec says (torch's global RNG)."""
-    if t.init == "zeros":
+def init_tensor(t, shape, dtype, device=None, kind: str | None = None) -> torch.Tensor:
+    """A parameter or state tensor initialised as ``kind`` (default: as the spec says), with
+    torch's global RNG."""
+    kind = kind or t.init
+    if kind == "zeros":
         return torch.zeros(shape, dtype=dtype, device=device)
-    if t.init == "ones":
+    if kind == "ones":
         return torch.ones(shape, dtype=dtype, device=device)
-    if t.init == "normal":
+    if kind == "normal":
         return torch.randn(shape, dtype=dtype, device=device)
-    bound = init_bounds(t, shape)
+    bound = init_bounds(t, shape, kind)
     return torch.empty(shape, dtype=dtype, device=device).uniform_(-bound, bound)
 
 
@@ -46,13 +48,17 @@ class SpecModule(torch.nn.Module):
         spec: the layer's spec.
         dtype, device: of the parameters and state buffers.
         **options: the sizes of its parameters (``linear``: I, O; ``layernorm``: D) and
-            hyper-parameters (``eps=1e-6``). Sizes the input determines are read at each call.
+            hyper-parameters (``eps=1e-6``); ``init={"weight": "uniform"}`` replaces the
+            spec's initialisation of the parameters it names. Sizes the input determines are
+            read at each call.
 
     ``forward`` takes the spec's inputs in declaration order, less sampled masks (drawn here in
-    training with torch's global RNG) and returns its output(s). In eval mode a spec with an
-    eval form (batch norm, dropout) runs that form. Raises :class:`gradtool.nn.LayerError` when
-    an input's shape disagrees with the parameters, or a size is below the spec's ``min_size``
-    in training (batch norm at N = 1).
+    training with torch's global RNG) and returns its output(s). An element-wise spec (relu,
+    dropout) also takes inputs of higher rank than it declares, e.g. (N, C, H, W) images for
+    relu's X[N, D]: their trailing axes are merged into the spec's last one. In eval mode a
+    spec with an eval form (batch norm, dropout) runs that form. Raises
+    :class:`gradtool.nn.LayerError` when an input's shape disagrees with the parameters, or a
+    size is below the spec's ``min_size`` in training (batch norm at N = 1).
     """
 
     def __init__(self, spec: Spec | str, *, dtype=torch.float32, device=None, **options):
@@ -62,7 +68,8 @@ class SpecModule(torch.nn.Module):
         self._train_fn = _function(self.spec)
         self._eval_fn = _function(self.plan.eval_spec) if self.plan.eval_spec else None
         for t in self.plan.owned:
-            value = init_tensor(t, self.plan.owned_shape(t), dtype, device)
+            value = init_tensor(t, self.plan.owned_shape(t), dtype, device,
+                                self.plan.inits[t.name])
             if t.kind == "param":
                 self.register_parameter(t.name, torch.nn.Parameter(value))
             else:
@@ -79,6 +86,11 @@ class SpecModule(torch.nn.Module):
             names = ", ".join(t.name for t in plan.data)
             raise TypeError(f"{self.spec.name} takes {len(plan.data)} input(s) ({names}), "
                             f"got {len(inputs)}")
+        if plan.elementwise:  # relu on (N, C, H, W): the spec's (N, D) with D = C·H·W
+            view = elementwise_view(tuple(inputs[0].shape), len(plan.data[0].dims))
+            if view is not None and all(x.shape == inputs[0].shape for x in inputs):
+                out = self(*(x.reshape(view) for x in inputs))
+                return out.reshape(inputs[0].shape)
         use_eval = not self.training and self._eval_fn is not None
         # sizes are bound from the shapes at every call; the same shapes give the same binding
         key = (self.training, tuple(x.shape for x in inputs))

@@ -22,8 +22,10 @@ class ConfigError(GradtoolError):
 @dataclass
 class TrainConfig:
     """One training run. ``model`` is ``"mlp"`` (built from ``hidden``, ``activation``,
-    ``norm``, ``dropout``) or a TOML model file. ``epochs=None`` means 30 for a new run and the
-    recorded number for ``resume``. ``device="auto"`` is cuda where present, else cpu.
+    ``norm``, ``dropout``), ``"cnn"`` (:func:`gradtool.nn.cnn`, with ``activation`` and
+    ``dropout``), a shipped model's name (``vu-mnist-cnn``) or a TOML model file.
+    ``epochs=None`` means 30 for a new run and the recorded number for ``resume``.
+    ``device="auto"`` is cuda where present, else cpu.
     ``limit`` keeps only the first samples of the training set (quick runs). ``threads``: CPU
     threads for torch and NumPy's BLAS (default 1: small models gain nothing from more, and on
     a busy machine spinning threads cost 30×); 0 leaves the libraries' defaults."""

@@ -81,11 +81,13 @@ def _device(config: TrainConfig, world=None):
 
 
 def _model_desc(config: TrainConfig, input_shape, classes: int):
-    from gradtool.nn import load_model_file, mlp
+    from gradtool.nn import cnn, load_model_file, mlp
 
     if config.model == "mlp":
         desc = mlp(math.prod(input_shape), classes, hidden=config.hidden,
                    activation=config.activation, norm=config.norm, dropout=config.dropout)
+    elif config.model == "cnn":
+        desc = cnn(input_shape, classes, activation=config.activation, dropout=config.dropout)
     else:
         desc = load_model_file(config.model)
     if config.loss:
@@ -167,7 +169,7 @@ class _Backend:
 
 
 def _default_out(config: TrainConfig) -> str:
-    model = "mlp" if config.model == "mlp" else Path(config.model).stem
+    model = Path(config.model).stem  # mlp, cnn, a shipped model's name, a file's stem
     return str(Path("runs") / f"{config.data}-{model}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
@@ -247,7 +249,7 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
     from gradtool.codegen.cache import write_atomic
     from gradtool.data import load_dataset, loaders
     from gradtool.nn import build
-    from gradtool.nn.models import spec_hash
+    from gradtool.nn.models import check_input, spec_hash
     from gradtool.train import checkpoint, distributed
     from gradtool.train.verify import verify_all
 
@@ -280,6 +282,7 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
     tdtype = getattr(torch, config.dtype)
     model, loss = build(desc, config.backend, dtype=config.dtype, device=device,
                         seed=config.seed)
+    check_input(model, desc, ds.input_shape)  # a model for other inputs fails here, not mid-epoch
     if config.backend == "torch":
         loss = loss.to(device)
     if not world.main:  # the same initial weights, but masks of its own on each rank

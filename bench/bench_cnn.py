@@ -1,0 +1,165 @@
+"""CNN training throughput: gradtool's layers against the same CNN written in plain torch.nn.
+
+Run it from the repository root::
+
+    PYTHONPATH=. python bench/bench_cnn.py                     # --model cnn on 8×8 digits, batch 32
+    PYTHONPATH=. python bench/bench_cnn.py --image 28 --batch 128      # the same CNN at MNIST size
+    PYTHONPATH=. python bench/bench_cnn.py --model vu-mnist-cnn --image 28 --batch 128
+    PYTHONPATH=. python bench/bench_cnn.py --json out.json
+
+Three variants of one CNN (``gradtool.nn.cnn``, or a model file) with the same initial weights,
+the same optimiser (torch.optim.Adam, lr 1e-3) and the same batches (random float32 images,
+already in memory, so no data loading is timed):
+
+* ``plain``: ``torch.nn.Conv2d``/``BatchNorm2d``/``ReLU``/``MaxPool2d``/``Linear`` (and
+  ``x.mean((2, 3))`` for global average pooling) with autograd and ``F.cross_entropy``;
+* ``torch``: gradtool's torch backend, ``SpecModule``s over the generated autograd.Functions;
+* ``numpy``: gradtool's NumPy backend, the chain of generated NumPy backwards, with torch.optim
+  stepping the arrays in place.
+
+One training step is forward, loss, backward and the optimiser step, in training mode (batch
+statistics). The variants run in the same process, interleaved step by step, each a median
+over ``--iters`` steps after ``--warmup`` untimed ones, torch and NumPy's BLAS on ``--threads``
+threads (default 1). Reported: samples/s of each and the ratios torch/plain (goal ≥ 0.9) and
+numpy/plain (goal ≥ 0.25). A missed goal is printed, not raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+
+def plain_model(desc):
+    """The same layers as ``desc`` from torch.nn (one module per gradtool layer, so that the
+    parameters line up one to one)."""
+    import torch
+
+    class GlobalAvgPool(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3))
+
+    layers = []
+    for e in desc.layers:
+        o = e.options
+        if e.flatten:
+            layers.append(torch.nn.Flatten())
+        elif e.spec == "conv2d":
+            layers.append(torch.nn.Conv2d(o["C"], o["O"], o["K"], o["S"], o["P"]))
+        elif e.spec == "batchnorm2d":
+            layers.append(torch.nn.BatchNorm2d(o["C"]))
+        elif e.spec == "maxpool2d":
+            layers.append(torch.nn.MaxPool2d(o["K"], o["S"], o["P"]))
+        elif e.spec == "global_avgpool":
+            layers.append(GlobalAvgPool())
+        elif e.spec == "relu":
+            layers.append(torch.nn.ReLU())
+        elif e.spec == "dropout":
+            layers.append(torch.nn.Dropout(o["p"]))
+        elif e.spec == "linear":
+            layers.append(torch.nn.Linear(o["I"], o["O"]))
+        else:
+            raise SystemExit(f"bench_cnn: no torch.nn counterpart for {e.spec}")
+    return torch.nn.Sequential(*layers)
+
+
+def copy_weights(ours, plain) -> None:
+    """gradtool's layers hold W[O, C, K, K] / W[O, I], b, gamma, beta in torch's layouts and
+    in the same order as torch.nn's weight, bias."""
+    import torch
+
+    with torch.no_grad():
+        for mine, theirs in zip(ours, plain, strict=True):
+            for a, b in zip(mine.parameters(), theirs.parameters(), strict=True):
+                b.copy_(a)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="cnn", help="cnn, a shipped model name or a .toml file")
+    ap.add_argument("--image", type=int, default=8, help="image height and width")
+    ap.add_argument("--channels", type=int, default=1)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-numpy", action="store_true", help="skip the NumPy backend")
+    ap.add_argument("--json", dest="json_out")
+    args = ap.parse_args()
+    # BLAS reads its thread count at import: set it first (NumPy's matmul/einsum use it)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from gradtool.nn import build, cnn, load_model_file
+
+    torch.set_num_threads(args.threads)
+    shape = (args.channels, args.image, args.image)
+    desc = cnn(shape, args.classes) if args.model == "cnn" else load_model_file(args.model)
+
+    tmodel, tloss = build(desc, "torch", seed=0)
+    pmodel = plain_model(desc)
+    copy_weights(tmodel, pmodel)
+    variants_used = ["plain", "torch"] + ([] if args.no_numpy else ["numpy"])
+    opts = {"plain": torch.optim.Adam(pmodel.parameters(), lr=1e-3),
+            "torch": torch.optim.Adam(tmodel.parameters(), lr=1e-3)}
+    if not args.no_numpy:
+        nmodel, nloss = build(desc, "numpy", seed=0)
+        opts["numpy"] = torch.optim.Adam(nmodel.parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((args.batch, *shape)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, args.classes, args.batch))
+    xn, yn = x.numpy(), y.numpy()
+
+    def plain():
+        loss = F.cross_entropy(pmodel(x), y)
+        opts["plain"].zero_grad(set_to_none=True)
+        loss.backward()
+        opts["plain"].step()
+
+    def torch_backend():
+        loss = tloss(tmodel(x), y)
+        opts["torch"].zero_grad(set_to_none=True)
+        loss.backward()
+        opts["torch"].step()
+
+    def numpy_backend():
+        nloss.forward(nmodel.forward(xn), yn)
+        nmodel.backward(nloss.backward())
+        nmodel.attach_grads()
+        opts["numpy"].step()
+
+    variants = {"plain": plain, "torch": torch_backend, "numpy": numpy_backend}
+    variants = {k: variants[k] for k in variants_used}
+    times = {k: [] for k in variants}
+    for i in range(args.warmup + args.iters):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    rate = {k: args.batch / statistics.median(v) for k, v in times.items()}
+    goals = {"torch/plain": 0.9, "numpy/plain": 0.25}
+    ratios = {f"{k}/plain": rate[k] / rate["plain"] for k in variants if k != "plain"}
+    what = f"{args.model} on {args.batch}×{'×'.join(map(str, shape))}"
+    print(f"{what}, Adam, float32, {args.threads} thread(s), median of {args.iters} steps")
+    for k, r in rate.items():
+        print(f"  {k:6s} {r:10,.0f} samples/s  ({statistics.median(times[k]) * 1e3:.2f} ms/step)")
+    for k, r in ratios.items():
+        print(f"  {k:12s} {r:.2f}  goal ≥ {goals[k]}  {'met' if r >= goals[k] else 'MISSED'}")
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump({"model": what, "threads": args.threads, "samples_per_s": rate,
+                       "ratios": ratios, "goals": goals, "torch": torch.__version__,
+                       "python": platform.python_version()}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
