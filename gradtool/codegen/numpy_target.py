@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gradtool.codegen.base import Arr, ArrayPrinter
+from gradtool.codegen.windows import WindowRead
 
 
 class NumpyPrinter(ArrayPrinter):
@@ -24,6 +25,22 @@ class NumpyPrinter(ArrayPrinter):
 
     def einsum(self, spec: str, args: str) -> str:
         return f'np.einsum("{spec}", {args}, optimize=True)'
+
+    def window_view(self, read: WindowRead) -> str:
+        """``sliding_window_view(X, (K, K), axis=(2, 3))[:, :, ::S, ::S]``: every window
+        position, then every S-th (a view: no copy)."""
+        self.imports.add("sliding_window_view")
+        name = self.names[read.name]
+        kernel = self.sizes_code([self.ranges[w.tap] for w in read.windows])
+        axes = tuple(w.axis for w in read.windows)
+        code = f"sliding_window_view({name}, {kernel}, axis={axes if len(axes) > 1 else axes[0]})"
+        steps = [":"] * read.rank
+        for w in read.windows:
+            if w.stride != 1:
+                steps[w.axis] = f"::{self.size_code(w.stride)}"
+        while steps and steps[-1] == ":":
+            steps.pop()
+        return f"{code}[{', '.join(steps)}]" if steps else code
 
     def broadcast(self, code: str, shape: tuple[str, ...], arr: Arr) -> str:
         self.imports.add("np")
@@ -52,6 +69,21 @@ HELPERS = {
     out = np.zeros(shape[:lead] + (math.prod(kept) * size,), dtype=values.dtype)
     np.add.at(out, (Ellipsis, index + offset), np.broadcast_to(values, shape))
     return out.reshape(shape[:lead] + kept + (size,))''',
+    "window_add": '''def window_add(values, sizes, taps, strides):
+    """out[..., S·i + p] += values[..., i, p] over every window position i and tap p: the
+    adjoint of reading x through strided windows (a convolution's or a pooling's input), as one
+    strided slice-add per tap (K² for a K×K window) instead of a scatter. ``values`` has the
+    window positions, then the taps, last (d of each, d = len(sizes)); ``sizes`` are the
+    extents of out's window axes, ``taps`` the window's, ``strides`` its steps."""
+    d = len(sizes)
+    values = np.broadcast_to(values, np.shape(values)[:len(np.shape(values)) - d] + taps)
+    lead, counts = values.shape[:values.ndim - 2 * d], values.shape[values.ndim - 2 * d:][:d]
+    out = np.zeros(lead + sizes, dtype=values.dtype)
+    for tap in np.ndindex(*taps):
+        rows = tuple(slice(p, p + s * (n - 1) + 1, s)
+                     for p, n, s in zip(tap, counts, strides, strict=True))
+        out[(Ellipsis, *rows)] += values[(Ellipsis, *[slice(None)] * d, *tap)]
+    return out''',
     "join_axes": '''def join_axes(values, sizes, lead):
     """out[..., B·a + b] = values[..., a, b]: the adjoint of reading x[..., a*B + b], where a
     split index reads every position once, so that its scatter-add is a reshape. ``lead`` axes
@@ -73,4 +105,5 @@ IMPORTS = {
     "math": "import math",
     "erf": "from scipy.special import erf",
     "expit": "from scipy.special import expit",
+    "sliding_window_view": "from numpy.lib.stride_tricks import sliding_window_view",
 }

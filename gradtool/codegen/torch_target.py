@@ -7,6 +7,9 @@ import re
 import sympy as sp
 
 from gradtool.codegen.base import ATOM, Arr, ArrayPrinter, MatMul
+from gradtool.codegen.windows import WindowRead, leftover
+from gradtool.spec.lang import MaxOver
+from gradtool.symbolic.ir import ArgMaxMask
 
 
 class TorchPrinter(ArrayPrinter):
@@ -22,6 +25,7 @@ class TorchPrinter(ArrayPrinter):
     ARANGE = "torch.arange({n}, device={ref}.device)"
     INDICATOR = "({cmp}).to({dtype})"
     FLOAT = "torch.get_default_dtype()"
+    HELPER_IMPORTS = {"window_add": ("itertools",)}
 
     def transpose(self, code: str, perm: tuple) -> str:
         if perm == (1, 0):
@@ -57,6 +61,181 @@ class TorchPrinter(ArrayPrinter):
             Arr(f"{pick}({', '.join(self.lower(a).code for a in numbers)})", (), ATOM)
         side = "min" if fname == "maximum" else "max"
         return Arr(f"torch.clamp({out.code}, {side}={bound.code})", out.axes, ATOM)
+
+    # -- windows: torch's own convolution and pooling (codegen/windows.py) -----------------
+    def window_view(self, read: WindowRead) -> str:
+        """``X.unfold(2, K, S).unfold(3, K, S)``: the window positions in place, the taps
+        appended (a view: no copy)."""
+        code = self.names[read.name]
+        for w in read.windows:
+            code += f".unfold({w.axis}, {self.size_code(self.ranges[w.tap])}, " \
+                    f"{self.size_code(w.stride)})"
+        return code
+
+    def _strides(self, strides) -> str:
+        """``, stride=S`` (nothing for stride one; a tuple when the axes differ)."""
+        if all(s == 1 for s in strides):
+            return ""
+        if len(set(strides)) == 1:
+            return f", stride={self.size_code(strides[0])}"
+        return f", stride={self.sizes_code(strides)}"
+
+    def _layout(self, code: str, axes: tuple, groups: list) -> str:
+        """``code`` (axes ``axes``) permuted to ``groups`` (each one axis, or none: a new
+        axis of one entry there), the layout (batch, channels, spatial…) convolutions take."""
+        order = tuple(g[0] for g in groups if g)
+        if order != axes:
+            code = self.transpose(code, tuple(axes.index(a) for a in order))
+        for k, g in enumerate(groups):
+            if not g:
+                code += f".unsqueeze({k})"
+        return code
+
+    @staticmethod
+    def _unlayout(code: str, groups: list) -> str:
+        """Drop the axes :meth:`_layout` added (the last first)."""
+        for k in reversed(range(len(groups))):
+            if not groups[k]:
+                code += f".squeeze({k})"
+        return code
+
+    def window_contraction(self, operands, over) -> Arr | None:
+        """Σ_{c,p} W[o,c,p]·X[n,c,S·i + p] as ``torch.conv1d/2d/3d`` (the taps p are summed),
+        and Σ_{n,i} G[n,o,i]·X[n,c,S·i + p] as ``torch.nn.grad.conv*d_weight`` (the window
+        positions i are summed: the weight's gradient), whatever the axes' order. One axis
+        at most per role (batch, input channel, output channel); anything else (depthwise or
+        grouped channels, a dilation, two batch axes) keeps the einsum over the view."""
+        for x, other in (operands, operands[::-1]):
+            read = self._window(x, over)
+            if read is None or not 1 <= len(read.windows) <= 3 or self._bool_only(other) \
+                    or other.has(sp.KroneckerDelta):
+                continue
+            out = self._conv(read, self.lower(other), set(over))
+            if out is not None:
+                return out
+        return None
+
+    def _conv(self, read: WindowRead, w: Arr, over: set) -> Arr | None:
+        d = len(read.windows)
+        outs, taps = set(read.outs), set(read.taps)
+        x_axes = read.view_axes[:read.rank]
+        x = self.names[read.name]
+        strides = self._strides([win.stride for win in read.windows])
+        summed = [a for a in read.plain if a in over]
+        free = [a for a in read.plain if a not in over]
+        others = [a for a in w.axes if a not in set(read.plain) | outs | taps]
+        if len(summed) > 1 or len(free) > 1 or len(others) > 1 or \
+                any(a in over for a in others) or set(w.axes) & set(free):
+            return None
+        if taps <= over and not outs & over:   # the forward: Σ over channels and taps
+            if set(w.axes) != taps | set(summed) | set(others) or over != taps | set(summed):
+                return None
+            xg = [free, summed] + [[o] for o in read.outs]
+            wg = [others, summed] + [[t] for t in read.taps]
+            code = f"torch.conv{d}d({self._layout(x, x_axes, xg)}, " \
+                   f"{self._layout(self.paren(w.code, w.prec, ATOM), w.axes, wg)}{strides})"
+            groups = [free, others] + [[o] for o in read.outs]
+        elif outs <= over and not taps & over:  # the weight's gradient: Σ over batch, positions
+            if set(w.axes) != outs | set(summed) | set(others) or over != outs | set(summed):
+                return None
+            xg = [summed, free] + [[o] for o in read.outs]
+            gg = [summed, others] + [[o] for o in read.outs]
+            sizes = [self.ranges[a] if a in self.ranges else None for a in others + free]
+            if None in sizes or any(t not in self.ranges for t in read.taps):
+                return None
+            size = self.sizes_code(([sizes[0]] if others else [1]) +
+                                   ([sizes[-1]] if free else [1]) +
+                                   [self.ranges[t] for t in read.taps])
+            code = f"torch.nn.grad.conv{d}d_weight({self._layout(x, x_axes, xg)}, {size}, " \
+                   f"{self._layout(self.paren(w.code, w.prec, ATOM), w.axes, gg)}{strides})"
+            groups = [others, free] + [[t] for t in read.taps]
+        else:
+            return None
+        axes = tuple(a for g in groups for a in g)
+        return Arr(self._unlayout(code, groups), axes, ATOM)
+
+    def window_transpose(self, values, windows) -> Arr | None:
+        """The adjoint of a window read as torch's own backward: Σ_o G[n,o,i]·W[o,c,p]
+        scattered to S·i + p is ``torch.conv_transpose*d`` (with ``output_padding`` for the
+        entries a stride leaves over), and G·[X[window] = max] at the first maximum is max
+        pooling's backward (``window_max_grad``)."""
+        pooled = self._max_pool_grad(values, windows)
+        if pooled is not None:
+            return pooled
+        over, body = set(), values
+        if isinstance(body, sp.Sum):
+            over, body = {lim[0] for lim in body.limits}, body.function
+        operands = [f for f in sp.Mul.make_args(body) if self._indices_of(f)]
+        if len(operands) != 2 or len(operands) != len(sp.Mul.make_args(body)) or \
+                not 1 <= len(windows) <= 3 or any(self._bool_only(f) for f in operands) or \
+                any(f.has(sp.KroneckerDelta) for f in operands):
+            return None
+        outs = tuple(w[1] for w in windows)
+        taps = tuple(w[2] for w in windows)
+        g, w = (self.lower(f) for f in operands)
+        if not set(outs) <= set(g.axes):
+            g, w = w, g
+        if not set(outs) <= set(g.axes) or set(taps) & set(g.axes) or \
+                not set(taps) <= set(w.axes) or set(outs) & set(w.axes):
+            return None
+        shared = [a for a in g.axes if a in w.axes]
+        batch = [a for a in g.axes if a not in shared and a not in outs]
+        chans = [a for a in w.axes if a not in shared and a not in taps]
+        if set(shared) != over or len(shared) > 1 or len(batch) > 1 or len(chans) > 1:
+            return None
+        gg = [batch, shared] + [[o] for o in outs]
+        wg = [shared, chans] + [[t] for t in taps]
+        padding = [leftover(self.ranges[h], self.ranges[p], s, self.ranges[i])
+                   for h, i, p, s in windows]
+        extra = "" if all(x == 0 for x in padding) else \
+            f", output_padding={self.sizes_code(padding)}"
+        code = f"torch.conv_transpose{len(windows)}d(" \
+               f"{self._layout(self.paren(g.code, g.prec, ATOM), g.axes, gg)}, " \
+               f"{self._layout(self.paren(w.code, w.prec, ATOM), w.axes, wg)}" \
+               f"{self._strides([win[3] for win in windows])}{extra})"
+        groups = [batch, chans] + [[win[0]] for win in windows]
+        return Arr(self._unlayout(code, groups), tuple(a for gr in groups for a in gr), ATOM)
+
+    def _max_pool_grad(self, values, windows) -> Arr | None:
+        """G[n,c,i,j]·[X[n,c,S·i+p,S·j+q] = Y[n,c,i,j]] (first maximum over p, q) scattered
+        back to X: torch's max pooling backward, 2-D or 3-D, window axes last."""
+        masks = [f for f in sp.Mul.make_args(values) if isinstance(f, ArgMaxMask)]
+        rest = [f for f in sp.Mul.make_args(values) if not isinstance(f, ArgMaxMask)]
+        if len(masks) != 1 or not rest or len(windows) not in (2, 3):
+            return None
+        taps = tuple(w[2] for w in windows)
+        read = self._window(masks[0].args[0], taps)
+        if read is None or set(masks[0].over) != set(taps) or not read.trailing or \
+                len(read.plain) not in (1, 2) or \
+                [(w.out, w.tap, w.stride) for w in read.windows] != \
+                [(i, p, s) for _, i, p, s in windows]:
+            return None
+        grad_expr = sp.Mul(*rest)
+        if self._bool_only(grad_expr) or not self._is_array(grad_expr):
+            return None
+        grad = self.lower(grad_expr)
+        if set(grad.axes) != set(read.plain) | set(read.outs):
+            return None
+        self.helpers.add("window_max_grad")
+        g = self._layout(self.paren(grad.code, grad.prec, ATOM), grad.axes,
+                         [[a] for a in read.plain + read.outs])
+        kernel = self.sizes_code([self.ranges[t] for t in taps])
+        strides = self.sizes_code([w[3] for w in windows])
+        code = f"window_max_grad({g}, {self.names[read.name]}, {kernel}, {strides})"
+        return Arr(code, read.plain + tuple(w[0] for w in windows), ATOM)
+
+    def window_max(self, e: MaxOver) -> Arr | None:
+        """max over the taps of X[n, c, S·i + p, S·j + q] as ``torch.max_pool2d`` (1-3
+        window axes, last in X, after one or two other axes)."""
+        read = self._window(e.body, tuple(e.over))
+        if read is None or set(e.over) != set(read.taps) or not read.trailing or \
+                len(read.plain) not in (1, 2):
+            return None
+        d = len(read.windows)
+        kernel = self.sizes_code([self.ranges[t] for t in read.taps])
+        strides = self.sizes_code([w.stride for w in read.windows])
+        code = f"torch.max_pool{d}d({self.names[read.name]}, {kernel}, {strides})"
+        return Arr(code, read.plain + read.outs, ATOM)
 
     # -- fewer full-size passes: addcmul, and low-rank factors distributed into sums -------
     def _print_Add(self, e) -> Arr:
@@ -293,6 +472,31 @@ HELPERS = {
     flat = values.expand(shape).reshape(shape[:lead] + (-1,))
     out.index_add_(lead, (index + offset).reshape(-1), flat)
     return out.reshape(shape[:lead] + kept + (size,))''',
+    "window_add": '''def window_add(values, sizes, taps, strides):
+    """out[..., S·i + p] += values[..., i, p] over every window position i and tap p: the
+    adjoint of reading x through strided windows (a convolution's or a pooling's input), as one
+    strided slice-add per tap (K² for a K×K window) instead of a scatter. ``values`` has the
+    window positions, then the taps, last (d of each, d = len(sizes)); ``sizes`` are the
+    extents of out's window axes, ``taps`` the window's, ``strides`` its steps."""
+    d = len(sizes)
+    values = values.expand(*values.shape[:values.dim() - d], *taps)
+    lead = tuple(values.shape[:values.dim() - 2 * d])
+    counts = tuple(values.shape[values.dim() - 2 * d:])[:d]
+    out = values.new_zeros(lead + tuple(sizes))
+    for tap in itertools.product(*map(range, taps)):
+        rows = tuple(slice(p, p + s * (n - 1) + 1, s)
+                     for p, n, s in zip(tap, counts, strides, strict=True))
+        out[(Ellipsis, *rows)] += values[(Ellipsis, *[slice(None)] * d, *tap)]
+    return out''',
+    "window_max_grad": '''def window_max_grad(grad, x, taps, strides):
+    """``grad`` of each strided window's maximum sent to its first maximum in x (row-major),
+    summed where windows overlap: max pooling's backward, torch's own kernel (2-D or 3-D; the
+    window's argmax is recomputed from x, so only x is kept for it)."""
+    d = len(taps)
+    pool = getattr(torch.ops.aten, f"max_pool{d}d_with_indices")
+    pool_backward = getattr(torch.ops.aten, f"max_pool{d}d_with_indices_backward")
+    _, first = pool(x, taps, strides)
+    return pool_backward(grad, x, taps, strides, (0,) * d, (1,) * d, False, first)''',
     "join_axes": '''def join_axes(values, sizes, lead):
     """out[..., B·a + b] = values[..., a, b]: the adjoint of reading x[..., a*B + b], where a
     split index reads every position once, so that its scatter-add is a reshape. ``lead`` axes
@@ -330,4 +534,5 @@ MODULE_ATTRIBUTES = frozenset({
 IMPORTS = {
     "torch": "import torch",
     "math": "import math",
+    "itertools": "import itertools",
 }
