@@ -17,6 +17,7 @@ from sympy import (  # noqa: F401 - re-exported for spec files
     erf,
     exp,
     log,
+    oo,
     pi,
     sin,
     sinh,
@@ -29,5 +30,5 @@ from gradtool.spec.lang import Max, Spec, Sum, sigmoid  # noqa: F401
 __all__ = [
     "Spec", "Sum", "Max", "Min", "sigmoid", "exp", "log", "sqrt", "tanh", "sinh", "cosh",
     "sin", "cos", "atan", "erf", "Abs", "Piecewise", "Heaviside", "Rational", "pi",
-    "KroneckerDelta",
+    "KroneckerDelta", "oo",
 ]

@@ -35,14 +35,33 @@ FACT_RTOL = 1e-9
 
 def sample_dims(spec: Spec, rng: np.random.Generator, low: int = 1, high: int = 5,
                 fixed: dict[str, int] | None = None) -> dict[sp.Symbol, int]:
-    """A random size for every dimension; ``fixed`` pins some by name (``{"N": 1}``)."""
+    """A random size for every dimension; ``fixed`` pins some by name (``{"N": 1}``).
+
+    A size whose ``min_size`` is 0 (a padding) is drawn from 0. Derived sizes
+    (``spec.size``) are computed from the others, which are drawn again until every derived
+    size is at least 1 and every ``spec.require`` relation holds (a window no larger than
+    the padded input). Raises :class:`SpecError` when no draw does."""
     fixed = fixed or {}
-    out = {}
-    for name, sym in spec.dim_symbols.items():
-        least = spec.min_sizes.get(name, 1)
-        value = fixed.get(name, rng.integers(max(low, least), max(high, least) + 1))
-        out[sym] = max(int(value), least)
-    return out
+    for _ in range(SIZE_TRIES):
+        out = {}
+        for name, sym in spec.base_dims.items():
+            least = spec.min_sizes.get(name, 1)
+            start = 0 if least == 0 else max(low, least)
+            value = fixed.get(name, rng.integers(start, max(high, least) + 1))
+            out[sym] = max(int(value), least)
+        if not spec.derived and not spec.requires:
+            return out
+        try:
+            return spec.sizes_from(out)
+        except SpecError:
+            continue
+    raise SpecError(f"no sizes from {low} to {high} satisfy the derived sizes and "
+                    f"requirements of {spec.name}" + (f" with {fixed}" if fixed else ""),
+                    file=spec.file, hint="check spec.size(...) and spec.require(...), or "
+                    "the sizes fixed with --set")
+
+
+SIZE_TRIES = 200  # draws of the sizes before giving up on derived sizes and requirements
 
 
 def _draw(domain: str, shape, rng: np.random.Generator) -> np.ndarray:

@@ -838,6 +838,36 @@ class ArrayPrinter:
             args += f", batch={len(batch)}"
         return Arr(f"{self.SCATTER}({args})", lead + batch + (h,), ATOM)
 
+    # -- padding: Xp = X padded (spec.pad), and the adjoint of X as a slice of Xp's ----------
+    def _print_Unpad(self, e) -> Arr:
+        """The slice of a padded array at its source's positions: ``g[:, :, P:P + H]``."""
+        inner = self.lower(e.body)
+        code, axes = self.paren(inner.code, inner.prec, ATOM), list(inner.axes)
+        for hp, h, before in e.shifts:
+            if hp not in axes:  # the body does not vary along it: broadcast later
+                continue
+            k = axes.index(hp)
+            lo = self.lower(sp.sympify(before)).code
+            hi = self.lower(sp.expand(before + self.ranges[h]))
+            hi_code = hi.code if hi.prec > 0 else f"({hi.code})"
+            part = f"{lo}:{hi_code}" if before != 0 else f":{hi_code}"
+            code = f"{code}[{', '.join([':'] * k + [part])}]"
+            axes[k] = h
+        return Arr(code, tuple(axes), ATOM)
+
+    def pad(self, source: str, widths: list[tuple[str, str]], fill) -> str:
+        """Code for ``source`` padded by (before, after) ``widths`` per axis with ``fill``."""
+        pairs = ", ".join(f"({a}, {b})" for a, b in widths) + ("," if len(widths) == 1 else "")
+        value = self._fill_code(fill)
+        return f"np.pad({source}, ({pairs})" + \
+            (f", constant_values={value})" if value != "0" else ")")
+
+    def _fill_code(self, fill) -> str:
+        if fill in (sp.oo, -sp.oo):
+            self.imports.add("math")
+            return "-math.inf" if fill == -sp.oo else "math.inf"
+        return self.lower(sp.sympify(fill)).code
+
     def cast_like(self, code: str, ref: str) -> str:
         """``code`` converted to the dtype of the array ``ref``."""
         return f"{code}.astype({ref}.dtype)"

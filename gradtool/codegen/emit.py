@@ -13,6 +13,8 @@ and ``Layernorm`` (an ``nn.Module`` that owns the parameters and their initialis
 
 from __future__ import annotations
 
+import re
+
 import sympy as sp
 
 from gradtool import __version__
@@ -81,10 +83,24 @@ class Module:
 
     # -- sizes ----------------------------------------------------------------------------
     def size_lines(self, dims: set, available: list[tuple[str, tuple]]) -> tuple[list, list]:
-        """``N, D = X.shape`` lines for ``dims`` read off available tensors; the rest must be
+        """``N, D = X.shape`` lines for ``dims`` read off available tensors, then a line for
+        each derived size no tensor has (``OH = (H + 2 * P - K) // S + 1``); the rest must be
         passed in (returned as the second list)."""
         dims = {x for dim in dims for x in sp.sympify(dim).free_symbols}  # (T-1)·S+K: T, S, K
         lines, found = [], set()
+        self._read_sizes(dims, available, lines, found)
+        computed = []
+        for name, formula in self.spec.derived.items():
+            sym = self.spec.dim_symbols[name]
+            if sym in dims and sym not in found:
+                need = formula.free_symbols
+                self._read_sizes(need - found, available, lines, found)
+                dims |= need
+                computed.append(f"{self.names[name]} = {_formula_code(formula, self.names)}")
+                found.add(sym)
+        return lines + computed, sorted(dims - found, key=str)
+
+    def _read_sizes(self, dims, available, lines: list, found: set) -> None:
         for var, tdims in available:
             got = [(k, dim) for k, dim in enumerate(tdims)
                    if dim in dims and dim not in found and isinstance(dim, sp.Symbol)
@@ -97,7 +113,6 @@ class Module:
                 for k, dim in got:
                     lines.append(f"{self.names[str(dim)]} = {var}.shape[{k}]")
             found |= {dim for _, dim in got}
-        return lines, sorted(dims - found, key=str)
 
     def _dims_in(self, exprs) -> set:
         dims = set(self.spec.dim_symbols.values())
@@ -150,6 +165,12 @@ class Module:
             if a.target in inlined:
                 continue
             target = self.new_names[a.target] if a.kind == "update" else self.names[a.target]
+            if a.reduce == "pad":
+                source = self.names[a.body.access.base.label.name]
+                widths = [tuple(printer.lower(sp.sympify(w)).code for w in pair)
+                          for pair in d.program.pad_widths(a)]
+                body.append(f"{target} = {printer.pad(source, widths, a.body.fill)}")
+                continue
             shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code for i in a.lhs)
             rhs = self._inline(a.rhs(d.program), inlined)
             rhs = present(self._logs_of_ratios(rhs, shifts))
@@ -526,13 +547,40 @@ class Module:
         shifted sums and exponentials are read through their maxima."""
         out = []
         for t in self.grads:
-            expr = self.d.closed[t.name]
+            expr = self._kernel_form(t.name)
             for name, seed in self.d.seeds.items():
                 if seed == 1:  # a loss: scale by the upstream gradient of L
                     expr = sp.Symbol(self.seed_names[name]) * expr
             expr = present(self._indicators(expr))
             out.append((t.name, expr if raw else self._unshift(expr), self.d.canon[t.name]))
         return out
+
+    def _kernel_form(self, name: str) -> sp.Expr:
+        """The gradient of ``name`` as the kernels compute it: the closed form, except that
+        each padded copy Xp read from it contributes the slice of Xp's own adjoint
+        (``Unpad``), a scatter over Xp's axes, instead of that scatter shifted by the padding."""
+        from gradtool.symbolic.ir import Unpad
+        from gradtool.symbolic.reverse import _closed_form, _inline_adjoints
+
+        d = self.d
+        contributions = d.contributions.get(name, [])
+        pads = [c for c in contributions if c.statement.reduce == "pad"]
+        if not pads or name in d.seeds:
+            return d.closed[name]
+        terms = []
+        for c in pads:
+            a = c.statement
+            padded, source = d.canon[a.target], d.canon[name]
+            same = {hp: h for hp, h, (lo, hi) in zip(padded, source, d.program.pad_widths(a),
+                                                     strict=True) if lo == 0 and hi == 0}
+            shifts = [sp.Tuple(hp, h, lo) for hp, h, (lo, hi) in
+                      zip(padded, source, d.program.pad_widths(a), strict=True)
+                      if hp not in same]
+            terms.append(Unpad(rename(d.closed[a.target], same), *shifts))
+        others = [c.expr for c in contributions if c.statement.reduce != "pad"]
+        if others:
+            terms.append(_closed_form(d, _inline_adjoints(d, sp.Add(*others)), True))
+        return sp.Add(*terms)
 
     def _indicators(self, expr):
         """A one-hot tensor read by a gradient becomes its definition δ(c, y[n]): the backward
@@ -743,10 +791,29 @@ def _used_temps(body: list[str], temps: set) -> list[str]:
 
 def _used_sizes(body: list[str], count: int) -> list[str]:
     """``body`` without those of its first ``count`` lines (``N, D = X.shape``) whose sizes no
-    later line reads."""
+    later line reads (a derived size's line reads the sizes before it)."""
     later = set().union(set(), *(_names_read(line) for line in body[count:]))
-    return [line for line in body[:count]
-            if _names_read(line.split("=")[0]) & later] + body[count:]
+    kept = []
+    for line in reversed(body[:count]):
+        if _names_read(line.split("=")[0]) & later:
+            kept.append(line)
+            later |= _names_read(line.split("=", 1)[1])
+    return kept[::-1] + body[count:]
+
+
+def _formula_code(formula, names) -> str:
+    """Python for a derived size, with integer division: ``(H + 2 * P - K) // S + 1``."""
+    from sympy.printing.pycode import PythonCodePrinter
+
+    class SizePrinter(PythonCodePrinter):
+        def _print_floor(self, e):
+            num, den = e.args[0].as_numer_denom()
+            return f"({self._print(num)}) // {self.parenthesize(den, 100)}" if den != 1 \
+                else self._print(num)
+
+    syms = {s: sp.Symbol(names[str(s)]) for s in formula.free_symbols}
+    code = SizePrinter().doprint(formula.xreplace(syms))
+    return re.sub(r"(?<=\w)([*+-])(?=\w)", r" \1 ", code)
 
 
 def _names_read(code: str) -> set[str]:

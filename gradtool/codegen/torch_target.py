@@ -27,6 +27,17 @@ class TorchPrinter(ArrayPrinter):
     FLOAT = "torch.get_default_dtype()"
     HELPER_IMPORTS = {"window_add": ("itertools",)}
 
+    def pad(self, source: str, widths: list[tuple[str, str]], fill) -> str:
+        """``torch.nn.functional.pad`` lists (before, after) from the last axis backwards,
+        and only as far as the first padded axis."""
+        pairs = list(widths)
+        while pairs and pairs[0] == ("0", "0"):
+            pairs.pop(0)
+        flat = ", ".join(f"{a}, {b}" for a, b in reversed(pairs))
+        value = self._fill_code(fill)
+        return f"torch.nn.functional.pad({source}, ({flat})" + \
+            (f", value={value})" if value != "0" else ")")
+
     def transpose(self, code: str, perm: tuple) -> str:
         if perm == (1, 0):
             return f"{code}.T"

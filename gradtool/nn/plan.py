@@ -58,7 +58,7 @@ class LayerPlan:
                         owned_dims.append(sym.name)
         # a size no data input carries (expand's D in Y[n, d] = x[n]) is given at construction
         seen = {s.name for t in self.data for dim in t.dims for s in dim.free_symbols}
-        for name in spec.dim_symbols:
+        for name in spec.base_dims:  # derived sizes (spec.size) are computed at each call
             if name not in seen and name not in owned_dims:
                 owned_dims.append(name)
         self.owned_dims = owned_dims
@@ -108,6 +108,14 @@ class LayerPlan:
                                                  self.spec.hypers.items()}))
                       for t in self.masks}
         self._calls = {}
+        # derived sizes (OH = (H + 2P − K)//S + 1) and required relations, in size order
+        syms = list(self.spec.dim_symbols.values())
+        self._derived = [(name, [s.name for s in syms if s in f.free_symbols],
+                          sp.lambdify([s for s in syms if s in f.free_symbols], f, "math"))
+                         for name, f in self.spec.derived.items()]
+        self._requires = [(rel, [s.name for s in syms if s in rel.free_symbols],
+                           sp.lambdify([s for s in syms if s in rel.free_symbols], rel, "math"))
+                          for rel, _ in self.spec.requires]
 
     def shape(self, t: Tensor, dims: dict[str, int]) -> tuple[int, ...]:
         return tuple(dims[a] if isinstance(a, str) else int(a[1](*(dims[n] for n in a[0])))
@@ -138,6 +146,7 @@ class LayerPlan:
                     raise LayerError(f"{spec.name}: `{t.name}` has {axis} = {size}, but {where} "
                                      f"{axis} = {known}")
                 dims[axis] = int(size)
+        self._bind_derived(dims)
         for t in self.data:  # sizes given by expressions (T = (H − K)/S + 1): check them
             axes = self._axes[t.name]
             if all(isinstance(a, str) for a in axes) or \
@@ -156,6 +165,27 @@ class LayerPlan:
                         f"{'s' if least > 2 else ''} per channel when training)",
                         hint="call model.eval() to use it on a batch this small")
         return dims
+
+    def _bind_derived(self, dims: dict[str, int]) -> None:
+        """Add each derived size (``spec.size``) computed from the bound ones; raise
+        :class:`LayerError` when one is below 1 or a ``spec.require`` relation fails."""
+        for name, args, fn in self._derived:
+            if not all(a in dims for a in args):
+                continue
+            value = int(fn(*(dims[a] for a in args)))
+            if value < 1:
+                raise LayerError(f"{self.spec.name}: {name} = {self.spec.derived[name]} is "
+                                 f"{value} at " + ", ".join(f"{a} = {dims[a]}" for a in args),
+                                 hint="the input is smaller than the window: give a larger "
+                                      "input, or build the layer with more padding")
+            if dims.get(name, value) != value:
+                raise LayerError(f"{self.spec.name}: an input has {name} = {dims[name]}, but "
+                                 f"{name} = {self.spec.derived[name]} = {value}")
+            dims[name] = value
+        for rel, args, fn in self._requires:
+            if all(a in dims for a in args) and not fn(*(dims[a] for a in args)):
+                raise LayerError(f"{self.spec.name} needs {rel}, got "
+                                 + ", ".join(f"{a} = {dims[a]}" for a in args))
 
     def keep(self, t: Tensor) -> float:
         """P(mask element = 1) at this layer's hyper-parameters."""

@@ -77,6 +77,26 @@ class MaxOver(sp.Function):
 
 
 
+class Padded(sp.Function):
+    """``Padded(X[n, c, h - P, w - P], fill)``: the entry of X where every index lies inside
+    X's axes, else ``fill`` (0 for zero padding, −∞ for max pooling). The right-hand side of
+    a statement made by :meth:`Spec.pad`, and nowhere else."""
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, *args):
+        return None
+
+    @property
+    def access(self) -> sp.Indexed:
+        return self.args[0]
+
+    @property
+    def fill(self) -> sp.Expr:
+        return self.args[1]
+
+
 def _is_index(x) -> bool:
     # indices are integer symbols; dimensions are integer *and* positive
     return isinstance(x, sp.Symbol) and bool(x.is_integer) and not x.is_positive
@@ -190,6 +210,8 @@ class Spec:
     eval_statements: list[Statement] = field(default_factory=list)
     eval_reference_fn: object = None
     lifted: dict[str, tuple] = field(default_factory=dict)  # lifted tensor -> its statement
+    derived: dict[str, sp.Expr] = field(default_factory=dict)  # size -> its formula (spec.size)
+    requires: list = field(default_factory=list)  # (relation between sizes, line)
 
     def __post_init__(self) -> None:
         line = _caller_line()
@@ -266,6 +288,81 @@ class Spec:
                 raise self.error(f"min_size names `{name}`, which is not a declared dimension",
                                  line, 'declare it first with spec.dims("N D")')
             self.min_sizes[name] = int(value)
+
+    def size(self, name: str, formula) -> sp.Symbol:
+        """A size that follows from other sizes, read from nothing and passed to nothing: the
+        kernels and layers compute it from the input's sizes at every call. A convolution's
+        output length, with PyTorch's floor (input rows no window reaches are unused)::
+
+            OH = spec.size("OH", (H + 2*P - K) // S + 1)
+
+        ``formula`` is built from declared sizes, integers, + − × and ``//``. Checks sample
+        only sizes where it is at least 1. Raises :class:`SpecError` for anything else."""
+        line = _caller_line()
+        try:
+            formula = sp.sympify(formula, strict=True)
+        except (sp.SympifyError, TypeError):
+            formula = None
+        declared = set(self.dim_symbols.values())
+        ok = isinstance(formula, sp.Expr) and bool(formula.free_symbols) \
+            and formula.free_symbols <= declared and all(
+                isinstance(n, (sp.Add, sp.Mul, sp.Symbol, sp.Integer, sp.floor))
+                or (isinstance(n, sp.Pow) and n.exp == -1) or n.is_Rational
+                for n in sp.preorder_traversal(formula))
+        if not ok:
+            raise self.error(f"the size `{name}` is given as {formula!r}, which is not a "
+                             "formula of declared sizes", line,
+                             'write it from sizes declared with spec.dims, integers, + - * '
+                             'and //, e.g. spec.size("OH", (H + 2*P - K) // S + 1)')
+        self._new_name(name, line, "size")
+        sym = sp.Symbol(name, integer=True, positive=True)
+        self.dim_symbols[name] = sym
+        self.derived[name] = formula
+        return sym
+
+    def require(self, *relations) -> None:
+        """Relations between sizes that the layer needs, e.g. ``spec.require(2*P <= K)`` for
+        max pooling (PyTorch refuses padding wider than half the window, where a window
+        could hold padding only). Checks sample only sizes that satisfy them; a layer refuses
+        others."""
+        line = _caller_line()
+        declared = set(self.dim_symbols.values())
+        for rel in relations:
+            if not isinstance(rel, sp.core.relational.Relational) or \
+                    not rel.free_symbols <= declared:
+                raise self.error(f"spec.require takes relations between sizes, got {rel!r}",
+                                 line, "write e.g. spec.require(2*P <= K)")
+            self.requires.append((rel, line))
+
+    @property
+    def base_dims(self) -> dict[str, sp.Symbol]:
+        """The sizes that are not :meth:`size` formulas: those that are sampled or given."""
+        return {n: s for n, s in self.dim_symbols.items() if n not in self.derived}
+
+    def sizes_from(self, values: dict) -> dict:
+        """``values`` (size symbol or name -> int, the base sizes) with every derived size
+        added, under the same kind of key. Raises :class:`SpecError` when a derived size is
+        below 1 or a :meth:`require` relation fails (the message names the sizes)."""
+        by_name = values and isinstance(next(iter(values)), str)
+        at = {self.dim_symbols[k] if by_name else k: int(v) for k, v in values.items()}
+        for name, formula in self.derived.items():
+            value = formula.xreplace(at)
+            if not value.is_number:
+                continue  # a size it needs is not given
+            value = int(value)
+            if value < 1:
+                shown = ", ".join(f"{s} = {at[s]}" for s in sorted(formula.free_symbols, key=str))
+                raise self.error(f"the size {name} = {self.derived[name]} is {value} at "
+                                 f"{shown}", None, f"{name} must be at least 1: larger inputs "
+                                 "or a smaller window")
+            at[self.dim_symbols[name]] = value
+        for rel, line in self.requires:
+            value = rel.xreplace(at)
+            if value in (sp.true, sp.false) and not value:
+                raise self.error(f"the sizes break {rel} ("
+                                 + ", ".join(f"{s} = {at[s]}" for s in
+                                             sorted(rel.free_symbols, key=str)) + ")", line)
+        return {(k.name if by_name else k): v for k, v in at.items()}
 
     def indices(self, **ranges: sp.Symbol) -> tuple[sp.Symbol, ...]:
         """Declare index variables and the dimension each runs over.
@@ -503,6 +600,77 @@ class Spec:
         self.hypers[name] = Hyper(sym, value, line)
         return sym
 
+    def pad(self, name: str, source, widths, fill=0) -> sp.IndexedBase:
+        """A padded copy of ``source``: ``widths`` has one entry per axis, a size, a number or
+        a pair (before, after); an entry w pads w before and w after. Entries outside
+        ``source`` read ``fill``::
+
+            Xp = spec.pad("Xp", X, (0, 0, P, P))              # zero padding of axes 2, 3
+            Xm = spec.pad("Xm", X, (0, 0, P, P), fill=-oo)    # max pooling pads with −∞
+
+        Xp's axes are X's plus both widths; Xp[n, c, h, w] = X[n, c, h − P, w − P] inside X,
+        ``fill`` outside, so the adjoint of X is the slice of Xp's adjoint at X's positions
+        (the padding's gradient has no source). The kernels pad with ``np.pad``/``F.pad``.
+        Raises :class:`SpecError` for an unknown source, a wrong number of widths, or a width
+        that is not a size or a non-negative integer."""
+        line = _caller_line()
+        src = self.tensors.get(getattr(getattr(source, "label", None), "name", source)) \
+            if isinstance(source, (sp.IndexedBase, str)) else None
+        if src is None or not src.dims or src.is_labels:
+            raise self.error(f"spec.pad('{name}', ...) pads a declared tensor with axes, got "
+                             f"{source!r}", line, f'e.g. spec.pad("{name}", X, (0, 0, P, P))')
+        widths = tuple(widths) if isinstance(widths, (tuple, list)) else (widths,)
+        if len(widths) != len(src.dims):
+            raise self.error(f"`{src.name}` has {len(src.dims)} axes but spec.pad gives "
+                             f"{len(widths)} widths", line, "give one width per axis (0 where "
+                             "an axis is not padded)")
+        pairs = []
+        for w in widths:
+            pair = tuple(w) if isinstance(w, (tuple, list)) else (w, w)
+            checked = []
+            for x in pair:
+                x = sp.sympify(x)
+                if not ((x.is_Integer and x >= 0) or self._is_dim(x)):
+                    raise self.error(f"the padding width {x!r} of `{name}` is not a size or a "
+                                     "non-negative integer", line,
+                                     'declare it with spec.dims("P"), or write a number')
+                checked.append(x)
+            if len(checked) != 2:
+                raise self.error(f"a padding width of `{name}` has {len(checked)} entries",
+                                 line, "give w, or a pair (before, after)")
+            pairs.append(tuple(checked))
+        try:
+            fill = sp.sympify(fill, strict=True)
+        except (sp.SympifyError, TypeError):
+            fill = None
+        if not (isinstance(fill, sp.Expr) and fill.is_number and (fill.is_real
+                                                                   or fill in (sp.oo, -sp.oo))):
+            raise self.error(f"the fill of `{name}` must be a number (0, or -oo for max "
+                             f"pooling), got {fill!r}", line)
+        dims = tuple(d + a + b for d, (a, b) in zip(src.dims, pairs, strict=True))
+        lhs = []
+        for d, (a, b), old in zip(dims, pairs, src.dims, strict=True):
+            if a == 0 and b == 0:
+                free = [i for i, r in self.index_dims.items() if r == d and i not in lhs]
+                if free:
+                    lhs.append(free[0])
+                    continue
+            lhs.append(self._pad_index(old, d, line))
+        self._tensor(name, "let", dims, line)
+        read = src.base[tuple(i - a for i, (a, _) in zip(lhs, pairs, strict=True))]
+        self.statements.append(Statement(name, tuple(lhs), Padded(read, fill), "let", line))
+        return self.tensors[name].base
+
+    def _pad_index(self, old, dim, line) -> sp.Symbol:
+        """A new index over a padded axis, named after the axis (h over H + 2P)."""
+        stem = str(old).lower() if isinstance(old, sp.Symbol) and str(old).isalpha() else "x"
+        taken = self._names()
+        name = next(n for n in (stem + "p", *(f"{stem}p{k}" for k in range(2, 99)))
+                    if n not in taken)
+        sym = sp.Symbol(name, integer=True)
+        self.index_dims[sym] = sp.sympify(dim)
+        return sym
+
     # -- statements -------------------------------------------------------------------------
     def _statement(self, kind: str, name: str, lhs, rhs, line,
                    indicators: bool = True) -> sp.IndexedBase:
@@ -632,6 +800,8 @@ class Spec:
                    reference=None, file=self.file)
         out.dim_symbols = dict(self.dim_symbols)
         out.index_dims = dict(self.index_dims)
+        out.derived = dict(self.derived)
+        out.requires = list(self.requires)
         out.hypers = dict(self.hypers)
         out.tensors = {n: t for n, t in self.tensors.items() if n in needed}
         out.statements = [s for s in kept if s.target in needed]

@@ -13,13 +13,13 @@ import sympy as sp
 from sympy.tensor.indexed import IndexException
 
 from gradtool.errors import SpecError
-from gradtool.spec.lang import MaxOver, Spec, SumOver
+from gradtool.spec.lang import MaxOver, Padded, Spec, SumOver
 from gradtool.usercode import running
 
 # Functions the engine can differentiate; anything else in a spec is reported.
 DIFFERENTIABLE = (
     sp.exp, sp.log, sp.tanh, sp.sinh, sp.cosh, sp.sin, sp.cos, sp.atan, sp.erf, sp.Abs,
-    sp.Max, sp.Min, sp.Piecewise, sp.Heaviside, SumOver, MaxOver,
+    sp.Max, sp.Min, sp.Piecewise, sp.Heaviside, SumOver, MaxOver, Padded,
 )
 NOT_DIFFERENTIABLE = (sp.floor, sp.ceiling, sp.sign, sp.frac)
 LANG_FUNCTIONS = "exp, log, sqrt, tanh, sigmoid, erf, sin, cos, Abs, Max, Min, Piecewise, Sum"
@@ -216,7 +216,7 @@ def _is_affine(ix: sp.Expr, index_syms: set) -> bool:
         return False
 
 
-def _check_access(spec: Spec, name: str, idx: tuple, line) -> None:
+def _check_access(spec: Spec, name: str, idx: tuple, line, guarded: bool = False) -> None:
     tensor = spec.tensors[name]
     if len(idx) != len(tensor.dims):
         raise spec.error(f"`{name}` has {len(tensor.dims)} axes but is indexed with "
@@ -237,7 +237,7 @@ def _check_access(spec: Spec, name: str, idx: tuple, line) -> None:
             raise spec.error(f"index `{ix}` runs over {spec.index_dims[ix]} but axis {axis} of "
                              f"`{name}` has size {dim}", line,
                              f"use an index declared over {dim}")
-        if ix not in spec.index_dims:
+        if ix not in spec.index_dims and not guarded:
             _check_range(spec, name, idx, axis, line)
 
 
@@ -251,20 +251,74 @@ def _check_access(spec: Spec, name: str, idx: tuple, line) -> None:
 # whose coefficients are all ≥ 0 is ≥ 0 for every size. Otherwise small sizes are tried for a
 # counterexample; failing both, the access is refused as undecided rather than accepted.
 
-OUTSIDE_HINT = "pad the input or shift the index; zero padding is not in the language yet"
+OUTSIDE_HINT = ("shift the index, or read a padded copy: Xp = spec.pad(\"Xp\", X, (0, 0, P, P)) "
+                "reads 0 outside X")
 SEARCH_VALUES = (0, 1, 2, 3)  # offsets D' above each size's minimum tried for a counterexample
 SEARCH_POINTS = 256
 
 
-def _shifted(spec: Spec, expr: sp.Expr):
+def _least(spec: Spec, sym) -> int:
+    return max(0, spec.min_sizes.get(sym.name, 1))
+
+
+def _eliminate_derived(spec: Spec, expr: sp.Expr):
+    """``expr`` free of derived sizes (``spec.size``), for the sign test below.
+
+    A derived size D = ⌊A/B⌋ + c (A, B polynomials in sizes) becomes q + c with A = q·B + r,
+    q ≥ 0 (A ≥ 0 wherever D ≥ 1, which checks and layers require) and 0 ≤ r < B; one size x
+    that A holds with a unit coefficient is solved for (x = (q·B + r − rest)/±1). With
+    OH = ⌊(H + 2P − K)/S⌋ + 1, the room left after the last window, H + 2P − 1 −
+    ((OH − 1)·S + K − 1), becomes r. Returns (expression, {q, r: None}, {x: its formula,
+    r: B}) for turning a counterexample back into sizes, or None when a derived size has
+    another form."""
+    extra, back = {}, {}
+    derived = {spec.dim_symbols[n]: f for n, f in spec.derived.items()}
+    for _ in range(len(derived) + 1):
+        found = sorted(expr.free_symbols & derived.keys(), key=str)
+        if not found:
+            return expr, extra, back
+        sym = found[0]
+        formula = derived[sym]
+        floors = list(formula.atoms(sp.floor))
+        if len(floors) > 1:
+            return None
+        num, den = (floors[0].args[0].as_numer_denom() if floors
+                    else (formula - 1, sp.Integer(1)))
+        q = sp.Symbol(f"{sym.name}_q", integer=True, nonnegative=True)
+        r = sp.Symbol(f"{sym.name}_r", integer=True, nonnegative=True)
+        rest = formula.xreplace({floors[0]: q}) if floors else 1 + q
+        num = sp.expand(num)
+        solved = None
+        for x in sorted(num.free_symbols - derived.keys(), key=str):
+            coeff = num.coeff(x)
+            if coeff in (1, -1) and x not in sp.expand(num - coeff * x).free_symbols:
+                solved = x, sp.expand((q * den + (r if den != 1 else 0) - (num - coeff * x))
+                                      / coeff)
+                break
+        if solved is None:
+            return None
+        x, value = solved
+        expr = sp.expand(expr.xreplace({sym: rest}).xreplace({x: value}))
+        back = {k: sp.expand(v.xreplace({x: value})) for k, v in back.items()}
+        back[x] = value
+        extra[q] = None
+        if den != 1:
+            extra[r] = None
+            back[r] = den
+    return None
+
+
+def _shifted(spec: Spec, expr: sp.Expr, extra=()):
     """``expr`` over non-negative offsets D' = D − min(D); None if a symbol has no known sign.
 
     Returns (the shifted expression, offsets, {offset: (symbol, its minimum)})."""
     offsets, subs = {}, {}
     hypers = {h.symbol for h in spec.hypers.values()}
     for sym in sorted(expr.free_symbols, key=str):
-        if sym in spec.dim_symbols.values():
-            low = max(1, spec.min_sizes.get(sym.name, 1))
+        if sym in extra:
+            low = 0  # a quotient or remainder of a derived size
+        elif sym in spec.dim_symbols.values():
+            low = _least(spec, sym)
         elif sym in hypers and sym.is_positive:
             low = 0  # a positive hyper-parameter: only its sign is known
         else:
@@ -278,7 +332,11 @@ def _shifted(spec: Spec, expr: sp.Expr):
 def _nonnegative(spec: Spec, expr: sp.Expr):
     """(True, None) if ``expr`` ≥ 0 for all sizes; (False, sizes) with sizes where it is
     negative; (None, None) when neither could be shown."""
-    shifted = _shifted(spec, expr)
+    eliminated = _eliminate_derived(spec, sp.sympify(expr))
+    if eliminated is None:
+        return None, None
+    expr, extra, back = eliminated
+    shifted = _shifted(spec, expr, extra)
     if shifted is None:
         return None, None
     value, primes, offsets = shifted
@@ -292,8 +350,32 @@ def _nonnegative(spec: Spec, expr: sp.Expr):
     for point in itertools.product(SEARCH_VALUES[:count], repeat=len(primes)):
         at = dict(zip(primes, point, strict=True))
         if value.xreplace(at) < 0:
-            return False, {offsets[p][0]: offsets[p][1] + v for p, v in at.items()}
+            sizes = {offsets[p][0]: offsets[p][1] + v for p, v in at.items()}
+            if _sizes_back(spec, sizes, back, extra):
+                return False, {k: v for k, v in sizes.items() if k not in extra}
     return None, None
+
+
+def _sizes_back(spec: Spec, sizes: dict, back: dict, extra) -> bool:
+    """Fill in the sizes solved for by :func:`_eliminate_derived` (other sizes at their
+    least); False when they are not sizes (below their minimum, or a remainder not below
+    its divisor)."""
+    for value in back.values():
+        for sym in value.free_symbols - sizes.keys() - back.keys():
+            sizes[sym] = 0 if sym in extra else _least(spec, sym)
+    for x, value in back.items():
+        value = sp.sympify(value.xreplace(sizes))
+        if not value.is_number:
+            return False
+        if x in spec.dim_symbols.values():
+            if value < _least(spec, x):
+                return False
+            sizes[x] = int(value)
+        elif sizes.get(x, 0) >= value:  # a remainder: r < B
+            return False
+    return all(int(sp.sympify(f.xreplace(sizes))) >= 1 for f in
+               (spec.derived[n] for n in spec.derived)
+               if f.free_symbols <= sizes.keys())
 
 
 def _sign(spec: Spec, coeff: sp.Expr) -> int | None:
@@ -348,7 +430,8 @@ def _check_range(spec: Spec, name: str, idx: tuple, axis: int, line) -> None:
         when = f" ({when})" if when else ""
         hint = OUTSIDE_HINT if gap is least else (
             "give the axis a size that covers the index, like (T - 1)*S + K for t*S + k "
-            "(strides are sizes), or shift the index; zero padding is not in the language yet")
+            "(strides are sizes), or derive the output size from the input's: "
+            "OH = spec.size(\"OH\", (H + 2*P - K) // S + 1); " + OUTSIDE_HINT)
         raise spec.error(f"`{access}` can read outside `{name}`: index `{idx[axis]}` of axis "
                          f"{axis} goes {side} (it reaches {sp.factor(bound)}{when}; the axis "
                          f"has size {size})", line, hint)
@@ -369,8 +452,9 @@ def validate(spec: Spec) -> None:
                              f"index it, e.g. {name}[{idx}]")
         _check_functions(spec, st.rhs, st.line)
         _check_reductions(spec, st.rhs, set(st.lhs), st.line)
+        guarded = isinstance(st.rhs, Padded)  # spec.pad: reads outside X read the fill
         for name, idx in accesses(st.rhs, spec):
-            _check_access(spec, name, idx, st.line)
+            _check_access(spec, name, idx, st.line, guarded)
         free = free_indices(st.rhs, spec)
         extra = free - set(st.lhs)
         if extra:

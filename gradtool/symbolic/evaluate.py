@@ -13,7 +13,7 @@ import math
 import numpy as np
 import sympy as sp
 
-from gradtool.spec.lang import MaxOver, SumOver
+from gradtool.spec.lang import MaxOver, Padded, SumOver
 from gradtool.symbolic.ir import ArgMaxMask, Program
 
 
@@ -202,6 +202,8 @@ class Evaluator:
     # -- the recursion ----------------------------------------------------------------------
     def ev(self, e):
         ops = self.ops
+        if isinstance(e, Padded):
+            return self._padded(e)
         if isinstance(e, sp.Indexed):
             arr = self.env[e.base.label.name]
             idx = [self.ev(i) for i in e.indices]
@@ -287,6 +289,23 @@ class Evaluator:
         if isinstance(e, sp.Not):
             return ~self._lift(self.ev(e.args[0]))
         raise TypeError(f"cannot evaluate {type(e).__name__}: {e}")
+
+    def _padded(self, e: Padded):
+        """X at the read's positions where all lie inside X, else the fill."""
+        read, ops = e.access, self.ops
+        arr = self.env[read.base.label.name]
+        idx = [self._lift(self._ev_int(i)) for i in read.indices]
+        idx = [i.long() if ops.name == "torch" else i.astype(np.int64) for i in idx]
+        idx = [self._lift(i) for i in idx]
+        inside = None
+        clipped = []
+        for i, size in zip(idx, arr.shape, strict=True):
+            ok = (i >= 0) & (i < size)
+            inside = ok if inside is None else self._lift(inside) & ok
+            clipped.append(i.clamp(0, size - 1) if ops.name == "torch" else
+                           np.clip(i, 0, size - 1))
+        value = self._lift(arr[tuple(self._lift(c) for c in clipped)])
+        return ops.where(self._lift(inside), value, float(e.fill))
 
     def _first_max(self, e: ArgMaxMask):
         """``value == best`` kept only at its first hit over ``e.over`` (row-major)."""

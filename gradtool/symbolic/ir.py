@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from gradtool.spec.lang import MaxOver, Spec, SumOver
+from gradtool.spec.lang import MaxOver, Padded, Spec, SumOver
 
 _counter = itertools.count(1)
 
@@ -40,6 +40,28 @@ class ArgMaxMask(sp.Function):
     def _latex(self, printer):
         value, best = (printer._print(a) for a in self.args[:2])
         return rf"\left[{value} = {best}\right]"
+
+
+class Unpad(sp.Function):
+    """``Unpad(body, (hp, h, P), ...)``: ``body``, an array over the padded indices hp, read at
+    hp = h + P for h over the source's axis: the slice of a padded tensor's adjoint at the
+    positions of its source (``spec.pad``). Only the kernels use it: the derivation's closed
+    form substitutes hp = h + P instead, which means the same."""
+
+    nargs = None
+
+    @property
+    def body(self) -> sp.Expr:
+        return self.args[0]
+
+    @property
+    def shifts(self) -> tuple:
+        return tuple(tuple(t) for t in self.args[1:])
+
+    def _sympystr(self, printer):
+        at = ", ".join(f"{printer.doprint(hp)} = {printer.doprint(h + c)}"
+                       for hp, h, c in self.shifts)
+        return f"({printer.doprint(self.body)})[{at}]"
 
 
 class Sigmoid(sp.Function):
@@ -86,7 +108,7 @@ class Assign:
     target: str
     lhs: tuple[sp.Symbol, ...]
     body: sp.Expr
-    reduce: str | None = None  # None | "sum" | "max"
+    reduce: str | None = None  # None | "sum" | "max" | "pad" (body: a Padded read)
     over: tuple[sp.Symbol, ...] = ()
     line: int | None = None
     kind: str = "let"  # let | output | update | lifted
@@ -105,6 +127,18 @@ class Program:
     spec: Spec
     assigns: list[Assign]
     ranges: dict[sp.Symbol, sp.Expr] = field(default_factory=dict)  # index -> dimension
+
+    def pad_widths(self, a: Assign) -> tuple[tuple[sp.Expr, sp.Expr], ...]:
+        """(before, after) per axis of a ``pad`` statement: Xp[h] = X[h − before], and Xp's
+        axis is X's plus both."""
+        read = a.body.access
+        source = self.spec.tensors[read.base.label.name].dims
+        padded = self.spec.tensors[a.target].dims
+        out = []
+        for i, ix, small, big in zip(a.lhs, read.indices, source, padded, strict=True):
+            before = sp.expand(i - ix)
+            out.append((before, sp.expand(big - small - before)))
+        return tuple(out)
 
     def by_target(self) -> dict[str, Assign]:
         return {a.target: a for a in self.assigns if a.kind != "update"}
@@ -192,6 +226,10 @@ def normalize(spec: Spec) -> Program:
     """Lift every inner reduction of the spec into its own statement."""
     program = Program(spec, [], dict(spec.index_dims))
     for st in spec.statements:
+        if isinstance(st.rhs, Padded):  # spec.pad: a padded copy, no reduction to lift
+            program.assigns.append(Assign(st.target, st.lhs, st.rhs, "pad", (), st.line,
+                                          st.kind))
+            continue
         counter = itertools.count(1)
         rhs = _lift(program, st, st.rhs, counter, top=True)
         if isinstance(rhs, Assign):

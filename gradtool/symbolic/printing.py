@@ -242,6 +242,10 @@ class IndexPrinter(StrPrinter):
     def _print_Heaviside(self, expr):
         return f"[{self._print(expr.args[0])} > 0]"
 
+    def _print_Padded(self, expr):
+        fill = "-∞" if expr.fill == -sp.oo else self._print(expr.fill)
+        return f"{self._print(expr.access)} (inside {expr.access.base.label.name}, else {fill})"
+
     def _print_Sigmoid(self, expr):
         return f"σ({self._print(expr.args[0])})"
 
@@ -308,6 +312,11 @@ class IndexLatexPrinter(LatexPrinter):
 
     def _print_Heaviside(self, expr, pow=None):
         return rf"\left[{self._print(expr.args[0])} > 0\right]"
+
+    def _print_Padded(self, expr):
+        name = latex_name(expr.access.base.label.name)
+        return (rf"{self._print(expr.access)}\ \text{{inside }} {name}"
+                rf"\text{{, else }} {self._print(expr.fill)}")
 
     def _print_Sigmoid(self, expr, exp=None):
         out = rf"\sigma\left({self._print(expr.args[0])}\right)"

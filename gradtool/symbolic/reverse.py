@@ -271,8 +271,24 @@ def _diff(body, wrt) -> sp.Expr:
     return sp.diff(swap, wrt).replace(_TieMax, sp.Max).replace(_TieMin, sp.Min)
 
 
+def _pad_contribution(d: Derivation, a: Assign, node) -> Contribution:
+    """``Xp[h] = X[h − P]`` inside X, the fill outside (``spec.pad``): X's entry at h is read
+    once, at Xp's position h + P, so the adjoint of X is the slice of Xp's adjoint at X's
+    positions; the padding's entries have no source and their adjoint flows nowhere."""
+    name = access_name(node)
+    target = d.canon[name]
+    widths = d.program.pad_widths(a)
+    at = tuple(t + before for t, (before, _) in zip(target, widths, strict=True))
+    return Contribution(a, name, sp.Integer(1), d.adjoint_access(a.target, at),
+                        f"{a.target} pads {name}: the adjoint of {name} is the slice of "
+                        f"{a.target}'s adjoint at {name}'s positions (the padding has no "
+                        "source)")
+
+
 def _contribution(d: Derivation, a: Assign, node) -> Contribution | None:
     program, spec = d.program, d.spec
+    if a.reduce == "pad":
+        return _pad_contribution(d, a, node)
     nodes = accesses(a.body, spec)
     dummies = {x: sp.Dummy(f"a{k}", real=True) for k, x in enumerate(nodes)}
     flat = a.body.xreplace(dummies)
