@@ -98,6 +98,7 @@ class ArrayPrinter:
         self.ranges: dict = {}                # index symbol -> its size expression
         self._full: dict = {}                 # CSE symbol -> its definition, fully expanded
         self.extents: dict = {}               # tensor name -> the sizes of its axes
+        self.derived: dict = {}               # derived size (OH) -> its formula
         self.taken: set = set()               # names a bound temporary must not take
         self.setup: list = []                 # (name, code) lines the next statement reads
         self._bound: dict = {}                # code -> the temporary it is bound to
@@ -287,7 +288,7 @@ class ArrayPrinter:
     def _window(self, e, hint=()) -> WindowRead | None:
         if not isinstance(e, sp.Indexed):
             return None
-        return window_read(e, self._is_index, self.ranges, self.extents, hint)
+        return window_read(e, self._is_index, self.ranges, self.extents, hint, self.derived)
 
     def size_code(self, size) -> str:
         arr = self.lower(sp.sympify(size))
@@ -312,6 +313,31 @@ class ArrayPrinter:
         S), lowered to the target's transposed convolution or pooling backward; None to
         lower it as strided slice-adds (:meth:`_window_scatter`)."""
         return None
+
+    def window_max_grad(self, grad: Arr, read: WindowRead, windows) -> Arr | None:
+        """``grad`` (axes: read's plain indices, then its window positions) sent to the
+        first maximum of each window of ``read`` and scattered back: the adjoint of a max
+        over a window; None to lower the mask and its scatter the general way."""
+        return None
+
+    def _window_argmax(self, values, windows) -> tuple | None:
+        """(G, read) if ``values`` is G·[X[window] = max] at the first maximum over the
+        taps, X read through exactly ``windows`` (window axes last in X) and G free of taps."""
+        factors = sp.Mul.make_args(values)
+        masks = [f for f in factors if isinstance(f, ArgMaxMask)]
+        rest = sp.Mul(*[f for f in factors if not isinstance(f, ArgMaxMask)])
+        if len(masks) != 1 or self._bool_only(rest) or not self._is_array(rest):
+            return None
+        taps = tuple(w[2] for w in windows)
+        read = self._window(masks[0].args[0], taps)
+        if read is None or set(masks[0].over) != set(taps) or not read.trailing or \
+                [(w.out, w.tap, w.stride) for w in read.windows] != \
+                [(i, p, s) for _, i, p, s in windows]:
+            return None
+        grad = self.lower(rest)
+        if set(grad.axes) != set(read.plain) | set(read.outs):
+            return None
+        return grad, read
 
     def window_max(self, e: MaxOver) -> Arr | None:
         """A maximum over the taps of a window read as the target's max pooling, or None."""
@@ -342,7 +368,8 @@ class ArrayPrinter:
             out, tap, stride = window
             if out not in over or tap not in over or out not in self.ranges or \
                     tap not in self.ranges or not fits(self.ranges[h], self.ranges[tap],
-                                                       stride, self.ranges[out]) or \
+                                                       stride, self.ranges[out],
+                                                       self.derived) or \
                     self._dense_split(target, [out, tap], h) is not None:
                 return None
             windows.append((h, out, tap, stride))
@@ -354,9 +381,12 @@ class ArrayPrinter:
         kept = [lim for lim in e.limits if lim[0] not in outs + taps]
         body = sp.Mul(*rest)
         values = sp.Sum(body, *kept) if kept else body
-        lowered = self.window_transpose(values, windows)
+        argmax = self._window_argmax(values, windows)
+        lowered = self.window_max_grad(*argmax, windows) if argmax is not None else None
+        if lowered is None:
+            lowered = self.window_transpose(values, windows)
         if lowered is not None:
-            return lowered
+            return self._named_grad(lowered)
         arr = self.lower(values)
         if any(o not in arr.axes for o in outs) or set(arr.axes) & (set(over) - set(used)):
             return None
@@ -372,8 +402,14 @@ class ArrayPrinter:
         sizes = self.sizes_code([self.ranges[w[0]] for w in windows])
         kernel = self.sizes_code([self.ranges[t] for t in taps])
         strides = self.sizes_code([w[3] for w in windows])
-        return Arr(f"{self.WINDOW_ADD}({code}, {sizes}, {kernel}, {strides})",
-                   lead + tuple(w[0] for w in windows), ATOM)
+        return self._named_grad(Arr(f"{self.WINDOW_ADD}({code}, {sizes}, {kernel}, {strides})",
+                                    lead + tuple(w[0] for w in windows), ATOM))
+
+    def _named_grad(self, arr: Arr) -> Arr:
+        """A long scatter of window gradients as a named temporary, for lines that read."""
+        if len(arr.code) <= 60:
+            return arr
+        return Arr(self.bind("window_grad", arr.code), arr.axes, ATOM)
 
     ARANGE = "np.arange({n})"
 

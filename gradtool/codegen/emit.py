@@ -156,7 +156,7 @@ class Module:
         floats = [self.names[t.name] for t in self.inputs if not t.is_labels]
         printer.ref = (floats or args or [None])[0]  # dtype and device (labels are integers)
         printer.ranges = dict(d.program.ranges)
-        printer.extents = self.extents()
+        printer.extents, printer.derived = self.extents(), self.derived_sizes()
         printer.taken = self._taken()
         shifts = self.stable_exponentials()
         inlined = self.inlined_sums(shifts)
@@ -467,6 +467,11 @@ class Module:
         out.update({name: t.dims for name, t in self.spec.tensors.items()})
         return out
 
+    def derived_sizes(self) -> dict:
+        """Derived size symbol (OH) -> its formula in the declared sizes."""
+        return {self.spec.dim_symbols[name]: formula
+                for name, formula in getattr(self.spec, "derived", {}).items()}
+
     def tensor_dims(self, name: str) -> tuple:
         """Axes of a forward tensor, or of the max M of a shifted sum (Z's axes)."""
         if name in self.spec.tensors:
@@ -644,7 +649,7 @@ class Module:
         # a common term can read X[n, Cg·g + q] with g bound by a sum around it: the term is
         # computed first, and builds the positions of g from g's range
         printer.ranges.update(_bound_ranges(exprs + [v for _, v in replacements]))
-        printer.extents = self.extents()
+        printer.extents, printer.derived = self.extents(), self.derived_sizes()
         # statements as (name, code), before the conditions they run under are known
         stmts: list[tuple[str, str]] = []
         taken = self._taken()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gradtool.codegen.base import Arr, ArrayPrinter
+from gradtool.codegen.base import ATOM, Arr, ArrayPrinter
 from gradtool.codegen.windows import WindowRead
 
 
@@ -41,6 +41,19 @@ class NumpyPrinter(ArrayPrinter):
         while steps and steps[-1] == ":":
             steps.pop()
         return f"{code}[{', '.join(steps)}]" if steps else code
+
+    def window_max_grad(self, grad: Arr, read: WindowRead, windows) -> Arr | None:
+        """Max pooling's backward: each window's argmax (the first maximum) takes its
+        gradient, scattered back by ``window_add`` (the ``window_max_grad`` helper)."""
+        self.helpers |= {"window_max_grad", "window_add"}
+        view = self.lower(read.access)
+        order = read.plain + read.outs
+        g = grad.code if grad.axes == order else self.transpose(
+            self.paren(grad.code, grad.prec, ATOM), tuple(grad.axes.index(a) for a in order))
+        sizes = self.sizes_code([self.ranges[w[0]] for w in windows])
+        strides = self.sizes_code([w[3] for w in windows])
+        return Arr(f"window_max_grad({g}, {view.code}, {sizes}, {strides})",
+                   read.plain + tuple(w[0] for w in windows), ATOM)
 
     def broadcast(self, code: str, shape: tuple[str, ...], arr: Arr) -> str:
         self.imports.add("np")
@@ -84,6 +97,16 @@ HELPERS = {
                      for p, n, s in zip(tap, counts, strides, strict=True))
         out[(Ellipsis, *rows)] += values[(Ellipsis, *[slice(None)] * d, *tap)]
     return out''',
+    "window_max_grad": '''def window_max_grad(grad, windows, sizes, strides):
+    """``grad`` of each strided window's maximum sent to its first maximum (row-major), summed
+    where windows overlap: max pooling's backward. ``windows`` is the input's window view
+    (the window positions, then the taps, last); ``sizes`` are the input's window axes."""
+    d = len(sizes)
+    taps = windows.shape[windows.ndim - d:]
+    flat = windows.reshape(windows.shape[:windows.ndim - d] + (-1,))
+    values = np.zeros(flat.shape, dtype=grad.dtype)
+    np.put_along_axis(values, flat.argmax(-1)[..., None], grad[..., None], axis=-1)
+    return window_add(values.reshape(windows.shape), sizes, taps, strides)''',
     "join_axes": '''def join_axes(values, sizes, lead):
     """out[..., B·a + b] = values[..., a, b]: the adjoint of reading x[..., a*B + b], where a
     split index reads every position once, so that its scatter-add is a reshape. ``lead`` axes

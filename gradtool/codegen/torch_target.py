@@ -9,7 +9,6 @@ import sympy as sp
 from gradtool.codegen.base import ATOM, Arr, ArrayPrinter, MatMul
 from gradtool.codegen.windows import WindowRead, leftover
 from gradtool.spec.lang import MaxOver
-from gradtool.symbolic.ir import ArgMaxMask
 
 
 class TorchPrinter(ArrayPrinter):
@@ -168,11 +167,7 @@ class TorchPrinter(ArrayPrinter):
     def window_transpose(self, values, windows) -> Arr | None:
         """The adjoint of a window read as torch's own backward: Σ_o G[n,o,i]·W[o,c,p]
         scattered to S·i + p is ``torch.conv_transpose*d`` (with ``output_padding`` for the
-        entries a stride leaves over), and G·[X[window] = max] at the first maximum is max
-        pooling's backward (``window_max_grad``)."""
-        pooled = self._max_pool_grad(values, windows)
-        if pooled is not None:
-            return pooled
+        entries a stride leaves over)."""
         over, body = set(), values
         if isinstance(body, sp.Sum):
             over, body = {lim[0] for lim in body.limits}, body.function
@@ -199,7 +194,7 @@ class TorchPrinter(ArrayPrinter):
         padding = [leftover(self.ranges[h], self.ranges[p], s, self.ranges[i])
                    for h, i, p, s in windows]
         extra = "" if all(x == 0 for x in padding) else \
-            f", output_padding={self.sizes_code(padding)}"
+            f", output_padding={self.bind('output_padding', self.sizes_code(padding))}"
         code = f"torch.conv_transpose{len(windows)}d(" \
                f"{self._layout(self.paren(g.code, g.prec, ATOM), g.axes, gg)}, " \
                f"{self._layout(self.paren(w.code, w.prec, ATOM), w.axes, wg)}" \
@@ -207,31 +202,16 @@ class TorchPrinter(ArrayPrinter):
         groups = [batch, chans] + [[win[0]] for win in windows]
         return Arr(self._unlayout(code, groups), tuple(a for gr in groups for a in gr), ATOM)
 
-    def _max_pool_grad(self, values, windows) -> Arr | None:
-        """G[n,c,i,j]·[X[n,c,S·i+p,S·j+q] = Y[n,c,i,j]] (first maximum over p, q) scattered
-        back to X: torch's max pooling backward, 2-D or 3-D, window axes last."""
-        masks = [f for f in sp.Mul.make_args(values) if isinstance(f, ArgMaxMask)]
-        rest = [f for f in sp.Mul.make_args(values) if not isinstance(f, ArgMaxMask)]
-        if len(masks) != 1 or not rest or len(windows) not in (2, 3):
-            return None
-        taps = tuple(w[2] for w in windows)
-        read = self._window(masks[0].args[0], taps)
-        if read is None or set(masks[0].over) != set(taps) or not read.trailing or \
-                len(read.plain) not in (1, 2) or \
-                [(w.out, w.tap, w.stride) for w in read.windows] != \
-                [(i, p, s) for _, i, p, s in windows]:
-            return None
-        grad_expr = sp.Mul(*rest)
-        if self._bool_only(grad_expr) or not self._is_array(grad_expr):
-            return None
-        grad = self.lower(grad_expr)
-        if set(grad.axes) != set(read.plain) | set(read.outs):
+    def window_max_grad(self, grad: Arr, read: WindowRead, windows) -> Arr | None:
+        """Max pooling's backward, torch's own kernel (``window_max_grad`` recomputes the
+        argmax): 2-D or 3-D windows, last in X, after one or two other axes."""
+        if len(windows) not in (2, 3) or len(read.plain) not in (1, 2):
             return None
         self.helpers.add("window_max_grad")
         g = self._layout(self.paren(grad.code, grad.prec, ATOM), grad.axes,
                          [[a] for a in read.plain + read.outs])
-        kernel = self.sizes_code([self.ranges[t] for t in taps])
-        strides = self.sizes_code([w[3] for w in windows])
+        kernel = self.sizes_code([self.ranges[t] for t in read.taps])
+        strides = self.sizes_code([w.stride for w in read.windows])
         code = f"window_max_grad({g}, {self.names[read.name]}, {kernel}, {strides})"
         return Arr(code, read.plain + tuple(w[0] for w in windows), ATOM)
 

@@ -35,6 +35,7 @@ class WindowRead:
     The read as a view has the axes ``view_axes``: X's positions in order (a window axis
     stands for its window position ``out``), then the taps, as ``unfold`` and
     ``sliding_window_view`` lay them out."""
+    access: sp.Indexed
     name: str
     plain: tuple
     windows: tuple
@@ -83,11 +84,12 @@ def split_window(index, is_index, hint=()) -> tuple | None:
     return out, tap, coeffs[out]
 
 
-def window_read(e: sp.Indexed, is_index, ranges: dict, extents: dict,
-                hint=()) -> WindowRead | None:
+def window_read(e: sp.Indexed, is_index, ranges: dict, extents: dict, hint=(),
+                derived=None) -> WindowRead | None:
     """The :class:`WindowRead` that ``e`` is, or None: not every position is a plain index or a
     window axis, an index is used twice, a range or extent is unknown, or the windows of
-    the view would not number exactly the out index's range."""
+    the view would not number exactly the out index's range. ``derived`` maps a derived
+    size (OH) to its formula (⌊(H + 2P − K)/S⌋ + 1)."""
     name = e.base.label.name
     shape = extents.get(name)
     if shape is None or len(shape) != len(e.indices):
@@ -103,23 +105,29 @@ def window_read(e: sp.Indexed, is_index, ranges: dict, extents: dict,
             return None
         out, tap, stride = split
         if out not in ranges or tap not in ranges or \
-                not fits(shape[k], ranges[tap], stride, ranges[out]):
+                not fits(shape[k], ranges[tap], stride, ranges[out], derived):
             return None
         windows.append(Window(k, out, tap, stride))
         seen |= {out, tap}
     used = plain + [s for w in windows for s in (w.out, w.tap)]
     if not windows or len(set(used)) != len(used):
         return None
-    return WindowRead(name, tuple(plain), tuple(windows), len(e.indices))
+    return WindowRead(e, name, tuple(plain), tuple(windows), len(e.indices))
 
 
-def fits(extent, taps, stride, count) -> bool:
+def fits(extent, taps, stride, count, derived=None) -> bool:
     """Do the windows of ``taps`` entries, ``stride`` apart, along an axis of ``extent``
-    number exactly ``count``: ⌊(extent − taps)/stride⌋ + 1 = count?"""
-    rest = sp.simplify(sp.sympify(extent) - taps - stride * (count - 1))
+    number exactly ``count``: ⌊(extent − taps)/stride⌋ + 1 = count? ``derived`` maps derived
+    sizes to their formulas (OH = ⌊(H + 2P − K)/S⌋ + 1)."""
+    extent, taps, stride, count = (sp.sympify(x).xreplace(derived or {})
+                                   for x in (extent, taps, stride, count))
+    rest = sp.expand(leftover(extent, taps, stride, count))
     if rest == 0:
         return True
-    return isinstance(rest, sp.Mod) and rest.args[1] == stride
+    span = sp.expand(extent - taps)
+    return rest == sp.expand(span - stride * sp.floor(span / stride)) or \
+        (isinstance(rest, sp.Mod) and sp.expand(rest.args[0] - span) == 0 and
+         rest.args[1] == stride)
 
 
 def leftover(extent, taps, stride, count):
