@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from gradtool.codegen.base import ATOM, Arr, ArrayPrinter
 from gradtool.codegen.windows import WindowRead
+from gradtool.spec.lang import MaxOver
 
 
 class NumpyPrinter(ArrayPrinter):
@@ -45,7 +46,7 @@ class NumpyPrinter(ArrayPrinter):
     def window_max_grad(self, grad: Arr, read: WindowRead, windows) -> Arr | None:
         """Max pooling's backward: each window's argmax (the first maximum) takes its
         gradient, scattered back by ``window_add`` (the ``window_max_grad`` helper)."""
-        self.helpers |= {"window_max_grad", "window_add"}
+        self.helpers.add("window_max_grad")
         view = self.lower(read.access)
         order = read.plain + read.outs
         g = grad.code if grad.axes == order else self.transpose(
@@ -54,6 +55,16 @@ class NumpyPrinter(ArrayPrinter):
         strides = self.sizes_code([w[3] for w in windows])
         return Arr(f"window_max_grad({g}, {view.code}, {sizes}, {strides})",
                    read.plain + tuple(w[0] for w in windows), ATOM)
+
+    def window_max(self, e: MaxOver) -> Arr | None:
+        """The maximum over the taps of a window read, tap by tap (``window_max``)."""
+        read = self._window(e.body, tuple(e.over))
+        if read is None or set(e.over) != set(read.taps):
+            return None
+        self.helpers.add("window_max")
+        view = self.lower(e.body)
+        return Arr(f"window_max({view.code}, {len(read.windows)})",
+                   view.axes[:len(view.axes) - len(read.windows)], ATOM)
 
     def broadcast(self, code: str, shape: tuple[str, ...], arr: Arr) -> str:
         self.imports.add("np")
@@ -97,16 +108,34 @@ HELPERS = {
                      for p, n, s in zip(tap, counts, strides, strict=True))
         out[(Ellipsis, *rows)] += values[(Ellipsis, *[slice(None)] * d, *tap)]
     return out''',
+    "window_max": '''def window_max(windows, d):
+    """The maximum of each window of a window view (its last ``d`` axes are the taps), as one
+    np.maximum per tap: a reduction over small strided axes is many times slower."""
+    out = None
+    for tap in np.ndindex(*windows.shape[windows.ndim - d:]):
+        values = windows[(Ellipsis, *tap)]
+        out = values.copy() if out is None else np.maximum(out, values, out=out)
+    return out''',
     "window_max_grad": '''def window_max_grad(grad, windows, sizes, strides):
     """``grad`` of each strided window's maximum sent to its first maximum (row-major), summed
     where windows overlap: max pooling's backward. ``windows`` is the input's window view
     (the window positions, then the taps, last); ``sizes`` are the input's window axes."""
     d = len(sizes)
-    taps = windows.shape[windows.ndim - d:]
-    flat = windows.reshape(windows.shape[:windows.ndim - d] + (-1,))
-    values = np.zeros(flat.shape, dtype=grad.dtype)
-    np.put_along_axis(values, flat.argmax(-1)[..., None], grad[..., None], axis=-1)
-    return window_add(values.reshape(windows.shape), sizes, taps, strides)''',
+    taps = list(np.ndindex(*windows.shape[windows.ndim - d:]))
+    best = windows[(Ellipsis, *taps[0])].copy()
+    first = np.zeros(best.shape, dtype=np.intp)  # the tap of the first maximum so far
+    for k, tap in enumerate(taps[1:], 1):
+        values = windows[(Ellipsis, *tap)]
+        higher = values > best
+        np.copyto(best, values, where=higher)
+        first[higher] = k
+    counts = first.shape[first.ndim - d:]
+    out = np.zeros(first.shape[:first.ndim - d] + sizes, dtype=grad.dtype)
+    for k, tap in enumerate(taps):
+        rows = tuple(slice(p, p + s * (n - 1) + 1, s)
+                     for p, n, s in zip(tap, counts, strides, strict=True))
+        out[(Ellipsis, *rows)] += np.where(first == k, grad, 0)
+    return out''',
     "join_axes": '''def join_axes(values, sizes, lead):
     """out[..., B·a + b] = values[..., a, b]: the adjoint of reading x[..., a*B + b], where a
     split index reads every position once, so that its scatter-add is a reshape. ``lead`` axes
