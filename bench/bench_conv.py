@@ -6,14 +6,17 @@ Run it from the repository root::
     python bench/bench_conv.py --iters 5 --json conv.json
 
 Cases (the sizes of the MNIST CNN in issue 9): 2-D convolution with a 3×3 kernel, stride 1,
-padding 1 (the built-in ``conv2d`` spec pads its input with ``spec.pad``), 1→32 channels at
-28×28 and 32→64 channels at 14×14; max pooling 2×2, stride 2, 32 channels at 28×28 and 64 at
-14×14. Each is one forward + backward at batch 128 of:
+1→32 channels at 28×28 and 32→64 channels at 14×14, each twice: with padding 1 (the built-in
+``conv2d`` spec pads its input with ``spec.pad``: an ``F.pad`` copy, then the convolution)
+against ``F.conv2d(padding=1)``, and on the equivalent pre-padded input (30×30, 16×16; P = 0)
+against ``F.conv2d`` without padding, which times the convolution lowering alone; max pooling
+2×2, stride 2, 32 channels at 28×28 and 64 at 14×14. Each is one forward + backward at batch
+128 of:
 
 * ``torch``: the generated ``<Name>Function.apply`` (``compile_spec(spec, "torch")``), its
   backward the derived closed form, lowered to torch's convolution / pooling kernels;
 * ``numpy``: the generated NumPy ``forward`` then ``backward`` on NumPy arrays;
-* ``native`` (the peer): ``F.conv2d(..., padding=1)`` or ``F.max_pool2d`` with autograd.
+* ``native`` (the peer): ``F.conv2d`` (same padding) or ``F.max_pool2d`` with autograd.
 
 Every variant runs in the same process, interleaved step by step, each a median of
 ``--iters`` steps after ``--warmup`` untimed ones, torch on one thread (NumPy's BLAS too, set
@@ -42,12 +45,14 @@ from gradtool.codegen.cache import compile_spec  # noqa: E402
 
 BATCH = 128
 TARGET_TORCH = 1.2
-# (spec, channels in, channels out, image size)
-CASES = (("conv2d", 1, 32, 28), ("conv2d", 32, 64, 14),
-         ("maxpool2d", 32, 32, 28), ("maxpool2d", 64, 64, 14))
+# (spec, channels in, channels out, image size, padding)
+CASES = (("conv2d", 1, 32, 28, 1), ("conv2d", 32, 64, 14, 1),
+         ("conv2d", 1, 32, 30, 0), ("conv2d", 32, 64, 16, 0),
+         ("maxpool2d", 32, 32, 28, 0), ("maxpool2d", 64, 64, 14, 0))
 
 
-def case(spec: str, c_in: int, c_out: int, size: int, gen: torch.Generator) -> dict:
+def case(spec: str, c_in: int, c_out: int, size: int, pad: int,
+         gen: torch.Generator) -> dict:
     """The three ways to run one forward + backward, as functions of no arguments."""
     torch_mod, numpy_mod = compile_spec(spec, "torch"), compile_spec(spec, "numpy")
     fn = next(v for k, v in vars(torch_mod).items() if k.endswith("Function"))
@@ -55,11 +60,11 @@ def case(spec: str, c_in: int, c_out: int, size: int, gen: torch.Generator) -> d
     if spec == "conv2d":
         weight = (torch.randn(c_out, c_in, 3, 3, generator=gen) * 0.1).requires_grad_()
         bias = torch.zeros(c_out).requires_grad_()
-        leaves, hyper = [X, weight, bias], {"P": 1, "S": 1}
-        args = [X, weight, bias, 1, 1]
+        leaves, hyper = [X, weight, bias], {"P": pad, "S": 1}
+        args = [X, weight, bias, pad, 1]
 
         def native():
-            return F.conv2d(X, weight, bias, padding=1)
+            return F.conv2d(X, weight, bias, padding=pad)
     else:
         leaves, hyper = [X], {"K": 2, "P": 0, "S": 2}
         args = [X, 2, 0, 2]
@@ -92,8 +97,8 @@ def bench(iters: int, warmup: int, threads: int) -> list[dict]:
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for spec, c_in, c_out, size in CASES:
-        runs = case(spec, c_in, c_out, size, gen)
+    for spec, c_in, c_out, size, pad in CASES:
+        runs = case(spec, c_in, c_out, size, pad, gen)
         for _ in range(warmup):
             for run in runs.values():
                 run()
@@ -104,7 +109,7 @@ def bench(iters: int, warmup: int, threads: int) -> list[dict]:
                 run()
                 times[name].append(time.perf_counter() - start)
         med = {name: statistics.median(t) for name, t in times.items()}
-        shape = f"{c_in}→{c_out} at {size}×{size}" if spec == "conv2d" else \
+        shape = f"{c_in}→{c_out} at {size}×{size}, P = {pad}" if spec == "conv2d" else \
             f"{c_in} ch at {size}×{size}"
         for name in ("torch", "numpy"):
             ratio = med[name] / med["native"]

@@ -52,7 +52,8 @@ class MatMul(Arr):
 # (``np`` → ``np_``); the math keeps the spec's names.
 RESERVED = frozenset(keyword.kwlist) | {
     "np", "torch", "math", "erf", "expit", "scatter_add", "join_axes", "need_flags", "first_hit",
-    "max", "min", "need", "keep", "window_add", "window_max_grad", "sliding_window_view",
+    "max", "min", "need", "keep", "window_add", "window_max", "window_max_grad",
+    "sliding_window_view", "itertools",
     "forward", "backward", "use_torch_compile", "self", "ctx", "out", "saved", "new_state",
     "rng", "dtype", "super", "params", "state", "grads",
 }
