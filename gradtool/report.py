@@ -53,6 +53,10 @@ def _forward(d: Derivation) -> list[dict]:
     """The statements in SSA form: a reduction nested inside a larger expression shows up as
     its own line (``s_Y``), because the backward refers to it by that name."""
     rows = []
+    for name, formula in d.spec.derived.items():  # sizes that follow from the input's
+        rows.append({"target": name, "indices": [], "kind": "size", "line": None,
+                     "text": f"{name} = {text(formula)}",
+                     "latex": f"{latex(sp.Symbol(name))} = {latex(formula)}"})
     for a in d.program.assigns:
         rhs = present(a.rhs(d.program))
         rows.append({

@@ -195,8 +195,8 @@ def test_shifted_read_is_refused_with_file_line_and_fix(tmp_path):
     assert err.file == str(path) and err.line == RANGE_LINE
     assert "`X[n, t - 1]` can read outside `X`" in err.message
     assert "below 0" in err.message and "reaches -1 (t = 0)" in err.message
-    assert "pad the input or shift the index" in err.hint
-    assert "zero padding is not in the language yet" in err.hint
+    assert "shift the index" in err.hint
+    assert 'spec.pad("Xp", X, (0, 0, P, P))' in err.hint
 
 
 @pytest.mark.parametrize("size, access, lhs, reason", [

@@ -677,15 +677,17 @@ AFFINE_FUNCTIONS = ("{}", "tanh({})", "({})**2 / 4", "exp(tanh({}))")
 
 
 @st.composite
-def affine_sources(draw) -> str:
+def affine_sources(draw, padded: bool | None = None) -> str:
     """A spec that reads its input through affine indices: a strided window
-    ``X[n, (c | g*Cg + c,) t*S + k]`` (or the flipped ``t*S + K - 1 - k``) times a parameter
+    ``X[n, (c | g*Cg + c,) t*S + k]`` (or the flipped ``t*S + K - 1 - k``), optionally of a
+    padded copy ``Xp = spec.pad("Xp", X, (0, P))`` with the window count derived from X's
+    length (``spec.size``; −∞ padding under a max), times a parameter
     that may depend on the window index and the channel or group; a split index
     ``X[n, a*B + b]`` (either way round) with block statistics and a parameter read at the
     same split position (group norm's shape); or two shifted / reversed reads of one axis
     (``X[n, t + 1]``, ``X[n, T - t]``) combined."""
     fn = draw(st.sampled_from(AFFINE_FUNCTIONS))
-    kind = draw(st.sampled_from(["window", "split", "shift"]))
+    kind = "window" if padded else draw(st.sampled_from(["window", "split", "shift"]))
     if kind == "shift":  # two shifted or reversed reads of one axis, combined
         reads = draw(st.lists(st.sampled_from(["X[n, t + 1]", "X[n, T - t]", "X[n, T - 1 - t]"]),
                               min_size=2, max_size=2))
@@ -713,17 +715,37 @@ def affine_sources(draw) -> str:
         weights += {"": [], "plain": ["W[c, k] * "],
                     "grouped": ["W[g, c, k] * ", "W[g * Cg + c, k] * "]}[channel]
         weight = draw(st.sampled_from(weights))
-        lines = ['spec = Spec("fuzz_window", "a random strided window")',
-                 f'{", ".join(("N T K S" + sizes).split())} = spec.dims("N T K S{sizes}")',
-                 f'{", ".join(["n", "t", "k"] + [x.split("=")[0] for x in idx.split(", ")[1:]])}'
-                 f' = spec.indices(n=N, t=T, k=K{idx})',
-                 f'X = spec.input("X", N, {axis}(T - 1) * S + K)']
+        is_max = not weight and draw(st.booleans())
+        # optionally a padded read: X over L, its copy padded by P (0, or −∞ under a max), and
+        # the window count T = ⌊(L + 2P − K)/S⌋ + 1 derived from L
+        padded = draw(st.booleans()) if padded is None else padded
+        if padded and is_max and fn == "({})**2 / 4":
+            fn = "{}"  # −∞ squared is +∞: a max pads with −∞ only under increasing functions
+        lines = ['spec = Spec("fuzz_window", "a random strided window")']
+        if padded:
+            lines += [f'{", ".join(("N L K S P" + sizes).split())} = '
+                      f'spec.dims("N L K S P{sizes}")',
+                      "spec.min_size(P=0)",
+                      'T = spec.size("T", (L + 2 * P - K) // S + 1)']
+        else:
+            lines.append(f'{", ".join(("N T K S" + sizes).split())} = '
+                         f'spec.dims("N T K S{sizes}")')
+        lines += [f'{", ".join(["n", "t", "k"] + [x.split("=")[0] for x in idx.split(", ")[1:]])}'
+                  f' = spec.indices(n=N, t=T, k=K{idx})',
+                  f'X = spec.input("X", N, {axis}{"L" if padded else "(T - 1) * S + K"})']
+        source = "X"
+        if padded:
+            fill = ", fill=-oo" if is_max else ""
+            if is_max:
+                lines.append("spec.require(2 * P <= K)")
+            lines.append(f'Xp = spec.pad("Xp", X, (0, {"0, " if axis else ""}P){fill})')
+            source = "Xp"
         if weight:
             axes = {"W[k] * ": "K", "W[t, k] * ": "T, K", "W[c, k] * ": "C, K",
                     "W[g, c, k] * ": "G, Cg, K", "W[g * Cg + c, k] * ": "G * Cg, K"}[weight]
             lines.append(f'W = spec.param("W", {axes})')
-        read = fn.format(f"X[n, {at}{pos}]")
-        if not weight and draw(st.booleans()):
+        read = fn.format(f"{source}[n, {at}{pos}]")
+        if is_max:
             body = f"Max({read}, k)"
         else:
             body = f"Sum({weight}{read}, k)"
@@ -766,6 +788,17 @@ def test_affine_reads_pass_every_check(source):
     failed = [r for r in rows if not r.passed]
     assert rows and not failed, "\n".join(
         f"{r.input} vs {r.oracle} at {r.shape}: max_rel {r.max_rel:.2e}" for r in failed)
+
+
+EXAMPLES_PADDED = int(_ENV) if _ENV else 3
+
+
+@settings(FUZZ, max_examples=EXAMPLES_PADDED)
+@given(source=affine_sources(padded=True))
+def test_padded_windows_pass_every_check(source):
+    """Windows over a padded copy (spec.pad) with the window count derived from the input's
+    length: the same oracles as the unpadded windows."""
+    test_affine_reads_pass_every_check.hypothesis.inner_test(source)
 
 
 # -- the strategy itself ----------------------------------------------------------------------

@@ -31,7 +31,7 @@ from gradtool.check.kernels import Kernels, shape_of, to_numpy
 from gradtool.check.kinks import has_kinks, kink_distance
 from gradtool.check.numeric import autograd_or_none, derived_gradients
 from gradtool.check.sampling import fact_text, fact_violations, sample_dims, sample_inputs
-from gradtool.errors import GradtoolError
+from gradtool.errors import GradtoolError, SpecError
 from gradtool.spec.lang import Spec
 from gradtool.symbolic.evaluate import run_forward
 from gradtool.symbolic.reverse import Derivation, derive
@@ -436,8 +436,10 @@ def _resolve_layer(spec: Spec, subject, options: CheckOptions):
     if not hasattr(subject, "resolve"):
         return spec, []
     dims = {}
-    for k, (name, sym) in enumerate(spec.dim_symbols.items()):
+    for k, (name, sym) in enumerate(spec.base_dims.items()):  # derived sizes follow
         dims[sym] = max(int(options.fixed.get(name, 2 + k)), spec.min_sizes.get(name, 1))
+    with contextlib.suppress(SpecError):  # only the parameters' layouts are read here
+        dims = spec.sizes_from(dims)
     notes = subject.resolve(dims)
     values = getattr(subject, "hyper_values", {})
     if any(values.get(k, h.default) != h.default for k, h in spec.hypers.items()):

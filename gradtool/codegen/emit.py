@@ -561,31 +561,65 @@ class Module:
         return out
 
     def _kernel_form(self, name: str) -> sp.Expr:
-        """The gradient of ``name`` as the kernels compute it: the closed form, except that
+        """The adjoint of ``name`` as the kernels compute it: the closed form, except that
         each padded copy Xp read from it contributes the slice of Xp's own adjoint
-        (``Unpad``), a scatter over Xp's axes, instead of that scatter shifted by the padding."""
+        (``Unpad``: a scatter over Xp's axes, then ``[P:P + H]``) instead of that scatter
+        shifted by the padding, which would lower to a dense comparison of positions. An
+        adjoint that reaches a padded copy only through later tensors (tanh, then padding)
+        reads their kernel forms."""
         from gradtool.symbolic.ir import Unpad
-        from gradtool.symbolic.reverse import _closed_form, _inline_adjoints
+        from gradtool.symbolic.reverse import _closed_form
 
+        forms = self.__dict__.setdefault("_kernel_forms", {})
+        if name in forms:
+            return forms[name]
         d = self.d
         contributions = d.contributions.get(name, [])
-        pads = [c for c in contributions if c.statement.reduce == "pad"]
-        if not pads or name in d.seeds:
-            return d.closed[name]
-        terms = []
-        for c in pads:
+        if not self._reaches_pad(name):
+            forms[name] = d.closed[name]
+            return forms[name]
+        terms, others = [], []
+        for c in contributions:
             a = c.statement
+            if a.reduce != "pad":
+                others.append(c.expr)
+                continue
+            widths = d.program.pad_widths(a)
             padded, source = d.canon[a.target], d.canon[name]
-            same = {hp: h for hp, h, (lo, hi) in zip(padded, source, d.program.pad_widths(a),
-                                                     strict=True) if lo == 0 and hi == 0}
-            shifts = [sp.Tuple(hp, h, lo) for hp, h, (lo, hi) in
-                      zip(padded, source, d.program.pad_widths(a), strict=True)
+            same = {hp: h for hp, h, (lo, hi) in zip(padded, source, widths, strict=True)
+                    if lo == 0 and hi == 0}
+            shifts = [sp.Tuple(hp, h, lo) for hp, h, (lo, _) in zip(padded, source, widths,
+                                                                     strict=True)
                       if hp not in same]
-            terms.append(Unpad(rename(d.closed[a.target], same), *shifts))
-        others = [c.expr for c in contributions if c.statement.reduce != "pad"]
-        if others:
-            terms.append(_closed_form(d, _inline_adjoints(d, sp.Add(*others)), True))
-        return sp.Add(*terms)
+            terms.append(Unpad(rename(self._kernel_form(a.target), same), *shifts))
+        if name in d.seeds:
+            others.append(d.seed_access(name))
+        if others:  # simplified with the padded adjoints by name: (1 − Z²)·g_Z stays a product
+            closed = _closed_form(d, self._inline_kernel_forms(sp.Add(*others), False), True)
+            terms.append(self._inline_kernel_forms(closed, True))
+        forms[name] = sp.Add(*terms)
+        return forms[name]
+
+    def _reaches_pad(self, name: str) -> bool:
+        """Does a padded copy's adjoint flow into ``name``'s, directly or through others?"""
+        return any(c.statement.reduce == "pad" or self._reaches_pad(c.statement.target)
+                   for c in self.d.contributions.get(name, []))
+
+    def _inline_kernel_forms(self, expr, padded: bool):
+        """``expr`` with each adjoint access replaced by that adjoint's kernel form: those
+        that a padded copy's adjoint reaches (``padded``), or the others."""
+        d = self.d
+        tensor_of = {g: t for t, g in d.adjoint_names.items()
+                     if t in d.closed and self._reaches_pad(t) == padded}
+        subs = {}
+        for node in sp.preorder_traversal(expr):
+            if isinstance(node, sp.Indexed) and node.base.label.name in tensor_of:
+                t = tensor_of[node.base.label.name]
+                subs[node] = rename(self._kernel_form(t), dict(zip(d.canon[t], node.indices,
+                                                                    strict=True)))
+            elif isinstance(node, sp.Symbol) and node.name in tensor_of:
+                subs[node] = self._kernel_form(tensor_of[node.name])
+        return expr.xreplace(subs)
 
     def _indicators(self, expr):
         """A one-hot tensor read by a gradient becomes its definition δ(c, y[n]): the backward

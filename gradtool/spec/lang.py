@@ -309,6 +309,10 @@ class Spec:
                 isinstance(n, (sp.Add, sp.Mul, sp.Symbol, sp.Integer, sp.floor))
                 or (isinstance(n, sp.Pow) and n.exp == -1) or n.is_Rational
                 for n in sp.preorder_traversal(formula))
+        if ok:  # a quotient only inside ⌊ ⌋: a size is an integer
+            outside = formula.xreplace({f: sp.Integer(0) for f in formula.atoms(sp.floor)})
+            ok = not any(isinstance(n, sp.Pow) or (n.is_Rational and not n.is_Integer)
+                         for n in sp.preorder_traversal(outside))
         if not ok:
             raise self.error(f"the size `{name}` is given as {formula!r}, which is not a "
                              "formula of declared sizes", line,
@@ -749,7 +753,8 @@ class Spec:
                              / sqrt(running_var[c] + eps) + beta[c])
 
         The eval form (:meth:`eval_form`) is derived, generated and checked like any spec.
-        It has no state updates, no sampled masks it does not read, and no ``min_size``.
+        It has no state updates, no sampled masks it does not read, and no ``min_size`` (but
+        a size that may be 0, a padding, still may).
         """
         line = _caller_line()
         lhs = tuple(lhs) if isinstance(lhs, (list, tuple)) else (lhs,)
@@ -802,6 +807,7 @@ class Spec:
         out.index_dims = dict(self.index_dims)
         out.derived = dict(self.derived)
         out.requires = list(self.requires)
+        out.min_sizes = {k: v for k, v in self.min_sizes.items() if v == 0}  # paddings
         out.hypers = dict(self.hypers)
         out.tensors = {n: t for n, t in self.tensors.items() if n in needed}
         out.statements = [s for s in kept if s.target in needed]

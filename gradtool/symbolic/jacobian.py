@@ -103,17 +103,23 @@ def explicit_matrix(d: Derivation, jac: Jacobian, sizes: dict[str, int],
                     limit: int = 4096) -> tuple[sp.Matrix, list, list]:
     """The Jacobian for concrete sizes: rows are output elements, columns input elements."""
     spec = d.spec
-    missing = [str(sym) for t in (jac.output, jac.wrt) for dim in spec.tensors[t].dims
-               for sym in dim.free_symbols if str(sym) not in sizes]
-    if missing:
-        raise GradtoolError(f"--shape gives no size for {', '.join(sorted(set(missing)))}",
-                            hint="give every dimension, e.g. --shape "
-                                 + ",".join(f"{k}=2" for k in spec.dim_symbols))
-    values = {spec.dim_symbols[k]: v for k, v in sizes.items() if k in spec.dim_symbols}
     unknown = set(sizes) - set(spec.dim_symbols)
     if unknown:
         raise GradtoolError(f"--shape names unknown dimensions {', '.join(sorted(unknown))}",
-                            hint="dimensions of this spec: " + ", ".join(spec.dim_symbols))
+                            hint="dimensions of this spec: " + ", ".join(spec.base_dims))
+    sizes = spec.sizes_from(sizes) if spec.derived else sizes  # OH from H, K, S, P
+    wanted = {sym for t in (jac.output, jac.wrt) for dim in spec.tensors[t].dims
+              for sym in dim.free_symbols}
+    for name, formula in spec.derived.items():  # a derived size needs the sizes it is from
+        if spec.dim_symbols[name] in wanted:
+            wanted |= formula.free_symbols
+    missing = [str(sym) for sym in wanted
+               if str(sym) not in sizes and str(sym) not in spec.derived]
+    if missing:
+        raise GradtoolError(f"--shape gives no size for {', '.join(sorted(set(missing)))}",
+                            hint="give every dimension, e.g. --shape "
+                                 + ",".join(f"{k}=2" for k in spec.base_dims))
+    values = {spec.dim_symbols[k]: v for k, v in sizes.items() if k in spec.dim_symbols}
     out_dims = [int(d.program.ranges[i].subs(values)) for i in jac.out_idx]
     in_dims = [int(d.program.ranges[i].subs(values)) for i in jac.in_idx]
     # count before listing: --shape N=100000 must fail at once, not after building the lists

@@ -242,6 +242,9 @@ class IndexPrinter(StrPrinter):
     def _print_Heaviside(self, expr):
         return f"[{self._print(expr.args[0])} > 0]"
 
+    def _print_floor(self, expr):
+        return f"⌊{self._print(expr.args[0])}⌋"
+
     def _print_Padded(self, expr):
         fill = "-∞" if expr.fill == -sp.oo else self._print(expr.fill)
         return f"{self._print(expr.access)} (inside {expr.access.base.label.name}, else {fill})"

@@ -1,39 +1,48 @@
-"""Convolution and max pooling, stride S, no padding, written with loops over output positions
-the way course assignments do (attributes W, b; gradients dW, db)."""
+"""Convolution and max pooling, stride S, padding P, written with loops over output positions
+the way course assignments do (attributes weight, bias; gradients dweight, dbias)."""
 
 import numpy as np
+
+
+def _pad(X, P, fill=0.0):
+    return np.pad(X, ((0, 0), (0, 0), (P, P), (P, P)), constant_values=fill)
+
+
+def _unpad(dXp, P):
+    return dXp[:, :, P:dXp.shape[2] - P, P:dXp.shape[3] - P]
 
 
 class Conv2d:
     """Correct."""
 
-    def __init__(self, S, W=None, b=None):
-        self.S, self.W, self.b = S, W, b
+    def __init__(self, S, P, weight=None, bias=None):
+        self.S, self.P, self.weight, self.bias = S, P, weight, bias
 
     def forward(self, X):
-        self.X = X
-        S, K = self.S, self.W.shape[2]
-        OH, OW = (X.shape[2] - K) // S + 1, (X.shape[3] - K) // S + 1
-        Y = np.zeros((X.shape[0], self.W.shape[0], OH, OW))
+        self.Xp = Xp = _pad(X, self.P)
+        S, K = self.S, self.weight.shape[2]
+        OH, OW = (Xp.shape[2] - K) // S + 1, (Xp.shape[3] - K) // S + 1
+        Y = np.zeros((X.shape[0], self.weight.shape[0], OH, OW))
         for i in range(OH):
             for j in range(OW):
-                patch = X[:, :, i * S:i * S + K, j * S:j * S + K]
-                Y[:, :, i, j] = np.tensordot(patch, self.W, axes=([1, 2, 3], [1, 2, 3])) + self.b
+                patch = Xp[:, :, i * S:i * S + K, j * S:j * S + K]
+                Y[:, :, i, j] = np.tensordot(patch, self.weight, axes=([1, 2, 3], [1, 2, 3])) \
+                    + self.bias
         return Y
 
     def backward(self, grad_out):
-        X, S, K = self.X, self.S, self.W.shape[2]
-        dX = np.zeros_like(X)
-        self.dW = np.zeros_like(self.W)
-        self.db = grad_out.sum(axis=(0, 2, 3))
+        Xp, S, K = self.Xp, self.S, self.weight.shape[2]
+        dXp = np.zeros_like(Xp)
+        self.dweight = np.zeros_like(self.weight)
+        self.dbias = grad_out.sum(axis=(0, 2, 3))
         for i in range(grad_out.shape[2]):
             for j in range(grad_out.shape[3]):
                 g = grad_out[:, :, i, j]
                 window = (slice(None), slice(None), slice(i * S, i * S + K),
                           slice(j * S, j * S + K))
-                self.dW += np.tensordot(g, X[window], axes=([0], [0]))
-                self.put(dX, window, np.tensordot(g, self.W, axes=([1], [0])))
-        return dX
+                self.dweight += np.tensordot(g, Xp[window], axes=([0], [0]))
+                self.put(dXp, window, np.tensordot(g, self.weight, axes=([1], [0])))
+        return _unpad(dXp, self.P)
 
     @staticmethod
     def put(dX, window, value):
@@ -50,42 +59,42 @@ class Conv2dOverwritesOverlap(Conv2d):
 
 
 class MaxPool2d:
-    """Correct: each window's gradient goes to its maximum."""
+    """Correct: each window's gradient goes to its maximum (padding reads −∞)."""
 
-    def __init__(self, K, S):
-        self.K, self.S = K, S
+    def __init__(self, K, S, P):
+        self.K, self.S, self.P = K, S, P
 
     def forward(self, X):
-        self.X = X
+        self.Xp = Xp = _pad(X, self.P, -np.inf)
         K, S = self.K, self.S
-        OH, OW = (X.shape[2] - K) // S + 1, (X.shape[3] - K) // S + 1
+        OH, OW = (Xp.shape[2] - K) // S + 1, (Xp.shape[3] - K) // S + 1
         Y = np.zeros(X.shape[:2] + (OH, OW))
         for i in range(OH):
             for j in range(OW):
-                Y[:, :, i, j] = X[:, :, i * S:i * S + K, j * S:j * S + K].max(axis=(2, 3))
+                Y[:, :, i, j] = Xp[:, :, i * S:i * S + K, j * S:j * S + K].max(axis=(2, 3))
         self.Y = Y
         return Y
 
     def backward(self, grad_out):
-        X, K, S = self.X, self.K, self.S
-        dX = np.zeros_like(X)
+        Xp, K, S = self.Xp, self.K, self.S
+        dXp = np.zeros_like(Xp)
         for i in range(grad_out.shape[2]):
             for j in range(grad_out.shape[3]):
-                window = X[:, :, i * S:i * S + K, j * S:j * S + K]
+                window = Xp[:, :, i * S:i * S + K, j * S:j * S + K]
                 mask = window == self.Y[:, :, i, j][:, :, None, None]
-                dX[:, :, i * S:i * S + K, j * S:j * S + K] += \
+                dXp[:, :, i * S:i * S + K, j * S:j * S + K] += \
                     mask * grad_out[:, :, i, j][:, :, None, None]
-        return dX
+        return _unpad(dXp, self.P)
 
 
 class MaxPool2dEveryElement(MaxPool2d):
     """Bug: the window's gradient goes to every element, as if the pooling were a sum."""
 
     def backward(self, grad_out):
-        X, K, S = self.X, self.K, self.S
-        dX = np.zeros_like(X)
+        Xp, K, S = self.Xp, self.K, self.S
+        dXp = np.zeros_like(Xp)
         for i in range(grad_out.shape[2]):
             for j in range(grad_out.shape[3]):
-                dX[:, :, i * S:i * S + K, j * S:j * S + K] += \
+                dXp[:, :, i * S:i * S + K, j * S:j * S + K] += \
                     grad_out[:, :, i, j][:, :, None, None]
-        return dX
+        return _unpad(dXp, self.P)
