@@ -408,7 +408,7 @@ class ArrayPrinter:
 
     def _named_grad(self, arr: Arr) -> Arr:
         """A long scatter of window gradients as a named temporary, for lines that read."""
-        if len(arr.code) <= 60:
+        if len(arr.code) <= 48:
             return arr
         return Arr(self.bind("window_grad", arr.code), arr.axes, ATOM)
 
