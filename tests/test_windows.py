@@ -135,7 +135,7 @@ def test_max_pool_ties_route_to_the_first_maximum(target):
 # -- the lowered path is the one taken ------------------------------------------------------
 
 LOWERED = {
-    ("conv2d", "torch"): ["torch.conv2d(", "torch.nn.grad.conv2d_input(",
+    ("conv2d", "torch"): ["torch.conv2d(Xp, weight, bias, stride=S)", "torch.nn.grad.conv2d_input(",
                           "torch.nn.grad.conv2d_weight("],
     ("conv2d", "numpy"): ["sliding_window_view(", "window_add(", "np.einsum("],
     ("conv1d", "torch"): ["torch.conv1d(", "torch.nn.grad.conv1d_input(",
@@ -168,27 +168,31 @@ LAYOUT = """
     c, o, t, k, n = spec.indices(c=C, o=O, t=T, k=K, n=N)
     X = spec.input("X", C, (T - 1) * S + K, N)
     W = spec.param("W", K, C, O)
-    spec.output("Y", [t, o, n], Sum(W[k, c, o] * X[c, t * S + k, n], c, k))
+    b = spec.param("b", O)
+    spec.output("Y", [t, o, n], Sum(W[k, c, o] * X[c, t * S + k, n], c, k) + b[o])
 """
 
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_convolution_in_another_layout_is_lowered(tmp_path, target, stride):
-    """Batch last, channels first, the weight's taps first: still torch's convolution, with
-    the axes permuted around it."""
+    """Batch last, channels first, the weight's taps first: still torch's convolution (the
+    bias passed to it), with the axes permuted around it."""
     spec = write(tmp_path, "conv_cin", LAYOUT)
     if target == "torch":
         code = "\n".join(kernel_lines(spec, target))
-        assert "torch.conv1d(" in code and "torch.nn.grad.conv1d_input(" in code and \
+        assert "torch.conv1d(" in code and ", b, stride=" in code and \
+            "torch.nn.grad.conv1d_input(" in code and \
             "torch.nn.grad.conv1d_weight(" in code, code
     rng = np.random.default_rng(stride)
     size = 3 * stride + 3
-    inputs = {"X": rng.standard_normal((3, size, 2)), "W": rng.standard_normal((3, 3, 4))}
+    inputs = {"X": rng.standard_normal((3, size, 2)), "W": rng.standard_normal((3, 3, 4)),
+              "b": rng.standard_normal(4)}
     dims = {"N": 2, "C": 3, "O": 4, "T": 4, "K": 3, "S": stride}
 
-    def conv(X, W):
-        return F.conv1d(X.permute(2, 0, 1), W.permute(2, 1, 0), stride=stride).permute(2, 1, 0)
+    def conv(X, W, b):
+        return F.conv1d(X.permute(2, 0, 1), W.permute(2, 1, 0), b,
+                        stride=stride).permute(2, 1, 0)
 
     assert_matches(spec, target, inputs, dims, conv)
 

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import sympy as sp
 
 from gradtool.codegen.base import ATOM, Arr, ArrayPrinter, MatMul
 from gradtool.codegen.windows import WindowRead
 from gradtool.spec.lang import MaxOver
+
+
+@dataclass(frozen=True)
+class Conv(Arr):
+    """A ``torch.conv*d`` call split where a bias goes: ``call`` + ``, b`` + ``tail``, then
+    ``squeeze`` (axes the call added); ``channel`` is the output-channel index."""
+    call: str = ""
+    tail: str = ""
+    channel: object = None
+    squeeze: str = ""
 
 
 class TorchPrinter(ArrayPrinter):
@@ -142,9 +153,13 @@ class TorchPrinter(ArrayPrinter):
                 return None
             xg = [free, summed] + [[o] for o in read.outs]
             wg = [others, summed] + [[t] for t in read.taps]
-            code = f"torch.conv{d}d({self._layout(x, x_axes, xg)}, " \
-                   f"{self._layout(self.paren(w.code, w.prec, ATOM), w.axes, wg)}{strides})"
+            call = f"torch.conv{d}d({self._layout(x, x_axes, xg)}, " \
+                   f"{self._layout(self.paren(w.code, w.prec, ATOM), w.axes, wg)}"
             groups = [free, others] + [[o] for o in read.outs]
+            axes = tuple(a for g in groups for a in g)
+            return Conv(self._unlayout(call + strides + ")", groups), axes, ATOM,
+                        call, strides + ")", others[0] if others else None,
+                        self._unlayout("", groups))
         elif outs <= over and not taps & over:  # the weight's gradient: Σ over batch, positions
             if set(w.axes) != outs | set(summed) | set(others) or over != outs | set(summed):
                 return None
@@ -247,7 +262,7 @@ class TorchPrinter(ArrayPrinter):
                                            f".to({self.ref}.dtype)", arr.axes, ATOM)
             e = e.xreplace(masks)
         terms = list(e.as_ordered_terms())
-        fused = self._addmm(terms)
+        fused = self._addmm(terms) or self._conv_bias(terms)
         if fused is not None:
             return fused
         best = None
@@ -278,6 +293,24 @@ class TorchPrinter(ArrayPrinter):
         if is_number:
             return Arr(f"torch.add({first}, {second}, alpha={small.code})", axes, ATOM)
         return Arr(f"torch.addcmul({first}, {self.align(small, axes)}, {second})", axes, ATOM)
+
+    def _conv_bias(self, terms) -> Arr | None:
+        """``b[o] + Σ W·X[window]`` as ``torch.conv2d(X, W, b)``: the convolution adds the
+        bias itself instead of a pass of its own over the output."""
+        if len(terms) != 2:
+            return None
+        for t, rest in (terms, terms[::-1]):
+            if not isinstance(t, sp.Sum) or rest.could_extract_minus_sign() or \
+                    not self._is_array(rest) or self._bool_only(rest):
+                continue
+            conv = self.lower(t)
+            if not isinstance(conv, Conv) or conv.channel is None:
+                continue
+            bias = self.lower(rest)
+            if bias.axes == (conv.channel,):
+                return Arr(f"{conv.call}, {bias.code}{conv.tail}{conv.squeeze}", conv.axes,
+                           ATOM)
+        return None
 
     def _addmm(self, terms) -> Arr | None:
         """``c + A @ B`` (c broadcast over the product's rows or columns) as
