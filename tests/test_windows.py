@@ -304,3 +304,40 @@ def test_generated_names_do_not_clash_with_declared_ones(tmp_path):
         np.testing.assert_allclose(to_numpy(grads["X"]), want[1]["X"], rtol=1e-10)
         np.testing.assert_allclose(to_numpy(grads["window_add"]), want[1]["W"], rtol=1e-10)
         assert "window_add_" in generate(spec, target)  # the parameter, renamed
+
+
+CONV3D = """
+    spec = Spec("conv3d", "3-D convolution, stride S")
+    N, C, O, A, B, D, K, S = spec.dims("N C O A B D K S")
+    n, c, o, a, b, d, p, q, r = spec.indices(n=N, c=C, o=O, a=A, b=B, d=D, p=K, q=K, r=K)
+    X = spec.input("X", N, C, (A - 1) * S + K, (B - 1) * S + K, (D - 1) * S + K)
+    W = spec.param("W", O, C, K, K, K)
+    spec.output("Y", [n, o, a, b, d],
+                Sum(W[o, c, p, q, r] * X[n, c, a * S + p, b * S + q, d * S + r], c, p, q, r))
+"""
+
+MAXPOOL3D = """
+    spec = Spec("maxpool3d", "3-D max pooling, stride S")
+    N, C, A, B, D, K, S = spec.dims("N C A B D K S")
+    n, c, a, b, d, p, q, r = spec.indices(n=N, c=C, a=A, b=B, d=D, p=K, q=K, r=K)
+    X = spec.input("X", N, C, (A - 1) * S + K, (B - 1) * S + K, (D - 1) * S + K)
+    spec.output("Y", [n, c, a, b, d], Max(X[n, c, a * S + p, b * S + q, d * S + r], p, q, r))
+"""
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_three_window_axes_lower_to_conv3d_and_max_pool3d(tmp_path, target):
+    conv = write(tmp_path, "conv3d", CONV3D)
+    pool = write(tmp_path, "maxpool3d", MAXPOOL3D)
+    if target == "torch":
+        code = "\n".join(kernel_lines(conv, target) + kernel_lines(pool, target))
+        for call in ("torch.conv3d(", "torch.nn.grad.conv3d_input(",
+                     "torch.nn.grad.conv3d_weight(", "torch.max_pool3d(", "window_max_grad("):
+            assert call in code, (call, code)
+    rng = np.random.default_rng(6)
+    dims = {"N": 2, "C": 2, "O": 3, "A": 2, "B": 3, "D": 2, "K": 2, "S": 2}
+    inputs = {"X": rng.standard_normal((2, 2, 4, 6, 4)), "W": rng.standard_normal((3, 2, 2, 2, 2))}
+    assert_matches(conv, target, inputs, dims, lambda X, W: F.conv3d(X, W, stride=2))
+    dims["K"], dims["S"] = 3, 1
+    x = rng.standard_normal((2, 2, 4, 5, 4))
+    assert_matches(pool, target, {"X": x}, dims, lambda X: F.max_pool3d(X, 3, stride=1))

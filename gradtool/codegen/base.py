@@ -300,6 +300,12 @@ class ArrayPrinter:
         codes = [self.lower(sp.sympify(s)).code for s in sizes]
         return f"({', '.join(codes)}{',' if len(codes) == 1 else ''})"
 
+    def extents_code(self, sizes) -> str:
+        """The sizes of the axes a window gradient is scattered into; a long tuple is bound
+        to a name (``window_sizes``) so that the call reads on one line."""
+        code = self.sizes_code(sizes)
+        return self.bind("window_sizes", code) if len(code) > 36 else code
+
     def window_view(self, read: WindowRead) -> str:
         """Code for the read as a view with axes ``read.view_axes`` (no copy)."""
         raise NotImplementedError
@@ -318,12 +324,14 @@ class ArrayPrinter:
     def window_max_grad(self, grad: Arr, read: WindowRead, windows) -> Arr | None:
         """``grad`` (axes: read's plain indices, then its window positions) sent to the
         first maximum of each window of ``read`` and scattered back: the adjoint of a max
-        over a window; None to lower the mask and its scatter the general way."""
+        over a window; None to lower the mask and its scatter the general way. ``windows``
+        (h, i, p, S) hold the same window axes as ``read``, maybe in another order."""
         return None
 
     def _window_argmax(self, values, windows) -> tuple | None:
-        """(G, read) if ``values`` is G·[X[window] = max] at the first maximum over the
-        taps, X read through exactly ``windows`` (window axes last in X) and G free of taps."""
+        """(G, read, windows in read's order) if ``values`` is G·[X[window] = max] at the
+        first maximum over the taps, X read through exactly ``windows`` (window axes last in
+        X) and G free of taps."""
         factors = sp.Mul.make_args(values)
         masks = [f for f in factors if isinstance(f, ArgMaxMask)]
         rest = sp.Mul(*[f for f in factors if not isinstance(f, ArgMaxMask)])
@@ -332,13 +340,13 @@ class ArrayPrinter:
         taps = tuple(w[2] for w in windows)
         read = self._window(masks[0].args[0], taps)
         if read is None or set(masks[0].over) != set(taps) or not read.trailing or \
-                [(w.out, w.tap, w.stride) for w in read.windows] != \
-                [(i, p, s) for _, i, p, s in windows]:
+                {(w.out, w.tap, w.stride) for w in read.windows} != \
+                {(i, p, s) for _, i, p, s in windows}:
             return None
         grad = self.lower(rest)
         if set(grad.axes) != set(read.plain) | set(read.outs):
             return None
-        return grad, read
+        return grad, read, [next(w for w in windows if w[1] == r.out) for r in read.windows]
 
     def window_max(self, e: MaxOver) -> Arr | None:
         """A maximum over the taps of a window read as the target's max pooling, or None."""
@@ -377,13 +385,14 @@ class ArrayPrinter:
         used = [s for w in windows for s in w[:3]]
         if not windows or len(set(used)) != len(used):
             return None
+        windows.sort(key=lambda w: self._rank(w[0]))  # the result's axis order (h, w, …)
         outs = tuple(w[1] for w in windows)
         taps = tuple(w[2] for w in windows)
         kept = [lim for lim in e.limits if lim[0] not in outs + taps]
         body = sp.Mul(*rest)
         values = sp.Sum(body, *kept) if kept else body
         argmax = self._window_argmax(values, windows)
-        lowered = self.window_max_grad(*argmax, windows) if argmax is not None else None
+        lowered = self.window_max_grad(*argmax) if argmax is not None else None
         if lowered is None:
             lowered = self.window_transpose(values, windows)
         if lowered is not None:
@@ -400,7 +409,7 @@ class ArrayPrinter:
             code = self.bind("window_values", code)
         self.helpers.add(self.WINDOW_ADD)
         self.imports.update(self.HELPER_IMPORTS.get(self.WINDOW_ADD, ()))
-        sizes = self.sizes_code([self.ranges[w[0]] for w in windows])
+        sizes = self.extents_code([self.ranges[w[0]] for w in windows])
         kernel = self.sizes_code([self.ranges[t] for t in taps])
         strides = self.sizes_code([w[3] for w in windows])
         return self._named_grad(Arr(f"{self.WINDOW_ADD}({code}, {sizes}, {kernel}, {strides})",

@@ -51,7 +51,7 @@ class NumpyPrinter(ArrayPrinter):
         order = read.plain + read.outs
         g = grad.code if grad.axes == order else self.transpose(
             self.paren(grad.code, grad.prec, ATOM), tuple(grad.axes.index(a) for a in order))
-        sizes = self.sizes_code([self.ranges[w[0]] for w in windows])
+        sizes = self.extents_code([self.ranges[w[0]] for w in windows])
         strides = self.sizes_code([w[3] for w in windows])
         return Arr(f"window_max_grad({g}, {view.code}, {sizes}, {strides})",
                    read.plain + tuple(w[0] for w in windows), ATOM)
