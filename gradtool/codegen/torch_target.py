@@ -125,7 +125,7 @@ class TorchPrinter(ArrayPrinter):
         and Σ_{n,i} G[n,o,i]·X[n,c,S·i + p] as ``torch.nn.grad.conv*d_weight`` (the window
         positions i are summed: the weight's gradient), whatever the axes' order. One axis
         at most per role (batch, input channel, output channel); anything else (depthwise or
-        grouped channels, a dilation, two batch axes) keeps the einsum over the view."""
+        grouped channels, two batch axes) keeps the einsum over the view."""
         for x, other in (operands, operands[::-1]):
             read = self._window(x, over)
             if read is None or not 1 <= len(read.windows) <= 3 or self._bool_only(other) \
