@@ -340,12 +340,13 @@ def _run_checks(names, impl, mapping, tol, float32, order, shapes, seed, quiet,
         raise GradtoolError("--set and --one-hot apply to a layer checked with --impl")
     specs = [load_spec(n) for n in (names or list(builtin_specs()))]
     fixed = parse_shape(sizes) or {}
-    unknown = [k for k in fixed if not any(k in s.dim_symbols for s in specs)]
+    # a derived size (a conv's OH) follows from the others: it is not set
+    unknown = [k for k in fixed if not any(k in s.base_dims for s in specs)]
     if unknown:
         raise GradtoolError(f"--shape names {', '.join(unknown)}, not a size of "
-                            f"{', '.join(s.name for s in specs)}",
+                            f"{', '.join(s.name for s in specs)} that can be set",
                             hint="sizes: " + ", ".join(sorted({k for s in specs
-                                                               for k in s.dim_symbols})))
+                                                               for k in s.base_dims})))
     for name in one_hot:
         if impl and (name not in specs[0].tensors or specs[0].tensors[name].kind != "input"):
             raise GradtoolError(f"--one-hot {name}: not an input of {specs[0].name}",

@@ -790,7 +790,7 @@ def test_affine_reads_pass_every_check(source):
         f"{r.input} vs {r.oracle} at {r.shape}: max_rel {r.max_rel:.2e}" for r in failed)
 
 
-EXAMPLES_PADDED = int(_ENV) if _ENV else 3
+EXAMPLES_PADDED = int(_ENV) if _ENV else 2
 
 
 @settings(FUZZ, max_examples=EXAMPLES_PADDED)

@@ -122,6 +122,18 @@ def test_padding_prints_as_a_read_inside_the_source():
     assert "(inside X, else -∞)" in "\n".join(str(x) for x in _forward(d))
 
 
+def test_steps_show_the_adjoint_of_the_source_as_a_slice():
+    from gradtool.report import derive_report
+
+    report = derive_report("conv2d", steps=True)
+    step = next(r for r in report["steps"] if r["tensor"] == "X")
+    assert step["text"] == "g_X[n,c,h,w] = g_Xp[n,c,P + h,P + w]"
+    (c,) = step["contributions"]
+    assert c["from"] == "Xp" and "slice of Xp's adjoint" in c["rule"]
+    sizes = [r["text"] for r in report["forward"] if r["kind"] == "size"]
+    assert sizes == ["OH = ⌊(H - K + 2·P)/S⌋ + 1", "OW = ⌊(-K + 2·P + W)/S⌋ + 1"]
+
+
 def test_derived_size_is_computed_in_the_kernels(tmp_path):
     from gradtool.codegen.emit import generate
 
