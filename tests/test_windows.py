@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradtool.check.kernels import Kernels, to_numpy
 from gradtool.codegen.emit import generate
@@ -341,3 +343,68 @@ def test_three_window_axes_lower_to_conv3d_and_max_pool3d(tmp_path, target):
     dims["K"], dims["S"] = 3, 1
     x = rng.standard_normal((2, 2, 4, 5, 4))
     assert_matches(pool, target, {"X": x}, dims, lambda X: F.max_pool3d(X, 3, stride=1))
+
+
+# -- property: a convolution in any layout --------------------------------------------------
+
+@st.composite
+def conv_layouts(draw) -> dict:
+    """A 1-D or 2-D convolution whose input, weight and output list their axes in a drawn
+    order, with a drawn stride and an optional bias."""
+    d = draw(st.sampled_from([1, 2]))
+    spatial = ["i", "j"][:d]
+    x_axes = draw(st.permutations(["n", "c"] + spatial))
+    w_axes = draw(st.permutations(["o", "c"] + ["p", "q"][:d]))
+    y_axes = draw(st.permutations(["n", "o"] + spatial))
+    return {"d": d, "x": x_axes, "w": w_axes, "y": y_axes, "stride": draw(st.sampled_from([1, 2])),
+            "bias": draw(st.booleans())}
+
+
+def layout_source(layout: dict) -> str:
+    sizes = {"n": "N", "c": "C", "o": "O", "i": "(A - 1) * S + K", "j": "(B - 1) * S + K",
+             "p": "K", "q": "K"}
+    read = {"i": "i * S + p", "j": "j * S + q"}
+    taps = ", ".join(["p", "q"][:layout["d"]])
+    body = (f"Sum(W[{', '.join(layout['w'])}] * "
+            f"X[{', '.join(read.get(a, a) for a in layout['x'])}], c, {taps})")
+    return f"""
+        spec = Spec("layout", "a convolution in a drawn layout")
+        N, C, O, A, B, K, S = spec.dims("N C O A B K S")
+        n, c, o, i, j, p, q = spec.indices(n=N, c=C, o=O, i=A, j=B, p=K, q=K)
+        X = spec.input("X", {', '.join(sizes[a] for a in layout['x'])})
+        W = spec.param("W", {', '.join(sizes[a] for a in layout['w'])})
+        b = spec.param("b", O)
+        spec.output("Y", [{', '.join(layout['y'])}], {body}{' + b[o]' if layout['bias'] else ''})
+    """
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(layout=conv_layouts())
+def test_a_convolution_in_any_layout_matches_f_conv(tmp_path_factory, layout):
+    """Both targets against F.conv1d / F.conv2d with the axes permuted to and from
+    (N, C, H, W): the lowering reads the index pattern, whatever the order of the axes."""
+    tmp_path = tmp_path_factory.mktemp("layout")
+    spec = write(tmp_path, "layout", layout_source(layout))
+    d, stride = layout["d"], layout["stride"]
+    sizes = {"n": 2, "c": 3, "o": 2, "i": 2 * stride + 2, "j": stride + 2, "p": 2, "q": 2}
+    rng = np.random.default_rng(7)
+    inputs = {"X": rng.standard_normal([sizes[a] for a in layout["x"]]),
+              "W": rng.standard_normal([sizes[a] for a in layout["w"]]),
+              "b": rng.standard_normal(2)}
+    dims = {"N": 2, "C": 3, "O": 2, "A": 3, "B": 2, "K": 2, "S": stride}
+    spatial = ["i", "j"][:d]
+    conv = F.conv1d if d == 1 else F.conv2d
+
+    def reference_op(X, W, b):
+        x = X.permute(*[layout["x"].index(a) for a in ["n", "c"] + spatial])
+        w = W.permute(*[layout["w"].index(a) for a in ["o", "c"] + ["p", "q"][:d]])
+        y = conv(x, w, b if layout["bias"] else None, stride=stride)
+        y = y + 0 * b.sum()  # b reaches the graph either way: its gradient is 0 without bias
+        std = ["n", "o"] + spatial
+        return y.permute(*[std.index(a) for a in layout["y"]])
+
+    code = "\n".join(kernel_lines(spec, "torch"))
+    assert f"torch.conv{d}d(" in code and f"torch.nn.grad.conv{d}d_input(" in code and \
+        f"torch.nn.grad.conv{d}d_weight(" in code, code
+    for target in TARGETS:
+        assert_matches(spec, target, inputs, dims, reference_op)

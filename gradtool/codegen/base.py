@@ -328,6 +328,25 @@ class ArrayPrinter:
         (h, i, p, S) hold the same window axes as ``read``, maybe in another order."""
         return None
 
+    def _flat_sum(self, e):
+        """Σ_a f·Σ_b g as Σ_{a,b} f·g, all the way down, where no index of an inner sum is
+        free in the factors around it: the deltas of a scatter nested in sums (the derived
+        form of a convolution's input gradient puts W and Σ_o between them) meet in one."""
+        limits, factors = list(e.limits), []
+        todo = list(sp.Mul.make_args(e.function))
+        while todo:
+            f = todo.pop(0)
+            if isinstance(f, sp.Sum):
+                inner = {lim[0] for lim in f.limits}
+                around = factors + todo
+                if not (inner & {lim[0] for lim in limits} or
+                        any(inner & self._indices_of(g) for g in around)):
+                    limits += list(f.limits)
+                    todo += list(sp.Mul.make_args(f.function))
+                    continue
+            factors.append(f)
+        return sp.Sum(sp.Mul(*factors), *limits)
+
     def _window_argmax(self, values, windows) -> tuple | None:
         """(G, read, windows in read's order) if ``values`` is G·[X[window] = max] at the
         first maximum over the taps, X read through exactly ``windows`` (window axes last in
@@ -361,6 +380,7 @@ class ArrayPrinter:
         or as one strided slice-add per tap (the ``window_add`` helper) instead of a
         scatter-add. None when the sum has another delta, a window fits no view, or every
         position is written once (a reshape, :meth:`_dense_split`, does that)."""
+        e = self._flat_sum(e)
         over = [lim[0] for lim in e.limits]
         rest, windows = [], []
         for f in sp.Mul.make_args(e.function):
