@@ -144,8 +144,8 @@ LOWERED = {
                           "torch.nn.grad.conv1d_weight("],
     ("maxpool2d", "torch"): ["torch.max_pool2d(", "window_max_grad("],
     ("maxpool2d", "numpy"): ["sliding_window_view(", "window_max(", "window_max_grad("],
-    ("avgpool2d", "torch"): [".unfold(2, K, S)", "window_add("],
-    ("avgpool2d", "numpy"): ["sliding_window_view(", "window_add("],
+    ("avgpool2d", "torch"): [".unfold(2, K, S)", "window_sum(", "window_add("],
+    ("avgpool2d", "numpy"): ["sliding_window_view(", "window_sum(", "window_add("],
 }
 
 

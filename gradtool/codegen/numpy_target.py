@@ -108,6 +108,14 @@ HELPERS = {
                      for p, n, s in zip(tap, counts, strides, strict=True))
         out[(Ellipsis, *rows)] += values[(Ellipsis, *[slice(None)] * d, *tap)]
     return out''',
+    "window_sum": '''def window_sum(windows, d):
+    """The sum over each window of a window view (its last ``d`` axes are the taps), as one
+    add per tap: a reduction over small strided axes is many times slower."""
+    out = None
+    for tap in np.ndindex(*windows.shape[windows.ndim - d:]):
+        values = windows[(Ellipsis, *tap)]
+        out = values.copy() if out is None else np.add(out, values, out=out)
+    return out''',
     "window_max": '''def window_max(windows, d):
     """The maximum of each window of a window view (its last ``d`` axes are the taps), as one
     np.maximum per tap: a reduction over small strided axes is many times slower."""

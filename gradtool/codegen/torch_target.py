@@ -35,7 +35,7 @@ class TorchPrinter(ArrayPrinter):
     ARANGE = "torch.arange({n}, device={ref}.device)"
     INDICATOR = "({cmp}).to({dtype})"
     FLOAT = "torch.get_default_dtype()"
-    HELPER_IMPORTS = {"window_add": ("itertools",)}
+    HELPER_IMPORTS = {"window_add": ("itertools",), "window_sum": ("itertools",)}
 
     def pad(self, source: str, widths: list[tuple[str, str]], fill) -> str:
         """``torch.nn.functional.pad`` lists (before, after) from the last axis backwards,
@@ -515,6 +515,14 @@ HELPERS = {
         rows = tuple(slice(p, p + s * (n - 1) + 1, s)
                      for p, n, s in zip(tap, counts, strides, strict=True))
         out[(Ellipsis, *rows)] += values[(Ellipsis, *[slice(None)] * d, *tap)]
+    return out''',
+    "window_sum": '''def window_sum(windows, d):
+    """The sum over each window of a window view (its last ``d`` axes are the taps), as one
+    add per tap: a reduction over small strided axes is many times slower."""
+    out = None
+    for tap in itertools.product(*map(range, windows.shape[windows.dim() - d:])):
+        values = windows[(Ellipsis, *tap)]
+        out = values.clone() if out is None else out.add_(values)
     return out''',
     "window_max_grad": '''def window_max_grad(grad, x, taps, strides):
     """``grad`` of each strided window's maximum sent to its first maximum in x (row-major),
