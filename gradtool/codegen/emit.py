@@ -1060,11 +1060,13 @@ def generate(spec: Spec | str, target: str = "numpy") -> str:
 
 
 def _saved_note(m: Module) -> str:
-    users = {}
-    for tname, expr, _ in m.closed_forms():
-        for a in accesses(expr, m.spec):
-            users.setdefault(access_name(a), []).append(m.grad_names[tname])
-    parts = [f"{s} ({', '.join(dict.fromkeys(users.get(s, [])))})" for s in m.saved()]
+    """Which gradients' kernel lines read each saved tensor (a lowering may read fewer than
+    the closed form: max pooling's backward recomputes the argmax from X, not from Y)."""
+    grads = list(m.grad_names.values())
+    parts = []
+    for s in m.saved():
+        readers = [grads[k] for k in sorted(m.saved_need.get(m.names[s], ()))]
+        parts.append(f"{s} ({', '.join(readers) or 'not read by this backward'})")
     return "saved for backward, by the gradients that read them: " + (", ".join(parts) or
                                                                      "nothing")
 
