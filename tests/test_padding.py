@@ -134,11 +134,24 @@ def test_steps_show_the_adjoint_of_the_source_as_a_slice():
     assert sizes == ["OH = ⌊(H - K + 2·P)/S⌋ + 1", "OW = ⌊(-K + 2·P + W)/S⌋ + 1"]
 
 
-def test_derived_size_is_computed_in_the_kernels():
+def test_derived_size_is_computed_in_the_kernels(tmp_path):
     from gradtool.codegen.emit import generate
 
+    # conv2d's kernels read their windows as views and need no OH; a mean over windows does
+    path = tmp_path / "window_mean.py"
+    path.write_text("""from gradtool.lang import Spec, Sum
+
+spec = Spec("window_mean", "mean window sum of a padded signal")
+N, L, K, S, P = spec.dims("N L K S P")
+spec.min_size(P=0)
+OL = spec.size("OL", (L + 2 * P - K) // S + 1)
+n, i, p = spec.indices(n=N, i=OL, p=K)
+X = spec.input("X", N, L)
+Xp = spec.pad("Xp", X, (0, P))
+spec.output("Y", [n], Sum(Xp[n, i * S + p], i, p) / OL)
+""")
+    assert "OL = (-K + L + 2 * P) // S + 1" in generate(load_spec(path), "numpy")
     code = generate(load_spec("conv2d"), "numpy")
-    assert "OH = (H - K + 2 * P) // S + 1" in code
     assert "Xp = np.pad(X, ((0, 0), (0, 0), (P, P), (P, P)))" in code
     torch_code = generate(load_spec("maxpool2d"), "torch")
     assert "torch.nn.functional.pad(X, (P, P, P, P), value=-math.inf)" in torch_code

@@ -156,6 +156,8 @@ class Module:
         floats = [self.names[t.name] for t in self.inputs if not t.is_labels]
         printer.ref = (floats or args or [None])[0]  # dtype and device (labels are integers)
         printer.ranges = dict(d.program.ranges)
+        printer.extents, printer.derived = self.extents(), self.derived_sizes()
+        printer.taken = self._taken()
         shifts = self.stable_exponentials()
         inlined = self.inlined_sums(shifts)
         printer.scalar_tensors = self._scalar_tensors(shifts)
@@ -175,7 +177,9 @@ class Module:
             if a.target in self.lse and self._lse_exponent(a) is not None:
                 # Z = Σ_k c·exp(f) as exp(M)·Σ_k c·exp(f − M)
                 peak, f = self.lse[a.target], self._lse_exponent(a)
-                body.append(f"{peak} = {printer.assign(MaxOver(f, *a.over), tuple(a.lhs), shape)}")
+                code = printer.assign(MaxOver(f, *a.over), tuple(a.lhs), shape)
+                body += _setup_lines(printer)
+                body.append(f"{peak} = {code}")
                 printer.names[peak] = peak
                 m = self._m_access(peak, a.lhs)
                 rhs = present(d.program.make_sum(a.body.xreplace({sp.exp(f): sp.exp(f - m)}),
@@ -185,8 +189,9 @@ class Module:
                 f, rest = a.body.args[0], tuple(i for p, i in enumerate(a.lhs) if p != pos)
                 shape_m = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code
                                 for i in rest)
-                body.append(f"{peak} = "
-                            f"{printer.assign(MaxOver(f, a.lhs[pos]), rest, shape_m)}")
+                code = printer.assign(MaxOver(f, a.lhs[pos]), rest, shape_m)
+                body += _setup_lines(printer)
+                body.append(f"{peak} = {code}")
                 printer.names[peak] = peak
                 rhs = present(sp.exp(f - self._m_access(peak, rest)))
             elif a.target not in self.lse:  # a sum of named exponentials reads them as is
@@ -196,13 +201,16 @@ class Module:
                 peak = printer._reduce(printer.lower(arg), [a.lhs[shifts[a.target]]],
                                        printer.MAX)
                 name = self._exp_peak(a.target)
+                body += _setup_lines(printer)
                 body.append(f"{name} = {peak.code}")
                 printer.names[name] = name
                 rhs = sp.exp(arg - self._peak(a.target, a.lhs, shifts))
             code = printer.assign(rhs, tuple(a.lhs), shape)
+            body += _setup_lines(printer)
             body.append(f"{target} = {code}")
         self.imports |= {imports[i] for i in printer.imports}
         self.helpers |= printer.helpers
+        body = _used_temps(body, set(printer._bound.values()))
         body = _used_sizes(body, len(size_lines))
         outs = [self.names[a.target] for a in self.outputs]
         out = outs[0] if len(outs) == 1 else "(" + ", ".join(outs) + ")"
@@ -451,6 +459,19 @@ class Module:
             self._made = made | {name}
         return name
 
+    def extents(self) -> dict:
+        """Tensor name -> the sizes of its axes: declared tensors and forward intermediates
+        (what a read through windows checks its view against)."""
+        out = {a.target: tuple(self.d.program.ranges[i] for i in a.lhs)
+               for a in self.d.program.assigns}
+        out.update({name: t.dims for name, t in self.spec.tensors.items()})
+        return out
+
+    def derived_sizes(self) -> dict:
+        """Derived size symbol (OH) -> its formula in the declared sizes."""
+        return {self.spec.dim_symbols[name]: formula
+                for name, formula in getattr(self.spec, "derived", {}).items()}
+
     def tensor_dims(self, name: str) -> tuple:
         """Axes of a forward tensor, or of the max M of a shifted sum (Z's axes)."""
         if name in self.spec.tensors:
@@ -662,14 +683,18 @@ class Module:
         # a common term can read X[n, Cg·g + q] with g bound by a sum around it: the term is
         # computed first, and builds the positions of g from g's range
         printer.ranges.update(_bound_ranges(exprs + [v for _, v in replacements]))
+        printer.extents, printer.derived = self.extents(), self.derived_sizes()
         # statements as (name, code), before the conditions they run under are known
         stmts: list[tuple[str, str]] = []
         taken = self._taken()
+        printer.taken = taken
         for name, (value, idx) in products.items():  # G_xhat = G * xhat, shared by two sums
             printer.names[name] = name
             shape = tuple(printer.lower(sp.sympify(d.program.ranges.get(i, 1))).code
                           for i in idx)
-            stmts.append((name, printer.assign(value, idx, shape)))
+            code = printer.assign(value, idx, shape)
+            stmts += printer.take_setup()
+            stmts.append((name, code))
             taken.add(name)
         for sym, value in replacements:
             if not value.has(sp.Indexed) and not (value.free_symbols & set(printer.temps)):
@@ -680,6 +705,7 @@ class Module:
             name = _temp_name(value, taken)
             taken.add(name)
             arr = printer.lower(value)
+            stmts += printer.take_setup()
             stmts.append((name, arr.code))
             printer.temps[sym] = Arr(name, arr.axes)
             printer.definitions[sym] = value
@@ -689,6 +715,7 @@ class Module:
             shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code for i in canon)
             code = self._zeros(shape, printer) if expr == 0 else \
                 printer.assign(expr, tuple(canon), shape)
+            stmts += printer.take_setup()
             stmts.append((var, code))
             grads.append(var)
         self.imports |= {imports[i] for i in printer.imports}
@@ -780,6 +807,25 @@ class Module:
             return f"{printer.ref}.new_zeros(({', '.join(shape)},))"
         self.imports.add("import numpy as np")
         return f"np.zeros(({', '.join(shape)},))"
+
+
+def _setup_lines(printer) -> list[str]:
+    """The temporaries the printer bound for the statement it just lowered."""
+    return [f"{name} = {code}" for name, code in printer.take_setup()]
+
+
+def _used_temps(body: list[str], temps: set) -> list[str]:
+    """``body`` without the lines that bind one of ``temps`` no later line reads (a view
+    bound while trying a lowering that was not taken)."""
+    kept: list[str] = []
+    read: set = set()
+    for line in reversed(body):
+        name = line.split(" = ", 1)[0]
+        if name in temps and name not in read:
+            continue
+        read |= _names_read(line.split(" = ", 1)[1] if " = " in line else line)
+        kept.append(line)
+    return kept[::-1]
 
 
 def _used_sizes(body: list[str], count: int) -> list[str]:
@@ -1014,11 +1060,13 @@ def generate(spec: Spec | str, target: str = "numpy") -> str:
 
 
 def _saved_note(m: Module) -> str:
-    users = {}
-    for tname, expr, _ in m.closed_forms():
-        for a in accesses(expr, m.spec):
-            users.setdefault(access_name(a), []).append(m.grad_names[tname])
-    parts = [f"{s} ({', '.join(dict.fromkeys(users.get(s, [])))})" for s in m.saved()]
+    """Which gradients' kernel lines read each saved tensor (a lowering may read fewer than
+    the closed form: max pooling's backward recomputes the argmax from X, not from Y)."""
+    grads = list(m.grad_names.values())
+    parts = []
+    for s in m.saved():
+        readers = [grads[k] for k in sorted(m.saved_need.get(m.names[s], ()))]
+        parts.append(f"{s} ({', '.join(readers) or 'not read by this backward'})")
     return "saved for backward, by the gradients that read them: " + (", ".join(parts) or
                                                                      "nothing")
 
