@@ -375,3 +375,53 @@ def test_number_and_pair_widths_pad_each_side(tmp_path):
         for name, want in (("X", xt.grad), ("weight", wt.grad)):
             np.testing.assert_allclose(to_numpy(grads[name]), want.numpy(), rtol=1e-10,
                                        atol=1e-12, err_msg=f"{target}: d{name}")
+
+
+# -- what the torch Function keeps: the forward's argmax, and X itself at P = 0 ---------------
+
+@pytest.mark.parametrize("stride, pad", [(2, 0), (1, 0), (2, 1)])
+def test_maxpool_backward_reads_the_argmax_its_forward_kept(stride, pad):
+    """The forward runs max_pool2d_with_indices and the Function saves its argmax (the first
+    maximum, row-major, as F.max_pool2d's) for the backward; at P = 0 the indices are
+    F.max_pool2d's own. Ties (0/1 data) route as torch's do, in float64."""
+    layer = SpecModule("maxpool2d", K=3, S=stride, P=pad, dtype=torch.float64)
+    x = torch.randint(0, 2, (2, 3, 7, 6), dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    x2 = x.detach().requires_grad_()
+    ref, first = F.max_pool2d(x2, 3, stride=stride, padding=pad, return_indices=True)
+    g = torch.randn_like(y)
+    assert torch.equal(y, ref)
+    kept = [t for t in y.grad_fn.saved_tensors if t is not None and t.dtype == torch.int64]
+    assert len(kept) == 1 and kept[0].shape == y.shape
+    if pad == 0:
+        assert torch.equal(kept[0], first)
+    assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x2, g)[0])
+
+
+@pytest.mark.parametrize("pad", [0, 1])
+@pytest.mark.parametrize("target", ["numpy", "torch"])
+def test_zero_padding_is_skipped_at_run_time(pad, target):
+    """At P = 0 the padded copy Xp is X itself (no copy), at P = 1 a padded copy; values and
+    gradients match F.conv2d either way (float64)."""
+    spec = load_spec("conv2d")
+    sizes = dict(N=2, C=2, O=3, H=6, W=5, K=3, S=1, P=pad)
+    dims = spec.sizes_from({spec.dim_symbols[k]: v for k, v in sizes.items()})
+    rng = np.random.default_rng(3)
+    inputs = {"X": rng.standard_normal((2, 2, 6, 5)), "weight": rng.standard_normal((3, 2, 3, 3)),
+              "bias": rng.standard_normal(3)}
+    kernels = Kernels(spec, target)
+    x = kernels.convert(inputs["X"])
+    _, saved = kernels.module.forward(x, *(kernels.convert(inputs[k]) for k in ("weight", "bias")),
+                                      P=pad, S=1)
+    padded = [s for s in saved if s.shape[2:] == (6 + 2 * pad, 5 + 2 * pad)]
+    assert len(padded) == 1 and (padded[0] is x) == (pad == 0)
+    outs, saved, _ = kernels.forward(inputs, dims)
+    leaves = {k: torch.tensor(v, requires_grad=True) for k, v in inputs.items()}
+    y = F.conv2d(leaves["X"], leaves["weight"], leaves["bias"], padding=pad)
+    np.testing.assert_allclose(to_numpy(outs["Y"]), y.detach().numpy(), rtol=1e-10, atol=1e-12)
+    g = rng.standard_normal(tuple(y.shape))
+    (y * torch.tensor(g)).sum().backward()
+    grads = kernels.backward({"Y": g}, saved, dims)
+    for k, leaf in leaves.items():
+        np.testing.assert_allclose(to_numpy(grads[k]), leaf.grad.numpy(), rtol=1e-10,
+                                   atol=1e-12, err_msg=k)

@@ -142,7 +142,8 @@ LOWERED = {
     ("conv2d", "numpy"): ["sliding_window_view(", "window_add(", "np.einsum("],
     ("conv1d", "torch"): ["torch.conv1d(", "torch.nn.grad.conv1d_input(",
                           "torch.nn.grad.conv1d_weight("],
-    ("maxpool2d", "torch"): ["torch.max_pool2d(", "window_max_grad("],
+    ("maxpool2d", "torch"): ["torch.ops.aten.max_pool2d_with_indices(Xm, (K, K), (S, S))",
+                             "window_max_grad(G, Xm, (K, K), (S, S), argmax)"],
     ("maxpool2d", "numpy"): ["sliding_window_view(", "window_max(", "window_max_grad("],
     ("avgpool2d", "torch"): [".unfold(2, K, S)", "window_sum(", "window_add("],
     ("avgpool2d", "numpy"): ["sliding_window_view(", "window_sum(", "window_add("],
@@ -334,7 +335,8 @@ def test_three_window_axes_lower_to_conv3d_and_max_pool3d(tmp_path, target):
     if target == "torch":
         code = "\n".join(kernel_lines(conv, target) + kernel_lines(pool, target))
         for call in ("torch.conv3d(", "torch.nn.grad.conv3d_input(",
-                     "torch.nn.grad.conv3d_weight(", "torch.max_pool3d(", "window_max_grad("):
+                     "torch.nn.grad.conv3d_weight(", "max_pool3d_with_indices(X,",
+                     "window_max_grad(G, X, (K, K, K), (S, S, S), argmax)"):
             assert call in code, (call, code)
     rng = np.random.default_rng(6)
     dims = {"N": 2, "C": 2, "O": 3, "A": 2, "B": 3, "D": 2, "K": 2, "S": 2}

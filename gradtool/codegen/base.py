@@ -103,6 +103,12 @@ class ArrayPrinter:
         self.taken: set = set()               # names a bound temporary must not take
         self.setup: list = []                 # (name, code) lines the next statement reads
         self._bound: dict = {}                # code -> the temporary it is bound to
+        # kernel-owned saved temporaries: a forward lowering that computes something its
+        # backward would otherwise recompute (max pooling's argmax) binds it and records it
+        # here by a key of its own; the backward printer gets the same map and marks what it
+        # reads. The emitter saves these next to the spec's tensors.
+        self.owned: dict = {}                 # key -> the temporary's name
+        self.keep_owned = False               # may this lowering bind owned temporaries?
 
     def bind(self, stem: str, code: str) -> str:
         """A named temporary ``stem = code`` (a window view, pooling indices) that the emitter
@@ -939,8 +945,19 @@ class ArrayPrinter:
         """Code for ``source`` padded by (before, after) ``widths`` per axis with ``fill``."""
         pairs = ", ".join(f"({a}, {b})" for a, b in widths) + ("," if len(widths) == 1 else "")
         value = self._fill_code(fill)
-        return f"np.pad({source}, ({pairs})" + \
-            (f", constant_values={value})" if value != "0" else ")")
+        return self.unless_unpadded(f"np.pad({source}, ({pairs})" + (
+            f", constant_values={value})" if value != "0" else ")"), source, widths)
+
+    @staticmethod
+    def unless_unpadded(code: str, source: str, widths) -> str:
+        """``code if P else X``: a padding whose widths are sizes (P) is skipped at run time
+        when they are all 0 (the padded copy is then ``source`` itself, not a copy of it;
+        the backward's slice ``[P:P + H]`` is then the whole axis, a view)."""
+        sizes = list(dict.fromkeys(w for pair in widths for w in pair if w != "0"))
+        if not sizes or all(w.lstrip("-").isdigit() for w in sizes):
+            return code
+        cond = " or ".join(w if w.isidentifier() else f"({w})" for w in sizes)
+        return f"{code} if {cond} else {source}"
 
     def _fill_code(self, fill) -> str:
         if fill in (sp.oo, -sp.oo):

@@ -158,6 +158,7 @@ class Module:
         printer.ranges = dict(d.program.ranges)
         printer.extents, printer.derived = self.extents(), self.derived_sizes()
         printer.taken = self._taken()
+        printer.keep_owned = True
         shifts = self.stable_exponentials()
         inlined = self.inlined_sums(shifts)
         printer.scalar_tensors = self._scalar_tensors(shifts)
@@ -210,12 +211,14 @@ class Module:
             body.append(f"{target} = {code}")
         self.imports |= {imports[i] for i in printer.imports}
         self.helpers |= printer.helpers
-        body = _used_temps(body, set(printer._bound.values()))
+        self.owned = dict(printer.owned)
+        self._made = getattr(self, "_made", set()) | set(self.owned.values())
+        body = _used_temps(body, set(printer._bound.values()) - set(self.owned.values()))
         body = _used_sizes(body, len(size_lines))
         outs = [self.names[a.target] for a in self.outputs]
         out = outs[0] if len(outs) == 1 else "(" + ", ".join(outs) + ")"
-        saved = ", ".join(self.names[s] for s in self.saved()) + ("," if len(self.saved()) == 1
-                                                                 else "")
+        kept = self.saved_names()
+        saved = ", ".join(kept) + ("," if len(kept) == 1 else "")
         ret = f"return {out}, ({saved})"
         if self.updates:
             new = ", ".join(self.new_names[a.target] for a in self.updates)
@@ -649,6 +652,12 @@ class Module:
         self._saved = [n for n in dict.fromkeys(order) if n in used and n not in seeds]
         return self._saved
 
+    def saved_names(self) -> list[str]:
+        """The kernel variables the forward returns for the backward: the spec's tensors
+        that the closed form reads (:meth:`saved`), then the temporaries the forward's
+        lowerings own (max pooling's argmax), which the backward's lowerings may read."""
+        return [self.names[s] for s in self.saved()] + list(getattr(self, "owned", {}).values())
+
     def backward(self) -> list[str]:
         """The closed-form backward, each gradient under its ``need`` flag.
 
@@ -666,10 +675,11 @@ class Module:
         replacements, reduced = _inline_index_terms(replacements, reduced)
         seeds = [self.names[self.seed_names[o.target]] for o in self.outputs
                  if o.target in self.seed_names]
-        saved = [self.names[s] for s in self.saved()]
+        saved = self.saved_names()
         hypers = self._hypers_in(exprs)
         printer, imports = _printer(self.target, self.names, temps={})
         printer.definitions = {}
+        printer.owned = dict(getattr(self, "owned", {}))
         # a loss's upstream gradient is a 0-d tensor too (torch.autograd passes one)
         printer.scalar_tensors = self._scalar_tensors()
         # a tensor to take dtype and device from: a full upstream gradient, else a saved tensor
@@ -1061,11 +1071,11 @@ def generate(spec: Spec | str, target: str = "numpy") -> str:
 
 def _saved_note(m: Module) -> str:
     """Which gradients' kernel lines read each saved tensor (a lowering may read fewer than
-    the closed form: max pooling's backward recomputes the argmax from X, not from Y)."""
+    the closed form: max pooling's backward reads X and the forward's argmax, not Y)."""
     grads = list(m.grad_names.values())
     parts = []
-    for s in m.saved():
-        readers = [grads[k] for k in sorted(m.saved_need.get(m.names[s], ()))]
+    for s in m.saved_names():
+        readers = [grads[k] for k in sorted(m.saved_need.get(s, ()))]
         parts.append(f"{s} ({', '.join(readers) or 'not read by this backward'})")
     return "saved for backward, by the gradients that read them: " + (", ".join(parts) or
                                                                      "nothing")
@@ -1232,9 +1242,9 @@ def _torch_classes(m: Module) -> list[str]:
     lines.append(f"        # {_saved_note(m)}")
     positions = [m.inputs.index(t) for t in m.grads]
     every = set(range(len(m.grads)))
-    keep = ["True" if m.saved_need[names[s]] == every else
-            " or ".join(f"need[{positions[k]}]" for k in sorted(m.saved_need[names[s]]))
-            or "False" for s in m.saved()]
+    keep = ["True" if m.saved_need[s] == every else
+            " or ".join(f"need[{positions[k]}]" for k in sorted(m.saved_need[s]))
+            or "False" for s in m.saved_names()]
     if all(k == "True" for k in keep):
         lines.append("        ctx.save_for_backward(*saved)")
     else:  # a tensor only an unrequested gradient reads is not kept alive

@@ -45,8 +45,8 @@ class TorchPrinter(ArrayPrinter):
             pairs.pop(0)
         flat = ", ".join(f"{a}, {b}" for a, b in reversed(pairs))
         value = self._fill_code(fill)
-        return f"torch.nn.functional.pad({source}, ({flat})" + \
-            (f", value={value})" if value != "0" else ")")
+        return self.unless_unpadded(f"torch.nn.functional.pad({source}, ({flat})" + (
+            f", value={value})" if value != "0" else ")"), source, widths)
 
     def transpose(self, code: str, perm: tuple) -> str:
         if perm == (1, 0):
@@ -222,21 +222,35 @@ class TorchPrinter(ArrayPrinter):
         return Arr(self._unlayout(code, groups), tuple(a for gr in groups for a in gr), ATOM)
 
     def window_max_grad(self, grad: Arr, read: WindowRead, windows) -> Arr | None:
-        """Max pooling's backward, torch's own kernel (``window_max_grad`` recomputes the
-        argmax): 2-D or 3-D windows, last in X, after one or two other axes."""
+        """Max pooling's backward, torch's own kernel: 2-D or 3-D windows, last in X, after
+        one or two other axes. It reads the argmax the forward's ``max_pool*d_with_indices``
+        kept (a kernel-owned saved temporary, :meth:`window_max`) when there is one, and
+        otherwise the ``window_max_grad`` helper recomputes it."""
         if len(windows) not in (2, 3) or len(read.plain) not in (1, 2):
             return None
-        self.helpers.add("window_max_grad")
         g = self._layout(self.paren(grad.code, grad.prec, ATOM), grad.axes,
                          [[a] for a in read.plain + read.outs])
         kernel = self.sizes_code([self.ranges[t] for t in read.taps])
         strides = self.sizes_code([w.stride for w in read.windows])
-        code = f"window_max_grad({g}, {self.names[read.name]}, {kernel}, {strides})"
+        first = self.owned.get(self._pool_key(read, kernel, strides))
+        self.helpers.add("window_max_grad")
+        code = f"window_max_grad({g}, {self.names[read.name]}, {kernel}, {strides}" + \
+            (f", {first})" if first is not None else ")")
         return Arr(code, read.plain + tuple(w[0] for w in windows), ATOM)
+
+    @staticmethod
+    def _pool_key(read: WindowRead, kernel: str, strides: str) -> tuple:
+        """What identifies a max pooling's argmax between forward and backward: the tensor
+        read, the window and the strides."""
+        return ("max_pool", read.name, kernel, strides)
 
     def window_max(self, e: MaxOver) -> Arr | None:
         """max over the taps of X[n, c, S·i + p, S·j + q] as ``torch.max_pool2d`` (1-3
-        window axes, last in X, after one or two other axes)."""
+        window axes, last in X, after one or two other axes). In a forward whose backward
+        may need it (``keep_owned``), 2-D and 3-D pooling run ``max_pool*d_with_indices``,
+        as autograd does for ``F.max_pool2d``, and keep the argmax (the first maximum of each
+        window, row-major) as a kernel-owned temporary, so that the backward does not
+        recompute it."""
         read = self._window(e.body, tuple(e.over))
         if read is None or set(e.over) != set(read.taps) or not read.trailing or \
                 len(read.plain) not in (1, 2):
@@ -244,7 +258,14 @@ class TorchPrinter(ArrayPrinter):
         d = len(read.windows)
         kernel = self.sizes_code([self.ranges[t] for t in read.taps])
         strides = self.sizes_code([w.stride for w in read.windows])
-        code = f"torch.max_pool{d}d({self.names[read.name]}, {kernel}, {strides})"
+        x = self.names[read.name]
+        if self.keep_owned and d in (2, 3):
+            pool = self.bind("pool", f"torch.ops.aten.max_pool{d}d_with_indices({x}, "
+                                     f"{kernel}, {strides})")
+            self.owned[self._pool_key(read, kernel, strides)] = \
+                self.bind("argmax", f"{pool}[1]")
+            return Arr(f"{pool}[0]", read.plain + read.outs, ATOM)
+        code = f"torch.max_pool{d}d({x}, {kernel}, {strides})"
         return Arr(code, read.plain + read.outs, ATOM)
 
     # -- fewer full-size passes: addcmul, and low-rank factors distributed into sums -------
@@ -524,14 +545,15 @@ HELPERS = {
         values = windows[(Ellipsis, *tap)]
         out = values.clone() if out is None else out.add_(values)
     return out''',
-    "window_max_grad": '''def window_max_grad(grad, x, taps, strides):
+    "window_max_grad": '''def window_max_grad(grad, x, taps, strides, first=None):
     """``grad`` of each strided window's maximum sent to its first maximum in x (row-major),
-    summed where windows overlap: max pooling's backward, torch's own kernel (2-D or 3-D; the
-    window's argmax is recomputed from x, so only x is kept for it)."""
+    summed where windows overlap: max pooling's backward, torch's own kernel (2-D or 3-D).
+    ``first`` holds each window's argmax as ``max_pool*d_with_indices`` returns it (the
+    forward keeps it); without it the argmax is recomputed from x."""
     d = len(taps)
-    pool = getattr(torch.ops.aten, f"max_pool{d}d_with_indices")
+    if first is None:
+        _, first = getattr(torch.ops.aten, f"max_pool{d}d_with_indices")(x, taps, strides)
     pool_backward = getattr(torch.ops.aten, f"max_pool{d}d_with_indices_backward")
-    _, first = pool(x, taps, strides)
     return pool_backward(grad, x, taps, strides, (0,) * d, (1,) * d, False, first)''',
     "join_axes": '''def join_axes(values, sizes, lead):
     """out[..., B·a + b] = values[..., a, b]: the adjoint of reading x[..., a*B + b], where a
