@@ -78,6 +78,31 @@ def copy_weights(ours, plain) -> None:
                 b.copy_(a)
 
 
+def layer_times(ours, plain, x, iters: int) -> None:
+    """Each layer's forward + backward (upstream gradient of ones) on the activations the
+    model feeds it, gradtool's torch layer against its torch.nn twin, interleaved; medians."""
+    import torch
+
+    ours.train()
+    plain.train()
+    print("  layer-by-layer, forward + backward (median ms): torch backend, plain, ratio")
+    h = x
+    for k, (mine, theirs) in enumerate(zip(ours, plain, strict=True)):
+        inp = h.detach().requires_grad_(k > 0)
+        times = {"ours": [], "plain": []}
+        for _ in range(max(iters, 5)):
+            for name, layer in (("ours", mine), ("plain", theirs)):
+                t0 = time.perf_counter()
+                y = layer(inp)
+                y.backward(torch.ones_like(y))
+                times[name].append(time.perf_counter() - t0)
+        a, b = (statistics.median(times[n]) * 1e3 for n in ("ours", "plain"))
+        print(f"    {k:2d} {type(theirs).__name__:12s} {tuple(inp.shape)!s:20s} "
+              f"{a:8.2f} {b:8.2f}  {a / b:5.2f}×")
+        with torch.no_grad():
+            h = theirs(inp)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="cnn", help="cnn, a shipped model name or a .toml file")
@@ -90,6 +115,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-numpy", action="store_true", help="skip the NumPy backend")
     ap.add_argument("--json", dest="json_out")
+    ap.add_argument("--layers", action="store_true",
+                    help="also time each layer's forward + backward against its torch.nn twin")
     args = ap.parse_args()
     # BLAS reads its thread count at import: set it first (NumPy's matmul/einsum use it)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -154,6 +181,8 @@ def main() -> None:
         print(f"  {k:6s} {r:10,.0f} samples/s  ({statistics.median(times[k]) * 1e3:.2f} ms/step)")
     for k, r in ratios.items():
         print(f"  {k:12s} {r:.2f}  goal ≥ {goals[k]}  {'met' if r >= goals[k] else 'MISSED'}")
+    if args.layers:
+        layer_times(tmodel, pmodel, x, args.iters)
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump({"model": what, "threads": args.threads, "samples_per_s": rate,

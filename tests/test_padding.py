@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from gradtool.check.kernels import Kernels, to_numpy
 from gradtool.check.numeric import derived_gradients
+from gradtool.codegen.emit import generate
 from gradtool.errors import SpecError
 from gradtool.nn import LayerError, NumpyLayer, SpecModule
 from gradtool.spec.loader import load_spec
@@ -425,3 +426,28 @@ def test_zero_padding_is_skipped_at_run_time(pad, target):
     for k, leaf in leaves.items():
         np.testing.assert_allclose(to_numpy(grads[k]), leaf.grad.numpy(), rtol=1e-10,
                                    atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("need", [(True, True, True), (False, True, True), (True, False, False)])
+@pytest.mark.parametrize("stride, pad", [(1, 1), (2, 0)])
+def test_conv_gradients_in_one_call_honour_the_need_flags(need, stride, pad):
+    """The torch backward computes ∂L/∂X and ∂L/∂weight in one convolution_backward whose
+    output mask is the need flags: an unrequested gradient is None, the others match
+    torch.autograd through F.conv2d (float64)."""
+    spec = load_spec("conv2d")
+    kernels = Kernels(spec, "torch")
+    assert "conv_backward(G, Xp, weight, (S, S), (need_X, need_weight))" in \
+        generate(spec, "torch")
+    rng = np.random.default_rng(5)
+    x, w, b = (torch.tensor(rng.standard_normal(s), requires_grad=True)
+               for s in ((2, 3, 7, 6), (4, 3, 3, 3), (4,)))
+    y = F.conv2d(x, w, b, stride=stride, padding=pad)
+    g = torch.tensor(rng.standard_normal(tuple(y.shape)))
+    want = torch.autograd.grad(y, [x, w, b], g)
+    _, saved = kernels.module.forward(x.detach(), w.detach(), b.detach(), P=pad, S=stride)
+    got = kernels.module.backward(g, *saved, H=7, W=6, P=pad, S=stride, need=need)
+    for flag, mine, theirs in zip(need, got, want, strict=True):
+        if flag:
+            torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
+        else:
+            assert mine is None

@@ -137,11 +137,11 @@ def test_max_pool_ties_route_to_the_first_maximum(target):
 # -- the lowered path is the one taken ------------------------------------------------------
 
 LOWERED = {
-    ("conv2d", "torch"): ["torch.conv2d(Xp, weight, bias, stride=S)", "torch.nn.grad.conv2d_input(",
-                          "torch.nn.grad.conv2d_weight("],
+    ("conv2d", "torch"): ["torch.conv2d(Xp, weight, bias, stride=S)",
+                          "conv_backward(G, Xp, weight, (S, S), (need_X, need_weight))"],
     ("conv2d", "numpy"): ["sliding_window_view(", "window_add(", "np.einsum("],
-    ("conv1d", "torch"): ["torch.conv1d(", "torch.nn.grad.conv1d_input(",
-                          "torch.nn.grad.conv1d_weight("],
+    ("conv1d", "torch"): ["torch.conv1d(",
+                          "conv_backward(G, Xp, weight, (S,), (need_X, need_weight))"],
     ("maxpool2d", "torch"): ["torch.ops.aten.max_pool2d_with_indices(Xm, (K, K), (S, S))",
                              "window_max_grad(G, Xm, (K, K), (S, S), argmax)"],
     ("maxpool2d", "numpy"): ["sliding_window_view(", "window_max(", "window_max_grad("],
@@ -185,8 +185,7 @@ def test_convolution_in_another_layout_is_lowered(tmp_path, target, stride):
     if target == "torch":
         code = "\n".join(kernel_lines(spec, target))
         assert "torch.conv1d(" in code and ", b, stride=" in code and \
-            "torch.nn.grad.conv1d_input(" in code and \
-            "torch.nn.grad.conv1d_weight(" in code, code
+            "conv_backward(" in code and "(need_X, need_W))" in code, code
     rng = np.random.default_rng(stride)
     size = 3 * stride + 3
     inputs = {"X": rng.standard_normal((3, size, 2)), "W": rng.standard_normal((3, 3, 4)),
@@ -334,8 +333,8 @@ def test_three_window_axes_lower_to_conv3d_and_max_pool3d(tmp_path, target):
     pool = write(tmp_path, "maxpool3d", MAXPOOL3D)
     if target == "torch":
         code = "\n".join(kernel_lines(conv, target) + kernel_lines(pool, target))
-        for call in ("torch.conv3d(", "torch.nn.grad.conv3d_input(",
-                     "torch.nn.grad.conv3d_weight(", "max_pool3d_with_indices(X,",
+        for call in ("torch.conv3d(", "conv_backward(G, X, W, (S, S, S), (need_X, need_W))",
+                     "max_pool3d_with_indices(X,",
                      "window_max_grad(G, X, (K, K, K), (S, S, S), argmax)"):
             assert call in code, (call, code)
     rng = np.random.default_rng(6)
@@ -406,7 +405,6 @@ def test_a_convolution_in_any_layout_matches_f_conv(tmp_path_factory, layout):
         return y.permute(*[std.index(a) for a in layout["y"]])
 
     code = "\n".join(kernel_lines(spec, "torch"))
-    assert f"torch.conv{d}d(" in code and f"torch.nn.grad.conv{d}d_input(" in code and \
-        f"torch.nn.grad.conv{d}d_weight(" in code, code
+    assert f"torch.conv{d}d(" in code and "conv_backward(" in code, code
     for target in TARGETS:
         assert_matches(spec, target, inputs, dims, reference_op)

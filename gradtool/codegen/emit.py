@@ -730,18 +730,23 @@ class Module:
             grads.append(var)
         self.imports |= {imports[i] for i in printer.imports}
         self.helpers |= printer.helpers
-        # which gradients need each statement: a gradient needs its own line and, recursively,
-        # every named term that line reads
-        reads = {name: _names_read(code) for name, code in stmts}
-        needed_by: dict[str, set] = {name: set() for name, _ in stmts}
-        for k, var in enumerate(grads):
-            todo = [var]
-            while todo:
-                name = todo.pop()
-                if k in needed_by[name]:
-                    continue
-                needed_by[name].add(k)
-                todo += [r for r in reads[name] if r in needed_by and r != name]
+        flags = [self.need_names[t.name] for t in self.grads]
+        reads, needed_by = _needed_by(stmts, grads)
+        if self.target == "torch":  # a convolution's two gradients in one call
+            from gradtool.codegen.torch_target import pair_conv_grads
+
+            def fresh(stem: str) -> str:
+                while stem in taken:
+                    stem += "_"
+                taken.add(stem)
+                return stem
+
+            stmts = pair_conv_grads(
+                stmts, lambda name: " or ".join(flags[k] for k in sorted(needed_by[name])),
+                printer, _names_read, fresh, set(grads))
+            self.helpers |= printer.helpers
+            reads, needed_by = _needed_by(stmts, grads)
+            stmts = [(name, code) for name, code in stmts if needed_by[name]]
         # sizes: read where some statement uses them, off the upstream gradient or a saved
         # tensor; a size no tensor has is passed in
         dim_names = {self.names[str(x)]: x for x in spec.dim_symbols.values()}
@@ -769,7 +774,6 @@ class Module:
         for name, _ in stmts:
             for r in reads[name] & self.saved_need.keys():
                 self.saved_need[r] |= needed_by[name]
-        flags = [self.need_names[t.name] for t in self.grads]
         default = "(" + ", ".join(["True"] * len(grads)) + ("," if len(grads) == 1 else "") + ")"
         kw = [self.names[str(m)] for m in missing]
         kw += [f"{self.names[h]}={spec.hypers[h].default!r}" for h in hypers]
@@ -817,6 +821,23 @@ class Module:
             return f"{printer.ref}.new_zeros(({', '.join(shape)},))"
         self.imports.add("import numpy as np")
         return f"np.zeros(({', '.join(shape)},))"
+
+
+def _needed_by(stmts: list, grads: list) -> tuple[dict, dict]:
+    """(names each statement reads, the gradients (positions in ``grads``) that need each
+    statement): a gradient needs its own line and, recursively, every named term that line
+    reads."""
+    reads = {name: _names_read(code) for name, code in stmts}
+    needed_by: dict[str, set] = {name: set() for name, _ in stmts}
+    for k, var in enumerate(grads):
+        todo = [var]
+        while todo:
+            name = todo.pop()
+            if k in needed_by[name]:
+                continue
+            needed_by[name].add(k)
+            todo += [r for r in reads[name] if r in needed_by and r != name]
+    return reads, needed_by
 
 
 def _setup_lines(printer) -> list[str]:
