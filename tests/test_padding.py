@@ -320,7 +320,12 @@ def test_padding_an_intermediate_slices_its_adjoint(tmp_path, target):
     path.write_text(ACTCONV)
     spec = load_spec(path)
     code = generate(spec, target)
-    assert "[:, :, P:(L + P)]" in code and "== (P +" not in code
+    assert "== (P +" not in code
+    if target == "numpy":
+        assert "[:, :, P:(L + P)]" in code
+    else:  # the convolution and its backward pad Z themselves: no copy, no slice
+        assert "conv_backward(G, Z, weight, (S,), (P,), (need_X, need_weight))" in code and \
+            "[:, :, P:(L + P)]" not in code and "functional.pad" not in code
     sizes = dict(N=2, C=2, O=3, L=9, K=3, S=2, P=1)
     dims = spec.sizes_from({spec.dim_symbols[k]: v for k, v in sizes.items()})
     rng = np.random.default_rng(3)
@@ -400,32 +405,43 @@ def test_maxpool_backward_reads_the_argmax_its_forward_kept(stride, pad):
 
 
 @pytest.mark.parametrize("pad", [0, 1])
-@pytest.mark.parametrize("target", ["numpy", "torch"])
-def test_zero_padding_is_skipped_at_run_time(pad, target):
-    """At P = 0 the padded copy Xp is X itself (no copy), at P = 1 a padded copy; values and
-    gradients match F.conv2d either way (float64)."""
-    spec = load_spec("conv2d")
-    sizes = dict(N=2, C=2, O=3, H=6, W=5, K=3, S=1, P=pad)
-    dims = spec.sizes_from({spec.dim_symbols[k]: v for k, v in sizes.items()})
+@pytest.mark.parametrize("name, target", [("conv2d", "numpy"), ("maxpool2d", "numpy"),
+                                          ("maxpool2d", "torch")])
+def test_zero_padding_is_skipped_at_run_time(name, target, pad):
+    """At P = 0 the padded copy is X itself (no copy), at P = 1 a padded copy. (Values and
+    gradients at P = 0 and 1 against F.*: test_padded_builtins_match_torch.)"""
+    kernels = Kernels(load_spec(name), target)
     rng = np.random.default_rng(3)
-    inputs = {"X": rng.standard_normal((2, 2, 6, 5)), "weight": rng.standard_normal((3, 2, 3, 3)),
-              "bias": rng.standard_normal(3)}
-    kernels = Kernels(spec, target)
-    x = kernels.convert(inputs["X"])
-    _, saved = kernels.module.forward(x, *(kernels.convert(inputs[k]) for k in ("weight", "bias")),
-                                      P=pad, S=1)
-    padded = [s for s in saved if s.shape[2:] == (6 + 2 * pad, 5 + 2 * pad)]
+    x = kernels.convert(rng.standard_normal((2, 2, 6, 5)))
+    if name == "conv2d":
+        w, b = kernels.convert(rng.standard_normal((3, 2, 3, 3))), kernels.convert(np.zeros(3))
+        _, saved = kernels.module.forward(x, w, b, P=pad, S=1)
+    else:
+        _, saved = kernels.module.forward(x, K=3, P=pad, S=1)
+    padded = [s for s in saved if tuple(s.shape) == (2, 2, 6 + 2 * pad, 5 + 2 * pad)]
     assert len(padded) == 1 and (padded[0] is x) == (pad == 0)
-    outs, saved, _ = kernels.forward(inputs, dims)
-    leaves = {k: torch.tensor(v, requires_grad=True) for k, v in inputs.items()}
-    y = F.conv2d(leaves["X"], leaves["weight"], leaves["bias"], padding=pad)
-    np.testing.assert_allclose(to_numpy(outs["Y"]), y.detach().numpy(), rtol=1e-10, atol=1e-12)
-    g = rng.standard_normal(tuple(y.shape))
-    (y * torch.tensor(g)).sum().backward()
-    grads = kernels.backward({"Y": g}, saved, dims)
-    for k, leaf in leaves.items():
-        np.testing.assert_allclose(to_numpy(grads[k]), leaf.grad.numpy(), rtol=1e-10,
-                                   atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("pad", [0, 1, 2])
+def test_torch_convolution_pads_its_input_itself(pad):
+    """The torch conv2d kernels pass padding=P to the convolution and its backward: no
+    padded copy is made or saved, X itself is kept; values and gradients match F.conv2d."""
+    source = generate(load_spec("conv2d"), "torch")
+    kernels_source = source[source.index("def forward"):source.index("class ")]
+    assert "functional.pad" not in kernels_source and "Xp" not in kernels_source
+    kernels = Kernels(load_spec("conv2d"), "torch")
+    rng = np.random.default_rng(4)
+    x, w, b = (torch.tensor(rng.standard_normal(s), requires_grad=True)
+               for s in ((2, 3, 5, 6), (4, 3, 3, 3), (4,)))
+    y, saved = kernels.module.forward(x.detach(), w.detach(), b.detach(), P=pad, S=2)
+    assert any(s is not None and s.shape == x.shape for s in saved)
+    assert all(s.shape[2:] != (5 + 2 * pad, 6 + 2 * pad) for s in saved) or pad == 0
+    ref = F.conv2d(x, w, b, stride=2, padding=pad)
+    torch.testing.assert_close(y, ref.detach(), rtol=1e-10, atol=1e-12)
+    g = torch.tensor(rng.standard_normal(tuple(ref.shape)))
+    got = kernels.module.backward(g, *saved, P=pad, S=2)
+    for mine, theirs in zip(got, torch.autograd.grad(ref, [x, w, b], g), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("need", [(True, True, True), (False, True, True), (True, False, False)])
@@ -436,7 +452,7 @@ def test_conv_gradients_in_one_call_honour_the_need_flags(need, stride, pad):
     torch.autograd through F.conv2d (float64)."""
     spec = load_spec("conv2d")
     kernels = Kernels(spec, "torch")
-    assert "conv_backward(G, Xp, weight, (S, S), (need_X, need_weight))" in \
+    assert "conv_backward(G, X, weight, (S, S), (P, P), (need_X, need_weight))" in \
         generate(spec, "torch")
     rng = np.random.default_rng(5)
     x, w, b = (torch.tensor(rng.standard_normal(s), requires_grad=True)
@@ -445,7 +461,7 @@ def test_conv_gradients_in_one_call_honour_the_need_flags(need, stride, pad):
     g = torch.tensor(rng.standard_normal(tuple(y.shape)))
     want = torch.autograd.grad(y, [x, w, b], g)
     _, saved = kernels.module.forward(x.detach(), w.detach(), b.detach(), P=pad, S=stride)
-    got = kernels.module.backward(g, *saved, H=7, W=6, P=pad, S=stride, need=need)
+    got = kernels.module.backward(g, *saved, P=pad, S=stride, need=need)
     for flag, mine, theirs in zip(need, got, want, strict=True):
         if flag:
             torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)

@@ -137,11 +137,11 @@ def test_max_pool_ties_route_to_the_first_maximum(target):
 # -- the lowered path is the one taken ------------------------------------------------------
 
 LOWERED = {
-    ("conv2d", "torch"): ["torch.conv2d(Xp, weight, bias, stride=S)",
-                          "conv_backward(G, Xp, weight, (S, S), (need_X, need_weight))"],
+    ("conv2d", "torch"): ["torch.conv2d(X, weight, bias, stride=S, padding=P)",
+                          "conv_backward(G, X, weight, (S, S), (P, P), (need_X, need_weight))"],
     ("conv2d", "numpy"): ["sliding_window_view(", "window_add(", "np.einsum("],
-    ("conv1d", "torch"): ["torch.conv1d(",
-                          "conv_backward(G, Xp, weight, (S,), (need_X, need_weight))"],
+    ("conv1d", "torch"): ["torch.conv1d(X, weight, bias, stride=S, padding=P)",
+                          "conv_backward(G, X, weight, (S,), (P,), (need_X, need_weight))"],
     ("maxpool2d", "torch"): ["torch.ops.aten.max_pool2d_with_indices(Xm, (K, K), (S, S))",
                              "window_max_grad(G, Xm, (K, K), (S, S), argmax)"],
     ("maxpool2d", "numpy"): ["sliding_window_view(", "window_max(", "window_max_grad("],
@@ -333,8 +333,8 @@ def test_three_window_axes_lower_to_conv3d_and_max_pool3d(tmp_path, target):
     pool = write(tmp_path, "maxpool3d", MAXPOOL3D)
     if target == "torch":
         code = "\n".join(kernel_lines(conv, target) + kernel_lines(pool, target))
-        for call in ("torch.conv3d(", "conv_backward(G, X, W, (S, S, S), (need_X, need_W))",
-                     "max_pool3d_with_indices(X,",
+        for call in ("torch.conv3d(", "max_pool3d_with_indices(X,",
+                     "conv_backward(G, X, W, (S, S, S), (0, 0, 0), (need_X, need_W))",
                      "window_max_grad(G, X, (K, K, K), (S, S, S), argmax)"):
             assert call in code, (call, code)
     rng = np.random.default_rng(6)

@@ -109,6 +109,11 @@ class ArrayPrinter:
         # reads. The emitter saves these next to the spec's tensors.
         self.owned: dict = {}                 # key -> the temporary's name
         self.keep_owned = False               # may this lowering bind owned temporaries?
+        # padded copies a target's convolution may pad itself (name -> Fold), those it did
+        self.fold: dict = {}
+        self.folded: set = set()
+        self._unpad = None                    # the Unpad whose body is being lowered
+        self._unpadded = False                # did that body's lowering take the slice?
 
     def bind(self, stem: str, code: str) -> str:
         """A named temporary ``stem = code`` (a window view, pooling indices) that the emitter
@@ -926,8 +931,17 @@ class ArrayPrinter:
 
     # -- padding: Xp = X padded (spec.pad), and the adjoint of X as a slice of Xp's ----------
     def _print_Unpad(self, e) -> Arr:
-        """The slice of a padded array at its source's positions: ``g[:, :, P:P + H]``."""
-        inner = self.lower(e.body)
+        """The slice of a padded array at its source's positions: ``g[:, :, P:P + H]``. A
+        body that is one window scatter may be lowered to an op that pads itself (a
+        convolution's input gradient with ``padding=P``), which takes the slice too."""
+        self._unpad, self._unpadded = (e if isinstance(e.body, sp.Sum) else None), False
+        try:
+            inner = self.lower(e.body)
+        finally:
+            self._unpad, unpadded, self._unpadded = None, self._unpadded, False
+        if unpadded:
+            source = {hp: h for hp, h, _ in e.shifts}
+            return Arr(inner.code, tuple(source.get(a, a) for a in inner.axes), inner.prec)
         code, axes = self.paren(inner.code, inner.prec, ATOM), list(inner.axes)
         for hp, h, before in e.shifts:
             if hp not in axes:  # the body does not vary along it: broadcast later

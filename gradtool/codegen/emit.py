@@ -56,8 +56,12 @@ def _printer(target: str, names, temps=None):
 class Module:
     """Everything the emitter needs to know about one derivation."""
 
-    def __init__(self, d: Derivation, target: str):
+    def __init__(self, d: Derivation, target: str, folded: frozenset | None = None):
         self.d, self.spec, self.target = d, d.spec, target
+        # padded copies that the target's ops pad themselves (torch: ``padding=P``): None
+        # offers every padded copy to the printers (a first pass, to see which they fold);
+        # a set folds those only, and drops their copies from the kernels
+        self.offered = folded
         spec = d.spec
         cname = class_name(spec.name)
         reserved = {cname, cname + "Function"} | _target_attributes(target)
@@ -159,6 +163,7 @@ class Module:
         printer.extents, printer.derived = self.extents(), self.derived_sizes()
         printer.taken = self._taken()
         printer.keep_owned = True
+        printer.fold = self.folds()
         shifts = self.stable_exponentials()
         inlined = self.inlined_sums(shifts)
         printer.scalar_tensors = self._scalar_tensors(shifts)
@@ -167,6 +172,8 @@ class Module:
                 continue
             target = self.new_names[a.target] if a.kind == "update" else self.names[a.target]
             if a.reduce == "pad":
+                if a.target in self.dropped():
+                    continue  # read only by ops that pad it themselves
                 source = self.names[a.body.access.base.label.name]
                 widths = [tuple(printer.lower(sp.sympify(w)).code for w in pair)
                           for pair in d.program.pad_widths(a)]
@@ -649,8 +656,28 @@ class Module:
                                                  for x in (a.target, self.lse.get(a.target))
                                                  if x is not None]
         seeds = set(self.seed_names.values())
+        dropped = self.dropped()
+        sources = {a.target: access_name(a.body.access) for a in self.d.program.assigns
+                   if a.target in dropped}
+        used = {sources.get(n, n) for n in used}  # a dropped copy's ops read its source
         self._saved = [n for n in dict.fromkeys(order) if n in used and n not in seeds]
         return self._saved
+
+    def folds(self) -> dict:
+        """The padded copies offered to the torch printer for ops that pad themselves
+        (name -> :class:`~gradtool.codegen.torch_target.Fold`)."""
+        if self.target != "torch":
+            return {}
+        from gradtool.codegen.torch_target import Fold
+
+        return {a.target: Fold(self.names[access_name(a.body.access)],
+                               self.d.program.pad_widths(a), a.body.fill)
+                for a in self.d.program.assigns if a.reduce == "pad" and
+                (self.offered is None or a.target in self.offered)}
+
+    def dropped(self) -> frozenset:
+        """The padded copies no kernel line reads (every op that read one pads itself)."""
+        return frozenset(self.offered or ())
 
     def saved_names(self) -> list[str]:
         """The kernel variables the forward returns for the backward: the spec's tensors
@@ -680,6 +707,7 @@ class Module:
         printer, imports = _printer(self.target, self.names, temps={})
         printer.definitions = {}
         printer.owned = dict(getattr(self, "owned", {}))
+        printer.fold = self.folds()
         # a loss's upstream gradient is a 0-d tensor too (torch.autograd passes one)
         printer.scalar_tensors = self._scalar_tensors()
         # a tensor to take dtype and device from: a full upstream gradient, else a saved tensor
@@ -1070,6 +1098,16 @@ def generate(spec: Spec | str, target: str = "numpy") -> str:
     m = Module(d, target)
     fwd = m.forward()
     bwd = m.backward()
+    folds = m.folds()
+    if folds:  # again, without the padded copies that no line reads any more
+        read = set().union(*(_names_read(line) for line in fwd[1:] + bwd[1:]
+                             if not line.strip().startswith(("return ", "def ")) and
+                             '"""' not in line and
+                             not any(line.strip().startswith(f"{m.names[t]} = ")
+                                     for t in folds)))
+        m = Module(d, target, frozenset(t for t in folds if m.names[t] not in read))
+        fwd = m.forward()
+        bwd = m.backward()
     cls = _numpy_class(m) if target == "numpy" else _torch_classes(m)
     imports = sorted(m.imports, key=lambda s: (not s.startswith("import"), s))
     if target == "torch":

@@ -23,6 +23,15 @@ class Conv(Arr):
 
 
 @dataclass(frozen=True)
+class Fold:
+    """A padded copy (``spec.pad``) that torch's convolution may pad itself: the source's
+    variable, the (before, after) widths per axis, the fill."""
+    source: str
+    widths: tuple
+    fill: object
+
+
+@dataclass(frozen=True)
 class ConvGrad:
     """A convolution's gradient call as lowered (``call``, a substring of the line that
     reads it): ``role`` "input" (``conv*d_input``; ``other`` is the weight's code) or
@@ -35,6 +44,7 @@ class ConvGrad:
     strides: str
     sizes: list
     other: str
+    padding: str = ""
 
 
 class TorchPrinter(ArrayPrinter):
@@ -116,6 +126,14 @@ class TorchPrinter(ArrayPrinter):
             return f", stride={self.size_code(strides[0])}"
         return f", stride={self.sizes_code(strides)}"
 
+    def _padding(self, pads) -> str:
+        """``, padding=P`` (nothing for none; a tuple when the axes differ)."""
+        if all(p == 0 for p in pads):
+            return ""
+        if len(set(pads)) == 1:
+            return f", padding={self.size_code(pads[0])}"
+        return f", padding={self.sizes_code(pads)}"
+
     def _layout(self, code: str, axes: tuple, groups: list) -> str:
         """``code`` (axes ``axes``) permuted to ``groups`` (each one axis, or none: a new
         axis of one entry there), the layout (batch, channels, spatial…) convolutions take."""
@@ -157,6 +175,10 @@ class TorchPrinter(ArrayPrinter):
         x_axes = read.view_axes[:read.rank]
         x = self.names[read.name]
         strides = self._strides([win.stride for win in read.windows])
+        pads = self._zero_fold(read)
+        if pads is not None:  # X padded by the convolution itself: no copy of X
+            x = self.fold[read.name].source
+            strides += self._padding(pads)
         summed = [a for a in read.plain if a in over]
         free = [a for a in read.plain if a not in over]
         others = [a for a in w.axes if a not in set(read.plain) | outs | taps]
@@ -190,16 +212,53 @@ class TorchPrinter(ArrayPrinter):
             g_code = self._layout(self.paren(w.code, w.prec, ATOM), w.axes, gg)
             code = f"torch.nn.grad.conv{d}d_weight({x_code}, {size}, {g_code}{strides})"
             extent = self.extents[read.name]
+            pads = pads or [0] * d
             self.conv_grads.append(ConvGrad(
                 "weight", code, g_code, self.sizes_code([win.stride for win in read.windows]),
                 ([self.ranges[summed[0]]] if summed else [1]) +
                 ([self.ranges[free[0]]] if free else [1]) +
-                [extent[win.axis] for win in read.windows], x_code))
+                [extent[win.axis] - 2 * pad for win, pad in zip(read.windows, pads, strict=True)],
+                x_code, self.sizes_code(pads)))
             groups = [others, free] + [[t] for t in read.taps]
         else:
             return None
         axes = tuple(a for g in groups for a in g)
         return Arr(self._unlayout(code, groups), axes, ATOM)
+
+    def _zero_fold(self, read: WindowRead) -> list | None:
+        """The paddings (P per window axis) when ``read`` reads a zero-padded copy of X
+        padded on its window axes only, as much before as after: torch's convolution then
+        pads X itself (``padding=P``) and no padded copy is read."""
+        fold = self.fold.get(read.name)
+        if fold is None or fold.fill != 0:
+            return None
+        axes = {w.axis for w in read.windows}
+        for k, (lo, hi) in enumerate(fold.widths):
+            if (k in axes and sp.expand(lo - hi) != 0) or (k not in axes and (lo, hi) != (0, 0)):
+                return None
+        self.folded.add(read.name)
+        return [fold.widths[w.axis][0] for w in read.windows]
+
+    def _unpad_fold(self, windows) -> list | None:
+        """The paddings P when the window scatter being lowered is the body of an ``Unpad``
+        (the slice [P:P + H] of a padded copy's adjoint) along exactly its window axes, as
+        much before as after: a transposed convolution with ``padding=P`` takes the slice
+        itself. The Unpad is then consumed (:meth:`_print_Unpad` drops its slice)."""
+        e = self._unpad
+        if e is None:
+            return None
+        shifts = {hp: (h, before) for hp, h, before in e.shifts}
+        if set(shifts) != {win[0] for win in windows}:
+            return None
+        pads = []
+        for win in windows:
+            h, before = shifts[win[0]]
+            after = sp.expand(self.ranges[win[0]] - before - self.ranges[h])
+            if sp.expand(after - before) != 0:
+                return None
+            pads.append(before)
+        self._unpad, self._unpadded = None, True
+        return pads
 
     @property
     def conv_grads(self) -> list:
@@ -236,20 +295,21 @@ class TorchPrinter(ArrayPrinter):
         wg = [shared, chans] + [[t] for t in taps]
         if any(a not in self.ranges for a in batch + chans):
             return None
-        # the input's size given in full: the entries a stride leaves over come out as zeros
-        size = self.sizes_code(([self.ranges[batch[0]]] if batch else [1]) +
-                               ([self.ranges[chans[0]]] if chans else [1]) +
-                               [self.ranges[win[0]] for win in windows])
+        # the input's size given in full: the entries a stride leaves over come out as zeros;
+        # inside the slice of a padded copy's adjoint, the source's size and padding=P
+        pads = self._unpad_fold(windows) or [0] * len(windows)
         sizes = ([self.ranges[batch[0]]] if batch else [1]) + \
-            ([self.ranges[chans[0]]] if chans else [1]) + [self.ranges[win[0]] for win in windows]
+            ([self.ranges[chans[0]]] if chans else [1]) + \
+            [sp.expand(self.ranges[win[0]] - 2 * p) for win, p in zip(windows, pads, strict=True)]
+        size = self.sizes_code(sizes)
         size = self.bind("input_size", size) if len(size) > 24 else size
         w_code = self._layout(self.paren(w.code, w.prec, ATOM), w.axes, wg)
         g_code = self._layout(self.paren(g.code, g.prec, ATOM), g.axes, gg)
         code = f"torch.nn.grad.conv{len(windows)}d_input({size}, {w_code}, {g_code}" \
-               f"{self._strides([win[3] for win in windows])})"
+               f"{self._strides([win[3] for win in windows])}{self._padding(pads)})"
         self.conv_grads.append(ConvGrad("input", code, g_code,
                                         self.sizes_code([win[3] for win in windows]), sizes,
-                                        w_code))
+                                        w_code, self.sizes_code(pads)))
         groups = [batch, chans] + [[win[0]] for win in windows]
         return Arr(self._unlayout(code, groups), tuple(a for gr in groups for a in gr), ATOM)
 
@@ -552,7 +612,8 @@ def pair_conv_grads(stmts: list, grads, printer: TorchPrinter, names_read, fresh
     calls = printer.conv_grads
     for a in [c for c in calls if c.role == "input"]:
         b = next((c for c in calls if c.role == "weight" and c.grad == a.grad and
-                  c.strides == a.strides and len(c.sizes) == len(a.sizes) and
+                  c.strides == a.strides and c.padding == a.padding and
+                  len(c.sizes) == len(a.sizes) and
                   all(sp.expand(sp.sympify(x) - y) == 0 for x, y in zip(a.sizes, c.sizes,
                                                                         strict=True))),
                  None)
@@ -563,7 +624,8 @@ def pair_conv_grads(stmts: list, grads, printer: TorchPrinter, names_read, fresh
         first = min(where)
         name = fresh("conv_grads")
         mask = ", ".join(grads(stmts[k][0]) for k in where)
-        code = f"conv_backward({a.grad}, {b.other}, {a.other}, {a.strides}, ({mask}))"
+        code = f"conv_backward({a.grad}, {b.other}, {a.other}, {a.strides}, " \
+               f"{a.padding}, ({mask}))"
         later = {n for n, _ in stmts[first:]}
         if names_read(code) & later:
             continue  # an argument is computed after the first of the two
@@ -590,13 +652,13 @@ def _inline_aliases(stmts: list, keep: set, names_read) -> list:
 
 
 HELPERS = {
-    "conv_backward": '''def conv_backward(grad, x, weight, strides, need):
-    """(∂L/∂x, ∂L/∂weight) of a convolution y = conv*d(x, weight, stride) from grad = ∂L/∂y
-    in one call of torch's own convolution backward (the one autograd runs for F.conv*d);
-    ``need`` says which of the two to compute (the other is None)."""
+    "conv_backward": '''def conv_backward(grad, x, weight, strides, padding, need):
+    """(∂L/∂x, ∂L/∂weight) of a convolution y = conv*d(x, weight, stride, padding) from
+    grad = ∂L/∂y in one call of torch's own convolution backward (the one autograd runs for
+    F.conv*d); ``need`` says which of the two to compute (the other is None)."""
     d = len(strides)
     zeros, ones = (0,) * d, (1,) * d
-    return torch.ops.aten.convolution_backward(grad, x, weight, None, strides, zeros, ones,
+    return torch.ops.aten.convolution_backward(grad, x, weight, None, strides, padding, ones,
                                                False, zeros, 1, (*need, False))[:2]''',
     "scatter_add": '''def scatter_add(values, index, size, lead, batch=0):
     """out[..., b, index[b, j]] += values[..., b, j]: the adjoint of reading x[..., index] with
