@@ -198,6 +198,21 @@ n = spec.indices(n=N)
 A = spec.input("A", N)
 spec.output("L", [], Sum(exp(A[n]) / exp(A[n]), n))
 """,
+    "nested_fold_attempts": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz", "a random spec")
+N, D, E = spec.dims("N D E")
+n, d, e, i, k, j = spec.indices(n=N, d=D, e=E, i=N, k=D, j=E)
+A = spec.input("A", N)
+W2 = spec.param("W2", D, E)
+alpha = spec.hyper("alpha", 0.7)
+t0 = spec.let("t0", [], Sum(A[i], i))
+t1 = spec.let("t1", [n, d, e], ((W2[d, e])*(A[n])) / (1 + (t0)**2))
+t2 = spec.let("t2", [n, d, e], (tanh(t0)) + (t1[n, d, e]))
+t3 = spec.let("t3", [n, d, e], exp(tanh(t2[n, d, e])))
+spec.output("Y", [n, d, e], (Sum((t2[n, k, e])*(W2[k, e]), k) / D)*(t3[n, d, e]))
+""",
 }
 
 
@@ -265,4 +280,54 @@ def test_saturated_tanh_keeps_its_precision(tmp_path):
     path.write_text(SATURATED_TANH)
     d = derive(load_spec(path))
     for seed in range(60):
+        assert_matches_autograd(d, seed=seed)
+
+
+def _count_fold_attempts(monkeypatch) -> list[int]:
+    """Record the inlining attempts of each top-level simplification (``FOLD_BUDGET``)."""
+    from gradtool.symbolic.simplify import Simplifier
+
+    peaks = []
+    call = Simplifier.__call__
+
+    def counted(self, expr, depth=0):
+        top = not self._top
+        out = call(self, expr, depth)
+        if top:
+            peaks.append(self._attempts)
+        return out
+
+    monkeypatch.setattr(Simplifier, "__call__", counted)
+    return peaks
+
+
+def test_nested_folds_are_not_attempted_where_none_can_succeed(tmp_path, monkeypatch):
+    """Finding 18: the adjoint of t0 = Σ_i A[i] gathers sums over n, d, e and k, and each was
+    inlined and simplified again, nested three deep, in every order of its limits (minutes).
+    A sum whose terms cannot match any definition (each read of one, with the summed index
+    in place, and no other read of that index such as the upstream gradient) is no longer
+    inlined, so this spec makes no attempt at all; its gradient is unchanged."""
+    peaks = _count_fold_attempts(monkeypatch)
+    path = tmp_path / "nested.py"
+    path.write_text(FOUND["nested_fold_attempts"])
+    d = derive(load_spec(path))
+    assert peaks and max(peaks) <= 5, peaks
+    for seed in range(2):
+        assert_matches_autograd(d, seed=seed)
+
+
+def test_fold_budget_bounds_the_nested_attempts(tmp_path, monkeypatch):
+    """Where every fold looks possible (the test pretends so), the budget per top-level
+    simplification stops the nesting: no call makes more than ``FOLD_BUDGET`` attempts, and
+    the sums it did not try stay sums, so the gradient is still autograd's."""
+    import gradtool.symbolic.simplify as simplify
+
+    monkeypatch.setattr(simplify, "FOLD_BUDGET", 4)
+    monkeypatch.setattr(simplify.Simplifier, "_could_fold", lambda self, expr, var, stages: True)
+    peaks = _count_fold_attempts(monkeypatch)
+    path = tmp_path / "nested.py"
+    path.write_text(FOUND["nested_fold_attempts"])
+    d = derive(load_spec(path))
+    assert max(peaks) == 4, peaks  # the budget was reached, and never passed
+    for seed in range(2):
         assert_matches_autograd(d, seed=seed)
