@@ -198,6 +198,46 @@ n = spec.indices(n=N)
 A = spec.input("A", N)
 spec.output("L", [], Sum(exp(A[n]) / exp(A[n]), n))
 """,
+    "shifted_exponential_inside_an_exponent": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz", "a random spec")
+N = spec.dims("N")
+n, i = spec.indices(n=N, i=N)
+A = spec.input("A", N, domain="positive")
+W = spec.param("W", N, init="normal")
+t0 = spec.let("t0", [n], exp(tanh(A[n])))
+t1 = spec.let("t1", [n], exp(tanh(t0[n])))
+t2 = spec.let("t2", [n], ((t0[n]) + (Sum((t0[i]) / (1 + (W[i])**2), i) / N)) + (t1[n]))
+t3 = spec.let("t3", [n], (Sum((W[i])*(A[i]), i))*(t2[n]))
+spec.output("Y", [n], (Sum((t2[i])*(t1[i]), i)) + (t3[n]))
+""",
+    "log_sum_exp_over_a_shifted_sum": """\
+from gradtool.lang import *
+
+spec = Spec("lse_of_lse", "a log-sum-exp whose exponent reads another sum of exponentials")
+N, D = spec.dims("N D")
+n, d, k = spec.indices(n=N, d=D, k=D)
+A = spec.input("A", N, D)
+Z1 = spec.let("Z1", [n], Sum(exp(A[n, k]), k))
+Z2 = spec.let("Z2", [n], Sum(exp(A[n, k] / Z1[n]), k))
+spec.output("Y", [n, d], A[n, d] + log(Z2[n]))
+""",
+    "named_number_in_addcmul": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz", "a random spec")
+N, E = spec.dims("N E")
+n, e, i, j = spec.indices(n=N, e=E, i=N, j=E)
+A = spec.input("A", E, N)
+W = spec.param("W", E, N, init="uniform")
+alpha = spec.hyper("alpha", 0.7)
+t0 = spec.let("t0", [n, e], exp((W[e, n]) / 4))
+t1 = spec.let("t1", [n, e], tanh(t0[n, e]))
+t2 = spec.let("t2", [n, e], (Sum((t0[n, j]) + (t1[n, j]), j) / E) / (1 + (t1[n, e])**2))
+t3 = spec.output("t3", [n, e], tanh(t2[n, e]))
+spec.output("Y", [n, e], (log(1 + (t1[n, e])**2)) + (t3[n, e]))
+""",
     "nested_fold_attempts": """\
 from gradtool.lang import *
 

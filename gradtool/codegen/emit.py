@@ -153,15 +153,20 @@ class Module:
             rhs = present(self._logs_of_ratios(rhs, shifts))
             if a.target in self.lse and self._lse_exponent(a) is not None:
                 # Z = Σ_k c·exp(f) as exp(M)·Σ_k c·exp(f − M)
+                # f and c may read other shifted tensors: each such read is exp(M')·(its
+                # kernel variable), as everywhere else (docs/fuzzing.md, finding 19)
                 peak, f = self.lse[a.target], self._lse_exponent(a)
-                body.append(f"{peak} = {printer.assign(MaxOver(f, *a.over), tuple(a.lhs), shape)}")
+                shown = self._unshift(f)
+                body.append(f"{peak} = "
+                            f"{printer.assign(MaxOver(shown, *a.over), tuple(a.lhs), shape)}")
                 printer.names[peak] = peak
                 m = self._m_access(peak, a.lhs)
-                rhs = present(d.program.make_sum(a.body.xreplace({sp.exp(f): sp.exp(f - m)}),
-                                                 a.over))
+                c = self._unshift(a.body / sp.exp(f))
+                rhs = present(d.program.make_sum(c * sp.exp(shown - m), a.over))
             elif a.target in self.lse_exp:  # e = exp(f) as exp(f − M), M = max_k f
                 peak, pos = self.lse_exp[a.target]
-                f, rest = a.body.args[0], tuple(i for p, i in enumerate(a.lhs) if p != pos)
+                f = self._unshift(a.body.args[0])  # its reads of shifted tensors, unshifted
+                rest = tuple(i for p, i in enumerate(a.lhs) if p != pos)
                 shape_m = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code
                                 for i in rest)
                 body.append(f"{peak} = "
