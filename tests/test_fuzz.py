@@ -397,7 +397,8 @@ FAILURES = Path(tempfile.gettempdir()) / "gradtool-fuzz-failures"
 
 class ExampleExpired(BaseException):
     """Raised by the time limit's alarm. A BaseException, so that no ``except Exception`` on
-    the way (in gradtool, SymPy or torch) can swallow it and let the example run on: one did
+    the way (in gradtool, SymPy or torch) can swallow it and let the example run on, nor an
+    ``except OSError``, which the ``TimeoutError`` it used to be is: the kernel cache's did
     (docs/fuzzing.md, finding 18). ``_time_limit`` turns it into a ``TimeoutError``, an
     ordinary failure that hypothesis reports (and replays) like any other."""
 
@@ -797,7 +798,8 @@ def test_generated_specs_are_well_formed(source):
 def test_a_failing_example_keeps_its_spec(monkeypatch, failure):
     """A failure carries the spec's text and its saved copy, also when it is a time-out that
     would fail again (and differently) when hypothesis replays it. The time limit fires even
-    inside code that catches every Exception (finding 18: the engine had such blocks)."""
+    inside code that catches every Exception (finding 18: the kernel cache caught OSError,
+    which a TimeoutError is, and generated the kernel again)."""
     import time
 
     source = 'spec = Spec("kept", "a failing example")\n'
