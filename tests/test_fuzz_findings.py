@@ -238,6 +238,15 @@ t2 = spec.let("t2", [n, e], (Sum((t0[n, j]) + (t1[n, j]), j) / E) / (1 + (t1[n, 
 t3 = spec.output("t3", [n, e], tanh(t2[n, e]))
 spec.output("Y", [n, e], (log(1 + (t1[n, e])**2)) + (t3[n, e]))
 """,
+    "inverse_left_in_a_local_form": """\
+from gradtool.lang import *
+
+spec = Spec("chain", "a composed element-wise chain")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+X = spec.input("X", N, D)
+spec.output("Y", [n, d], tanh(sigmoid(log(1 + exp(X[n, d])))))
+""",
     "nested_fold_attempts": """\
 from gradtool.lang import *
 
