@@ -247,6 +247,28 @@ n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)
 spec.output("Y", [n, d], tanh(sigmoid(log(1 + exp(X[n, d])))))
 """,
+    "max_of_exponentials_centred": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz_window", "a random strided window")
+N, T, K, S, G, Cg = spec.dims("N T K S G Cg")
+n, t, k, g, c = spec.indices(n=N, t=T, k=K, g=G, c=Cg)
+X = spec.input("X", N, G * Cg, (T - 1) * S + K)
+t2 = spec.indices(t2=T)
+u = spec.let("u", [n, g, c, t], Max(exp(tanh(X[n, g * Cg + c, t * S + K - 1 - k])), k))
+spec.output("Y", [n, g, c, t], u[n, g, c, t] - Sum(u[n, g, c, t2], t2) / T)
+""",
+    "sum_of_exponentials_centred": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz_window", "a random strided window")
+N, T, K, S = spec.dims("N T K S")
+n, t, k = spec.indices(n=N, t=T, k=K)
+X = spec.input("X", N, (T - 1) * S + K)
+t2 = spec.indices(t2=T)
+u = spec.let("u", [n, t], Sum(exp(tanh(X[n, t * S + k])), k))
+spec.output("Y", [n, t], u[n, t] - Sum(u[n, t2], t2) / T)
+""",
     "nested_fold_attempts": """\
 from gradtool.lang import *
 
