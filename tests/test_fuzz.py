@@ -785,7 +785,7 @@ def test_affine_reads_pass_every_check(source):
 
 # -- the strategy itself ----------------------------------------------------------------------
 
-@settings(FUZZ, max_examples=50)
+@settings(FUZZ, max_examples=int(_ENV) if _ENV else 50)
 @given(source=spec_sources())
 def test_generated_specs_are_well_formed(source):
     """Every generated file loads and validates (a strategy bug would show up here first)."""
@@ -821,7 +821,7 @@ def test_a_failing_example_keeps_its_spec(monkeypatch, failure):
     assert saved.read_text() == source
 
 
-@settings(FUZZ, max_examples=30)
+@settings(FUZZ, max_examples=int(_ENV) if _ENV else 30)
 @given(source=spec_sources(outputs=2))
 def test_generated_two_output_specs_are_well_formed(source):
     """Two outputs; where the first is a ``let`` turned output, the second reads it."""
@@ -835,7 +835,7 @@ def test_generated_two_output_specs_are_well_formed(source):
         assert first.target in read
 
 
-@settings(FUZZ, max_examples=30)
+@settings(FUZZ, max_examples=int(_ENV) if _ENV else 30)
 @given(source=chain_sources())
 def test_generated_chains_are_well_formed(source):
     with tempfile.TemporaryDirectory() as folder:
@@ -843,7 +843,7 @@ def test_generated_chains_are_well_formed(source):
     assert [t.name for t in spec.grad_inputs] == ["X"]
 
 
-@settings(FUZZ, max_examples=30)
+@settings(FUZZ, max_examples=int(_ENV) if _ENV else 30)
 @given(source=affine_sources())
 def test_generated_affine_specs_are_well_formed(source):
     """Every strided / split spec loads: its reads pass the range check."""
