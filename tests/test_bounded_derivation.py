@@ -159,6 +159,7 @@ def test_over_budget_the_plain_form_is_still_right(monkeypatch, name):
 
     for module, attr, value in [(simplify, "EXPAND_BUDGET", 1), (simplify, "INLINE_BUDGET", 0),
                                 (simplify, "CANCEL_BUDGET", 0), (simplify, "ORDER_BUDGET", 1),
+                                (simplify, "FOLD_BUDGET", 0),
                                 (reverse, "LOCAL_BUDGET", 0), (printing, "_FACTOR_OPS", 0)]:
         monkeypatch.setattr(module, attr, value)
     d = derive(load_spec(name))

@@ -138,7 +138,7 @@ def test_batchnorm_running_statistics_are_state_not_gradients(d):
     ("tanh", "(1 - Y[n,d]^2)·G[n,d]"),
     ("relu", "[X[n,d] > 0]·G[n,d]"),
     ("div", None),
-    ("mse", "2·(-T[n,d] + X[n,d])/(D·N)"),
+    ("mse", "2·(X[n,d] - T[n,d])/(D·N)"),
     ("cross_entropy", "-T[n,c]/(N·X[n,c])"),
 ])
 def test_elementwise_forms(d, name, expected):
@@ -146,6 +146,17 @@ def test_elementwise_forms(d, name, expected):
     shown = text(present(der.closed["X"]))
     if expected is not None:
         assert shown == expected
+
+
+def test_a_sum_prints_a_positive_term_first():
+    """A textbook writes X − T, not −T + X; a sum of negative terms keeps its order."""
+    from gradtool.symbolic.printing import latex
+
+    x, y, z = sp.symbols("x y z")
+    assert text(-x + y) == "y - x" and latex(-x + y) == "y - x"
+    assert text(-x - y) == "-x - y"
+    assert text(-x + y - z) == "y - x - z"
+    assert text(z * (-sp.Sum(x, (x, 0, 2)) + y)) == "z·(y - Σ_x(x))"
 
 
 def test_division_has_the_square(d):
@@ -324,7 +335,7 @@ def test_attention_prints_through_the_scores_adjoint(tmp_path):
     shown = {g["wrt"]: (g["expression"], g["matrix"])
              for g in report["intermediates"] + report["gradients"]}
     assert shown == {
-        "S": ("(-Σ_j(G[t,j]·O[t,j]) + Σ_j(G[t,j]·V[s,j]))·A[t,s]",
+        "S": ("(Σ_j(G[t,j]·V[s,j]) - Σ_j(G[t,j]·O[t,j]))·A[t,s]",
               "(G Vᵀ − (Σ_j(G ⊙ O))) ⊙ A"),
         "Q": ("Σ_s(K[s,k]·dS[t,s])/sqrt(Dk)", "(dS K)/√Dk"),
         "K": ("Σ_t(Q[t,k]·dS[t,s])/sqrt(Dk)", "(dSᵀ Q)/√Dk"),

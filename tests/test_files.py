@@ -106,6 +106,24 @@ def test_unusable_cache_folder_falls_back_with_a_warning(tmp_path, where, monkey
     assert err.count("\n") == 1 and "GRADTOOL_CACHE" in err and str(folder) in err
 
 
+@pytest.mark.parametrize("error", [OSError("generator failed"), TimeoutError("time limit")])
+def test_an_error_while_generating_is_not_taken_for_an_unusable_cache(error, monkeypatch,
+                                                                       capsys):
+    """Only the file operations fall back to a private folder: an OSError raised while the
+    kernel is generated (TimeoutError is one) propagates, and the kernel is generated once
+    (finding 18: a time limit's TimeoutError was swallowed here and derivation started over)."""
+    calls = []
+
+    def failing(spec, target):
+        calls.append(target)
+        raise error
+
+    monkeypatch.setattr(cache, "generate", failing)
+    with pytest.raises(type(error)):
+        cache.compile_spec("relu", "numpy")
+    assert calls == ["numpy"] and "GRADTOOL_CACHE" not in capsys.readouterr().err
+
+
 def _spec_file(tmp_path, header: str, extra: str = "") -> Path:
     path = tmp_path / "bad.py"
     path.write_text(textwrap.dedent(f"""\

@@ -198,6 +198,92 @@ n = spec.indices(n=N)
 A = spec.input("A", N)
 spec.output("L", [], Sum(exp(A[n]) / exp(A[n]), n))
 """,
+    "shifted_exponential_inside_an_exponent": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz", "a random spec")
+N = spec.dims("N")
+n, i = spec.indices(n=N, i=N)
+A = spec.input("A", N, domain="positive")
+W = spec.param("W", N, init="normal")
+t0 = spec.let("t0", [n], exp(tanh(A[n])))
+t1 = spec.let("t1", [n], exp(tanh(t0[n])))
+t2 = spec.let("t2", [n], ((t0[n]) + (Sum((t0[i]) / (1 + (W[i])**2), i) / N)) + (t1[n]))
+t3 = spec.let("t3", [n], (Sum((W[i])*(A[i]), i))*(t2[n]))
+spec.output("Y", [n], (Sum((t2[i])*(t1[i]), i)) + (t3[n]))
+""",
+    "log_sum_exp_over_a_shifted_sum": """\
+from gradtool.lang import *
+
+spec = Spec("lse_of_lse", "a log-sum-exp whose exponent reads another sum of exponentials")
+N, D = spec.dims("N D")
+n, d, k = spec.indices(n=N, d=D, k=D)
+A = spec.input("A", N, D)
+Z1 = spec.let("Z1", [n], Sum(exp(A[n, k]), k))
+Z2 = spec.let("Z2", [n], Sum(exp(A[n, k] / Z1[n]), k))
+spec.output("Y", [n, d], A[n, d] + log(Z2[n]))
+""",
+    "named_number_in_addcmul": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz", "a random spec")
+N, E = spec.dims("N E")
+n, e, i, j = spec.indices(n=N, e=E, i=N, j=E)
+A = spec.input("A", E, N)
+W = spec.param("W", E, N, init="uniform")
+alpha = spec.hyper("alpha", 0.7)
+t0 = spec.let("t0", [n, e], exp((W[e, n]) / 4))
+t1 = spec.let("t1", [n, e], tanh(t0[n, e]))
+t2 = spec.let("t2", [n, e], (Sum((t0[n, j]) + (t1[n, j]), j) / E) / (1 + (t1[n, e])**2))
+t3 = spec.output("t3", [n, e], tanh(t2[n, e]))
+spec.output("Y", [n, e], (log(1 + (t1[n, e])**2)) + (t3[n, e]))
+""",
+    "inverse_left_in_a_local_form": """\
+from gradtool.lang import *
+
+spec = Spec("chain", "a composed element-wise chain")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+X = spec.input("X", N, D)
+spec.output("Y", [n, d], tanh(sigmoid(log(1 + exp(X[n, d])))))
+""",
+    "max_of_exponentials_centred": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz_window", "a random strided window")
+N, T, K, S, G, Cg = spec.dims("N T K S G Cg")
+n, t, k, g, c = spec.indices(n=N, t=T, k=K, g=G, c=Cg)
+X = spec.input("X", N, G * Cg, (T - 1) * S + K)
+t2 = spec.indices(t2=T)
+u = spec.let("u", [n, g, c, t], Max(exp(tanh(X[n, g * Cg + c, t * S + K - 1 - k])), k))
+spec.output("Y", [n, g, c, t], u[n, g, c, t] - Sum(u[n, g, c, t2], t2) / T)
+""",
+    "sum_of_exponentials_centred": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz_window", "a random strided window")
+N, T, K, S = spec.dims("N T K S")
+n, t, k = spec.indices(n=N, t=T, k=K)
+X = spec.input("X", N, (T - 1) * S + K)
+t2 = spec.indices(t2=T)
+u = spec.let("u", [n, t], Sum(exp(tanh(X[n, t * S + k])), k))
+spec.output("Y", [n, t], u[n, t] - Sum(u[n, t2], t2) / T)
+""",
+    "nested_fold_attempts": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz", "a random spec")
+N, D, E = spec.dims("N D E")
+n, d, e, i, k, j = spec.indices(n=N, d=D, e=E, i=N, k=D, j=E)
+A = spec.input("A", N)
+W2 = spec.param("W2", D, E)
+alpha = spec.hyper("alpha", 0.7)
+t0 = spec.let("t0", [], Sum(A[i], i))
+t1 = spec.let("t1", [n, d, e], ((W2[d, e])*(A[n])) / (1 + (t0)**2))
+t2 = spec.let("t2", [n, d, e], (tanh(t0)) + (t1[n, d, e]))
+t3 = spec.let("t3", [n, d, e], exp(tanh(t2[n, d, e])))
+spec.output("Y", [n, d, e], (Sum((t2[n, k, e])*(W2[k, e]), k) / D)*(t3[n, d, e]))
+""",
 }
 
 
@@ -265,4 +351,64 @@ def test_saturated_tanh_keeps_its_precision(tmp_path):
     path.write_text(SATURATED_TANH)
     d = derive(load_spec(path))
     for seed in range(60):
+        assert_matches_autograd(d, seed=seed)
+
+
+def _count_fold_attempts(monkeypatch) -> list[int]:
+    """Record the inlining attempts of each top-level simplification (``FOLD_BUDGET``)."""
+    from gradtool.symbolic.simplify import Simplifier
+
+    peaks = []
+    call = Simplifier.__call__
+
+    def counted(self, expr, depth=0):
+        top = not self._top
+        out = call(self, expr, depth)
+        if top:
+            peaks.append(self._attempts)
+        return out
+
+    monkeypatch.setattr(Simplifier, "__call__", counted)
+    return peaks
+
+
+def test_nested_folds_are_not_attempted_where_none_can_succeed(tmp_path, monkeypatch):
+    """Finding 18: the adjoint of t0 = Σ_i A[i] gathers sums over n, d, e and k, and each was
+    inlined and simplified again, nested three deep, in every order of its limits (minutes).
+    A sum whose terms cannot match any definition (each read of one, with the summed index
+    in place, and no other read of that index such as the upstream gradient) is no longer
+    inlined, so this spec makes no nested simplification at all; its gradient is unchanged."""
+    from gradtool.symbolic.simplify import Simplifier
+
+    nested = []
+    call = Simplifier.__call__
+
+    def counted(self, expr, depth=0):
+        if depth:  # only an inlining attempt simplifies at depth > 0
+            nested.append(expr)
+        return call(self, expr, depth)
+
+    monkeypatch.setattr(Simplifier, "__call__", counted)
+    path = tmp_path / "nested.py"
+    path.write_text(FOUND["nested_fold_attempts"])
+    d = derive(load_spec(path))
+    assert nested == []
+    for seed in range(2):
+        assert_matches_autograd(d, seed=seed)
+
+
+def test_fold_budget_bounds_the_nested_attempts(tmp_path, monkeypatch):
+    """Where every fold looks possible (the test pretends so), the budget per top-level
+    simplification stops the nesting: no call makes more than ``FOLD_BUDGET`` attempts, and
+    the sums it did not try stay sums, so the gradient is still autograd's."""
+    import gradtool.symbolic.simplify as simplify
+
+    monkeypatch.setattr(simplify, "FOLD_BUDGET", 4)
+    monkeypatch.setattr(simplify.Simplifier, "_could_fold", lambda self, expr, var, stages: True)
+    peaks = _count_fold_attempts(monkeypatch)
+    path = tmp_path / "nested.py"
+    path.write_text(FOUND["nested_fold_attempts"])
+    d = derive(load_spec(path))
+    assert max(peaks) == 4, peaks  # the budget was reached, and never passed
+    for seed in range(2):
         assert_matches_autograd(d, seed=seed)

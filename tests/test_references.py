@@ -81,3 +81,43 @@ def test_reference_matches_spec_forward(specs, name, case):
                            f"update by {err:.2e} at {shown}")
         assert rel_err(passed[state].numpy(), inputs[state]) > 0, \
             f"{name}: the reference did not update {state} in place"
+
+
+REFUSING = """\
+from gradtool.lang import *
+
+spec = Spec("twice", "Y = 2·X, its reference {what}")
+N = spec.dims("N")
+n = spec.indices(n=N)
+X = spec.input("X", N)
+spec.output("Y", [n], 2 * X[n])
+
+
+@spec.torch_reference
+def reference(X):
+    {body}
+"""
+
+
+@pytest.mark.parametrize("what, body", [
+    ("refusing its sizes", "raise ValueError('Expected more than 1 value per channel')"),
+    ("with a bug", "return 2 * X.sum(dim=3)"),
+])
+def test_only_a_reference_that_refuses_its_sizes_is_skipped(tmp_path, what, body):
+    """A reference that raises ValueError (``F.batch_norm`` on a batch of one) gives a
+    skipped row; any other exception is a fault that a skipped (passing) row would hide, so
+    the check stops with it, at the reference's line."""
+    from gradtool.check.runner import CheckOptions, check_spec
+    from gradtool.errors import SpecError
+
+    path = tmp_path / "twice.py"
+    path.write_text(REFUSING.format(what=what, body=body))
+    options = CheckOptions(cases=1, oracles=("reference",))
+    if what == "refusing its sizes":
+        (row,) = [r for r in check_spec(load_spec(path), options) if r.oracle == "reference"]
+        assert row.passed and row.note.startswith("skipped: the reference raised ValueError")
+        return
+    with pytest.raises(SpecError) as info:
+        check_spec(load_spec(path), options)
+    assert info.value.file == str(path) and info.value.line == 12
+    assert "the reference raised IndexError" in info.value.message

@@ -710,6 +710,17 @@ def _autograd_rows(spec, dims, inputs, upstream, shape, grads, options, formula,
     return rows
 
 
+def _reference_error(spec, exc: Exception, shape) -> GradtoolError:
+    """The error for a reference that failed at ``shape`` other than by refusing its sizes
+    (a ``ValueError``): a skipped row would hide the fault, so the check stops here."""
+    from gradtool.usercode import line_in
+
+    return spec.error(f"the reference raised {type(exc).__name__}: {exc} (at {shape})",
+                      line_in(exc.__traceback__, str(spec.file)) if spec.file else None,
+                      "fix the reference function; it must accept every size the spec "
+                      "allows (raise ValueError for sizes the op itself refuses)")
+
+
 def _reference_rows(spec, dims, inputs, upstream, shape, outs, grads, state, options, formula,
                     **_):
     import torch
@@ -720,9 +731,11 @@ def _reference_rows(spec, dims, inputs, upstream, shape, outs, grads, state, opt
         ref_out = call_reference(spec, leaves, dims)
     except GradtoolError:
         raise
-    except Exception as exc:  # noqa: BLE001 - e.g. F.batch_norm refuses a batch of one
+    except ValueError as exc:  # the op refuses these sizes: F.batch_norm a batch of one
         return [Row(spec.name, "all", "reference", shape, 0.0, 0.0, None, None, None, 0.0,
                     True, f"skipped: the reference raised {type(exc).__name__}: {exc}")]
+    except Exception as exc:  # a fault in the reference (or in what gradtool passed it)
+        raise _reference_error(spec, exc, shape) from exc
     names = [s.target for s in spec.statements if s.kind == "output"]
     rows = []
     loss = 0

@@ -599,9 +599,11 @@ class ArrayPrinter:
     def _is_array(self, f) -> bool:
         """A tensor value (not a Python number): reads a tensor or a tensor-valued term, a
         named 0-d one (``sum_B_G = (B * G).sum(0)``) included, or scatters (Σ_t,k δ(h, S·t + k)
-        counts windows: an array over h); inlined scalars such as ``1 / D`` are numbers."""
+        counts windows: an array over h); inlined scalars such as ``1 / D`` are numbers, and
+        so is a named term whose value is one (``t = 2 * (1 / E)``: finding 20)."""
         return any(isinstance(n, (sp.Indexed, sp.KroneckerDelta))
-                   or (n in self.temps and (self.temps[n].axes or n not in self.scalars))
+                   or (n in self.temps and (self.temps[n].axes or (
+                       n not in self.scalars and n not in self.definitions)))
                    or (isinstance(n, sp.Symbol) and n.name in self.scalar_tensors)
                    or (n in self.definitions and self._is_array(self.definitions[n]))
                    or (n in self.scalars and self._is_array(self.scalars[n]))

@@ -98,10 +98,14 @@ def _kernel_file(filename: str, source) -> Path:
     if _intact(path):
         return path
     damaged = path.exists() or path.is_symlink()
+    # generated before the try: only the file operations may fall back to the private folder
+    # (an OSError out of code generation, or the fuzz time limit's old TimeoutError, an OSError
+    # too, was taken for an unusable cache and the kernel generated a second time)
+    text = _with_checksum(source())
     try:
         if damaged and not path.is_file():
             raise OSError(f"{path} is not a regular file")
-        write_atomic(path, _with_checksum(source()))
+        write_atomic(path, text)
         if damaged:
             _warn(f"the cached kernel {path} was damaged; regenerated it")
         return path
@@ -113,7 +117,7 @@ def _kernel_file(filename: str, source) -> Path:
         _warn(f"cannot use the kernel cache {folder} ({reason}); using {private} "
               "for this run (set GRADTOOL_CACHE to a writable folder)")
         path = private / filename
-        write_atomic(path, _with_checksum(source()))
+        write_atomic(path, text)
         return path
 
 

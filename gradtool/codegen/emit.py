@@ -184,17 +184,21 @@ class Module:
             rhs = present(self._logs_of_ratios(rhs, shifts))
             if a.target in self.lse and self._lse_exponent(a) is not None:
                 # Z = Σ_k c·exp(f) as exp(M)·Σ_k c·exp(f − M)
+                # f and c may read other shifted tensors: each such read is exp(M')·(its
+                # kernel variable), as everywhere else (docs/fuzzing.md, finding 19)
                 peak, f = self.lse[a.target], self._lse_exponent(a)
-                code = printer.assign(MaxOver(f, *a.over), tuple(a.lhs), shape)
+                shown = self._unshift(f)
+                code = printer.assign(MaxOver(shown, *a.over), tuple(a.lhs), shape)
                 body += _setup_lines(printer)
                 body.append(f"{peak} = {code}")
                 printer.names[peak] = peak
                 m = self._m_access(peak, a.lhs)
-                rhs = present(d.program.make_sum(a.body.xreplace({sp.exp(f): sp.exp(f - m)}),
-                                                 a.over))
+                c = self._unshift(a.body / sp.exp(f))
+                rhs = present(d.program.make_sum(c * sp.exp(shown - m), a.over))
             elif a.target in self.lse_exp:  # e = exp(f) as exp(f − M), M = max_k f
                 peak, pos = self.lse_exp[a.target]
-                f, rest = a.body.args[0], tuple(i for p, i in enumerate(a.lhs) if p != pos)
+                f = self._unshift(a.body.args[0])  # its reads of shifted tensors, unshifted
+                rest = tuple(i for p, i in enumerate(a.lhs) if p != pos)
                 shape_m = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code
                                 for i in rest)
                 code = printer.assign(MaxOver(f, a.lhs[pos]), rest, shape_m)
@@ -331,8 +335,11 @@ class Module:
         read as exp(M)·(what was computed)."""
         if len(a.over) != 1:
             return None
+        # e element-wise: the body of a sum Σ_k exp(f) is an exponential too, but the sum is
+        # shifted by its own maximum (docs/fuzzing.md, finding 23)
         reads = [x for x in sp.Mul.make_args(a.body) if isinstance(x, sp.Indexed)
                  and getattr(by_target.get(access_name(x)), "kind", None) == "let"
+                 and by_target[access_name(x)].reduce is None
                  and isinstance(by_target[access_name(x)].body, sp.exp)]
         if len(reads) != 1 or access_name(reads[0]) in self.stable_exponentials():
             return None

@@ -222,7 +222,17 @@ def _weight(e) -> tuple[int, int]:
 
 # -- plain text (index notation) ---------------------------------------------------------------
 
-class IndexPrinter(StrPrinter):
+class _PositiveFirst:
+    """A sum prints a positive term first, as a textbook writes it: ``X − T``, not
+    ``−T + X``; ``A·(G·V − Σ_j G·O)``. The other terms keep SymPy's order."""
+
+    def _as_ordered_terms(self, expr, order=None):
+        terms = list(super()._as_ordered_terms(expr, order=order))
+        first = next((k for k, t in enumerate(terms) if not t.could_extract_minus_sign()), 0)
+        return [terms[first]] + terms[:first] + terms[first + 1:]
+
+
+class IndexPrinter(_PositiveFirst, StrPrinter):
     """``Σ_d'(G[n,d']·γ[d'])``, ``δ(c,j)``, ``[X[n,d] > 0]``; names like gamma print as γ."""
 
     printmethod = "_gradtool_str"  # SymPy's own Indexed._sympystr would win otherwise
@@ -312,7 +322,7 @@ def latex_access(name: str, indices) -> str:
     return f"{base}_{{{idx}}}"
 
 
-class IndexLatexPrinter(LatexPrinter):
+class IndexLatexPrinter(_PositiveFirst, LatexPrinter):
     def _print_Symbol(self, expr, style="plain"):
         if expr.is_integer and not expr.is_positive:  # an index: d' stays d'
             return expr.name

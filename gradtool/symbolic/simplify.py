@@ -141,6 +141,13 @@ CANCEL_BUDGET = 40
 
 # A sum over more indices than this is taken in its written order only (k! orders).
 ORDER_BUDGET = 3
+# Inlining attempts (a fold that inlines element-wise intermediates and simplifies again, or
+# a sum interchange) per top-level simplification. Each attempt may nest further attempts
+# and try every order of a sum's limits, so their number, not only their size, must be
+# bounded: one adjoint once made thousands of nested attempts and ran for minutes
+# (docs/fuzzing.md, finding 18). The built-in specs make at most 18 (group norm), and an
+# inlining attempt must first pass ``Simplifier._could_fold``.
+FOLD_BUDGET = 60
 
 
 def _orders(limits):
@@ -186,6 +193,11 @@ class Simplifier:
         self.elementwise = {a.target: a for a in program.assigns
                             if a.reduce is None and a.kind in ("let", "lifted", "output")
                             and not self.spec.tensors[a.target].onehot_of}
+        # Σ_var body is folded the same way wherever it appears (each order of a sum's limits
+        # and each nested attempt meets the same terms again): remember each result
+        self._folded: dict[tuple, sp.Expr] = {}
+        self._attempts = 0  # inlining attempts in the current top-level call
+        self._top = False
 
     # -- what is known ------------------------------------------------------------------------
     def _definitions(self) -> list[Definition]:
@@ -206,9 +218,28 @@ class Simplifier:
 
     # -- the main pass ---------------------------------------------------------------------
     def __call__(self, expr: sp.Expr, depth: int = 0) -> sp.Expr:
+        """``expr`` with its sums folded (see the module docstring); at most ``FOLD_BUDGET``
+        inlining attempts per top-level call, past which a sum that would need one stays a
+        sum (still right, only less simplified)."""
+        if self._top:
+            return self._simplify(expr, depth)
+        self._top, self._attempts = True, 0
+        try:
+            return self._simplify(expr, depth)
+        finally:
+            self._top = False
+
+    def _simplify(self, expr, depth):
         expr = expand(expr)
         expr = self._sums(expr, depth)
         return expand(expr)
+
+    def _attempt(self) -> bool:
+        """Count one inlining attempt; False once the budget of this call is spent."""
+        if self._attempts >= FOLD_BUDGET:
+            return False
+        self._attempts += 1
+        return True
 
     def _sums(self, expr, depth):
         if isinstance(expr, sp.Sum):
@@ -271,6 +302,8 @@ class Simplifier:
         others = [f for f in dep if f is not inside]
         if any(f.free_symbols & bound for f in others):
             return None
+        if not self._attempt():
+            return None
         out = self.sum_over(expand(sp.Mul(*others) * inside.function), var, count, depth + 1)
         for j, lo, hi in inside.limits:
             out = self.sum_over(out, j, hi - lo + 1, depth + 1)
@@ -278,6 +311,21 @@ class Simplifier:
 
     # -- folding a sum into what it already names ---------------------------------------------
     def fold(self, body, var, count, depth) -> sp.Expr:
+        """Σ_var body (``count`` terms) as what a definition names, else as a form with
+        fewer sums once element-wise intermediates are inlined, else the plain sum.
+
+        Results are remembered by (body, var, count, depth), except those that the
+        attempt budget cut short: with budget left later, the same sum may fold further."""
+        key = (body, var, count, depth)
+        if key in self._folded:
+            return self._folded[key]
+        spent = self._attempts >= FOLD_BUDGET
+        out = self._fold(body, var, count, depth)
+        if not spent and self._attempts < FOLD_BUDGET:
+            self._folded[key] = out
+        return out
+
+    def _fold(self, body, var, count, depth) -> sp.Expr:
         hi = count - 1
         if isinstance(body, sp.Sum) and self.multi:
             found = self._fold_nested(body, var, count, depth)
@@ -291,7 +339,8 @@ class Simplifier:
         if depth < 3 and any(access_name(a) in self.elementwise
                              for a in accesses(body, self.spec)):
             raw = self.inline_elementwise(body)
-            if not self._could_fold(raw) or sp.count_ops(raw) > INLINE_BUDGET:
+            if not self._could_fold(raw, var, 2 - depth) or sp.count_ops(raw) > INLINE_BUDGET \
+                    or not self._attempt():
                 return summed  # inlining is only worth its (exponential) cost if a sum folds
             inlined = self(raw, depth + 1)
             candidate = self.sum_over(inlined, var, count, depth + 1)
@@ -299,22 +348,50 @@ class Simplifier:
                 return candidate
         return summed
 
-    def _could_fold(self, expr) -> bool:
-        """Does ``expr`` read a tensor some definition sums (X in mu = Σ X / D), directly or
-        through element-wise intermediates?"""
-        names = {access_name(a) for a in accesses(expr, self.spec)}
-        todo = list(names)
-        while todo:  # what inlining element-wise definitions can bring in
-            a = self.elementwise.get(todo.pop())
-            for node in accesses(a.body, self.spec) if a is not None else ():
-                if access_name(node) not in names:
-                    names.add(access_name(node))
-                    todo.append(access_name(node))
-        for d in self.defs:
-            mine = accesses(d.body, self.spec)
-            if mine and access_name(mine[0]) in names:
+    def _could_fold(self, expr, var, stages: int) -> bool:
+        """Could Σ_var of a term of ``expr`` fold into a definition once element-wise
+        intermediates are inlined up to ``stages`` times (0: as it is)?
+
+        :meth:`_match` folds a term only if it reads everything the definition's body reads,
+        each read with ``var`` where the body has the summed index (mu = Σ_d X[n, d] / D:
+        X[n, var]), and nothing else that depends on ``var``; otherwise the ratio keeps it.
+        So Σ_d of X[d, n], of X[n] alone or of G[n, d]·X[n, d] never folds into mu, however
+        far it is inlined, and trying costs a nested simplification for each order of each
+        sum (docs/fuzzing.md, finding 18)."""
+        stage = set(accesses(expr, self.spec))
+        for k in range(stages + 1):
+            # and a read of var that no such definition reads (the upstream gradient G[n, d])
+            # stays in the ratio of every term that has it
+            fits = [d for d in self.defs if self._reads_all(d, stage, var)]
+            names = {access_name(r) for d in fits for r in accesses(d.body, self.spec)}
+            if fits and all(access_name(a) in names for a in stage
+                            if any(var in i.free_symbols for i in access_indices(a))):
                 return True
+            if k == stages:
+                break
+            inlined = set()
+            for node in stage:
+                a = self.elementwise.get(access_name(node))
+                if a is None:
+                    inlined.add(node)
+                else:
+                    inlined.update(accesses(rename(a.body, dict(zip(a.lhs, access_indices(node)))),
+                                            self.spec))
+            if inlined == stage:
+                break
+            stage = inlined
         return False
+
+    def _reads_all(self, d: Definition, found: set, var) -> bool:
+        """Does ``found`` (accesses) have each read of ``d``'s body, with ``var`` at the
+        positions of the summed index?"""
+        for read in accesses(d.body, self.spec):
+            slots = [p for p, i in enumerate(access_indices(read)) if d.over in i.free_symbols]
+            if not any(access_name(a) == access_name(read)
+                       and all(var in access_indices(a)[p].free_symbols for p in slots)
+                       for a in found):
+                return False
+        return True
 
     def _match(self, d: Definition, body, var):
         mine = accesses(d.body, self.spec)
@@ -365,7 +442,8 @@ class Simplifier:
                                  for a in accesses(inner, self.spec)):
             return None
         raw = self.inline_elementwise(inner)
-        if sp.count_ops(raw) > INLINE_BUDGET or not self._could_fold_many(raw):
+        if sp.count_ops(raw) > INLINE_BUDGET or not self._could_fold_many(raw) \
+                or not self._attempt():
             return None
         candidate = self(raw, depth + 1)
         for v, lo, hi in body.limits:
