@@ -1003,10 +1003,14 @@ INCREASING = (("{}", lambda x: x), ("2*{} + 1", lambda x: 2 * x + 1),
 
 @settings(FUZZ, max_examples=int(_ENV) if _ENV else 6)
 @given(fn=st.sampled_from(range(len(INCREASING))), two_axes=st.booleans(),
+       second=st.one_of(st.none(), st.sampled_from(range(len(INCREASING)))),
        seed=st.integers(0, 2 ** 16))
-def test_max_reductions_with_tied_inputs_route_to_the_first_maximum(fn, two_axes, seed):
+def test_max_reductions_with_tied_inputs_route_to_the_first_maximum(fn, two_axes, second,
+                                                                      seed):
     """Integer inputs from {0, 1, 2}: most windows tie. torch.max(dim) routes each row's
-    gradient to its first maximum (row-major over the window), as gradtool must."""
+    gradient to its first maximum (row-major over the window), as gradtool must. With
+    ``second``, the output adds a second max of the same input, so two masks of the same
+    element are added (as numbers: docs/fuzzing.md, finding 24)."""
     from gradtool.check.kernels import Kernels, to_numpy
     from gradtool.check.numeric import derived_gradients
 
@@ -1015,14 +1019,22 @@ def test_max_reductions_with_tied_inputs_route_to_the_first_maximum(fn, two_axes
              "n, k, j = spec.indices(n=N, k=D, j=E)", 'X = spec.input("X", N, D, E)']
     over = "k, j" if two_axes else "k"
     lhs = "[n]" if two_axes else "[n, j]"
-    lines.append(f'spec.output("Y", {lhs}, Max({tpl.format("X[n, k, j]")}, {over}))')
+    rhs = f'Max({tpl.format("X[n, k, j]")}, {over})'
+    if second is not None:
+        rhs += f' + Max({INCREASING[second][0].format("X[n, k, j]")}, {over})'
+    lines.append(f'spec.output("Y", {lhs}, {rhs})')
     source = HEAD + "\n".join(lines) + "\n"
     note(source)
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 3, (2, 3, 2)).astype(np.float64)
     xt = torch.tensor(x, requires_grad=True)
-    body = f(xt)
-    y = body.reshape(2, -1).max(1).values if two_axes else body.max(1).values
+
+    def reduce(body):
+        return body.reshape(2, -1).max(1).values if two_axes else body.max(1).values
+
+    y = reduce(f(xt))
+    if second is not None:
+        y = y + reduce(INCREASING[second][1](xt))
     up = rng.standard_normal(tuple(y.shape))
     y.backward(torch.tensor(up))
     with _time_limit(source), tempfile.TemporaryDirectory() as folder:

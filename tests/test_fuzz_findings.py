@@ -13,6 +13,28 @@ from gradtool.symbolic.reverse import derive
 from tests.helpers import assert_matches_autograd
 
 FOUND = {
+    "masks_summed": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz", "a random spec")
+N, D, E = spec.dims("np torch math")
+n, d, e, i, k, j = spec.indices(n=N, d=D, e=E, i=N, k=D, j=E)
+A = spec.input("G", N)
+W = spec.param("G_Y", N, init="normal")
+W2 = spec.param("s_Y", D, E)
+t0 = spec.let("m_Y", [], tanh(Max(A[i], i)))
+spec.output("Y", [], (Max(A[i], i)) + (t0))
+""",
+    "two_maxima_summed": """\
+from gradtool.lang import *
+
+spec = Spec("two_maxima", "two maxima of one tensor added: their masks add as numbers")
+N = spec.dims("N")
+n, i = spec.indices(n=N, i=N)
+A = spec.input("A", N)
+B = spec.input("B", N)
+spec.output("Y", [], Max(A[i], i) + Max(A[i] + B[i], i))
+""",
     "argmax_mask_rescaled": """\
 from gradtool.lang import *
 
@@ -412,3 +434,30 @@ def test_fold_budget_bounds_the_nested_attempts(tmp_path, monkeypatch):
     assert max(peaks) == 4, peaks  # the budget was reached, and never passed
     for seed in range(2):
         assert_matches_autograd(d, seed=seed)
+
+
+def test_numpy_class_reads_sizes_from_its_parameters(tmp_path):
+    """Finding 24's spec: the backward needs sizes (of s_Y's zero gradient) that only a
+    parameter carries; the NumPy class reads them from ``self.params``, and its gradient of G
+    is both maxima's masks added as numbers, against torch.autograd."""
+    import inspect
+
+    import torch
+
+    from gradtool.codegen.emit import generate
+
+    path = tmp_path / "masks_summed.py"
+    path.write_text(FOUND["masks_summed"])
+    namespace: dict = {}
+    exec(compile(generate(load_spec(str(path)), "numpy"), "generated", "exec"), namespace)
+    cls = next(v for v in namespace.values() if isinstance(v, type) and hasattr(v, "backward")
+               and hasattr(v, "forward"))
+    sizes = {p: 3 for p in inspect.signature(cls).parameters if p != "rng"}
+    layer = cls(**sizes, rng=np.random.default_rng(0))
+    g = np.array([0.3, 1.2, -0.5])
+    layer.forward(g)
+    got = layer.backward()
+    gt = torch.tensor(g, requires_grad=True)
+    (gt.max() + torch.tanh(gt.max())).backward()
+    np.testing.assert_allclose(got, gt.grad.numpy(), rtol=1e-12)
+    assert layer.grads["s_Y"].shape == (3, 3) and not layer.grads["s_Y"].any()

@@ -486,7 +486,31 @@ class ArrayPrinter:
 
     _print_Dummy = _print_Symbol
 
+    def _masks_as_numbers(self, e, always: bool = False):
+        """``e`` (a sum) with its boolean-mask terms replaced by names of their values as
+        numbers of the kernel's dtype, where a sum of them would not count: NumPy adds two
+        boolean arrays as a logical or and refuses to negate one, so [a = max a] + [b = max b]
+        would count one hit where there are two (docs/fuzzing.md, finding 24). Converted when
+        two or more terms are masks or one is negated; with ``always`` (torch, which adds no
+        boolean tensor to a float one in place), every mask term."""
+        masks = [t for t in e.args if self._bool_only(t) and self._is_array(t)]
+        if not masks or not (always or len(masks) > 1 or
+                             any(t.could_extract_minus_sign() for t in masks)):
+            return e
+        dtype_of = self.ref
+        names = {}
+        for t in masks:
+            arr = self.lower(t)
+            code = self.paren(arr.code, arr.prec, ATOM)
+            names[t] = sp.Dummy("mask")
+            self.temps[names[t]] = Arr(self.cast_like(code, dtype_of) if dtype_of is not None
+                                       else f"{code}.astype({self.FLOAT})", arr.axes, ATOM)
+        return e.xreplace(names)
+
     def _print_Add(self, e) -> Arr:
+        e = self._masks_as_numbers(e)
+        if not isinstance(e, sp.Add):
+            return self.lower(e)
         args = sorted(e.as_ordered_terms(), key=lambda t: t.could_extract_minus_sign())
         negative = [t.could_extract_minus_sign() for t in args]
         terms = [self.lower(-t if neg else t) for t, neg in zip(args, negative, strict=True)]

@@ -1187,13 +1187,17 @@ def _ctor_dims(m: Module) -> list[str]:
     return dims
 
 
-def _size_source(m: Module, dim: str) -> str:
+def _size_source(m: Module, dim: str, in_class: bool = False) -> str:
     """Where the layer's forward finds a size the backward needs: an input's shape, else the
-    size it was given."""
+    size it was given. ``in_class``: the NumPy class's ``forward``, where parameters and state
+    are ``self.params[...]`` / ``self.state[...]``, not names in scope."""
     sym = m.spec.dim_symbols[dim]
     for t in m.inputs:
         if sym in t.dims:
-            return f"{m.names[t.name]}.shape[{t.dims.index(sym)}]"
+            source = m.names[t.name]
+            if in_class and t.kind in ("param", "state"):
+                source = f'self.{"params" if t.kind == "param" else "state"}["{t.name}"]'
+            return f"{source}.shape[{t.dims.index(sym)}]"
     return m.names[dim]
 
 
@@ -1245,7 +1249,7 @@ def _numpy_class(m: Module) -> list[str]:
     if m.backward_dims:
         sizes = ", ".join(f'"{x}": ' + _size_source(m, x).replace(
             f"{names[x]}", f"self.{names[x]}") if x in m.forward_missing else
-            f'"{x}": {_size_source(m, x)}' for x in m.backward_dims)
+            f'"{x}": {_size_source(m, x, in_class=True)}' for x in m.backward_dims)
         lines.append(f"        self._sizes = {{{sizes}}}")
     if m.updates:
         for k, a in enumerate(m.updates):

@@ -364,16 +364,12 @@ class TorchPrinter(ArrayPrinter):
     def _print_Add(self, e) -> Arr:
         """``a + s·x`` as ``torch.addcmul(a, s, x)`` (``torch.add(a, x, alpha=s)`` for a
         number s): one pass over the data instead of two."""
-        masks = {t: t for t in e.args if self._bool_only(t) and self._is_array(t)}
-        if masks and self.ref is not None:
+        if self.ref is not None:
             # torch neither adds nor subtracts a boolean mask: [A = max A] − c takes the
             # mask as a float tensor first
-            for t in masks:
-                arr = self.lower(t)
-                masks[t] = sp.Dummy("mask")
-                self.temps[masks[t]] = Arr(f"{self.paren(arr.code, arr.prec, ATOM)}"
-                                           f".to({self.ref}.dtype)", arr.axes, ATOM)
-            e = e.xreplace(masks)
+            e = self._masks_as_numbers(e, always=True)
+            if not isinstance(e, sp.Add):
+                return self.lower(e)
         terms = list(e.as_ordered_terms())
         fused = self._addmm(terms) or self._conv_bias(terms)
         if fused is not None:
