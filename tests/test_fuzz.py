@@ -521,7 +521,7 @@ def test_function_skips_gradients_nobody_asked_for(source):
     with _time_limit(source), tempfile.TemporaryDirectory() as folder:
         spec = _load(folder, source)
         mod = compile_spec(spec, "torch")
-    fn = getattr(mod, class_name(spec.name) + "Function")
+    fn = getattr(mod, class_name(spec) + "Function")
     rng = np.random.default_rng(_seed(source, "need"))
     dims = sample_dims(spec, rng, low=1, high=MAX_SIZE)
     values = sample_inputs(spec, dims, rng)

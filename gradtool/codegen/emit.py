@@ -28,8 +28,13 @@ from gradtool.symbolic.reverse import Derivation, derive
 TARGETS = ("numpy", "torch")
 
 
-def class_name(spec_name: str) -> str:
-    return "".join(part.capitalize() for part in spec_name.split("_")) or "Layer"
+def class_name(spec: Spec | str) -> str:
+    """The generated layer class's name: the one the spec states (``class_name="LayerNorm"``),
+    else its name in CamelCase (``my_layer`` -> ``MyLayer``; a bare name string likewise)."""
+    if isinstance(spec, Spec) and spec.class_name:
+        return spec.class_name
+    name = spec.name if isinstance(spec, Spec) else spec
+    return "".join(part[:1].upper() + part[1:] for part in name.split("_")) or "Layer"
 
 
 def _target_attributes(target: str) -> set[str]:
@@ -59,7 +64,7 @@ class Module:
     def __init__(self, d: Derivation, target: str):
         self.d, self.spec, self.target = d, d.spec, target
         spec = d.spec
-        cname = class_name(spec.name)
+        cname = class_name(spec)
         reserved = {cname, cname + "Function"} | _target_attributes(target)
         self.seed_names = {out: d.upstream_names[out] for out in d.seeds}
         declared = list(spec.tensors) + list(spec.hypers) + list(spec.dim_symbols)
@@ -1040,13 +1045,11 @@ def generate(spec: Spec | str, target: str = "numpy") -> str:
     fwd = m.forward()
     bwd = m.backward()
     cls = _numpy_class(m) if target == "numpy" else _torch_classes(m)
-    imports = sorted(m.imports, key=lambda s: (not s.startswith("import"), s))
+    imports = set(m.imports)
     if target == "torch":
-        imports = sorted(set(imports) | {"import torch"},
-                         key=lambda s: (not s.startswith("import"), s))
+        imports.add("import torch")
     if target == "numpy" and any("np." in line for line in cls):
-        imports = sorted(set(imports) | {"import numpy as np"},
-                         key=lambda s: (not s.startswith("import"), s))
+        imports.add("import numpy as np")
     helpers = []
     if m.helpers:
         from importlib import import_module
@@ -1054,9 +1057,25 @@ def generate(spec: Spec | str, target: str = "numpy") -> str:
         sources = import_module(f"gradtool.codegen.{target}_target").HELPERS
         for h in sorted(m.helpers):
             helpers += sources[h].splitlines() + ["", ""]
-    out = _header(spec, d, target) + [""] + imports + ["", ""] + helpers + fwd + ["", ""] \
-        + bwd + ["", ""] + cls
+    out = _header(spec, d, target) + [""] + _import_block(imports) + ["", ""] + helpers + fwd \
+        + ["", ""] + bwd + ["", ""] + cls
     return "\n".join(out) + "\n"
+
+
+def _import_block(imports: set[str]) -> list[str]:
+    """The import lines as isort writes them: the standard library, a blank line, then
+    third-party modules; in each, ``import x`` before ``from x import y``, by module."""
+    import sys
+
+    def module(line: str) -> str:
+        return line.split()[1]
+
+    def group(lines) -> list[str]:
+        return sorted(lines, key=lambda line: (line.startswith("from"), module(line)))
+
+    std = [x for x in imports if module(x).split(".")[0] in sys.stdlib_module_names]
+    rest = [x for x in imports if x not in std]
+    return group(std) + ([""] if std and rest else []) + group(rest)
 
 
 def _saved_note(m: Module) -> str:
@@ -1083,12 +1102,12 @@ def _size_code(dim, names) -> str:
 
 def _init_code(t, target: str, names) -> str:
     sizes = [_size_code(x, names) for x in t.dims]
-    shape = ", ".join(sizes)
-    shp = f"({shape},)"
+    shp = f"({', '.join(sizes)}{',' if len(sizes) == 1 else ''})"
     fan_in = " * ".join(sizes[1:]) or (sizes[0] if t.dims else "1")
     fan_out = sizes[0] if t.dims else "1"
+    fan_in_div = fan_in if fan_in.isidentifier() or fan_in.isdigit() else f"({fan_in})"
     bound = {"uniform": f"1 / math.sqrt({fan_in})",
-             "kaiming_uniform": f"math.sqrt(6 / ({fan_in}))",
+             "kaiming_uniform": f"math.sqrt(6 / {fan_in_div})",
              "xavier_uniform": f"math.sqrt(6 / ({fan_in} + {fan_out}))"}.get(t.init)
     if target == "torch":
         base = {"zeros": f"torch.zeros({shp}, dtype=dtype)",
@@ -1101,14 +1120,15 @@ def _init_code(t, target: str, names) -> str:
 
 
 def _ctor_dims(m: Module) -> list[str]:
+    """The sizes the layer's constructor takes, in the order the spec declares them (linear's
+    ``N I O``: ``Linear(I, O)``, as ``Linear(784, 256)`` in course code; conv2d's
+    ``C, O, K, S, P`` as torch's ``Conv2d(in_channels, out_channels, kernel_size, stride,
+    padding)``): the parameters' and state's sizes and those the forward cannot read off
+    its inputs."""
     owned = [t for t in m.inputs if t.kind in ("param", "state")]
-    dims = [m.names[x] for x in m.forward_missing]
-    for t in owned:
-        for x in t.dims:
-            for sym in sorted(sp.sympify(x).free_symbols, key=str):
-                if m.names[str(sym)] not in dims:
-                    dims.append(m.names[str(sym)])
-    return dims
+    needed = {str(s) for t in owned for x in t.dims for s in sp.sympify(x).free_symbols}
+    needed |= set(m.forward_missing)
+    return [m.names[name] for name in m.spec.dim_symbols if name in needed]
 
 
 def _size_source(m: Module, dim: str) -> str:
@@ -1128,13 +1148,14 @@ def _unpack(grads: list[str]) -> str:
 
 def _numpy_class(m: Module) -> list[str]:
     spec, names = m.spec, m.names
-    cname = class_name(spec.name)
+    cname = class_name(spec)
     params = [t for t in m.inputs if t.kind == "param"]
     states = [t for t in m.inputs if t.kind == "state"]
     data = [t for t in m.inputs if t.kind == "input"]
     hypers = list(spec.hypers)
-    ctor = ["self", "*"] + _ctor_dims(m) + [f"{names[h]}={spec.hypers[h].default!r}"
-                                            for h in hypers] + ["rng=None"]
+    # sizes and hyper-parameters by position or by name; the generator only by name
+    ctor = ["self"] + _ctor_dims(m) + [f"{names[h]}={spec.hypers[h].default!r}"
+                                       for h in hypers] + ["*", "rng=None"]
     given = [names[x] for x in m.forward_missing]
     lines = [f"class {cname}:",
              f'    """{_doc(spec.description)} (NumPy, forward/backward in the style of course',
@@ -1150,7 +1171,9 @@ def _numpy_class(m: Module) -> list[str]:
         f'"{t.name}": {_init_code(t, "numpy", names)}' for t in params) + "}")
     lines.append("        self.state = {" + ", ".join(
         f'"{t.name}": {_init_code(t, "numpy", names)}' for t in states) + "}")
-    lines += ["        self.grads = {}", "        self._saved = None", ""]
+    lines.append("        self.grads = {" + ", ".join(
+        f'"{t.name}": np.zeros_like(self.params["{t.name}"])' for t in params) + "}")
+    lines += ["        self._saved = None", ""]
     args = [names[t.name] for t in data]
     call = []
     for t in m.inputs:
@@ -1207,7 +1230,7 @@ def _numpy_class(m: Module) -> list[str]:
 
 def _torch_classes(m: Module) -> list[str]:
     spec, names = m.spec, m.names
-    cname = class_name(spec.name)
+    cname = class_name(spec)
     hypers = list(spec.hypers)
     fwd_args = [names[t.name] for t in m.inputs] + [names[h] for h in hypers] \
         + [names[x] for x in m.forward_missing]
@@ -1238,8 +1261,9 @@ def _torch_classes(m: Module) -> list[str]:
     if all(k == "True" for k in keep):
         lines.append("        ctx.save_for_backward(*saved)")
     else:  # a tensor only an unrequested gradient reads is not kept alive
-        lines += ["        need = ctx.needs_input_grad",
-                  f"        keep = ({', '.join(keep)}{',' if len(keep) == 1 else ''})",
+        if any("need[" in k for k in keep):
+            lines.append("        need = ctx.needs_input_grad")
+        lines += [f"        keep = ({', '.join(keep)}{',' if len(keep) == 1 else ''})",
                   "        ctx.save_for_backward(*[t if k else None for t, k in zip(saved, keep)])"]
     for h in bwd_hyp:
         lines.append(f"        ctx.{names[h]} = {names[h]}")
@@ -1268,8 +1292,8 @@ def _torch_classes(m: Module) -> list[str]:
     params = [t for t in m.inputs if t.kind == "param"]
     states = [t for t in m.inputs if t.kind == "state"]
     data = [t for t in m.inputs if t.kind == "input"]
-    ctor = ["self", "*"] + _ctor_dims(m) + [f"{names[h]}={spec.hypers[h].default!r}"
-                                            for h in hypers] + ["dtype=torch.float32"]
+    ctor = ["self"] + _ctor_dims(m) + [f"{names[h]}={spec.hypers[h].default!r}"
+                                       for h in hypers] + ["*", "dtype=torch.float32"]
     if any(t.init in ("uniform", "kaiming_uniform", "xavier_uniform") for t in params + states):
         m.imports.add("import math")
     lines += [f"class {cname}(torch.nn.Module):",

@@ -31,6 +31,7 @@ class TorchPrinter(ArrayPrinter):
         "Sigmoid": "torch.sigmoid",
     }
     SUM = "{x}.sum({axes})"
+    MEAN_KEEP = "{x}.mean({axes}, keepdim=True)"
     MAX = "{x}.amax({axes})"
     ARANGE = "torch.arange({n}, device={ref}.device)"
     INDICATOR = "({cmp}).to({dtype})"
