@@ -839,9 +839,17 @@ def _used_sizes(body: list[str], count: int) -> list[str]:
     later = set().union(set(), *(_names_read(line) for line in body[count:]))
     kept = []
     for line in reversed(body[:count]):
-        if _names_read(line.split("=")[0]) & later:
+        names = [x.strip() for x in line.split("=")[0].split(",")]
+        used = [k for k, x in enumerate(names) if x in later]
+        if not used:
+            continue
+        value = line.split("=", 1)[1].strip()
+        if len(used) < len(names) and value.endswith(".shape"):
+            # N, D = X.shape with only D read: D = X.shape[1] (no unused N)
+            kept += [f"{names[k]} = {value}[{k}]" for k in reversed(used)]
+        else:
             kept.append(line)
-            later |= _names_read(line.split("=", 1)[1])
+        later |= _names_read(value)
     return kept[::-1] + body[count:]
 
 
@@ -1059,7 +1067,109 @@ def generate(spec: Spec | str, target: str = "numpy") -> str:
             helpers += sources[h].splitlines() + ["", ""]
     out = _header(spec, d, target) + [""] + _import_block(imports) + ["", ""] + helpers + fwd \
         + ["", ""] + bwd + ["", ""] + cls
-    return "\n".join(out) + "\n"
+    return "\n".join(_wrap_lines(out)) + "\n"
+
+
+LINE_LENGTH = 100  # PEP 8's limit for teams that agree on a longer line; the project's own
+
+
+def _wrap_lines(lines: list[str], width: int = LINE_LENGTH) -> list[str]:
+    """Every line within ``width`` characters: docstring text and comments wrapped at spaces,
+    statements broken inside their brackets (:func:`_wrap_statement`). Each generated
+    statement is one line, and a docstring opens and closes with ``\"\"\"``."""
+    import textwrap
+
+    out, in_doc = [], False
+    for line in lines:
+        quotes = line.count('"""')
+        is_text = in_doc or quotes > 0
+        if quotes % 2:
+            in_doc = not in_doc
+        stripped = line.lstrip()
+        indent = line[:len(line) - len(stripped)]
+        if len(line) <= width:
+            out.append(line)
+        elif is_text or stripped.startswith("#"):
+            lead = "# " if stripped.startswith("#") and not is_text else ""
+            body = stripped[len(lead):]
+            # a paragraph opening a docstring goes on at its indent, a formula inside one
+            # four spaces further
+            more = indent + lead + ("" if lead or stripped.startswith('"""') else "    ")
+            out += textwrap.wrap(body, width, initial_indent=indent + lead,
+                                 subsequent_indent=more, break_long_words=False,
+                                 break_on_hyphens=False)
+        else:
+            out += _wrap_statement(stripped, indent, width)
+    return out
+
+
+_OPERATORS = {"+", "-", "*", "/", "//", "@", "%", "**", "and", "or", "if", "else"}
+
+
+def _break_points(text: str) -> list[tuple[int, int, bool]]:
+    """(position, bracket depth, the break goes before the position's token) for each place
+    where a statement may continue on the next line: after an opening parenthesis or brace,
+    after a comma and before a binary operator, all inside parentheses or braces (never inside
+    a subscript: ``x[:, None]`` stays whole)."""
+    import io
+    import tokenize
+
+    points, stack, previous = [], [], None
+    lines = text.splitlines()
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line) + 1)
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER):
+            continue
+        start = offsets[tok.start[0] - 1] + tok.start[1]
+        end = offsets[tok.end[0] - 1] + tok.end[1]
+        inside = bool(stack) and "[" not in stack
+        if tok.string in _OPERATORS and inside and previous is not None and \
+                (previous.type in (tokenize.NAME, tokenize.NUMBER, tokenize.STRING)
+                 or previous.string in (")", "]", "}")):
+            points.append((start, len(stack), True))
+        if tok.string in "([{" and tok.type == tokenize.OP:
+            stack.append(tok.string)
+            if "[" not in stack:
+                points.append((end, len(stack), False))
+        elif tok.string in ")]}" and tok.type == tokenize.OP and stack:
+            stack.pop()
+        elif tok.string == "," and inside:
+            points.append((end, len(stack), False))
+        previous = tok
+    return points
+
+
+def _wrap_statement(text: str, indent: str, width: int) -> list[str]:
+    """One statement over several lines within ``width``, broken inside its brackets (a bare
+    right-hand side is put in parentheses first): each line ends at the farthest break point
+    of the least bracket depth that fits, the next indented four spaces per depth."""
+    points = _break_points(text)
+    if not [p for p in points if len(indent) + p[0] <= width]:
+        head, sep, rhs = text.partition(" = ") if " = " in text else text.partition("return ")
+        if sep and rhs and not rhs.startswith(("(", "[", "{")):
+            text = f"{head}{sep}({rhs})"
+            points = _break_points(text)
+    lines, start, lead = [], 0, indent
+    while len(lead) + len(text) - start > width:
+        fitting = [p for p in points if start < p[0] < len(text)
+                   and len(lead) + p[0] - start <= width
+                   and text[start:p[0]].strip()]
+        if not fitting:
+            later = [p for p in points if p[0] > start and text[start:p[0]].strip()]
+            if not later:
+                break
+            fitting = later[:1]
+        depth = min(p[1] for p in fitting)
+        pos, depth, _ = max(p for p in fitting if p[1] == depth)
+        lines.append(lead + text[start:pos].rstrip())
+        start = pos
+        while start < len(text) and text[start] == " ":
+            start += 1
+        lead = indent + "    " * depth
+    lines.append(lead + text[start:])
+    return lines
 
 
 def _import_block(imports: set[str]) -> list[str]:
@@ -1158,9 +1268,9 @@ def _numpy_class(m: Module) -> list[str]:
                                        for h in hypers] + ["*", "rng=None"]
     given = [names[x] for x in m.forward_missing]
     lines = [f"class {cname}:",
-             f'    """{_doc(spec.description)} (NumPy, forward/backward in the style of course',
-             "    assignments). Parameters live in ``params``, their gradients in ``grads``",
-             '    after ``backward``; state buffers in ``state``."""', "",
+             f'    """{_doc(spec.description)} (NumPy, forward/backward in the style of course '
+             "assignments). Parameters live in ``params``, their gradients in ``grads`` after "
+             '``backward``; state buffers in ``state``."""', "",
              f"    def __init__({', '.join(ctor)}):",
              "        rng = np.random.default_rng() if rng is None else rng"]
     if any(t.init in ("uniform", "kaiming_uniform", "xavier_uniform") for t in params + states):
