@@ -986,9 +986,9 @@ class ArrayPrinter:
         if split is not None and inner.axes:
             # every position of h is written once: the scatter-add is a reshape
             values = self.align(inner, lead + split)
-            sizes = ", ".join(self.lower(sp.sympify(self.ranges[w])).code for w in split)
+            sizes = self.sizes_code([self.ranges[w] for w in split])
             self.helpers.add(self.JOIN)
-            return Arr(f"{self.JOIN}({values}, ({sizes},), {len(lead)})", lead + (h,), ATOM)
+            return Arr(f"{self.JOIN}({values}, {sizes}, {len(lead)})", lead + (h,), ATOM)
         values = self.align(inner, lead + index.axes) if inner.axes else \
             self.scatter_scalar(inner.code, rest)
         if inner.axes and self._bool_only(rest) and self.ref is not None:

@@ -1103,55 +1103,66 @@ def _wrap_lines(lines: list[str], width: int = LINE_LENGTH) -> list[str]:
     return out
 
 
-_OPERATORS = {"+", "-", "*", "/", "//", "@", "%", "**", "and", "or", "if", "else"}
+# binary operators a line may break before, by how loosely they bind (a comma: 0)
+_OPERATORS = {"if": 1, "else": 1, "or": 1, "and": 1, "+": 2, "-": 2, "*": 3, "/": 3, "//": 3,
+              "@": 3, "%": 3, "**": 4}
 
 
-def _break_points(text: str) -> list[tuple[int, int, bool]]:
-    """(position, bracket depth, the break goes before the position's token) for each place
-    where a statement may continue on the next line: after an opening parenthesis or brace,
-    after a comma and before a binary operator, all inside parentheses or braces (never inside
-    a subscript: ``x[:, None]`` stays whole)."""
+def _break_points(text: str) -> list[tuple[int, int, int, int, bool]]:
+    """(position, bracket depth, how loosely the operator there binds, position of the
+    enclosing bracket, right after it) for each place where a statement may continue on the
+    next line: after an opening parenthesis or brace, after a comma and before a binary
+    operator, all inside parentheses or braces (never inside a subscript: ``x[:, None]``
+    stays whole). Depth 0 holds the operators outside every bracket, where no break is."""
     import io
     import tokenize
 
     points, stack, previous = [], [], None
-    lines = text.splitlines()
-    offsets = [0]
-    for line in lines:
-        offsets.append(offsets[-1] + len(line) + 1)
     for tok in tokenize.generate_tokens(io.StringIO(text).readline):
         if tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER):
             continue
-        start = offsets[tok.start[0] - 1] + tok.start[1]
-        end = offsets[tok.end[0] - 1] + tok.end[1]
-        inside = bool(stack) and "[" not in stack
+        start, end = tok.start[1], tok.end[1]  # one line: columns are positions
+        inside = all(b != "[" for b, _ in stack)
         if tok.string in _OPERATORS and inside and previous is not None and \
                 (previous.type in (tokenize.NAME, tokenize.NUMBER, tokenize.STRING)
                  or previous.string in (")", "]", "}")):
-            points.append((start, len(stack), True))
+            points.append((start, len(stack), _OPERATORS[tok.string],
+                           stack[-1][1] if stack else -1, False))
         if tok.string in "([{" and tok.type == tokenize.OP:
-            stack.append(tok.string)
-            if "[" not in stack:
-                points.append((end, len(stack), False))
+            stack.append((tok.string, start))
+            if all(b != "[" for b, _ in stack):
+                points.append((end, len(stack), 0, start, True))
         elif tok.string in ")]}" and tok.type == tokenize.OP and stack:
             stack.pop()
-        elif tok.string == "," and inside:
-            points.append((end, len(stack), False))
+        elif tok.string == "," and inside and stack:
+            points.append((end, len(stack), 0, stack[-1][1], False))
         previous = tok
     return points
 
 
 def _wrap_statement(text: str, indent: str, width: int) -> list[str]:
     """One statement over several lines within ``width``, broken inside its brackets (a bare
-    right-hand side is put in parentheses first): each line ends at the farthest break point
-    of the least bracket depth that fits, the next indented four spaces per depth."""
+    right-hand side is put in parentheses first), as PEP 8 writes continuation lines: each
+    line ends at the farthest break point of the least bracket depth that fits; the next one
+    starts under the first character inside the enclosing bracket, or, after a bracket that
+    ends a line (or one too far right), four spaces further in per depth."""
     points = _break_points(text)
-    if not [p for p in points if len(indent) + p[0] <= width]:
-        head, sep, rhs = text.partition(" = ") if " = " in text else text.partition("return ")
-        if sep and rhs and not rhs.startswith(("(", "[", "{")):
-            text = f"{head}{sep}({rhs})"
-            points = _break_points(text)
+    head, sep, rhs = text.partition(" = ") if " = " in text else text.partition("return ")
+    # a right-hand side that is a sum outside brackets, or with no place to break, in
+    # parentheses: its terms then break first
+    if sep and rhs and (any(p[1] == 0 and p[2] <= 2 for p in points) or not [
+            p for p in points if len(indent) + p[0] <= width]):
+        text = f"{head}{sep}({rhs})"
+        points = _break_points(text)
+    points = [p for p in points if p[1] > 0]
     lines, start, lead = [], 0, indent
+    starts = [(0, len(indent))]  # (position where an output line starts, its indent)
+    hanging: dict[int, int] = {}  # bracket that ended a line -> the indent of what follows
+
+    def column(pos: int) -> int:
+        line_start, lead_len = max(x for x in starts if x[0] <= pos)
+        return lead_len + pos - line_start
+
     while len(lead) + len(text) - start > width:
         fitting = [p for p in points if start < p[0] < len(text)
                    and len(lead) + p[0] - start <= width
@@ -1161,13 +1172,25 @@ def _wrap_statement(text: str, indent: str, width: int) -> list[str]:
             if not later:
                 break
             fitting = later[:1]
-        depth = min(p[1] for p in fitting)
-        pos, depth, _ = max(p for p in fitting if p[1] == depth)
+        # the farthest break of the least depth and loosest operator that leaves a line of
+        # at least 40% of the room or opens the outermost bracket (else the farthest of the
+        # best kind)
+        room = width - len(lead)
+        kinds = sorted({p[1:3] for p in fitting})
+        best = [max(p for p in fitting if p[1:3] == kind) for kind in kinds]
+        pos, depth, _, bracket, after_open = next(
+            (p for p in best if p[0] - start >= 0.4 * room or (p[4] and p[1] == 1)), best[0])
         lines.append(lead + text[start:pos].rstrip())
         start = pos
         while start < len(text) and text[start] == " ":
             start += 1
-        lead = indent + "    " * depth
+        visual = column(bracket) + 1
+        if after_open or width - visual < 50:
+            col = hanging.setdefault(bracket, len(indent) + 4 * depth)
+        else:
+            col = hanging.get(bracket, visual)
+        lead = " " * col
+        starts.append((start, col))
     lines.append(lead + text[start:])
     return lines
 
