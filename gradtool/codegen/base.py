@@ -786,9 +786,9 @@ class ArrayPrinter:
     # -- reductions -------------------------------------------------------------------------
     def _mean(self, e) -> Arr | None:
         """A sum divided by the number of terms it adds, ``c·Σ_d f`` with ``c·D = q`` free of
-        the sum's sizes, as ``q * f.mean(axis)`` (``X.mean(1)``, as people write a mean); None
-        when ``e`` is not one, or when the sum lowers to anything but a plain reduction (a
-        matrix product, a window, a scatter keep their forms)."""
+        the sum's sizes, as ``q * f.mean(axis)`` (``X.mean(1)``, as people write a mean) when
+        the sum is a plain reduction, else as ``q * (Σ) / D`` (a matrix product, a window sum:
+        ``(G @ gamma) / D``); None when ``e`` is not one."""
         sums = [f for f in e.args if isinstance(f, sp.Sum)]
         if len(sums) != 1:
             return None
@@ -801,10 +801,18 @@ class ArrayPrinter:
             return None
         mean = self._plain_mean(total)
         if mean is None:
-            return None
+            if not self._is_array(total):
+                return None
+            # a matrix product or a window sum over its count: (G @ gamma) / D
+            inner, size = self.lower(total), self.lower(count)
+            mean = Arr(f"{self.paren(inner.code, inner.prec, MUL)} / "
+                       f"{self.paren(size.code, size.prec, MUL + 1)}", inner.axes, MUL)
         if rest == 1:
             return mean
-        return self._times(self.lower(rest), mean)
+        # the other factors as the target multiplies them, the mean as one of them
+        name = sp.Dummy("mean")
+        self.temps[name] = mean
+        return self.lower(rest * name)
 
     def _plain_mean(self, e) -> Mean | None:
         """Σ_over of one operand or of an element-wise product, every factor varying over a

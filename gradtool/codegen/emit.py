@@ -1056,8 +1056,6 @@ def generate(spec: Spec | str, target: str = "numpy") -> str:
     imports = set(m.imports)
     if target == "torch":
         imports.add("import torch")
-    if target == "numpy" and any("np." in line for line in cls):
-        imports.add("import numpy as np")
     helpers = []
     if m.helpers:
         from importlib import import_module
@@ -1065,6 +1063,9 @@ def generate(spec: Spec | str, target: str = "numpy") -> str:
         sources = import_module(f"gradtool.codegen.{target}_target").HELPERS
         for h in sorted(m.helpers):
             helpers += sources[h].splitlines() + ["", ""]
+    # the module imports what its lines use (the class may draw no random numbers)
+    if target == "numpy" and any("np." in line for line in fwd + bwd + cls + helpers):
+        imports.add("import numpy as np")
     out = _header(spec, d, target) + [""] + _import_block(imports) + ["", ""] + helpers + fwd \
         + ["", ""] + bwd + ["", ""] + cls
     return "\n".join(_wrap_lines(out)) + "\n"
@@ -1294,8 +1295,9 @@ def _numpy_class(m: Module) -> list[str]:
              f'    """{_doc(spec.description)} (NumPy, forward/backward in the style of course '
              "assignments). Parameters live in ``params``, their gradients in ``grads`` after "
              '``backward``; state buffers in ``state``."""', "",
-             f"    def __init__({', '.join(ctor)}):",
-             "        rng = np.random.default_rng() if rng is None else rng"]
+             f"    def __init__({', '.join(ctor)}):"]
+    if any(t.init not in ("zeros", "ones") for t in params + states):  # a random draw
+        lines.append("        rng = np.random.default_rng() if rng is None else rng")
     if any(t.init in ("uniform", "kaiming_uniform", "xavier_uniform") for t in params + states):
         m.imports.add("import math")
     for h in hypers + m.forward_missing:
@@ -1354,7 +1356,8 @@ def _numpy_class(m: Module) -> list[str]:
     if pg:
         pairs = ", ".join(f'("{t.name}", {m.grad_names[t.name]})' for t in pg) + \
             ("," if len(pg) == 1 else "")
-        lines.append(f"        self.grads = {{k: g for k, g in ({pairs}) if g is not None}}")
+        lines.append(f"        self.grads = {{name: grad for name, grad in ({pairs}) "
+                     "if grad is not None}")
     else:
         lines.append("        self.grads = {}")
     lines.append("        return " + (", ".join(ig) if ig else "None"))
