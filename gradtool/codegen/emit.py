@@ -4,11 +4,13 @@ Generated NumPy module::
 
     def forward(X, gamma, beta, *, eps=1e-05):   # -> Y, saved
     def backward(G, gamma, xhat, rstd, *, eps=1e-05):   # -> dX, dgamma, dbeta
-    class Layernorm:          # forward(x) / backward(grad_out), params and grads dicts
+    class LayerNorm:          # forward(x) / backward(grad_out), params and grads dicts
 
-Generated PyTorch module: the same two functions over tensors, ``LayernormFunction`` (a
+Generated PyTorch module: the same two functions over tensors, ``LayerNormFunction`` (a
 ``torch.autograd.Function`` whose backward is the closed form and which saves only what it uses)
-and ``Layernorm`` (an ``nn.Module`` that owns the parameters and their initialisation).
+and ``LayerNorm`` (an ``nn.Module`` that owns the parameters and their initialisation). The
+class is named as the spec states (``class_name``), constructed as ``LayerNorm(512)`` or by
+name, and every line passes the project's ruff rules (100 characters, no unused names).
 """
 
 from __future__ import annotations
@@ -1088,6 +1090,9 @@ def _wrap_lines(lines: list[str], width: int = LINE_LENGTH) -> list[str]:
             in_doc = not in_doc
         stripped = line.lstrip()
         indent = line[:len(line) - len(stripped)]
+        if not is_text and not stripped.startswith("#"):
+            line = _drop_extra_parens(line)
+            stripped = line.lstrip()
         if len(line) <= width:
             out.append(line)
         elif is_text or stripped.startswith("#"):
@@ -1102,6 +1107,48 @@ def _wrap_lines(lines: list[str], width: int = LINE_LENGTH) -> list[str]:
         else:
             out += _wrap_statement(stripped, indent, width)
     return out
+
+
+def _drop_extra_parens(line: str) -> str:
+    """``f((x))`` as ``f(x)`` and ``((x))`` as ``(x)``: parentheses that hold a call's whole
+    and only argument, or a parenthesised operand once more (an operand printed for a product,
+    then passed on: ``.mul_((1 - t ** 2))``), add nothing. A tuple ``f((a, b))`` keeps them."""
+    import io
+    import keyword
+    import tokenize
+
+    try:
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(line).readline)
+                  if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)]
+    except (tokenize.TokenError, SyntaxError):
+        return line
+    match, stack = {}, []
+    for k, t in enumerate(tokens):
+        if t.type == tokenize.OP and t.string in "([{":
+            stack.append(k)
+        elif t.type == tokenize.OP and t.string in ")]}" and stack:
+            match[stack.pop()] = k
+    drop = set()
+    for k, t in enumerate(tokens[:-1]):
+        inner = k + 1
+        if t.string != "(" or tokens[inner].string != "(" or match.get(inner) is None or \
+                match.get(k) != match[inner] + 1 or match[inner] == inner + 1:
+            continue
+        call = k > 0 and (tokens[k - 1].type == tokenize.NAME and not keyword.iskeyword(
+            tokens[k - 1].string) or tokens[k - 1].string in ")]")
+        depth, comma = 0, False  # a comma directly inside makes a tuple
+        for u in tokens[inner + 1:match[inner]]:
+            depth += u.string in "([{" and u.type == tokenize.OP
+            depth -= u.string in ")]}" and u.type == tokenize.OP
+            comma |= depth == 0 and u.string == ","
+        if not (call and comma):  # ((x)) is (x); f((a, b)) passes a tuple
+            drop |= {inner, match[inner]}
+    if not drop:
+        return line
+    chars = list(line)
+    for k in sorted(drop, reverse=True):
+        chars[tokens[k].start[1]] = ""
+    return "".join(chars)
 
 
 # binary operators a line may break before, by how loosely they bind (a comma: 0)
@@ -1265,14 +1312,16 @@ def _ctor_dims(m: Module) -> list[str]:
     return [m.names[name] for name in m.spec.dim_symbols if name in needed]
 
 
-def _size_source(m: Module, dim: str) -> str:
+def _size_source(m: Module, dim: str, tensor=None, given=None) -> str:
     """Where the layer's forward finds a size the backward needs: an input's shape, else the
-    size it was given."""
+    size it was given. ``tensor`` and ``given`` write a tensor and a given size as the caller
+    reads them (the NumPy class: ``self.params["W"]``, ``self.S``); default their names."""
     sym = m.spec.dim_symbols[dim]
     for t in m.inputs:
         if sym in t.dims:
-            return f"{m.names[t.name]}.shape[{t.dims.index(sym)}]"
-    return m.names[dim]
+            code = tensor(t) if tensor else m.names[t.name]
+            return f"{code}.shape[{t.dims.index(sym)}]"
+    return given(dim) if given else m.names[dim]
 
 
 def _unpack(grads: list[str]) -> str:
@@ -1325,9 +1374,13 @@ def _numpy_class(m: Module) -> list[str]:
     res = "out, self._saved" + (", new_state" if m.updates else "")
     lines.append(f"        {res} = forward({', '.join(call + fwd_kw)})")
     if m.backward_dims:
-        sizes = ", ".join(f'"{x}": ' + _size_source(m, x).replace(
-            f"{names[x]}", f"self.{names[x]}") if x in m.forward_missing else
-            f'"{x}": {_size_source(m, x)}' for x in m.backward_dims)
+        def tensor(t) -> str:  # as the class's forward reads it
+            if t.kind == "input":
+                return names[t.name]
+            return f'self.{"params" if t.kind == "param" else "state"}["{t.name}"]'
+
+        sizes = ", ".join(f'"{x}": ' + _size_source(m, x, tensor, lambda dim: f"self.{names[dim]}")
+                          for x in m.backward_dims)
         lines.append(f"        self._sizes = {{{sizes}}}")
     if m.updates:
         for k, a in enumerate(m.updates):
