@@ -549,35 +549,6 @@ def test_function_skips_gradients_nobody_asked_for(source):
         torch.testing.assert_close(some[k], full[k], rtol=1e-12, atol=1e-12)
 
 
-EXAMPLES_STYLE = int(_ENV) if _ENV else 6
-
-
-@settings(FUZZ, max_examples=EXAMPLES_STYLE)
-@given(source=spec_sources())
-def test_generated_sources_pass_the_projects_ruff_rules(source):
-    """Whatever the spec, both targets' sources pass ruff with the project's rules (lines of
-    100, no unused names, sorted imports): the emitter breaks and names by rule, not by the
-    built-ins it was tried on."""
-    import subprocess
-
-    from gradtool.codegen.emit import generate
-
-    ruff = ["ruff"] if shutil.which("ruff") else [sys.executable, "-m", "ruff"]
-    note(source)
-    root = Path(__file__).resolve().parent.parent
-    with _time_limit(source), tempfile.TemporaryDirectory() as folder:
-        spec = _load(folder, source)
-        files = []
-        for target in ("numpy", "torch"):
-            path = Path(folder) / f"kernels_{target}.py"
-            path.write_text(generate(spec, target))
-            files.append(str(path))
-        run = subprocess.run([*ruff, "check", "--no-cache", "--config",
-                              str(root / "pyproject.toml"), "--output-format", "concise",
-                              *files], capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout + run.stderr
-
-
 # -- targets with stated facts ------------------------------------------------------------------
 
 # (domain, sum) pairs the sampler can keep for a slice of any size from 1 up
@@ -1042,3 +1013,35 @@ def test_max_reductions_with_tied_inputs_route_to_the_first_maximum(fn, two_axes
             got[target] = to_numpy(k.backward({"Y": up}, saved, dims)["X"])
     for way, g in got.items():
         assert max_rel_err(g, xt.grad.numpy()) < 1e-12, f"{way}: {g} vs {xt.grad.numpy()}"
+
+
+# -- generated code style (issue 12) ----------------------------------------------------------
+
+EXAMPLES_STYLE = int(_ENV) if _ENV else 8
+
+
+@settings(FUZZ, max_examples=EXAMPLES_STYLE)
+@given(source=st.one_of(spec_sources(), spec_sources(outputs=2), chain_sources(),
+                        affine_sources(), clashing_sources()))
+def test_generated_sources_pass_the_projects_ruff_rules(source):
+    """Whatever the spec, both targets' sources pass ruff with the project's rules (lines of
+    100, no unused names, sorted imports): the emitter breaks and names by rule, not by the
+    built-ins it was tried on."""
+    import subprocess
+
+    from gradtool.codegen.emit import generate
+
+    ruff = ["ruff"] if shutil.which("ruff") else [sys.executable, "-m", "ruff"]
+    note(source)
+    root = Path(__file__).resolve().parent.parent
+    with _time_limit(source), tempfile.TemporaryDirectory() as folder:
+        spec = _load(folder, source)
+        files = []
+        for target in ("numpy", "torch"):
+            path = Path(folder) / f"kernels_{target}.py"
+            path.write_text(generate(spec, target))
+            files.append(str(path))
+        run = subprocess.run([*ruff, "check", "--no-cache", "--config",
+                              str(root / "pyproject.toml"), "--output-format", "concise",
+                              *files], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
