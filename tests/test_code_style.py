@@ -152,6 +152,12 @@ def test_a_class_name_that_is_no_identifier_is_refused_with_its_line(tmp_path):
     with pytest.raises(SpecError, match="class name") as err:
         load_spec(path)
     assert err.value.line == 3
+    path.write_text(CENTER.replace('Spec("center", "Scaled rows minus their mean: Y = s·X − '
+                                   'mean_d X")',
+                                   'Spec("center", "rows", class_name="forward")'))
+    with pytest.raises(SpecError, match="uses for itself"):
+        load_spec(path)
+    assert class_name("none") == "NoneLayer" and class_name("my_mlp") == "MyMlp"
 
 
 def test_constructor_takes_sizes_by_position_in_the_specs_order():

@@ -15,6 +15,7 @@ name, and every line passes the project's ruff rules (100 characters, no unused 
 
 from __future__ import annotations
 
+import keyword
 import re
 
 import sympy as sp
@@ -36,7 +37,8 @@ def class_name(spec: Spec | str) -> str:
     if isinstance(spec, Spec) and spec.class_name:
         return spec.class_name
     name = spec.name if isinstance(spec, Spec) else spec
-    return "".join(part[:1].upper() + part[1:] for part in name.split("_")) or "Layer"
+    camel = "".join(part[:1].upper() + part[1:] for part in name.split("_")) or "Layer"
+    return camel + "Layer" if keyword.iskeyword(camel) else camel  # a spec named none
 
 
 def _target_attributes(target: str) -> set[str]:

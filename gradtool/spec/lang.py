@@ -231,11 +231,17 @@ class Spec:
                                  f'write Spec("{self.name}", "what the layer computes")')
         if self.description is None:
             self.description = ""
-        if self.class_name is not None and not (
-                isinstance(self.class_name, str) and self.class_name.isidentifier()
-                and self.class_name.isascii() and not keyword.iskeyword(self.class_name)):
-            raise self.error(f"the class name {self.class_name!r} is not a valid Python class "
-                             "name", line, 'use an ASCII identifier such as "LayerNorm"')
+        if self.class_name is not None:
+            from gradtool.codegen.base import RESERVED  # (the generated module's own names)
+
+            if not (isinstance(self.class_name, str) and self.class_name.isidentifier()
+                    and self.class_name.isascii() and not keyword.iskeyword(self.class_name)):
+                raise self.error(f"the class name {self.class_name!r} is not a valid Python "
+                                 "class name", line, 'use an ASCII identifier such as "LayerNorm"')
+            if self.class_name in RESERVED:
+                raise self.error(f"the class name {self.class_name!r} is a name the generated "
+                                 "module uses for itself", line,
+                                 'pick another, such as "LayerNorm"')
 
     # -- errors ---------------------------------------------------------------------------
     def error(self, message: str, line: int | None = None, hint: str | None = None) -> SpecError:
