@@ -187,7 +187,7 @@ def layer_cases(batch: int, dtype) -> dict:
     X = torch.randn(batch, SIZES[1], generator=gen, dtype=dtype).requires_grad_()
     G = torch.randn(batch, SIZES[1], generator=gen, dtype=dtype)
     cases[f"relu {batch}x{SIZES[1]}"] = (
-        [X], lambda X=X, G=G: relu.ReluFunction.apply(X).backward(G),
+        [X], lambda X=X, G=G: relu.ReLUFunction.apply(X).backward(G),
         lambda X=X, G=G: F.relu(X).backward(G))
     Z = torch.randn(batch, SIZES[-1], generator=gen, dtype=dtype).requires_grad_()
     y = torch.randint(0, SIZES[-1], (batch,), generator=gen)

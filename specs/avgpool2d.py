@@ -5,7 +5,7 @@ where Xp is X with P zeros before and after each spatial axis; OH = ⌊(H + 2P �
 from gradtool.lang import Spec, Sum
 
 spec = Spec("avgpool2d", "2-D average pooling, K×K window, stride S, zero padding P",
-            reference="torch.nn.functional.avg_pool2d")
+            reference="torch.nn.functional.avg_pool2d", class_name="AvgPool2d")
 N, C, H, W, K, S, P = spec.dims("N C H W K S P")
 spec.min_size(P=0)  # no padding is a padding of 0
 spec.require(2 * P <= K)  # PyTorch's limit, as for max pooling

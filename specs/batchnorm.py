@@ -4,7 +4,7 @@ at eval the running statistics take the place of the batch's."""
 from gradtool.lang import Spec, Sum, sqrt
 
 spec = Spec("batchnorm", "Batch normalisation over the batch axis (eval: running statistics)",
-            reference="torch.nn.functional.batch_norm")
+            reference="torch.nn.functional.batch_norm", class_name="BatchNorm1d")
 N, C = spec.dims("N C")
 n, c = spec.indices(n=N, c=C)
 spec.min_size(N=2)  # the unbiased running variance divides by N − 1

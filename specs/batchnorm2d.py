@@ -6,7 +6,8 @@ at eval the running statistics take the place of the batch's (Ioffe and Szegedy 
 from gradtool.lang import Spec, Sum, sqrt
 
 spec = Spec("batchnorm2d", "Batch normalisation over channels of (N, C, H, W) images "
-            "(eval: running statistics)", reference="torch.nn.functional.batch_norm")
+            "(eval: running statistics)", reference="torch.nn.functional.batch_norm",
+            class_name="BatchNorm2d")
 N, C, H, W = spec.dims("N C H W")
 n, c, h, w = spec.indices(n=N, c=C, h=H, w=W)
 spec.min_size(N=2)  # the unbiased running variance divides by N·H·W − 1

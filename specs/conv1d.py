@@ -5,7 +5,7 @@ zeros before and after; OL = ⌊(L + 2P − K)/S⌋ + 1."""
 from gradtool.lang import Spec, Sum
 
 spec = Spec("conv1d", "1-D convolution, kernel K, stride S, zero padding P",
-            reference="torch.nn.functional.conv1d")
+            reference="torch.nn.functional.conv1d", class_name="Conv1d")
 N, C, O, L, K, S, P = spec.dims("N C O L K S P")
 spec.min_size(P=0)  # no padding is a padding of 0
 OL = spec.size("OL", (L + 2 * P - K) // S + 1)

@@ -6,7 +6,7 @@ input's, with PyTorch's floor: OH = ⌊(H + 2P − K)/S⌋ + 1."""
 from gradtool.lang import Spec, Sum
 
 spec = Spec("conv2d", "2-D convolution, K×K kernel, stride S, zero padding P",
-            reference="torch.nn.functional.conv2d")
+            reference="torch.nn.functional.conv2d", class_name="Conv2d")
 N, C, O, H, W, K, S, P = spec.dims("N C O H W K S P")
 spec.min_size(P=0)  # no padding is a padding of 0
 OH = spec.size("OH", (H + 2 * P - K) // S + 1)

@@ -4,7 +4,7 @@ from gradtool.lang import Spec, Sum, log
 
 spec = Spec("cross_entropy", "Cross-entropy of probabilities X against targets T, "
             "L = −Σ T·log(X) / N",
-            reference="torch.nn.functional.nll_loss(log(X))")
+            reference="torch.nn.functional.nll_loss(log(X))", class_name="CrossEntropy")
 N, C = spec.dims("N C")
 n, c = spec.indices(n=N, c=C)
 X = spec.input("X", N, C, domain="unit")

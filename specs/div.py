@@ -2,7 +2,7 @@
 
 from gradtool.lang import Spec
 
-spec = Spec("div", "Element-wise division Z = X / Y", reference="torch.div")
+spec = Spec("div", "Element-wise division Z = X / Y", reference="torch.div", class_name="Div")
 N, D = spec.dims("N D")
 n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)

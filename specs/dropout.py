@@ -4,7 +4,7 @@ the identity at eval."""
 from gradtool.lang import Spec
 
 spec = Spec("dropout", "Inverted dropout Y = X·M / (1 − p), M ~ Bernoulli(1 − p); "
-            "the identity at eval", reference="X * M / (1 - p)")
+            "the identity at eval", reference="X * M / (1 - p)", class_name="Dropout")
 N, D = spec.dims("N D")
 n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)

@@ -3,7 +3,7 @@
 from gradtool.lang import Piecewise, Spec, exp
 
 spec = Spec("elu", "Exponential linear unit Y = X if X > 0 else alpha·(exp(X) − 1)",
-            reference="torch.nn.functional.elu")
+            reference="torch.nn.functional.elu", class_name="ELU")
 N, D = spec.dims("N D")
 n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)

@@ -3,7 +3,7 @@
 from gradtool.lang import Spec
 
 spec = Spec("expand", "Broadcast x over a new last axis, Y = x 1ᵀ",
-            reference="x[:, None].expand(N, D)")
+            reference="x[:, None].expand(N, D)", class_name="Expand")
 N, D = spec.dims("N D")
 n, d = spec.indices(n=N, d=D)
 x = spec.input("x", N)

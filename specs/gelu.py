@@ -3,7 +3,7 @@
 from gradtool.lang import Rational, Spec, erf, sqrt
 
 spec = Spec("gelu", "Gaussian error linear unit, exact erf form Y = X·Φ(X)",
-            reference="torch.nn.functional.gelu (approximate='none')")
+            reference="torch.nn.functional.gelu (approximate='none')", class_name="GELU")
 N, D = spec.dims("N D")
 n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)

@@ -6,7 +6,7 @@ The output keeps the split channel axis (N, G, Cg, L); reshape it to (N, C, L)."
 from gradtool.lang import Spec, Sum, sqrt
 
 spec = Spec("groupnorm", "Group normalisation, C = G·Cg channels in G groups",
-            reference="torch.nn.functional.group_norm")
+            reference="torch.nn.functional.group_norm", class_name="GroupNorm")
 N, G, Cg, L = spec.dims("N G Cg L")
 n, g, q, l = spec.indices(n=N, g=G, q=Cg, l=L)
 c = spec.indices(c=G * Cg)  # names the channel axis in the gradients: dX[n, c, l], dgamma[c]

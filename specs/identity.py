@@ -2,7 +2,8 @@
 
 from gradtool.lang import Spec
 
-spec = Spec("identity", "Identity activation Y = X", reference="torch.nn.Identity")
+spec = Spec("identity", "Identity activation Y = X", reference="torch.nn.Identity",
+            class_name="Identity")
 N, D = spec.dims("N D")
 n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)

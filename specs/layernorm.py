@@ -3,7 +3,7 @@
 from gradtool.lang import Spec, Sum, sqrt
 
 spec = Spec("layernorm", "Layer normalisation over the last axis",
-            reference="torch.nn.functional.layer_norm")
+            reference="torch.nn.functional.layer_norm", class_name="LayerNorm")
 N, D = spec.dims("N D")
 n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)

@@ -3,7 +3,7 @@
 from gradtool.lang import Piecewise, Spec
 
 spec = Spec("leaky_relu", "Leaky ReLU Y = X if X > 0 else slope·X",
-            reference="torch.nn.functional.leaky_relu")
+            reference="torch.nn.functional.leaky_relu", class_name="LeakyReLU")
 N, D = spec.dims("N D")
 n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)

@@ -3,7 +3,7 @@
 from gradtool.lang import Spec, Sum
 
 spec = Spec("linear", "Fully connected layer Y = X Wᵀ + b",
-            reference="torch.nn.functional.linear")
+            reference="torch.nn.functional.linear", class_name="Linear")
 N, I, O = spec.dims("N I O")
 n, i, o = spec.indices(n=N, i=I, o=O)
 X = spec.input("X", N, I)

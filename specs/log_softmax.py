@@ -3,7 +3,7 @@
 from gradtool.lang import Spec, Sum, exp, log
 
 spec = Spec("log_softmax", "Log-softmax over the last axis Y = X − log Σ_k exp(X)",
-            reference="torch.nn.functional.log_softmax(X, dim=-1)")
+            reference="torch.nn.functional.log_softmax(X, dim=-1)", class_name="LogSoftmax")
 N, C = spec.dims("N C")
 n, c, k = spec.indices(n=N, c=C, k=C)
 X = spec.input("X", N, C)

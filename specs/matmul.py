@@ -2,7 +2,7 @@
 
 from gradtool.lang import Spec, Sum
 
-spec = Spec("matmul", "Matrix product Y = A B", reference="torch.matmul")
+spec = Spec("matmul", "Matrix product Y = A B", reference="torch.matmul", class_name="MatMul")
 M, K, P = spec.dims("M K P")
 m, k, p = spec.indices(m=M, k=K, p=P)
 A = spec.input("A", M, K)

@@ -6,7 +6,7 @@ The gradient of a window goes to its first maximum (row-major), as F.max_pool2d'
 from gradtool.lang import Max, Spec, oo
 
 spec = Spec("maxpool2d", "2-D max pooling, K×K window, stride S, padding P",
-            reference="torch.nn.functional.max_pool2d")
+            reference="torch.nn.functional.max_pool2d", class_name="MaxPool2d")
 N, C, H, W, K, S, P = spec.dims("N C H W K S P")
 spec.min_size(P=0)  # no padding is a padding of 0
 spec.require(2 * P <= K)  # PyTorch's limit: no window may hold padding only

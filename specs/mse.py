@@ -3,7 +3,7 @@
 from gradtool.lang import Spec, Sum
 
 spec = Spec("mse", "Mean squared error L = mean((X − T)²)",
-            reference="torch.nn.functional.mse_loss")
+            reference="torch.nn.functional.mse_loss", class_name="MSELoss")
 N, D = spec.dims("N D")
 n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)

@@ -3,7 +3,7 @@
 from gradtool.lang import Max, Spec
 
 spec = Spec("relu", "Rectified linear unit Y = max(X, 0)",
-            reference="torch.nn.functional.relu")
+            reference="torch.nn.functional.relu", class_name="ReLU")
 N, D = spec.dims("N D")
 n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)

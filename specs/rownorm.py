@@ -3,7 +3,7 @@
 from gradtool.lang import Spec, Sum
 
 spec = Spec("rownorm", "Row normalisation Y = X / Σ_k X (each row sums to one)",
-            reference="X / X.sum(-1, keepdim=True)")
+            reference="X / X.sum(-1, keepdim=True)", class_name="RowNorm")
 N, D = spec.dims("N D")
 n, d, k = spec.indices(n=N, d=D, k=D)
 X = spec.input("X", N, D, domain="positive")

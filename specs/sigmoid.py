@@ -2,7 +2,8 @@
 
 from gradtool.lang import Spec, sigmoid
 
-spec = Spec("sigmoid", "Logistic sigmoid Y = 1 / (1 + exp(−X))", reference="torch.sigmoid")
+spec = Spec("sigmoid", "Logistic sigmoid Y = 1 / (1 + exp(−X))", reference="torch.sigmoid",
+            class_name="Sigmoid")
 N, D = spec.dims("N D")
 n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)

@@ -3,7 +3,7 @@
 from gradtool.lang import Spec, Sum, exp
 
 spec = Spec("softmax", "Softmax over the last axis S = exp(X) / Σ_k exp(X)",
-            reference="torch.nn.functional.softmax(X, dim=-1)")
+            reference="torch.nn.functional.softmax(X, dim=-1)", class_name="Softmax")
 N, C = spec.dims("N C")
 n, c, k = spec.indices(n=N, c=C, k=C)
 X = spec.input("X", N, C)

@@ -4,7 +4,8 @@ from gradtool.lang import Spec, Sum, exp, log
 
 spec = Spec("softmax_cross_entropy", "Softmax cross-entropy of logits X against soft targets T, "
             "L = −Σ T·log(softmax(X)) / N",
-            reference="torch.nn.functional.cross_entropy (soft targets)")
+            reference="torch.nn.functional.cross_entropy (soft targets)",
+            class_name="SoftmaxCrossEntropy")
 N, C = spec.dims("N C")
 n, c, k = spec.indices(n=N, c=C, k=C)
 X = spec.input("X", N, C)

@@ -5,7 +5,8 @@ from gradtool.lang import Spec, Sum, exp, log
 
 spec = Spec("softmax_cross_entropy_labels", "Softmax cross-entropy of logits X against integer "
             "labels y, L = −Σ log(softmax(X)[n, y[n]]) / N",
-            reference="torch.nn.functional.cross_entropy(X, y)")
+            reference="torch.nn.functional.cross_entropy(X, y)",
+            class_name="SoftmaxCrossEntropyLabels")
 N, C = spec.dims("N C")
 n, c, k = spec.indices(n=N, c=C, k=C)
 X = spec.input("X", N, C)

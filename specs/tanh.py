@@ -2,7 +2,7 @@
 
 from gradtool.lang import Spec, tanh
 
-spec = Spec("tanh", "Hyperbolic tangent Y = tanh(X)", reference="torch.tanh")
+spec = Spec("tanh", "Hyperbolic tangent Y = tanh(X)", reference="torch.tanh", class_name="Tanh")
 N, D = spec.dims("N D")
 n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)

@@ -47,6 +47,16 @@ class MatMul(Arr):
     batch: int = 0
 
 
+@dataclass(frozen=True)
+class Mean(Arr):
+    """A mean ``x.mean(axes)``: ``x`` (parenthesised) had the axes ``full``, and ``reduced``
+    holds the positions averaged over. Broadcast back against its operand's layout it is
+    written with the reduced axes kept (``X.mean(1, keepdims=True)``) instead of ``[:, None]``."""
+    x: str = ""
+    full: tuple = ()
+    reduced: tuple = ()
+
+
 # Names the generated modules use for themselves: modules, helpers, the two kernels and the
 # locals of the layer classes. A declared name equal to one of them is renamed in the kernels
 # (``np`` → ``np_``); the math keeps the spec's names.
@@ -85,6 +95,8 @@ class ArrayPrinter:
     module = "np"                      # prefix of array functions
     FUNCS: dict[str, str] = {}         # SymPy function name -> target function
     SUM = "{x}.sum({axes})"
+    MEAN = "{x}.mean({axes})"
+    MEAN_KEEP = "{x}.mean({axes}, keepdims=True)"
     MAX = "{x}.max({axes})"
     ref: str | None = None             # a tensor to take dtype and device from
 
@@ -167,9 +179,22 @@ class ArrayPrinter:
             slots.pop(0)
         while slots and slots[-1] == ":":
             slots.pop()
+        if slots and present == arr.axes and self._keeps_dims(arr, axes):
+            pos = arr.reduced[0] if len(arr.reduced) == 1 else arr.reduced
+            return self.MEAN_KEEP.format(x=arr.x, axes=pos)
         if slots:
             code, prec = f"{self.paren(code, prec, ATOM)}[{', '.join(slots)}]", ATOM
         return self.paren(code, prec, MUL) if prec < MUL else code
+
+    @staticmethod
+    def _keeps_dims(arr: Arr, axes: tuple) -> bool:
+        """Does ``arr``, a mean with its reduced axes kept (size 1), broadcast against an
+        array with ``axes`` to what aligning it would give: every kept axis of the mean at
+        the same place from the right in ``axes``?"""
+        if not isinstance(arr, Mean) or len(arr.full) > len(axes):
+            return False
+        tail = axes[len(axes) - len(arr.full):]
+        return all(k in arr.reduced or tail[k] == s for k, s in enumerate(arr.full))
 
     def transpose(self, code: str, perm: tuple) -> str:
         if perm == (1, 0):
@@ -187,6 +212,10 @@ class ArrayPrinter:
             return reused
         if isinstance(e, sp.Mul) and self._needs_guard(e):
             return self._guarded(e)
+        if isinstance(e, sp.Mul):
+            mean = self._mean(e)
+            if mean is not None:
+                return mean
         method = getattr(self, f"_print_{type(e).__name__}", None)
         if method is not None:
             return method(e)
@@ -508,12 +537,18 @@ class ArrayPrinter:
         return e.xreplace(names)
 
     def _print_Add(self, e) -> Arr:
+        """Terms as people write them: numbers first (``1 + exp(-X)``), then the others by
+        falling rank (``X @ W.T + b``, ``gamma * xhat + beta``, ``var + eps``), subtracted
+        terms last."""
         e = self._masks_as_numbers(e)
         if not isinstance(e, sp.Add):
             return self.lower(e)
-        args = sorted(e.as_ordered_terms(), key=lambda t: t.could_extract_minus_sign())
+        args = list(e.as_ordered_terms())
         negative = [t.could_extract_minus_sign() for t in args]
         terms = [self.lower(-t if neg else t) for t, neg in zip(args, negative, strict=True)]
+        order = sorted(range(len(args)), key=lambda k: (
+            negative[k], not args[k].is_number, -len(terms[k].axes)))
+        args, negative, terms = ([x[k] for k in order] for x in (args, negative, terms))
         axes = self._union(terms)
         parts = []
         for k, (t, neg) in enumerate(zip(terms, negative, strict=True)):
@@ -786,6 +821,65 @@ class ArrayPrinter:
         return out
 
     # -- reductions -------------------------------------------------------------------------
+    def _mean(self, e) -> Arr | None:
+        """A sum divided by the number of terms it adds, ``c·Σ_d f`` with ``c·D = q`` free of
+        the sum's sizes, as ``q * f.mean(axis)`` (``X.mean(1)``, as people write a mean) when
+        the sum is a plain reduction, else as ``q * (Σ) / D`` (a matrix product, a window sum:
+        ``(G @ gamma) / D``); None when ``e`` is not one."""
+        sums = [f for f in e.args if isinstance(f, sp.Sum)]
+        if len(sums) != 1:
+            return None
+        total = sums[0]
+        count = sp.Mul(*[hi - lo + 1 for _, lo, hi in total.limits])
+        rest = sp.cancel(e / total * count)
+        sizes = count.free_symbols
+        num, den = sp.fraction(rest)
+        if not sizes or (num.free_symbols | den.free_symbols) & sizes or rest.has(sp.Sum):
+            return None
+        mean = self._plain_mean(total)
+        if mean is None:
+            if not self._is_array(total):
+                return None
+            # a matrix product or a window sum over its count: (G @ gamma) / D
+            inner, size = self.lower(total), self.lower(count)
+            mean = Arr(f"{self.paren(inner.code, inner.prec, MUL)} / "
+                       f"{self.paren(size.code, size.prec, MUL + 1)}", inner.axes, MUL)
+        if rest == 1:
+            return mean
+        # the other factors as the target multiplies them, the mean as one of them
+        name = sp.Dummy("mean")
+        self.temps[name] = mean
+        return self.lower(rest * name)
+
+    def _plain_mean(self, e) -> Mean | None:
+        """Σ_over of one operand or of an element-wise product, every factor varying over a
+        summed index, as a mean over those axes; None for any other sum."""
+        over = [lim[0] for lim in e.limits]
+        for var, lo, hi in e.limits:
+            self.ranges.setdefault(var, sp.expand((hi - lo + 1).xreplace(self.scalars)))
+        factors = sp.Mul.make_args(e.function)
+        if any(isinstance(f, (sp.Sum, sp.KroneckerDelta)) or not (self._indices_of(f) & set(over))
+               for f in factors) or self._bool_only(e.function) or \
+                self._needs_guard(e.function) or \
+                any(self._window(f, tuple(over)) is not None for f in factors):
+            return None
+        arrs = [self.lower(f) for f in factors]
+        union = set(self._union(arrs))
+        if not set(over) <= union:
+            return None
+        if len(arrs) == 1:
+            x = arrs[0]
+        elif not any(set(a.axes) == union for a in arrs) or \
+                self._matvec(factors, arrs, over) is not None or \
+                self._matmul(factors, arrs, over) is not None:
+            return None
+        else:
+            x = self._product(arrs)
+        red = self._reduce(x, over, self.MEAN)
+        code = self.paren(x.code, x.prec, ATOM)
+        return Mean(red.code, red.axes, ATOM, code, tuple(x.axes),
+                    tuple(x.axes.index(s) for s in over))
+
     def _print_Sum(self, e) -> Arr:
         over = [lim[0] for lim in e.limits]
         body = e.function
@@ -937,9 +1031,9 @@ class ArrayPrinter:
         if split is not None and inner.axes:
             # every position of h is written once: the scatter-add is a reshape
             values = self.align(inner, lead + split)
-            sizes = ", ".join(self.lower(sp.sympify(self.ranges[w])).code for w in split)
+            sizes = self.sizes_code([self.ranges[w] for w in split])
             self.helpers.add(self.JOIN)
-            return Arr(f"{self.JOIN}({values}, ({sizes},), {len(lead)})", lead + (h,), ATOM)
+            return Arr(f"{self.JOIN}({values}, {sizes}, {len(lead)})", lead + (h,), ATOM)
         values = self.align(inner, lead + index.axes) if inner.axes else \
             self.scatter_scalar(inner.code, rest)
         if inner.axes and self._bool_only(rest) and self.ref is not None:

@@ -63,7 +63,7 @@ def generator_fingerprint() -> bytes:
 
 def spec_key(spec: Spec, target: str) -> str:
     text = Path(spec.file).read_bytes() if spec.file and Path(spec.file).exists() \
-        else repr(spec.statements).encode()
+        else (repr(spec.statements) + repr(spec.class_name)).encode()
     digest = hashlib.sha256(text + generator_fingerprint() + target.encode()).hexdigest()
     return digest[:20]
 

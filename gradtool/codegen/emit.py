@@ -4,15 +4,18 @@ Generated NumPy module::
 
     def forward(X, gamma, beta, *, eps=1e-05):   # -> Y, saved
     def backward(G, gamma, xhat, rstd, *, eps=1e-05):   # -> dX, dgamma, dbeta
-    class Layernorm:          # forward(x) / backward(grad_out), params and grads dicts
+    class LayerNorm:          # forward(x) / backward(grad_out), params and grads dicts
 
-Generated PyTorch module: the same two functions over tensors, ``LayernormFunction`` (a
+Generated PyTorch module: the same two functions over tensors, ``LayerNormFunction`` (a
 ``torch.autograd.Function`` whose backward is the closed form and which saves only what it uses)
-and ``Layernorm`` (an ``nn.Module`` that owns the parameters and their initialisation).
+and ``LayerNorm`` (an ``nn.Module`` that owns the parameters and their initialisation). The
+class is named as the spec states (``class_name``), constructed as ``LayerNorm(512)`` or by
+name, and every line passes the project's ruff rules (100 characters, no unused names).
 """
 
 from __future__ import annotations
 
+import keyword
 import re
 
 import sympy as sp
@@ -28,8 +31,14 @@ from gradtool.symbolic.reverse import Derivation, derive
 TARGETS = ("numpy", "torch")
 
 
-def class_name(spec_name: str) -> str:
-    return "".join(part.capitalize() for part in spec_name.split("_")) or "Layer"
+def class_name(spec: Spec | str) -> str:
+    """The generated layer class's name: the one the spec states (``class_name="LayerNorm"``),
+    else its name in CamelCase (``my_layer`` -> ``MyLayer``; a bare name string likewise)."""
+    if isinstance(spec, Spec) and spec.class_name:
+        return spec.class_name
+    name = spec.name if isinstance(spec, Spec) else spec
+    camel = "".join(part[:1].upper() + part[1:] for part in name.split("_")) or "Layer"
+    return camel + "Layer" if keyword.iskeyword(camel) else camel  # a spec named none
 
 
 def _target_attributes(target: str) -> set[str]:
@@ -63,7 +72,7 @@ class Module:
         # a set folds those only, and drops their copies from the kernels
         self.offered = folded
         spec = d.spec
-        cname = class_name(spec.name)
+        cname = class_name(spec)
         reserved = {cname, cname + "Function"} | _target_attributes(target)
         self.seed_names = {out: d.upstream_names[out] for out in d.seeds}
         declared = list(spec.tensors) + list(spec.hypers) + list(spec.dim_symbols)
@@ -900,9 +909,17 @@ def _used_sizes(body: list[str], count: int) -> list[str]:
     later = set().union(set(), *(_names_read(line) for line in body[count:]))
     kept = []
     for line in reversed(body[:count]):
-        if _names_read(line.split("=")[0]) & later:
+        names = [x.strip() for x in line.split("=")[0].split(",")]
+        used = [k for k, x in enumerate(names) if x in later]
+        if not used:
+            continue
+        value = line.split("=", 1)[1].strip()
+        if len(used) < len(names) and value.endswith(".shape"):
+            # N, D = X.shape with only D read: D = X.shape[1] (no unused N)
+            kept += [f"{names[k]} = {value}[{k}]" for k in reversed(used)]
+        else:
             kept.append(line)
-            later |= _names_read(line.split("=", 1)[1])
+        later |= _names_read(value)
     return kept[::-1] + body[count:]
 
 
@@ -1116,13 +1133,9 @@ def generate(spec: Spec | str, target: str = "numpy") -> str:
         fwd = m.forward()
         bwd = m.backward()
     cls = _numpy_class(m) if target == "numpy" else _torch_classes(m)
-    imports = sorted(m.imports, key=lambda s: (not s.startswith("import"), s))
+    imports = set(m.imports)
     if target == "torch":
-        imports = sorted(set(imports) | {"import torch"},
-                         key=lambda s: (not s.startswith("import"), s))
-    if target == "numpy" and any("np." in line for line in cls):
-        imports = sorted(set(imports) | {"import numpy as np"},
-                         key=lambda s: (not s.startswith("import"), s))
+        imports.add("import torch")
     helpers = []
     if m.helpers:
         from importlib import import_module
@@ -1130,9 +1143,198 @@ def generate(spec: Spec | str, target: str = "numpy") -> str:
         sources = import_module(f"gradtool.codegen.{target}_target").HELPERS
         for h in sorted(m.helpers):
             helpers += sources[h].splitlines() + ["", ""]
-    out = _header(spec, d, target) + [""] + imports + ["", ""] + helpers + fwd + ["", ""] \
-        + bwd + ["", ""] + cls
-    return "\n".join(out) + "\n"
+    # the module imports what its lines use (the class may draw no random numbers)
+    if target == "numpy" and any("np." in line for line in fwd + bwd + cls + helpers):
+        imports.add("import numpy as np")
+    out = _header(spec, d, target) + [""] + _import_block(imports) + ["", ""] + helpers + fwd \
+        + ["", ""] + bwd + ["", ""] + cls
+    return "\n".join(_wrap_lines(out)) + "\n"
+
+
+LINE_LENGTH = 100  # PEP 8's limit for teams that agree on a longer line; the project's own
+
+
+def _wrap_lines(lines: list[str], width: int = LINE_LENGTH) -> list[str]:
+    """Every line within ``width`` characters: docstring text and comments wrapped at spaces,
+    statements broken inside their brackets (:func:`_wrap_statement`). Each generated
+    statement is one line, and a docstring opens and closes with ``\"\"\"``."""
+    import textwrap
+
+    out, in_doc = [], False
+    for line in lines:
+        quotes = line.count('"""')
+        is_text = in_doc or quotes > 0
+        if quotes % 2:
+            in_doc = not in_doc
+        stripped = line.lstrip()
+        indent = line[:len(line) - len(stripped)]
+        if not is_text and not stripped.startswith("#"):
+            line = _drop_extra_parens(line)
+            stripped = line.lstrip()
+        if len(line) <= width:
+            out.append(line)
+        elif is_text or stripped.startswith("#"):
+            lead = "# " if stripped.startswith("#") and not is_text else ""
+            body = stripped[len(lead):]
+            # a paragraph opening a docstring goes on at its indent, a formula inside one
+            # four spaces further
+            more = indent + lead + ("" if lead or stripped.startswith('"""') else "    ")
+            out += textwrap.wrap(body, width, initial_indent=indent + lead,
+                                 subsequent_indent=more, break_long_words=False,
+                                 break_on_hyphens=False)
+        else:
+            out += _wrap_statement(stripped, indent, width)
+    return out
+
+
+def _drop_extra_parens(line: str) -> str:
+    """``f((x))`` as ``f(x)`` and ``((x))`` as ``(x)``: parentheses that hold a call's whole
+    and only argument, or a parenthesised operand once more (an operand printed for a product,
+    then passed on: ``.mul_((1 - t ** 2))``), add nothing. A tuple ``f((a, b))`` keeps them."""
+    import io
+    import keyword
+    import tokenize
+
+    try:
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(line).readline)
+                  if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)]
+    except (tokenize.TokenError, SyntaxError):
+        return line
+    match, stack = {}, []
+    for k, t in enumerate(tokens):
+        if t.type == tokenize.OP and t.string in "([{":
+            stack.append(k)
+        elif t.type == tokenize.OP and t.string in ")]}" and stack:
+            match[stack.pop()] = k
+    drop = set()
+    for k, t in enumerate(tokens[:-1]):
+        inner = k + 1
+        if t.string != "(" or tokens[inner].string != "(" or match.get(inner) is None or \
+                match.get(k) != match[inner] + 1 or match[inner] == inner + 1:
+            continue
+        call = k > 0 and (tokens[k - 1].type == tokenize.NAME and not keyword.iskeyword(
+            tokens[k - 1].string) or tokens[k - 1].string in ")]")
+        depth, comma = 0, False  # a comma directly inside makes a tuple
+        for u in tokens[inner + 1:match[inner]]:
+            depth += u.string in "([{" and u.type == tokenize.OP
+            depth -= u.string in ")]}" and u.type == tokenize.OP
+            comma |= depth == 0 and u.string == ","
+        if not (call and comma):  # ((x)) is (x); f((a, b)) passes a tuple
+            drop |= {inner, match[inner]}
+    if not drop:
+        return line
+    chars = list(line)
+    for k in sorted(drop, reverse=True):
+        chars[tokens[k].start[1]] = ""
+    return "".join(chars)
+
+
+# binary operators a line may break before, by how loosely they bind (a comma: 0)
+_OPERATORS = {"if": 1, "else": 1, "or": 1, "and": 1, "+": 2, "-": 2, "*": 3, "/": 3, "//": 3,
+              "@": 3, "%": 3, "**": 4}
+
+
+def _break_points(text: str) -> list[tuple[int, int, int, int, bool]]:
+    """(position, bracket depth, how loosely the operator there binds, position of the
+    enclosing bracket, right after it) for each place where a statement may continue on the
+    next line: after an opening parenthesis or brace, after a comma and before a binary
+    operator, all inside parentheses or braces (never inside a subscript: ``x[:, None]``
+    stays whole). Depth 0 holds the operators outside every bracket, where no break is."""
+    import io
+    import tokenize
+
+    points, stack, previous = [], [], None
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER):
+            continue
+        start, end = tok.start[1], tok.end[1]  # one line: columns are positions
+        inside = all(b != "[" for b, _ in stack)
+        if tok.string in _OPERATORS and inside and previous is not None and \
+                (previous.type in (tokenize.NAME, tokenize.NUMBER, tokenize.STRING)
+                 or previous.string in (")", "]", "}")):
+            points.append((start, len(stack), _OPERATORS[tok.string],
+                           stack[-1][1] if stack else -1, False))
+        if tok.string in "([{" and tok.type == tokenize.OP:
+            stack.append((tok.string, start))
+            if all(b != "[" for b, _ in stack):
+                points.append((end, len(stack), 0, start, True))
+        elif tok.string in ")]}" and tok.type == tokenize.OP and stack:
+            stack.pop()
+        elif tok.string == "," and inside and stack:
+            points.append((end, len(stack), 0, stack[-1][1], False))
+        previous = tok
+    return points
+
+
+def _wrap_statement(text: str, indent: str, width: int) -> list[str]:
+    """One statement over several lines within ``width``, broken inside its brackets (a bare
+    right-hand side is put in parentheses first), as PEP 8 writes continuation lines: each
+    line ends at the farthest break point of the least bracket depth that fits; the next one
+    starts under the first character inside the enclosing bracket, or, after a bracket that
+    ends a line (or one too far right), four spaces further in per depth."""
+    points = _break_points(text)
+    head, sep, rhs = text.partition(" = ") if " = " in text else text.partition("return ")
+    # a right-hand side that is a sum outside brackets, or with no place to break, in
+    # parentheses: its terms then break first
+    if sep and rhs and (any(p[1] == 0 and p[2] <= 2 for p in points) or not [
+            p for p in points if len(indent) + p[0] <= width]):
+        text = f"{head}{sep}({rhs})"
+        points = _break_points(text)
+    points = [p for p in points if p[1] > 0]
+    lines, start, lead = [], 0, indent
+    starts = [(0, len(indent))]  # (position where an output line starts, its indent)
+    hanging: dict[int, int] = {}  # bracket that ended a line -> the indent of what follows
+
+    def column(pos: int) -> int:
+        line_start, lead_len = max(x for x in starts if x[0] <= pos)
+        return lead_len + pos - line_start
+
+    while len(lead) + len(text) - start > width:
+        fitting = [p for p in points if start < p[0] < len(text)
+                   and len(lead) + p[0] - start <= width
+                   and text[start:p[0]].strip()]
+        if not fitting:
+            later = [p for p in points if p[0] > start and text[start:p[0]].strip()]
+            if not later:
+                break
+            fitting = later[:1]
+        # the farthest break of the least depth and loosest operator that leaves a line of
+        # at least 40% of the room or opens the outermost bracket (else the farthest of the
+        # best kind)
+        room = width - len(lead)
+        kinds = sorted({p[1:3] for p in fitting})
+        best = [max(p for p in fitting if p[1:3] == kind) for kind in kinds]
+        pos, depth, _, bracket, after_open = next(
+            (p for p in best if p[0] - start >= 0.4 * room or (p[4] and p[1] == 1)), best[0])
+        lines.append(lead + text[start:pos].rstrip())
+        start = pos
+        while start < len(text) and text[start] == " ":
+            start += 1
+        visual = column(bracket) + 1
+        if after_open or width - visual < 50:
+            col = hanging.setdefault(bracket, len(indent) + 4 * depth)
+        else:
+            col = hanging.get(bracket, visual)
+        lead = " " * col
+        starts.append((start, col))
+    lines.append(lead + text[start:])
+    return lines
+
+
+def _import_block(imports: set[str]) -> list[str]:
+    """The import lines as isort writes them: the standard library, a blank line, then
+    third-party modules; in each, ``import x`` before ``from x import y``, by module."""
+    import sys
+
+    def module(line: str) -> str:
+        return line.split()[1]
+
+    def group(lines) -> list[str]:
+        return sorted(lines, key=lambda line: (line.startswith("from"), module(line)))
+
+    std = [x for x in imports if module(x).split(".")[0] in sys.stdlib_module_names]
+    rest = [x for x in imports if x not in std]
+    return group(std) + ([""] if std and rest else []) + group(rest)
 
 
 def _saved_note(m: Module) -> str:
@@ -1159,12 +1361,12 @@ def _size_code(dim, names) -> str:
 
 def _init_code(t, target: str, names) -> str:
     sizes = [_size_code(x, names) for x in t.dims]
-    shape = ", ".join(sizes)
-    shp = f"({shape},)"
+    shp = f"({', '.join(sizes)}{',' if len(sizes) == 1 else ''})"
     fan_in = " * ".join(sizes[1:]) or (sizes[0] if t.dims else "1")
     fan_out = sizes[0] if t.dims else "1"
+    fan_in_div = fan_in if fan_in.isidentifier() or fan_in.isdigit() else f"({fan_in})"
     bound = {"uniform": f"1 / math.sqrt({fan_in})",
-             "kaiming_uniform": f"math.sqrt(6 / ({fan_in}))",
+             "kaiming_uniform": f"math.sqrt(6 / {fan_in_div})",
              "xavier_uniform": f"math.sqrt(6 / ({fan_in} + {fan_out}))"}.get(t.init)
     if target == "torch":
         base = {"zeros": f"torch.zeros({shp}, dtype=dtype)",
@@ -1177,28 +1379,27 @@ def _init_code(t, target: str, names) -> str:
 
 
 def _ctor_dims(m: Module) -> list[str]:
+    """The sizes the layer's constructor takes, in the order the spec declares them (linear's
+    ``N I O``: ``Linear(I, O)``, as ``Linear(784, 256)`` in course code; conv2d's
+    ``C, O, K, S, P`` as torch's ``Conv2d(in_channels, out_channels, kernel_size, stride,
+    padding)``): the parameters' and state's sizes and those the forward cannot read off
+    its inputs."""
     owned = [t for t in m.inputs if t.kind in ("param", "state")]
-    dims = [m.names[x] for x in m.forward_missing]
-    for t in owned:
-        for x in t.dims:
-            for sym in sorted(sp.sympify(x).free_symbols, key=str):
-                if m.names[str(sym)] not in dims:
-                    dims.append(m.names[str(sym)])
-    return dims
+    needed = {str(s) for t in owned for x in t.dims for s in sp.sympify(x).free_symbols}
+    needed |= set(m.forward_missing)
+    return [m.names[name] for name in m.spec.dim_symbols if name in needed]
 
 
-def _size_source(m: Module, dim: str, in_class: bool = False) -> str:
+def _size_source(m: Module, dim: str, tensor=None, given=None) -> str:
     """Where the layer's forward finds a size the backward needs: an input's shape, else the
-    size it was given. ``in_class``: the NumPy class's ``forward``, where parameters and state
-    are ``self.params[...]`` / ``self.state[...]``, not names in scope."""
+    size it was given. ``tensor`` and ``given`` write a tensor and a given size as the caller
+    reads them (the NumPy class: ``self.params["W"]``, ``self.S``); default their names."""
     sym = m.spec.dim_symbols[dim]
     for t in m.inputs:
         if sym in t.dims:
-            source = m.names[t.name]
-            if in_class and t.kind in ("param", "state"):
-                source = f'self.{"params" if t.kind == "param" else "state"}["{t.name}"]'
-            return f"{source}.shape[{t.dims.index(sym)}]"
-    return m.names[dim]
+            code = tensor(t) if tensor else m.names[t.name]
+            return f"{code}.shape[{t.dims.index(sym)}]"
+    return given(dim) if given else m.names[dim]
 
 
 def _unpack(grads: list[str]) -> str:
@@ -1208,20 +1409,22 @@ def _unpack(grads: list[str]) -> str:
 
 def _numpy_class(m: Module) -> list[str]:
     spec, names = m.spec, m.names
-    cname = class_name(spec.name)
+    cname = class_name(spec)
     params = [t for t in m.inputs if t.kind == "param"]
     states = [t for t in m.inputs if t.kind == "state"]
     data = [t for t in m.inputs if t.kind == "input"]
     hypers = list(spec.hypers)
-    ctor = ["self", "*"] + _ctor_dims(m) + [f"{names[h]}={spec.hypers[h].default!r}"
-                                            for h in hypers] + ["rng=None"]
+    # sizes and hyper-parameters by position or by name; the generator only by name
+    ctor = ["self"] + _ctor_dims(m) + [f"{names[h]}={spec.hypers[h].default!r}"
+                                       for h in hypers] + ["*", "rng=None"]
     given = [names[x] for x in m.forward_missing]
     lines = [f"class {cname}:",
-             f'    """{_doc(spec.description)} (NumPy, forward/backward in the style of course',
-             "    assignments). Parameters live in ``params``, their gradients in ``grads``",
-             '    after ``backward``; state buffers in ``state``."""', "",
-             f"    def __init__({', '.join(ctor)}):",
-             "        rng = np.random.default_rng() if rng is None else rng"]
+             f'    """{_doc(spec.description)} (NumPy, forward/backward in the style of course '
+             "assignments). Parameters live in ``params``, their gradients in ``grads`` after "
+             '``backward``; state buffers in ``state``."""', "",
+             f"    def __init__({', '.join(ctor)}):"]
+    if any(t.init not in ("zeros", "ones") for t in params + states):  # a random draw
+        lines.append("        rng = np.random.default_rng() if rng is None else rng")
     if any(t.init in ("uniform", "kaiming_uniform", "xavier_uniform") for t in params + states):
         m.imports.add("import math")
     for h in hypers + m.forward_missing:
@@ -1230,7 +1433,9 @@ def _numpy_class(m: Module) -> list[str]:
         f'"{t.name}": {_init_code(t, "numpy", names)}' for t in params) + "}")
     lines.append("        self.state = {" + ", ".join(
         f'"{t.name}": {_init_code(t, "numpy", names)}' for t in states) + "}")
-    lines += ["        self.grads = {}", "        self._saved = None", ""]
+    lines.append("        self.grads = {" + ", ".join(
+        f'"{t.name}": np.zeros_like(self.params["{t.name}"])' for t in params) + "}")
+    lines += ["        self._saved = None", ""]
     args = [names[t.name] for t in data]
     call = []
     for t in m.inputs:
@@ -1247,9 +1452,13 @@ def _numpy_class(m: Module) -> list[str]:
     res = "out, self._saved" + (", new_state" if m.updates else "")
     lines.append(f"        {res} = forward({', '.join(call + fwd_kw)})")
     if m.backward_dims:
-        sizes = ", ".join(f'"{x}": ' + _size_source(m, x).replace(
-            f"{names[x]}", f"self.{names[x]}") if x in m.forward_missing else
-            f'"{x}": {_size_source(m, x, in_class=True)}' for x in m.backward_dims)
+        def tensor(t) -> str:  # as the class's forward reads it
+            if t.kind == "input":
+                return names[t.name]
+            return f'self.{"params" if t.kind == "param" else "state"}["{t.name}"]'
+
+        sizes = ", ".join(f'"{x}": ' + _size_source(m, x, tensor, lambda dim: f"self.{names[dim]}")
+                          for x in m.backward_dims)
         lines.append(f"        self._sizes = {{{sizes}}}")
     if m.updates:
         for k, a in enumerate(m.updates):
@@ -1278,7 +1487,8 @@ def _numpy_class(m: Module) -> list[str]:
     if pg:
         pairs = ", ".join(f'("{t.name}", {m.grad_names[t.name]})' for t in pg) + \
             ("," if len(pg) == 1 else "")
-        lines.append(f"        self.grads = {{k: g for k, g in ({pairs}) if g is not None}}")
+        lines.append(f"        self.grads = {{name: grad for name, grad in ({pairs}) "
+                     "if grad is not None}")
     else:
         lines.append("        self.grads = {}")
     lines.append("        return " + (", ".join(ig) if ig else "None"))
@@ -1287,7 +1497,7 @@ def _numpy_class(m: Module) -> list[str]:
 
 def _torch_classes(m: Module) -> list[str]:
     spec, names = m.spec, m.names
-    cname = class_name(spec.name)
+    cname = class_name(spec)
     hypers = list(spec.hypers)
     fwd_args = [names[t.name] for t in m.inputs] + [names[h] for h in hypers] \
         + [names[x] for x in m.forward_missing]
@@ -1318,8 +1528,9 @@ def _torch_classes(m: Module) -> list[str]:
     if all(k == "True" for k in keep):
         lines.append("        ctx.save_for_backward(*saved)")
     else:  # a tensor only an unrequested gradient reads is not kept alive
-        lines += ["        need = ctx.needs_input_grad",
-                  f"        keep = ({', '.join(keep)}{',' if len(keep) == 1 else ''})",
+        if any("need[" in k for k in keep):
+            lines.append("        need = ctx.needs_input_grad")
+        lines += [f"        keep = ({', '.join(keep)}{',' if len(keep) == 1 else ''})",
                   "        ctx.save_for_backward(*[t if k else None for t, k in zip(saved, keep)])"]
     for h in bwd_hyp:
         lines.append(f"        ctx.{names[h]} = {names[h]}")
@@ -1348,8 +1559,8 @@ def _torch_classes(m: Module) -> list[str]:
     params = [t for t in m.inputs if t.kind == "param"]
     states = [t for t in m.inputs if t.kind == "state"]
     data = [t for t in m.inputs if t.kind == "input"]
-    ctor = ["self", "*"] + _ctor_dims(m) + [f"{names[h]}={spec.hypers[h].default!r}"
-                                            for h in hypers] + ["dtype=torch.float32"]
+    ctor = ["self"] + _ctor_dims(m) + [f"{names[h]}={spec.hypers[h].default!r}"
+                                       for h in hypers] + ["*", "dtype=torch.float32"]
     if any(t.init in ("uniform", "kaiming_uniform", "xavier_uniform") for t in params + states):
         m.imports.add("import math")
     lines += [f"class {cname}(torch.nn.Module):",

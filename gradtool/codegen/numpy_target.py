@@ -68,7 +68,7 @@ class NumpyPrinter(ArrayPrinter):
 
     def broadcast(self, code: str, shape: tuple[str, ...], arr: Arr) -> str:
         self.imports.add("np")
-        return f"np.broadcast_to({code}, ({', '.join(shape)},)).copy()"
+        return f"np.broadcast_to({code}, {_shape_tuple(shape)}).copy()"
 
 
 HELPERS = {
@@ -167,3 +167,8 @@ IMPORTS = {
     "expit": "from scipy.special import expit",
     "sliding_window_view": "from numpy.lib.stride_tricks import sliding_window_view",
 }
+
+
+def _shape_tuple(shape) -> str:
+    """``(N, C)``, and ``(N,)`` for one size."""
+    return f"({', '.join(shape)}{',' if len(shape) == 1 else ''})"

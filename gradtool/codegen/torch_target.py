@@ -56,6 +56,7 @@ class TorchPrinter(ArrayPrinter):
         "Sigmoid": "torch.sigmoid",
     }
     SUM = "{x}.sum({axes})"
+    MEAN_KEEP = "{x}.mean({axes}, keepdim=True)"
     MAX = "{x}.amax({axes})"
     ARANGE = "torch.arange({n}, device={ref}.device)"
     INDICATOR = "({cmp}).to({dtype})"
@@ -82,7 +83,8 @@ class TorchPrinter(ArrayPrinter):
         # (``numbers``: is branch a a Python number rather than a tensor?)
         # a Python-number branch would make torch.where return float32: give it the
         # condition's dtype through a tensor that is already there
-        ref = next((v for v in self.names.values() if v in cond), None)
+        ref = next((v for v in self.names.values() if re.search(rf"\b{re.escape(v)}\b", cond)),
+                   None)
         av, bv = self.align(a, axes), self.align(b, axes)
         if ref is not None and not a.axes and not b.axes:
             if numbers:

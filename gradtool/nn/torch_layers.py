@@ -24,7 +24,7 @@ from gradtool.spec.lang import Spec
 
 def _function(spec: Spec):
     module = compile_spec(spec, "torch")
-    return getattr(module, f"{class_name(spec.name)}Function")
+    return getattr(module, f"{class_name(spec)}Function")
 
 
 def init_tensor(t, shape, dtype, device=None, kind: str | None = None) -> torch.Tensor:

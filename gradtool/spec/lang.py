@@ -24,6 +24,7 @@ Every method records the line it was called from, so errors point into the spec 
 
 from __future__ import annotations
 
+import keyword
 import math
 import re
 import sys
@@ -212,6 +213,9 @@ class Spec:
     lifted: dict[str, tuple] = field(default_factory=dict)  # lifted tensor -> its statement
     derived: dict[str, sp.Expr] = field(default_factory=dict)  # size -> its formula (spec.size)
     requires: list = field(default_factory=list)  # (relation between sizes, line)
+    # the generated layer class's name as people write it (LayerNorm, ReLU); None: the spec's
+    # name in CamelCase (my_layer -> MyLayer)
+    class_name: str | None = None
 
     def __post_init__(self) -> None:
         line = _caller_line()
@@ -227,6 +231,17 @@ class Spec:
                                  f'write Spec("{self.name}", "what the layer computes")')
         if self.description is None:
             self.description = ""
+        if self.class_name is not None:
+            from gradtool.codegen.base import RESERVED  # (the generated module's own names)
+
+            if not (isinstance(self.class_name, str) and self.class_name.isidentifier()
+                    and self.class_name.isascii() and not keyword.iskeyword(self.class_name)):
+                raise self.error(f"the class name {self.class_name!r} is not a valid Python "
+                                 "class name", line, 'use an ASCII identifier such as "LayerNorm"')
+            if self.class_name in RESERVED:
+                raise self.error(f"the class name {self.class_name!r} is a name the generated "
+                                 "module uses for itself", line,
+                                 'pick another, such as "LayerNorm"')
 
     # -- errors ---------------------------------------------------------------------------
     def error(self, message: str, line: int | None = None, hint: str | None = None) -> SpecError:
@@ -802,7 +817,8 @@ class Spec:
                 todo += [x.name for x in rhs.free_symbols if isinstance(x, sp.Symbol)
                          and x.name in self.tensors]
         out = Spec(f"{self.name}_eval", f"{self.description} (eval form)".lstrip(),
-                   reference=None, file=self.file)
+                   reference=None, file=self.file,
+                   class_name=f"{self.class_name}Eval" if self.class_name else None)
         out.dim_symbols = dict(self.dim_symbols)
         out.index_dims = dict(self.index_dims)
         out.derived = dict(self.derived)
