@@ -139,8 +139,16 @@ def test_float32_and_second_order_pass(flags):
 def _flip_first_minus_in_dX(lines):
     i = next(i for i, line in enumerate(lines) if line.lstrip().startswith("dX = ")
              and not line.rstrip().endswith("None"))  # not `dX = dgamma = dbeta = None`
-    assert " - " in lines[i], lines[i]
-    lines[i] = lines[i].replace(" - ", " + ", 1)
+    # the statement may go on over continuation lines (generated lines stay within 100
+    # characters): flip the first subtraction in it, wherever its line breaks
+    indent = len(lines[i]) - len(lines[i].lstrip())
+    end = next((j for j in range(i + 1, len(lines))
+                if len(lines[j]) - len(lines[j].lstrip()) <= indent), len(lines))
+    j = next(j for j in range(i, end) if " - " in lines[j] or lines[j].lstrip().startswith("- "))
+    if " - " in lines[j]:
+        lines[j] = lines[j].replace(" - ", " + ", 1)
+    else:
+        lines[j] = lines[j].replace("- ", "+ ", 1)
 
 
 def _scale_one_dgamma(lines):

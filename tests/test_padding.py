@@ -118,7 +118,7 @@ def test_padding_prints_as_a_read_inside_the_source():
 
     d = derive(load_spec("maxpool2d"))
     pad = d.program.assigns[0]
-    assert text(pad.rhs(d.program)) == "X[n,c,-P + hp,-P + wp] (inside X, else -∞)"
+    assert text(pad.rhs(d.program)) == "X[n,c,hp - P,wp - P] (inside X, else -∞)"
     assert r"\text{inside }" in latex(pad.rhs(d.program))
     assert "(inside X, else -∞)" in "\n".join(str(x) for x in _forward(d))
 
@@ -132,7 +132,7 @@ def test_steps_show_the_adjoint_of_the_source_as_a_slice():
     (c,) = step["contributions"]
     assert c["from"] == "Xp" and "slice of Xp's adjoint" in c["rule"]
     sizes = [r["text"] for r in report["forward"] if r["kind"] == "size"]
-    assert sizes == ["OH = ⌊(H - K + 2·P)/S⌋ + 1", "OW = ⌊(-K + 2·P + W)/S⌋ + 1"]
+    assert sizes == ["OH = ⌊(H - K + 2·P)/S⌋ + 1", "OW = ⌊(2·P - K + W)/S⌋ + 1"]
 
 
 def test_derived_size_is_computed_in_the_kernels(tmp_path):
