@@ -33,6 +33,8 @@ import platform
 import statistics
 import time
 
+from training_steps import interleaved_times, samples_per_s, step_functions
+
 
 def plain_model(desc):
     """The same layers as ``desc`` from torch.nn (one module per gradtool layer, so that the
@@ -123,7 +125,6 @@ def main() -> None:
         os.environ[var] = str(args.threads)
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     from gradtool.nn import build, cnn, load_model_file
 
@@ -134,7 +135,6 @@ def main() -> None:
     tmodel, tloss = build(desc, "torch", seed=0)
     pmodel = plain_model(desc)
     copy_weights(tmodel, pmodel)
-    variants_used = ["plain", "torch"] + ([] if args.no_numpy else ["numpy"])
     opts = {"plain": torch.optim.Adam(pmodel.parameters(), lr=1e-3),
             "torch": torch.optim.Adam(tmodel.parameters(), lr=1e-3)}
     if not args.no_numpy:
@@ -143,38 +143,12 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.standard_normal((args.batch, *shape)).astype(np.float32))
     y = torch.from_numpy(rng.integers(0, args.classes, args.batch))
-    xn, yn = x.numpy(), y.numpy()
-
-    def plain():
-        loss = F.cross_entropy(pmodel(x), y)
-        opts["plain"].zero_grad(set_to_none=True)
-        loss.backward()
-        opts["plain"].step()
-
-    def torch_backend():
-        loss = tloss(tmodel(x), y)
-        opts["torch"].zero_grad(set_to_none=True)
-        loss.backward()
-        opts["torch"].step()
-
-    def numpy_backend():
-        nloss.forward(nmodel.forward(xn), yn)
-        nmodel.backward(nloss.backward())
-        nmodel.attach_grads()
-        opts["numpy"].step()
-
-    variants = {"plain": plain, "torch": torch_backend, "numpy": numpy_backend}
-    variants = {k: variants[k] for k in variants_used}
-    times = {k: [] for k in variants}
-    for i in range(args.warmup + args.iters):
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-    rate = {k: args.batch / statistics.median(v) for k, v in times.items()}
+    steps = step_functions(x, y, opts, plain=pmodel, torch_model=(tmodel, tloss),
+                           numpy_model=None if args.no_numpy else (nmodel, nloss))
+    times = interleaved_times(steps, args.warmup, args.iters)
+    rate = samples_per_s(times, args.batch)
     goals = {"torch/plain": 0.9, "numpy/plain": 0.25}
-    ratios = {f"{k}/plain": rate[k] / rate["plain"] for k in variants if k != "plain"}
+    ratios = {f"{k}/plain": rate[k] / rate["plain"] for k in steps if k != "plain"}
     what = f"{args.model} on {args.batch}×{'×'.join(map(str, shape))}"
     print(f"{what}, Adam, float32, {args.threads} thread(s), median of {args.iters} steps")
     for k, r in rate.items():

@@ -29,7 +29,8 @@ import json
 import os
 import platform
 import statistics
-import time
+
+from training_steps import interleaved_times, samples_per_s, step_functions
 
 
 def plain_model(desc_hidden, features, classes):
@@ -59,7 +60,6 @@ def main() -> None:
         os.environ[var] = str(args.threads)
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     from gradtool.nn import build, mlp
 
@@ -82,35 +82,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.standard_normal((args.batch, args.features)).astype(np.float32))
     y = torch.from_numpy(rng.integers(0, args.classes, args.batch))
-    xn, yn = x.numpy(), y.numpy()
-
-    def plain():
-        loss = F.cross_entropy(pmodel(x), y)
-        opts["plain"].zero_grad(set_to_none=True)
-        loss.backward()
-        opts["plain"].step()
-
-    def torch_backend():
-        loss = tloss(tmodel(x), y)
-        opts["torch"].zero_grad(set_to_none=True)
-        loss.backward()
-        opts["torch"].step()
-
-    def numpy_backend():
-        nloss.forward(nmodel.forward(xn), yn)
-        nmodel.backward(nloss.backward())
-        nmodel.attach_grads()
-        opts["numpy"].step()
-
-    variants = {"plain": plain, "torch": torch_backend, "numpy": numpy_backend}
-    times = {k: [] for k in variants}
-    for i in range(args.warmup + args.iters):
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-    rate = {k: args.batch / statistics.median(v) for k, v in times.items()}
+    steps = step_functions(x, y, opts, plain=pmodel, torch_model=(tmodel, tloss),
+                           numpy_model=(nmodel, nloss))
+    times = interleaved_times(steps, args.warmup, args.iters)
+    rate = samples_per_s(times, args.batch)
     ratios = {"torch/plain": rate["torch"] / rate["plain"],
               "numpy/plain": rate["numpy"] / rate["plain"]}
     goals = {"torch/plain": 0.9, "numpy/plain": 0.5}

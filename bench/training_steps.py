@@ -1,0 +1,68 @@
+"""One training step of each variant, timed interleaved: shared by bench_train.py (MLP) and
+bench_cnn.py (CNN).
+
+The variants are the same model three ways: ``plain`` (torch.nn with autograd and
+``F.cross_entropy``), ``torch`` (gradtool's generated autograd.Functions) and ``numpy``
+(gradtool's NumPy backwards, torch.optim stepping the arrays in place). One step is forward,
+loss, backward and the optimiser step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def step_functions(x, y, opts: dict, plain=None, torch_model=None, numpy_model=None) -> dict:
+    """``{variant: step()}`` for the variants given: ``plain`` a torch.nn module, the other
+    two ``(model, loss)`` pairs from ``gradtool.nn.build``; ``opts`` their optimisers by
+    variant name. ``x`` is a float32 batch (N, …), ``y`` its int64 labels (N,)."""
+    import torch.nn.functional as F
+
+    steps = {}
+    if plain is not None:
+        def plain_step():
+            loss = F.cross_entropy(plain(x), y)
+            opts["plain"].zero_grad(set_to_none=True)
+            loss.backward()
+            opts["plain"].step()
+        steps["plain"] = plain_step
+    if torch_model is not None:
+        tmodel, tloss = torch_model
+
+        def torch_step():
+            loss = tloss(tmodel(x), y)
+            opts["torch"].zero_grad(set_to_none=True)
+            loss.backward()
+            opts["torch"].step()
+        steps["torch"] = torch_step
+    if numpy_model is not None:
+        nmodel, nloss = numpy_model
+        xn, yn = x.numpy(), y.numpy()
+
+        def numpy_step():
+            nloss.forward(nmodel.forward(xn), yn)
+            nmodel.backward(nloss.backward())
+            nmodel.attach_grads()
+            opts["numpy"].step()
+        steps["numpy"] = numpy_step
+    return steps
+
+
+def interleaved_times(steps: dict, warmup: int, iters: int) -> dict[str, list[float]]:
+    """Each step function run ``warmup + iters`` times, the variants interleaved step by step
+    (so that a change in the machine's load touches all alike); the last ``iters`` wall times
+    of each, in seconds."""
+    times = {k: [] for k in steps}
+    for i in range(warmup + iters):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def samples_per_s(times: dict[str, list[float]], batch: int) -> dict[str, float]:
+    """Samples per second of each variant from its median step time."""
+    return {k: batch / statistics.median(v) for k, v in times.items()}
