@@ -33,8 +33,6 @@ import platform
 import statistics
 import time
 
-from training_steps import interleaved_times, samples_per_s, step_functions
-
 
 def plain_model(desc):
     """The same layers as ``desc`` from torch.nn (one module per gradtool layer, so that the
@@ -125,6 +123,7 @@ def main() -> None:
         os.environ[var] = str(args.threads)
     import numpy as np
     import torch
+    from training_steps import interleaved_times, samples_per_s, step_functions
 
     from gradtool.nn import build, cnn, load_model_file
 

@@ -30,8 +30,6 @@ import os
 import platform
 import statistics
 
-from training_steps import interleaved_times, samples_per_s, step_functions
-
 
 def plain_model(desc_hidden, features, classes):
     import torch
@@ -60,6 +58,7 @@ def main() -> None:
         os.environ[var] = str(args.threads)
     import numpy as np
     import torch
+    from training_steps import interleaved_times, samples_per_s, step_functions
 
     from gradtool.nn import build, mlp
 
