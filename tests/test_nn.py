@@ -86,6 +86,52 @@ def test_wrong_feature_size_is_an_error_not_a_wrong_gradient():
         SpecModule("linear", I=4)
 
 
+@pytest.mark.parametrize("numpy_backend", [False, True])
+def test_a_kept_binding_still_refuses_a_wrong_shape(numpy_backend):
+    """Bindings are kept per (mode, shapes): a wrong shape after a right one, and a right one
+    after a refused one, are judged afresh; the kept one still computes F.linear's values."""
+    if numpy_backend:
+        layer = NumpyLayer("linear", I=4, O=3, dtype=np.float64)
+        run = layer.forward
+        W, b = layer.params["W"], layer.params["b"]
+    else:
+        layer = SpecModule("linear", I=4, O=3, dtype=torch.float64)
+        def run(x):
+            return layer(torch.tensor(x)).detach().numpy()
+        W, b = layer.W.detach().numpy(), layer.b.detach().numpy()
+    x = np.random.default_rng(0).standard_normal((2, 4))
+    for _ in range(2):
+        assert np.allclose(run(x), x @ W.T + b, atol=1e-12)
+        with pytest.raises(LayerError, match="I = 5, but the layer was built with I = 4"):
+            run(np.ones((2, 5)))
+        with pytest.raises(LayerError, match="has 3 axes"):
+            run(np.ones((2, 4, 1)))
+    bn = _batchnorm_pair(numpy_backend)
+    def bn_run(x):
+        return bn.forward(x) if numpy_backend else bn(torch.tensor(x))
+    bn_run(np.ones((4, 3)))
+    bn.eval()
+    bn_run(np.ones((1, 3)))  # a batch of one is fine at eval ...
+    bn.train()
+    with pytest.raises(LayerError, match="expected more than 1 value per channel"):
+        bn_run(np.ones((1, 3)))  # ... and still refused in training: the mode is in the key
+
+
+def test_module_hooks_fire_once_per_call_on_images():
+    """relu on (N, C, H, W) runs the spec's (N, D) form without calling itself again, so a
+    forward hook sees the call once, with the images' shapes."""
+    layer = SpecModule("relu", dtype=torch.float64)
+    seen = []
+    layer.register_forward_pre_hook(lambda m, args: seen.append(("pre", args[0].shape)))
+    layer.register_forward_hook(lambda m, args, out: seen.append(("post", out.shape)))
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert seen == [("pre", x.shape), ("post", x.shape)]
+    assert torch.equal(y, torch.relu(x))
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(dx, (x > 0).double())
+
+
 def test_a_size_no_input_carries_is_given_at_construction():
     layer = SpecModule("expand", D=3, dtype=torch.float64)
     x = torch.randn(4, dtype=torch.float64, requires_grad=True)

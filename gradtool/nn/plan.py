@@ -2,7 +2,8 @@
 
 A layer is a spec plus the sizes that define its parameters and the hyper-parameters. Every other
 size (the batch, an image's height) is bound from the shapes of the arrays it is called with, at
-every call, and checked against the sizes the parameters fix.
+every call, and checked against the sizes the parameters fix (once per distinct shape: a
+successful binding is kept).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sympy as sp
 from gradtool.codegen.base import py_name
 from gradtool.errors import GradtoolError
 from gradtool.spec.lang import MaxOver, Spec, SumOver, Tensor
+
+_MAX_BINDINGS = 64  # kept bindings per layer (distinct input shapes and modes)
 
 
 class LayerError(GradtoolError):
@@ -113,6 +116,7 @@ class LayerPlan:
                                                  self.spec.hypers.items()}))
                       for t in self.masks}
         self._calls = {}
+        self._bindings: dict[tuple, dict[str, int]] = {}
         # derived sizes (OH = (H + 2P − K)//S + 1) and required relations, in size order
         syms = list(self.spec.dim_symbols.values())
         self._derived = [(name, [s.name for s in syms if s in f.free_symbols],
@@ -131,7 +135,22 @@ class LayerPlan:
 
     def bind(self, shapes: dict[str, tuple[int, ...]], training: bool) -> dict[str, int]:
         """Every size the given data shapes and the constructor sizes fix, checked for
-        agreement; in training also against the spec's ``min_size``."""
+        agreement; in training also against the spec's ``min_size``.
+
+        The result depends only on the data shapes and ``training`` (the constructor sizes
+        are fixed), so a successful binding is kept under that key and returned again, shared:
+        callers must not modify it. A failed one is not kept, so the same shapes raise the same
+        :class:`LayerError` at every call."""
+        key = (training, *(tuple(shapes[t.name]) for t in self.data))
+        dims = self._bindings.get(key)
+        if dims is None:
+            dims = self._bind(shapes, training)
+            if len(self._bindings) >= _MAX_BINDINGS:  # e.g. a varying sequence length
+                self._bindings.clear()
+            self._bindings[key] = dims
+        return dims
+
+    def _bind(self, shapes: dict[str, tuple[int, ...]], training: bool) -> dict[str, int]:
         spec = self.spec
         dims = dict(self.sizes)
         for t in self.data:
@@ -201,28 +220,41 @@ class LayerPlan:
         """Positional and keyword arguments for a generated ``forward`` (or a Function's, or a
         ``backward``'s keywords with ``keywords_only``), by the names in its signature:
         tensors, hyper-parameters and sizes. The signature is read once per kernel."""
-        key = (id(fn), keywords_only)
-        if key not in self._calls:
-            self._calls[key] = _arg_plan(fn, spec, keywords_only)
         args, kwargs = [], {}
-        for pname, name, keyword, has_default in self._calls[key]:
-            if name in tensors:
-                value = tensors[name]
-            elif name in self.hypers:
-                value = self.hypers[name]
-            elif name in dims:
-                value = dims[name]
-            elif has_default:
-                continue
-            else:
-                raise LayerError(f"{spec.name}: the generated kernel needs `{pname}`, which "
-                                 "neither the inputs nor the constructor give",
-                                 hint=f"build the layer with {pname}=...")
+        for pname, keyword, source, ref in self.arg_sources(fn, spec, tensors, dims,
+                                                             keywords_only):
+            value = tensors[ref] if source == "tensor" else \
+                self.hypers[ref] if source == "hyper" else ref
             if keyword:
                 kwargs[pname] = value
             else:
                 args.append(value)
         return args, kwargs
+
+    def arg_sources(self, fn, spec: Spec, tensors, dims: dict,
+                    keywords_only: bool = False) -> list[tuple[str, bool, str, object]]:
+        """Where each argument of ``fn`` comes from, as ``call`` gives it: (parameter name,
+        keyword or not, source, key), the source ``"tensor"`` (key: the tensor's name, one of
+        ``tensors``), ``"hyper"`` (key: the hyper-parameter's name, read from ``self.hypers``)
+        or ``"size"`` (key: its value in ``dims``); an argument with a default that none of
+        them gives is left out. Raises :class:`LayerError` for one without a default that none
+        gives."""
+        key = (id(fn), keywords_only)
+        if key not in self._calls:
+            self._calls[key] = _arg_plan(fn, spec, keywords_only)
+        out = []
+        for pname, name, keyword, has_default in self._calls[key]:
+            if name in tensors:
+                out.append((pname, keyword, "tensor", name))
+            elif name in self.hypers:
+                out.append((pname, keyword, "hyper", name))
+            elif name in dims:
+                out.append((pname, keyword, "size", dims[name]))
+            elif not has_default:
+                raise LayerError(f"{spec.name}: the generated kernel needs `{pname}`, which "
+                                 "neither the inputs nor the constructor give",
+                                 hint=f"build the layer with {pname}=...")
+        return out
 
 
 def is_elementwise(spec: Spec) -> bool:

@@ -67,6 +67,7 @@ class SpecModule(torch.nn.Module):
         self.spec = self.plan.spec
         self._train_fn = _function(self.spec)
         self._eval_fn = _function(self.plan.eval_spec) if self.plan.eval_spec else None
+        self._prepared: dict[tuple, tuple] = {}  # (mode, input shapes) -> what forward needs
         for t in self.plan.owned:
             value = init_tensor(t, self.plan.owned_shape(t), dtype, device,
                                 self.plan.inits[t.name])
@@ -81,36 +82,62 @@ class SpecModule(torch.nn.Module):
         return ", ".join([self.spec.name, *opts])
 
     def forward(self, *inputs: torch.Tensor):
+        # everything that depends only on the input shapes and the mode is prepared once per
+        # (mode, shapes) and kept: the bound sizes, the kernel and where each argument comes from
+        key = (self.training, *(x.shape for x in inputs))
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = self._prepare(inputs, key)
+        view, fn, recipe, masks = prepared
+        if view is not None:  # relu on (N, C, H, W): the spec's (N, D) with D = C·H·W
+            shape = inputs[0].shape
+            inputs = tuple(x.reshape(view) for x in inputs)
+        drawn = []
+        if masks:  # sampled in training with torch's global RNG, fresh at every call
+            ref = next((x for x in inputs if torch.is_floating_point(x)), inputs[0])
+            dtype = ref.dtype if torch.is_floating_point(ref) else torch.get_default_dtype()
+            drawn = [torch.empty(mshape, dtype=dtype, device=ref.device).bernoulli_(keep)
+                     for mshape, keep in masks]
+        sources = (inputs, drawn, self._parameters, self._buffers, self.plan.hypers)
+        out = fn.apply(*[sources[kind][ref] if kind < 5 else ref for kind, ref in recipe])
+        return out if view is None else out.reshape(shape)
+
+    def _prepare(self, inputs: tuple[torch.Tensor, ...], key: tuple) -> tuple:
+        """Bind the sizes for these inputs (raising :class:`LayerError` as ``forward``
+        documents) and return (the element-wise view or None, the autograd.Function, the
+        recipe of its arguments, the masks' shapes and keep probabilities). Only a successful
+        preparation is kept, so a refused shape is refused again at every call."""
         plan = self.plan
         if len(inputs) != len(plan.data):
             names = ", ".join(t.name for t in plan.data)
             raise TypeError(f"{self.spec.name} takes {len(plan.data)} input(s) ({names}), "
                             f"got {len(inputs)}")
-        if plan.elementwise:  # relu on (N, C, H, W): the spec's (N, D) with D = C·H·W
-            view = elementwise_view(tuple(inputs[0].shape), len(plan.data[0].dims))
-            if view is not None and all(x.shape == inputs[0].shape for x in inputs):
-                out = self(*(x.reshape(view) for x in inputs))
-                return out.reshape(inputs[0].shape)
+        shapes = [tuple(x.shape) for x in inputs]
+        view = None
+        if plan.elementwise and all(s == shapes[0] for s in shapes):
+            view = elementwise_view(shapes[0], len(plan.data[0].dims))
+            if view is not None:
+                shapes = [view] * len(shapes)
+        dims = plan.bind({t.name: s for t, s in zip(plan.data, shapes, strict=True)},
+                         self.training)
         use_eval = not self.training and self._eval_fn is not None
-        # sizes are bound from the shapes at every call; the same shapes give the same binding
-        key = (self.training, tuple(x.shape for x in inputs))
-        if getattr(self, "_bound", (None,))[0] != key:
-            shapes = {t.name: tuple(x.shape) for t, x in zip(plan.data, inputs, strict=True)}
-            dims = plan.bind(shapes, self.training)
-            masks = [] if use_eval else [(t.name, plan.shape(t, dims), plan.keep(t))
-                                         for t in plan.masks]
-            self._bound = (key, dims, masks)
-        _, dims, masks = self._bound
-        tensors = {t.name: x for t, x in zip(plan.data, inputs, strict=True)}
-        for name, shape, keep in masks:
-            ref = next((x for x in inputs if torch.is_floating_point(x)), inputs[0])
-            dtype = ref.dtype if torch.is_floating_point(ref) else torch.get_default_dtype()
-            tensors[name] = torch.empty(shape, dtype=dtype, device=ref.device).bernoulli_(keep)
-        tensors.update(self._parameters)
-        tensors.update(self._buffers)
         fn = self._eval_fn if use_eval else self._train_fn
-        args, _ = plan.call(fn.forward, self.spec, tensors, dims)
-        return fn.apply(*args)
+        mask_names = [] if use_eval else [t.name for t in plan.masks]
+        masks = [(plan.shape(t, dims), plan.keep(t)) for t in plan.masks if not use_eval]
+        # each Function argument as (source, key): 0 an input (index), 1 a mask (index),
+        # 2 / 3 a parameter / buffer and 4 a hyper-parameter (by name, read at each call, so
+        # that reassigning one takes effect), 5 a size (its value)
+        where = {**{t.name: (0, k) for k, t in enumerate(plan.data)},
+                 **{n: (1, k) for k, n in enumerate(mask_names)},
+                 **{n: (2, n) for n in self._parameters}, **{n: (3, n) for n in self._buffers}}
+        recipe = [where[ref] if source == "tensor" else (4, ref) if source == "hyper"
+                  else (5, ref)
+                  for _, _, source, ref in plan.arg_sources(fn.forward, self.spec, where, dims)]
+        prepared = (view, fn, tuple(recipe), masks)
+        if len(self._prepared) >= 64:
+            self._prepared.clear()
+        self._prepared[key] = prepared
+        return prepared
 
 
 class LossModule(torch.nn.Module):
