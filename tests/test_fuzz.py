@@ -891,7 +891,9 @@ def test_generated_affine_specs_are_well_formed(source):
 # any of them (docs/spec-language.md, "Names")
 CLASHES = ("G", "G_Y", "s_Y", "m_Y", "np", "torch", "math", "erf", "ctx", "self", "saved",
            "out", "forward", "backward", "max", "min", "first_hit", "scatter_add", "lambda",
-           "dtype", "rng", "params", "eval", "training", "Y_max", "t0_max", "t0_new", "Fuzz")
+           "dtype", "rng", "params", "eval", "training", "Y_max", "t0_max", "t0_new", "Fuzz",
+           # the letters the engine gives the adjoint's fresh indices (docs/fuzzing.md, 25)
+           "h", "w", "u", "v")
 
 
 @st.composite

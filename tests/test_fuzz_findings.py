@@ -13,6 +13,18 @@ from gradtool.symbolic.reverse import derive
 from tests.helpers import assert_matches_autograd
 
 FOUND = {
+    "index_named_like_a_let": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz_window", "a random strided window")
+N, T, K, S, G, Cg = spec.dims("N T K S G Cg")
+n, t, k, g, c = spec.indices(n=N, t=T, k=K, g=G, c=Cg)
+X = spec.input("X", N, G * Cg, (T - 1) * S + K)
+W = spec.param("W", G * Cg, K)
+t2 = spec.indices(t2=T)
+u = spec.let("u", [n, g, c, t], Sum(W[g * Cg + c, k] * exp(tanh(X[n, g * Cg + c, t * S + k])), k))
+spec.output("Y", [n, g, c, t], u[n, g, c, t] - Sum(u[n, g, c, t2], t2) / T)
+""",
     "masks_summed": """\
 from gradtool.lang import *
 

@@ -404,7 +404,10 @@ class Module:
             if isinstance(node, sp.Indexed) and access_name(node) in self.lse_exp:
                 peak, pos = self.lse_exp[access_name(node)]
                 return peak, tuple(i for p, i in enumerate(access_indices(node)) if p != pos)
-            if isinstance(node, sp.Symbol) and node.name in self.lse:
+            # a 0-d shifted sum reads as a symbol of its name; an index of the same name (the
+            # adjoint's free index `u` beside a tensor u, docs/fuzzing.md finding 25) does not
+            if isinstance(node, sp.Symbol) and node.name in self.lse and \
+                    not node.is_integer and node not in self.d.program.ranges:
                 return self.lse[node.name], ()
             return None
 

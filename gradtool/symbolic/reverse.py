@@ -111,8 +111,13 @@ def _canonical_indices(program: Program) -> dict[str, tuple]:
             if free:
                 made.append(free[0])
             else:  # e.g. the input axis (T - 1)*S + K of a strided convolution
-                taken = {s.name for s in program.ranges} | {s.name for s in made}
-                letter = next(c for c in "hwuvpqrxyz" if c not in taken)
+                # never a declared name either: an index `u` beside a let u would print
+                # ambiguously and read the tensor in a kernel (docs/fuzzing.md, finding 25)
+                spec = program.spec
+                taken = {s.name for s in program.ranges} | {s.name for s in made} \
+                    | set(spec.tensors) | set(spec.hypers) | set(spec.dim_symbols)
+                letter = next((c for c in "hwuvpqrxyz" if c not in taken), None) or next(
+                    f"h{k}" for k in range(1, 10 ** 6) if f"h{k}" not in taken)
                 sym = sp.Symbol(letter, integer=True)
                 program.ranges[sym] = dim
                 made.append(sym)
