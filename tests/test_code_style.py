@@ -49,6 +49,37 @@ def test_generated_sources_pass_the_projects_ruff_rules(name, tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
 
 
+def test_a_gathers_long_index_breaks_inside_its_subscript(tmp_path):
+    """A read whose index alone is longer than a line (a flipped window gathered with integer
+    arrays, found by the fuzz property) breaks inside the subscript, where nothing else can
+    break, and passes ruff; the kernel still agrees with torch.autograd."""
+    from gradtool.check.runner import CheckOptions, check_spec
+    from gradtool.spec.loader import load_spec
+
+    path = tmp_path / "flipped.py"
+    path.write_text(
+        "from gradtool.lang import *\n\n"
+        'spec = Spec("flipped", "a strided window read backwards")\n'
+        'N, T, K, S = spec.dims("N T K S")\n'
+        "n, t, k = spec.indices(n=N, t=T, k=K)\n"
+        'X = spec.input("X", N, (T - 1) * S + K)\n'
+        'W = spec.param("W", K)\n'
+        'spec.output("Y", [n, t], Sum(W[k] * X[n, t * S + K - 1 - k], k))\n')
+    files = []
+    for target in ("numpy", "torch"):
+        out = tmp_path / f"flipped_{target}.py"
+        out.write_text(generate(str(path), target))
+        assert max(len(line) for line in out.read_text().splitlines()) <= 100
+        files.append(str(out))
+    run = subprocess.run([*_ruff(), "check", "--no-cache", "--config",
+                          str(ROOT / "pyproject.toml"), "--output-format", "concise", *files],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = check_spec(load_spec(str(path)), CheckOptions(cases=1, oracles=("autograd",
+                                                                              "backends")))
+    assert rows and all(r.passed for r in rows), [r for r in rows if not r.passed]
+
+
 def test_plain_linear_contraction_reads_x_at_w_transposed_plus_b():
     assert "    Y = X @ W.T + b\n" in generate("linear", "numpy")
     assert "    Y = torch.addmm(b, X, W.T)\n" in generate("linear", "torch")

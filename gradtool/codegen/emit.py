@@ -1237,12 +1237,13 @@ _OPERATORS = {"if": 1, "else": 1, "or": 1, "and": 1, "+": 2, "-": 2, "*": 3, "/"
               "@": 3, "%": 3, "**": 4}
 
 
-def _break_points(text: str) -> list[tuple[int, int, int, int, bool]]:
+def _break_points(text: str) -> list[tuple[int, int, int, int, bool, bool]]:
     """(position, bracket depth, how loosely the operator there binds, position of the
-    enclosing bracket, right after it) for each place where a statement may continue on the
-    next line: after an opening parenthesis or brace, after a comma and before a binary
-    operator, all inside parentheses or braces (never inside a subscript: ``x[:, None]``
-    stays whole). Depth 0 holds the operators outside every bracket, where no break is."""
+    enclosing bracket, right after it, inside a subscript) for each place where a statement
+    may continue on the next line: after an opening bracket, after a comma and before a
+    binary operator. Places inside a subscript are a last resort (:func:`_wrap_statement`):
+    ``x[:, None]`` stays whole unless a gather's index alone is too long for a line. Depth 0
+    holds the operators outside every bracket, where no break is."""
     import io
     import tokenize
 
@@ -1251,20 +1252,20 @@ def _break_points(text: str) -> list[tuple[int, int, int, int, bool]]:
         if tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER):
             continue
         start, end = tok.start[1], tok.end[1]  # one line: columns are positions
-        inside = all(b != "[" for b, _ in stack)
-        if tok.string in _OPERATORS and inside and previous is not None and \
+        subscript = any(b == "[" for b, _ in stack)
+        if tok.string in _OPERATORS and previous is not None and \
                 (previous.type in (tokenize.NAME, tokenize.NUMBER, tokenize.STRING)
                  or previous.string in (")", "]", "}")):
             points.append((start, len(stack), _OPERATORS[tok.string],
-                           stack[-1][1] if stack else -1, False))
+                           stack[-1][1] if stack else -1, False, subscript))
         if tok.string in "([{" and tok.type == tokenize.OP:
             stack.append((tok.string, start))
-            if all(b != "[" for b, _ in stack):
-                points.append((end, len(stack), 0, start, True))
+            points.append((end, len(stack), 0, start, True,
+                           any(b == "[" for b, _ in stack)))
         elif tok.string in ")]}" and tok.type == tokenize.OP and stack:
             stack.pop()
-        elif tok.string == "," and inside and stack:
-            points.append((end, len(stack), 0, stack[-1][1], False))
+        elif tok.string == "," and stack:
+            points.append((end, len(stack), 0, stack[-1][1], False, subscript))
         previous = tok
     return points
 
@@ -1280,10 +1281,12 @@ def _wrap_statement(text: str, indent: str, width: int) -> list[str]:
     # a right-hand side that is a sum outside brackets, or with no place to break, in
     # parentheses: its terms then break first
     if sep and rhs and (any(p[1] == 0 and p[2] <= 2 for p in points) or not [
-            p for p in points if len(indent) + p[0] <= width]):
+            p for p in points if len(indent) + p[0] <= width and not p[5]]):
         text = f"{head}{sep}({rhs})"
         points = _break_points(text)
     points = [p for p in points if p[1] > 0]
+    subscripts = [p for p in points if p[5]]  # a last resort: a gather's long index
+    points = [p for p in points if not p[5]]
     lines, start, lead = [], 0, indent
     starts = [(0, len(indent))]  # (position where an output line starts, its indent)
     hanging: dict[int, int] = {}  # bracket that ended a line -> the indent of what follows
@@ -1297,6 +1300,10 @@ def _wrap_statement(text: str, indent: str, width: int) -> list[str]:
                    and len(lead) + p[0] - start <= width
                    and text[start:p[0]].strip()]
         if not fitting:
+            fitting = [p for p in subscripts if start < p[0] < len(text)
+                       and len(lead) + p[0] - start <= width
+                       and text[start:p[0]].strip()]
+        if not fitting:
             later = [p for p in points if p[0] > start and text[start:p[0]].strip()]
             if not later:
                 break
@@ -1307,7 +1314,7 @@ def _wrap_statement(text: str, indent: str, width: int) -> list[str]:
         room = width - len(lead)
         kinds = sorted({p[1:3] for p in fitting})
         best = [max(p for p in fitting if p[1:3] == kind) for kind in kinds]
-        pos, depth, _, bracket, after_open = next(
+        pos, depth, _, bracket, after_open, _ = next(
             (p for p in best if p[0] - start >= 0.4 * room or (p[4] and p[1] == 1)), best[0])
         lines.append(lead + text[start:pos].rstrip())
         start = pos
