@@ -27,9 +27,7 @@ numpy/plain (goal ≥ 0.25). A missed goal is printed, not raised.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 
@@ -123,7 +121,7 @@ def main() -> None:
         os.environ[var] = str(args.threads)
     import numpy as np
     import torch
-    from training_steps import interleaved_times, samples_per_s, step_functions
+    from training_steps import interleaved_times, report, step_functions
 
     from gradtool.nn import build, cnn, load_model_file
 
@@ -145,23 +143,10 @@ def main() -> None:
     steps = step_functions(x, y, opts, plain=pmodel, torch_model=(tmodel, tloss),
                            numpy_model=None if args.no_numpy else (nmodel, nloss))
     times = interleaved_times(steps, args.warmup, args.iters)
-    rate = samples_per_s(times, args.batch)
-    goals = {"torch/plain": 0.9, "numpy/plain": 0.25}
-    ratios = {f"{k}/plain": rate[k] / rate["plain"] for k in steps if k != "plain"}
-    what = f"{args.model} on {args.batch}×{'×'.join(map(str, shape))}"
-    print(f"{what}, Adam, float32, {args.threads} thread(s), median of {args.iters} steps")
-    for k, r in rate.items():
-        print(f"  {k:6s} {r:10,.0f} samples/s  ({statistics.median(times[k]) * 1e3:.2f} ms/step)")
-    for k, r in ratios.items():
-        print(f"  {k:12s} {r:.2f}  goal ≥ {goals[k]}  {'met' if r >= goals[k] else 'MISSED'}")
+    report(f"{args.model} on {args.batch}×{'×'.join(map(str, shape))}", times, args.batch,
+           {"torch/plain": 0.9, "numpy/plain": 0.25}, args.threads, args.json_out)
     if args.layers:
         layer_times(tmodel, pmodel, x, args.iters)
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump({"model": what, "threads": args.threads, "samples_per_s": rate,
-                       "ratios": ratios, "goals": goals, "torch": torch.__version__,
-                       "python": platform.python_version()}, fh, indent=2)
-
 
 if __name__ == "__main__":
     main()

@@ -25,10 +25,7 @@ ratios torch/plain (goal ≥ 0.9) and numpy/plain (goal ≥ 0.5). A missed goal 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 
 
 def plain_model(desc_hidden, features, classes):
@@ -58,7 +55,7 @@ def main() -> None:
         os.environ[var] = str(args.threads)
     import numpy as np
     import torch
-    from training_steps import interleaved_times, samples_per_s, step_functions
+    from training_steps import interleaved_times, report, step_functions
 
     from gradtool.nn import build, mlp
 
@@ -84,22 +81,9 @@ def main() -> None:
     steps = step_functions(x, y, opts, plain=pmodel, torch_model=(tmodel, tloss),
                            numpy_model=(nmodel, nloss))
     times = interleaved_times(steps, args.warmup, args.iters)
-    rate = samples_per_s(times, args.batch)
-    ratios = {"torch/plain": rate["torch"] / rate["plain"],
-              "numpy/plain": rate["numpy"] / rate["plain"]}
-    goals = {"torch/plain": 0.9, "numpy/plain": 0.5}
     shape = f"{args.features}-{'-'.join(map(str, hidden))}-{args.classes}, batch {args.batch}"
-    print(f"MLP {shape}, Adam, float32, {args.threads} thread(s), median of {args.iters}")
-    for k, r in rate.items():
-        print(f"  {k:6s} {r:12,.0f} samples/s  ({statistics.median(times[k]) * 1e3:.3f} ms/step)")
-    for k, r in ratios.items():
-        print(f"  {k:12s} {r:.2f}  goal ≥ {goals[k]}  {'met' if r >= goals[k] else 'MISSED'}")
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump({"model": shape, "threads": args.threads, "samples_per_s": rate,
-                       "ratios": ratios, "goals": goals, "torch": torch.__version__,
-                       "python": platform.python_version()}, fh, indent=2)
-
+    report(f"MLP {shape}", times, args.batch, {"torch/plain": 0.9, "numpy/plain": 0.5},
+           args.threads, args.json_out)
 
 if __name__ == "__main__":
     main()

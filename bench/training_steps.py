@@ -66,3 +66,29 @@ def interleaved_times(steps: dict, warmup: int, iters: int) -> dict[str, list[fl
 def samples_per_s(times: dict[str, list[float]], batch: int) -> dict[str, float]:
     """Samples per second of each variant from its median step time."""
     return {k: batch / statistics.median(v) for k, v in times.items()}
+
+
+def report(what: str, times: dict[str, list[float]], batch: int, goals: dict[str, float],
+           threads: int, json_out: str | None) -> dict[str, float]:
+    """Print each variant's samples/s and its ratio to ``plain`` against ``goals``
+    (``{"torch/plain": 0.9, ...}``; a missed goal is printed, not raised); with ``json_out``
+    also write them there. Returns the ratios."""
+    import json
+    import platform
+
+    import torch
+
+    rate = samples_per_s(times, batch)
+    ratios = {f"{k}/plain": rate[k] / rate["plain"] for k in rate if k != "plain"}
+    print(f"{what}, Adam, float32, {threads} thread(s), median of "
+          f"{len(next(iter(times.values())))} steps")
+    for k, r in rate.items():
+        print(f"  {k:6s} {r:12,.0f} samples/s  ({statistics.median(times[k]) * 1e3:.3f} ms/step)")
+    for k, r in ratios.items():
+        print(f"  {k:12s} {r:.2f}  goal ≥ {goals[k]}  {'met' if r >= goals[k] else 'MISSED'}")
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump({"model": what, "threads": threads, "samples_per_s": rate,
+                       "ratios": ratios, "goals": goals, "torch": torch.__version__,
+                       "python": platform.python_version()}, fh, indent=2)
+    return ratios
