@@ -654,7 +654,8 @@ CHAIN_HANG = 60  # seconds: far above what any chain takes; fails only a derivat
 def chain_sources(draw) -> str:
     """An element-wise spec Y = Σ_k k·f_k(X/k), each f_k a composition of 1-3 maps from
     ``CHAIN_MAPS`` (tanh(tanh(tanh(X))), tanh(X + X³), log(1 + exp(tanh(X))), ...), written
-    inline or, for one term, through a ``spec.let`` per layer."""
+    inline or, for one term, through a ``spec.let`` per layer (then 1-5 layers: the adjoint
+    of each let is the next one's times a local derivative, the shape of finding 21)."""
     lines = ['spec = Spec("chain", "a composed element-wise chain")',
              'N, D = spec.dims("N D")', "n, d = spec.indices(n=N, d=D)",
              'X = spec.input("X", N, D)']
@@ -663,7 +664,7 @@ def chain_sources(draw) -> str:
     terms = []
     for k in range(1, count + 1):
         text, bound = ("X[n, d]", 5.0) if k == 1 else (f"X[n, d] / {k}", 5.0 / k)
-        for layer in range(draw(st.integers(1, 3))):
+        for layer in range(draw(st.integers(1, 5 if lets else 3))):
             tpl, _, size = draw(st.sampled_from([m for m in CHAIN_MAPS if m[1](bound)]))
             text, bound = tpl.format(text, text), size(bound)
             if lets:
@@ -681,6 +682,52 @@ def test_composed_chains_derive_and_match_autograd(source, shape):
     with _time_limit(source, CHAIN_HANG), tempfile.TemporaryDirectory() as folder:
         d = derive(_load(folder, source))
         assert_matches_autograd(d, seed=_seed(source, shape[0]), fixed=shape[1])
+    lets = source.count(" = spec.let(")
+    if lets:  # the chain rule's product, a factor per let, not its 2^k terms multiplied out
+        assert sp.count_ops(d.closed["X"]) <= 12 * (lets + 1), d.closed["X"]
+
+
+EXAMPLES_SATURATING = int(_ENV) if _ENV else 3
+
+# the local derivatives in the output's names are sums (1 − u², 1 − u): a product of several
+# multiplied out grows as 2^k
+# (template, bound of the result given the argument's): exp only of a bounded argument
+SATURATING_MAPS = (("tanh({})", lambda m: 1.0), ("sigmoid({})", lambda m: 1.0),
+                   ("exp(tanh({}))", lambda m: math.e), ("tanh({}) / 2", lambda m: 0.5),
+                   ("exp({})", math.exp))
+
+
+@st.composite
+def saturating_chain_sources(draw) -> str:
+    """Y through 3-7 element-wise lets, each a saturating map of the one before (the adjoint
+    of each is the next one's times 1 − u² or u·(1 − u)), starting from X itself or, as in
+    finding 21, from X over a max of its row, ``X[n, d] / (1 + Max_k X[n, k]²)``."""
+    lines = ['spec = Spec("chain", "a chain of saturating lets")', 'N, D = spec.dims("N D")',
+             "n, d, k = spec.indices(n=N, d=D, k=D)", 'X = spec.input("X", N, D)']
+    text = "X[n, d] / (1 + Max(X[n, k], k)**2)" if draw(st.booleans()) else "X[n, d]"
+    bound = 5.0
+    for layer in range(draw(st.integers(3, 7))):
+        tpl, size = draw(st.sampled_from([m for m in SATURATING_MAPS
+                                          if m[0] != "exp({})" or bound <= 3]))
+        lines.append(f'u{layer} = spec.let("u{layer}", [n, d], {tpl.format(text)})')
+        text, bound = f"u{layer}[n, d]", size(bound)
+    last = draw(st.sampled_from([m[0] for m in SATURATING_MAPS[:3]]))
+    lines.append(f'spec.output("Y", [n, d], {last.format(text)})')
+    return HEAD + "\n".join(lines) + "\n"
+
+
+@settings(FUZZ, max_examples=EXAMPLES_SATURATING)
+@given(source=saturating_chain_sources(), shape=st.sampled_from(SHAPES))
+def test_saturating_let_chains_derive_as_products(source, shape):
+    """Finding 21's kind: through k lets the derived gradient stays the chain rule's
+    product, its size linear in k (it was 2^k terms, minutes to check), and autograd's."""
+    note(source)
+    with _time_limit(source, CHAIN_HANG), tempfile.TemporaryDirectory() as folder:
+        d = derive(_load(folder, source))
+        assert_matches_autograd(d, seed=_seed(source, shape[0]), fixed=shape[1])
+    lets = source.count(" = spec.let(")
+    paths = 2 if "Max(" in source else 1  # X's own read, and through the max: the chain twice
+    assert sp.count_ops(d.closed["X"]) <= 16 * (lets + 1) * paths, d.closed["X"]
 
 
 # -- affine reads: strided windows and split indices ------------------------------------------

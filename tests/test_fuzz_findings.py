@@ -303,6 +303,19 @@ t2 = spec.indices(t2=T)
 u = spec.let("u", [n, t], Sum(exp(tanh(X[n, t * S + k])), k))
 spec.output("Y", [n, t], u[n, t] - Sum(u[n, t2], t2) / T)
 """,
+    "tanh_chain_after_max": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz", "a random spec")
+N, D, E = spec.dims("N D E")
+n, d, e, i, k, j = spec.indices(n=N, d=D, e=E, i=N, k=D, j=E)
+A = spec.input("A", D, N, E, domain="positive")
+t0 = spec.let("t0", [n, d, e], exp(tanh((Max(A[d, n, j], j)) / (1 + (A[d, n, e])**2))))
+t1 = spec.let("t1", [n, d, e], exp(tanh(t0[n, d, e])))
+t2 = spec.let("t2", [n, d, e], exp(tanh(t1[n, d, e])))
+t3 = spec.let("t3", [n, d, e], tanh(t2[n, d, e]))
+spec.output("Y", [n, d, e], exp(tanh(t3[n, d, e])))
+""",
     "nested_fold_attempts": """\
 from gradtool.lang import *
 
@@ -385,6 +398,32 @@ def test_saturated_tanh_keeps_its_precision(tmp_path):
     path.write_text(SATURATED_TANH)
     d = derive(load_spec(path))
     for seed in range(60):
+        assert_matches_autograd(d, seed=seed)
+
+
+def test_chain_rule_through_saturating_lets_stays_a_product(tmp_path):
+    """Finding 21: each 1 − tanh² of the chain was multiplied out against the others, so dA
+    grew to about 1600 operations (2⁴ products, each times the arg-max mask's terms) and the
+    spec took 84 s to check. Sums that can fold nothing stay factors: dA is the chain's
+    product, each factor once, and still autograd's gradient."""
+    import sympy as sp
+
+    path = tmp_path / "chain.py"
+    path.write_text(FOUND["tanh_chain_after_max"])
+    d = derive(load_spec(path))
+    closed = d.closed["A"]
+    assert sp.count_ops(closed) < 200, sp.count_ops(closed)  # 1631 before the fix
+
+    def one_minus_tanh_squared_of(name):  # a factor 1 − tanh(name[…])², kept as one
+        return [f for f in sp.preorder_traversal(closed)
+                if isinstance(f, sp.Mul) and any(
+                    isinstance(a, sp.Add) and len(a.args) == 2 and sp.Integer(1) in a.args
+                    and any(isinstance(t, sp.Indexed) and t.base.label.name == name
+                            for t in sp.preorder_traversal(a))
+                    and a.has(sp.tanh) for a in f.args)]
+
+    assert one_minus_tanh_squared_of("t0") and one_minus_tanh_squared_of("t1"), closed
+    for seed in range(3):
         assert_matches_autograd(d, seed=seed)
 
 

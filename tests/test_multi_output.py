@@ -7,6 +7,7 @@ plain torch, independent of gradtool.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -347,8 +348,9 @@ def test_finite_differences_do_not_inherit_a_zero_jacobian(spec_path):
     d = derive(load_spec(spec_path("square_then_scale")))
     assert diagonal_axes(d, "X") == {0: {"A": 0, "B": 0}}
     n = d.canon["X"][0]
-    d.closed["X"] = 2 * d.spec.tensors["X"].base[n] * sp.IndexedBase("G_A")[n]  # drops G_B
-    d.__dict__.pop("_jacobians", None)
+    d = copy.copy(d)  # derive() shares its result: change a copy
+    d.closed = {**d.closed, "X": 2 * d.spec.tensors["X"].base[n] * sp.IndexedBase("G_A")[n]}
+    d.__dict__.pop("_jacobians", None)  # (drops G_B above)
     assert diagonal_axes(d, "X") == {}
 
 
@@ -403,8 +405,9 @@ def test_wrong_formula_is_still_a_derivation_error(private_cache, monkeypatch, k
     import gradtool.codegen.emit as emit
 
     def doubled(spec):
-        d = derive(spec)
-        d.closed["X"] = 2 * d.closed["X"]
+        # a copy: derive() hands every caller the one derivation of a spec
+        d = copy.copy(derive(spec))
+        d.closed = {**d.closed, "X": 2 * d.closed["X"]}
         return d
 
     monkeypatch.setattr(runner_module, "derive", doubled)

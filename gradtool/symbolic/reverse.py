@@ -145,7 +145,29 @@ def derive(spec: Spec, progress: Callable[[str], None] | None = None) -> Derivat
 
     ``progress``, if given, is called with the name of each step as it starts (``"adjoint of
     xhat (3/7)"``); ``gradtool derive`` shows it on a spinner. Every step is bounded in size
-    (see ``simplify.EXPAND_BUDGET``), so a derivation always ends."""
+    (see ``simplify.EXPAND_BUDGET``), so a derivation always ends.
+
+    A spec is derived once: ``gradtool check`` and the NumPy and torch code generators all
+    ask for the same spec's derivation, and get the one made first (a spec changed since then
+    is derived again). The result is shared, so callers must not change it."""
+    state = _spec_state(spec)
+    cached = spec.__dict__.get("_derivation")
+    if cached is not None and cached[0] == state:
+        return cached[1]
+    d = _derive(spec, progress)
+    # (normalising records the sums it lifts out on the spec: the state to compare is after)
+    spec.__dict__["_derivation"] = (_spec_state(spec), d)
+    return d
+
+
+def _spec_state(spec: Spec) -> str:
+    """Everything a derivation reads from ``spec``, as text: a spec changed after it was
+    derived (a statement added, a domain or fact stated) compares unequal."""
+    return repr((spec.statements, spec.facts, spec.tensors, spec.hypers, spec.derived,
+                 spec.requires, spec.eval_statements, spec.lifted, spec.index_dims))
+
+
+def _derive(spec: Spec, progress: Callable[[str], None] | None) -> Derivation:
     say = progress or (lambda step: None)
     say("normalising to SSA form")
     program = normalize(spec)

@@ -35,14 +35,20 @@ class Definition:
     free: tuple
 
 
-def expand(expr) -> sp.Expr:
+def expand(expr, inert=None) -> sp.Expr:
     """``sp.expand`` that leaves arg-max masks and denominators as they are.
 
     A mask ``[body = max body]`` compares the body with the value the forward computed; an
     expanded body is algebraically equal but does not compare equal in floating point.
     An expression whose expansion would have more than ``EXPAND_BUDGET`` terms stays as it is
     (still correct, only less simplified): multiplying out a product of sums grows as the
-    product of their lengths."""
+    product of their lengths.
+
+    ``inert``, if given, says of a sum that multiplying it out can fold nothing (see
+    :meth:`Simplifier.inert`). Where a product has two or more such factors they stay
+    factors: the chain rule through k saturating activations is a product of k factors
+    1 − tanh², 2^k terms once multiplied out (docs/fuzzing.md, finding 21). A product with
+    one such factor is still multiplied out, so that G − G·(1 − t²) cancels to G·t²."""
     from gradtool.symbolic.ir import ArgMaxMask
 
     keep = {m: sp.Dummy("mask") for m in expr.atoms(ArgMaxMask)} if expr.has(ArgMaxMask) \
@@ -51,6 +57,17 @@ def expand(expr) -> sp.Expr:
     for p in expr.atoms(sp.Pow):
         if p.exp.is_negative and isinstance(p.base, sp.Add) and p.base not in keep:
             keep[p.base] = sp.Dummy("den")
+    if inert is not None:
+        for node in sp.preorder_traversal(expr):
+            if not isinstance(node, sp.Mul):
+                continue
+            sums = [f for f in node.args if isinstance(f, sp.Add) and f not in keep
+                    and inert(f)]
+            powers = [f.base for f in node.args if isinstance(f, sp.Pow)
+                      and f.exp.is_Integer and f.exp > 1 and isinstance(f.base, sp.Add)
+                      and f.base not in keep and inert(f.base)]
+            if len(sums) + 2 * len(powers) >= 2:
+                keep.update({f: sp.Dummy("factor") for f in sums + powers})
     masked = expr.xreplace(keep) if keep else expr
     if expansion_size(masked) > EXPAND_BUDGET:
         return expr
@@ -196,6 +213,7 @@ class Simplifier:
         # Σ_var body is folded the same way wherever it appears (each order of a sum's limits
         # and each nested attempt meets the same terms again): remember each result
         self._folded: dict[tuple, sp.Expr] = {}
+        self._foldable = self._foldable_names()
         self._attempts = 0  # inlining attempts in the current top-level call
         self._top = False
 
@@ -230,9 +248,36 @@ class Simplifier:
             self._top = False
 
     def _simplify(self, expr, depth):
-        expr = expand(expr)
+        expr = expand(expr, self.inert)
         expr = self._sums(expr, depth)
-        return expand(expr)
+        return expand(expr, self.inert)
+
+    def inert(self, factor) -> bool:
+        """Can multiplying out the sum ``factor`` fold nothing? True if it holds no Σ or
+        Kronecker delta and reads no tensor that a sum's definition (or a stated fact) reads
+        or names, directly or through element-wise intermediates: then each of its terms
+        stays in the ratio of every fold (:meth:`_match`), and expanding it only multiplies
+        terms."""
+        if factor.has(sp.Sum, sp.KroneckerDelta):
+            return False
+        return not ({access_name(a) for a in accesses(factor, self.spec)} & self._foldable)
+
+    def _foldable_names(self) -> set[str]:
+        """The tensors a definition reads or names, and every element-wise intermediate that
+        reads one of them, however indirectly (see :meth:`inert`)."""
+        names = set()
+        for d in self.defs + self.multi:
+            names |= {access_name(a) for a in accesses(d.body, self.spec)}
+            names |= {access_name(a) for a in accesses(d.value, self.spec)}
+        grown = True
+        while grown:
+            grown = False
+            for name, a in self.elementwise.items():
+                if name not in names and \
+                        {access_name(x) for x in accesses(a.body, self.spec)} & names:
+                    names.add(name)
+                    grown = True
+        return names
 
     def _attempt(self) -> bool:
         """Count one inlining attempt; False once the budget of this call is spent."""
@@ -266,7 +311,7 @@ class Simplifier:
     def sum_over(self, body, var, count, depth) -> sp.Expr:
         """Σ_var body, with body already simplified."""
         out = []
-        for term in sp.Add.make_args(expand(body)):
+        for term in sp.Add.make_args(expand(body, self.inert)):
             out.append(self._sum_term(term, var, count, depth))
         return sp.Add(*out)
 
@@ -304,7 +349,8 @@ class Simplifier:
             return None
         if not self._attempt():
             return None
-        out = self.sum_over(expand(sp.Mul(*others) * inside.function), var, count, depth + 1)
+        out = self.sum_over(expand(sp.Mul(*others) * inside.function, self.inert), var, count,
+                            depth + 1)
         for j, lo, hi in inside.limits:
             out = self.sum_over(out, j, hi - lo + 1, depth + 1)
         return out
