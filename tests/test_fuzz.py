@@ -1053,32 +1053,41 @@ INCREASING = (("{}", lambda x: x), ("2*{} + 1", lambda x: 2 * x + 1),
 @settings(FUZZ, max_examples=int(_ENV) if _ENV else 6)
 @given(fn=st.sampled_from(range(len(INCREASING))), two_axes=st.booleans(),
        second=st.one_of(st.none(), st.sampled_from(range(len(INCREASING)))),
-       seed=st.integers(0, 2 ** 16))
+       shifted=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_max_reductions_with_tied_inputs_route_to_the_first_maximum(fn, two_axes, second,
-                                                                      seed):
+                                                                      shifted, seed):
     """Integer inputs from {0, 1, 2}: most windows tie. torch.max(dim) routes each row's
     gradient to its first maximum (row-major over the window), as gradtool must. With
     ``second``, the output adds a second max of the same input, so two masks of the same
-    element are added (as numbers: docs/fuzzing.md, finding 24)."""
+    element are added (as numbers: docs/fuzzing.md, finding 24). With ``shifted``, the body
+    adds a parameter of the row, ``W[n] + 3``, drawn as a real number: the kernels must
+    compute the mask's body in the forward's order of additions (finding 26: a common term
+    ``3 + W`` shared by dX and dW changed it, and a kernel's mask missed the maximum)."""
     from gradtool.check.kernels import Kernels, to_numpy
     from gradtool.check.numeric import derived_gradients
 
     tpl, f = INCREASING[fn]
     lines = ['spec = Spec("ties", "a max over tied inputs")', 'N, D, E = spec.dims("N D E")',
              "n, k, j = spec.indices(n=N, k=D, j=E)", 'X = spec.input("X", N, D, E)']
+    if shifted:
+        lines.append('W = spec.param("W", N)')
     over = "k, j" if two_axes else "k"
     lhs = "[n]" if two_axes else "[n, j]"
-    rhs = f'Max({tpl.format("X[n, k, j]")}, {over})'
+    shift = " + W[n] + 3" if shifted else ""
+    rhs = f'Max({tpl.format("X[n, k, j]")}{shift}, {over})'
     if second is not None:
-        rhs += f' + Max({INCREASING[second][0].format("X[n, k, j]")}, {over})'
+        rhs += f' + Max({INCREASING[second][0].format("X[n, k, j]")}{shift}, {over})'
     lines.append(f'spec.output("Y", {lhs}, {rhs})')
     source = HEAD + "\n".join(lines) + "\n"
     note(source)
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 3, (2, 3, 2)).astype(np.float64)
+    w = rng.standard_normal(2)
     xt = torch.tensor(x, requires_grad=True)
+    wt = torch.tensor(w, requires_grad=True)
 
-    def reduce(body):
+    def reduce(body):  # (the same W[n] in every element of a row keeps its ties exact)
+        body = body + wt[:, None, None] + 3 if shifted else body
         return body.reshape(2, -1).max(1).values if two_axes else body.max(1).values
 
     y = reduce(f(xt))
@@ -1086,17 +1095,22 @@ def test_max_reductions_with_tied_inputs_route_to_the_first_maximum(fn, two_axes
         y = y + reduce(INCREASING[second][1](xt))
     up = rng.standard_normal(tuple(y.shape))
     y.backward(torch.tensor(up))
+    want = {"X": xt.grad.numpy(), "W": wt.grad.numpy() if shifted else None}
+    inputs = {"X": x, "W": w} if shifted else {"X": x}
     with _time_limit(source), tempfile.TemporaryDirectory() as folder:
         spec = _load(folder, source)
         d = derive(spec)
         dims = {spec.dim_symbols[s]: v for s, v in zip("NDE", (2, 3, 2), strict=True)}
-        got = {"derived": derived_gradients(d, {"X": x}, dims, {"G": up})["X"]}
+        got = {"derived": derived_gradients(d, inputs, dims, {"G": up})}
         for target in ("numpy", "torch"):
             k = Kernels(spec, target)
-            _, saved, _ = k.forward({"X": x}, dims)
-            got[target] = to_numpy(k.backward({"Y": up}, saved, dims)["X"])
-    for way, g in got.items():
-        assert max_rel_err(g, xt.grad.numpy()) < 1e-12, f"{way}: {g} vs {xt.grad.numpy()}"
+            _, saved, _ = k.forward(inputs, dims)
+            got[target] = {n: to_numpy(g) for n, g in
+                           k.backward({"Y": up}, saved, dims).items()}
+    for way, grads in got.items():
+        for name in inputs:
+            err = max_rel_err(grads[name], want[name])
+            assert err < 1e-12, f"{way}: d{name} {grads[name]} vs {want[name]}"
 
 
 # -- generated code style (issue 12) ----------------------------------------------------------

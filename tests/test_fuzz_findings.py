@@ -303,6 +303,32 @@ t2 = spec.indices(t2=T)
 u = spec.let("u", [n, t], Sum(exp(tanh(X[n, t * S + k])), k))
 spec.output("Y", [n, t], u[n, t] - Sum(u[n, t2], t2) / T)
 """,
+    "mask_body_shared_with_a_fact": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz", "a random spec")
+N, D, E = spec.dims("N D E")
+n, d, e, i, k, j = spec.indices(n=N, d=D, e=E, i=N, k=D, j=E)
+A = spec.input("A", N)
+B = spec.input("B", N)
+W = spec.param("W", N, D, E, init="normal")
+alpha = spec.hyper("alpha", 0.7)
+t0 = spec.let("t0", [n, d, e], (A[n])*(W[n, d, e]))
+t1 = spec.let("t1", [n, d, e], 2*((B[n])*(t0[n, d, e])))
+T = spec.input("T", N, D, E, grad=False, domain="binary")
+spec.fact(Sum(T[i, d, e], i), 1)
+spec.output("Y", [n, d, e], ((Max(((W[n, k, e]) + 3) + (Sum((t0[i, k, e])*(A[i]), i)), k)) + (t1[n, d, e])) * T[n, d, e])
+""",
+    "max_of_a_shifted_body": """\
+from gradtool.lang import *
+
+spec = Spec("shifted_max", "a max over a body shifted by a parameter and a constant")
+N, D, E = spec.dims("N D E")
+n, k, j = spec.indices(n=N, k=D, j=E)
+X = spec.input("X", N, D, E)
+W = spec.param("W", N, init="normal")
+spec.output("Y", [n, j], Max(X[n, k, j] + W[n] + 3, k))
+""",
     "tanh_chain_after_max": """\
 from gradtool.lang import *
 

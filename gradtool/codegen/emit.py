@@ -716,8 +716,7 @@ class Module:
         forms = self.closed_forms()
         exprs = [_canonical_bound(e) for _, e, _ in forms]
         exprs, products = _shared_products(exprs, self._taken())
-        replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"),
-                                       optimizations=None, order="none")
+        replacements, reduced = _cse_whole_masks(exprs)
         replacements, reduced = _inline_index_terms(replacements, reduced)
         seeds = [self.names[self.seed_names[o.target]] for o in self.outputs
                  if o.target in self.seed_names]
@@ -1003,6 +1002,30 @@ def _canonical_bound(expr, depth: int = 0):
     if not expr.args or isinstance(expr, (sp.Indexed, sp.IndexedBase)):
         return expr
     return expr.func(*[_canonical_bound(a, depth) for a in expr.args])
+
+
+def _cse_whole_masks(exprs) -> tuple[list, list]:
+    """``sympy.cse`` of the gradients, each arg-max mask ``[body = max body]`` one unit.
+
+    A mask compares its body with the maximum the forward computed, so the kernel must
+    compute the body exactly as the forward did: a common term taken from inside it
+    (``3 + s`` out of ``3 + W + s``, shared with another mask) adds in another order, and
+    the comparison then fails where it should hold, dropping the arg-max's gradient
+    (docs/fuzzing.md, finding 26). A mask may still be shared whole."""
+    from gradtool.symbolic.ir import ArgMaxMask
+
+    masks: dict = {}
+    for e in exprs:
+        for m in sorted(e.atoms(ArgMaxMask), key=sp.default_sort_key):
+            masks.setdefault(m, sp.Dummy(f"mask{len(masks)}"))
+    hidden = [e.xreplace(masks) for e in exprs] if masks else exprs
+    replacements, reduced = sp.cse(hidden, symbols=sp.numbered_symbols("_t"),
+                                   optimizations=None, order="none")
+    if not masks:
+        return replacements, reduced
+    back = {v: k for k, v in masks.items()}
+    return [(sym, value.xreplace(back)) for sym, value in replacements], \
+        [e.xreplace(back) for e in reduced]
 
 
 def _shared_products(exprs, taken) -> tuple[list, dict]:
