@@ -74,6 +74,23 @@ class TorchPrinter(ArrayPrinter):
         return self.unless_unpadded(f"torch.nn.functional.pad({source}, ({flat})" + (
             f", value={value})" if value != "0" else ")"), source, widths)
 
+    def _print_Pow(self, e) -> Arr:
+        """1/x of a tensor as ``torch.reciprocal(x)``: ``1 / x`` is Python's ``__rdiv__``,
+        which computes ``x.reciprocal() * 1`` (the same values) at four times the cost of the
+        one call at small sizes."""
+        if e.exp in (-1, sp.Rational(-1, 2)) and not self._plain_number(e.base):
+            inner = self.lower(e.base) if e.exp == -1 else \
+                self._call("sqrt", self.lower(e.base), e.base)
+            return Arr(f"torch.reciprocal({inner.code})", inner.axes, ATOM)
+        return super()._print_Pow(e)
+
+    def _quotient(self, num: list, den: list, axes=None) -> Arr:
+        """``1 / (a * b)`` of tensors as ``torch.reciprocal(a * b)`` (see :meth:`_print_Pow`)."""
+        if num or not any(a.axes for a in den):
+            return super()._quotient(num, den, axes)
+        inner = super()._quotient(den, [], axes)
+        return Arr(f"torch.reciprocal({inner.code})", inner.axes, ATOM)
+
     def transpose(self, code: str, perm: tuple) -> str:
         if perm == (1, 0):
             return f"{code}.T"
@@ -452,11 +469,12 @@ class TorchPrinter(ArrayPrinter):
         Only sums, products and matrix products: autograd keeps the outputs of exp, tanh,
         sqrt or 1/x for their backward (an in-place update would break autograd through the
         forward, and the double backward), while add, mul, addcmul and mm keep only their
-        inputs."""
+        inputs; so ``torch.reciprocal(a * b)``, a product's lowering of 1/(a·b), is not fresh."""
         made = isinstance(expr, (sp.Add, sp.Mul)) or (
             isinstance(expr, sp.Sum) and isinstance(arr, MatMul))
         return bool(axes) and tuple(arr.axes) == tuple(axes) and made \
             and not self._VIEW.fullmatch(arr.code) and self._is_array(expr) \
+            and not arr.code.startswith("torch.reciprocal(") \
             and not self._bool_only(expr)  # −1·mask is an integer tensor: no float fits in it
 
     def _scale_in_place(self, high: list, high_den: list, low: Arr | None,
@@ -619,9 +637,13 @@ def pair_conv_grads(stmts: list, grads, printer: TorchPrinter, names_read, fresh
                  for c in (a, b)] if b is not None else [None]
         if None in where:
             continue
-        first = min(where)
+        bias = _bias_grad(stmts, a.grad, len(a.sizes))
+        if bias is not None and (not grads(stmts[bias][0]) or bias < min(where) and names_read(
+                f"{a.grad} {b.other} {a.other}") & {n for n, _ in stmts[bias:]}):
+            bias = None  # needed by no gradient, or before the convolution's arguments
+        first = min(where + ([bias] if bias is not None else []))
         name = fresh("conv_grads")
-        mask = ", ".join(grads(stmts[k][0]) for k in where)
+        mask = ", ".join(grads(stmts[k][0]) for k in where + ([bias] if bias is not None else []))
         code = f"conv_backward({a.grad}, {b.other}, {a.other}, {a.strides}, " \
                f"{a.padding}, ({mask}))"
         later = {n for n, _ in stmts[first:]}
@@ -630,9 +652,26 @@ def pair_conv_grads(stmts: list, grads, printer: TorchPrinter, names_read, fresh
         calls.remove(b)
         for part, (k, c) in enumerate(zip(where, (a, b), strict=True)):
             stmts[k] = (stmts[k][0], stmts[k][1].replace(c.call, f"{name}[{part}]"))
+        if bias is not None:
+            stmts[bias] = (stmts[bias][0], f"{name}[2]")
         stmts.insert(first, (name, code))
         printer.helpers.add("conv_backward")
     return _inline_aliases(stmts, keep, names_read)
+
+
+def _bias_grad(stmts: list, grad: str, rank: int) -> int | None:
+    """The position of the statement that sums a convolution's upstream gradient ``grad``
+    (``rank`` axes, in the layout batch, channels, spatial…) over every axis but the
+    channels, ``G.sum((0, 2, 3))``: the gradient of a per-channel bias added to the
+    convolution, which torch's convolution backward computes as its third output (as
+    autograd does for F.conv2d with a bias). None when there is none."""
+    want = set(range(rank)) - {1}
+    pattern = re.compile(rf"{re.escape(grad)}\.sum\(\((\d+(?:, \d+)*)\)\)")
+    for k, (_, code) in enumerate(stmts):
+        m = pattern.fullmatch(code)
+        if m and {int(x) for x in m.group(1).split(", ")} == want:
+            return k
+    return None
 
 
 def _inline_aliases(stmts: list, keep: set, names_read) -> list:
@@ -653,11 +692,14 @@ HELPERS = {
     "conv_backward": '''def conv_backward(grad, x, weight, strides, padding, need):
     """(∂L/∂x, ∂L/∂weight) of a convolution y = conv*d(x, weight, stride, padding) from
     grad = ∂L/∂y in one call of torch's own convolution backward (the one autograd runs for
-    F.conv*d); ``need`` says which of the two to compute (the other is None)."""
+    F.conv*d), and with three flags in ``need`` also ∂L/∂b of a per-channel bias added to y
+    (grad summed over all axes but the channels); ``need`` says which to compute (the
+    others are None)."""
     d = len(strides)
     zeros, ones = (0,) * d, (1,) * d
-    return torch.ops.aten.convolution_backward(grad, x, weight, None, strides, padding, ones,
-                                               False, zeros, 1, (*need, False))[:2]''',
+    bias = [weight.shape[0]] if len(need) > 2 else None
+    return torch.ops.aten.convolution_backward(grad, x, weight, bias, strides, padding, ones,
+                                               False, zeros, 1, (*need, False)[:3])[:len(need)]''',
     "scatter_add": '''def scatter_add(values, index, size, lead, batch=0):
     """out[..., b, index[b, j]] += values[..., b, j]: the adjoint of reading x[..., index] with
     an integer tensor (strided convolution, pooling). ``lead`` axes of ``values`` come before
