@@ -1,7 +1,8 @@
 """Lowering rules of the torch target that cut calls at small sizes (docs/training.md,
 "Measured (CNN)"), each against torch.autograd in float64 and float32, with the ``need``
-flags: 1/x of a tensor as ``torch.reciprocal`` and a convolution's bias gradient as the third
-output of torch's convolution backward."""
+flags: 1/x of a tensor as ``torch.reciprocal``, x² as ``x * x``, a number factor as add's
+``alpha=`` and addcmul's ``value=``, and a convolution's bias gradient as the third output of
+torch's convolution backward."""
 
 import re
 
@@ -35,23 +36,24 @@ X = spec.input("X", N, D, domain="positive")
 Z = spec.input("Z", N, D, domain="positive")
 S = spec.input("S", N, domain="positive")
 r = spec.let("r", [n], 1 / sqrt(S[n]))
-spec.output("Y", [n, d], r[n] * X[n, d] + 1 / (X[n, d] * Z[n, d]) + 2 / Z[n, d])
+spec.output("Y", [n, d], r[n] * X[n, d] + 1 / (X[n, d] * Z[n, d]) + 2 / Z[n, d] + Z[n, d] ** 2)
 """
 
 
 def _reciprocal_oracle(x, z, s):
-    return torch.rsqrt(s)[:, None] * x + 1 / (x * z) + 2 / z
+    return torch.rsqrt(s)[:, None] * x + 1 / (x * z) + 2 / z + z ** 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("wants", [(True, True, True), (False, True, False)])
 def test_reciprocal_of_a_tensor_lowers_to_one_call(tmp_path, dtype, wants):
     """1/x, 1/√s and 1/(x·z) of tensors are ``torch.reciprocal`` calls (``1 / x`` is Python's
-    ``__rdiv__``, the same values at more cost), and the layer's values and gradients are
-    torch.autograd's; an input that asks for no gradient gets none."""
+    ``__rdiv__``, the same values at more cost) and z² is ``Z * Z``, and the layer's values
+    and gradients are torch.autograd's; an input that asks for no gradient gets none."""
     path = _spec_file(tmp_path, RECIPROCALS)
     source = generate(load_spec(path), "torch")
     assert "torch.reciprocal(torch.sqrt(S))" in source and "torch.reciprocal(X * Z)" in source
+    assert "Z * Z" in source and "** 2" not in source
     assert not re.search(r"\b1 / [A-Za-z(]", source[source.index("def forward"):])
     rng = np.random.default_rng(0)
     data = [rng.uniform(0.5, 2, s) for s in ((3, 4), (3, 4), (3,))]
@@ -113,3 +115,43 @@ def test_convolution_bias_gradient_comes_from_the_convolution_backward(dtype, na
         want = torch.autograd.grad(ref, [xr] * wants + [w, b], g)
         for a, c in zip(got, want, strict=True):
             torch.testing.assert_close(a, c, rtol=tol, atol=tol)
+
+
+NORMS = {
+    "batchnorm2d": ((4, 3, 5, 2), dict(C=3),
+                    lambda x, g, b: F.batch_norm(x, None, None, g, b, training=True, eps=1e-5)),
+    "layernorm": ((4, 6), dict(D=6), lambda x, g, b: F.layer_norm(x, (6,), g, b, eps=1e-5)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", sorted(NORMS))
+@pytest.mark.parametrize("wants", [(True, True, True), (True, False, False),
+                                   (False, True, False)])
+def test_number_factors_fold_into_alpha_and_value(dtype, name, wants):
+    """``a − c·s`` and ``a + c·s·x`` with c a number are one call, ``torch.sub(a, s,
+    alpha=c)`` and ``a.addcmul_(s, x, value=c)``, not a call that multiplies s by c first;
+    batch norm's and layer norm's gradients stay F.batch_norm's and F.layer_norm's, also
+    when only some of them are asked for."""
+    source = generate(load_spec(name), "torch")
+    backward = source[source.index("def backward"):source.index("class ")]
+    assert "alpha=1 / " in backward and "value=-(1 / " in backward, backward
+    shape, sizes, oracle = NORMS[name]
+    layer = SpecModule(name, dtype=dtype, **sizes)
+    rng = np.random.default_rng(3)
+    x = torch.tensor(rng.standard_normal(shape) * 2 + 1, dtype=dtype)
+    g = torch.tensor(rng.standard_normal(shape), dtype=dtype)
+    with torch.no_grad():
+        layer.gamma.copy_(torch.tensor(rng.uniform(0.5, 2, shape[1 if name != "layernorm"
+                                                                 else -1])))
+    ours = [x.clone().requires_grad_(wants[0]), layer.gamma, layer.beta]
+    theirs = [t.detach().clone().requires_grad_(w) for t, w in zip(ours, wants)]
+    for p, w in zip(ours[1:], wants[1:]):
+        p.requires_grad_(w)
+    y, ref = layer(ours[0]), oracle(*theirs)
+    tol = TOLS[dtype] * 10
+    torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+    got = torch.autograd.grad(y, [t for t, w in zip(ours, wants) if w], g)
+    want = torch.autograd.grad(ref, [t for t, w in zip(theirs, wants) if w], g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
