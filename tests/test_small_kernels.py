@@ -1,8 +1,8 @@
 """Lowering rules of the torch target that cut calls at small sizes (docs/training.md,
 "Measured (CNN)"), each against torch.autograd in float64 and float32, with the ``need``
 flags: 1/x of a tensor as ``torch.reciprocal``, x² as ``x * x``, a number factor as add's
-``alpha=`` and addcmul's ``value=``, and a convolution's bias gradient as the third output of
-torch's convolution backward."""
+``alpha=`` and addcmul's ``value=``, a sum over (0, 2, 3) with a short H·W as two sums, and a
+convolution's bias gradient as the third output of torch's convolution backward."""
 
 import re
 
@@ -117,26 +117,34 @@ def test_convolution_bias_gradient_comes_from_the_convolution_backward(dtype, na
             torch.testing.assert_close(a, c, rtol=tol, atol=tol)
 
 
-NORMS = {
-    "batchnorm2d": ((4, 3, 5, 2), dict(C=3),
-                    lambda x, g, b: F.batch_norm(x, None, None, g, b, training=True, eps=1e-5)),
-    "layernorm": ((4, 6), dict(D=6), lambda x, g, b: F.layer_norm(x, (6,), g, b, eps=1e-5)),
+def _batch_norm(x, g, b):
+    return F.batch_norm(x, None, None, g, b, training=True, eps=1e-5)
+
+
+NORMS = {  # batch norm with H·W at most TorchPrinter.SHORT_TRAIL (16) and above it
+    "batchnorm2d, H·W = 10": ("batchnorm2d", (4, 3, 5, 2), dict(C=3), _batch_norm),
+    "batchnorm2d, H·W = 25": ("batchnorm2d", (3, 3, 5, 5), dict(C=3), _batch_norm),
+    "layernorm": ("layernorm", (4, 6), dict(D=6),
+                  lambda x, g, b: F.layer_norm(x, (6,), g, b, eps=1e-5)),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("name", sorted(NORMS))
+@pytest.mark.parametrize("case", sorted(NORMS))
 @pytest.mark.parametrize("wants", [(True, True, True), (True, False, False),
                                    (False, True, False)])
-def test_number_factors_fold_into_alpha_and_value(dtype, name, wants):
+def test_number_factors_and_channel_statistics(dtype, case, wants):
     """``a − c·s`` and ``a + c·s·x`` with c a number are one call, ``torch.sub(a, s,
-    alpha=c)`` and ``a.addcmul_(s, x, value=c)``, not a call that multiplies s by c first;
-    batch norm's and layer norm's gradients stay F.batch_norm's and F.layer_norm's, also
-    when only some of them are asked for."""
+    alpha=c)`` and ``a.addcmul_(s, x, value=c)``, not a call that multiplies s by c first,
+    and batch norm's statistics over (0, 2, 3) sum the batch first when H·W is small; batch
+    norm's and layer norm's values and gradients stay F.batch_norm's and F.layer_norm's on
+    either side of that size, also when only some gradients are asked for."""
+    name, shape, sizes, oracle = NORMS[case]
     source = generate(load_spec(name), "torch")
     backward = source[source.index("def backward"):source.index("class ")]
     assert "alpha=1 / " in backward and "value=-(1 / " in backward, backward
-    shape, sizes, oracle = NORMS[name]
+    if name == "batchnorm2d":
+        assert "(G.sum(0).sum((1, 2)) if H * W <= 16 else G.sum((0, 2, 3)))" in backward
     layer = SpecModule(name, dtype=dtype, **sizes)
     rng = np.random.default_rng(3)
     x = torch.tensor(rng.standard_normal(shape) * 2 + 1, dtype=dtype)

@@ -96,6 +96,30 @@ class TorchPrinter(ArrayPrinter):
         inner = super()._quotient(den, [], axes)
         return Arr(f"torch.reciprocal({inner.code})", inner.axes, ATOM)
 
+    # trailing extents up to which Σ over (0, 2, 3) runs faster as Σ over 0 first
+    SHORT_TRAIL = 16
+
+    def _reduce(self, x: Arr, over, template) -> Arr:
+        """Σ (or the mean) over the first axis and all axes after the second, batch norm's
+        statistics over (0, 2, 3), as ``x.sum(0).sum((1, 2))`` when the trailing extent
+        H·W is at most ``SHORT_TRAIL``: torch's CPU reduction over (0, 2, 3) runs an inner
+        loop of H·W elements per (n, c), and summing the batch first is 1.5–4× faster there
+        (measured at 32×64×4×4: 12.1 → 8.1 µs, 32×128×2×2: 22 → 5.8 µs), while at 8×8 and
+        above the one call is (28×28: 236 against 442 µs)."""
+        out = super()._reduce(x, over, template)
+        rank = len(x.axes)
+        positions = sorted(x.axes.index(s) for s in over if s in x.axes)
+        op = {self.SUM: "sum", self.MEAN: "mean"}.get(template)
+        trail = x.axes[2:]
+        code = self.paren(x.code, x.prec, ATOM)
+        if op is None or rank < 3 or positions != [0, *range(2, rank)] or len(code) > 24 or \
+                any(a not in self.ranges for a in trail):
+            return out
+        inner = "1" if rank == 3 else str(tuple(range(1, rank - 1)))
+        extent = " * ".join(self.size_code(self.ranges[a]) for a in trail)
+        return Arr(f"({code}.{op}(0).{op}({inner}) if {extent} <= {self.SHORT_TRAIL} else "
+                   f"{out.code})", out.axes, ATOM)
+
     def transpose(self, code: str, perm: tuple) -> str:
         if perm == (1, 0):
             return f"{code}.T"
@@ -719,7 +743,8 @@ def _bias_grad(stmts: list, grad: str, rank: int) -> int | None:
     want = set(range(rank)) - {1}
     pattern = re.compile(rf"{re.escape(grad)}\.sum\(\((\d+(?:, \d+)*)\)\)")
     for k, (_, code) in enumerate(stmts):
-        m = pattern.fullmatch(code)
+        branches = re.fullmatch(r"\((.+) if (.+) else (.+)\)", code)  # TorchPrinter._reduce
+        m = pattern.fullmatch(branches.group(3) if branches else code)
         if m and {int(x) for x in m.group(1).split(", ")} == want:
             return k
     return None
