@@ -14,6 +14,7 @@ them)::
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
@@ -54,8 +55,10 @@ def _shape_free(fn) -> bool:
     spec's kernel computes the same arithmetic element by element on (N, C, H, W) as on the
     (N, C·H·W) view, so the view is not needed."""
     module = sys.modules[fn.__module__]
-    codes = [f.__code__ for f in (fn.forward, fn.backward, module.forward, module.backward)
-             if hasattr(f, "__code__")]
+    # torch.compile'd kernels (use_torch_compile) are judged by the functions they wrap
+    codes = [inspect.unwrap(f).__code__
+             for f in (fn.forward, fn.backward, module.forward, module.backward)
+             if hasattr(inspect.unwrap(f), "__code__")]
     return len(codes) == 4 and not any(_SHAPE_READS & set(c.co_names) for c in codes)
 
 
