@@ -146,6 +146,68 @@ def test_dropout_on_images_keeps_the_shape_and_masks_the_gradient_alike():
     _close(dx[y != 0], np.full((y != 0).sum(), 2.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_size_free_element_wise_kernels_run_on_images_as_they_are(dtype):
+    """relu, tanh and div read no size, so the torch layer calls its Function on the
+    (N, C, H, W) arrays themselves (its output's node is the Function's, not a view's), with
+    the values and gradients of the oracle; an input that asks for no gradient gets none."""
+    rng = np.random.default_rng(11)
+    x, z = rng.standard_normal((2, 3, 4, 5)), rng.uniform(0.5, 2, (2, 3, 4, 5))
+    g = torch.tensor(rng.standard_normal(x.shape), dtype=dtype)
+    tol = TOL if dtype == torch.float64 else 1e-6
+    for name, inputs, oracle, wants in (("relu", [x], F.relu, [True]),
+                                        ("tanh", [x], torch.tanh, [True]),
+                                        ("div", [x, z], torch.div, [True, True]),
+                                        ("div", [x, z], torch.div, [False, True])):
+        layer = SpecModule(name, dtype=dtype)
+        ours = [torch.tensor(a, dtype=dtype, requires_grad=w) for a, w in zip(inputs, wants)]
+        theirs = [torch.tensor(a, dtype=dtype, requires_grad=w) for a, w in zip(inputs, wants)]
+        y, ref = layer(*ours), oracle(*theirs)
+        assert y.grad_fn.name().endswith("FunctionBackward"), y.grad_fn.name()
+        got = torch.autograd.grad(y, [a for a in ours if a.requires_grad], g)
+        expect = torch.autograd.grad(ref, [a for a in theirs if a.requires_grad], g)
+        _close(y.detach(), ref.detach(), tol)
+        for a, b in zip(got, expect, strict=True):
+            _close(a, b, tol)
+
+
+def test_an_element_wise_spec_that_reads_a_size_merges_trailing_axes(tmp_path):
+    """Y[n, d] = X[n, d] / D reads the size D, so on (N, C, H, W) the layer still runs its
+    kernel on the (N, C·H·W) view, where D = C·H·W."""
+    spec = tmp_path / "per_size.py"
+    spec.write_text(
+        "from gradtool.lang import Spec\n\n"
+        "spec = Spec('per_size', 'X divided by its row length')\n"
+        "N, D = spec.dims('N D')\n"
+        "n, d = spec.indices(n=N, d=D)\n"
+        "X = spec.input('X', N, D)\n"
+        "spec.output('Y', [n, d], X[n, d] / D)\n")
+    layer = SpecModule(str(spec), dtype=torch.float64)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    (dx,) = torch.autograd.grad(y, x, g)
+    _close(y.detach(), x.detach() / 60)
+    _close(dx, g / 60)
+
+
+def test_torch_dropout_on_images_draws_the_mask_of_the_merged_view():
+    """Dropout reads no size: on (N, C, H, W) the mask is drawn in the images' shape, the
+    same values, in the same order, as for the (N, C·H·W) view, and masks the gradient."""
+    layer = SpecModule("dropout", p=0.5, dtype=torch.float64)
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64) + 5  # no zeros in x
+    torch.manual_seed(3)
+    flat = layer(x.reshape(4, -1))
+    torch.manual_seed(3)
+    xt = x.clone().requires_grad_()
+    y = layer(xt)
+    (dx,) = torch.autograd.grad(y, xt, torch.ones_like(y))
+    assert y.shape == dx.shape == x.shape
+    _close(y.detach().reshape(4, -1), flat)
+    assert torch.equal(y == 0, dx == 0) and 0 < (y == 0).double().mean() < 1
+    _close(dx[y != 0], torch.full(((y != 0).sum(),), 2.0, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("numpy_backend", [False, True])
 def test_one_conv_layer_serves_two_image_sizes(numpy_backend):
     """Built from C, O, K, S, P only; OH, OW follow from each input."""

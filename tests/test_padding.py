@@ -444,15 +444,18 @@ def test_torch_convolution_pads_its_input_itself(pad):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("need", [(True, True, True), (False, True, True), (True, False, False)])
+@pytest.mark.parametrize("need", [(True, True, True), (False, True, True), (True, False, False),
+                                  (True, True, False), (False, False, True),
+                                  (False, False, False)])
 @pytest.mark.parametrize("stride, pad", [(1, 1), (2, 0)])
 def test_conv_gradients_in_one_call_honour_the_need_flags(need, stride, pad):
-    """The torch backward computes ∂L/∂X and ∂L/∂weight in one convolution_backward whose
-    output mask is the need flags: an unrequested gradient is None, the others match
-    torch.autograd through F.conv2d (float64)."""
+    """The torch backward computes ∂L/∂X, ∂L/∂weight and the bias's ∂L/∂b (the upstream
+    gradient summed over all axes but the channels) in one convolution_backward whose output
+    mask is the need flags: an unrequested gradient is None, the others match torch.autograd
+    through F.conv2d (float64)."""
     spec = load_spec("conv2d")
     kernels = Kernels(spec, "torch")
-    assert "conv_backward(G, X, weight, (S, S), (P, P), (need_X, need_weight))" in \
+    assert "conv_backward(G, X, weight, (S, S), (P, P), (need_X, need_weight, need_bias))" in \
         generate(spec, "torch")
     rng = np.random.default_rng(5)
     x, w, b = (torch.tensor(rng.standard_normal(s), requires_grad=True)

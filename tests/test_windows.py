@@ -138,10 +138,12 @@ def test_max_pool_ties_route_to_the_first_maximum(target):
 
 LOWERED = {
     ("conv2d", "torch"): ["torch.conv2d(X, weight, bias, stride=S, padding=P)",
-                          "conv_backward(G, X, weight, (S, S), (P, P), (need_X, need_weight))"],
+                          "conv_backward(G, X, weight, (S, S), (P, P), "
+                          "(need_X, need_weight, need_bias))", "dbias = conv_grads[2]"],
     ("conv2d", "numpy"): ["sliding_window_view(", "window_add(", "np.einsum("],
     ("conv1d", "torch"): ["torch.conv1d(X, weight, bias, stride=S, padding=P)",
-                          "conv_backward(G, X, weight, (S,), (P,), (need_X, need_weight))"],
+                          "conv_backward(G, X, weight, (S,), (P,), (need_X, need_weight, "
+                          "need_bias))"],
     ("maxpool2d", "torch"): ["torch.ops.aten.max_pool2d_with_indices(Xm, (K, K), (S, S))",
                              "window_max_grad(G, Xm, (K, K), (S, S), argmax)"],
     ("maxpool2d", "numpy"): ["sliding_window_view(", "window_max(", "window_max_grad("],

@@ -68,6 +68,7 @@ class LayerPlan:
                 owned_dims.append(name)
         self.owned_dims = owned_dims
         self.elementwise = is_elementwise(spec)
+        self.any_shape = self.elementwise and not uses_sizes(spec)
         self.sizes: dict[str, int] = {}
         self.hypers = {name: h.default for name, h in spec.hypers.items()}
         options = dict(self.options)
@@ -275,6 +276,22 @@ def is_elementwise(spec: Spec) -> bool:
         if any(tuple(a.indices) != tuple(s.lhs) for a in s.rhs.atoms(sp.Indexed)):
             return False
     return True
+
+
+def uses_sizes(spec: Spec) -> bool:
+    """Does any statement (eval form included) or mask probability read a size (``D`` in
+    ``Y[n, d] = X[n, d] / D``) as a value? An element-wise spec that reads none computes
+    the same arithmetic on each element whatever the array's shape, so its kernels run on
+    an input of any rank as it is (``LayerPlan.any_shape``)."""
+    sizes = set(spec.dim_symbols.values())
+    exprs = [s.rhs for s in (*spec.statements, *spec.eval_statements)]
+    exprs += [t.keep for t in spec.tensors.values() if t.keep is not None]
+    for e in map(sp.sympify, exprs):
+        # an access X[n, d] carries its indices' ranges (0 … N − 1): not a size read as a value
+        e = e.xreplace({a: sp.Dummy() for a in e.atoms(sp.Indexed, sp.Idx)})
+        if e.free_symbols & sizes:
+            return True
+    return False
 
 
 def elementwise_view(shape: tuple[int, ...], rank: int) -> tuple[int, ...] | None:

@@ -14,6 +14,9 @@ them)::
 
 from __future__ import annotations
 
+import inspect
+import sys
+
 import torch
 
 from gradtool.codegen.cache import compile_spec
@@ -41,6 +44,24 @@ def init_tensor(t, shape, dtype, device=None, kind: str | None = None) -> torch.
     return torch.empty(shape, dtype=dtype, device=device).uniform_(-bound, bound)
 
 
+# attributes through which Python code reads an array's rank or sizes
+_SHAPE_READS = frozenset({"shape", "size", "dim", "ndim", "numel", "view", "reshape"})
+
+
+def _shape_free(fn) -> bool:
+    """Does the autograd.Function ``fn`` run on arrays of any rank and shape: neither its
+    forward and backward nor the generated kernels they call read a size (``X.shape``,
+    ``G.new_zeros((N, D))`` after ``N, D = G.shape``) or reshape? Then an element-wise
+    spec's kernel computes the same arithmetic element by element on (N, C, H, W) as on the
+    (N, C·H·W) view, so the view is not needed."""
+    module = sys.modules[fn.__module__]
+    # torch.compile'd kernels (use_torch_compile) are judged by the functions they wrap
+    codes = [inspect.unwrap(f).__code__
+             for f in (fn.forward, fn.backward, module.forward, module.backward)
+             if hasattr(inspect.unwrap(f), "__code__")]
+    return len(codes) == 4 and not any(_SHAPE_READS & set(c.co_names) for c in codes)
+
+
 class SpecModule(torch.nn.Module):
     """A layer from any spec (built-in name, spec file path, or :class:`Spec`).
 
@@ -55,7 +76,8 @@ class SpecModule(torch.nn.Module):
     ``forward`` takes the spec's inputs in declaration order, less sampled masks (drawn here in
     training with torch's global RNG) and returns its output(s). An element-wise spec (relu,
     dropout) also takes inputs of higher rank than it declares, e.g. (N, C, H, W) images for
-    relu's X[N, D]: their trailing axes are merged into the spec's last one. In eval mode a
+    relu's X[N, D]: a kernel that reads no size runs on them as they are, and one that does
+    (``X[n, d] / D``) on a view with the trailing axes merged into the spec's last. In eval mode a
     spec with an eval form (batch norm, dropout) runs that form. Raises
     :class:`gradtool.nn.LayerError` when an input's shape disagrees with the parameters, or a
     size is below the spec's ``min_size`` in training (batch norm at N = 1).
@@ -89,7 +111,7 @@ class SpecModule(torch.nn.Module):
         if prepared is None:
             prepared = self._prepare(inputs, key)
         view, fn, recipe, masks = prepared
-        if view is not None:  # relu on (N, C, H, W): the spec's (N, D) with D = C·H·W
+        if view is not None:  # tanh on (N, C, H, W) for a kernel that reads sizes: (N, C·H·W)
             shape = inputs[0].shape
             inputs = tuple(x.reshape(view) for x in inputs)
         drawn = []
@@ -112,7 +134,7 @@ class SpecModule(torch.nn.Module):
             names = ", ".join(t.name for t in plan.data)
             raise TypeError(f"{self.spec.name} takes {len(plan.data)} input(s) ({names}), "
                             f"got {len(inputs)}")
-        shapes = [tuple(x.shape) for x in inputs]
+        shapes = shapes_in = [tuple(x.shape) for x in inputs]
         view = None
         if plan.elementwise and all(s == shapes[0] for s in shapes):
             view = elementwise_view(shapes[0], len(plan.data[0].dims))
@@ -133,6 +155,12 @@ class SpecModule(torch.nn.Module):
         recipe = [where[ref] if source == "tensor" else (4, ref) if source == "hyper"
                   else (5, ref)
                   for _, _, source, ref in plan.arg_sources(fn.forward, self.spec, where, dims)]
+        if view is not None and plan.any_shape and not any(k == 5 for k, _ in recipe) and \
+                _shape_free(fn):
+            # relu on (N, C, H, W): a kernel that reads no size runs on the images as they
+            # are, with no view into the Function and none of its output (two autograd nodes)
+            view = None
+            masks = [(shapes_in[0], keep) for _, keep in masks]
         prepared = (view, fn, tuple(recipe), masks)
         if len(self._prepared) >= 64:
             self._prepared.clear()
