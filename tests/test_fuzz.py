@@ -47,7 +47,7 @@ import numpy as np
 import pytest
 import sympy as sp
 import torch
-from hypothesis import HealthCheck, Phase, given, note, settings
+from hypothesis import HealthCheck, Phase, assume, given, note, settings
 from hypothesis import strategies as st
 
 from gradtool.check.numeric import random_upstream
@@ -368,7 +368,21 @@ def spec_sources(draw, outputs: int = 1) -> str:
         node = _op(tpl, leaf, bound=0.0)
         lhs = "[" + ", ".join(MAIN[x] for x in dims if x in leaf.dims) + "]"
         lines.append(f'spec.output("Z", {lhs}, {node.render({x: MAIN[x] for x in dims})})')
-    return HEAD + "\n".join(lines) + "\n"
+    source = HEAD + "\n".join(lines) + "\n"
+    if second == "reads":
+        # SymPy may cancel the read as the spec is built: t0/(t0 + t0) is 1/2 (the one failure
+        # of test_generated_two_output_specs_are_well_formed in the fourth session's long run)
+        assume(_output_reads(source, f"t{n_lets - 1}"))
+    return source
+
+
+def _output_reads(source: str, name: str) -> bool:
+    """Does ``Y``, as the spec in ``source`` loads, still read ``name``?"""
+    with tempfile.TemporaryDirectory() as folder:
+        spec = _load(folder, source)
+    (y,) = [s for s in spec.statements if s.kind == "output" and s.target == "Y"]
+    return name in {a.base.label.name for a in y.rhs.atoms(sp.Indexed)} \
+        | {x.name for x in y.rhs.free_symbols}
 
 
 def _reads(node: Node, name: str) -> bool:
