@@ -50,16 +50,31 @@ def step_functions(x, y, opts: dict, plain=None, torch_model=None, numpy_model=N
 
 
 def interleaved_times(steps: dict, warmup: int, iters: int) -> dict[str, list[float]]:
-    """Each step function run ``warmup + iters`` times, the variants interleaved step by step
-    (so that a change in the machine's load touches all alike); the last ``iters`` wall times
-    of each, in seconds."""
-    times = {k: [] for k in steps}
-    for i in range(warmup + iters):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
+    """Each variant other than ``plain`` timed against ``plain`` in a pair of its own, the
+    two alternating step by step (plain, variant, plain, variant, …: a change in the
+    machine's load touches both alike, and each follows the other); ``warmup + iters`` steps
+    of each, the last ``iters`` wall times kept, in seconds. ``plain``'s times in the pair
+    with ``torch`` are under ``"plain@torch"``, and so on; ``"plain"`` holds them all.
+
+    Why pairs: with all three interleaved, plain ran right after the NumPy step, and the
+    NumPy step's memory traffic slowed it (8×8 digits CNN: 4.6–5.0 ms a step against
+    4.4–4.5 ms after the torch step), so torch / plain read 0.90–0.92 where the pair reads
+    0.85 (measured 2026-11-30, fifth session)."""
+    times: dict[str, list[float]] = {"plain": []}
+    for name, fn in steps.items():
+        if name == "plain":
+            continue
+        pair = {"plain": steps["plain"], name: fn}
+        got: dict[str, list[float]] = {k: [] for k in pair}
+        for i in range(warmup + iters):
+            for key, step in pair.items():
+                t0 = time.perf_counter()
+                step()
+                if i >= warmup:
+                    got[key].append(time.perf_counter() - t0)
+        times[name] = got[name]
+        times[f"plain@{name}"] = got["plain"]
+        times["plain"] += got["plain"]
     return times
 
 
@@ -79,11 +94,14 @@ def report(what: str, times: dict[str, list[float]], batch: int, goals: dict[str
     import torch
 
     rate = samples_per_s(times, batch)
-    ratios = {f"{k}/plain": rate[k] / rate["plain"] for k in rate if k != "plain"}
+    variants = [k for k in rate if k != "plain" and not k.startswith("plain@")]
+    # each ratio against the plain steps of its own pair (see interleaved_times)
+    ratios = {f"{k}/plain": rate[k] / rate.get(f"plain@{k}", rate["plain"]) for k in variants}
     print(f"{what}, Adam, float32, {threads} thread(s), median of "
-          f"{len(next(iter(times.values())))} steps")
-    for k, r in rate.items():
-        print(f"  {k:6s} {r:12,.0f} samples/s  ({statistics.median(times[k]) * 1e3:.3f} ms/step)")
+          f"{len(times[variants[0]])} steps, each variant alternating with plain")
+    for k in ["plain", *variants]:
+        print(f"  {k:6s} {rate[k]:12,.0f} samples/s  "
+              f"({statistics.median(times[k]) * 1e3:.3f} ms/step)")
     for k, r in ratios.items():
         print(f"  {k:12s} {r:.2f}  goal ≥ {goals[k]}  {'met' if r >= goals[k] else 'MISSED'}")
     if json_out:
