@@ -666,6 +666,13 @@ class TorchPrinter(ArrayPrinter):
     def cast_like(self, code: str, ref: str) -> str:
         return f"{code}.to({ref}.dtype)"
 
+    def gather(self, x: str, index: str, axis: int, full: bool) -> str:
+        """``x.gather(axis, index)``; ``torch.take_along_dim`` where the index broadcasts
+        (gather would read only the first entries of the axes the index lacks)."""
+        if full:
+            return f"{x}.gather({axis}, {index})"
+        return f"torch.take_along_dim({x}, {index}, dim={axis})"
+
     def scatter_scalar(self, code: str, expr) -> str:
         """A number scattered over positions becomes a 0-d tensor of the kernel's dtype."""
         if self._is_array(expr) or self.ref is None:
