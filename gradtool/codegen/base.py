@@ -1029,6 +1029,9 @@ class ArrayPrinter:
             index = Arr(self.transpose(self.paren(index.code, index.prec, ATOM), perm),
                         batch + window, ATOM)
         rest = sp.Mul(*[f for f in sp.Mul.make_args(e.function) if f is not delta])
+        if self.label_delta(delta, [h]) is not None:
+            # Σ_n δ(c, y[n])·f[n, c]: the values scattered are f at c = y[n] (a gather)
+            rest = rest.xreplace({h: target})
         kept = [lim for lim in e.limits if lim[0] not in index.axes]
         inner = self.lower(sp.Sum(rest, *kept) if kept else rest)
         if set(inner.axes) & (set(over) - set(index.axes)):

@@ -817,7 +817,7 @@ class Module:
                 rest, positions, coef = scatter
                 code = self._zeros(shape, printer) if rest == 0 else \
                     printer.assign(rest, tuple(canon), shape)
-                if not _fresh(code):
+                if rest != 0 and not _fresh(code):
                     code = f"{code}.clone()" if self.target == "torch" else f"{code}.copy()"
                 op = "-=" if coef.could_extract_minus_sign() else "+="
                 value = printer.lower(-coef if op == "-=" else coef)
