@@ -1159,6 +1159,17 @@ class ArrayPrinter:
                  for a in axes]
         return rest, ", ".join(parts), coef
 
+    def add_at_labels(self, positions: str, coef, axes: tuple) -> str:
+        """The in-place update that adds ``coef`` (free of the class axis) at ``positions``
+        (from :meth:`label_scatter`) of a gradient over ``axes``, written after its name:
+        ``[np.arange(N), y] -= G / N``. One label per row, so no position repeats and the
+        fancy-index update is exact."""
+        op = "-=" if coef.could_extract_minus_sign() else "+="
+        value = self.lower(-coef if op == "-=" else coef)
+        code = self.align(value, tuple(a for a in axes if a in value.axes)) if value.axes \
+            else value.code
+        return f"[{positions}] {op} {code}"
+
     # -- padding: Xp = X padded (spec.pad), and the adjoint of X as a slice of Xp's ----------
     def _print_Unpad(self, e) -> Arr:
         """The slice of a padded array at its source's positions: ``g[:, :, P:P + H]``. A

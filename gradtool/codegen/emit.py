@@ -819,11 +819,7 @@ class Module:
                     printer.assign(rest, tuple(canon), shape)
                 if rest != 0 and not _fresh(code):
                     code = f"{code}.clone()" if self.target == "torch" else f"{code}.copy()"
-                op = "-=" if coef.could_extract_minus_sign() else "+="
-                value = printer.lower(-coef if op == "-=" else coef)
-                others = tuple(i for i in canon if i in value.axes)
-                update = InPlace(f"[{positions}] {op} "
-                                 f"{printer.align(value, others) if value.axes else value.code}")
+                update = InPlace(printer.add_at_labels(positions, coef, tuple(canon)))
                 stmts += printer.take_setup()
                 stmts += [(var, code), (var, update)]
                 grads.append(var)

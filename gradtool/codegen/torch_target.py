@@ -666,6 +666,17 @@ class TorchPrinter(ArrayPrinter):
     def cast_like(self, code: str, ref: str) -> str:
         return f"{code}.to({ref}.dtype)"
 
+    def add_at_labels(self, positions: str, coef, axes: tuple) -> str:
+        """``.index_put_((torch.arange(N), y), -G / N, accumulate=True)``: one call, where
+        ``[…] -= v`` reads the entries, subtracts and writes them back (~3 µs more at
+        32×10); a number (no tensor to put) takes the ``-=`` form."""
+        if not self._is_array(coef):
+            return super().add_at_labels(positions, coef, axes)
+        value = self.lower(coef)
+        code = self.align(value, tuple(a for a in axes if a in value.axes)) if value.axes \
+            else value.code
+        return f".index_put_(({positions}), {code}, accumulate=True)"
+
     def gather(self, x: str, index: str, axis: int, full: bool) -> str:
         """``x.gather(axis, index)``; ``torch.take_along_dim`` where the index broadcasts
         (gather would read only the first entries of the axes the index lacks)."""
