@@ -226,18 +226,19 @@ def test_labels_with_two_axes_per_position_cross_entropy(tmp_path):
 
 # -- the label pick (forward) and the label scatter (backward): no one-hot array ---------------
 # Losses over integer labels written in the spec language, each with its torch reference:
-# (body after HEAD, reference(X, y, w) in float64, does the forward pick at the labels?)
+# (body after HEAD, reference(X, y, w) in float64, does the forward pick at the labels, does
+# the backward scatter at them?)
 LABEL_LOSSES = {
     "cross_entropy": ('''
         e = spec.let("e", [n, c], exp(X[n, c]))
         Z = spec.let("Z", [n], Sum(e[n, k], k))
         P = spec.let("P", [n, c], e[n, c] / Z[n])
         spec.output("L", [], -Sum(spec.onehot(y)[n, c] * log(P[n, c]), n, c) / N)
-        ''', lambda X, y, w: F.cross_entropy(X, y), True),
+        ''', lambda X, y, w: F.cross_entropy(X, y), True, True),
     # NLL on log-probabilities: the gradient is the scatter alone (into zeros)
     "nll": ('''
         spec.output("L", [], -Sum(KroneckerDelta(c, y[n]) * X[n, c], n, c) / N)
-        ''', lambda X, y, w: F.nll_loss(X, y), True),
+        ''', lambda X, y, w: F.nll_loss(X, y), True, True),
     # label smoothing written with the one-hot: the forward's one-hot sits inside a sum of
     # terms (no pick, the one-hot stays); the backward's −0.9·δ/N still scatters
     "smoothed": ('''
@@ -247,7 +248,7 @@ LABEL_LOSSES = {
         T = spec.onehot(y)
         spec.output("L", [], -Sum((Rational(9, 10) * T[n, c] + Rational(1, 10) / C)
                                   * log(P[n, c]), n, c) / N)
-        ''', lambda X, y, w: F.cross_entropy(X, y, label_smoothing=0.1), False),
+        ''', lambda X, y, w: F.cross_entropy(X, y, label_smoothing=0.1), False, True),
     # class weights: the coefficient of δ reads c, so the scatter adds w[y[n]] (a gather)
     "weighted": ('''
         w = spec.input("w", C)
@@ -256,16 +257,31 @@ LABEL_LOSSES = {
         P = spec.let("P", [n, c], e[n, c] / Z[n])
         spec.output("L", [], -Sum(KroneckerDelta(c, y[n]) * w[c] * log(P[n, c]), n, c) / N)
         ''', lambda X, y, w: -(w[y] * F.log_softmax(X, 1)[torch.arange(len(y)), y]).sum()
-        / len(y), True),
+        / len(y), True, True),
+    # one label per sample for every position h of X[n, c, h]: the pick broadcasts the labels
+    # over h (take_along_axis / take_along_dim); the gradient's δ lacks h: it stays a one-hot
+    "shared": ('''
+        H = spec.dims("H")
+        h = spec.indices(h=H)
+        X = spec.input("X", N, C, H)
+        y = spec.labels("y", N, classes=C)
+        e = spec.let("e", [n, c, h], exp(X[n, c, h]))
+        Z = spec.let("Z", [n, h], Sum(e[n, k, h], k))
+        P = spec.let("P", [n, c, h], e[n, c, h] / Z[n, h])
+        spec.output("L", [], -Sum(KroneckerDelta(c, y[n]) * log(P[n, c, h]), n, c, h) / (N * H))
+        ''', lambda X, y, w: F.cross_entropy(X, y[:, None].expand(-1, X.shape[2])), True, False),
 }
 
 
 def label_loss(tmp_path, name):
-    body, reference, picks = LABEL_LOSSES[name]
+    body, reference, picks, scatters = LABEL_LOSSES[name]
     path = tmp_path / f"{name}.py"
-    path.write_text(HEAD.replace("Sum, exp", "Rational, Sum, exp").replace(
-        '"labelled"', f'"labelled_{name}"') + textwrap.dedent(body))
-    return load_spec(path), reference, picks
+    head = HEAD.replace("Sum, exp", "Rational, Sum, exp").replace(
+        '"labelled"', f'"labelled_{name}"')
+    if name == "shared":  # X[n, c, h] instead of X[n, c]: declared in the body
+        head = head.split('X = spec.input("X", N, C)')[0]
+    path.write_text(head + textwrap.dedent(body))
+    return load_spec(path), reference, picks, scatters
 
 
 def run_kernels(mod, target, X, y, w, need):
@@ -286,16 +302,17 @@ def run_kernels(mod, target, X, y, w, need):
 def test_label_pick_and_scatter_match_autograd(tmp_path, name, target):
     """Each loss and its gradients against torch.autograd of the torch reference, float64,
     at N = 1 and with labels at class 0 and C − 1; each ``need`` flag alone."""
-    spec, reference, picks = label_loss(tmp_path, name)
+    spec, reference, picks, scatters = label_loss(tmp_path, name)
     mod = compile_spec(spec, target)
     source = mod.__loader__.get_source(mod.__name__)
     forward, backward = source.split("def backward(")[0], source.split("def backward(")[1]
     arange_c = "arange(C" if target == "numpy" else "torch.arange(C"
     assert (arange_c not in forward) == picks          # no one-hot where the pick applies
-    assert arange_c not in backward.split("\nclass ")[0].split("def use_torch_compile")[0]
+    assert (arange_c not in backward.split("\nclass ")[0].split("def use_torch_compile")[0]) \
+        == scatters
     rng = np.random.default_rng(11)
     for n_, y in ((1, np.array([0])), (1, np.array([3])), (5, np.array([0, 3, 3, 1, 0]))):
-        X = rng.standard_normal((n_, 4))
+        X = rng.standard_normal((n_, 4) if name != "shared" else (n_, 4, 3))
         if name == "nll":
             X = np.log(np.exp(X) / np.exp(X).sum(1, keepdims=True))
         w = rng.uniform(0.5, 2.0, 4) if name == "weighted" else None

@@ -1098,9 +1098,10 @@ class ArrayPrinter:
     GATHER = "np.take_along_axis({x}, {index}, {axis})"
 
     def _label_gather(self, e) -> Arr | None:
-        """X[n, y[n]] (X read at integer labels y): ``np.take_along_axis(X, y[:, None], 1)``
-        (torch: ``X.gather(1, y[:, None])``) with the gathered axis dropped. The labels' own
-        indices must be plain indices of the read, in the same order; None otherwise."""
+        """X[n, y[n]] (X read at integer labels y): ``X[np.arange(N), y]`` where the labels
+        have all of X's other axes, else ``np.take_along_axis(X, y[:, None], 1)[:, 0]``
+        (torch: ``X.gather(1, y[:, None])[:, 0]``, :meth:`gather`). The labels' own indices
+        must be plain indices of the read, in the same order; None otherwise."""
         idx = tuple(e.indices)
         labels = [p for p, i in enumerate(idx) if isinstance(i, sp.Indexed)
                   and i.base.label.name in self.labels]
@@ -1120,15 +1121,24 @@ class ArrayPrinter:
         slots.insert(pos, "None")
         index = f"{y}[{', '.join(slots)}]"
         self.imports.add(self.module)
-        code = self.gather(self.names[e.base.label.name], index, pos, len(own) == len(rest))
-        drop = ", ".join([":"] * pos + ["0"])
-        return Arr(f"{code}[{drop}]", rest, ATOM)
+        positions = None
+        if len(own) == len(rest) and all(i in self.ranges for i in rest):
+            positions = ", ".join(self.align(self.lower(label) if p == pos else
+                                             self._arange(i), rest)
+                                  for p, i in enumerate(idx))
+        return Arr(self.gather(self.names[e.base.label.name], index, pos, positions), rest,
+                   ATOM)
 
-    def gather(self, x: str, index: str, axis: int, full: bool) -> str:
+    def gather(self, x: str, index: str, axis: int, positions: str | None) -> str:
         """``x`` read along ``axis`` at ``index`` (an integer array of x's rank, size 1 on
-        ``axis``); ``full``: the index has x's sizes on every other axis (it broadcasts
-        otherwise)."""
-        return self.GATHER.format(x=x, index=index, axis=axis)
+        ``axis``), that axis dropped. ``positions``: the same entries as one integer index
+        per axis (``np.arange(N), y``) where the labels have all of x's other axes, else None
+        (the index broadcasts). NumPy indexes with the positions (~1.3 µs at 32×10, against
+        ~4 µs for ``take_along_axis``)."""
+        if positions is not None:
+            return f"{x}[{positions}]"
+        drop = ", ".join([":"] * axis + ["0"])
+        return f"{self.GATHER.format(x=x, index=index, axis=axis)}[{drop}]"
 
     def label_scatter(self, expr, axes: tuple) -> tuple | None:
         """A gradient ``rest + coef·δ(c, y[…])`` over ``axes`` (the labels read at all the

@@ -677,12 +677,14 @@ class TorchPrinter(ArrayPrinter):
             else value.code
         return f".index_put_(({positions}), {code}, accumulate=True)"
 
-    def gather(self, x: str, index: str, axis: int, full: bool) -> str:
-        """``x.gather(axis, index)``; ``torch.take_along_dim`` where the index broadcasts
-        (gather would read only the first entries of the axes the index lacks)."""
-        if full:
-            return f"{x}.gather({axis}, {index})"
-        return f"torch.take_along_dim({x}, {index}, dim={axis})"
+    def gather(self, x: str, index: str, axis: int, positions: str | None) -> str:
+        """``x.gather(axis, index)`` with the axis dropped; ``torch.take_along_dim`` where
+        the index broadcasts (``positions`` None: gather would read only the first entries
+        of the axes the index lacks)."""
+        drop = ", ".join([":"] * axis + ["0"])
+        if positions is not None:
+            return f"{x}.gather({axis}, {index})[{drop}]"
+        return f"torch.take_along_dim({x}, {index}, dim={axis})[{drop}]"
 
     def scatter_scalar(self, code: str, expr) -> str:
         """A number scattered over positions becomes a 0-d tensor of the kernel's dtype."""
