@@ -345,7 +345,34 @@ def test_label_pick_and_scatter_keep_float32_and_leave_saved_tensors_alone():
     (again,) = mod.backward(torch.tensor(1.0), *saved)
     assert L.dtype == dX.dtype == torch.float32
     assert torch.equal(saved[1], P) and torch.equal(dX, again)
+    # a float64 upstream gradient: the scatter's values take the gradient's dtype
+    (mixed,) = mod.backward(torch.tensor(1.0, dtype=torch.float64), *saved)
+    assert mixed.dtype == torch.float32 and torch.allclose(mixed, dX)
     Xt = X.clone().requires_grad_()
     F.cross_entropy(Xt, y).backward()
     torch.testing.assert_close(dX, Xt.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(L, F.cross_entropy(X, y), rtol=1e-6, atol=1e-7)
+
+
+def test_label_pick_and_scatter_sources_pass_ruff(tmp_path):
+    """The gathers and in-place scatters of every label loss above, both targets, pass the
+    project's ruff rules (as tests/test_code_style.py checks the built-in specs)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gradtool.codegen.emit import generate
+
+    ruff = ["ruff"] if shutil.which("ruff") else [sys.executable, "-m", "ruff"]
+    root = Path(__file__).resolve().parent.parent
+    files = []
+    for name in sorted(LABEL_LOSSES):
+        spec = label_loss(tmp_path, name)[0]
+        for target in ("numpy", "torch"):
+            path = tmp_path / f"gen_{name}_{target}.py"
+            path.write_text(generate(spec, target))
+            files.append(str(path))
+    run = subprocess.run([*ruff, "check", "--no-cache", "--config", str(root / "pyproject.toml"),
+                          "--output-format", "concise", *files], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -1169,9 +1169,10 @@ class ArrayPrinter:
                  for a in axes]
         return rest, ", ".join(parts), coef
 
-    def add_at_labels(self, positions: str, coef, axes: tuple) -> str:
+    def add_at_labels(self, positions: str, coef, axes: tuple, target: str) -> str:
         """The in-place update that adds ``coef`` (free of the class axis) at ``positions``
-        (from :meth:`label_scatter`) of a gradient over ``axes``, written after its name:
+        (from :meth:`label_scatter`) of the gradient ``target`` over ``axes``, written after
+        its name:
         ``[np.arange(N), y] -= G / N``. One label per row, so no position repeats and the
         fancy-index update is exact."""
         op = "-=" if coef.could_extract_minus_sign() else "+="

@@ -819,7 +819,7 @@ class Module:
                     printer.assign(rest, tuple(canon), shape)
                 if rest != 0 and not _fresh(code):
                     code = f"{code}.clone()" if self.target == "torch" else f"{code}.copy()"
-                update = InPlace(printer.add_at_labels(positions, coef, tuple(canon)))
+                update = InPlace(printer.add_at_labels(positions, coef, tuple(canon), var))
                 stmts += printer.take_setup()
                 stmts += [(var, code), (var, update)]
                 grads.append(var)

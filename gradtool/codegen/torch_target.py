@@ -666,16 +666,23 @@ class TorchPrinter(ArrayPrinter):
     def cast_like(self, code: str, ref: str) -> str:
         return f"{code}.to({ref}.dtype)"
 
-    def add_at_labels(self, positions: str, coef, axes: tuple) -> str:
-        """``.index_put_((torch.arange(N), y), -G / N, accumulate=True)``: one call, where
-        ``[…] -= v`` reads the entries, subtracts and writes them back (~3 µs more at
-        32×10); a number (no tensor to put) takes the ``-=`` form."""
+    def add_at_labels(self, positions: str, coef, axes: tuple, target: str) -> str:
+        """``.index_put_((torch.arange(N), y), (-G / N).to(dX.dtype), accumulate=True)``: one
+        call, where ``[…] -= v`` reads the entries, subtracts and writes them back (~3 µs
+        more at 32×10). ``index_put_`` takes only values of the target's dtype (a float64
+        upstream gradient of float32 logits would not go in); a number (no tensor to put)
+        takes the ``-=`` form."""
         if not self._is_array(coef):
-            return super().add_at_labels(positions, coef, axes)
+            return super().add_at_labels(positions, coef, axes, target)
+        import ast
+
         value = self.lower(coef)
         code = self.align(value, tuple(a for a in axes if a in value.axes)) if value.axes \
             else value.code
-        return f".index_put_(({positions}), {code}, accumulate=True)"
+        if not isinstance(ast.parse(code, mode="eval").body,
+                          (ast.Name, ast.Attribute, ast.Subscript, ast.Call)):
+            code = f"({code})"
+        return f".index_put_(({positions}), {code}.to({target}.dtype), accumulate=True)"
 
     def gather(self, x: str, index: str, axis: int, positions: str | None) -> str:
         """``x.gather(axis, index)`` with the axis dropped; ``torch.take_along_dim`` where
