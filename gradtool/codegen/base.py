@@ -1172,9 +1172,8 @@ class ArrayPrinter:
     def add_at_labels(self, positions: str, coef, axes: tuple, target: str) -> str:
         """The in-place update that adds ``coef`` (free of the class axis) at ``positions``
         (from :meth:`label_scatter`) of the gradient ``target`` over ``axes``, written after
-        its name:
-        ``[np.arange(N), y] -= G / N``. One label per row, so no position repeats and the
-        fancy-index update is exact."""
+        its name: ``[np.arange(N), y] -= G / N``. One label per row, so no position repeats
+        and the fancy-index update is exact."""
         op = "-=" if coef.could_extract_minus_sign() else "+="
         value = self.lower(-coef if op == "-=" else coef)
         code = self.align(value, tuple(a for a in axes if a in value.axes)) if value.axes \

@@ -949,16 +949,21 @@ class InPlace(str):
     (``[torch.arange(N), y] -= G / N``), not as ``name = code``."""
 
 
-def _fresh(code: str) -> bool:
-    """Does ``code`` make a new array (arithmetic, a module function), not name or view
-    an existing one (``P``, ``P.T``, ``G[:, None]``)? An in-place update may then write
-    into it."""
+def _fresh(code) -> bool:
+    """Does ``code`` make a new array (arithmetic, a module function, an in-place method of
+    a new array: ``((G / N) * P).mul_(w)``), not name or view an existing one (``P``,
+    ``P.T``, ``G[:, None]``)? An in-place update may then write into it."""
     import ast
 
-    node = ast.parse(code, mode="eval").body
-    return isinstance(node, (ast.BinOp, ast.UnaryOp)) or (
-        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-        and isinstance(node.func.value, ast.Name) and node.func.value.id in ("np", "torch"))
+    node = ast.parse(code, mode="eval").body if isinstance(code, str) else code
+    if isinstance(node, (ast.BinOp, ast.UnaryOp)):
+        return True
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+        return False
+    receiver = node.func.value
+    if isinstance(receiver, ast.Name):
+        return receiver.id in ("np", "torch")
+    return node.func.attr.endswith("_") and _fresh(receiver)
 
 
 def _setup_lines(printer) -> list[str]:

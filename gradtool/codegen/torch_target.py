@@ -753,7 +753,8 @@ def pair_conv_grads(stmts: list, grads, printer: TorchPrinter, names_read, fresh
             continue  # an argument is computed after the first of the two
         calls.remove(b)
         for part, (k, c) in enumerate(zip(where, (a, b), strict=True)):
-            stmts[k] = (stmts[k][0], stmts[k][1].replace(c.call, f"{name}[{part}]"))
+            code = stmts[k][1]  # the type of the code (an in-place update) stays
+            stmts[k] = (stmts[k][0], type(code)(code.replace(c.call, f"{name}[{part}]")))
         if bias is not None:
             stmts[bias] = (stmts[bias][0], f"{name}[2]")
         stmts.insert(first, (name, code))
@@ -784,7 +785,7 @@ def _inline_aliases(stmts: list, keep: set, names_read) -> list:
     for k, (name, code) in enumerate(stmts):
         if name not in keep and re.fullmatch(r"[A-Za-z_]\w*\[\d\]", code) and \
                 not any(name in names_read(c) for n, c in out):
-            stmts[k + 1:] = [(n, re.sub(rf"(?<![.\w]){re.escape(name)}\b", code, c)
+            stmts[k + 1:] = [(n, type(c)(re.sub(rf"(?<![.\w]){re.escape(name)}\b", code, c))
                               if name in names_read(c) else c) for n, c in stmts[k + 1:]]
             continue
         out.append((name, code))
