@@ -753,8 +753,8 @@ def pair_conv_grads(stmts: list, grads, printer: TorchPrinter, names_read, fresh
             continue  # an argument is computed after the first of the two
         calls.remove(b)
         for part, (k, c) in enumerate(zip(where, (a, b), strict=True)):
-            code = stmts[k][1]  # the type of the code (an in-place update) stays
-            stmts[k] = (stmts[k][0], type(code)(code.replace(c.call, f"{name}[{part}]")))
+            line = stmts[k][1]  # its type (an in-place update) stays
+            stmts[k] = (stmts[k][0], type(line)(line.replace(c.call, f"{name}[{part}]")))
         if bias is not None:
             stmts[bias] = (stmts[bias][0], f"{name}[2]")
         stmts.insert(first, (name, code))
