@@ -731,8 +731,10 @@ class ArrayPrinter:
         return Arr(f"{self.FUNCS[fname]}({arg.code})", arg.axes, ATOM)
 
     def _plain_number(self, expr) -> bool:
-        """Built from sizes, hyper-parameters and numbers only: Python's math applies."""
-        return not any(isinstance(n, sp.Indexed) or n in self.temps or
+        """Built from sizes, hyper-parameters and numbers only: Python's math applies (an
+        inlined common term such as E² counts by its value)."""
+        return not any(isinstance(n, sp.Indexed) or (n in self.temps and not (
+                           n in self.scalars and self._plain_number(self.scalars[n]))) or
                        (isinstance(n, sp.Symbol) and n.name in self.scalar_tensors)
                        for n in sp.preorder_traversal(expr))
 
@@ -1029,11 +1031,13 @@ class ArrayPrinter:
             index = Arr(self.transpose(self.paren(index.code, index.prec, ATOM), perm),
                         batch + window, ATOM)
         rest = sp.Mul(*[f for f in sp.Mul.make_args(e.function) if f is not delta])
-        if self.label_delta(delta, [h]) is not None:
-            # Σ_n δ(c, y[n])·f[n, c]: the values scattered are f at c = y[n] (a gather)
-            rest = rest.xreplace({h: target})
+        labels = self.label_delta(delta, [h]) is not None and h in self._indices_of(rest)
+        if labels:  # Σ_n δ(c, y[n])·f[n, c]: the values scattered are f at c = y[n]
+            rest = self._at_label(rest, h, target) or rest
         kept = [lim for lim in e.limits if lim[0] not in index.axes]
         inner = self.lower(sp.Sum(rest, *kept) if kept else rest)
+        if labels and h in inner.axes:  # a named term over c: gathered as an array
+            inner = self._fancy_gather(inner, h, target)
         if set(inner.axes) & (set(over) - set(index.axes)):
             raise CodegenError(f"cannot scatter {e}: a summed index is left over")
         lead = tuple(a for a in inner.axes if a not in index.axes)
@@ -1090,10 +1094,35 @@ class ArrayPrinter:
             if any(isinstance(n, sp.Sum) and c in n.variables
                    for n in sp.preorder_traversal(rest)):
                 continue
-            picked = rest.xreplace({c: label})
+            picked = self._at_label(rest, c, label)
+            if picked is None:
+                continue
             limits = [lim for lim in e.limits if lim[0] != c]
             return sp.Sum(picked, *limits) if limits else picked
         return None
+
+    def _at_label(self, e, c, label):
+        """``e`` at c = y[…]: every read X[…, c, …] becomes X[…, y[…], …]; None when c
+        appears otherwise (an affine index X[n, c + 1], c as a number) or a read could not
+        be gathered (:meth:`_gather_parts`)."""
+        at = e.xreplace({c: label})
+        reads = {n: sp.Dummy() for n in sp.preorder_traversal(at)
+                 if isinstance(n, sp.Indexed) and label in n.indices}
+        if any(self._gather_parts(r) is None for r in reads) or \
+                at.xreplace(reads).has(label) or c in self._indices_of(at):
+            return None  # (a named common term over c keeps c: no substitution reaches it)
+        return at
+
+    def _fancy_gather(self, arr: Arr, c, label) -> Arr:
+        """``arr`` read at c = y[…] with one integer array per axis, ``w[y]``,
+        ``A[np.arange(N)[:, None], y]``: the axes of ``arr`` but c, then those of the labels
+        that ``arr`` lacks."""
+        out = tuple(a for a in arr.axes if a != c) + tuple(
+            i for i in label.indices if i not in arr.axes)
+        y = self.lower(label)
+        parts = [self.align(y, out) if a == c else self.align(self._arange(a), out)
+                 for a in arr.axes]
+        return Arr(f"{self.paren(arr.code, arr.prec, ATOM)}[{', '.join(parts)}]", out, ATOM)
 
     GATHER = "np.take_along_axis({x}, {index}, {axis})"
 
@@ -1102,6 +1131,37 @@ class ArrayPrinter:
         have all of X's other axes, else ``np.take_along_axis(X, y[:, None], 1)[:, 0]``
         (torch: ``X.gather(1, y[:, None])[:, 0]``, :meth:`gather`). The labels' own indices
         must be plain indices of the read, in the same order; None otherwise."""
+        parts = self._gather_parts(e)
+        if parts is None:
+            return None
+        pos, label, rest = parts
+        idx = tuple(e.indices)
+        if not set(label.indices) <= set(rest):  # w[y[n]]: the labels add axes
+            c = sp.Dummy("c", integer=True)
+            return self._fancy_gather(Arr(self.names[e.base.label.name],
+                                          rest[:pos] + (c,) + rest[pos:]), c, label)
+        own = tuple(i for i in rest if i in label.indices)  # the labels' axes in X's order
+        y = self.lower(label)
+        code = y.code if y.axes == own else self.transpose(
+            self.paren(y.code, y.prec, ATOM), tuple(y.axes.index(i) for i in own))
+        slots = [":" if i in label.indices else "None" for i in rest]
+        slots.insert(pos, "None")
+        index = f"{self.paren(code, y.prec, ATOM)}[{', '.join(slots)}]"
+        self.imports.add(self.module)
+        positions = None
+        if len(own) == len(rest) and all(i in self.ranges for i in rest):
+            positions = ", ".join(self.align(self.lower(label) if p == pos else
+                                             self._arange(i), rest)
+                                  for p, i in enumerate(idx))
+        return Arr(self.gather(self.names[e.base.label.name], index, pos, positions), rest,
+                   ATOM)
+
+    def _gather_parts(self, e) -> tuple | None:
+        """(position of the labels, the labels' read y[…], X's other indices) if ``e`` is
+        X read at integer labels, X[n, y[n]]: plain distinct indices elsewhere, the labels
+        read at some of them; else None."""
+        if not isinstance(e, sp.Indexed):
+            return None
         idx = tuple(e.indices)
         labels = [p for p, i in enumerate(idx) if isinstance(i, sp.Indexed)
                   and i.base.label.name in self.labels]
@@ -1111,23 +1171,10 @@ class ArrayPrinter:
         label = idx[pos]
         rest = idx[:pos] + idx[pos + 1:]
         if not all(self._is_index(i) for i in rest) or len(set(rest)) != len(rest) or \
-                not all(self._is_index(i) for i in label.indices):
+                not all(self._is_index(i) for i in label.indices) or \
+                not all(i in self.ranges for i in rest + tuple(label.indices)):
             return None
-        own = [i for i in rest if i in label.indices]
-        if own != list(label.indices):
-            return None
-        y = self.names[label.base.label.name]
-        slots = [":" if i in label.indices else "None" for i in rest]
-        slots.insert(pos, "None")
-        index = f"{y}[{', '.join(slots)}]"
-        self.imports.add(self.module)
-        positions = None
-        if len(own) == len(rest) and all(i in self.ranges for i in rest):
-            positions = ", ".join(self.align(self.lower(label) if p == pos else
-                                             self._arange(i), rest)
-                                  for p, i in enumerate(idx))
-        return Arr(self.gather(self.names[e.base.label.name], index, pos, positions), rest,
-                   ATOM)
+        return pos, label, rest
 
     def gather(self, x: str, index: str, axis: int, positions: str | None) -> str:
         """``x`` read along ``axis`` at ``index`` (an integer array of x's rank, size 1 on
@@ -1160,8 +1207,8 @@ class ArrayPrinter:
         if split is None or split[1] == 0:
             return None
         rest, coef = split
-        coef = coef.xreplace({c: label})
-        if {i for i in self._indices_of(coef) if self._is_index(i)} - set(others):
+        coef = self._at_label(coef, c, label)
+        if coef is None or {i for i in self._indices_of(coef) if self._is_index(i)} - set(others):
             return None
         self.order = list(axes) + [s for s in self.order if s not in axes]
         y = self.lower(label)
