@@ -689,10 +689,14 @@ def test_an_inlined_size_term_is_a_number_for_torch():
         'N, E = spec.dims("N E")',
         "n, e, j = spec.indices(n=N, e=E, j=E)",
         'B = spec.input("B", E)',
+        'W = spec.param("W", E)',
         't0 = spec.let("t0", [e], sigmoid(B[e]))',
+        't1 = spec.let("t1", [e], Sum(B[j] * B[j], j) * t0[e])',
+        't2 = spec.let("t2", [e], Sum(B[j] * t0[j], j) + t1[e])',
+        't3 = spec.let("t3", [e], Max(W[j], j) * t2[e])',
         'y = spec.labels("y", N, classes=E)',
-        'spec.output("L", [], Sum(KroneckerDelta(e, y[n]) * (log(1 + (2*(Sum(t0[j], j) / E))**2)'
-        ' + t0[e]), e, n))']) + "\n"
+        'spec.output("L", [], Sum(KroneckerDelta(e, y[n]) * (log(1 + (2 * Sum(t2[j], j) / E)**2)'
+        ' + t3[e]), e, n))']) + "\n"
     with tempfile.TemporaryDirectory() as folder:
         rows = check_spec(_load(folder, source), CheckOptions(
             cases=1, oracles=("fd", "autograd", "backends", "forward")))
