@@ -2,7 +2,9 @@
 
 Run it from the repository root::
 
-    python bench/bench_loss.py                  # float32, 32×10 and 128×10
+    PYTHONPATH=. python bench/bench_loss.py     # float32, 32×10 and 128×10
+
+(without ``PYTHONPATH=.`` the script imports whichever gradtool is installed).
 
 One step is forward + backward of softmax cross-entropy over integer labels at N×C:
 
