@@ -648,6 +648,75 @@ def test_two_output_kernels_pass_every_check(source):
     _assert_checks_pass(source)
 
 
+# -- losses over integer labels: the one-hot picked in a sum, scattered in a gradient ------
+
+EXAMPLES_LABELS = int(_ENV) if _ENV else 4
+
+
+@st.composite
+def specs_with_labels(draw):
+    """A spec from :func:`spec_sources` whose output Y is read at integer labels: one of its
+    axes is the classes of labels y over its other axes (or another dimension), and the
+    output is L = Σ δ(c, y[…])·Y (the code generator picks Y at c = y[…] and scatters its
+    gradient there) or, with ``smoothed``, Σ (0.8·δ(c, y[…]) + 0.2)·Y (the forward keeps the
+    one-hot, the gradient's δ term still scatters)."""
+    source = draw(spec_sources())
+    head, out = source.rstrip("\n").rsplit("\n", 1)
+    found = re.fullmatch(r'spec\.output\("Y", \[(.*?)\], (.*)\)', out)
+    index = [i.strip() for i in found.group(1).split(",") if i.strip()]
+    declared = re.search(r"^(.*) = spec\.dims", source, re.M).group(1).split(", ")
+    dim_of = {v: k for k, v in MAIN.items()}
+    assume(index)  # a scalar Y has no class axis to read at the labels
+    body = f"({found.group(2)})"
+    cls = draw(st.sampled_from(index))
+    others = [i for i in index if i != cls] or [
+        MAIN[d] for d in declared if MAIN[d] != cls][:1]
+    if not others:  # one dimension only: the labels need an axis of their own
+        others = ["m"]
+        head = head.replace(" = spec.dims(", ", M = spec.dims(", 1).replace(
+            f'spec.dims("{" ".join(declared)}")', f'spec.dims("{" ".join(declared)} M")', 1)
+        head += "\nm = spec.indices(m=M)"
+        dim_of = {**dim_of, "m": "M"}
+    labels = ", ".join(dim_of[i] for i in others)
+    weight = f"KroneckerDelta({cls}, y[{', '.join(others)}])"
+    if draw(st.booleans()):
+        weight = f"(Rational(4, 5) * {weight} + Rational(1, 5))"
+    summed = ", ".join(dict.fromkeys(index + others))
+    lines = [head, f'y = spec.labels("y", {labels}, classes={dim_of[cls]})',
+             f'spec.output("L", [], Sum({weight} * {body}, {summed}))']
+    return "\n".join(lines) + "\n"
+
+
+@settings(FUZZ, max_examples=EXAMPLES_LABELS)
+@given(source=specs_with_labels())
+def test_label_losses_pass_every_check(source):
+    """Finite differences, torch.autograd, the two targets against each other and the
+    forward agree on random losses read at integer labels."""
+    _assert_checks_pass(source)
+
+
+def test_an_inlined_size_term_is_a_number_for_torch():
+    """Found by the property above: 1/E² of a common term E² that the backward inlines as a
+    number was printed ``torch.reciprocal(E ** 2)``, which takes tensors only."""
+    source = HEAD + "\n".join([
+        'spec = Spec("fuzz", "a random spec")',
+        'N, E = spec.dims("N E")',
+        "n, e, j = spec.indices(n=N, e=E, j=E)",
+        'B = spec.input("B", E)',
+        'W = spec.param("W", E)',
+        't0 = spec.let("t0", [e], sigmoid(B[e]))',
+        't1 = spec.let("t1", [e], Sum(B[j] * B[j], j) * t0[e])',
+        't2 = spec.let("t2", [e], Sum(B[j] * t0[j], j) + t1[e])',
+        't3 = spec.let("t3", [e], Max(W[j], j) * t2[e])',
+        'y = spec.labels("y", N, classes=E)',
+        'spec.output("L", [], Sum(KroneckerDelta(e, y[n]) * (log(1 + (2 * Sum(t2[j], j) / E)**2)'
+        ' + t3[e]), e, n))']) + "\n"
+    with tempfile.TemporaryDirectory() as folder:
+        rows = check_spec(_load(folder, source), CheckOptions(
+            cases=1, oracles=("fd", "autograd", "backends", "forward")))
+    assert rows and all(r.passed for r in rows), [r for r in rows if not r.passed]
+
+
 # -- composed exp / log / tanh chains (issue 7, item 5) -------------------------------------
 
 # (template, allowed for an argument bound m?, bound of the result): the element-wise maps

@@ -3,6 +3,7 @@ indicator δ(c, y[n]); softmax cross-entropy over labels against F.cross_entropy
 
 from __future__ import annotations
 
+import inspect
 import textwrap
 
 import numpy as np
@@ -221,3 +222,157 @@ def test_labels_with_two_axes_per_position_cross_entropy(tmp_path):
     rows = check_spec(spec, CheckOptions(cases=2, oracles=("fd", "reference", "backends")))
     assert rows and all(r.passed for r in rows), [r for r in rows if not r.passed]
     assert any(r.oracle == "reference" and r.input == "X" for r in rows)
+
+
+# -- the label pick (forward) and the label scatter (backward): no one-hot array ---------------
+# Losses over integer labels written in the spec language, each with its torch reference:
+# (body after HEAD, reference(X, y, w) in float64, does the forward pick at the labels, does
+# the backward scatter at them?)
+LABEL_LOSSES = {
+    "cross_entropy": ('''
+        e = spec.let("e", [n, c], exp(X[n, c]))
+        Z = spec.let("Z", [n], Sum(e[n, k], k))
+        P = spec.let("P", [n, c], e[n, c] / Z[n])
+        spec.output("L", [], -Sum(spec.onehot(y)[n, c] * log(P[n, c]), n, c) / N)
+        ''', lambda X, y, w: F.cross_entropy(X, y), True, True),
+    # NLL on log-probabilities: the gradient is the scatter alone (into zeros)
+    "nll": ('''
+        spec.output("L", [], -Sum(KroneckerDelta(c, y[n]) * X[n, c], n, c) / N)
+        ''', lambda X, y, w: F.nll_loss(X, y), True, True),
+    # label smoothing written with the one-hot: the forward's one-hot sits inside a sum of
+    # terms (no pick, the one-hot stays); the backward's −0.9·δ/N still scatters
+    "smoothed": ('''
+        e = spec.let("e", [n, c], exp(X[n, c]))
+        Z = spec.let("Z", [n], Sum(e[n, k], k))
+        P = spec.let("P", [n, c], e[n, c] / Z[n])
+        T = spec.onehot(y)
+        spec.output("L", [], -Sum((Rational(9, 10) * T[n, c] + Rational(1, 10) / C)
+                                  * log(P[n, c]), n, c) / N)
+        ''', lambda X, y, w: F.cross_entropy(X, y, label_smoothing=0.1), False, True),
+    # class weights: the coefficient of δ reads c, so the scatter adds w[y[n]] (a gather)
+    "weighted": ('''
+        w = spec.input("w", C)
+        e = spec.let("e", [n, c], exp(X[n, c]))
+        Z = spec.let("Z", [n], Sum(e[n, k], k))
+        P = spec.let("P", [n, c], e[n, c] / Z[n])
+        spec.output("L", [], -Sum(KroneckerDelta(c, y[n]) * w[c] * log(P[n, c]), n, c) / N)
+        ''', lambda X, y, w: -(w[y] * F.log_softmax(X, 1)[torch.arange(len(y)), y]).sum()
+        / len(y), True, True),
+    # one label per sample for every position h of X[n, c, h]: the pick broadcasts the labels
+    # over h (take_along_axis / take_along_dim); the gradient's δ lacks h: it stays a one-hot
+    "shared": ('''
+        H = spec.dims("H")
+        h = spec.indices(h=H)
+        X = spec.input("X", N, C, H)
+        y = spec.labels("y", N, classes=C)
+        e = spec.let("e", [n, c, h], exp(X[n, c, h]))
+        Z = spec.let("Z", [n, h], Sum(e[n, k, h], k))
+        P = spec.let("P", [n, c, h], e[n, c, h] / Z[n, h])
+        spec.output("L", [], -Sum(KroneckerDelta(c, y[n]) * log(P[n, c, h]), n, c, h) / (N * H))
+        ''', lambda X, y, w: F.cross_entropy(X, y[:, None].expand(-1, X.shape[2])), True, False),
+}
+
+
+def label_loss(tmp_path, name):
+    body, reference, picks, scatters = LABEL_LOSSES[name]
+    path = tmp_path / f"{name}.py"
+    head = HEAD.replace("Sum, exp", "Rational, Sum, exp").replace(
+        '"labelled"', f'"labelled_{name}"')
+    if name == "shared":  # X[n, c, h] instead of X[n, c]: declared in the body
+        head = head.split('X = spec.input("X", N, C)')[0]
+    path.write_text(head + textwrap.dedent(body))
+    return load_spec(path), reference, picks, scatters
+
+
+def run_kernels(mod, target, X, y, w, need):
+    """Loss and gradients (X, and w if the spec has it) of the generated kernels."""
+    args = (X, y) if w is None else (X, y, w)
+    # a size no saved tensor has is passed in (NLL saves only the labels)
+    sizes = {"C": X.shape[1]} if "C" in inspect.signature(mod.backward).parameters else {}
+    if target == "numpy":
+        L, saved = mod.forward(*args)
+        return float(L), mod.backward(1.0, *saved, need=need, **sizes)
+    L, saved = mod.forward(*(torch.from_numpy(a) for a in args))
+    grads = mod.backward(torch.tensor(1.0, dtype=torch.float64), *saved, need=need, **sizes)
+    return L.item(), tuple(g if g is None else g.numpy() for g in grads)
+
+
+@pytest.mark.parametrize("target", ["numpy", "torch"])
+@pytest.mark.parametrize("name", sorted(LABEL_LOSSES))
+def test_label_pick_and_scatter_match_autograd(tmp_path, name, target):
+    """Each loss and its gradients against torch.autograd of the torch reference, float64,
+    at N = 1 and with labels at class 0 and C − 1; each ``need`` flag alone."""
+    spec, reference, picks, scatters = label_loss(tmp_path, name)
+    mod = compile_spec(spec, target)
+    source = mod.__loader__.get_source(mod.__name__)
+    forward, backward = source.split("def backward(")[0], source.split("def backward(")[1]
+    arange_c = "arange(C" if target == "numpy" else "torch.arange(C"
+    assert (arange_c not in forward) == picks          # no one-hot where the pick applies
+    assert (arange_c not in backward.split("\nclass ")[0].split("def use_torch_compile")[0]) \
+        == scatters
+    rng = np.random.default_rng(11)
+    for n_, y in ((1, np.array([0])), (1, np.array([3])), (5, np.array([0, 3, 3, 1, 0]))):
+        X = rng.standard_normal((n_, 4) if name != "shared" else (n_, 4, 3))
+        if name == "nll":
+            X = np.log(np.exp(X) / np.exp(X).sum(1, keepdims=True))
+        w = rng.uniform(0.5, 2.0, 4) if name == "weighted" else None
+        Xt = torch.tensor(X, requires_grad=True)
+        wt = None if w is None else torch.tensor(w, requires_grad=True)
+        loss = reference(Xt, torch.tensor(y), wt)
+        loss.backward()
+        expected = [Xt.grad.numpy()] + ([] if w is None else [wt.grad.numpy()])
+        flags = len(expected)
+        L, grads = run_kernels(mod, target, X, y, w, (True,) * flags)
+        assert abs(L - loss.item()) <= 1e-13 * max(1.0, abs(loss.item()))
+        for g, e in zip(grads, expected, strict=True):
+            np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-15)
+        for k in range(flags):  # one gradient at a time: the others are None
+            only = tuple(j == k for j in range(flags))
+            _, grads = run_kernels(mod, target, X, y, w, only)
+            assert [g is None for g in grads] == [not f for f in only]
+            np.testing.assert_allclose(grads[k], expected[k], rtol=1e-12, atol=1e-15)
+
+
+def test_label_pick_and_scatter_keep_float32_and_leave_saved_tensors_alone():
+    """float32 in, float32 out; the backward's scatter writes into an array of its own
+    (backward twice from the same saved tensors gives the same gradient)."""
+    mod = compile_spec(NAME, "torch")
+    X = torch.randn(6, 5, dtype=torch.float32)
+    y = torch.tensor([4, 0, 2, 2, 1, 4])
+    L, saved = mod.forward(X, y)
+    P = saved[1].clone()
+    (dX,) = mod.backward(torch.tensor(1.0), *saved)
+    (again,) = mod.backward(torch.tensor(1.0), *saved)
+    assert L.dtype == dX.dtype == torch.float32
+    assert torch.equal(saved[1], P) and torch.equal(dX, again)
+    # a float64 upstream gradient: the scatter's values take the gradient's dtype
+    (mixed,) = mod.backward(torch.tensor(1.0, dtype=torch.float64), *saved)
+    assert mixed.dtype == torch.float32 and torch.allclose(mixed, dX)
+    Xt = X.clone().requires_grad_()
+    F.cross_entropy(Xt, y).backward()
+    torch.testing.assert_close(dX, Xt.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(L, F.cross_entropy(X, y), rtol=1e-6, atol=1e-7)
+
+
+def test_label_pick_and_scatter_sources_pass_ruff(tmp_path):
+    """The gathers and in-place scatters of every label loss above, both targets, pass the
+    project's ruff rules (as tests/test_code_style.py checks the built-in specs)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gradtool.codegen.emit import generate
+
+    ruff = ["ruff"] if shutil.which("ruff") else [sys.executable, "-m", "ruff"]
+    root = Path(__file__).resolve().parent.parent
+    files = []
+    for name in sorted(LABEL_LOSSES):
+        spec = label_loss(tmp_path, name)[0]
+        for target in ("numpy", "torch"):
+            path = tmp_path / f"gen_{name}_{target}.py"
+            path.write_text(generate(spec, target))
+            files.append(str(path))
+    run = subprocess.run([*ruff, "check", "--no-cache", "--config", str(root / "pyproject.toml"),
+                          "--output-format", "concise", *files], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -99,6 +99,7 @@ class ArrayPrinter:
     MEAN_KEEP = "{x}.mean({axes}, keepdims=True)"
     MAX = "{x}.max({axes})"
     ref: str | None = None             # a tensor to take dtype and device from
+    labels: frozenset = frozenset()    # names of integer-label tensors (spec.labels)
 
     def __init__(self, names: dict[str, str], temps: dict | None = None,
                  order: list | None = None):
@@ -294,6 +295,9 @@ class ArrayPrinter:
         name = self.names[e.base.label.name]
         if all(self._is_index(i) for i in idx) and len(set(idx)) == len(idx):
             return Arr(name, idx)
+        gathered = self._label_gather(e)
+        if gathered is not None:
+            return gathered
         read = self._window(e)
         if read is not None:  # X[n, c, S·i + p]: a strided view, no gather
             return Arr(self.bind(f"{name}_windows", self.window_view(read)), read.view_axes)
@@ -727,8 +731,10 @@ class ArrayPrinter:
         return Arr(f"{self.FUNCS[fname]}({arg.code})", arg.axes, ATOM)
 
     def _plain_number(self, expr) -> bool:
-        """Built from sizes, hyper-parameters and numbers only: Python's math applies."""
-        return not any(isinstance(n, sp.Indexed) or n in self.temps or
+        """Built from sizes, hyper-parameters and numbers only: Python's math applies (an
+        inlined common term such as E² counts by its value)."""
+        return not any(isinstance(n, sp.Indexed) or (n in self.temps and not (
+                           n in self.scalars and self._plain_number(self.scalars[n]))) or
                        (isinstance(n, sp.Symbol) and n.name in self.scalar_tensors)
                        for n in sp.preorder_traversal(expr))
 
@@ -885,6 +891,9 @@ class ArrayPrinter:
         body = e.function
         for var, lo, hi in e.limits:  # bound indices renamed by the emitter keep their range
             self.ranges.setdefault(var, sp.expand((hi - lo + 1).xreplace(self.scalars)))
+        picked = self._pick_label(e)
+        if picked is not None:
+            return self.lower(picked)
         merged = self._merge_window(e)
         if merged is not None:
             return self.lower(merged)
@@ -1022,8 +1031,13 @@ class ArrayPrinter:
             index = Arr(self.transpose(self.paren(index.code, index.prec, ATOM), perm),
                         batch + window, ATOM)
         rest = sp.Mul(*[f for f in sp.Mul.make_args(e.function) if f is not delta])
+        labels = self.label_delta(delta, [h]) is not None and h in self._indices_of(rest)
+        if labels:  # Σ_n δ(c, y[n])·f[n, c]: the values scattered are f at c = y[n]
+            rest = self._at_label(rest, h, target) or rest
         kept = [lim for lim in e.limits if lim[0] not in index.axes]
         inner = self.lower(sp.Sum(rest, *kept) if kept else rest)
+        if labels and h in inner.axes:  # a named term over c: gathered as an array
+            inner = self._fancy_gather(inner, h, target)
         if set(inner.axes) & (set(over) - set(index.axes)):
             raise CodegenError(f"cannot scatter {e}: a summed index is left over")
         lead = tuple(a for a in inner.axes if a not in index.axes)
@@ -1048,6 +1062,170 @@ class ArrayPrinter:
         if batch:
             args += f", batch={len(batch)}"
         return Arr(f"{self.SCATTER}({args})", lead + batch + (h,), ATOM)
+
+    # -- integer labels: δ(c, y[n]) summed over c picks c = y[n]; added, it scatters ----------
+    def label_delta(self, f, free) -> tuple | None:
+        """(c, y[…]) if ``f`` is δ(c, y[…]), the one-hot indicator of integer labels
+        (:meth:`~gradtool.spec.lang.Spec.labels`), with c one of the indices ``free`` and
+        the labels read at plain indices other than c; else None."""
+        if not isinstance(f, sp.KroneckerDelta):
+            return None
+        for c, label in (f.args, f.args[::-1]):
+            if c in free and self._is_index(c) and isinstance(label, sp.Indexed) and \
+                    label.base.label.name in self.labels and c not in label.free_symbols and \
+                    all(self._is_index(i) for i in label.indices) and \
+                    len(set(label.indices)) == len(label.indices):
+                return c, label
+        return None
+
+    def _pick_label(self, e):
+        """Σ_c δ(c, y[n])·f[n, c] as f[n, y[n]] (with the sum's other indices kept): the term
+        at the label only, so no one-hot array is built and reads X[n, c] become gathers
+        X[n, y[n]] (:meth:`_label_gather`). None when no factor of the body is such a δ
+        over a summed index, or another sum inside binds that index."""
+        over = [lim[0] for lim in e.limits]
+        factors = sp.Mul.make_args(e.function)
+        for f in factors:
+            hit = self.label_delta(f, over)
+            if hit is None:
+                continue
+            c, label = hit
+            rest = sp.Mul(*[g for g in factors if g is not f])
+            if any(isinstance(n, sp.Sum) and c in n.variables
+                   for n in sp.preorder_traversal(rest)):
+                continue
+            picked = self._at_label(rest, c, label)
+            if picked is None:
+                continue
+            limits = [lim for lim in e.limits if lim[0] != c]
+            return sp.Sum(picked, *limits) if limits else picked
+        return None
+
+    def _at_label(self, e, c, label):
+        """``e`` at c = y[…]: every read X[…, c, …] becomes X[…, y[…], …]; None when c
+        appears otherwise (an affine index X[n, c + 1], c as a number) or a read could not
+        be gathered (:meth:`_gather_parts`)."""
+        at = e.xreplace({c: label})
+        reads = {n: sp.Dummy() for n in sp.preorder_traversal(at)
+                 if isinstance(n, sp.Indexed) and label in n.indices}
+        if any(self._gather_parts(r) is None for r in reads) or \
+                at.xreplace(reads).has(label) or c in self._indices_of(at):
+            return None  # (a named common term over c keeps c: no substitution reaches it)
+        return at
+
+    def _fancy_gather(self, arr: Arr, c, label) -> Arr:
+        """``arr`` read at c = y[…] with one integer array per axis, ``w[y]``,
+        ``A[np.arange(N)[:, None], y]``: the axes of ``arr`` but c, then those of the labels
+        that ``arr`` lacks."""
+        out = tuple(a for a in arr.axes if a != c) + tuple(
+            i for i in label.indices if i not in arr.axes)
+        y = self.lower(label)
+        parts = [self.align(y, out) if a == c else self.align(self._arange(a), out)
+                 for a in arr.axes]
+        return Arr(f"{self.paren(arr.code, arr.prec, ATOM)}[{', '.join(parts)}]", out, ATOM)
+
+    GATHER = "np.take_along_axis({x}, {index}, {axis})"
+
+    def _label_gather(self, e) -> Arr | None:
+        """X[n, y[n]] (X read at integer labels y): ``X[np.arange(N), y]`` where the labels
+        have all of X's other axes, else ``np.take_along_axis(X, y[:, None], 1)[:, 0]``
+        (torch: ``X.gather(1, y[:, None])[:, 0]``, :meth:`gather`). The labels' own indices
+        must be plain indices of the read, in the same order; None otherwise."""
+        parts = self._gather_parts(e)
+        if parts is None:
+            return None
+        pos, label, rest = parts
+        idx = tuple(e.indices)
+        if not set(label.indices) <= set(rest):  # w[y[n]]: the labels add axes
+            c = sp.Dummy("c", integer=True)
+            return self._fancy_gather(Arr(self.names[e.base.label.name],
+                                          rest[:pos] + (c,) + rest[pos:]), c, label)
+        own = tuple(i for i in rest if i in label.indices)  # the labels' axes in X's order
+        y = self.lower(label)
+        code = y.code if y.axes == own else self.transpose(
+            self.paren(y.code, y.prec, ATOM), tuple(y.axes.index(i) for i in own))
+        slots = [":" if i in label.indices else "None" for i in rest]
+        slots.insert(pos, "None")
+        index = f"{self.paren(code, y.prec, ATOM)}[{', '.join(slots)}]"
+        self.imports.add(self.module)
+        positions = None
+        if len(own) == len(rest) and all(i in self.ranges for i in rest):
+            positions = ", ".join(self.align(self.lower(label) if p == pos else
+                                             self._arange(i), rest)
+                                  for p, i in enumerate(idx))
+        return Arr(self.gather(self.names[e.base.label.name], index, pos, positions), rest,
+                   ATOM)
+
+    def _gather_parts(self, e) -> tuple | None:
+        """(position of the labels, the labels' read y[…], X's other indices) if ``e`` is
+        X read at integer labels, X[n, y[n]]: plain distinct indices elsewhere, the labels
+        read at some of them; else None."""
+        if not isinstance(e, sp.Indexed):
+            return None
+        idx = tuple(e.indices)
+        labels = [p for p, i in enumerate(idx) if isinstance(i, sp.Indexed)
+                  and i.base.label.name in self.labels]
+        if len(labels) != 1:
+            return None
+        pos = labels[0]
+        label = idx[pos]
+        rest = idx[:pos] + idx[pos + 1:]
+        if not all(self._is_index(i) for i in rest) or len(set(rest)) != len(rest) or \
+                not all(self._is_index(i) for i in label.indices) or \
+                not all(i in self.ranges for i in rest + tuple(label.indices)):
+            return None
+        return pos, label, rest
+
+    def gather(self, x: str, index: str, axis: int, positions: str | None) -> str:
+        """``x`` read along ``axis`` at ``index`` (an integer array of x's rank, size 1 on
+        ``axis``), that axis dropped. ``positions``: the same entries as one integer index
+        per axis (``np.arange(N), y``) where the labels have all of x's other axes, else None
+        (the index broadcasts). NumPy indexes with the positions (~1.3 µs at 32×10, against
+        ~4 µs for ``take_along_axis``)."""
+        if positions is not None:
+            return f"{x}[{positions}]"
+        drop = ", ".join([":"] * axis + ["0"])
+        return f"{self.GATHER.format(x=x, index=index, axis=axis)}[{drop}]"
+
+    def label_scatter(self, expr, axes: tuple) -> tuple | None:
+        """A gradient ``rest + coef·δ(c, y[…])`` over ``axes`` (the labels read at all the
+        other axes) split as (rest, positions, coef): the kernel computes ``rest`` into an
+        array of its own, then adds ``coef`` (a gather at c = y[…] if it reads c) at the
+        positions ``[arange(N), y]`` only, instead of multiplying an N×C one-hot. None when
+        ``expr`` is not linear in one such δ (a δ under a sum or a function stays a one-hot)."""
+        deltas = {n for n in sp.preorder_traversal(expr)
+                  if self.label_delta(n, axes) is not None}
+        if len(deltas) != 1:
+            return None
+        delta = deltas.pop()
+        c, label = self.label_delta(delta, axes)
+        others = tuple(a for a in axes if a != c)
+        if set(label.indices) != set(others):
+            return None
+        t = sp.Dummy("onehot")
+        split = _linear_split(expr.xreplace({delta: t}), t)
+        if split is None or split[1] == 0:
+            return None
+        rest, coef = split
+        coef = self._at_label(coef, c, label)
+        if coef is None or {i for i in self._indices_of(coef) if self._is_index(i)} - set(others):
+            return None
+        self.order = list(axes) + [s for s in self.order if s not in axes]
+        y = self.lower(label)
+        parts = [self.align(y, others) if a == c else self.align(self._arange(a), others)
+                 for a in axes]
+        return rest, ", ".join(parts), coef
+
+    def add_at_labels(self, positions: str, coef, axes: tuple, target: str) -> str:
+        """The in-place update that adds ``coef`` (free of the class axis) at ``positions``
+        (from :meth:`label_scatter`) of the gradient ``target`` over ``axes``, written after
+        its name: ``[np.arange(N), y] -= G / N``. One label per row, so no position repeats
+        and the fancy-index update is exact."""
+        op = "-=" if coef.could_extract_minus_sign() else "+="
+        value = self.lower(-coef if op == "-=" else coef)
+        code = self.align(value, tuple(a for a in axes if a in value.axes)) if value.axes \
+            else value.code
+        return f"[{positions}] {op} {code}"
 
     # -- padding: Xp = X padded (spec.pad), and the adjoint of X as a slice of Xp's ----------
     def _print_Unpad(self, e) -> Arr:
@@ -1230,3 +1408,28 @@ class ArrayPrinter:
 
     def broadcast(self, code: str, shape: tuple[str, ...], arr: Arr) -> str:
         raise NotImplementedError
+
+
+def _linear_split(e, t) -> tuple | None:
+    """(rest, coef) with ``e`` = rest + coef·t, each free of t, found through sums and
+    products only (no expansion: the rest keeps its factored form); None when t appears
+    otherwise (a power, a function, a bound sum)."""
+    if e == t:
+        return sp.Integer(0), sp.Integer(1)
+    if not e.has(t):
+        return e, sp.Integer(0)
+    if isinstance(e, sp.Add):
+        parts = [_linear_split(a, t) for a in e.args]
+        if any(p is None for p in parts):
+            return None
+        return sp.Add(*[p[0] for p in parts]), sp.Add(*[p[1] for p in parts])
+    if isinstance(e, sp.Mul):
+        holding = [f for f in e.args if f.has(t)]
+        if len(holding) != 1:
+            return None
+        inner = _linear_split(holding[0], t)
+        if inner is None:
+            return None
+        others = sp.Mul(*[f for f in e.args if f is not holding[0]])
+        return others * inner[0], others * inner[1]
+    return None

@@ -173,11 +173,15 @@ class Module:
         printer.taken = self._taken()
         printer.keep_owned = True
         printer.fold = self.folds()
+        printer.labels = self.label_names()
         shifts = self.stable_exponentials()
         inlined = self.inlined_sums(shifts)
         printer.scalar_tensors = self._scalar_tensors(shifts)
+        picked = {a.target: self._picked_indicators(a.rhs(d.program), printer)
+                  for a in d.program.assigns}
+        unread = self._unread_onehots(picked)
         for a in d.program.assigns:
-            if a.target in inlined:
+            if a.target in inlined or a.target in unread:
                 continue
             target = self.new_names[a.target] if a.kind == "update" else self.names[a.target]
             if a.reduce == "pad":
@@ -189,7 +193,7 @@ class Module:
                 body.append(f"{target} = {printer.pad(source, widths, a.body.fill)}")
                 continue
             shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code for i in a.lhs)
-            rhs = self._inline(a.rhs(d.program), inlined)
+            rhs = self._inline(picked[a.target], inlined)
             rhs = present(self._logs_of_ratios(rhs, shifts))
             if a.target in self.lse and self._lse_exponent(a) is not None:
                 # Z = Σ_k c·exp(f) as exp(M)·Σ_k c·exp(f − M)
@@ -650,6 +654,44 @@ class Module:
                 subs[node] = self._kernel_form(tensor_of[node.name])
         return expr.xreplace(subs)
 
+    def label_names(self) -> frozenset:
+        """The kernel-independent names of the spec's integer labels (``spec.labels``)."""
+        return frozenset(t.name for t in self.spec.tensors.values() if t.is_labels)
+
+    def _picked_indicators(self, expr, printer):
+        """``expr`` with each one-hot read ``onehot_y[n, c]`` that is a factor of a sum over
+        c replaced by its definition δ(c, y[n]): the printer then takes the term at c = y[n]
+        (a gather, :meth:`~gradtool.codegen.base.ArrayPrinter._pick_label`) instead of
+        multiplying by a one-hot array."""
+        onehot = {a.target: a for a in self.d.program.assigns
+                  if self.spec.tensors[a.target].onehot_of}
+        if not onehot:
+            return expr
+
+        def pick(s):
+            over = s.variables
+            factors = list(sp.Mul.make_args(s.function))
+            for k, f in enumerate(factors):
+                a = onehot.get(access_name(f)) if isinstance(f, sp.Indexed) else None
+                if a is None:
+                    continue
+                delta = rename(a.body, dict(zip(a.lhs, access_indices(f), strict=True)))
+                if printer.label_delta(delta, over) is not None:
+                    factors[k] = delta
+                    return sp.Sum(sp.Mul(*factors), *s.limits)
+            return s
+
+        return expr.replace(lambda x: isinstance(x, sp.Sum), pick)
+
+    def _unread_onehots(self, rhs: dict) -> set:
+        """The one-hot statements no forward statement reads any more (every read became a
+        pick at the label), nor an output: the forward builds no one-hot array."""
+        outputs = {a.target for a in self.outputs}
+        read = {access_name(n) for e in rhs.values() for n in accesses(e, self.spec)}
+        return {a.target for a in self.d.program.assigns
+                if self.spec.tensors[a.target].onehot_of and a.target not in read
+                and a.target not in outputs}
+
     def _indicators(self, expr):
         """A one-hot tensor read by a gradient becomes its definition δ(c, y[n]): the backward
         then keeps the integer labels, not an N×C float copy (as F.cross_entropy does)."""
@@ -726,6 +768,7 @@ class Module:
         printer.definitions = {}
         printer.owned = dict(getattr(self, "owned", {}))
         printer.fold = self.folds()
+        printer.labels = self.label_names()
         # a loss's upstream gradient is a 0-d tensor too (torch.autograd passes one)
         printer.scalar_tensors = self._scalar_tensors()
         # a tensor to take dtype and device from: a full upstream gradient, else a saved tensor
@@ -769,6 +812,18 @@ class Module:
         for (tname, _, canon), expr in zip(forms, reduced, strict=True):
             var = self.grad_names[tname]
             shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code for i in canon)
+            scatter = printer.label_scatter(expr, tuple(canon)) if expr != 0 else None
+            if scatter is not None:  # rest + coef·δ(c, y[n]): add coef at the labels only
+                rest, positions, coef = scatter
+                code = self._zeros(shape, printer) if rest == 0 else \
+                    printer.assign(rest, tuple(canon), shape)
+                if rest != 0 and not _fresh(code):
+                    code = f"{code}.clone()" if self.target == "torch" else f"{code}.copy()"
+                update = InPlace(printer.add_at_labels(positions, coef, tuple(canon), var))
+                stmts += printer.take_setup()
+                stmts += [(var, code), (var, update)]
+                grads.append(var)
+                continue
             code = self._zeros(shape, printer) if expr == 0 else \
                 printer.assign(expr, tuple(canon), shape)
             stmts += printer.take_setup()
@@ -846,7 +901,8 @@ class Module:
                 add(guard, line)
         for name, code in stmts:
             if needed_by[name]:
-                add(needed_by[name], f"{name} = {code}")
+                add(needed_by[name], f"{name}{code}" if isinstance(code, InPlace)
+                    else f"{name} = {code}")
         body = [f"{', '.join(flags)}{',' if len(flags) == 1 else ''} = need",
                 " = ".join(grads) + " = None"] if grads else []
         for cond, lines in blocks:
@@ -873,7 +929,9 @@ def _needed_by(stmts: list, grads: list) -> tuple[dict, dict]:
     """(names each statement reads, the gradients (positions in ``grads``) that need each
     statement): a gradient needs its own line and, recursively, every named term that line
     reads."""
-    reads = {name: _names_read(code) for name, code in stmts}
+    reads: dict[str, set] = {}
+    for name, code in stmts:  # an in-place update of a name adds to what that name reads
+        reads[name] = reads.get(name, set()) | _names_read(code)
     needed_by: dict[str, set] = {name: set() for name, _ in stmts}
     for k, var in enumerate(grads):
         todo = [var]
@@ -884,6 +942,28 @@ def _needed_by(stmts: list, grads: list) -> tuple[dict, dict]:
             needed_by[name].add(k)
             todo += [r for r in reads[name] if r in needed_by and r != name]
     return reads, needed_by
+
+
+class InPlace(str):
+    """The code of an in-place update of a statement's array, written right after its name
+    (``[torch.arange(N), y] -= G / N``), not as ``name = code``."""
+
+
+def _fresh(code) -> bool:
+    """Does ``code`` make a new array (arithmetic, a module function, an in-place method of
+    a new array: ``((G / N) * P).mul_(w)``), not name or view an existing one (``P``,
+    ``P.T``, ``G[:, None]``)? An in-place update may then write into it."""
+    import ast
+
+    node = ast.parse(code, mode="eval").body if isinstance(code, str) else code
+    if isinstance(node, (ast.BinOp, ast.UnaryOp)):
+        return True
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+        return False
+    receiver = node.func.value
+    if isinstance(receiver, ast.Name):
+        return receiver.id in ("np", "torch")
+    return node.func.attr.endswith("_") and _fresh(receiver)
 
 
 def _setup_lines(printer) -> list[str]:
