@@ -98,10 +98,10 @@ class ChainFunction(torch.autograd.Function):
         h = X
         for layer in layers:
             key = (layer.training, h.shape)
-            prepared = layer._prepared.get(key)
-            if prepared is None:
-                prepared = layer._prepare((h,), key)
-            view, fn, recipe, masks = prepared
+            step = layer._chain_steps.get(key)
+            if step is None:
+                step = _chain_step(layer, h, key)
+            view, fn, recipe, masks, slots, n_params = step
             shape = h.shape
             inputs = (h.reshape(view),) if view is not None else (h,)
             drawn = []
@@ -111,22 +111,20 @@ class ChainFunction(torch.autograd.Function):
                     torch.get_default_dtype()
                 drawn = [torch.empty(mshape, dtype=dtype, device=ref.device).bernoulli_(keep)
                          for mshape, keep in masks]
-            params = layer._parameters
-            pneeds = dict(zip(params, needs[offset:offset + len(params)], strict=True))
-            sources = (inputs, drawn, params, layer._buffers, layer.plan.hypers)
+            sources = (inputs, drawn, layer._parameters, layer._buffers, layer.plan.hypers)
             args = [sources[kind][ref] if kind < 5 else ref for kind, ref in recipe]
-            flags = tuple(flowing if kind == 0 else pneeds[ref] if kind == 2 else False
-                          for kind, ref in recipe)
+            # the flags the layer's own node would get: the input's, each parameter's, no other
+            flags = tuple(flowing if k == -1 else False if k is None else needs[offset + k]
+                          for k in slots)
             fctx = _Context(flags)
             out = fn.forward(fctx, *args)
             start = len(saved)
             saved.extend(fctx.saved_tensors)
             fctx.saved_tensors = ()
-            where = {name: offset + i for i, name in enumerate(params)}
-            steps.append((fn, fctx, recipe, view, shape, where, start, len(saved),
-                          any(flags)))
-            offset += len(params)
-            flowing = flowing or any(pneeds.values())
+            steps.append((fn, fctx, slots, view, shape, offset, start, len(saved),
+                          True in flags))
+            flowing = flowing or True in needs[offset:offset + n_params]
+            offset += n_params
             h = out if view is None else out.reshape(shape)
         ctx.steps = steps
         ctx.save_for_backward(*saved)
@@ -137,21 +135,40 @@ class ChainFunction(torch.autograd.Function):
     def backward(ctx, G):
         saved = ctx.saved_tensors
         grads = [None] * len(ctx.needs_input_grad)
-        for fn, fctx, recipe, view, shape, where, start, stop, any_need in reversed(ctx.steps):
+        for fn, fctx, slots, view, shape, offset, start, stop, any_need in reversed(ctx.steps):
             if G is None or not any_need:  # nothing before this layer needs a gradient
                 break
             fctx.saved_tensors = saved[start:stop]
             got = fn.backward(fctx, G if view is None else G.reshape(view))
             got = got if isinstance(got, tuple) else (got,)
             G = None
-            for (kind, ref), g in zip(recipe, got):
-                if kind == 0:
+            for k, g in zip(slots, got):
+                if k == -1:
                     G = g if view is None or g is None else g.reshape(shape)
-                elif kind == 2:
-                    grads[where[ref]] = g
+                elif k is not None:
+                    grads[offset + k] = g
             fctx.saved_tensors = ()
         grads[1] = G if ctx.needs_input_grad[1] else None
         return tuple(grads)
+
+
+def _chain_step(layer, h: torch.Tensor, key: tuple) -> tuple:
+    """What :class:`ChainFunction` needs to run ``layer`` on ``h`` in its mode: the layer's
+    prepared call (see ``SpecModule._prepare``; raises as it does) and, per Function argument,
+    -1 for the input, a parameter's index in ``layer._parameters``, or None; kept per
+    (mode, shape) like the preparation."""
+    prepared = layer._prepared.get(key)
+    if prepared is None:
+        prepared = layer._prepare((h,), key)
+    view, fn, recipe, masks = prepared
+    names = list(layer._parameters)
+    slots = tuple(-1 if kind == 0 else names.index(ref) if kind == 2 else None
+                  for kind, ref in recipe)
+    step = (view, fn, recipe, masks, slots, len(names))
+    if len(layer._chain_steps) >= 64:
+        layer._chain_steps.clear()
+    layer._chain_steps[key] = step
+    return step
 
 
 class SpecSequential(torch.nn.Sequential):
