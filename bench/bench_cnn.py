@@ -112,6 +112,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-numpy", action="store_true", help="skip the NumPy backend")
+    ap.add_argument("--layer-by-layer", action="store_true",
+                    help="torch backend: one autograd node per layer (SpecSequential.fused = "
+                         "False), not one per run of SpecModules")
     ap.add_argument("--json", dest="json_out")
     ap.add_argument("--layers", action="store_true",
                     help="also time each layer's forward + backward against its torch.nn twin")
@@ -130,6 +133,7 @@ def main() -> None:
     desc = cnn(shape, args.classes) if args.model == "cnn" else load_model_file(args.model)
 
     tmodel, tloss = build(desc, "torch", seed=0)
+    tmodel.fused = not args.layer_by_layer
     pmodel = plain_model(desc)
     copy_weights(tmodel, pmodel)
     opts = {"plain": torch.optim.Adam(pmodel.parameters(), lr=1e-3),

@@ -239,3 +239,32 @@ def test_chain_function_lists_each_parameter_once_per_layer_in_order():
     want = torch.autograd.grad(ref.sum(), [x, *params])
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_retain_graph_backward_twice_and_in_place_changes_as_layer_by_layer():
+    """retain_graph=True: a second backward through the chain accumulates the same gradients
+    again (its intermediates are freed only by a backward that keeps no graph; a third, after
+    that, is refused); changing the input in place after the forward is caught on backward."""
+    desc = cnn((1, 8, 8), 10, widths=(4,))
+    x, y = _data()
+    got = {}
+    for fused in (False, True):
+        model, loss_fn = build(desc, "torch", dtype="float64", seed=0)
+        model.fused = fused
+        loss = loss_fn(model(x), y)
+        loss.backward(retain_graph=True)
+        once = [p.grad.clone() for p in model.parameters()]
+        loss.backward()
+        got[fused] = [(a, p.grad.clone()) for a, p in zip(once, model.parameters(),
+                                                          strict=True)]
+        with pytest.raises(RuntimeError, match="second time"):
+            loss.backward()
+        xi = x.detach().clone().requires_grad_()
+        out = model(xi)
+        with torch.no_grad():
+            xi.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+    for (a1, b1), (a2, b2) in zip(got[False], got[True], strict=True):
+        assert torch.equal(a1, a2) and torch.equal(b1, b2)
+        torch.testing.assert_close(b2, 2 * a2, rtol=1e-14, atol=0)
