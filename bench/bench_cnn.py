@@ -13,7 +13,9 @@ already in memory, so no data loading is timed):
 
 * ``plain``: ``torch.nn.Conv2d``/``BatchNorm2d``/``ReLU``/``MaxPool2d``/``Linear`` (and
   ``x.mean((2, 3))`` for global average pooling) with autograd and ``F.cross_entropy``;
-* ``torch``: gradtool's torch backend, ``SpecModule``s over the generated autograd.Functions;
+* ``torch``: gradtool's torch backend, ``SpecModule``s over the generated autograd.Functions
+  (each run of consecutive ones as one node, ``gradtool.nn.fused``; ``--layer-by-layer``: one
+  node per layer, for A/B runs);
 * ``numpy``: gradtool's NumPy backend, the chain of generated NumPy backwards, with torch.optim
   stepping the arrays in place.
 
