@@ -268,3 +268,21 @@ def test_retain_graph_backward_twice_and_in_place_changes_as_layer_by_layer():
     for (a1, b1), (a2, b2) in zip(got[False], got[True], strict=True):
         assert torch.equal(a1, a2) and torch.equal(b1, b2)
         torch.testing.assert_close(b2, 2 * a2, rtol=1e-14, atol=0)
+
+
+def test_saved_tensor_hooks_see_every_saved_tensor_layer_by_layer():
+    """Under torch.autograd.graph.saved_tensors_hooks the model runs layer by layer, so the
+    pack hook sees every tensor a layer saves (a chain keeps its intermediates itself)."""
+    desc = cnn((1, 8, 8), 10, widths=(4,))
+    x, y = _data()
+    counts = {}
+    for fused in (False, True):
+        model, loss_fn = build(desc, "torch", dtype="float64", seed=0)
+        model.fused = fused
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, p=packed: p.append(t) or t,
+                                                      lambda t: t):
+            out = model(x)
+        counts[fused] = len(packed)
+        assert "ChainFunctionBackward" not in _nodes(out)
+    assert counts[True] == counts[False] > 0

@@ -14,7 +14,8 @@ statistics and gradients are those of the layer-by-layer path, bit for bit (test
 ``tests/test_fused.py``).
 
 The layer-by-layer path (``torch.nn.Sequential.forward``) runs instead under
-``torch.no_grad``, while ``torch.compile`` traces, when global module hooks are set, when
+``torch.no_grad``, while ``torch.compile`` or ``torch.jit.trace`` traces, under saved-tensor
+hooks (``torch.autograd.graph.saved_tensors_hooks``), when global module hooks are set, when
 nothing in the run requires grad, and for ``SpecSequential.fused = False``; and a layer with
 its own hooks, a module that is not a plain :class:`SpecModule` (``torch.nn.Flatten``), or one
 with several inputs or outputs runs on its own and ends the chain there.
@@ -74,6 +75,14 @@ def chainable(layer) -> bool:
               and all(_plain_ctx_only(f) for f in fns))
         layer.__dict__["_chainable"] = ok
     return ok
+
+
+def _saved_tensor_hooks() -> bool:
+    """Are saved-tensor hooks active (``torch.autograd.graph.saved_tensors_hooks``,
+    ``save_on_cpu``)? They would see only what a chain saves with ``save_for_backward``, not
+    its intermediates, so a chain does not run under them. True when this torch cannot say."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return True if top is None else top(False) is not None
 
 
 def _global_hooks() -> bool:
@@ -227,7 +236,8 @@ class SpecSequential(torch.nn.Sequential):
 
     def forward(self, X):
         if not (self.fused and torch.is_grad_enabled()) or _global_hooks() or \
-                torch.compiler.is_compiling():
+                _saved_tensor_hooks() or torch.compiler.is_compiling() or \
+                torch.jit.is_tracing():
             return super().forward(X)
         layers = list(self._modules.values())
         k = 0
