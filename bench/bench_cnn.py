@@ -13,7 +13,9 @@ already in memory, so no data loading is timed):
 
 * ``plain``: ``torch.nn.Conv2d``/``BatchNorm2d``/``ReLU``/``MaxPool2d``/``Linear`` (and
   ``x.mean((2, 3))`` for global average pooling) with autograd and ``F.cross_entropy``;
-* ``torch``: gradtool's torch backend, ``SpecModule``s over the generated autograd.Functions;
+* ``torch``: gradtool's torch backend, ``SpecModule``s over the generated autograd.Functions
+  (each run of consecutive ones as one node, ``gradtool.nn.fused``; ``--layer-by-layer``: one
+  node per layer, for A/B runs);
 * ``numpy``: gradtool's NumPy backend, the chain of generated NumPy backwards, with torch.optim
   stepping the arrays in place.
 
@@ -112,6 +114,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-numpy", action="store_true", help="skip the NumPy backend")
+    ap.add_argument("--layer-by-layer", action="store_true",
+                    help="torch backend: one autograd node per layer (SpecSequential.fused = "
+                         "False), not one per run of SpecModules")
     ap.add_argument("--json", dest="json_out")
     ap.add_argument("--layers", action="store_true",
                     help="also time each layer's forward + backward against its torch.nn twin")
@@ -130,6 +135,7 @@ def main() -> None:
     desc = cnn(shape, args.classes) if args.model == "cnn" else load_model_file(args.model)
 
     tmodel, tloss = build(desc, "torch", seed=0)
+    tmodel.fused = not args.layer_by_layer
     pmodel = plain_model(desc)
     copy_weights(tmodel, pmodel)
     opts = {"plain": torch.optim.Adam(pmodel.parameters(), lr=1e-3),

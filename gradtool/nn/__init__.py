@@ -1,7 +1,8 @@
 """Layers and models over generated kernels, for both backends.
 
 * :class:`SpecModule` / :class:`LossModule`: ``torch.nn.Module``s over the generated
-  ``torch.autograd.Function``s (torch.optim, DataLoader, DDP, torch.compile work unchanged).
+  ``torch.autograd.Function``s (torch.optim, DataLoader, DDP, torch.compile work unchanged);
+  :class:`SpecSequential` (what :func:`build` returns) runs consecutive SpecModules as one.
 * :class:`NumpyLayer`, :class:`NumpyLoss`, :class:`NumpySequential`: forward/backward on NumPy
   arrays with no autograd; ``torch.optim`` updates their arrays in place.
 * :func:`mlp`, :func:`cnn`, :func:`load_model_file`, :func:`build`: models from a description
@@ -22,8 +23,8 @@ from gradtool.nn.models import (
 from gradtool.nn.plan import LayerError, LayerPlan
 
 __all__ = ["LayerEntry", "LayerError", "LayerPlan", "LossModule", "ModelDesc", "ModelError",
-           "NumpyFlatten", "NumpyLayer", "NumpyLoss", "NumpySequential", "SpecModule", "build",
-           "cnn", "load_model_file", "mlp"]
+           "NumpyFlatten", "NumpyLayer", "NumpyLoss", "NumpySequential", "SpecModule",
+           "SpecSequential", "build", "cnn", "load_model_file", "mlp"]
 
 
 def __getattr__(name):
@@ -31,6 +32,10 @@ def __getattr__(name):
         from gradtool.nn import torch_layers
 
         return getattr(torch_layers, name)
+    if name == "SpecSequential":
+        from gradtool.nn import fused
+
+        return fused.SpecSequential
     if name in ("NumpyLayer", "NumpyLoss", "NumpySequential", "NumpyFlatten"):
         from gradtool.nn import numpy_layers
 

@@ -264,12 +264,15 @@ def check_input(model, desc: ModelDesc, input_shape) -> None:
 
 def build(desc: ModelDesc, backend: str = "torch", *, dtype: str = "float32", device=None,
           seed: int | None = None):
-    """(model, loss) for ``desc`` on ``backend``: torch gives an ``nn.Sequential`` of
-    :class:`SpecModule` and a :class:`LossModule`; numpy a :class:`NumpySequential` and a
-    :class:`NumpyLoss`. Parameters are drawn from torch's RNG in both (the numpy model copies
-    them), so the same seed gives the same initial weights on either backend."""
+    """(model, loss) for ``desc`` on ``backend``: torch gives a
+    :class:`~gradtool.nn.fused.SpecSequential` (an ``nn.Sequential`` that runs consecutive
+    :class:`SpecModule` as one autograd node) and a :class:`LossModule`; numpy a
+    :class:`NumpySequential` and a :class:`NumpyLoss`. Parameters are drawn from torch's RNG
+    in both (the numpy model copies them), so the same seed gives the same initial weights on
+    either backend."""
     import torch
 
+    from gradtool.nn.fused import SpecSequential
     from gradtool.nn.torch_layers import LossModule, SpecModule
 
     if backend not in ("torch", "numpy"):
@@ -286,7 +289,7 @@ def build(desc: ModelDesc, backend: str = "torch", *, dtype: str = "float32", de
             layers.append(SpecModule(e.spec, dtype=tdtype, device=device, **e.options))
         except GradtoolError as exc:
             raise ModelError(f"layer {k} ({e.spec}): {exc}") from None
-    model = torch.nn.Sequential(*layers)
+    model = SpecSequential(*layers)
     if backend == "torch":
         return model, LossModule(desc.loss)
     import numpy as np

@@ -90,6 +90,7 @@ class SpecModule(torch.nn.Module):
         self._train_fn = _function(self.spec)
         self._eval_fn = _function(self.plan.eval_spec) if self.plan.eval_spec else None
         self._prepared: dict[tuple, tuple] = {}  # (mode, input shapes) -> what forward needs
+        self._chain_steps: dict[tuple, tuple] = {}  # the same for gradtool.nn.fused's chains
         for t in self.plan.owned:
             value = init_tensor(t, self.plan.owned_shape(t), dtype, device,
                                 self.plan.inits[t.name])

@@ -1,0 +1,260 @@
+"""A run of consecutive :class:`SpecModule`s as one ``torch.autograd.Function``.
+
+``SpecSequential`` (what :func:`gradtool.nn.build` returns for the torch backend) is a
+``torch.nn.Sequential`` whose forward, with grad enabled, runs each maximal run of consecutive
+layers that can be chained (:func:`chainable`) as one :class:`ChainFunction`: one autograd node
+and one Python backward for the run instead of one per layer. The chain's forward calls each
+layer's generated ``autograd.Function`` forward in turn, with the arguments, masks (the same
+draws of torch's global RNG, in the same order), running-statistics updates and element-wise
+views the layer's own call would use; its backward calls the layers' generated backwards in
+reverse order with the ``needs_input_grad`` flags each layer's own node would have had (a
+parameter's ``requires_grad``; the input's flag for the first layer, and for a later one
+whether the chain's input or any earlier layer's parameter requires grad). So outputs, running
+statistics and gradients are those of the layer-by-layer path, bit for bit (tests in
+``tests/test_fused.py``).
+
+The layer-by-layer path (``torch.nn.Sequential.forward``) runs instead under
+``torch.no_grad``, while ``torch.compile`` or ``torch.jit.trace`` traces, under saved-tensor
+hooks (``torch.autograd.graph.saved_tensors_hooks``), when global module hooks are set, when
+nothing in the run requires grad, and for ``SpecSequential.fused = False``; and a layer with
+its own hooks, a module that is not a plain :class:`SpecModule` (``torch.nn.Flatten``), or one
+with several inputs or outputs runs on its own and ends the chain there.
+
+Double backward (``create_graph=True``) through a chain is refused: its backward is
+``once_differentiable``, so differentiating it raises torch's "trying to differentiate twice a
+function that was marked with @once_differentiable". Set ``model.fused = False`` for
+higher-order gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.nn.modules import module as _module
+
+from gradtool.nn.torch_layers import SpecModule
+
+# the context members a generated Function may use for a chain to run it with a plain context
+_CTX_USED = {"needs_input_grad", "save_for_backward", "saved_tensors"}
+_CTX_OTHER = frozenset(n for n in dir(FunctionCtx) if not n.startswith("__")) - _CTX_USED
+
+
+class _Context:
+    """The part of ``ctx`` a generated Function's forward and backward use: the
+    ``needs_input_grad`` flags, ``save_for_backward`` / ``saved_tensors`` and attributes it
+    sets (``ctx.p = p``)."""
+
+    def __init__(self, needs_input_grad: tuple[bool, ...]):
+        self.needs_input_grad = needs_input_grad
+        self.saved_tensors: tuple = ()
+
+    def save_for_backward(self, *tensors) -> None:
+        self.saved_tensors = tensors
+
+
+def _plain_ctx_only(fn) -> bool:
+    """Does the generated Function ``fn`` use no ``ctx`` member but those of :class:`_Context`
+    (no ``mark_dirty``, ``set_materialize_grads``, ...)?"""
+    names = set(fn.forward.__code__.co_names) | set(fn.backward.__code__.co_names)
+    return not (names & _CTX_OTHER)
+
+
+def chainable(layer) -> bool:
+    """Can ``layer`` run inside a :class:`ChainFunction`: a :class:`SpecModule` with its own
+    ``forward``, no hooks of its own, one data input and one output, and generated Functions
+    that use only a plain context."""
+    if type(layer).forward is not SpecModule.forward or not isinstance(layer, SpecModule):
+        return False
+    if (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+            or layer._backward_pre_hooks):
+        return False
+    ok = layer.__dict__.get("_chainable")
+    if ok is None:
+        fns = [layer._train_fn] + ([layer._eval_fn] if layer._eval_fn is not None else [])
+        ok = (len(layer.plan.data) == 1 and len(layer.spec.outputs) == 1
+              and all(_plain_ctx_only(f) for f in fns))
+        layer.__dict__["_chainable"] = ok
+    return ok
+
+
+def _saved_tensor_hooks() -> bool:
+    """Are saved-tensor hooks active (``torch.autograd.graph.saved_tensors_hooks``,
+    ``save_on_cpu``)? They would see only what a chain saves with ``save_for_backward``, not
+    its intermediates, so a chain does not run under them. True when this torch cannot say."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return True if top is None else top(False) is not None
+
+
+def _global_hooks() -> bool:
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+class ChainFunction(torch.autograd.Function):
+    """``ChainFunction.apply(layers, X, *parameters)``: the layers (chainable
+    :class:`SpecModule`s) applied in turn to ``X``, with ``parameters`` every layer's
+    parameters in layer order and, within a layer, in ``layer._parameters``' order. Returns the
+    last layer's output; its backward returns ∂L/∂X and ∂L/∂ of each parameter from the layers'
+    generated backwards (None where not needed). Raises what the layers' calls raise
+    (:class:`gradtool.nn.LayerError` for an input shape a layer refuses)."""
+
+    @staticmethod
+    def forward(ctx, layers, X, *parameters):
+        needs = ctx.needs_input_grad
+        flowing = needs[1]        # does the current activation require grad
+        steps, saved = [], []
+        offset = 2                # where the current layer's parameters start in ``needs``
+        h = X
+        for layer in layers:
+            key = (layer.training, h.shape)
+            step = layer._chain_steps.get(key)
+            if step is None:
+                step = _chain_step(layer, h, key)
+            view, fn, recipe, masks, slots, n_params = step
+            shape = h.shape
+            inputs = (h.reshape(view),) if view is not None else (h,)
+            drawn = []
+            if masks:  # as SpecModule.forward draws them, at the same point of the sequence
+                ref = inputs[0]
+                dtype = ref.dtype if torch.is_floating_point(ref) else \
+                    torch.get_default_dtype()
+                drawn = [torch.empty(mshape, dtype=dtype, device=ref.device).bernoulli_(keep)
+                         for mshape, keep in masks]
+            sources = (inputs, drawn, layer._parameters, layer._buffers, layer.plan.hypers)
+            args = [sources[kind][ref] if kind < 5 else ref for kind, ref in recipe]
+            # the flags the layer's own node would get: the input's, each parameter's, no other
+            flags = tuple(flowing if k == -1 else False if k is None else needs[offset + k]
+                          for k in slots)
+            fctx = _Context(flags)
+            out = fn.forward(fctx, *args)
+            start = len(saved)
+            saved.extend(fctx.saved_tensors)
+            fctx.saved_tensors = ()
+            steps.append([fn, fctx, slots, view, shape, offset, range(start, len(saved)),
+                          True in flags])
+            flowing = flowing or True in needs[offset:offset + n_params]
+            offset += n_params
+            h = out if view is None else out.reshape(shape)
+        # a saved tensor the caller can reach (the input, a parameter, a buffer, the output, or
+        # a view of one) is saved with save_for_backward, so that changing it in place before
+        # backward raises as on the layer-by-layer path; the chain's intermediates are kept
+        # in a list that backward empties layer by layer, so that they are freed as early as
+        # the layers' own nodes free theirs (holding all until the chain's backward ends was
+        # 8–9 % slower per step at 128×1×28×28)
+        reachable = {id(_root(t)) for t in (X, *parameters, h, out)}
+        reachable.update(id(_root(b)) for layer in layers for b in layer._buffers.values()
+                         if b is not None)
+        checked, kept = [], []
+        for step in steps:
+            where = []
+            for k in step[6]:
+                t = saved[k]
+                if t is not None and id(_root(t)) in reachable:
+                    where.append(-1 - len(checked))
+                    checked.append(t)
+                else:
+                    where.append(len(kept))
+                    kept.append(t)
+            step[6] = where
+        ctx.save_for_backward(*checked)
+        ctx.kept = kept
+        ctx.steps = steps
+        return h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, G):
+        checked, kept = ctx.saved_tensors, ctx.kept
+        if kept is None:
+            raise RuntimeError(
+                "backward through a chain of gradtool layers (SpecSequential) a second time: "
+                "its intermediates were freed by the first backward, which ran without "
+                "retain_graph=True")
+        keep_graph = _keep_graph()
+        if not keep_graph:
+            ctx.kept = None
+        grads = [None] * len(ctx.needs_input_grad)
+        for fn, fctx, slots, view, shape, offset, where, any_need in reversed(ctx.steps):
+            if G is None or not any_need:  # nothing before this layer needs a gradient
+                break
+            fctx.saved_tensors = tuple(checked[-1 - k] if k < 0 else kept[k] for k in where)
+            if not keep_graph:
+                for k in where:
+                    if k >= 0:
+                        kept[k] = None
+            got = fn.backward(fctx, G if view is None else G.reshape(view))
+            got = got if isinstance(got, tuple) else (got,)
+            G = None
+            for k, g in zip(slots, got):
+                if k == -1:
+                    G = g if view is None or g is None else g.reshape(shape)
+                elif k is not None:
+                    grads[offset + k] = g
+            fctx.saved_tensors = ()
+        grads[1] = G if ctx.needs_input_grad[1] else None
+        return tuple(grads)
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage ``t`` views (``t`` itself when it is not a view)."""
+    return t if t._base is None else t._base
+
+
+def _keep_graph() -> bool:
+    """Does the running backward keep the graph (``retain_graph=True`` or
+    ``create_graph=True``)? True when this torch cannot say."""
+    get = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if get is None else bool(get())
+
+
+def _chain_step(layer, h: torch.Tensor, key: tuple) -> tuple:
+    """What :class:`ChainFunction` needs to run ``layer`` on ``h`` in its mode: the layer's
+    prepared call (see ``SpecModule._prepare``; raises as it does) and, per Function argument,
+    -1 for the input, a parameter's index in ``layer._parameters``, or None; kept per
+    (mode, shape) like the preparation."""
+    prepared = layer._prepared.get(key)
+    if prepared is None:
+        prepared = layer._prepare((h,), key)
+    view, fn, recipe, masks = prepared
+    names = list(layer._parameters)
+    slots = tuple(-1 if kind == 0 else names.index(ref) if kind == 2 else None
+                  for kind, ref in recipe)
+    step = (view, fn, recipe, masks, slots, len(names))
+    if len(layer._chain_steps) >= 64:
+        layer._chain_steps.clear()
+    layer._chain_steps[key] = step
+    return step
+
+
+class SpecSequential(torch.nn.Sequential):
+    """``torch.nn.Sequential`` that runs each run of chainable layers (see the module
+    docstring) as one :class:`ChainFunction` when grad is enabled; otherwise, and with
+    ``fused = False``, exactly ``torch.nn.Sequential``. Same modules, parameters and
+    ``state_dict`` keys as the ``Sequential`` of the same layers."""
+
+    fused = True
+
+    def forward(self, X):
+        if not (self.fused and torch.is_grad_enabled()) or _global_hooks() or \
+                _saved_tensor_hooks() or torch.compiler.is_compiling() or \
+                torch.jit.is_tracing():
+            return super().forward(X)
+        layers = list(self._modules.values())
+        k = 0
+        while k < len(layers):
+            stop = k
+            while stop < len(layers) and chainable(layers[stop]):
+                stop += 1
+            run = layers[k:stop]
+            if len(run) < 2 or not isinstance(X, torch.Tensor):
+                X = layers[k](X)
+                k += 1
+                continue
+            params = [p for layer in run for p in layer._parameters.values()]
+            if X.requires_grad or any(p.requires_grad for p in params):
+                X = ChainFunction.apply(run, X, *params)
+            else:
+                for layer in run:
+                    X = layer(X)
+            k = stop
+        return X

@@ -1,0 +1,288 @@
+"""SpecSequential's chains (gradtool/nn/fused.py): a run of SpecModules as one
+autograd.Function gives the layer-by-layer path's outputs, running statistics and gradients bit
+for bit (float64), and plain torch.nn's to rounding; the per-layer path where a chain cannot
+apply (no_grad, hooks, Flatten, nothing requiring grad); double backward refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.bench_cnn import copy_weights, plain_model
+from gradtool.nn import SpecModule, build, cnn, mlp
+from gradtool.nn.fused import ChainFunction, SpecSequential
+
+
+def _nodes(t) -> list[str]:
+    """Names of the autograd nodes reachable from ``t``'s grad_fn."""
+    seen, todo, names = set(), [t.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo += [n for n, _ in node.next_functions]
+    return names
+
+
+def _step(model, loss_fn, x, y, fused: bool, seed: int = 5):
+    """Output, ∂L/∂x, parameter gradients and buffers after one forward + backward."""
+    model.fused = fused
+    torch.manual_seed(seed)  # the same dropout masks on both paths
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    out = model(x)
+    loss_fn(out, y).backward()
+    return (out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()},
+            {n: b.clone() for n, b in model.named_buffers()}, out)
+
+
+def _same(a, b) -> None:
+    """Bit-identical: outputs, input gradient, every parameter's .grad and every buffer."""
+    assert torch.equal(a[0], b[0])
+    assert (a[1] is None) == (b[1] is None) and (a[1] is None or torch.equal(a[1], b[1]))
+    assert a[2].keys() == b[2].keys() and a[3].keys() == b[3].keys()
+    for k in a[2]:
+        assert (a[2][k] is None) == (b[2][k] is None), k
+        assert a[2][k] is None or torch.equal(a[2][k], b[2][k]), k
+    for k in a[3]:
+        assert torch.equal(a[3][k], b[3][k]), k
+
+
+def _data(n=4, shape=(1, 8, 8), classes=10, grad=True):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((n, *shape), dtype=torch.float64, generator=g).requires_grad_(grad)
+    return x, torch.randint(0, classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_cnn_chain_equals_the_layer_by_layer_path_bit_for_bit(input_grad):
+    """The digits CNN with dropout (masks from torch's RNG), training mode: outputs, ∂L/∂x,
+    every gradient and the running statistics equal, and the whole model is one chain."""
+    desc = cnn((1, 8, 8), 10, widths=(4, 6), dropout=0.3)
+    x, y = _data(grad=input_grad)
+    got = {}
+    for fused in (False, True):
+        model, loss_fn = build(desc, "torch", dtype="float64", seed=0)
+        assert isinstance(model, SpecSequential)
+        got[fused] = _step(model, loss_fn, x, y, fused)
+    _same(got[False], got[True])
+    assert (got[True][1] is not None) == input_grad
+    chains = _nodes(got[True][4]).count("ChainFunctionBackward")
+    assert chains == 1 and "ChainFunctionBackward" not in _nodes(got[False][4])
+
+
+def test_cnn_chain_matches_plain_torch_nn_in_float64():
+    """The same CNN in torch.nn (Conv2d, BatchNorm2d, ReLU, MaxPool2d, Linear) with autograd:
+    outputs, gradients and running statistics to rounding, over two training steps' forwards."""
+    desc = cnn((1, 8, 8), 10, widths=(4, 6))
+    model, loss_fn = build(desc, "torch", dtype="float64", seed=0)
+    plain = plain_model(desc).double()
+    copy_weights(model, plain)
+    x, y = _data()
+    for _ in range(2):
+        out = model(x)
+        ours = torch.autograd.grad(loss_fn(out, y), [x, *model.parameters()])
+        ref = plain(x)
+        theirs = torch.autograd.grad(F.cross_entropy(ref, y), [x, *plain.parameters()])
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    bufs = [b for n, b in plain.named_buffers() if "num_batches" not in n]
+    for a, b in zip(model.buffers(), bufs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_mlp_chain_starts_after_flatten_and_matches_both_oracles():
+    """flatten → linear → relu → linear: Flatten runs on its own, the three SpecModules as
+    one chain; equal to the layer-by-layer path bit for bit and to torch.nn to rounding."""
+    desc = mlp(12, 5, hidden=(7,))
+    x, y = _data(shape=(3, 2, 2), classes=5)
+    got = {}
+    for fused in (False, True):
+        model, loss_fn = build(desc, "torch", dtype="float64", seed=1)
+        got[fused] = _step(model, loss_fn, x, y, fused)
+    _same(got[False], got[True])
+    assert _nodes(got[True][4]).count("ChainFunctionBackward") == 1
+    model, _ = build(desc, "torch", dtype="float64", seed=1)
+    plain = plain_model(desc).double()
+    copy_weights(model, plain)
+    xp = x.detach().clone().requires_grad_()
+    F.cross_entropy(plain(xp), y).backward()
+    torch.testing.assert_close(got[True][1], xp.grad, rtol=1e-10, atol=1e-13)
+    for (n, a), b in zip(got[True][2].items(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a, b.grad, rtol=1e-10, atol=1e-13, msg=n)
+
+
+def test_eval_mode_chain_equals_layer_by_layer_and_torch_nn():
+    """Eval forms (batch norm on running statistics, dropout the identity) inside a chain."""
+    desc = cnn((1, 8, 8), 10, widths=(4, 6), dropout=0.5)
+    x, y = _data()
+    got = {}
+    for fused in (False, True):
+        model, loss_fn = build(desc, "torch", dtype="float64", seed=0)
+        with torch.no_grad():  # running statistics away from their initial 0, 1
+            model.train()(x * 3 + 1)
+        model.eval()
+        got[fused] = _step(model, loss_fn, x, y, fused)
+    _same(got[False], got[True])
+    assert "ChainFunctionBackward" in _nodes(got[True][4])
+    model, _ = build(desc, "torch", dtype="float64", seed=0)
+    plain = plain_model(desc).double()
+    copy_weights(model, plain)
+    with torch.no_grad():
+        plain.train()(x * 3 + 1)
+    xp = x.detach().clone().requires_grad_()
+    ref = plain.eval()(xp)
+    F.cross_entropy(ref, y).backward()
+    torch.testing.assert_close(got[True][0], ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[True][1], xp.grad, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("frozen", [0, 1, 4])
+def test_frozen_layers_get_no_gradient_and_the_rest_are_unchanged(frozen):
+    """A layer whose parameters do not require grad (the first conv, its batch norm, the
+    second conv), input without grad: no .grad for it, and the rest as layer by layer."""
+    desc = cnn((1, 8, 8), 10, widths=(4, 6))
+    x, y = _data(grad=False)
+    got = {}
+    for fused in (False, True):
+        model, loss_fn = build(desc, "torch", dtype="float64", seed=0)
+        model[frozen].requires_grad_(False)
+        got[fused] = _step(model, loss_fn, x, y, fused)
+    _same(got[False], got[True])
+    assert all(g is None for n, g in got[True][2].items() if n.startswith(f"{frozen}."))
+    assert all(g is not None for n, g in got[True][2].items() if not n.startswith(f"{frozen}."))
+
+
+def test_no_grad_and_nothing_requiring_grad_run_layer_by_layer():
+    desc = cnn((1, 8, 8), 10, widths=(4, 6))
+    model, _ = build(desc, "torch", dtype="float64", seed=0)
+    x, _ = _data(grad=False)
+    with torch.no_grad():
+        a = model(x)
+    model.requires_grad_(False)
+    b = model(x)
+    assert a.grad_fn is None and b.grad_fn is None and torch.equal(a, b)
+
+
+def test_a_hooked_layer_runs_on_its_own_and_its_hook_fires_once():
+    """A forward hook on the third layer splits the model into chains around it; the hook
+    sees that layer's output, and the results equal the layer-by-layer path's."""
+    desc = cnn((1, 8, 8), 10, widths=(4, 6))
+    x, y = _data()
+    got, seen = {}, {}
+    for fused in (False, True):
+        model, loss_fn = build(desc, "torch", dtype="float64", seed=0)
+        calls = seen[fused] = []
+        model[2].register_forward_hook(lambda m, inp, out, calls=calls: calls.append(out))
+        got[fused] = _step(model, loss_fn, x, y, fused)
+    _same(got[False], got[True])
+    assert len(seen[True]) == len(seen[False]) == 1
+    assert torch.equal(seen[True][0], seen[False][0])
+    assert _nodes(got[True][4]).count("ChainFunctionBackward") == 2
+
+
+def test_element_wise_layer_on_a_merged_view_inside_a_chain(tmp_path):
+    """Y[n, d] = X[n, d] / D reads its size: inside a chain it runs on the (N, C·H·W) view of
+    the convolution's output and its gradient is viewed back, as on its own."""
+    spec = tmp_path / "per_size.py"
+    spec.write_text(
+        "from gradtool.lang import Spec\n\n"
+        "spec = Spec('per_size', 'X divided by its row length')\n"
+        "N, D = spec.dims('N D')\n"
+        "n, d = spec.indices(n=N, d=D)\n"
+        "X = spec.input('X', N, D)\n"
+        "spec.output('Y', [n, d], X[n, d] / D)\n")
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    got = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = SpecSequential(SpecModule("conv2d", C=1, O=3, K=3, S=1, P=1,
+                                          dtype=torch.float64),
+                               SpecModule(str(spec), dtype=torch.float64),
+                               SpecModule("batchnorm2d", C=3, dtype=torch.float64))
+        model.fused = fused
+        out = model(x)
+        g = torch.cos(torch.arange(out.numel(), dtype=torch.float64)).reshape(out.shape)
+        got.append((out, *torch.autograd.grad(out, [x, *model.parameters()], g)))
+    for a, b in zip(*got, strict=True):
+        assert torch.equal(a, b)
+    conv = F.conv2d(x, model[0].weight, model[0].bias, padding=1) / 48
+    ref = F.batch_norm(conv, None, None, model[2].gamma, model[2].beta, training=True,
+                       eps=model[2].plan.hypers["eps"])
+    torch.testing.assert_close(got[1][0], ref, rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_through_a_chain_is_refused():
+    """create_graph=True gives first gradients, but differentiating them raises (the chain's
+    backward is once_differentiable); model.fused = False is the way to higher orders."""
+    desc = mlp(4, 3, hidden=(5,), activation="tanh")
+    model, _ = build(desc, "torch", dtype="float64", seed=0)
+    x, _ = _data(shape=(4,), classes=3)
+    grads = torch.autograd.grad(model(x).square().sum(), list(model.parameters()),
+                                create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        sum(g.square().sum() for g in grads).backward()
+
+
+def test_chain_function_lists_each_parameter_once_per_layer_in_order():
+    """ChainFunction.apply's gradients line up with the parameters given (conv: W then b)."""
+    layers = [SpecModule("linear", I=3, O=2, dtype=torch.float64),
+              SpecModule("tanh", dtype=torch.float64)]
+    params = [p for m in layers for p in m.parameters()]
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    y = ChainFunction.apply(layers, x, *params)
+    got = torch.autograd.grad(y.sum(), [x, *params])
+    ref = torch.tanh(F.linear(x, *params))
+    want = torch.autograd.grad(ref.sum(), [x, *params])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_retain_graph_backward_twice_and_in_place_changes_as_layer_by_layer():
+    """retain_graph=True: a second backward through the chain accumulates the same gradients
+    again (its intermediates are freed only by a backward that keeps no graph; a third, after
+    that, is refused); changing the input in place after the forward is caught on backward."""
+    desc = cnn((1, 8, 8), 10, widths=(4,))
+    x, y = _data()
+    got = {}
+    for fused in (False, True):
+        model, loss_fn = build(desc, "torch", dtype="float64", seed=0)
+        model.fused = fused
+        loss = loss_fn(model(x), y)
+        loss.backward(retain_graph=True)
+        once = [p.grad.clone() for p in model.parameters()]
+        loss.backward()
+        got[fused] = [(a, p.grad.clone()) for a, p in zip(once, model.parameters(),
+                                                          strict=True)]
+        with pytest.raises(RuntimeError, match="second time"):
+            loss.backward()
+        xi = x.detach().clone().requires_grad_()
+        out = model(xi)
+        with torch.no_grad():
+            xi.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+    for (a1, b1), (a2, b2) in zip(got[False], got[True], strict=True):
+        assert torch.equal(a1, a2) and torch.equal(b1, b2)
+        torch.testing.assert_close(b2, 2 * a2, rtol=1e-14, atol=0)
+
+
+def test_saved_tensor_hooks_see_every_saved_tensor_layer_by_layer():
+    """Under torch.autograd.graph.saved_tensors_hooks the model runs layer by layer, so the
+    pack hook sees every tensor a layer saves (a chain keeps its intermediates itself)."""
+    desc = cnn((1, 8, 8), 10, widths=(4,))
+    x, y = _data()
+    counts = {}
+    for fused in (False, True):
+        model, loss_fn = build(desc, "torch", dtype="float64", seed=0)
+        model.fused = fused
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, p=packed: p.append(t) or t,
+                                                      lambda t: t):
+            out = model(x)
+        counts[fused] = len(packed)
+        assert "ChainFunctionBackward" not in _nodes(out)
+    assert counts[True] == counts[False] > 0
