@@ -163,3 +163,29 @@ def test_number_factors_and_channel_statistics(dtype, case, wants):
     want = torch.autograd.grad(ref, [t for t, w in zip(theirs, wants) if w], g)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_vector_broadcast_over_trailing_axes_is_a_view_call(dtype):
+    """A per-channel vector broadcast over (H, W) is ``v.view(-1, 1, 1)`` (half the cost of
+    ``v[:, None, None]``); batch norm's forward and backward with strided gamma and beta (a
+    view of every other element) stay F.batch_norm's under torch.autograd."""
+    source = generate(load_spec("batchnorm2d"), "torch")
+    assert "gamma.view(-1, 1, 1)" in source and "[:, None" not in source, source
+    kernel: dict = {}
+    exec(compile(source, "batchnorm2d_torch", "exec"), kernel)
+    rng = np.random.default_rng(5)
+    x = torch.tensor(rng.standard_normal((3, 4, 5, 2)) * 2 + 1, dtype=dtype)
+    g = torch.tensor(rng.standard_normal((3, 4, 5, 2)), dtype=dtype)
+    gamma = torch.tensor(rng.uniform(0.5, 2, 8), dtype=dtype)[::2]
+    beta = torch.tensor(rng.standard_normal(8), dtype=dtype)[1::2]
+    assert not gamma.is_contiguous()
+    state = (torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype))
+    y, saved, _ = kernel["forward"](x, gamma, beta, *state)
+    dx, dgamma, dbeta = kernel["backward"](g, *saved)
+    theirs = [t.clone().requires_grad_() for t in (x, gamma, beta)]
+    ref = _batch_norm(*theirs)
+    want = torch.autograd.grad(ref, theirs, g)
+    tol = TOLS[dtype] * 10
+    for a, b in zip((y, dx, dgamma, dbeta), (ref, *want), strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
