@@ -189,3 +189,24 @@ def test_a_vector_broadcast_over_trailing_axes_is_a_view_call(dtype):
     tol = TOLS[dtype] * 10
     for a, b in zip((y, dx, dgamma, dbeta), (ref, *want), strict=True):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("momentum", [0.1, 0.7])  # torch.lerp's two formulas: w < ½, w ≥ ½
+def test_a_running_average_is_one_lerp(dtype, momentum):
+    """``(1 − m)·a + m·b`` with m a hyper-parameter is ``torch.lerp(a, b, m)``, one call; a
+    sum whose weights do not add to 1 (the running variance's m·M/(M − 1)) stays a multiply
+    and an add. Both running statistics stay F.batch_norm's after two training steps."""
+    source = generate(load_spec("batchnorm2d"), "torch")
+    assert "torch.lerp(running_mean, mu, momentum)" in source, source
+    assert source.count("torch.lerp(") == 1, source
+    layer = SpecModule("batchnorm2d", C=3, momentum=momentum, dtype=dtype)
+    rm, rv = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+    rng = np.random.default_rng(6)
+    for _ in range(2):
+        x = torch.tensor(rng.standard_normal((4, 3, 2, 3)) * 2 + 1, dtype=dtype)
+        layer(x)
+        F.batch_norm(x, rm, rv, training=True, momentum=momentum, eps=1e-5)
+    tol = TOLS[dtype] * 10
+    torch.testing.assert_close(layer.running_mean, rm, rtol=tol, atol=tol)
+    torch.testing.assert_close(layer.running_var, rv, rtol=tol, atol=tol)
