@@ -196,9 +196,10 @@ def test_a_vector_broadcast_over_trailing_axes_is_a_view_call(dtype):
 def test_a_running_average_is_one_lerp(dtype, momentum):
     """``(1 − m)·a + m·b`` with m a hyper-parameter is ``torch.lerp(a, b, m)``, one call; a
     sum whose weights do not add to 1 (the running variance's m·M/(M − 1)) stays a multiply
-    and an add. Both running statistics stay F.batch_norm's after two training steps."""
+    and an add. Both running statistics stay F.batch_norm's after two training steps, also
+    for float64 images through a float32 layer (the end takes the start's dtype)."""
     source = generate(load_spec("batchnorm2d"), "torch")
-    assert "torch.lerp(running_mean, mu, momentum)" in source, source
+    assert "torch.lerp(running_mean, mu.type_as(running_mean), momentum)" in source, source
     assert source.count("torch.lerp(") == 1, source
     layer = SpecModule("batchnorm2d", C=3, momentum=momentum, dtype=dtype)
     rm, rv = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
@@ -210,3 +211,9 @@ def test_a_running_average_is_one_lerp(dtype, momentum):
     tol = TOLS[dtype] * 10
     torch.testing.assert_close(layer.running_mean, rm, rtol=tol, atol=tol)
     torch.testing.assert_close(layer.running_var, rv, rtol=tol, atol=tol)
+    mixed = SpecModule("batchnorm2d", C=3, momentum=momentum, dtype=torch.float32)
+    x = torch.tensor(rng.standard_normal((4, 3, 2, 3)) + 1)  # float64
+    mixed(x)
+    want = momentum * x.mean((0, 2, 3))  # from running_mean = 0
+    assert mixed.running_mean.dtype == torch.float32
+    torch.testing.assert_close(mixed.running_mean, want.float(), rtol=1e-6, atol=1e-6)
