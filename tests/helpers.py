@@ -81,3 +81,13 @@ def unsimplified(expr: sp.Expr) -> list[str]:
                 if var not in f.free_symbols:
                     problems.append(f"factor {f} does not depend on {var} but stays inside")
     return problems
+
+
+# an element-wise spec that reads its own size (Y = X / D): layers run it on a merged view
+PER_SIZE_SPEC = (
+    "from gradtool.lang import Spec\n\n"
+    "spec = Spec('per_size', 'X divided by its row length')\n"
+    "N, D = spec.dims('N D')\n"
+    "n, d = spec.indices(n=N, d=D)\n"
+    "X = spec.input('X', N, D)\n"
+    "spec.output('Y', [n, d], X[n, d] / D)\n")

@@ -25,6 +25,7 @@ from gradtool.nn import (
     cnn,
     load_model_file,
 )
+from tests.helpers import PER_SIZE_SPEC
 from tests.test_data import _cifar_folder
 
 TOL = 1e-11
@@ -175,13 +176,7 @@ def test_an_element_wise_spec_that_reads_a_size_merges_trailing_axes(tmp_path):
     """Y[n, d] = X[n, d] / D reads the size D, so on (N, C, H, W) the layer still runs its
     kernel on the (N, C·H·W) view, where D = C·H·W."""
     spec = tmp_path / "per_size.py"
-    spec.write_text(
-        "from gradtool.lang import Spec\n\n"
-        "spec = Spec('per_size', 'X divided by its row length')\n"
-        "N, D = spec.dims('N D')\n"
-        "n, d = spec.indices(n=N, d=D)\n"
-        "X = spec.input('X', N, D)\n"
-        "spec.output('Y', [n, d], X[n, d] / D)\n")
+    spec.write_text(PER_SIZE_SPEC)
     layer = SpecModule(str(spec), dtype=torch.float64)
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     y = layer(x)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from bench.bench_cnn import copy_weights, plain_model
 from gradtool.nn import SpecModule, build, cnn, mlp
 from gradtool.nn.fused import ChainFunction, SpecSequential
+from tests.helpers import PER_SIZE_SPEC
 
 
 def _nodes(t) -> list[str]:
@@ -48,6 +49,16 @@ def _same(a, b) -> None:
         assert a[2][k] is None or torch.equal(a[2][k], b[2][k]), k
     for k in a[3]:
         assert torch.equal(a[3][k], b[3][k]), k
+
+
+def _both_ways():
+    """(fused, model, loss) for a small float64 CNN built the same way, layer by layer
+    first, then chained."""
+    desc = cnn((1, 8, 8), 10, widths=(4,))
+    for fused in (False, True):
+        model, loss_fn = build(desc, "torch", dtype="float64", seed=0)
+        model.fused = fused
+        yield fused, model, loss_fn
 
 
 def _data(n=4, shape=(1, 8, 8), classes=10, grad=True):
@@ -188,13 +199,7 @@ def test_element_wise_layer_on_a_merged_view_inside_a_chain(tmp_path):
     """Y[n, d] = X[n, d] / D reads its size: inside a chain it runs on the (N, C·H·W) view of
     the convolution's output and its gradient is viewed back, as on its own."""
     spec = tmp_path / "per_size.py"
-    spec.write_text(
-        "from gradtool.lang import Spec\n\n"
-        "spec = Spec('per_size', 'X divided by its row length')\n"
-        "N, D = spec.dims('N D')\n"
-        "n, d = spec.indices(n=N, d=D)\n"
-        "X = spec.input('X', N, D)\n"
-        "spec.output('Y', [n, d], X[n, d] / D)\n")
+    spec.write_text(PER_SIZE_SPEC)
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
     got = []
     for fused in (False, True):
@@ -245,12 +250,9 @@ def test_retain_graph_backward_twice_and_in_place_changes_as_layer_by_layer():
     """retain_graph=True: a second backward through the chain accumulates the same gradients
     again (its intermediates are freed only by a backward that keeps no graph; a third, after
     that, is refused); changing the input in place after the forward is caught on backward."""
-    desc = cnn((1, 8, 8), 10, widths=(4,))
     x, y = _data()
     got = {}
-    for fused in (False, True):
-        model, loss_fn = build(desc, "torch", dtype="float64", seed=0)
-        model.fused = fused
+    for fused, model, loss_fn in _both_ways():
         loss = loss_fn(model(x), y)
         loss.backward(retain_graph=True)
         once = [p.grad.clone() for p in model.parameters()]
@@ -273,12 +275,9 @@ def test_retain_graph_backward_twice_and_in_place_changes_as_layer_by_layer():
 def test_saved_tensor_hooks_see_every_saved_tensor_layer_by_layer():
     """Under torch.autograd.graph.saved_tensors_hooks the model runs layer by layer, so the
     pack hook sees every tensor a layer saves (a chain keeps its intermediates itself)."""
-    desc = cnn((1, 8, 8), 10, widths=(4,))
     x, y = _data()
     counts = {}
-    for fused in (False, True):
-        model, loss_fn = build(desc, "torch", dtype="float64", seed=0)
-        model.fused = fused
+    for fused, model, _ in _both_ways():
         packed = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t, p=packed: p.append(t) or t,
                                                       lambda t: t):
