@@ -19,23 +19,19 @@ def step_functions(x, y, opts: dict, plain=None, torch_model=None, numpy_model=N
     variant name. ``x`` is a float32 batch (N, …), ``y`` its int64 labels (N,)."""
     import torch.nn.functional as F
 
+    def autograd_step(model, loss_fn, opt):
+        def step():
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
     steps = {}
     if plain is not None:
-        def plain_step():
-            loss = F.cross_entropy(plain(x), y)
-            opts["plain"].zero_grad(set_to_none=True)
-            loss.backward()
-            opts["plain"].step()
-        steps["plain"] = plain_step
+        steps["plain"] = autograd_step(plain, F.cross_entropy, opts["plain"])
     if torch_model is not None:
-        tmodel, tloss = torch_model
-
-        def torch_step():
-            loss = tloss(tmodel(x), y)
-            opts["torch"].zero_grad(set_to_none=True)
-            loss.backward()
-            opts["torch"].step()
-        steps["torch"] = torch_step
+        steps["torch"] = autograd_step(*torch_model, opts["torch"])
     if numpy_model is not None:
         nmodel, nloss = numpy_model
         xn, yn = x.numpy(), y.numpy()
