@@ -10,7 +10,6 @@ spec = Spec("batchnorm2d", "Batch normalisation over channels of (N, C, H, W) im
             class_name="BatchNorm2d")
 N, C, H, W = spec.dims("N C H W")
 n, c, h, w = spec.indices(n=N, c=C, h=H, w=W)
-spec.min_size(N=2)  # the unbiased running variance divides by N·H·W − 1
 X = spec.input("X", N, C, H, W)
 gamma = spec.param("gamma", C, init="ones")
 beta = spec.param("beta", C, init="zeros")
@@ -21,6 +20,9 @@ correction = spec.hyper("correction", 1)
 running_mean = spec.state("running_mean", C, init="zeros")
 running_var = spec.state("running_var", C, init="ones")
 M = N * H * W  # values per channel
+# the unbiased running variance divides by M − 1: training needs two values per channel
+# (one image of 2×2 is enough, as for nn.BatchNorm2d)
+spec.require(M >= 2, training=True)
 
 mu = spec.let("mu", [c], Sum(X[n, c, h, w], n, h, w) / M)
 xc = spec.let("xc", [n, c, h, w], X[n, c, h, w] - mu[c])

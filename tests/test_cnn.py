@@ -68,7 +68,8 @@ def test_batchnorm2d_train_and_eval_match_torch_in_values_and_gradients(numpy_ba
     params["beta"][...] = torch.tensor(beta) if not numpy_backend else beta
     rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     rng = np.random.default_rng(3)
-    for shape in ((4, 3, 5, 2), (2, 3, 3, 3)):  # training: statistics over N, H, W
+    # training: statistics over N, H, W; one image of 2×3 is enough, as for nn.BatchNorm2d
+    for shape in ((4, 3, 5, 2), (2, 3, 3, 3), (1, 3, 2, 3)):
         x = rng.standard_normal(shape) * 2 + 1
         g = rng.standard_normal(shape)
         y, dx, grads = _run(layer, x, g, numpy_backend)
@@ -99,12 +100,24 @@ def test_batchnorm2d_train_and_eval_match_torch_in_values_and_gradients(numpy_ba
     _close(state["running_mean"], rm)  # eval updates nothing
 
 
-def test_batchnorm2d_refuses_a_wrong_channel_count_and_a_batch_of_one_in_training():
-    layer = SpecModule("batchnorm2d", C=3)
+@pytest.mark.parametrize("numpy_backend", [False, True])
+def test_batchnorm2d_refuses_a_wrong_channel_count_and_one_value_per_channel_in_training(
+        numpy_backend):
+    """Training needs N·H·W ≥ 2 values per channel (the unbiased running variance divides by
+    N·H·W − 1), as nn.BatchNorm2d: one 1×1 image is refused with the fix, one 5×5 image trains
+    and the eval form takes the 1×1 image."""
+    layer = _layer("batchnorm2d", numpy_backend, C=3)
+    run = layer.forward if numpy_backend else (lambda x: layer(torch.tensor(x)))
     with pytest.raises(LayerError, match="C = 4, but the layer was built with C = 3"):
-        layer(torch.randn(2, 4, 5, 5))
-    with pytest.raises(LayerError, match="N ≥ 2"):
-        layer(torch.randn(1, 3, 5, 5))
+        run(np.ones((2, 4, 5, 5)))
+    with pytest.raises(LayerError, match=r"in training mode needs H\*N\*W >= 2, got N = 1, "
+                                         r"H = 1, W = 1 .*call model.eval\(\)"):
+        run(np.ones((1, 3, 1, 1)))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        torch.nn.BatchNorm2d(3)(torch.ones(1, 3, 1, 1))  # torch refuses the same
+    run(np.ones((1, 3, 5, 5)))
+    layer.eval()
+    run(np.ones((1, 3, 1, 1)))
 
 
 @pytest.mark.parametrize("numpy_backend", [False, True])

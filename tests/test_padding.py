@@ -294,6 +294,29 @@ def test_checks_sample_sizes_that_keep_derived_sizes_and_requirements():
     assert seen_zero
 
 
+def test_a_training_only_requirement_binds_training_and_sampling_not_the_eval_form():
+    """batchnorm2d's ``spec.require(M >= 2, training=True)`` (two values per channel): checks
+    sample only N·H·W ≥ 2 (with N pinned to 1 as well), the training layer refuses one 1×1
+    image, and the eval form has no such requirement."""
+    from gradtool.check.sampling import sample_dims
+    from gradtool.nn.plan import LayerPlan
+
+    spec = load_spec("batchnorm2d")
+    assert not spec.requires and len(spec.training_requires) == 1
+    assert spec.eval_form().training_requires == []
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(60):
+        dims = {str(k): v for k, v in sample_dims(spec, rng, high=3, fixed={"N": 1}).items()}
+        assert dims["N"] * dims["H"] * dims["W"] >= 2
+        seen.add((dims["H"], dims["W"]))
+    assert (1, 2) in seen or (2, 1) in seen  # the smallest shapes that keep it are sampled
+    plan = LayerPlan(spec, {"C": 3})
+    assert plan.training_refusal([(1, 3, 2, 1)]) is None
+    assert "needs H*N*W >= 2, got N = 1, H = 1, W = 1" in plan.training_refusal([(1, 3, 1, 1)])
+    plan.bind({"X": (1, 3, 1, 1)}, training=False)  # eval: no requirement
+
+
 ACTCONV = """\
 from gradtool.lang import Spec, Sum, tanh
 

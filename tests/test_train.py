@@ -101,6 +101,28 @@ def test_verification_gate_refuses_a_wrong_backward(tmp_path, monkeypatch):
     assert record["verified"].startswith("unverified")
 
 
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_a_last_batch_the_model_cannot_train_on_is_dropped(tmp_path, backend):
+    """270 training samples in batches of 269 leave a last batch of one: batch norm cannot
+    train on it (N ≥ 2), so it is dropped from every epoch and the run folder says why; a
+    model without batch norm keeps it, and batch norm over channels trains on one 8×8 image
+    (N·H·W ≥ 2), as nn.BatchNorm2d does."""
+    cfg = dict(QUICK, batch_size=269, epochs=1, backend=backend)
+    runs = {"bn": dict(cfg, norm="batchnorm"), "plain": cfg}
+    if backend == "torch":
+        runs["cnn"] = dict(cfg, model="cnn")
+    for name, options in runs.items():
+        train(TrainConfig(out=str(tmp_path / name), **options))
+    records = {name: json.loads((tmp_path / name / "config.json").read_text())
+               for name in runs}
+    assert records["bn"]["data"]["sizes"][0] == 270
+    dropped = records["bn"]["dropped_last_batch"]
+    assert dropped["samples"] == 1 and "needs N ≥ 2, got N = 1" in dropped["reason"]
+    assert records["plain"]["dropped_last_batch"] is None
+    if backend == "torch":
+        assert records["cnn"]["dropped_last_batch"] is None
+
+
 def test_verification_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADTOOL_CACHE", str(tmp_path / "cache"))
     first = verify_spec("dropout")

@@ -49,7 +49,7 @@ def sample_dims(spec: Spec, rng: np.random.Generator, low: int = 1, high: int = 
             start = 0 if least == 0 else max(low, least)
             value = fixed.get(name, rng.integers(start, max(high, least) + 1))
             out[sym] = max(int(value), least)
-        if not spec.derived and not spec.requires:
+        if not spec.derived and not spec.requires and not spec.training_requires:
             return out
         try:
             return spec.sizes_from(out)

@@ -219,36 +219,70 @@ def spec_hash(name: str) -> str:
     return hashlib.sha256(Path(spec.file).read_bytes()).hexdigest()
 
 
+def refused_batch(model, input_shape, batch: int) -> str | None:
+    """Why ``model`` (either backend) cannot train on a batch of ``batch`` samples of
+    ``input_shape`` (a layer's message, e.g. batch norm's "needs N ≥ 2"), or None when it can.
+    A batch of zeros goes through the model in eval mode, layer by layer, and each layer's
+    sizes are bound as in training (``LayerPlan.training_refusal``): no state changes and no
+    masks are drawn."""
+    x = _zeros(model, (batch, *input_shape))
+    was_training = model.training
+    model.eval()
+    try:
+        for layer in model:
+            plan = getattr(layer, "plan", None)
+            if plan is not None:
+                why = plan.training_refusal([tuple(x.shape)])
+                if why is not None:
+                    return why
+            try:
+                x = _eval_call(layer, x)
+            except GradtoolError as exc:
+                return exc.message
+    finally:
+        model.train(was_training)
+    return None
+
+
+def _zeros(model, shape):
+    """Zeros of ``shape`` in the model's array type, dtype and device."""
+    if hasattr(model, "attach_grads"):  # a NumpySequential
+        import numpy as np
+
+        dtype = next((layer.dtype for layer in model if hasattr(layer, "dtype")), np.float32)
+        return np.zeros(shape, dtype=dtype)
+    import torch
+
+    ref = next(iter(model.parameters()), None)
+    return torch.zeros(shape, dtype=ref.dtype if ref is not None else None,
+                       device=ref.device if ref is not None else None)
+
+
+def _eval_call(layer, x):
+    """One layer's eval-mode output, without gradients."""
+    if hasattr(layer, "forward") and not hasattr(layer, "register_forward_hook"):
+        return layer.forward(x)  # a NumPy layer
+    import torch
+
+    with torch.no_grad():
+        return layer(x)
+
+
 def check_input(model, desc: ModelDesc, input_shape) -> None:
     """Run one sample of zeros of ``input_shape`` through ``model`` (either backend) in eval
     mode, layer by layer, so that a model written for other inputs fails before training, at
     the layer that refuses what it gets. Raises :class:`ModelError` naming that layer, the shape
     it got and the data's; the model's mode is restored and no state changes (eval forms
     update nothing and draw no masks)."""
-    import numpy as np
-
     layers = list(model)
-    numpy_backend = hasattr(model, "attach_grads")  # a NumpySequential
-    if numpy_backend:
-        dtype = next((layer.dtype for layer in layers if hasattr(layer, "dtype")), np.float32)
-        x = np.zeros((1, *input_shape), dtype=dtype)
-    else:
-        import torch
-
-        ref = next(iter(model.parameters()), None)
-        x = torch.zeros((1, *input_shape), dtype=ref.dtype if ref is not None else None,
-                        device=ref.device if ref is not None else None)
+    x = _zeros(model, (1, *input_shape))
     was_training = model.training
     model.eval()
     try:
         for k, (layer, entry) in enumerate(zip(layers, desc.layers, strict=True), 1):
             shape = tuple(x.shape[1:])
             try:
-                if numpy_backend:
-                    x = layer.forward(x)
-                else:
-                    with torch.no_grad():
-                        x = layer(x)
+                x = _eval_call(layer, x)
             except GradtoolError as exc:
                 what = "flatten" if entry.flatten else entry.spec
                 raise ModelError(

@@ -123,9 +123,11 @@ class LayerPlan:
         self._derived = [(name, [s.name for s in syms if s in f.free_symbols],
                           sp.lambdify([s for s in syms if s in f.free_symbols], f, "math"))
                          for name, f in self.spec.derived.items()]
-        self._requires = [(rel, [s.name for s in syms if s in rel.free_symbols],
-                           sp.lambdify([s for s in syms if s in rel.free_symbols], rel, "math"))
-                          for rel, _ in self.spec.requires]
+        self._requires, self._training_requires = (
+            [(rel, [s.name for s in syms if s in rel.free_symbols],
+              sp.lambdify([s for s in syms if s in rel.free_symbols], rel, "math"))
+             for rel, _ in relations]
+            for relations in (self.spec.requires, self.spec.training_requires))
 
     def shape(self, t: Tensor, dims: dict[str, int]) -> tuple[int, ...]:
         return tuple(dims[a] if isinstance(a, str) else int(a[1](*(dims[n] for n in a[0])))
@@ -189,7 +191,27 @@ class LayerPlan:
                         f"{name} = {dims[name]} (expected more than {least - 1} value"
                         f"{'s' if least > 2 else ''} per channel when training)",
                         hint="call model.eval() to use it on a batch this small")
+            for rel, args, fn in self._training_requires:
+                if all(a in dims for a in args) and not fn(*(dims[a] for a in args)):
+                    raise LayerError(
+                        f"{spec.name} in training mode needs {rel}, got "
+                        + ", ".join(f"{a} = {dims[a]}" for a in args),
+                        hint="call model.eval() to use it on a batch this small, or train "
+                             "with a larger batch")
         return dims
+
+    def training_refusal(self, shapes: list[tuple[int, ...]]) -> str | None:
+        """Why this layer in training mode refuses data inputs of ``shapes`` (its
+        ``min_size`` or a training-only ``spec.require``; element-wise specs on the view
+        of higher-rank inputs, as the layers run them), or None when it takes them."""
+        if self.elementwise and all(s == shapes[0] for s in shapes):
+            view = elementwise_view(shapes[0], len(self.data[0].dims))
+            shapes = [view] * len(shapes) if view is not None else shapes
+        try:
+            self.bind({t.name: s for t, s in zip(self.data, shapes, strict=True)}, True)
+        except LayerError as exc:
+            return exc.message
+        return None
 
     def _bind_derived(self, dims: dict[str, int]) -> None:
         """Add each derived size (``spec.size``) computed from the bound ones; raise

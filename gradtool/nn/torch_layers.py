@@ -80,7 +80,8 @@ class SpecModule(torch.nn.Module):
     (``X[n, d] / D``) on a view with the trailing axes merged into the spec's last. In eval mode a
     spec with an eval form (batch norm, dropout) runs that form. Raises
     :class:`gradtool.nn.LayerError` when an input's shape disagrees with the parameters, or a
-    size is below the spec's ``min_size`` in training (batch norm at N = 1).
+    size is below the spec's ``min_size`` or breaks a training-only ``spec.require`` in
+    training (batch norm at N = 1, batch norm over channels at N·H·W = 1).
     """
 
     def __init__(self, spec: Spec | str, *, dtype=torch.float32, device=None, **options):

@@ -213,6 +213,9 @@ class Spec:
     lifted: dict[str, tuple] = field(default_factory=dict)  # lifted tensor -> its statement
     derived: dict[str, sp.Expr] = field(default_factory=dict)  # size -> its formula (spec.size)
     requires: list = field(default_factory=list)  # (relation between sizes, line)
+    # relations that hold only where the layer trains (batch statistics): spec.require(...,
+    # training=True); the eval form has none
+    training_requires: list = field(default_factory=list)  # (relation, line)
     # the generated layer class's name as people write it (LayerNorm, ReLU); None: the spec's
     # name in CamelCase (my_layer -> MyLayer)
     class_name: str | None = None
@@ -339,11 +342,14 @@ class Spec:
         self.derived[name] = formula
         return sym
 
-    def require(self, *relations) -> None:
+    def require(self, *relations, training: bool = False) -> None:
         """Relations between sizes that the layer needs, e.g. ``spec.require(2*P <= K)`` for
         max pooling (PyTorch refuses padding wider than half the window, where a window
         could hold padding only). Checks sample only sizes that satisfy them; a layer refuses
-        others."""
+        others. With ``training=True`` they hold only in training, not for the eval form:
+        ``spec.require(N*H*W >= 2, training=True)`` for batch norm over channels, whose
+        unbiased running variance divides by the N·H·W − 1 values per channel (PyTorch's
+        "Expected more than 1 value per channel when training")."""
         line = _caller_line()
         declared = set(self.dim_symbols.values())
         for rel in relations:
@@ -351,7 +357,7 @@ class Spec:
                     not rel.free_symbols <= declared:
                 raise self.error(f"spec.require takes relations between sizes, got {rel!r}",
                                  line, "write e.g. spec.require(2*P <= K)")
-            self.requires.append((rel, line))
+            (self.training_requires if training else self.requires).append((rel, line))
 
     @property
     def base_dims(self) -> dict[str, sp.Symbol]:
@@ -375,7 +381,7 @@ class Spec:
                                  f"{shown}", None, f"{name} must be at least 1: larger inputs "
                                  "or a smaller window")
             at[self.dim_symbols[name]] = value
-        for rel, line in self.requires:
+        for rel, line in self.requires + self.training_requires:
             value = rel.xreplace(at)
             if value in (sp.true, sp.false) and not value:
                 raise self.error(f"the sizes break {rel} ("

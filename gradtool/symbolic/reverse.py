@@ -164,7 +164,8 @@ def _spec_state(spec: Spec) -> str:
     """Everything a derivation reads from ``spec``, as text: a spec changed after it was
     derived (a statement added, a domain or fact stated) compares unequal."""
     return repr((spec.statements, spec.facts, spec.tensors, spec.hypers, spec.derived,
-                 spec.requires, spec.eval_statements, spec.lifted, spec.index_dims))
+                 spec.requires, spec.training_requires, spec.eval_statements, spec.lifted,
+                 spec.index_dims))
 
 
 def _derive(spec: Spec, progress: Callable[[str], None] | None) -> Derivation:

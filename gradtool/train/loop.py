@@ -249,7 +249,7 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
     from gradtool.codegen.cache import write_atomic
     from gradtool.data import load_dataset, loaders
     from gradtool.nn import build
-    from gradtool.nn.models import check_input, spec_hash
+    from gradtool.nn.models import check_input, refused_batch, spec_hash
     from gradtool.train import checkpoint, distributed
     from gradtool.train.verify import verify_all
 
@@ -289,9 +289,24 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
         torch.manual_seed(distributed.rank_seed(config.seed, world.rank, 0))
     optimizer = _optimizer(config, model.parameters())
     scheduler = _scheduler(config, optimizer, config.epochs)
+    per_rank = config.batch_size // world.world_size
     train_loader, val_loader, test_loader = loaders(
-        ds, config.batch_size // world.world_size, seed=config.seed, dtype=tdtype,
+        ds, per_rank, seed=config.seed, dtype=tdtype,
         eval_batch_size=config.batch_size, num_replicas=world.world_size, rank=world.rank)
+    # a last short batch the model cannot train on (batch norm over one sample) is dropped
+    # from every epoch, as DataLoader's drop_last, instead of failing at the end of epoch 1
+    last = len(train_loader.sampler) % per_rank
+    dropped = None
+    why = refused_batch(model, ds.input_shape, last) if last else None
+    if why is not None:
+        dropped = {"samples": last, "reason": why}
+        train_loader, val_loader, test_loader = loaders(
+            ds, per_rank, seed=config.seed, dtype=tdtype, drop_last=True,
+            eval_batch_size=config.batch_size, num_replicas=world.world_size, rank=world.rank)
+        if len(train_loader) == 0:
+            raise ConfigError(f"the training set has {len(train_loader.sampler)} samples per "
+                              f"process, fewer than a batch the model can train on: {why}",
+                              hint="use a smaller --batch-size or more data (--limit)")
     history, best, start_epoch = [], {"val_acc": -1.0, "epoch": 0}, 0
     ckpt_dir = run / "checkpoints"
     if ckpt is not None:
@@ -306,7 +321,8 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
               "data": {"name": ds.name, "sources": ds.sources, "classes": ds.classes,
                        "input_shape": list(ds.input_shape),
                        "sizes": [len(ds.train), len(ds.val), len(ds.test)]},
-              "verified": verified if config.verify else "unverified (--no-verify)"}
+              "verified": verified if config.verify else "unverified (--no-verify)",
+              "dropped_last_batch": dropped}
 
     def save(epoch: int, best_too: bool = False) -> None:
         """Rank 0 writes the checkpoints of ``epoch`` (every rank's generators in them)."""
@@ -331,7 +347,8 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
     backend = _Backend(config, model, loss, device, net)
     steps = len(train_loader)
     emit("start", {"epochs": config.epochs, "steps": steps, "start_epoch": start_epoch,
-                   "run_dir": str(run), "device": str(device), "world_size": world.world_size})
+                   "run_dir": str(run), "device": str(device), "world_size": world.world_size,
+                   "dropped_last_batch": dropped})
     model.train()
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -47,6 +48,13 @@ class RichProgress:
             procs = info.get("world_size", 1)
             on = f"{procs} processes ({info['device']} on rank 0)" if procs > 1 else info["device"]
             self.console.print(f"run folder {info['run_dir']} on {on}")
+            dropped = info.get("dropped_last_batch")
+            if dropped:
+                n = dropped["samples"]
+                self.console.print(
+                    f"[yellow]note[/] the last training batch of each epoch ({n} sample"
+                    f"{'s' if n != 1 else ''}) is dropped: {escape(dropped['reason'])}",
+                    highlight=False)
             total = info["steps"] * info["epochs"]
             self.task = self.bar.add_task("train", total=total,
                                           completed=info["steps"] * info["start_epoch"],
