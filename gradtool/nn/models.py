@@ -236,7 +236,7 @@ def refused_batch(model, input_shape, batch: int) -> str | None:
                 if why is not None:
                     return why
             try:
-                x = _eval_call(layer, x)
+                x = _eval_call(layer, x, _is_numpy(model))
             except GradtoolError as exc:
                 return exc.message
     finally:
@@ -246,7 +246,7 @@ def refused_batch(model, input_shape, batch: int) -> str | None:
 
 def _zeros(model, shape):
     """Zeros of ``shape`` in the model's array type, dtype and device."""
-    if hasattr(model, "attach_grads"):  # a NumpySequential
+    if _is_numpy(model):
         import numpy as np
 
         dtype = next((layer.dtype for layer in model if hasattr(layer, "dtype")), np.float32)
@@ -258,10 +258,14 @@ def _zeros(model, shape):
                        device=ref.device if ref is not None else None)
 
 
-def _eval_call(layer, x):
+def _is_numpy(model) -> bool:
+    return hasattr(model, "attach_grads")  # a NumpySequential
+
+
+def _eval_call(layer, x, numpy_backend: bool):
     """One layer's eval-mode output, without gradients."""
-    if hasattr(layer, "forward") and not hasattr(layer, "register_forward_hook"):
-        return layer.forward(x)  # a NumPy layer
+    if numpy_backend:
+        return layer.forward(x)
     import torch
 
     with torch.no_grad():
@@ -282,7 +286,7 @@ def check_input(model, desc: ModelDesc, input_shape) -> None:
         for k, (layer, entry) in enumerate(zip(layers, desc.layers, strict=True), 1):
             shape = tuple(x.shape[1:])
             try:
-                x = _eval_call(layer, x)
+                x = _eval_call(layer, x, _is_numpy(model))
             except GradtoolError as exc:
                 what = "flatten" if entry.flatten else entry.spec
                 raise ModelError(
