@@ -98,6 +98,10 @@ class ArrayPrinter:
     MEAN = "{x}.mean({axes})"
     MEAN_KEEP = "{x}.mean({axes}, keepdims=True)"
     MAX = "{x}.max({axes})"
+    # a target's softmax along one axis and its log (None: the emitter keeps e = exp(f − max f),
+    # Z = Σ e and e/Z, as NumPy, which has no softmax of its own)
+    SOFTMAX: str | None = None
+    LOG_SOFTMAX: str | None = None
     ref: str | None = None             # a tensor to take dtype and device from
     labels: frozenset = frozenset()    # names of integer-label tensors (spec.labels)
 

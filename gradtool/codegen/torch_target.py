@@ -58,6 +58,8 @@ class TorchPrinter(ArrayPrinter):
     SUM = "{x}.sum({axes})"
     MEAN_KEEP = "{x}.mean({axes}, keepdim=True)"
     MAX = "{x}.amax({axes})"
+    SOFTMAX = "torch.softmax({x}, {dim})"          # a normalised exponential along dim
+    LOG_SOFTMAX = "torch.log_softmax({x}, {dim})"  # its log
     ARANGE = "torch.arange({n}, device={ref}.device)"
     INDICATOR = "({cmp}).to({dtype})"
     FLOAT = "torch.get_default_dtype()"
