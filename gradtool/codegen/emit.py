@@ -929,6 +929,16 @@ class Module:
             scatter = printer.label_scatter(expr, tuple(canon)) if expr != 0 else None
             if scatter is not None:  # rest + coef·δ(c, y[n]): add coef at the labels only
                 rest, positions, coef = scatter
+                shared = _shared_scale(rest, coef, printer)
+                if shared is not None:  # (G / N)·P − (G / N)·δ: the scale G / N once
+                    value, rest, coef, sym = shared
+                    name = self._fresh_name("scale")
+                    while name in taken:
+                        name += "_"
+                    taken.add(name)
+                    stmts += [(name, printer.lower(value).code)]
+                    printer.temps[sym] = Arr(name, ())
+                    printer.definitions[sym] = value
                 code = self._zeros(shape, printer) if rest == 0 else \
                     printer.assign(rest, tuple(canon), shape)
                 if rest != 0 and not _fresh(code):
@@ -1056,6 +1066,20 @@ def _needed_by(stmts: list, grads: list) -> tuple[dict, dict]:
             needed_by[name].add(k)
             todo += [r for r in reads[name] if r in needed_by and r != name]
     return reads, needed_by
+
+
+def _shared_scale(rest, coef, printer) -> tuple | None:
+    """(c, rest / c, coef / c, a symbol standing for c) when a label gradient
+    ``rest + coef·δ`` has a scalar tensor factor c common to both terms, up to sign:
+    ``(G / N)·P − (G / N)·δ`` computes ``scale = G / N`` once and reads ``scale * P`` and
+    ``-scale`` (two torch calls fewer than ``(G / N) * P`` and ``(-G / N)``). None when
+    coef reads an array or is a plain number (nothing to compute once)."""
+    c = -coef if coef.could_extract_minus_sign() else coef
+    if rest == 0 or c.has(sp.Indexed) or not printer._is_array(c) or \
+            not set(sp.Mul.make_args(c)) <= set(sp.Mul.make_args(rest)):
+        return None
+    sym = sp.Dummy("scale", real=True)
+    return c, sym * (rest / c), sym * (coef / c), sym
 
 
 class Softmax:
