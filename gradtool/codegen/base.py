@@ -613,6 +613,8 @@ class ArrayPrinter:
         out = self._quotient(parts, high_den, axes)
         if sign and self._is_mask(e):  # neither NumPy nor torch negates a boolean array
             return Arr(f"-1 * {self.paren(out.code, out.prec, MUL)}", out.axes, MUL)
+        if sign and out.code.startswith("-"):  # −(−a·b) is a·b: no two negations
+            return Arr(out.code[1:], out.axes, MUL)
         return Arr(sign + out.code, out.axes, UNARY if sign else out.prec)
 
     # -- a switch in front of a term that is 0/0 or inf where the switch is off ---------------
