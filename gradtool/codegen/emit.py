@@ -641,8 +641,10 @@ class Module:
 
     def _logs_of_ratios(self, expr, shifts):
         """log(P) with P = e/Z and e a shifted exponential: (f − max f) − log Z, so that a
-        probability that underflows to 0 never reaches log (cross-entropy at large logits)."""
-        if not shifts:
+        probability that underflows to 0 never reaches log (cross-entropy at large logits).
+        Where e and Z are the log-sum-exp's (:meth:`shifted_sums`: the backward reads them),
+        log(P) = log e − log Z, which :meth:`_unshift` reads as f − (M + log Z')."""
+        if not shifts and not self.lse:
             return expr
         by_target = {a.target: a for a in self.d.program.assigns if a.kind != "update"}
 
@@ -667,6 +669,9 @@ class Module:
                     arg = rename(e.body.args[0], dict(zip(e.lhs, access_indices(base),
                                                           strict=True)))
                     terms.append(exp * (arg - self._peak(name, access_indices(base), shifts)))
+                    shifted = True
+                elif name in self.lse or name in self.lse_exp:
+                    terms.append(exp * sp.log(base))
                     shifted = True
                 else:
                     terms.append(exp * sp.log(base))
