@@ -219,6 +219,11 @@ def test_labels_with_two_axes_per_position_cross_entropy(tmp_path):
         '''))
     spec = load_spec(path)
     assert text(present(derive(spec).closed["X"])) == "(P[n,c,h] - onehot_y[n,h,c])/(H·N)"
+    mod = compile_spec(spec, "torch")
+    source = mod.__loader__.get_source(mod.__name__)
+    # torch: the softmax along the class axis, F.nll_loss over (N, C, H) and labels (N, H)
+    assert "log_P = torch.log_softmax(X, 1)" in source
+    assert 'nll_loss(log_P, y, reduction="sum")' in source
     rows = check_spec(spec, CheckOptions(cases=2, oracles=("fd", "reference", "backends")))
     assert rows and all(r.passed for r in rows), [r for r in rows if not r.passed]
     assert any(r.oracle == "reference" and r.input == "X" for r in rows)
@@ -308,6 +313,8 @@ def test_label_pick_and_scatter_match_autograd(tmp_path, name, target):
     forward, backward = source.split("def backward(")[0], source.split("def backward(")[1]
     arange_c = "arange(C" if target == "numpy" else "torch.arange(C"
     assert (arange_c not in forward) == picks          # no one-hot where the pick applies
+    # torch: a pick summed over every label axis, with nothing else read, is one nll_loss
+    assert ("nll_loss(" in forward) == (target == "torch" and name in ("cross_entropy", "nll"))
     assert (arange_c not in backward.split("\nclass ")[0].split("def use_torch_compile")[0]) \
         == scatters
     rng = np.random.default_rng(11)

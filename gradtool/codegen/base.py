@@ -98,6 +98,10 @@ class ArrayPrinter:
     MEAN = "{x}.mean({axes})"
     MEAN_KEEP = "{x}.mean({axes}, keepdims=True)"
     MAX = "{x}.max({axes})"
+    # a target's softmax along one axis and its log (None: the emitter keeps e = exp(f − max f),
+    # Z = Σ e and e/Z, as NumPy, which has no softmax of its own)
+    SOFTMAX: str | None = None
+    LOG_SOFTMAX: str | None = None
     ref: str | None = None             # a tensor to take dtype and device from
     labels: frozenset = frozenset()    # names of integer-label tensors (spec.labels)
 
@@ -609,6 +613,8 @@ class ArrayPrinter:
         out = self._quotient(parts, high_den, axes)
         if sign and self._is_mask(e):  # neither NumPy nor torch negates a boolean array
             return Arr(f"-1 * {self.paren(out.code, out.prec, MUL)}", out.axes, MUL)
+        if sign and out.code.startswith("-"):  # −(−a·b) is a·b: no two negations
+            return Arr(out.code[1:], out.axes, MUL)
         return Arr(sign + out.code, out.axes, UNARY if sign else out.prec)
 
     # -- a switch in front of a term that is 0/0 or inf where the switch is off ---------------

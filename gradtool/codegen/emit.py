@@ -175,13 +175,39 @@ class Module:
         printer.fold = self.folds()
         printer.labels = self.label_names()
         shifts = self.stable_exponentials()
+        soft = self.softmaxes(shifts, printer)
+        printer.taken = self._taken()
         inlined = self.inlined_sums(shifts)
         printer.scalar_tensors = self._scalar_tensors(shifts)
         picked = {a.target: self._picked_indicators(a.rhs(d.program), printer)
                   for a in d.program.assigns}
         unread = self._unread_onehots(picked)
+        by_target = {a.target: a for a in d.program.assigns if a.kind != "update"}
+        # statements that read a softmax read its probabilities or their logs
+        gone = {x for sm in soft.values() for x in (sm.e, sm.z, sm.alias)}
+        through = {a.target: self._softmax_reads(self._inline(picked[a.target], inlined),
+                                                  soft, by_target)
+                   for a in d.program.assigns if a.target not in set(inlined) | gone}
+        read = {str(x.base.label) for e in through.values() for x in e.atoms(sp.Indexed)}
+        kept = set(self.saved()) | {o.target for o in self.outputs}
+        read |= {str(sm.prob.label) for sm in soft.values() if sm.alias in kept}
         for a in d.program.assigns:
-            if a.target in inlined or a.target in unread:
+            if a.target in inlined or a.target in unread or a.target in gone - set(soft):
+                continue
+            if a.target in soft:  # e = exp(f): f's softmax along k, and/or its log
+                sm = soft[a.target]
+                shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code
+                              for i in a.lhs)
+                code = printer.assign(self._unshift(a.body.args[0]), tuple(a.lhs), shape)
+                body += _setup_lines(printer)
+                prob, log = self.names[str(sm.prob.label)], str(sm.log.label)
+                if str(sm.log.label) in read:
+                    body.append(f"{log} = {printer.LOG_SOFTMAX.format(x=code, dim=sm.pos)}")
+                    if str(sm.prob.label) in read:  # one pass: exp of the logs
+                        body.append(f"{prob} = {printer.FUNCS['exp']}({log})")
+                else:
+                    body.append(f"{prob} = {printer.SOFTMAX.format(x=code, dim=sm.pos)}")
+                printer.imports.add(printer.module)
                 continue
             target = self.new_names[a.target] if a.kind == "update" else self.names[a.target]
             if a.reduce == "pad":
@@ -193,8 +219,10 @@ class Module:
                 body.append(f"{target} = {printer.pad(source, widths, a.body.fill)}")
                 continue
             shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code for i in a.lhs)
-            rhs = self._inline(picked[a.target], inlined)
-            rhs = present(self._logs_of_ratios(rhs, shifts))
+            rhs = through[a.target] if a.target in through else \
+                self._inline(picked[a.target], inlined)
+            rhs = present(self._logs_of_ratios(
+                rhs, {e: pos for e, pos in shifts.items() if e not in soft}))
             if a.target in self.lse and self._lse_exponent(a) is not None:
                 # Z = Σ_k c·exp(f) as exp(M)·Σ_k c·exp(f − M)
                 # f and c may read other shifted tensors: each such read is exp(M')·(its
@@ -310,6 +338,92 @@ class Module:
                 found[a.target] = pos
         self._stable = found
         return found
+
+    # -- softmax: a normalised exponential as the target's one call -------------------------
+    def softmaxes(self, shifts, printer) -> dict:
+        """Normalised exponentials that the target computes with its own softmax: for a
+        stable exponential (:meth:`stable_exponentials`) e = exp(f) with Z = Σ_k e, every
+        ratio e/Z is softmax(f) along k's axis and every log of it log-softmax(f), so the
+        kernel computes neither e nor Z (torch: ``torch.softmax(f, k)``, or
+        ``torch.log_softmax`` when a log reads it, and ``torch.exp`` of that where the
+        probabilities are read too: one call each instead of max, shift, exp, sum, divide and
+        log). A let P = e/Z takes the softmax's values under its own name. Empty when the
+        printer has no softmax (NumPy keeps the max-shifted form); an exponential stays in
+        the shifted form when some read of e or Z is not through the ratio.
+        Returns {e: :class:`Softmax`}."""
+        if getattr(printer, "SOFTMAX", None) is None:
+            return {}
+        assigns = self.d.program.assigns
+        found = {}
+        for e_name, pos in dict(shifts).items():
+            z = next(b for b in assigns if b.reduce == "sum" and isinstance(b.body, sp.Indexed)
+                     and access_name(b.body) == e_name)
+            found[e_name] = Softmax(e_name, z.target, pos,
+                                    sp.IndexedBase(self._fresh_name(f"{self.names[e_name]}"
+                                                                    "_softmax", claim=True)))
+        for a in assigns:  # a let P that is exactly the ratio e/Z names the softmax
+            if a.kind not in ("let", "output") or a.reduce or not a.lhs:
+                continue
+            for sm in found.values():
+                if sm.alias is None and \
+                        self._softmax_reads(a.body, found) == sm.prob[tuple(a.lhs)]:
+                    sm.alias, sm.prob = a.target, self.spec.tensors[a.target].base
+        by_target = {a.target: a for a in assigns if a.kind != "update"}
+        for a in assigns:  # every other statement reads e and Z only through the ratio
+            if any(a.target in (sm.e, sm.z, sm.alias) for sm in found.values()):
+                continue
+            rewritten = self._softmax_reads(a.rhs(self.d.program), found, by_target)
+            left = {access_name(x) for x in accesses(rewritten, self.spec)}
+            for sm in list(found.values()):
+                if {sm.e, sm.z} & left:
+                    del found[sm.e]
+        for sm in found.values():
+            stem = self.names[sm.alias] if sm.alias else self.names[sm.e]
+            sm.log = sp.IndexedBase(self._fresh_name(f"log_{stem}" if sm.alias else
+                                                     f"{stem}_log_softmax", claim=True))
+            for base in (sm.prob, sm.log):
+                self.names.setdefault(str(base.label), str(base.label))
+        return found
+
+    def _softmax_reads(self, expr, found: dict, by_target=None):
+        """``expr`` with each read of e as softmax·Z (so that e/Z is the softmax) and each
+        log of a softmax as the log-softmax, also the log of a product of powers of reads
+        with a softmax among them (log(P·T) = log-softmax + log T), and, given
+        ``by_target``, of a let that is such a product."""
+        subs = {}
+        for x in accesses(expr, self.spec):
+            sm = found.get(access_name(x))
+            if sm is not None:
+                idx = list(access_indices(x))
+                subs[x] = sm.prob[tuple(idx)] * self.d.program.access(
+                    sm.z, idx[:sm.pos] + idx[sm.pos + 1:])
+        expr = expr.xreplace(subs) if subs else expr
+        probs = {str(sm.prob.label): sm for sm in found.values()}
+
+        def expand(node):
+            if not isinstance(node, sp.log):
+                return None
+            arg = node.args[0]
+            a = by_target.get(access_name(arg)) if by_target is not None and \
+                isinstance(arg, sp.Indexed) else None
+            if a is not None and a.kind == "let" and not a.reduce and \
+                    str(arg.base.label) not in probs:
+                arg = self._softmax_reads(
+                    rename(a.body, dict(zip(a.lhs, access_indices(arg), strict=True))), found)
+            terms, hit = [], False
+            for f in sp.Mul.make_args(arg):
+                base, power = f.as_base_exp()
+                if not isinstance(base, sp.Indexed):
+                    return None
+                sm = probs.get(str(base.base.label))
+                if sm is not None and sm.log is not None:
+                    terms.append(power * sm.log[base.indices])
+                    hit = True
+                else:
+                    terms.append(power * sp.log(base))
+            return sp.Add(*terms) if hit else None
+
+        return expr.replace(lambda n: expand(n) is not None, expand)
 
     # -- log-sum-exp: Σ_k exp(f) feeding a log or a division --------------------------------
     def shifted_sums(self) -> dict[str, str]:
@@ -527,8 +641,10 @@ class Module:
 
     def _logs_of_ratios(self, expr, shifts):
         """log(P) with P = e/Z and e a shifted exponential: (f − max f) − log Z, so that a
-        probability that underflows to 0 never reaches log (cross-entropy at large logits)."""
-        if not shifts:
+        probability that underflows to 0 never reaches log (cross-entropy at large logits).
+        Where e and Z are the log-sum-exp's (:meth:`shifted_sums`: the backward reads them),
+        log(P) = log e − log Z, which :meth:`_unshift` reads as f − (M + log Z')."""
+        if not shifts and not self.lse:
             return expr
         by_target = {a.target: a for a in self.d.program.assigns if a.kind != "update"}
 
@@ -553,6 +669,9 @@ class Module:
                     arg = rename(e.body.args[0], dict(zip(e.lhs, access_indices(base),
                                                           strict=True)))
                     terms.append(exp * (arg - self._peak(name, access_indices(base), shifts)))
+                    shifted = True
+                elif name in self.lse or name in self.lse_exp:
+                    terms.append(exp * sp.log(base))
                     shifted = True
                 else:
                     terms.append(exp * sp.log(base))
@@ -815,6 +934,16 @@ class Module:
             scatter = printer.label_scatter(expr, tuple(canon)) if expr != 0 else None
             if scatter is not None:  # rest + coef·δ(c, y[n]): add coef at the labels only
                 rest, positions, coef = scatter
+                shared = _shared_scale(rest, coef, printer)
+                if shared is not None:  # (G / N)·P − (G / N)·δ: the scale G / N once
+                    value, rest, coef, sym = shared
+                    name = self._fresh_name("scale")
+                    while name in taken:
+                        name += "_"
+                    taken.add(name)
+                    stmts += [(name, printer.lower(value).code)]
+                    printer.temps[sym] = Arr(name, ())
+                    printer.definitions[sym] = value
                 code = self._zeros(shape, printer) if rest == 0 else \
                     printer.assign(rest, tuple(canon), shape)
                 if rest != 0 and not _fresh(code):
@@ -942,6 +1071,31 @@ def _needed_by(stmts: list, grads: list) -> tuple[dict, dict]:
             needed_by[name].add(k)
             todo += [r for r in reads[name] if r in needed_by and r != name]
     return reads, needed_by
+
+
+def _shared_scale(rest, coef, printer) -> tuple | None:
+    """(c, rest / c, coef / c, a symbol standing for c) when a label gradient
+    ``rest + coef·δ`` has a scalar tensor factor c common to both terms, up to sign:
+    ``(G / N)·P − (G / N)·δ`` computes ``scale = G / N`` once and reads ``scale * P`` and
+    ``-scale`` (two torch calls fewer than ``(G / N) * P`` and ``(-G / N)``). None when
+    coef reads an array or is a plain number (nothing to compute once)."""
+    c = -coef if coef.could_extract_minus_sign() else coef
+    if rest == 0 or c.has(sp.Indexed) or not printer._is_array(c) or \
+            not set(sp.Mul.make_args(c)) <= set(sp.Mul.make_args(rest)):
+        return None
+    sym = sp.Dummy("scale", real=True)
+    return c, sym * (rest / c), sym * (coef / c), sym
+
+
+class Softmax:
+    """A normalised exponential e = exp(f), Z = Σ_k e (k at position ``pos`` of e) that the
+    kernel computes as softmax(f): ``prob`` and ``log`` are the bases of its probabilities
+    and their logs (``alias``: the let P = e/Z whose name the probabilities take)."""
+
+    def __init__(self, e: str, z: str, pos: int, prob: sp.IndexedBase):
+        self.e, self.z, self.pos, self.prob = e, z, pos, prob
+        self.alias: str | None = None
+        self.log: sp.IndexedBase | None = None
 
 
 class InPlace(str):
