@@ -342,6 +342,30 @@ t2 = spec.let("t2", [n, d, e], exp(tanh(t1[n, d, e])))
 t3 = spec.let("t3", [n, d, e], tanh(t2[n, d, e]))
 spec.output("Y", [n, d, e], exp(tanh(t3[n, d, e])))
 """,
+    "label_coefficient_on_the_first_label_axis": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz", "a random spec")
+N, D, E = spec.dims("N D E")
+n, d, e, i, k, j = spec.indices(n=N, d=D, e=E, i=N, k=D, j=E)
+A = spec.input("A", E, D, N)
+W = spec.param("W", E, init="ones")
+t0 = spec.let("t0", [n, d, e], (W[e])*(A[e, d, n]))
+y = spec.labels("y", N, E, classes=D)
+spec.output("L", [], Sum(KroneckerDelta(d, y[n, e]) * ((W[e])*(t0[n, d, e])), n, d, e))
+""",
+    "one_hot_dtype_of_a_float_upstream_gradient": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz", "a random spec")
+N, D, E = spec.dims("N D E")
+n, d, e, i, k, j = spec.indices(n=N, d=D, e=E, i=N, k=D, j=E)
+A = spec.input("A", E, D, N, domain="positive")
+W = spec.param("W", E, init="ones")
+t0 = spec.let("t0", [n, e], Sum(A[e, k, n], k) / D)
+y = spec.labels("y", E, classes=N)
+spec.output("L", [], Sum(KroneckerDelta(n, y[e]) * ((t0[n, e]) / 2), n, e))
+""",
     "nested_fold_attempts": """\
 from gradtool.lang import *
 
@@ -538,3 +562,30 @@ def test_numpy_class_reads_sizes_from_its_parameters(tmp_path):
     (gt.max() + torch.tanh(gt.max())).backward()
     np.testing.assert_allclose(got, gt.grad.numpy(), rtol=1e-12)
     assert layer.grads["s_Y"].shape == (3, 3) and not layer.grads["s_Y"].any()
+
+
+def test_a_label_scatter_coefficient_broadcasts_along_its_own_axis(tmp_path):
+    """Finding 28: with E = N the coefficient G·W[e] of a scatter at labels y[n, e] was added
+    along n (silently wrong); both kernels' dA and dW against torch.autograd in float64."""
+    import torch
+
+    path = tmp_path / "labels2.py"
+    path.write_text(FOUND["label_coefficient_on_the_first_label_axis"])
+    spec = load_spec(path)
+    rng = np.random.default_rng(0)
+    E = N = 3
+    A = rng.standard_normal((E, 2, N))
+    W = rng.standard_normal(E)
+    y = rng.integers(0, 2, (N, E))
+    At, Wt = torch.tensor(A, requires_grad=True), torch.tensor(W, requires_grad=True)
+    picked = At[torch.arange(E)[:, None], torch.tensor(y).T, torch.arange(N)]  # (E, N)
+    L = (Wt[:, None] ** 2 * picked).sum()
+    dA, dW = torch.autograd.grad(L, [At, Wt])
+    inputs = {"A": A, "W": W, "y": y}
+    dims = {s: {"N": N, "D": 2, "E": E}[str(s)] for s in spec.dim_symbols.values()}
+    for target in ("numpy", "torch"):
+        k = Kernels(spec, target)
+        _, saved, _ = k.forward(inputs, dims)
+        got = {n: to_numpy(g) for n, g in k.backward({"L": np.array(1.0)}, saved, dims).items()}
+        assert np.allclose(got["A"], dA.numpy(), atol=1e-12), target
+        assert np.allclose(got["W"], dW.numpy(), atol=1e-12), target

@@ -764,7 +764,7 @@ class ArrayPrinter:
         a, b = self.lower(e.args[0]), self.lower(e.args[1])
         axes = self._union([a, b])
         cmp = f"{self.align(b, axes)} == {self.align(a, axes)}"
-        dtype = f"{self.ref}.dtype" if self.ref is not None else self.FLOAT
+        dtype = self.dtype_of(self.ref) if self.ref is not None else self.FLOAT
         return Arr(self.INDICATOR.format(cmp=cmp, dtype=dtype), axes, ATOM)
 
     FIRST_HIT = "first_hit"
@@ -1195,7 +1195,8 @@ class ArrayPrinter:
 
     def label_scatter(self, expr, axes: tuple) -> tuple | None:
         """A gradient ``rest + coef·δ(c, y[…])`` over ``axes`` (the labels read at all the
-        other axes) split as (rest, positions, coef): the kernel computes ``rest`` into an
+        other axes) split as (rest, positions, coef, the positions' axes: ``axes`` but c):
+        the kernel computes ``rest`` into an
         array of its own, then adds ``coef`` (a gather at c = y[…] if it reads c) at the
         positions ``[arange(N), y]`` only, instead of multiplying an N×C one-hot. None when
         ``expr`` is not linear in one such δ (a δ under a sum or a function stays a one-hot)."""
@@ -1220,17 +1221,19 @@ class ArrayPrinter:
         y = self.lower(label)
         parts = [self.align(y, others) if a == c else self.align(self._arange(a), others)
                  for a in axes]
-        return rest, ", ".join(parts), coef
+        return rest, ", ".join(parts), coef, others
 
     def add_at_labels(self, positions: str, coef, axes: tuple, target: str) -> str:
         """The in-place update that adds ``coef`` (free of the class axis) at ``positions``
-        (from :meth:`label_scatter`) of the gradient ``target`` over ``axes``, written after
-        its name: ``[np.arange(N), y] -= G / N``. One label per row, so no position repeats
-        and the fancy-index update is exact."""
+        (from :meth:`label_scatter`, whose integer arrays broadcast over ``axes``, the
+        gradient's axes but the class axis) of the gradient ``target``, written after its
+        name: ``[np.arange(N), y] -= G / N``. ``coef`` is aligned to all of ``axes``, so a
+        coefficient over the first of two label axes broadcasts along it, not the last (a
+        wrong gradient, or a shape error, before: docs/fuzzing.md, finding 28). One label per
+        position, so no position repeats and the fancy-index update is exact."""
         op = "-=" if coef.could_extract_minus_sign() else "+="
         value = self.lower(-coef if op == "-=" else coef)
-        code = self.align(value, tuple(a for a in axes if a in value.axes)) if value.axes \
-            else value.code
+        code = self.align(value, axes) if value.axes else value.code
         return f"[{positions}] {op} {code}"
 
     # -- padding: Xp = X padded (spec.pad), and the adjoint of X as a slice of Xp's ----------
@@ -1285,7 +1288,13 @@ class ArrayPrinter:
 
     def cast_like(self, code: str, ref: str) -> str:
         """``code`` converted to the dtype of the array ``ref``."""
-        return f"{code}.astype({ref}.dtype)"
+        return f"{code}.astype({self.dtype_of(ref)})"
+
+    def dtype_of(self, ref: str) -> str:
+        """The dtype of the kernel variable ``ref``: ``ref.dtype``, or ``np.result_type(G)``
+        for a 0-d one (a loss's upstream gradient may be a Python float in NumPy, which has
+        no ``.dtype``: docs/fuzzing.md, finding 28)."""
+        return f"np.result_type({ref})" if ref in self.scalar_tensors else f"{ref}.dtype"
 
     def scatter_scalar(self, code: str, expr) -> str:
         """The values of a scatter that are one number for every position (Σ_t,k δ(h, S·t + k)

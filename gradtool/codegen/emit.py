@@ -933,7 +933,7 @@ class Module:
             shape = tuple(printer.lower(sp.sympify(d.program.ranges[i])).code for i in canon)
             scatter = printer.label_scatter(expr, tuple(canon)) if expr != 0 else None
             if scatter is not None:  # rest + coef·δ(c, y[n]): add coef at the labels only
-                rest, positions, coef = scatter
+                rest, positions, coef, position_axes = scatter
                 shared = _shared_scale(rest, coef, printer)
                 if shared is not None:  # (G / N)·P − (G / N)·δ: the scale G / N once
                     value, rest, coef, sym = shared
@@ -948,7 +948,7 @@ class Module:
                     printer.assign(rest, tuple(canon), shape)
                 if rest != 0 and not _fresh(code):
                     code = f"{code}.clone()" if self.target == "torch" else f"{code}.copy()"
-                update = InPlace(printer.add_at_labels(positions, coef, tuple(canon), var))
+                update = InPlace(printer.add_at_labels(positions, coef, position_axes, var))
                 stmts += printer.take_setup()
                 stmts += [(var, code), (var, update)]
                 grads.append(var)

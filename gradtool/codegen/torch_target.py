@@ -745,6 +745,9 @@ class TorchPrinter(ArrayPrinter):
     def cast_like(self, code: str, ref: str) -> str:
         return f"{code}.to({ref}.dtype)"
 
+    def dtype_of(self, ref: str) -> str:
+        return f"{ref}.dtype"  # a 0-d upstream gradient is a tensor here (torch.autograd)
+
     def add_at_labels(self, positions: str, coef, axes: tuple, target: str) -> str:
         """``.index_put_((torch.arange(N), y), (-G / N).to(dX.dtype), accumulate=True)``: one
         call, where ``[…] -= v`` reads the entries, subtracts and writes them back (~3 µs
@@ -756,8 +759,7 @@ class TorchPrinter(ArrayPrinter):
         import ast
 
         value = self.lower(coef)
-        code = self.align(value, tuple(a for a in axes if a in value.axes)) if value.axes \
-            else value.code
+        code = self.align(value, axes) if value.axes else value.code
         if not isinstance(ast.parse(code, mode="eval").body,
                           (ast.Name, ast.Attribute, ast.Subscript, ast.Call)):
             code = f"({code})"
