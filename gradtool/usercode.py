@@ -6,6 +6,11 @@ the one guard around that code:
 * its ``print`` output goes to stderr, so stdout carries only gradtool's report (``--json``);
 * ``sys.exit``, ``KeyboardInterrupt`` raised by the code, and any exception become one
   :class:`UserCodeError` naming the file and line and the call that was running;
+* so do the ways out of the process that skip exceptions, ``os._exit`` and ``os.abort``, and
+  an exit handler the file itself registers (``atexit.register``, which could change the
+  exit status after the report): each call raises instead. Code that kills its own process by
+  other means (a signal to itself) cannot be caught in-process; an autograder should also
+  require the report (``--json``) and not only the exit status;
 * a time limit (``GRADTOOL_TIMEOUT`` seconds, 60 by default; ``0`` turns it off) stops an
   endless loop with an error naming the call;
 * a file is imported with its own folder (and the root of the package it sits in) on the import
@@ -14,6 +19,7 @@ the one guard around that code:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import os
@@ -37,6 +43,40 @@ class UserCodeError(GradtoolError):
 class _TimeLimit(BaseException):
     """Raised by the alarm; a BaseException so that the user's ``except Exception`` cannot
     swallow it."""
+
+
+class _ProcessExit(BaseException):
+    """Raised in place of a call that would end the process (``os._exit``); a BaseException
+    so that the user's ``except Exception`` cannot swallow it."""
+
+    def __init__(self, call: str):
+        super().__init__(call)
+        self.call = call
+
+
+@contextlib.contextmanager
+def _no_process_exit(filename: str) -> Iterator[None]:
+    """``os._exit`` and ``os.abort`` raise :class:`_ProcessExit` while the body runs, and so
+    does ``atexit.register`` called from ``filename`` itself (libraries it imports may still
+    register their handlers)."""
+    real = os._exit, os.abort, atexit.register
+
+    def _exit(status=0, *args):
+        raise _ProcessExit(f"os._exit({status})")
+
+    def abort():
+        raise _ProcessExit("os.abort()")
+
+    def register(func, *args, **kwargs):
+        if sys._getframe(1).f_code.co_filename == filename:
+            raise _ProcessExit("atexit.register(...)")
+        return real[2](func, *args, **kwargs)
+
+    os._exit, os.abort, atexit.register = _exit, abort, register
+    try:
+        yield
+    finally:
+        os._exit, os.abort, atexit.register = real
 
 
 def time_limit() -> float:
@@ -92,16 +132,22 @@ def running(what: str, file: str | os.PathLike, *,
 
     Exceptions listed in ``passthrough`` (gradtool's own errors raised on the user's behalf,
     such as a :class:`SpecError` from the spec language) pass unchanged. Raises
-    :class:`UserCodeError` for everything else the code raised, for ``sys.exit`` and for the
-    time limit.
+    :class:`UserCodeError` for everything else the code raised, for ``sys.exit``,
+    ``os._exit``, ``os.abort`` and an ``atexit.register`` in ``file``, and for the time limit.
     """
     filename = str(file)
     limit = time_limit() if timeout is None else timeout
     try:
-        with contextlib.redirect_stdout(sys.stderr), _alarm(limit):
+        with contextlib.redirect_stdout(sys.stderr), _alarm(limit), \
+                _no_process_exit(filename):
             yield
     except passthrough:
         raise
+    except _ProcessExit as exc:
+        raise UserCodeError(f"{what} called {exc.call}", file=filename,
+                            line=line_in(exc.__traceback__, filename),
+                            hint="gradtool runs this code in its own process; it must not end "
+                                 "the process or change how it exits") from None
     except _TimeLimit:
         raise UserCodeError(f"{what} ran past the time limit of {limit:g} s", file=filename,
                             hint="look for an endless loop, or raise the limit with "

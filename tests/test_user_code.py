@@ -67,18 +67,34 @@ def test_correct_layer_passes(tmp_path):
 
 @pytest.mark.parametrize("where, line", [("init", 6), ("forward", 9), ("backward", 14)])
 @pytest.mark.parametrize("how, says", [("sys.exit(0)", "called sys.exit(0)"),
-                                       ("raise KeyboardInterrupt", "raised KeyboardInterrupt")])
+                                       ("raise KeyboardInterrupt", "raised KeyboardInterrupt"),
+                                       ("os._exit(0)", "called os._exit(0)"),
+                                       ("os.abort()", "called os.abort()"),
+                                       ("atexit.register(print)", "called atexit.register")])
 def test_exit_or_interrupt_in_a_layer_is_one_error(tmp_path, where, line, how, says):
-    path = _relu_file(tmp_path, head="import sys\n", **{where: how})
+    """Ways out of the process (os._exit, os.abort: no exception; an exit handler that could
+    change the exit status after the report) are refused like sys.exit: a layer calling
+    os._exit(0) in backward ended the check with exit status 0 and no report."""
+    path = _relu_file(tmp_path, head="import sys, os, atexit\n", **{where: how})
     for extra in ([], ["--json"]):
         result = _check(path, *extra)
         _one_error_line(result, f"{path}:{line + 1}:", says)
         assert result.stdout == "" if not extra else result.stdout.startswith("{")
 
 
-def test_exit_at_import_is_one_error(tmp_path):
-    path = _relu_file(tmp_path, head="import sys\nsys.exit(0)\n")
-    _one_error_line(_check(path), f"{path}:2:", "importing it called sys.exit(0)")
+@pytest.mark.parametrize("how", ["sys.exit(0)", "os._exit(0)",
+                                 "atexit.register(lambda: os._exit(0))"])
+def test_exit_at_import_is_one_error(tmp_path, how):
+    path = _relu_file(tmp_path, head=f"import sys, os, atexit\n{how}\n")
+    _one_error_line(_check(path), f"{path}:2:", f"importing it called {how.split('(')[0]}")
+
+
+def test_a_library_imported_by_the_layer_may_register_exit_handlers(tmp_path):
+    """Only the file's own atexit.register is refused, not one in a module it imports."""
+    (tmp_path / "helper_lib.py").write_text("import atexit\natexit.register(lambda: None)\n")
+    path = _relu_file(tmp_path, head="import helper_lib  # noqa: F401\n")
+    result = _check(path)
+    assert result.exit_code == 0, result.output
 
 
 def test_argparse_at_import_sees_no_gradtool_arguments(tmp_path):
