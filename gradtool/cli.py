@@ -512,6 +512,8 @@ def _check_plan(names, impl, mapping, tol, float32, order, shapes, seed, setting
                             f"{', '.join(s.name for s in specs)} that can be set",
                             hint="sizes: " + ", ".join(sorted({k for s in specs
                                                                for k in s.base_dims})))
+    for s in specs:
+        s.check_given_sizes({k: v for k, v in fixed.items() if k in s.base_dims})
     for name in one_hot:
         if impl and (name not in specs[0].tensors or specs[0].tensors[name].kind != "input"):
             raise GradtoolError(f"--one-hot {name}: not an input of {specs[0].name}",

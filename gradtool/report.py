@@ -38,7 +38,9 @@ def parse_shape(shape: str | None) -> dict[str, int] | None:
     for part in shape.replace(" ", "").split(","):
         name, sep, value = part.partition("=")
         # isdigit alone accepts '²'; sizes are plain ASCII decimals
-        if not sep or not name or not (value.isascii() and value.isdigit()) or int(value) < 1:
+        # 0 is read here: a padding may be 0 (spec.min_size(P=0)); each spec's minimum is
+        # checked where the sizes are used (Spec.check_given_sizes)
+        if not sep or not name or not (value.isascii() and value.isdigit()):
             raise GradtoolError(f"cannot read --shape part {part!r}",
                                 hint="write sizes as NAME=INT pairs, e.g. --shape N=2,D=3")
         if name in sizes:

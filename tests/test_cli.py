@@ -208,6 +208,16 @@ def test_derive_bad_shape(shape):
     assert "--shape" in err
 
 
+def test_shape_takes_a_zero_padding_and_names_a_size_below_its_minimum():
+    """A padding may be 0 (spec.min_size(P=0)): the unpadded Jacobian is shown; N=0 says
+    that N must be at least 1, for derive and check alike."""
+    out = ok("derive", "conv1d", "--jacobian", "--shape", "N=1,C=1,O=1,L=3,K=2,S=1,P=0")
+    assert "Y[0,0,1]" in out and "Y[0,0,2]" not in out  # (3 − 2)/1 + 1 = 2 positions
+    for command in (["derive", "softmax", "--jacobian"], ["check", "softmax"]):
+        err = fails(*command, "--shape", "N=0,C=3")
+        assert "--shape N=0: softmax needs N ≥ 1" in err
+
+
 def test_derive_shape_names_the_unknown_dimension():
     err = fails("derive", "softmax", "--shape", "N=1,C=3,Q=2")
     assert "Q" in err

@@ -359,6 +359,15 @@ class Spec:
                                  line, "write e.g. spec.require(2*P <= K)")
             (self.training_requires if training else self.requires).append((rel, line))
 
+    def check_given_sizes(self, sizes: dict[str, int], option: str = "--shape") -> None:
+        """Raise :class:`SpecError` for a size given below its minimum (1, or what
+        :meth:`min_size` says: a padding may be 0)."""
+        for name, value in sizes.items():
+            least = self.min_sizes.get(name, 1)
+            if name in self.dim_symbols and value < least:
+                raise SpecError(f"{option} {name}={value}: {self.name} needs {name} ≥ {least}",
+                                hint=f"give {name} ≥ {least}")
+
     @property
     def base_dims(self) -> dict[str, sp.Symbol]:
         """The sizes that are not :meth:`size` formulas: those that are sampled or given."""

@@ -110,6 +110,7 @@ def explicit_matrix(d: Derivation, jac: Jacobian, sizes: dict[str, int],
     if unknown:
         raise GradtoolError(f"--shape names unknown dimensions {', '.join(sorted(unknown))}",
                             hint="dimensions of this spec: " + ", ".join(spec.base_dims))
+    spec.check_given_sizes(sizes)
     sizes = spec.sizes_from(sizes) if spec.derived else sizes  # OH from H, K, S, P
     wanted = {sym for t in (jac.output, jac.wrt) for dim in spec.tensors[t].dims
               for sym in dim.free_symbols}
