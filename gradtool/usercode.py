@@ -148,8 +148,9 @@ def running(what: str, file: str | os.PathLike, *,
                             line=line_in(exc.__traceback__, filename),
                             hint="gradtool runs this code in its own process; it must not end "
                                  "the process or change how it exits") from None
-    except _TimeLimit:
+    except _TimeLimit as exc:
         raise UserCodeError(f"{what} ran past the time limit of {limit:g} s", file=filename,
+                            line=line_in(exc.__traceback__, filename),
                             hint="look for an endless loop, or raise the limit with "
                                  "GRADTOOL_TIMEOUT=SECONDS (0: none)") from None
     except SystemExit as exc:

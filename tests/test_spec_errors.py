@@ -176,6 +176,7 @@ def test_builtin_spec_loads(name):
      "`A` reads `Z` before it is defined"),
     ('spec.output("Y", [n, d], None)\n', "the right-hand side of `Y` is not a SymPy expression"),
     ('spec.output("Y", [n, d], X[n, d] / 0)\n', "`Y` divides by zero"),
+    ('spec.output("Y", [n, d], X[n, d] + 1j)\n', "`Y` has an imaginary number"),
     ('h = spec.hyper("h", 0)\nspec.output("Y", [n, d], X[n, d] / h)\n',
      "`Y` divides by zero at the default h = 0"),
 ])

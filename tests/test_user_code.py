@@ -178,8 +178,11 @@ def test_spec_that_exits_or_prints(tmp_path):
     _one_error_line(runner.invoke(app, ["derive", str(spec), "--json"]),
                     f"{spec}:9:", "called sys.exit(0)")
     spec.write_text(body + "while True:\n    pass\n")
-    _one_error_line(runner.invoke(app, ["derive", str(spec)], env={"GRADTOOL_TIMEOUT": "1"}),
-                    "running the spec ran past the time limit of 1 s")
+    result = runner.invoke(app, ["derive", str(spec)], env={"GRADTOOL_TIMEOUT": "1"})
+    _one_error_line(result, "running the spec ran past the time limit of 1 s")
+    # the guard's error as it is, with the loop's line, not wrapped in a second message
+    assert "UserCodeError" not in result.stderr and "fix that line" not in result.stderr
+    assert f"{spec}:8:" in result.stderr or f"{spec}:9:" in result.stderr, result.stderr
 
 
 def test_latin1_spec_with_a_coding_line(tmp_path):

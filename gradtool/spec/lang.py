@@ -756,6 +756,10 @@ class Spec:
         if rhs.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
             raise self.error(f"`{name}` divides by zero (its right-hand side is {rhs})", line,
                              "check the denominators")
+        if rhs.has(sp.I):
+            raise self.error(f"`{name}` has an imaginary number (its right-hand side is {rhs}); "
+                             "gradtool differentiates real functions", line,
+                             "remove the imaginary part (1j, sympy.I)")
         defaults = {h.symbol: h.default for h in self.hypers.values()}
         if defaults and rhs.xreplace(defaults).has(sp.zoo, sp.nan):
             zero = [n for n, h in self.hypers.items() if h.default == 0 and rhs.has(h.symbol)]

@@ -14,7 +14,7 @@ from sympy.tensor.indexed import IndexException
 
 from gradtool.errors import SpecError
 from gradtool.spec.lang import MaxOver, Padded, Spec, SumOver
-from gradtool.usercode import running
+from gradtool.usercode import UserCodeError, running
 
 # Functions the engine can differentiate; anything else in a spec is reported.
 DIFFERENTIABLE = (
@@ -106,6 +106,8 @@ def load_spec(name_or_path: str | os.PathLike) -> Spec:
         raise SpecError(f"`{name}` is not defined", file=filename, line=_line_in(exc, filename),
                         hint=f"declare it on the spec, import it from gradtool.lang "
                              f"({LANG_FUNCTIONS}), or define it from those") from None
+    except UserCodeError:  # the guard's own error (time limit, sys.exit): already one line
+        raise
     except IndexException:
         line = _line_in(sys.exc_info()[1], filename)
         raise SpecError(f"wrong number of indices in `{_source(filename, line)}`",
