@@ -245,3 +245,20 @@ def test_map_names_parameters():
 def test_map_malformed():
     assert "--map" in fails_cleanly("check", "layernorm", "--impl",
                                     f"{ZOO / 'layernorm.py'}:LayerNorm", "--map", "gamma")
+
+
+def test_a_forward_undefined_at_the_sampled_inputs_asks_for_a_domain(tmp_path):
+    """log of an input declared without a domain is NaN at negative samples: the failure
+    says to declare the domain, and names no derivation or code-generation fault (the oracle
+    is NaN, so it cannot tell whose fault anything is)."""
+    path = tmp_path / "logx.py"
+    path.write_text('from gradtool.lang import Spec, log\n'
+                    'spec = Spec("logx", "log of an input without a domain")\n'
+                    'N, D = spec.dims("N D")\nn, d = spec.indices(n=N, d=D)\n'
+                    'X = spec.input("X", N, D)\n'
+                    'spec.output("Y", [n, d], log(X[n, d]) * 2)\n')
+    out = " ".join(fails_with_table("check", str(path), "--show", "failed").split())
+    assert 'declare the input\'s domain (spec.input(..., domain="positive"))' in out
+    assert "derived formula" not in out and "code-generation fault" not in out
+    path.write_text(path.read_text().replace('("X", N, D)', '("X", N, D, domain="positive")'))
+    assert "comparisons passed" in ok("check", str(path))

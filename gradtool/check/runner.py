@@ -187,6 +187,11 @@ def classify(a: np.ndarray, r: np.ndarray, wrong: np.ndarray) -> str:
 def diagnose(a: np.ndarray, r: np.ndarray, wrong: np.ndarray) -> tuple[str, str]:
     """``(code, sentence)`` naming the pattern of a wrong gradient ``a`` against the expected
     ``r`` (same shape; ``wrong`` marks the elements outside tolerance)."""
+    if not np.all(np.isfinite(r)):
+        return "reference_not_finite", (
+            "the expected values are not finite (NaN or inf) at the sampled inputs, so the "
+            "forward is undefined there: if it takes the log, square root or a power of an "
+            "input, declare the input's domain (spec.input(..., domain=\"positive\"))")
     if not np.all(np.isfinite(a)):
         return "non_finite", "non-finite values (NaN or inf) in the gradient"
     scale = float(np.abs(r).max()) if r.size else 0.0
@@ -405,8 +410,9 @@ def _judge_kernel(row: Row, formula: DerivedFormula | None, name: str, kernel_gr
     with the oracle, the kernel is wrong: a code-generation fault, and the row says so instead
     of naming a derivation pattern (a dropped or extra term). If the formula disagrees too,
     the derivation is at fault and the row says that as well."""
-    if row.passed or formula is None:
-        return row
+    if row.passed or formula is None or \
+            any(d.code == "reference_not_finite" for d in row.diagnoses):
+        return row  # an oracle that is NaN says nothing about whose fault it is
     f = formula.gradient(name)
     if f is None:
         if formula.error:
