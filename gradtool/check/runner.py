@@ -191,7 +191,9 @@ def diagnose(a: np.ndarray, r: np.ndarray, wrong: np.ndarray) -> tuple[str, str]
         return "reference_not_finite", (
             "the expected values are not finite (NaN or inf) at the sampled inputs, so the "
             "forward is undefined there: if it takes the log, square root or a power of an "
-            "input, declare the input's domain (spec.input(..., domain=\"positive\"))")
+            "input, declare the input's domain (spec.input(..., domain=\"positive\")); if a "
+            "window can hold −∞ padding only, require sizes that prevent it "
+            "(spec.require(2*P <= K))")
     if not np.all(np.isfinite(a)):
         return "non_finite", "non-finite values (NaN or inf) in the gradient"
     scale = float(np.abs(r).max()) if r.size else 0.0
