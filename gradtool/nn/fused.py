@@ -44,14 +44,17 @@ _CTX_OTHER = frozenset(n for n in dir(FunctionCtx) if not n.startswith("__")) - 
 class _Context:
     """The part of ``ctx`` a generated Function's forward and backward use: the
     ``needs_input_grad`` flags, ``save_for_backward`` / ``saved_tensors`` and attributes it
-    sets (``ctx.p = p``)."""
+    sets (``ctx.p = p``). A chain makes one with ``_new_context(_Context)`` and sets
+    ``needs_input_grad``."""
 
-    def __init__(self, needs_input_grad: tuple[bool, ...]):
-        self.needs_input_grad = needs_input_grad
-        self.saved_tensors: tuple = ()
+    needs_input_grad: tuple[bool, ...] = ()
+    saved_tensors: tuple = ()
 
     def save_for_backward(self, *tensors) -> None:
         self.saved_tensors = tensors
+
+
+_new_context = object.__new__
 
 
 def _plain_ctx_only(fn) -> bool:
@@ -65,18 +68,21 @@ def chainable(layer) -> bool:
     """Can ``layer`` run inside a :class:`ChainFunction`: a :class:`SpecModule` with its own
     ``forward``, no hooks of its own, one data input and one output, and generated Functions
     that use only a plain context."""
-    if type(layer).forward is not SpecModule.forward or not isinstance(layer, SpecModule):
-        return False
-    if (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
-            or layer._backward_pre_hooks):
-        return False
+    # what cannot change is judged once per layer and kept; its hooks at every call
     ok = layer.__dict__.get("_chainable")
     if ok is None:
-        fns = [layer._train_fn] + ([layer._eval_fn] if layer._eval_fn is not None else [])
-        ok = (len(layer.plan.data) == 1 and len(layer.spec.outputs) == 1
-              and all(_plain_ctx_only(f) for f in fns))
+        ok = _chainable_kind(layer)
         layer.__dict__["_chainable"] = ok
-    return ok
+    return ok and not (layer._forward_hooks or layer._forward_pre_hooks
+                       or layer._backward_hooks or layer._backward_pre_hooks)
+
+
+def _chainable_kind(layer) -> bool:
+    if type(layer).forward is not SpecModule.forward or not isinstance(layer, SpecModule):
+        return False
+    fns = [layer._train_fn] + ([layer._eval_fn] if layer._eval_fn is not None else [])
+    return (len(layer.plan.data) == 1 and len(layer.spec.outputs) == 1
+            and all(_plain_ctx_only(f) for f in fns))
 
 
 def _saved_tensor_hooks() -> bool:
@@ -116,7 +122,8 @@ class ChainFunction(torch.autograd.Function):
             x = h if view is None else h.reshape(view)
             own = needs[offset:offset + n_params]
             # the flags the layer's own node would get: the input's, each parameter's, no other
-            fctx = _Context(flags_of((False, flowing, *own)))
+            fctx = _new_context(_Context)   # no __init__ frame per layer
+            fctx.needs_input_grad = flags_of((False, flowing, *own))
             out = forward(fctx, *arguments(x, _draw(masks, x) if masks else (),
                                            layer._parameters, layer._buffers,
                                            layer.plan.hypers))
@@ -228,9 +235,8 @@ def _flag_picker(slots: tuple):
     flag its own node would get (the input's ``flowing``; the k-th parameter's own flag;
     False for the rest) from that one tuple."""
     pick = tuple(1 if k == -1 else 0 if k is None else 2 + k for k in slots)
-    if len(pick) == 1:
-        return lambda flags: (flags[pick[0]],)
-    return itemgetter(*pick)
+    # one C call either way: a slice for one argument (itemgetter would return no tuple)
+    return itemgetter(slice(pick[0], pick[0] + 1)) if len(pick) == 1 else itemgetter(*pick)
 
 
 def _chain_step(layer, h: torch.Tensor, key: tuple) -> tuple:
@@ -268,22 +274,26 @@ class SpecSequential(torch.nn.Sequential):
                 _saved_tensor_hooks() or torch.compiler.is_compiling() or \
                 torch.jit.is_tracing():
             return super().forward(X)
-        layers = list(self._modules.values())
-        k = 0
-        while k < len(layers):
-            stop = k
-            while stop < len(layers) and chainable(layers[stop]):
-                stop += 1
-            run = layers[k:stop]
-            if len(run) < 2 or not isinstance(X, torch.Tensor):
-                X = layers[k](X)
-                k += 1
+        run, params = [], []   # the current run of chainable layers and their parameters
+        for layer in self._modules.values():
+            if chainable(layer):
+                run.append(layer)
+                params += layer._parameters.values()
                 continue
-            params = [p for layer in run for p in layer._parameters.values()]
-            if X.requires_grad or any(p.requires_grad for p in params):
-                X = ChainFunction.apply(run, X, *params)
-            else:
-                for layer in run:
-                    X = layer(X)
-            k = stop
-        return X
+            if run:
+                X = _run(run, params, X)
+                run, params = [], []
+            X = layer(X)
+        return _run(run, params, X) if run else X
+
+
+def _run(run: list, params: list, X):
+    """``X`` through the chainable layers ``run`` (``params`` their parameters in order): one
+    :class:`ChainFunction` for two or more layers on a tensor when something requires grad,
+    else each layer's own call."""
+    if len(run) > 1 and isinstance(X, torch.Tensor) and \
+            (X.requires_grad or any(p.requires_grad for p in params)):
+        return ChainFunction.apply(run, X, *params)
+    for layer in run:
+        X = layer(X)
+    return X
