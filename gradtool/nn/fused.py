@@ -188,6 +188,7 @@ class ChainFunction(torch.autograd.Function):
                 for k, j in moved[i]:
                     tensors[k] = checked[j]
             fctx.saved_tensors = tuple(tensors)
+            tensors = None  # freed with the context after the layer's backward, no later
             view, slots = step[0], step[7]
             got = step[6](fctx, G if view is None else G.reshape(view))
             got = got if type(got) is tuple else (got,)
