@@ -5,6 +5,8 @@ apply (no_grad, hooks, Flatten, nothing requiring grad); double backward refused
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -342,3 +344,25 @@ def test_saved_tensor_hooks_see_every_saved_tensor_layer_by_layer():
         counts[fused] = len(packed)
         assert "ChainFunctionBackward" not in _nodes(out)
     assert counts[True] == counts[False] > 0
+
+
+def test_a_deep_copied_model_chains_on_its_own_parameters_and_buffers():
+    """A chain's prepared steps are copied with the layers (copy.deepcopy after a chained
+    step): the copy's step reads the copy's parameters and updates the copy's running
+    statistics, the original's stay as they were, and both equal the layer-by-layer path."""
+    desc = cnn((1, 8, 8), 10, widths=(4,))
+    x, y = _data()
+    model, loss_fn = build(desc, "torch", dtype="float64", seed=0)
+    twin, _ = build(desc, "torch", dtype="float64", seed=0)
+    _step(model, loss_fn, x, y, True)
+    _step(twin, loss_fn, x, y, False)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone[0].weight.mul_(0.5)
+        twin[0].weight.mul_(0.5)
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    clone.zero_grad(set_to_none=True)
+    twin.zero_grad(set_to_none=True)
+    _same(_step(clone, loss_fn, x, y, True), _step(twin, loss_fn, x, y, False))
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), n
