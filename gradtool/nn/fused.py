@@ -78,6 +78,7 @@ def chainable(layer) -> bool:
 
 
 def _chainable_kind(layer) -> bool:
+    """Is ``layer`` of a kind a chain can run (what :func:`chainable` says, less the hooks)?"""
     if type(layer).forward is not SpecModule.forward or not isinstance(layer, SpecModule):
         return False
     fns = [layer._train_fn] + ([layer._eval_fn] if layer._eval_fn is not None else [])
