@@ -5,6 +5,8 @@ apply (no_grad, hooks, Flatten, nothing requiring grad); double backward refused
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,6 +197,63 @@ def test_a_hooked_layer_runs_on_its_own_and_its_hook_fires_once():
     assert _nodes(got[True][4]).count("ChainFunctionBackward") == 2
 
 
+def test_a_hook_added_after_chaining_splits_the_chain_and_removing_it_joins_it_again():
+    """What a chain prepares per layer is kept, but a layer's hooks are read at every call: a
+    hook registered after chained steps takes that layer out (and fires), and once removed the
+    model is one chain again, with the layer-by-layer path's results throughout."""
+    desc = cnn((1, 8, 8), 10, widths=(4,))
+    x, y = _data()
+    model, loss_fn = build(desc, "torch", dtype="float64", seed=0)
+    twin, _ = build(desc, "torch", dtype="float64", seed=0)
+    seen = []
+    for hooked, chains in ((False, 1), (True, 2), (False, 1)):
+        handle = model[2].register_forward_hook(lambda m, i, o: seen.append(o)) \
+            if hooked else None
+        ours, theirs = _step(model, loss_fn, x, y, True), _step(twin, loss_fn, x, y, False)
+        _same(ours, theirs)
+        assert _nodes(ours[4]).count("ChainFunctionBackward") == chains
+        if handle is not None:
+            handle.remove()
+    assert len(seen) == 1
+
+
+def test_chain_reads_reassigned_parameters_and_hyper_parameters_at_each_call():
+    """After chained steps, a convolution weight replaced by a new Parameter and batch norm's
+    momentum changed take effect in the next chained step: ∂L/∂W reaches the new Parameter, and
+    outputs, gradients and running statistics equal torch.nn's (Conv2d, BatchNorm2d with that
+    momentum) to rounding and the layer-by-layer path's bit for bit."""
+    desc = cnn((1, 8, 8), 10, widths=(4,))
+    x, y = _data()
+    models = [build(desc, "torch", dtype="float64", seed=0)[0] for _ in range(2)]
+    _, loss_fn = build(desc, "torch", dtype="float64", seed=0)
+    plain = plain_model(desc).double()
+    copy_weights(models[0], plain)
+    for model, fused in zip(models, (True, False)):
+        _step(model, loss_fn, x, y, fused)
+        model.zero_grad(set_to_none=True)
+        model[0].weight = torch.nn.Parameter(model[0].weight.detach() * 0.5)
+        model[1].plan.hypers["momentum"] = 0.25
+    F.cross_entropy(plain(x), y).backward()  # the same first step's running statistics
+    with torch.no_grad():
+        plain[0].weight.mul_(0.5)
+    plain[1].momentum = 0.25
+    plain.zero_grad()
+    ours, theirs = _step(models[0], loss_fn, x, y, True), _step(models[1], loss_fn, x, y, False)
+    _same(ours, theirs)
+    assert _nodes(ours[4]).count("ChainFunctionBackward") == 1
+    assert models[0][0].weight.grad is ours[2]["0.weight"]
+    xp = x.detach().clone().requires_grad_()
+    ref = plain(xp)
+    F.cross_entropy(ref, y).backward()
+    torch.testing.assert_close(ours[0], ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours[1], xp.grad, rtol=1e-10, atol=1e-13)
+    for (n, a), b in zip(ours[2].items(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a, b.grad, rtol=1e-10, atol=1e-13, msg=n)
+    bufs = [b for n, b in plain.named_buffers() if "num_batches" not in n]
+    for a, b in zip(ours[3].values(), bufs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_element_wise_layer_on_a_merged_view_inside_a_chain(tmp_path):
     """Y[n, d] = X[n, d] / D reads its size: inside a chain it runs on the (N, C·H·W) view of
     the convolution's output and its gradient is viewed back, as on its own."""
@@ -285,3 +344,25 @@ def test_saved_tensor_hooks_see_every_saved_tensor_layer_by_layer():
         counts[fused] = len(packed)
         assert "ChainFunctionBackward" not in _nodes(out)
     assert counts[True] == counts[False] > 0
+
+
+def test_a_deep_copied_model_chains_on_its_own_parameters_and_buffers():
+    """A chain's prepared steps are copied with the layers (copy.deepcopy after a chained
+    step): the copy's step reads the copy's parameters and updates the copy's running
+    statistics, the original's stay as they were, and both equal the layer-by-layer path."""
+    desc = cnn((1, 8, 8), 10, widths=(4,))
+    x, y = _data()
+    model, loss_fn = build(desc, "torch", dtype="float64", seed=0)
+    twin, _ = build(desc, "torch", dtype="float64", seed=0)
+    _step(model, loss_fn, x, y, True)
+    _step(twin, loss_fn, x, y, False)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone[0].weight.mul_(0.5)
+        twin[0].weight.mul_(0.5)
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    clone.zero_grad(set_to_none=True)
+    twin.zero_grad(set_to_none=True)
+    _same(_step(clone, loss_fn, x, y, True), _step(twin, loss_fn, x, y, False))
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), n

@@ -28,6 +28,8 @@ higher-order gradients.
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn.modules import module as _module
@@ -42,14 +44,17 @@ _CTX_OTHER = frozenset(n for n in dir(FunctionCtx) if not n.startswith("__")) - 
 class _Context:
     """The part of ``ctx`` a generated Function's forward and backward use: the
     ``needs_input_grad`` flags, ``save_for_backward`` / ``saved_tensors`` and attributes it
-    sets (``ctx.p = p``)."""
+    sets (``ctx.p = p``). A chain makes one with ``_new_context(_Context)`` and sets
+    ``needs_input_grad``."""
 
-    def __init__(self, needs_input_grad: tuple[bool, ...]):
-        self.needs_input_grad = needs_input_grad
-        self.saved_tensors: tuple = ()
+    needs_input_grad: tuple[bool, ...] = ()
+    saved_tensors: tuple = ()
 
     def save_for_backward(self, *tensors) -> None:
         self.saved_tensors = tensors
+
+
+_new_context = object.__new__
 
 
 def _plain_ctx_only(fn) -> bool:
@@ -63,18 +68,22 @@ def chainable(layer) -> bool:
     """Can ``layer`` run inside a :class:`ChainFunction`: a :class:`SpecModule` with its own
     ``forward``, no hooks of its own, one data input and one output, and generated Functions
     that use only a plain context."""
-    if type(layer).forward is not SpecModule.forward or not isinstance(layer, SpecModule):
-        return False
-    if (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
-            or layer._backward_pre_hooks):
-        return False
+    # what cannot change is judged once per layer and kept; its hooks at every call
     ok = layer.__dict__.get("_chainable")
     if ok is None:
-        fns = [layer._train_fn] + ([layer._eval_fn] if layer._eval_fn is not None else [])
-        ok = (len(layer.plan.data) == 1 and len(layer.spec.outputs) == 1
-              and all(_plain_ctx_only(f) for f in fns))
+        ok = _chainable_kind(layer)
         layer.__dict__["_chainable"] = ok
-    return ok
+    return ok and not (layer._forward_hooks or layer._forward_pre_hooks
+                       or layer._backward_hooks or layer._backward_pre_hooks)
+
+
+def _chainable_kind(layer) -> bool:
+    """Is ``layer`` of a kind a chain can run (what :func:`chainable` says, less the hooks)?"""
+    if type(layer).forward is not SpecModule.forward or not isinstance(layer, SpecModule):
+        return False
+    fns = [layer._train_fn] + ([layer._eval_fn] if layer._eval_fn is not None else [])
+    return (len(layer.plan.data) == 1 and len(layer.spec.outputs) == 1
+            and all(_plain_ctx_only(f) for f in fns))
 
 
 def _saved_tensor_hooks() -> bool:
@@ -102,37 +111,26 @@ class ChainFunction(torch.autograd.Function):
     def forward(ctx, layers, X, *parameters):
         needs = ctx.needs_input_grad
         flowing = needs[1]        # does the current activation require grad
-        steps, saved = [], []
+        calls = []                # per layer: (its step, its context, offset, input shape)
         offset = 2                # where the current layer's parameters start in ``needs``
-        h = X
+        h = out = X
         for layer in layers:
-            key = (layer.training, h.shape)
-            step = layer._chain_steps.get(key)
-            if step is None:
-                step = _chain_step(layer, h, key)
-            view, fn, recipe, masks, slots, n_params = step
             shape = h.shape
-            inputs = (h.reshape(view),) if view is not None else (h,)
-            drawn = []
-            if masks:  # as SpecModule.forward draws them, at the same point of the sequence
-                ref = inputs[0]
-                dtype = ref.dtype if torch.is_floating_point(ref) else \
-                    torch.get_default_dtype()
-                drawn = [torch.empty(mshape, dtype=dtype, device=ref.device).bernoulli_(keep)
-                         for mshape, keep in masks]
-            sources = (inputs, drawn, layer._parameters, layer._buffers, layer.plan.hypers)
-            args = [sources[kind][ref] if kind < 5 else ref for kind, ref in recipe]
+            step = layer._chain_steps.get((layer.training, shape))
+            if step is None:
+                step = _chain_step(layer, h, (layer.training, shape))
+            view, masks, arguments, flags_of, forward, n_params = step[:6]
+            x = h if view is None else h.reshape(view)
+            own = needs[offset:offset + n_params]
             # the flags the layer's own node would get: the input's, each parameter's, no other
-            flags = tuple(flowing if k == -1 else False if k is None else needs[offset + k]
-                          for k in slots)
-            fctx = _Context(flags)
-            out = fn.forward(fctx, *args)
-            start = len(saved)
-            saved.extend(fctx.saved_tensors)
-            fctx.saved_tensors = ()
-            steps.append([fn, fctx, slots, view, shape, offset, range(start, len(saved)),
-                          True in flags])
-            flowing = flowing or True in needs[offset:offset + n_params]
+            fctx = _new_context(_Context)   # no __init__ frame per layer
+            fctx.needs_input_grad = flags_of((False, flowing, *own))
+            out = forward(fctx, *arguments(x, _draw(masks, x) if masks else (),
+                                           layer._parameters, layer._buffers,
+                                           layer.plan.hypers))
+            calls.append((step, fctx, offset, shape))
+            if not flowing and True in own:
+                flowing = True
             offset += n_params
             h = out if view is None else out.reshape(shape)
         # a saved tensor the caller can reach (the input, a parameter, a buffer, the output, or
@@ -141,30 +139,34 @@ class ChainFunction(torch.autograd.Function):
         # in a list that backward empties layer by layer, so that they are freed as early as
         # the layers' own nodes free theirs (holding all until the chain's backward ends was
         # 8–9 % slower per step at 128×1×28×28)
-        reachable = {id(_root(t)) for t in (X, *parameters, h, out)}
-        reachable.update(id(_root(b)) for layer in layers for b in layer._buffers.values()
-                         if b is not None)
-        checked, kept = [], []
-        for step in steps:
-            where = []
-            for k in step[6]:
-                t = saved[k]
-                if t is not None and id(_root(t)) in reachable:
-                    where.append(-1 - len(checked))
-                    checked.append(t)
-                else:
-                    where.append(len(kept))
-                    kept.append(t)
-            step[6] = where
+        reachable = {id(t if t._base is None else t._base) for t in (X, *parameters, h, out)}
+        for layer in layers:
+            for b in layer._buffers.values():
+                if b is not None:
+                    reachable.add(id(b if b._base is None else b._base))
+        checked, kept, moved = [], [], []
+        for _, fctx, _, _ in calls:
+            tensors = fctx.saved_tensors
+            fctx.saved_tensors = ()
+            at = [k for k, t in enumerate(tensors)
+                  if t is not None and id(t if t._base is None else t._base) in reachable]
+            if at:  # kept as None, restored from ``checked`` by backward
+                moved.append(tuple((k, len(checked) + j) for j, k in enumerate(at)))
+                checked += [tensors[k] for k in at]
+                tensors = tuple(None if k in at else t for k, t in enumerate(tensors))
+            else:
+                moved.append(())
+            kept.append(tensors)
         ctx.save_for_backward(*checked)
         ctx.kept = kept
-        ctx.steps = steps
+        ctx.moved = moved
+        ctx.calls = calls
         return h
 
     @staticmethod
     @once_differentiable
     def backward(ctx, G):
-        checked, kept = ctx.saved_tensors, ctx.kept
+        checked, kept, moved = ctx.saved_tensors, ctx.kept, ctx.moved
         if kept is None:
             raise RuntimeError(
                 "backward through a chain of gradtool layers (SpecSequential) a second time: "
@@ -174,16 +176,23 @@ class ChainFunction(torch.autograd.Function):
         if not keep_graph:
             ctx.kept = None
         grads = [None] * len(ctx.needs_input_grad)
-        for fn, fctx, slots, view, shape, offset, where, any_need in reversed(ctx.steps):
-            if G is None or not any_need:  # nothing before this layer needs a gradient
-                break
-            fctx.saved_tensors = tuple(checked[-1 - k] if k < 0 else kept[k] for k in where)
+        calls = ctx.calls
+        for i in range(len(calls) - 1, -1, -1):
+            step, fctx, offset, shape = calls[i]
+            if G is None or True not in fctx.needs_input_grad:
+                break  # nothing before this layer needs a gradient
+            tensors = kept[i]
             if not keep_graph:
-                for k in where:
-                    if k >= 0:
-                        kept[k] = None
-            got = fn.backward(fctx, G if view is None else G.reshape(view))
-            got = got if isinstance(got, tuple) else (got,)
+                kept[i] = None  # freed with the layer's context, as its own node frees them
+            if moved[i]:
+                tensors = list(tensors)
+                for k, j in moved[i]:
+                    tensors[k] = checked[j]
+            fctx.saved_tensors = tuple(tensors)
+            tensors = None  # freed with the context after the layer's backward, no later
+            view, slots = step[0], step[7]
+            got = step[6](fctx, G if view is None else G.reshape(view))
+            got = got if type(got) is tuple else (got,)
             G = None
             for k, g in zip(slots, got):
                 if k == -1:
@@ -195,9 +204,12 @@ class ChainFunction(torch.autograd.Function):
         return tuple(grads)
 
 
-def _root(t: torch.Tensor) -> torch.Tensor:
-    """The tensor whose storage ``t`` views (``t`` itself when it is not a view)."""
-    return t if t._base is None else t._base
+def _draw(masks, ref: torch.Tensor) -> list[torch.Tensor]:
+    """The layer's masks, drawn as ``SpecModule.forward`` draws them (torch's global RNG, at the
+    same point of the sequence)."""
+    dtype = ref.dtype if torch.is_floating_point(ref) else torch.get_default_dtype()
+    return [torch.empty(shape, dtype=dtype, device=ref.device).bernoulli_(keep)
+            for shape, keep in masks]
 
 
 def _keep_graph() -> bool:
@@ -207,11 +219,35 @@ def _keep_graph() -> bool:
     return True if get is None else bool(get())
 
 
+def _argument_getter(recipe: tuple):
+    """``arguments(x, masks, parameters, buffers, hypers)``: the layer's Function arguments
+    from its prepared ``recipe`` (see ``SpecModule._prepare``) as one generated lambda, e.g.
+    ``(x, P['weight'], P['bias'], H['P'], H['S'])`` for conv2d, so that a chain reads
+    parameters, buffers and hyper-parameters at each call (reassigning one takes effect) with
+    no per-argument dispatch."""
+    sources = ("x", "M", "P", "B", "H")
+    parts = ["x" if kind == 0 else f"C[{k}]" if kind == 5 else f"{sources[kind]}[{ref!r}]"
+             for k, (kind, ref) in enumerate(recipe)]
+    constants = tuple(ref if kind == 5 else None for kind, ref in recipe)
+    return eval(f"lambda x, M, P, B, H: ({', '.join(parts)},)", {"C": constants})
+
+
+def _flag_picker(slots: tuple):
+    """``flags_of((False, flowing, *own))``: per Function argument, the ``needs_input_grad``
+    flag its own node would get (the input's ``flowing``; the k-th parameter's own flag;
+    False for the rest) from that one tuple."""
+    pick = tuple(1 if k == -1 else 0 if k is None else 2 + k for k in slots)
+    # one C call either way: a slice for one argument (itemgetter would return no tuple)
+    return itemgetter(slice(pick[0], pick[0] + 1)) if len(pick) == 1 else itemgetter(*pick)
+
+
 def _chain_step(layer, h: torch.Tensor, key: tuple) -> tuple:
-    """What :class:`ChainFunction` needs to run ``layer`` on ``h`` in its mode: the layer's
-    prepared call (see ``SpecModule._prepare``; raises as it does) and, per Function argument,
-    -1 for the input, a parameter's index in ``layer._parameters``, or None; kept per
-    (mode, shape) like the preparation."""
+    """What :class:`ChainFunction` needs to run ``layer`` on ``h`` in its mode, from the layer's
+    prepared call (see ``SpecModule._prepare``; raises as it does): (the element-wise view or
+    None, the masks' shapes and keep probabilities, the argument getter, the flag picker, the
+    Function's forward, the number of parameters, its backward, and per Function argument -1
+    for the input, a parameter's index in ``layer._parameters``, or None); kept per (mode,
+    shape) like the preparation."""
     prepared = layer._prepared.get(key)
     if prepared is None:
         prepared = layer._prepare((h,), key)
@@ -219,7 +255,8 @@ def _chain_step(layer, h: torch.Tensor, key: tuple) -> tuple:
     names = list(layer._parameters)
     slots = tuple(-1 if kind == 0 else names.index(ref) if kind == 2 else None
                   for kind, ref in recipe)
-    step = (view, fn, recipe, masks, slots, len(names))
+    step = (view, masks, _argument_getter(recipe), _flag_picker(slots), fn.forward,
+            len(names), fn.backward, slots)
     if len(layer._chain_steps) >= 64:
         layer._chain_steps.clear()
     layer._chain_steps[key] = step
@@ -239,22 +276,26 @@ class SpecSequential(torch.nn.Sequential):
                 _saved_tensor_hooks() or torch.compiler.is_compiling() or \
                 torch.jit.is_tracing():
             return super().forward(X)
-        layers = list(self._modules.values())
-        k = 0
-        while k < len(layers):
-            stop = k
-            while stop < len(layers) and chainable(layers[stop]):
-                stop += 1
-            run = layers[k:stop]
-            if len(run) < 2 or not isinstance(X, torch.Tensor):
-                X = layers[k](X)
-                k += 1
+        run, params = [], []   # the current run of chainable layers and their parameters
+        for layer in self._modules.values():
+            if chainable(layer):
+                run.append(layer)
+                params += layer._parameters.values()
                 continue
-            params = [p for layer in run for p in layer._parameters.values()]
-            if X.requires_grad or any(p.requires_grad for p in params):
-                X = ChainFunction.apply(run, X, *params)
-            else:
-                for layer in run:
-                    X = layer(X)
-            k = stop
-        return X
+            if run:
+                X = _run(run, params, X)
+                run, params = [], []
+            X = layer(X)
+        return _run(run, params, X) if run else X
+
+
+def _run(run: list, params: list, X):
+    """``X`` through the chainable layers ``run`` (``params`` their parameters in order): one
+    :class:`ChainFunction` for two or more layers on a tensor when something requires grad,
+    else each layer's own call."""
+    if len(run) > 1 and isinstance(X, torch.Tensor) and \
+            (X.requires_grad or any(p.requires_grad for p in params)):
+        return ChainFunction.apply(run, X, *params)
+    for layer in run:
+        X = layer(X)
+    return X
