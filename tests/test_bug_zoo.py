@@ -149,3 +149,13 @@ def test_one_jacobian_entry_off_by_1e3_in_a_32x64_layernorm():
     for r in bad:
         assert (r.input, r.index) == ("X", list(cls.B)), r
         assert f"only index {cls.B[0]} along axis 0" in r.note
+
+
+def test_a_loss_that_ignores_its_upstream_gradient_is_named_so():
+    """A loss whose backward drops grad_out: its X rows say so (not "global scale … (sum vs
+    mean?)", which the random upstream value made it look like), and the contract that the
+    backward is linear in grad_out fails."""
+    rows = failed(check("mse", "losses:MSEIgnoresUpstream"))
+    x_rows = [r for r in rows if r.input == "X"]
+    assert x_rows and all("ignores the upstream gradient" in r.note for r in x_rows)
+    assert any(r.input == "backward" and "linear in grad_out" in r.oracle for r in rows)

@@ -582,8 +582,10 @@ def _one_diagnosis(rows: list[Row], spec, dims, inputs, upstream, grads, options
     failed = [r for r in rows if not r.passed and r.input in grads and r.analytic is not None]
     if not failed:
         return
+    ones = {o: (1.0 if not np.ndim(v) else np.ones_like(v)) for o, v in upstream.items()}
     with np.errstate(all="ignore"):
         _, expected, _ = Subject(spec).run(inputs, dims, upstream)
+        _, at_ones, _ = Subject(spec).run(inputs, dims, ones)
     expected = {k: to_numpy(v) for k, v in expected.items()}
     diagnosis = {}
     for name in {r.input for r in failed}:
@@ -592,6 +594,12 @@ def _one_diagnosis(rows: list[Row], spec, dims, inputs, upstream, grads, options
             continue
         tol = options.tol * (float(np.abs(r).max()) if r.size else 1.0) + 1e-12
         diagnosis[name] = diagnose(a, r, np.abs(a - r) > tol)
+        unit = to_numpy(at_ones[name])
+        if np.allclose(a, unit, rtol=1e-6, atol=1e-12) and \
+                not np.allclose(a, r, rtol=1e-6, atol=1e-12):
+            diagnosis[name] = ("ignores_upstream", "the gradient ignores the upstream gradient: "
+                               "it is the one for an upstream gradient of ones (multiply by "
+                               "grad_out)")
         for other, r2 in expected.items():
             a2 = to_numpy(grads.get(other, np.empty(0)))
             if other != name and a.shape == r2.shape and a2.shape == r.shape \

@@ -51,3 +51,10 @@ class CrossEntropyNoMean(CrossEntropy):
 
     def backward(self, grad_out=1.0):
         return -grad_out * self.T / self.X
+
+
+class MSEIgnoresUpstream(MSE):
+    """Bug: drops grad_out (right only when the loss is the last node, with grad_out = 1)."""
+
+    def backward(self, grad_out=1.0):
+        return 2 * self.diff / self.diff.size
