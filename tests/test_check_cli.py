@@ -262,3 +262,22 @@ def test_a_forward_undefined_at_the_sampled_inputs_asks_for_a_domain(tmp_path):
     assert "derived formula" not in out and "code-generation fault" not in out
     path.write_text(path.read_text().replace('("X", N, D)', '("X", N, D, domain="positive")'))
     assert "comparisons passed" in ok("check", str(path))
+
+
+@pytest.mark.parametrize("kind", ["numpy", "function"])
+def test_a_layer_for_another_spec_is_named_by_its_output_shape(tmp_path, kind):
+    """relu checked as linear: its output has I columns where linear's has O, which is said
+    before its backward is called with an upstream gradient it cannot take."""
+    path = tmp_path / "relu.py"
+    path.write_text(
+        "import numpy as np\nimport torch\n\n\nclass Relu:\n"
+        "    def forward(self, X):\n        self.X = X\n        return np.maximum(X, 0)\n\n"
+        "    def backward(self, G):\n        return G * (self.X > 0)\n\n\n"
+        "class ReluFn(torch.autograd.Function):\n    @staticmethod\n"
+        "    def forward(ctx, X, W, b):\n        ctx.save_for_backward(X)\n"
+        "        return X.clamp(min=0)\n\n    @staticmethod\n    def backward(ctx, G):\n"
+        "        X, = ctx.saved_tensors\n        return G * (X > 0), None, None\n")
+    name = "Relu" if kind == "numpy" else "ReluFn"
+    err = fails_cleanly("check", "linear", "--impl", f"{path}:{name}", "--shape", "I=4,O=2")
+    assert f"{name}.forward returned `Y` of shape (1, 4), but linear's `Y` has shape (1, 2)" \
+        in " ".join(err.split()), err

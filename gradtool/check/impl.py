@@ -135,6 +135,20 @@ def _file_of(obj) -> str:
         return "<unknown>"
 
 
+def _check_output_sizes(spec, names, outs, dims, call: str) -> None:
+    """Raise :class:`ImplError` when an output of the layer has another number of elements
+    than the spec's output of that name at these sizes (a layer for another spec: its backward
+    would be called with an upstream gradient it cannot take). A layout with the same number
+    of elements is left to the comparison, which names a wrong shape."""
+    for name, out in zip(names, outs, strict=False):
+        expected = shape_of(spec, name, dims)
+        if np.size(out) != int(np.prod(expected)):
+            raise ImplError(f"{call} returned `{name}` of shape {tuple(np.shape(out))}, but "
+                            f"{spec.name}'s `{name}` has shape {tuple(expected)}",
+                            hint=f"check that the layer computes {spec.name} (gradtool specs "
+                                 "lists what each spec is)")
+
+
 def _numeric(value, call: str, what: str = "") -> np.ndarray:
     """A value a hand-written layer returned, as a float64 array; ``None``, text and other
     non-numbers are an :class:`ImplError` that says what came back."""
@@ -374,6 +388,7 @@ class NumpyLayerSubject:
             out = layer.forward(*data)
         outs = out if isinstance(out, tuple) and len(self.outputs) > 1 else (out,)
         outs = tuple(_numeric(o, f"{self.cls.__name__}.forward") for o in outs)
+        _check_output_sizes(self.spec, self.outputs, outs, dims, f"{self.cls.__name__}.forward")
         with running(f"{self.cls.__name__}.backward", self.file):
             returned = self._backward(layer, upstream, data)
         data_grads = [n for n in self.grads if n in self.data]
@@ -520,6 +535,8 @@ class TorchFunctionSubject:
         # modified in place without ctx.mark_dirty: autograd still sees the copy's old history
         self.dirty = [k for k, v in versions.items() if passed[k]._version != v
                       and not any(y is passed[k] for y in outs)]
+        _check_output_sizes(self.spec, self.outputs, [to_numpy(y) for y in outs], dims,
+                            f"{self.fn.__name__}.forward")
         loss = sum((torch.as_tensor(upstream[o], dtype=torch.float64) * y).sum()
                    for o, y in zip(self.outputs, outs, strict=False))
         wrt = [k for k in self.grads if k in leaves]
