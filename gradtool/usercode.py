@@ -3,7 +3,9 @@
 gradtool imports and executes the files it is pointed at, as a test runner does. This module is
 the one guard around that code:
 
-* its ``print`` output goes to stderr, so stdout carries only gradtool's report (``--json``);
+* its output goes to stderr, so stdout carries only gradtool's report (``--json``): ``print``
+  (``sys.stdout``) and, where the process has a real standard output, writes to file
+  descriptor 1 as well (``os.write(1, …)``, a C library's ``printf``);
 * ``sys.exit``, ``KeyboardInterrupt`` raised by the code, and any exception become one
   :class:`UserCodeError` naming the file and line and the call that was running;
 * so do the ways out of the process that skip exceptions, ``os._exit`` and ``os.abort``, and
@@ -79,6 +81,26 @@ def _no_process_exit(filename: str) -> Iterator[None]:
         os._exit, os.abort, atexit.register = real
 
 
+@contextlib.contextmanager
+def _stdout_fd_to_stderr() -> Iterator[None]:
+    """File descriptor 1 points at descriptor 2 while the body runs (what Python's
+    ``redirect_stdout`` cannot reach: ``os.write(1, …)``, output from C code); nothing
+    happens where either descriptor is not usable."""
+    try:
+        sys.__stdout__.flush()
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except (OSError, AttributeError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(saved, 1)
+        os.close(saved)
+
+
 def time_limit() -> float:
     """Seconds user code may run per call: ``$GRADTOOL_TIMEOUT``, else 60; 0 means none."""
     text = os.environ.get("GRADTOOL_TIMEOUT", "")
@@ -138,7 +160,7 @@ def running(what: str, file: str | os.PathLike, *,
     filename = str(file)
     limit = time_limit() if timeout is None else timeout
     try:
-        with contextlib.redirect_stdout(sys.stderr), _alarm(limit), \
+        with contextlib.redirect_stdout(sys.stderr), _stdout_fd_to_stderr(), _alarm(limit), \
                 _no_process_exit(filename):
             yield
     except passthrough:

@@ -213,3 +213,20 @@ def test_layer_returning_a_non_array(tmp_path, returned, says, where):
 def test_map_of_an_unknown_name_is_an_error(tmp_path):
     result = _check(_relu_file(tmp_path), "--map", "nothere=foo")
     _one_error_line(result, "--map names `nothere`, which is not in relu")
+
+
+def test_writes_to_file_descriptor_1_keep_json_clean(tmp_path):
+    """``os.write(1, …)`` (or a C library's printf) bypasses sys.stdout: the guard points
+    descriptor 1 at stderr while user code runs, so stdout stays one JSON document."""
+    import os
+    import subprocess
+    import sys
+
+    path = _relu_file(tmp_path, head="import os\n", forward="os.write(1, b'{\"hi\": 1}\\n')")
+    env = {**os.environ, "GRADTOOL_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "gradtool", "check", "relu", "--impl",
+                           f"{path}:Relu", "--json"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["passed"] is True
+    assert '{"hi": 1}' in done.stderr
