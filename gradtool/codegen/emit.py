@@ -315,29 +315,56 @@ class Module:
 
     def stable_exponentials(self) -> dict:
         """Exponentials that are only ever normalised: ``e = exp(f)``, ``Z = Σ_k e`` and every
-        other use of e and Z is the ratio e/Z. Subtracting max_k f before ``exp`` leaves every
-        ratio unchanged and keeps large logits from overflowing (softmax, cross-entropy).
+        other use of e and Z in the forward is the ratio e/Z. Subtracting max_k f before
+        ``exp`` leaves every ratio unchanged and keeps large logits from overflowing (softmax,
+        cross-entropy, attention). The forward is then invariant under (e, Z) → (λe, λZ) for
+        any λ > 0 per row of Z, so the backward may read the shifted e' = exp(f − M) and
+        Z' = Σ_k e' in place of e and Z where each of its expressions is homogeneous of
+        degree 0 in (e, Z) (:func:`_scale_degree`; attention's ``dK`` reads ``ex·ex/Z²``);
+        an e or Z that a gradient reads otherwise stays unshifted.
         Returns {e: the position of k among e's indices}."""
         if hasattr(self, "_stable"):
             return self._stable
         assigns = self.d.program.assigns
-        saved = {access_name(x) for _, e, _ in self.closed_forms(raw=True)
-                 for x in accesses(e, self.spec)}
+        forms = [e for _, e, _ in self.closed_forms(raw=True)]
+        saved = {access_name(x) for e in forms for x in accesses(e, self.spec)}
         found = {}
         for a in assigns:
-            if a.reduce or not isinstance(a.body, sp.exp) or a.target in saved:
+            if a.reduce or a.kind == "output" or not isinstance(a.body, sp.exp):
                 continue
             sums = [b for b in assigns if b.reduce == "sum" and len(b.over) == 1
                     and isinstance(b.body, sp.Indexed) and access_name(b.body) == a.target]
-            if len(sums) != 1 or sums[0].target in saved:
+            if len(sums) != 1 or sums[0].kind == "output":
                 continue
             z = sums[0]
             k = z.over[0]
             pos = list(z.body.indices).index(k)
-            if self._only_ratios(a.target, z.target, pos, skip=(a, z)):
-                found[a.target] = pos
+            if not self._only_ratios(a.target, z.target, pos, skip=(a, z)):
+                continue
+            if {a.target, z.target} & saved and \
+                    not self._reads_scale_free(forms, a.target, z.target, pos):
+                continue
+            found[a.target] = pos
         self._stable = found
         return found
+
+    def _reads_scale_free(self, exprs, e_name: str, z_name: str, pos: int) -> bool:
+        """Is every expression in ``exprs`` unchanged when e and Z are scaled by the same
+        λ > 0 per row of Z (e[..k..] → λ[row]·e, Z[row] → λ[row]·Z)?"""
+        lam = sp.IndexedBase(sp.Dummy("lam"), positive=True)
+        row_scale = sp.Dummy("lam", positive=True)  # a 0-d Z: one row
+
+        def scale(node):
+            if isinstance(node, sp.Symbol) and (node.is_integer or node.name != z_name):
+                return None
+            name, idx = access_name(node), list(access_indices(node))
+            if name == e_name:
+                del idx[pos]
+            elif name != z_name:
+                return None
+            return lam[tuple(idx)] if idx else row_scale
+
+        return all(_scale_degree(e, scale) == 1 for e in exprs)
 
     # -- softmax: a normalised exponential as the target's one call -------------------------
     def softmaxes(self, shifts, printer) -> dict:
@@ -349,15 +376,19 @@ class Module:
         probabilities are read too: one call each instead of max, shift, exp, sum, divide and
         log). A let P = e/Z takes the softmax's values under its own name. Empty when the
         printer has no softmax (NumPy keeps the max-shifted form); an exponential stays in
-        the shifted form when some read of e or Z is not through the ratio.
+        the shifted form when some read of e or Z is not through the ratio, or when the
+        backward reads e or Z (it reads the shifted ones the forward saves).
         Returns {e: :class:`Softmax`}."""
         if getattr(printer, "SOFTMAX", None) is None:
             return {}
         assigns = self.d.program.assigns
+        saved = set(self.saved())
         found = {}
         for e_name, pos in dict(shifts).items():
             z = next(b for b in assigns if b.reduce == "sum" and isinstance(b.body, sp.Indexed)
                      and access_name(b.body) == e_name)
+            if {e_name, z.target} & saved:  # the backward reads the shifted e and Z
+                continue
             found[e_name] = Softmax(e_name, z.target, pos,
                                     sp.IndexedBase(self._fresh_name(f"{self.names[e_name]}"
                                                                     "_softmax", claim=True)))
@@ -1052,6 +1083,33 @@ class Module:
             return f"{printer.ref}.new_zeros(({', '.join(shape)},))"
         self.imports.add("import numpy as np")
         return f"np.zeros(({', '.join(shape)},))"
+
+
+def _scale_degree(expr, scale):
+    """The factor that multiplies ``expr`` when each tensor read x is multiplied by
+    ``scale(x)`` (None: left alone), as a product of powers of the scales, or None where
+    ``expr`` is not homogeneous in them: a sum whose terms scale differently, a function
+    (exp, log, a comparison) of a scaled argument, or a reduction over an index its
+    terms' scale depends on (Σ_i λ[i]·e[i] is no multiple of Σ_i e[i])."""
+    if isinstance(expr, (sp.Indexed, sp.Symbol)):
+        return scale(expr) or sp.S.One
+    if not expr.args or isinstance(expr, sp.IndexedBase):
+        return sp.S.One
+    if isinstance(expr, sp.Sum):
+        inner = _scale_degree(expr.function, scale)
+        bound = {lim[0] for lim in expr.limits}
+        return inner if inner is not None and not inner.free_symbols & bound else None
+    if isinstance(expr, sp.Pow) and _scale_degree(expr.exp, scale) == 1:
+        base = _scale_degree(expr.base, scale)
+        return None if base is None else base ** expr.exp
+    parts = [_scale_degree(x, scale) for x in expr.args]
+    if any(x is None for x in parts):
+        return None
+    if isinstance(expr, sp.Mul):
+        return sp.Mul(*parts)
+    if isinstance(expr, sp.Add):
+        return parts[0] if len(set(parts)) == 1 else None
+    return sp.S.One if all(x == 1 for x in parts) else None
 
 
 def _needed_by(stmts: list, grads: list) -> tuple[dict, dict]:
