@@ -327,8 +327,7 @@ class Module:
             return self._stable
         assigns = self.d.program.assigns
         forms = [e for _, e, _ in self.closed_forms(raw=True)]
-        saved = {access_name(x) for e in forms for x in accesses(e, self.spec)}
-        found = {}
+        found, self._folded = {}, {}
         for a in assigns:
             if a.reduce or a.kind == "output" or not isinstance(a.body, sp.exp):
                 continue
@@ -341,12 +340,36 @@ class Module:
             pos = list(z.body.indices).index(k)
             if not self._only_ratios(a.target, z.target, pos, skip=(a, z)):
                 continue
-            if {a.target, z.target} & saved and \
-                    not self._reads_scale_free(forms, a.target, z.target, pos):
-                continue
+            folded = [self._fold_exponential(e, a) for e in forms]
+            if {a.target, z.target} & {access_name(x) for e in folded
+                                       for x in accesses(e, self.spec)}:
+                if not self._reads_scale_free(folded, a.target, z.target, pos):
+                    continue
+                self._folded[a.target] = a  # the backward reads e where it reads exp(f)
             found[a.target] = pos
         self._stable = found
         return found
+
+    def _fold_exponential(self, expr, a):
+        """``expr`` with each ``exp(f)`` that is the let ``a`` (e = exp(f)) at some indices
+        read as e at those indices: the closed form may write e's definition (dB of
+        e = exp(X + B)), and a backward that reads the shifted e must not recompute exp(f)."""
+        f = a.body.args[0]
+        wild = {i: sp.Wild(f"w_{i}") for i in a.lhs}
+        pattern = f.xreplace(wild)
+
+        def fold(node):
+            if not isinstance(node, sp.exp):
+                return None
+            found = node.args[0].match(pattern)
+            if not found or set(found) != set(wild.values()):
+                return None
+            idx = [found[wild[i]] for i in a.lhs]
+            if rename(f, dict(zip(a.lhs, idx, strict=True))) != node.args[0]:
+                return None
+            return self.d.program.access(a.target, idx)
+
+        return expr.replace(lambda node: fold(node) is not None, fold)
 
     def _reads_scale_free(self, exprs, e_name: str, z_name: str, pos: int) -> bool:
         """Is every expression in ``exprs`` unchanged when e and Z are scaled by the same
@@ -733,9 +756,13 @@ class Module:
     def closed_forms(self, raw: bool = False) -> list[tuple[str, sp.Expr, tuple]]:
         """(input, its gradient as the kernel computes it, its indices); ``raw``: before
         shifted sums and exponentials are read through their maxima."""
+        if not raw:
+            self.stable_exponentials()  # which exponentials the backward reads as e
         out = []
         for t in self.grads:
             expr = self._kernel_form(t.name)
+            for a in getattr(self, "_folded", {}).values():
+                expr = self._fold_exponential(expr, a)
             for name, seed in self.d.seeds.items():
                 if seed == 1:  # a loss: scale by the upstream gradient of L
                     expr = sp.Symbol(self.seed_names[name]) * expr
