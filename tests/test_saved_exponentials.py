@@ -28,6 +28,9 @@ Z = spec.let("Z", [b, i], Sum(ex[b, i, k], k))
 """
 OUTPUT = 'spec.output("O", [b, i, v], Sum(ex[b, i, j] * V[b, j, v], j) / Z[b, i])\n'
 SIZES = {"B": 2, "S": 4, "Dk": 2, "Dv": 3}
+# the normaliser over its own axis order, Z[i, b] = Σ_k ex[b, i, k]
+TRANSPOSED = (ATTENTION.replace('Z = spec.let("Z", [b, i]', 'Z = spec.let("Z", [i, b]')
+              + OUTPUT.replace("/ Z[b, i]", "/ Z[i, b]"))
 
 
 @pytest.fixture(autouse=True)
@@ -89,10 +92,12 @@ def test_attention_matches_scaled_dot_product_attention_in_float64(tmp_path, tar
 
 @pytest.mark.parametrize("target", ["numpy", "torch"])
 @pytest.mark.parametrize("peak", [60.0, 200.0])
-def test_attention_in_float32_at_large_scores_is_finite_and_right(tmp_path, target, peak):
+@pytest.mark.parametrize("text", [ATTENTION + OUTPUT, TRANSPOSED], ids=["Z_bi", "Z_ib"])
+def test_attention_in_float32_at_large_scores_is_finite_and_right(tmp_path, target, peak,
+                                                                   text):
     """Unshifted, the float32 dK read ex²/Z² (off by 16.9 where |dK| ≤ 1.9 at scores of 58)
     and the forward was NaN past scores of about 90."""
-    spec = _spec(tmp_path, ATTENTION + OUTPUT)
+    spec = _spec(tmp_path, text)
     q, k, v, g = _attention_data(peak, seed=1)
     got = _kernels(spec, target, {"Q": q, "K": k, "V": v}, {"O": g}, "float32")
     # float32 round-off in scores of size `peak` moves the gradients by about peak·2⁻²⁴
@@ -107,6 +112,42 @@ def test_attention_kernels_save_the_shifted_exponential_and_normaliser(tmp_path)
         forward = source[source.index("def forward("):source.index("def backward(")]
         assert "ex_max" in forward and "softmax" not in forward, forward
         assert "return O, (Q, K, V, ex, Z)" in forward, forward
+
+
+SOFTMAX_TRANSPOSED = """\
+from gradtool.lang import Spec, Sum, exp
+spec = Spec("softmax_t", "a softmax whose normaliser has its axes in another order")
+B, N, C = spec.dims("B N C")
+b, n, c, k = spec.indices(b=B, n=N, c=C, k=C)
+X = spec.input("X", B, N, C)
+e = spec.let("e", [b, n, c], exp(X[b, n, c]))
+Z = spec.let("Z", [n, b], Sum(e[b, n, k], k))
+spec.output("P", [b, n, c], e[b, n, c] / Z[n, b])
+"""
+
+
+def test_softmax_over_a_transposed_normaliser_at_800_logits(tmp_path):
+    """A read of Z through its own axes is a ratio too: shifted (torch: one softmax call)."""
+    path = tmp_path / "softmax_t.py"
+    path.write_text(SOFTMAX_TRANSPOSED)
+    spec = load_spec(path)
+    rng = np.random.default_rng(4)
+    x = rng.permuted(np.concatenate([np.full((2, 3, 1), 800.0), np.full((2, 3, 1), -800.0),
+                                     rng.uniform(-800, 800, (2, 3, 2))], axis=2), axis=2)
+    g = rng.standard_normal(x.shape)
+    xt = torch.tensor(x, requires_grad=True)
+    p = torch.softmax(xt, 2)
+    p.backward(torch.tensor(g))
+    source = generate(spec, "torch")
+    assert "torch.softmax(X, 2)" in source[:source.index("def backward(")]
+    dims = spec.sizes_from({spec.dim_symbols["B"]: 2, spec.dim_symbols["N"]: 3,
+                            spec.dim_symbols["C"]: 4})
+    for target in ("numpy", "torch"):
+        k = Kernels(spec, target)
+        outs, saved, _ = k.forward({"X": x}, dims)
+        grads = k.backward({"P": g}, saved, dims)
+        _assert_close({"P": to_numpy(outs["P"]), "X": to_numpy(grads["X"])},
+                      {"P": p.detach().numpy(), "X": xt.grad.numpy()}, rtol=1e-12)
 
 
 # e or Z read other than through the ratio e/Z: no shift may change what is read

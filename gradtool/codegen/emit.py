@@ -338,12 +338,12 @@ class Module:
             z = sums[0]
             k = z.over[0]
             pos = list(z.body.indices).index(k)
-            if not self._only_ratios(a.target, z.target, pos, skip=(a, z)):
+            if not self._only_ratios(a.target, z, pos, skip=(a, z)):
                 continue
             folded = [self._fold_exponential(e, a) for e in forms]
             if {a.target, z.target} & {access_name(x) for e in folded
                                        for x in accesses(e, self.spec)}:
-                if not self._reads_scale_free(folded, a.target, z.target, pos):
+                if not self._reads_scale_free(folded, a.target, z, pos):
                     continue
                 self._folded[a.target] = a  # the backward reads e where it reads exp(f)
             found[a.target] = pos
@@ -371,19 +371,26 @@ class Module:
 
         return expr.replace(lambda node: fold(node) is not None, fold)
 
-    def _reads_scale_free(self, exprs, e_name: str, z_name: str, pos: int) -> bool:
-        """Is every expression in ``exprs`` unchanged when e and Z are scaled by the same
-        λ > 0 per row of Z (e[..k..] → λ[row]·e, Z[row] → λ[row]·Z)?"""
+    def _reads_scale_free(self, exprs, e_name: str, z, pos: int) -> bool:
+        """Is every expression in ``exprs`` unchanged when e and the sum ``z`` (Z = Σ_k e)
+        are scaled by the same λ > 0 per row of Z (e[..k..] → λ[row]·e, Z → λ[row]·Z)? A row
+        is named by e's indices less k; a read of Z reaches it through Z's own axes."""
         lam = sp.IndexedBase(sp.Dummy("lam"), positive=True)
         row_scale = sp.Dummy("lam", positive=True)  # a 0-d Z: one row
+        rest = [i for p, i in enumerate(z.body.indices) if p != pos]
+        if not set(rest) <= set(z.lhs):  # Z[n] = Σ_k e[n + 1, k]: no row to name
+            return False
 
         def scale(node):
-            if isinstance(node, sp.Symbol) and (node.is_integer or node.name != z_name):
+            if isinstance(node, sp.Symbol) and (node.is_integer or node.name != z.target):
                 return None
             name, idx = access_name(node), list(access_indices(node))
             if name == e_name:
                 del idx[pos]
-            elif name != z_name:
+            elif name == z.target:
+                axes = dict(zip(z.lhs, idx, strict=True))
+                idx = [axes[i] for i in rest]
+            else:
                 return None
             return lam[tuple(idx)] if idx else row_scale
 
@@ -447,10 +454,11 @@ class Module:
         subs = {}
         for x in accesses(expr, self.spec):
             sm = found.get(access_name(x))
-            if sm is not None:
-                idx = list(access_indices(x))
-                subs[x] = sm.prob[tuple(idx)] * self.d.program.access(
-                    sm.z, idx[:sm.pos] + idx[sm.pos + 1:])
+            z = next((b for b in self.d.program.assigns if b.target == sm.z), None) \
+                if sm is not None else None
+            read = self._z_read(z, access_indices(x), sm.pos) if z is not None else None
+            if read is not None:  # else e stays, and the softmax is not taken
+                subs[x] = sm.prob[tuple(access_indices(x))] * read
         expr = expr.xreplace(subs) if subs else expr
         probs = {str(sm.prob.label): sm for sm in found.values()}
 
@@ -733,7 +741,18 @@ class Module:
 
         return expr.replace(lambda n: expand(n) is not None, expand)
 
-    def _only_ratios(self, e_name, z_name, pos, skip) -> bool:
+    def _z_read(self, z, e_idx, pos: int) -> sp.Expr | None:
+        """The read of the sum ``z`` (Z = Σ_k e) that normalises e at indices ``e_idx``
+        (k at position ``pos``), through Z's own axes: Z[i, b] = Σ_k e[b, i, k] normalises
+        e[b, i, j] as Z[i, b]. None where Z has an axis that e's row does not name."""
+        rest = [i for p, i in enumerate(z.body.indices) if p != pos]
+        axes = dict(zip(rest, [i for p, i in enumerate(e_idx) if p != pos], strict=True))
+        if not set(z.lhs) <= set(axes):
+            return None
+        return self.d.program.access(z.target, [axes[i] for i in z.lhs])
+
+    def _only_ratios(self, e_name, z, pos, skip) -> bool:
+        z_name = z.target
         w = sp.Dummy("w")
         for b in self.d.program.assigns:
             if any(b is s for s in skip):
@@ -744,9 +763,10 @@ class Module:
             subs = {}
             for x in accesses(b.body, self.spec):
                 if access_name(x) == e_name:
-                    idx = list(x.indices)
-                    del idx[pos]
-                    subs[x] = w * self.d.program.access(z_name, idx)
+                    read = self._z_read(z, x.indices, pos)
+                    if read is None:
+                        return False
+                    subs[x] = w * read
             rewritten = b.body.xreplace(subs)
             if any(access_name(x) in (e_name, z_name) for x in accesses(rewritten, self.spec)):
                 return False
