@@ -1139,7 +1139,8 @@ def _scale_degree(expr, scale):
     (exp, log, a comparison) of a scaled argument, or a reduction over an index its
     terms' scale depends on (Σ_i λ[i]·e[i] is no multiple of Σ_i e[i])."""
     if isinstance(expr, (sp.Indexed, sp.Symbol)):
-        return scale(expr) or sp.S.One
+        factor = scale(expr)
+        return sp.S.One if factor is None else factor
     if not expr.args or isinstance(expr, sp.IndexedBase):
         return sp.S.One
     if isinstance(expr, sp.Sum):
