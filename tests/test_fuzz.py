@@ -1065,14 +1065,18 @@ LOGITS = (
     ("X[n, {i}]*B[{i}]", lambda x, b: x * b),
     ("-X[n, {i}] / 2", lambda x, b: -x / 2),
 )
-# (output axes, spec text given the logits at c and at k and the normaliser Z, torch function)
+# (output axes, spec text given the logits at c, the exponential at k and the normaliser Z,
+# torch function of the logits and the values V)
 PATTERNS = (
-    ("[n, c]", "{pc} - log({z})", lambda p: torch.log_softmax(p, 1)),
-    ("[n, c]", "exp({pc}) / {z}", lambda p: torch.softmax(p, 1)),
-    ("[n]", "log({z})", lambda p: torch.logsumexp(p, 1)),
-    ("[n]", "log({z})**2 / 1000", lambda p: torch.logsumexp(p, 1) ** 2 / 1000),
-    ("[n, c]", "tanh({pc} - log({z}))", lambda p: torch.tanh(torch.log_softmax(p, 1))),
-    ("[n, c]", "exp({pc} - log({z}))", lambda p: torch.softmax(p, 1)),
+    ("[n, c]", "{pc} - log({z})", lambda p, v: torch.log_softmax(p, 1)),
+    ("[n, c]", "exp({pc}) / {z}", lambda p, v: torch.softmax(p, 1)),
+    ("[n]", "log({z})", lambda p, v: torch.logsumexp(p, 1)),
+    ("[n]", "log({z})**2 / 1000", lambda p, v: torch.logsumexp(p, 1) ** 2 / 1000),
+    ("[n, c]", "tanh({pc} - log({z}))", lambda p, v: torch.tanh(torch.log_softmax(p, 1))),
+    ("[n, c]", "exp({pc} - log({z}))", lambda p, v: torch.softmax(p, 1)),
+    # attention's average Σ_k e·V/Z of a second input V: the backward reads e and Z
+    # (docs/fuzzing.md, finding 29)
+    ("[n, d]", "Sum({ek} * V[k, d], k) / {z}", lambda p, v: torch.softmax(p, 1) @ v),
 )
 
 
@@ -1083,6 +1087,21 @@ PATTERNS = (
        seed=st.integers(0, 2 ** 16))
 def test_log_sum_exp_kernels_are_finite_and_right_at_large_logits(logits, pattern, named,
                                                                   seed):
+    _assert_large_logits_right(logits, pattern, named, seed)
+
+
+@settings(FUZZ, max_examples=int(_ENV) if _ENV else 4)
+@given(logits=st.sampled_from(range(len(LOGITS))), named=st.sampled_from(["e", "Z", "inline"]),
+       seed=st.integers(0, 2 ** 16))
+def test_softmax_averages_of_values_are_finite_and_right_at_large_logits(logits, named, seed):
+    """The attention pattern Σ_k e·V/Z alone: its backward reads e and Z, which the kernels
+    keep shifted (docs/fuzzing.md, finding 29)."""
+    _assert_large_logits_right(logits, len(PATTERNS) - 1, named, seed, peaks=True)
+
+
+def _assert_large_logits_right(logits: int, pattern: int, named: str, seed: int,
+                               peaks: bool = False) -> None:
+    """``peaks``: every row of X holds 800 and −800 (exp of an unshifted logit overflows)."""
     from gradtool.check.kernels import Kernels, to_numpy
 
     text, logit_fn = LOGITS[logits]
@@ -1095,13 +1114,18 @@ def test_log_sum_exp_kernels_are_finite_and_right_at_large_logits(logits, patter
              'N, C = spec.dims("N C")', "n, c, k = spec.indices(n=N, c=C, k=C)",
              'X = spec.input("X", N, C)', 'B = spec.input("B", C, domain="positive")']
     pc = text.format(i="c")
+    ek = "exp({})".format(text.format(i="k"))
+    if "V[" in out:  # values V[k, d] read by the average over k
+        lines[1:3] = ['N, C, D = spec.dims("N C D")',
+                      "n, c, k, d = spec.indices(n=N, c=C, k=C, d=D)"]
+        lines.append('V = spec.input("V", C, D)')
     if named in ("e", "P"):  # a named exponential, summed by a named normaliser
         lines.append(f'e = spec.let("e", [n, c], exp({pc}))')
-        z = "Sum(e[n, k], k)"
+        z, ek = "Sum(e[n, k], k)", "e[n, k]"
     if named != "inline":
         lines.append(f'Z = spec.let("Z", [n], {z})')
         z = "Z[n]"
-    body = out.format(pc=pc, z=z)
+    body = out.format(pc=pc, z=z, ek=ek)
     if named == "P":  # the ratio named, read as is or by a log (torch: softmax, log_softmax)
         body = body.replace(f"{pc} - log(Z[n])", "log(P[n, c])").replace(
             f"exp({pc}) / Z[n]", "P[n, c]")
@@ -1113,22 +1137,29 @@ def test_log_sum_exp_kernels_are_finite_and_right_at_large_logits(logits, patter
     source = HEAD + "\n".join(lines) + "\n"
     note(source)
     rng = np.random.default_rng(seed)
-    x, b = rng.uniform(-800, 800, (3, 4)), rng.uniform(0.5, 2, 4)
-    xt, bt = (torch.tensor(v, requires_grad=True) for v in (x, b))
-    y = out_fn(logit_fn(xt, bt))
+    x, b, v = rng.uniform(-800, 800, (3, 4)), rng.uniform(0.5, 2, 4), rng.normal(size=(4, 2))
+    if peaks:
+        x[:, :2] = [800, -800]
+        x = rng.permuted(x, axis=1)
+    xt, bt, vt = (torch.tensor(a, requires_grad=True) for a in (x, b, v))
+    y = out_fn(logit_fn(xt, bt), vt)
     up = rng.standard_normal(tuple(y.shape))
     y.backward(torch.tensor(up))
     with _time_limit(source), tempfile.TemporaryDirectory() as folder:
         spec = _load(folder, source)
-        dims = {spec.dim_symbols["N"]: 3, spec.dim_symbols["C"]: 4}
+        dims = {spec.dim_symbols[s]: size for s, size in (("N", 3), ("C", 4), ("D", 2))
+                if s in spec.dim_symbols}
         for target in ("numpy", "torch"):
             k = Kernels(spec, target)
-            outs, saved, _ = k.forward({"X": x, "B": b}, dims)
+            outs, saved, _ = k.forward({"X": x, "B": b, "V": v}, dims)
             grads = k.backward({"Y": up}, saved, dims)
             got = [to_numpy(outs["Y"]), to_numpy(grads["X"]), to_numpy(grads["B"])]
             want = [y.detach().numpy(), xt.grad.numpy(),
                     np.zeros(4) if bt.grad is None else bt.grad.numpy()]
-            for what, a, w in zip(("Y", "dX", "dB"), got, want, strict=True):
+            if "V" in grads:
+                got.append(to_numpy(grads["V"]))
+                want.append(vt.grad.numpy())
+            for what, a, w in zip(("Y", "dX", "dB", "dV"), got, want, strict=False):
                 assert np.all(np.isfinite(a)), f"{target}: {what} is not finite"
                 err = max_rel_err(a, w, atol=1e-12)
                 assert err < 1e-8, f"{target}: {what} differs from torch by {err:.2e}"

@@ -381,6 +381,32 @@ t2 = spec.let("t2", [n, d, e], (tanh(t0)) + (t1[n, d, e]))
 t3 = spec.let("t3", [n, d, e], exp(tanh(t2[n, d, e])))
 spec.output("Y", [n, d, e], (Sum((t2[n, k, e])*(W2[k, e]), k) / D)*(t3[n, d, e]))
 """,
+    "attention_saved_exponentials": """\
+from gradtool.lang import Spec, Sum, exp, sqrt
+spec = Spec("attn", "single-head attention")
+B, S, Dk, Dv = spec.dims("B S Dk Dv")
+b, i, j, k, e, v = spec.indices(b=B, i=S, j=S, k=S, e=Dk, v=Dv)
+Q = spec.input("Q", B, S, Dk)
+K = spec.input("K", B, S, Dk)
+V = spec.input("V", B, S, Dv)
+sc = spec.let("sc", [b, i, j], Sum(Q[b, i, e] * K[b, j, e], e) / sqrt(Dk))
+ex = spec.let("ex", [b, i, j], exp(sc[b, i, j]))
+Z = spec.let("Z", [b, i], Sum(ex[b, i, k], k))
+spec.output("O", [b, i, v], Sum(ex[b, i, j] * V[b, j, v], j) / Z[b, i])
+""",
+    "average_of_values_exp_of_a_sum": """\
+from gradtool.lang import *
+
+spec = Spec("lse", "a normalised exponential at large logits")
+N, C, D = spec.dims("N C D")
+n, c, k, d = spec.indices(n=N, c=C, k=C, d=D)
+X = spec.input("X", N, C)
+B = spec.input("B", C, domain="positive")
+V = spec.input("V", C, D)
+e = spec.let("e", [n, c], exp(X[n, c] + B[c]))
+Z = spec.let("Z", [n], Sum(e[n, k], k))
+spec.output("Y", [n, d], Sum(e[n, k] * V[k, d], k) / Z[n])
+""",
 }
 
 
@@ -589,3 +615,30 @@ def test_a_label_scatter_coefficient_broadcasts_along_its_own_axis(tmp_path):
         got = {n: to_numpy(g) for n, g in k.backward({"L": np.array(1.0)}, saved, dims).items()}
         assert np.allclose(got["A"], dA.numpy(), atol=1e-12), target
         assert np.allclose(got["W"], dW.numpy(), atol=1e-12), target
+
+
+def test_average_of_values_is_finite_and_right_at_800_logits(tmp_path):
+    """Finding 29: the backward reads e and Z (and writes e's definition exp(X + B) in dB);
+    the kernels save the shifted e and Z and read e for exp(X + B), so nothing overflows."""
+    import torch
+
+    path = tmp_path / "average.py"
+    path.write_text(FOUND["average_of_values_exp_of_a_sum"])
+    spec = load_spec(path)
+    rng = np.random.default_rng(0)
+    x = rng.permuted(np.c_[[[800.0, -800.0]] * 3, rng.uniform(-800, 800, (3, 2))], axis=1)
+    b, v, g = rng.uniform(0.5, 2, 4), rng.standard_normal((4, 2)), rng.standard_normal((3, 2))
+    xt, bt, vt = (torch.tensor(a, requires_grad=True) for a in (x, b, v))
+    y = torch.softmax(xt + bt, 1) @ vt
+    y.backward(torch.tensor(g))
+    want = {"Y": y.detach().numpy(), "X": xt.grad.numpy(), "B": bt.grad.numpy(),
+            "V": vt.grad.numpy()}
+    dims = {spec.dim_symbols["N"]: 3, spec.dim_symbols["C"]: 4, spec.dim_symbols["D"]: 2}
+    for target in ("numpy", "torch"):
+        k = Kernels(spec, target)
+        outs, saved, _ = k.forward({"X": x, "B": b, "V": v}, dims)
+        got = {n: to_numpy(a) for n, a in {**outs, **k.backward({"Y": g}, saved, dims)}.items()}
+        for name, w in want.items():
+            assert np.all(np.isfinite(got[name])), (target, name)
+            np.testing.assert_allclose(got[name], w, rtol=1e-9, atol=1e-12,
+                                       err_msg=f"{target}: {name}")

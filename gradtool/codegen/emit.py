@@ -315,29 +315,86 @@ class Module:
 
     def stable_exponentials(self) -> dict:
         """Exponentials that are only ever normalised: ``e = exp(f)``, ``Z = Σ_k e`` and every
-        other use of e and Z is the ratio e/Z. Subtracting max_k f before ``exp`` leaves every
-        ratio unchanged and keeps large logits from overflowing (softmax, cross-entropy).
+        other use of e and Z in the forward is the ratio e/Z. Subtracting max_k f before
+        ``exp`` leaves every ratio unchanged and keeps large logits from overflowing (softmax,
+        cross-entropy, attention). The forward is then invariant under (e, Z) → (λe, λZ) for
+        any λ > 0 per row of Z, so the backward may read the shifted e' = exp(f − M) and
+        Z' = Σ_k e' in place of e and Z where each of its expressions is homogeneous of
+        degree 0 in (e, Z) (:func:`_scale_degree`; attention's ``dK`` reads ``ex·ex/Z²``);
+        an e or Z that a gradient reads otherwise stays unshifted.
         Returns {e: the position of k among e's indices}."""
         if hasattr(self, "_stable"):
             return self._stable
         assigns = self.d.program.assigns
-        saved = {access_name(x) for _, e, _ in self.closed_forms(raw=True)
-                 for x in accesses(e, self.spec)}
-        found = {}
+        forms = [e for _, e, _ in self.closed_forms(raw=True)]
+        found, self._folded = {}, {}
         for a in assigns:
-            if a.reduce or not isinstance(a.body, sp.exp) or a.target in saved:
+            if a.reduce or a.kind == "output" or not isinstance(a.body, sp.exp):
                 continue
             sums = [b for b in assigns if b.reduce == "sum" and len(b.over) == 1
                     and isinstance(b.body, sp.Indexed) and access_name(b.body) == a.target]
-            if len(sums) != 1 or sums[0].target in saved:
+            if len(sums) != 1 or sums[0].kind == "output":
                 continue
             z = sums[0]
             k = z.over[0]
             pos = list(z.body.indices).index(k)
-            if self._only_ratios(a.target, z.target, pos, skip=(a, z)):
-                found[a.target] = pos
+            if not self._only_ratios(a.target, z, pos, skip=(a, z)):
+                continue
+            folded = [self._fold_exponential(e, a) for e in forms]
+            if {a.target, z.target} & {access_name(x) for e in folded
+                                       for x in accesses(e, self.spec)}:
+                if not self._reads_scale_free(folded, a.target, z, pos):
+                    continue
+                self._folded[a.target] = a  # the backward reads e where it reads exp(f)
+            found[a.target] = pos
         self._stable = found
         return found
+
+    def _fold_exponential(self, expr, a):
+        """``expr`` with each ``exp(f)`` that is the let ``a`` (e = exp(f)) at some indices
+        read as e at those indices: the closed form may write e's definition (dB of
+        e = exp(X + B)), and a backward that reads the shifted e must not recompute exp(f)."""
+        f = a.body.args[0]
+        wild = {i: sp.Wild(f"w_{i}") for i in a.lhs}
+        pattern = f.xreplace(wild)
+
+        def fold(node):
+            if not isinstance(node, sp.exp):
+                return None
+            found = node.args[0].match(pattern)
+            if not found or set(found) != set(wild.values()):
+                return None
+            idx = [found[wild[i]] for i in a.lhs]
+            if rename(f, dict(zip(a.lhs, idx, strict=True))) != node.args[0]:
+                return None
+            return self.d.program.access(a.target, idx)
+
+        return expr.replace(lambda node: fold(node) is not None, fold)
+
+    def _reads_scale_free(self, exprs, e_name: str, z, pos: int) -> bool:
+        """Is every expression in ``exprs`` unchanged when e and the sum ``z`` (Z = Σ_k e)
+        are scaled by the same λ > 0 per row of Z (e[..k..] → λ[row]·e, Z → λ[row]·Z)? A row
+        is named by e's indices less k; a read of Z reaches it through Z's own axes."""
+        lam = sp.IndexedBase(sp.Dummy("lam"), positive=True)
+        row_scale = sp.Dummy("lam", positive=True)  # a 0-d Z: one row
+        rest = [i for p, i in enumerate(z.body.indices) if p != pos]
+        if not set(rest) <= set(z.lhs):  # Z[n] = Σ_k e[n + 1, k]: no row to name
+            return False
+
+        def scale(node):
+            if isinstance(node, sp.Symbol) and (node.is_integer or node.name != z.target):
+                return None
+            name, idx = access_name(node), list(access_indices(node))
+            if name == e_name:
+                del idx[pos]
+            elif name == z.target:
+                axes = dict(zip(z.lhs, idx, strict=True))
+                idx = [axes[i] for i in rest]
+            else:
+                return None
+            return lam[tuple(idx)] if idx else row_scale
+
+        return all(_scale_degree(e, scale) == 1 for e in exprs)
 
     # -- softmax: a normalised exponential as the target's one call -------------------------
     def softmaxes(self, shifts, printer) -> dict:
@@ -349,15 +406,19 @@ class Module:
         probabilities are read too: one call each instead of max, shift, exp, sum, divide and
         log). A let P = e/Z takes the softmax's values under its own name. Empty when the
         printer has no softmax (NumPy keeps the max-shifted form); an exponential stays in
-        the shifted form when some read of e or Z is not through the ratio.
+        the shifted form when some read of e or Z is not through the ratio, or when the
+        backward reads e or Z (it reads the shifted ones the forward saves).
         Returns {e: :class:`Softmax`}."""
         if getattr(printer, "SOFTMAX", None) is None:
             return {}
         assigns = self.d.program.assigns
+        saved = set(self.saved())
         found = {}
         for e_name, pos in dict(shifts).items():
             z = next(b for b in assigns if b.reduce == "sum" and isinstance(b.body, sp.Indexed)
                      and access_name(b.body) == e_name)
+            if {e_name, z.target} & saved:  # the backward reads the shifted e and Z
+                continue
             found[e_name] = Softmax(e_name, z.target, pos,
                                     sp.IndexedBase(self._fresh_name(f"{self.names[e_name]}"
                                                                     "_softmax", claim=True)))
@@ -393,10 +454,11 @@ class Module:
         subs = {}
         for x in accesses(expr, self.spec):
             sm = found.get(access_name(x))
-            if sm is not None:
-                idx = list(access_indices(x))
-                subs[x] = sm.prob[tuple(idx)] * self.d.program.access(
-                    sm.z, idx[:sm.pos] + idx[sm.pos + 1:])
+            z = next((b for b in self.d.program.assigns if b.target == sm.z), None) \
+                if sm is not None else None
+            read = self._z_read(z, access_indices(x), sm.pos) if z is not None else None
+            if read is not None:  # else e stays, and the softmax is not taken
+                subs[x] = sm.prob[tuple(access_indices(x))] * read
         expr = expr.xreplace(subs) if subs else expr
         probs = {str(sm.prob.label): sm for sm in found.values()}
 
@@ -679,7 +741,18 @@ class Module:
 
         return expr.replace(lambda n: expand(n) is not None, expand)
 
-    def _only_ratios(self, e_name, z_name, pos, skip) -> bool:
+    def _z_read(self, z, e_idx, pos: int) -> sp.Expr | None:
+        """The read of the sum ``z`` (Z = Σ_k e) that normalises e at indices ``e_idx``
+        (k at position ``pos``), through Z's own axes: Z[i, b] = Σ_k e[b, i, k] normalises
+        e[b, i, j] as Z[i, b]. None where Z has an axis that e's row does not name."""
+        rest = [i for p, i in enumerate(z.body.indices) if p != pos]
+        axes = dict(zip(rest, [i for p, i in enumerate(e_idx) if p != pos], strict=True))
+        if not set(z.lhs) <= set(axes):
+            return None
+        return self.d.program.access(z.target, [axes[i] for i in z.lhs])
+
+    def _only_ratios(self, e_name, z, pos, skip) -> bool:
+        z_name = z.target
         w = sp.Dummy("w")
         for b in self.d.program.assigns:
             if any(b is s for s in skip):
@@ -690,9 +763,10 @@ class Module:
             subs = {}
             for x in accesses(b.body, self.spec):
                 if access_name(x) == e_name:
-                    idx = list(x.indices)
-                    del idx[pos]
-                    subs[x] = w * self.d.program.access(z_name, idx)
+                    read = self._z_read(z, x.indices, pos)
+                    if read is None:
+                        return False
+                    subs[x] = w * read
             rewritten = b.body.xreplace(subs)
             if any(access_name(x) in (e_name, z_name) for x in accesses(rewritten, self.spec)):
                 return False
@@ -702,9 +776,13 @@ class Module:
     def closed_forms(self, raw: bool = False) -> list[tuple[str, sp.Expr, tuple]]:
         """(input, its gradient as the kernel computes it, its indices); ``raw``: before
         shifted sums and exponentials are read through their maxima."""
+        if not raw:
+            self.stable_exponentials()  # which exponentials the backward reads as e
         out = []
         for t in self.grads:
             expr = self._kernel_form(t.name)
+            for a in getattr(self, "_folded", {}).values():
+                expr = self._fold_exponential(expr, a)
             for name, seed in self.d.seeds.items():
                 if seed == 1:  # a loss: scale by the upstream gradient of L
                     expr = sp.Symbol(self.seed_names[name]) * expr
@@ -1052,6 +1130,34 @@ class Module:
             return f"{printer.ref}.new_zeros(({', '.join(shape)},))"
         self.imports.add("import numpy as np")
         return f"np.zeros(({', '.join(shape)},))"
+
+
+def _scale_degree(expr, scale):
+    """The factor that multiplies ``expr`` when each tensor read x is multiplied by
+    ``scale(x)`` (None: left alone), as a product of powers of the scales, or None where
+    ``expr`` is not homogeneous in them: a sum whose terms scale differently, a function
+    (exp, log, a comparison) of a scaled argument, or a reduction over an index its
+    terms' scale depends on (Σ_i λ[i]·e[i] is no multiple of Σ_i e[i])."""
+    if isinstance(expr, (sp.Indexed, sp.Symbol)):
+        factor = scale(expr)
+        return sp.S.One if factor is None else factor
+    if not expr.args or isinstance(expr, sp.IndexedBase):
+        return sp.S.One
+    if isinstance(expr, sp.Sum):
+        inner = _scale_degree(expr.function, scale)
+        bound = {lim[0] for lim in expr.limits}
+        return inner if inner is not None and not inner.free_symbols & bound else None
+    if isinstance(expr, sp.Pow) and _scale_degree(expr.exp, scale) == 1:
+        base = _scale_degree(expr.base, scale)
+        return None if base is None else base ** expr.exp
+    parts = [_scale_degree(x, scale) for x in expr.args]
+    if any(x is None for x in parts):
+        return None
+    if isinstance(expr, sp.Mul):
+        return sp.Mul(*parts)
+    if isinstance(expr, sp.Add):
+        return parts[0] if len(set(parts)) == 1 else None
+    return sp.S.One if all(x == 1 for x in parts) else None
 
 
 def _needed_by(stmts: list, grads: list) -> tuple[dict, dict]:
