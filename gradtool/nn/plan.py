@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -75,8 +76,17 @@ class LayerPlan:
         self.inits = _inits(spec, self.owned, options.pop("init", None) or {})
         for key, value in options.items():
             if key in spec.hypers:
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    raise LayerError(f"{spec.name}: hyper-parameter {key} must be a number, "
+                                     f"got {value!r}",
+                                     hint=f"e.g. {key}={spec.hypers[key].default}")
                 self.hypers[key] = float(value)
             elif key in owned_dims:
+                # a parameter's size: a positive integer (nothing else makes an array)
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or \
+                        value < 1:
+                    raise LayerError(f"{spec.name}: size {key} must be a positive integer, "
+                                     f"got {value!r}", hint=f"e.g. {key}=64")
                 self.sizes[key] = int(value)
             elif key in spec.dim_symbols:
                 raise LayerError(f"{spec.name}: size {key} is read from the input at each call",
