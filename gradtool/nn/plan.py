@@ -82,11 +82,13 @@ class LayerPlan:
                                      hint=f"e.g. {key}={spec.hypers[key].default}")
                 self.hypers[key] = float(value)
             elif key in owned_dims:
-                # a parameter's size: a positive integer (nothing else makes an array)
+                # an integer, positive as spec.dims declares it unless the spec's min_size
+                # allows less (a padding P of 0)
+                least = min(spec.min_sizes.get(key, 1), 1)
                 if isinstance(value, bool) or not isinstance(value, numbers.Integral) or \
-                        value < 1:
-                    raise LayerError(f"{spec.name}: size {key} must be a positive integer, "
-                                     f"got {value!r}", hint=f"e.g. {key}=64")
+                        value < least:
+                    kind = "a positive integer" if least == 1 else f"an integer ≥ {least}"
+                    raise LayerError(f"{spec.name}: size {key} must be {kind}, got {value!r}")
                 self.sizes[key] = int(value)
             elif key in spec.dim_symbols:
                 raise LayerError(f"{spec.name}: size {key} is read from the input at each call",
