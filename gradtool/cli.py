@@ -600,7 +600,8 @@ def train_cmd(
                                          help="Generated torch Functions, or NumPy kernels "
                                               "with no autograd.")] = "torch",
     epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs (default 30; with "
-                                                                "--resume: the run's).")] = None,
+                                                                "--resume: the run's, or more "
+                                                                "to run longer).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size.")] = 32,
     optimizer: Annotated[str, typer.Option("--optimizer", metavar="sgd|adam|adamw",
                                            help="A torch.optim optimiser.")] = "adam",
