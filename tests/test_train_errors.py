@@ -63,11 +63,24 @@ def test_hidden_sizes_must_be_positive(tmp_path, monkeypatch, hidden):
     assert f"--hidden {hidden}: every hidden size must be a positive integer" in out
 
 
-@pytest.mark.parametrize("option, value", [("threads", -1), ("momentum", -0.5),
-                                           ("weight_decay", -1e-4)])
-def test_negative_options_are_refused(option, value):
-    with pytest.raises(ConfigError, match=f"--{option.replace('_', '-')} must not be negative"):
+@pytest.mark.parametrize("option, value, message", [
+    ("threads", -1, "--threads must be a number ≥ 0, got -1"),
+    ("momentum", -0.5, "--momentum must be a number ≥ 0"),
+    ("weight_decay", float("nan"), "--weight-decay must be a number ≥ 0, got nan"),
+    ("lr", float("nan"), "--lr must be a positive number, got nan"),
+    ("lr", float("inf"), "--lr must be a positive number, got inf")])
+def test_option_values_out_of_range_are_refused(option, value, message):
+    with pytest.raises(ConfigError, match=message):
         TrainConfig(**{option: value}).validate()
+
+
+def test_a_batch_size_the_model_cannot_train_on_is_refused(tmp_path, monkeypatch):
+    """Batch norm over one sample: every batch, not only a last short one, so no epoch could
+    run; refused before the run folder is written."""
+    out = _cli_error(tmp_path, monkeypatch, [*CLI_QUICK, "--norm", "batchnorm",
+                                             "--batch-size", "1", "--out", "r"])
+    assert "--batch-size 1 gives batches of 1 sample per process, which the model cannot " \
+           "train on: batchnorm in training mode needs N ≥ 2" in out
 
 
 @pytest.mark.parametrize("value", ["-10", "0", "7.5", '"ten"', "true"])

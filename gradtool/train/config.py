@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -86,8 +87,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if self.epochs is not None and self.epochs < 0:
             raise ConfigError("--epochs must not be negative")
-        if self.lr <= 0:
-            raise ConfigError("--lr must be positive")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         for size in self.hidden:
             if isinstance(size, bool) or not isinstance(size, numbers.Integral) or \
                     size < 1:
@@ -96,10 +97,10 @@ class TrainConfig:
                                   hint="write e.g. --hidden 128,64")
         for name in ("threads", "momentum", "weight_decay"):
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got "
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number ≥ 0, got "
                                   f"{value}")
-        if self.gamma <= 0:
+        if not (math.isfinite(self.gamma) and self.gamma > 0):
             raise ConfigError(f"gamma (the step schedule's factor) must be positive, got "
                               f"{self.gamma}")
 

@@ -343,6 +343,12 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
         eval_batch_size=config.batch_size, num_replicas=world.world_size, rank=world.rank)
     # a last short batch the model cannot train on (batch norm over one sample) is dropped
     # from every epoch, as DataLoader's drop_last, instead of failing at the end of epoch 1
+    if len(train_loader.sampler) >= per_rank:  # a model that can train on no full batch
+        why = refused_batch(model, ds.input_shape, per_rank)
+        if why is not None:
+            raise ConfigError(f"--batch-size {config.batch_size} gives batches of {per_rank} "
+                              f"sample{'s' if per_rank > 1 else ''} per process, which the model cannot train on: {why}",
+                              hint="use a larger --batch-size")
     last = len(train_loader.sampler) % per_rank
     dropped = None
     why = refused_batch(model, ds.input_shape, last) if last else None
