@@ -347,7 +347,8 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
         why = refused_batch(model, ds.input_shape, per_rank)
         if why is not None:
             raise ConfigError(f"--batch-size {config.batch_size} gives batches of {per_rank} "
-                              f"sample{'s' if per_rank > 1 else ''} per process, which the model cannot train on: {why}",
+                              f"sample{'s' if per_rank > 1 else ''} per process, which the "
+                              f"model cannot train on: {why}",
                               hint="use a larger --batch-size")
     last = len(train_loader.sampler) % per_rank
     dropped = None
