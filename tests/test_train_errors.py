@@ -229,6 +229,8 @@ def test_library_resume_refuses_a_field_that_differs_from_the_run(tmp_path, one_
     shutil.copytree(one_epoch_run, tmp_path / "R")
     with pytest.raises(ConfigError, match="--backend numpy given with --resume"):
         train(TrainConfig(resume=str(tmp_path / "R"), backend="numpy"))
+    with pytest.raises(ConfigError, match="--hidden 32,8, --no-verify given with --resume"):
+        train(TrainConfig(resume=str(tmp_path / "R"), hidden=(32, 8), verify=False))
     # the run's own values, and the defaults, are no conflict
     result = train(TrainConfig(resume=str(tmp_path / "R"), hidden=(16,), limit=300, epochs=2,
                                out=str(tmp_path / "R")))

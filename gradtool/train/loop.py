@@ -225,6 +225,17 @@ def _versions() -> dict:
             "sympy": sympy.__version__, "python": platform.python_version()}
 
 
+def _as_option(config: TrainConfig, name: str) -> str:
+    """A field of ``config`` as the command-line option that sets it: ``--backend numpy``,
+    ``--hidden 32,16``, ``--no-verify``."""
+    value = getattr(config, name)
+    if name == "verify":
+        return "--verify" if value else "--no-verify"
+    if name == "hidden":
+        value = ",".join(map(str, value))
+    return f"--{name.replace('_', '-')} {value}"
+
+
 def _resolve(config: TrainConfig) -> tuple[TrainConfig, Path, dict | None]:
     """The configuration to run, its folder, and the checkpoint to resume from."""
     from gradtool.train import checkpoint
@@ -234,7 +245,7 @@ def _resolve(config: TrainConfig) -> tuple[TrainConfig, Path, dict | None]:
         stored = TrainConfig.from_run(run)
         conflicts = config.resume_conflicts(stored)
         if conflicts:
-            given = ", ".join(f"--{n.replace('_', '-')} {getattr(config, n)}" for n in conflicts)
+            given = ", ".join(_as_option(config, n) for n in conflicts)
             raise ConfigError(f"{given} given with --resume: a resumed run keeps the options "
                               f"in {run / 'config.json'}", hint=RESUME_HINT)
         epochs = config.epochs if config.epochs is not None else stored.epochs
@@ -341,8 +352,6 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
     train_loader, val_loader, test_loader = loaders(
         ds, per_rank, seed=config.seed, dtype=tdtype,
         eval_batch_size=config.batch_size, num_replicas=world.world_size, rank=world.rank)
-    # a last short batch the model cannot train on (batch norm over one sample) is dropped
-    # from every epoch, as DataLoader's drop_last, instead of failing at the end of epoch 1
     if len(train_loader.sampler) >= per_rank:  # a model that can train on no full batch
         why = refused_batch(model, ds.input_shape, per_rank)
         if why is not None:
@@ -350,6 +359,8 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
                               f"sample{'s' if per_rank > 1 else ''} per process, which the "
                               f"model cannot train on: {why}",
                               hint="use a larger --batch-size")
+    # a last short batch the model cannot train on (batch norm over one sample) is dropped
+    # from every epoch, as DataLoader's drop_last, instead of failing at the end of epoch 1
     last = len(train_loader.sampler) % per_rank
     dropped = None
     why = refused_batch(model, ds.input_shape, last) if last else None
