@@ -39,7 +39,7 @@ class TrainConfig:
 
     With ``resume``, the run's recorded configuration is used; ``epochs`` (to run longer) and
     ``threads`` may be given again, and any other field given with a value that is neither
-    its default nor the run's raises :class:`ConfigError` (:func:`resume_conflicts`)."""
+    its default nor the run's raises :class:`ConfigError` (:meth:`resume_conflicts`)."""
 
     data: str = "digits"
     data_dir: str | None = None
