@@ -43,7 +43,8 @@ class LayerPlan:
     some parameters (``init={"weight": "uniform"}``; the kinds are ``spec.param``'s).
     Constructor sizes are those of the parameters and state, and any size no data input
     carries; sizes that the input determines are refused, since they are read from
-    it.
+    it. A constructor size must be an integer ≥ 1 (≥ 0 where the spec's ``min_size`` allows 0,
+    a padding) and a hyper-parameter a number, or :class:`LayerError` names it.
     """
 
     spec: Spec
