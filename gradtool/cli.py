@@ -602,7 +602,8 @@ def train_cmd(
                                          help="Generated torch Functions, or NumPy kernels "
                                               "with no autograd.")] = "torch",
     epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs (default 30; with "
-                                                                "--resume: the run's).")] = None,
+                                                                "--resume: the run's, or more "
+                                                                "to run longer).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size.")] = 32,
     optimizer: Annotated[str, typer.Option("--optimizer", metavar="sgd|adam|adamw",
                                            help="A torch.optim optimiser.")] = "adam",
@@ -618,13 +619,18 @@ def train_cmd(
     dtype: Annotated[str, typer.Option("--dtype", metavar="float32|float64")] = "float32",
     device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda",
                                         help="auto: cuda where present.")] = "auto",
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch and NumPy "
-                                                           "(0: the libraries' default).")]
-    = 1,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch and "
+                                                                  "NumPy (default 1; with "
+                                                                  "--resume: the run's; 0: the "
+                                                                  "libraries' default).")]
+    = None,
     out: Annotated[str | None, typer.Option("--out", help="Run folder (default "
                                                           "runs/DATA-MODEL-TIME).")] = None,
     resume: Annotated[str | None, typer.Option("--resume", metavar="RUN_DIR",
-                                               help="Continue a run from its last checkpoint."
+                                               help="Continue a run from its last checkpoint, "
+                                                    "with its options; only --epochs (to run "
+                                                    "longer), --threads, --json and "
+                                                    "--nproc-per-node may be given too."
                                                )] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Train without checking the "
                                                                 "specs (recorded).")] = False,
@@ -648,6 +654,8 @@ def train_cmd(
         from gradtool.train import TrainConfig, train
         from gradtool.train.present import RichProgress, result_table
 
+        if resume is not None:
+            _refuse_options_on_resume(ctx, resume)
         try:
             sizes = tuple(int(h) for h in hidden.split(",") if h.strip())
         except ValueError:
@@ -678,6 +686,25 @@ def train_cmd(
         print(json.dumps({"version": json_version(), **result.to_json()}))
     else:
         err_console.print(result_table(result))
+
+
+# what --resume may be given: the rest comes from the run's config.json
+_RESUME_OPTIONS = ("resume", "epochs", "threads", "as_json", "nproc_per_node", "debug")
+
+
+def _refuse_options_on_resume(ctx: typer.Context, resume: str) -> None:
+    """Raise ``ConfigError`` when ``--resume`` comes with an option a resumed run does not
+    take (it keeps the run's own, from its config.json), whatever the option's value."""
+    from pathlib import Path
+
+    from gradtool.train.config import RESUME_HINT, ConfigError
+
+    given = [p.opts[0] for p in ctx.command.params
+             if p.param_type_name == "option" and p.name not in _RESUME_OPTIONS
+             and getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"]
+    if given:
+        raise ConfigError(f"{', '.join(given)} given with --resume: a resumed run keeps the "
+                          f"options in {Path(resume) / 'config.json'}", hint=RESUME_HINT)
 
 
 def _is_other_rank() -> bool:

@@ -212,6 +212,49 @@ def load_model_file(path: str | Path) -> ModelDesc:
     return ModelDesc(layers, loss=loss, source=str(path))
 
 
+def layer_refusal(spec) -> str | None:
+    """Why ``spec`` (a name, path or :class:`Spec`) cannot be a layer of a sequential model,
+    which hands each layer one array (the output of the layer before) and passes one on: the
+    number of its data inputs (sampled masks do not count) or outputs when either is not one;
+    None when it can."""
+    spec = as_spec(spec)
+    data = [t.name for t in spec.tensors.values() if t.kind == "input" and t.keep is None]
+    outputs = [t.name for t in spec.outputs]
+    if len(data) != 1:
+        return (f"{spec.name} takes {_count(data, 'input')}, but a layer of a sequential "
+                "model gets one, the output of the layer before")
+    if len(outputs) != 1:
+        return (f"{spec.name} gives {_count(outputs, 'output')}, but a layer of a sequential "
+                "model passes one on")
+    return None
+
+
+def loss_refusal(spec) -> str | None:
+    """Why ``spec`` cannot be a model's loss, which takes two data inputs (the model's outputs
+    and the targets: labels ``y[N]`` or one-hot rows ``T[N, C]``) and gives one scalar; None
+    when it can."""
+    spec = as_spec(spec)
+    data = [t.name for t in spec.tensors.values() if t.kind == "input" and t.keep is None]
+    outputs = spec.outputs
+    if len(data) != 2:
+        return (f"{spec.name} takes {_count(data, 'input')}, but a loss takes two: the "
+                "model's outputs and the targets")
+    if len(outputs) != 1 or outputs[0].dims:
+        return f"{spec.name} does not give one scalar, as a loss does"
+    return None
+
+
+def _count(names: list[str], noun: str) -> str:
+    """"3 inputs (Q, K, V)", "1 input (X)", "0 inputs"."""
+    text = f"{len(names)} {noun}{'' if len(names) == 1 else 's'}"
+    return f"{text} ({', '.join(names)})" if names else text
+
+
+def _model_file_of(desc: ModelDesc) -> str | None:
+    """The model file an error should name (None for the built-in mlp and cnn)."""
+    return None if desc.source in ("mlp", "cnn") else desc.source
+
+
 def spec_hash(name: str) -> str:
     """sha256 of a spec file's text (built-in or path): what the run records and what the
     verification cache is keyed by."""
@@ -272,14 +315,18 @@ def _eval_call(layer, x, numpy_backend: bool):
         return layer(x)
 
 
-def check_input(model, desc: ModelDesc, input_shape) -> None:
+def check_input(model, desc: ModelDesc, input_shape, classes: int | None = None) -> None:
     """Run one sample of zeros of ``input_shape`` through ``model`` (either backend) in eval
     mode, layer by layer, so that a model written for other inputs fails before training, at
-    the layer that refuses what it gets. Raises :class:`ModelError` naming that layer, the shape
-    it got and the data's; the model's mode is restored and no state changes (eval forms
-    update nothing and draw no masks)."""
+    the layer that refuses what it gets; with ``classes``, check too that the model gives one
+    output per class for each sample (the width of the scores the label losses read and of
+    the one-hot targets of the others). Raises :class:`ModelError` naming that layer (for the
+    width: the layer it comes from and the size that sets it), the shape it got and the
+    data's; the model's mode is restored and no state changes (eval forms update nothing and
+    draw no masks)."""
     layers = list(model)
     x = _zeros(model, (1, *input_shape))
+    shapes = []  # each layer's output, per sample
     was_training = model.training
     model.eval()
     try:
@@ -292,12 +339,49 @@ def check_input(model, desc: ModelDesc, input_shape) -> None:
                 raise ModelError(
                     f"layer {k} ({what}) cannot take the samples of shape {shape} it gets from "
                     f"data of shape {tuple(input_shape)}: {exc.message}",
-                    file=None if desc.source in ("mlp", "cnn") else desc.source,
+                    file=_model_file_of(desc),
                     hint="the model was written for other inputs: change its sizes (a linear "
                          "after flatten takes C·H·W features) or use data it was written for"
                 ) from None
+            shapes.append(tuple(x.shape[1:]))
     finally:
         model.train(was_training)
+    if classes is not None and shapes and shapes[-1] != (classes,):
+        _wrong_width(layers, desc, shapes, classes)
+
+
+def _wrong_width(layers, desc: ModelDesc, shapes: list, classes: int) -> None:
+    """Raise the :class:`ModelError` of a model whose samples come out with shape
+    ``shapes[-1]`` instead of ``(classes,)``, naming the layer the shape comes from (the first
+    of the trailing layers that keep it) and its size of that value, if any."""
+    final = shapes[-1]
+    k = len(shapes)
+    while k > 1 and shapes[k - 2] == final:
+        k -= 1
+    entry = desc.layers[k - 1]
+    what = "flatten" if entry.flatten else entry.spec
+    plan = getattr(layers[k - 1], "plan", None)
+    width = final[-1] if final else None
+    sizes = [n for n, v in (plan.sizes.items() if plan is not None else ()) if v == width]
+    set_by = f", its {sizes[0]} = {width}" if sizes else ""
+    hint = (f"set {sizes[0]} = {classes} in layer {k}" if sizes and len(final) == 1 else
+            f"end the model with a layer that gives {classes} values per sample, e.g. a "
+            f"linear with O = {classes}")
+    raise ModelError(f"the model gives samples of shape {final} (from layer {k}, {what}"
+                     f"{set_by}), but the data has {classes} classes: the loss needs "
+                     f"{classes} outputs per sample, one per class",
+                     file=_model_file_of(desc), hint=hint)
+
+
+def check_trainable(model, desc: ModelDesc) -> None:
+    """Raise :class:`ModelError` when ``model`` (either backend) has no parameters, so that
+    an optimiser would have nothing to train."""
+    if not list(model.parameters()):
+        raise ModelError("the model has no parameters to train (its layers: "
+                         + ", ".join("flatten" if e.flatten else Path(e.spec).stem
+                                     for e in desc.layers) + ")",
+                         file=_model_file_of(desc),
+                         hint="add a layer with parameters, e.g. a linear with I and O")
 
 
 def build(desc: ModelDesc, backend: str = "torch", *, dtype: str = "float32", device=None,
@@ -307,7 +391,10 @@ def build(desc: ModelDesc, backend: str = "torch", *, dtype: str = "float32", de
     :class:`SpecModule` as one autograd node) and a :class:`LossModule`; numpy a
     :class:`NumpySequential` and a :class:`NumpyLoss`. Parameters are drawn from torch's RNG
     in both (the numpy model copies them), so the same seed gives the same initial weights on
-    either backend."""
+    either backend. Raises :class:`ModelError`, naming the model file and the layer, for a
+    layer that cannot be built (a size that is not a positive integer, a missing size), a
+    layer spec that does not take one input and give one output, and a loss spec that does
+    not take (outputs, targets) and give a scalar."""
     import torch
 
     from gradtool.nn.fused import SpecSequential
@@ -318,15 +405,27 @@ def build(desc: ModelDesc, backend: str = "torch", *, dtype: str = "float32", de
     tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
     if seed is not None:
         torch.manual_seed(seed)
+    where = _model_file_of(desc)
     layers = []
     for k, e in enumerate(desc.layers, 1):
         if e.flatten:
             layers.append(torch.nn.Flatten())
             continue
         try:
-            layers.append(SpecModule(e.spec, dtype=tdtype, device=device, **e.options))
+            why = layer_refusal(e.spec)
+            if why is None:
+                layers.append(SpecModule(e.spec, dtype=tdtype, device=device, **e.options))
         except GradtoolError as exc:
-            raise ModelError(f"layer {k} ({e.spec}): {exc}") from None
+            raise ModelError(f"layer {k} ({e.spec}): {exc}", file=where) from None
+        if why is not None:
+            raise ModelError(f"layer {k}: {why}", file=where,
+                             hint="use a spec with one input here (relu, linear, layernorm, "
+                                  "…); a loss goes in `loss = ...`")
+    why = loss_refusal(desc.loss)
+    if why is not None:
+        raise ModelError(f"loss: {why}", file=where,
+                         hint="use softmax_cross_entropy_labels, softmax_cross_entropy, mse or "
+                              "a loss spec of that form")
     model = SpecSequential(*layers)
     if backend == "torch":
         return model, LossModule(desc.loss)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -42,7 +43,8 @@ class LayerPlan:
     some parameters (``init={"weight": "uniform"}``; the kinds are ``spec.param``'s).
     Constructor sizes are those of the parameters and state, and any size no data input
     carries; sizes that the input determines are refused, since they are read from
-    it.
+    it. A constructor size must be an integer ≥ 1 (≥ 0 where the spec's ``min_size`` allows 0,
+    a padding) and a hyper-parameter a number, or :class:`LayerError` names it.
     """
 
     spec: Spec
@@ -75,8 +77,19 @@ class LayerPlan:
         self.inits = _inits(spec, self.owned, options.pop("init", None) or {})
         for key, value in options.items():
             if key in spec.hypers:
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    raise LayerError(f"{spec.name}: hyper-parameter {key} must be a number, "
+                                     f"got {value!r}",
+                                     hint=f"e.g. {key}={spec.hypers[key].default}")
                 self.hypers[key] = float(value)
             elif key in owned_dims:
+                # an integer, positive as spec.dims declares it unless the spec's min_size
+                # allows less (a padding P of 0)
+                least = min(spec.min_sizes.get(key, 1), 1)
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or \
+                        value < least:
+                    kind = "a positive integer" if least == 1 else f"an integer ≥ {least}"
+                    raise LayerError(f"{spec.name}: size {key} must be {kind}, got {value!r}")
                 self.sizes[key] = int(value)
             elif key in spec.dim_symbols:
                 raise LayerError(f"{spec.name}: size {key} is read from the input at each call",

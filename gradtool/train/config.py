@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from gradtool.errors import GradtoolError
 
 DEFAULT_EPOCHS = 30
+DEFAULT_THREADS = 1
+# what a resumed run may be given: the CLI and the library say the same
+RESUME_HINT = ("only --epochs (to run longer), --threads, --json and --nproc-per-node may be "
+               "given with --resume; to change another option, start a new run (--out)")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "step", "cosine")
 BACKENDS = ("torch", "numpy")
@@ -27,8 +33,13 @@ class TrainConfig:
     ``epochs=None`` means 30 for a new run and the recorded number for ``resume``.
     ``device="auto"`` is cuda where present, else cpu.
     ``limit`` keeps only the first samples of the training set (quick runs). ``threads``: CPU
-    threads for torch and NumPy's BLAS (default 1: small models gain nothing from more, and on
-    a busy machine spinning threads cost 30×); 0 leaves the libraries' defaults."""
+    threads for torch and NumPy's BLAS (``None``: 1 for a new run, the recorded number for
+    ``resume``; small models gain nothing from more, and on a busy machine spinning threads
+    cost 30×); 0 leaves the libraries' defaults.
+
+    With ``resume``, the run's recorded configuration is used; ``epochs`` (to run longer) and
+    ``threads`` may be given again, and any other field given with a value that is neither
+    its default nor the run's raises :class:`ConfigError` (:meth:`resume_conflicts`)."""
 
     data: str = "digits"
     data_dir: str | None = None
@@ -52,7 +63,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "auto"
-    threads: int = 1
+    threads: int | None = None
     out: str | None = None
     resume: str | None = None
     verify: bool = True
@@ -76,8 +87,22 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if self.epochs is not None and self.epochs < 0:
             raise ConfigError("--epochs must not be negative")
-        if self.lr <= 0:
-            raise ConfigError("--lr must be positive")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        for size in self.hidden:
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or \
+                    size < 1:
+                raise ConfigError(f"--hidden {','.join(map(str, self.hidden))}: every hidden "
+                                  f"size must be a positive integer, got {size!r}",
+                                  hint="write e.g. --hidden 128,64")
+        for name in ("threads", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number ≥ 0, got "
+                                  f"{value}")
+        if not (math.isfinite(self.gamma) and self.gamma > 0):
+            raise ConfigError(f"gamma (the step schedule's factor) must be positive, got "
+                              f"{self.gamma}")
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -90,6 +115,27 @@ class TrainConfig:
         cfg = cls(**{k: v for k, v in data.items() if k in names})
         cfg.hidden = tuple(cfg.hidden)
         return cfg
+
+    def resume_conflicts(self, stored: TrainConfig) -> list[str]:
+        """The fields of this configuration (one with ``resume`` set) that ask for something
+        other than the run it resumes (``stored``): a value that is neither the default nor
+        the run's, for every field but ``epochs``, ``threads``, ``resume`` and ``out`` (which
+        may name the run's own folder)."""
+        default = TrainConfig()
+        out = []
+        for f in fields(self):
+            if f.name in ("epochs", "threads", "resume"):
+                continue
+            mine = getattr(self, f.name)
+            if f.name == "out":
+                if mine is not None and Path(mine).resolve() != Path(self.resume).resolve():
+                    out.append(f.name)
+                continue
+            if f.name == "hidden":
+                mine = tuple(mine)
+            if mine != getattr(default, f.name) and mine != getattr(stored, f.name):
+                out.append(f.name)
+        return out
 
     @classmethod
     def from_run(cls, run_dir: str | Path) -> TrainConfig:

@@ -31,7 +31,13 @@ from pathlib import Path
 
 from gradtool import __version__
 from gradtool.errors import GradtoolError
-from gradtool.train.config import DEFAULT_EPOCHS, ConfigError, TrainConfig
+from gradtool.train.config import (
+    DEFAULT_EPOCHS,
+    DEFAULT_THREADS,
+    RESUME_HINT,
+    ConfigError,
+    TrainConfig,
+)
 
 METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
            "samples_per_s")
@@ -82,7 +88,20 @@ def _device(config: TrainConfig, world=None):
 
 def _model_desc(config: TrainConfig, input_shape, classes: int):
     from gradtool.nn import cnn, load_model_file, mlp
+    from gradtool.nn.models import layer_refusal
 
+    if config.model in ("mlp", "cnn"):
+        for option in ("activation", "norm"):
+            name = getattr(config, option)
+            why = layer_refusal(name) if name and (option == "activation" or
+                                                   config.model == "mlp") else None
+            if why is not None:
+                raise ConfigError(f"--{option} {name}: {why}", hint=(
+                    "the activation is a layer with one input and one output of its shape: "
+                    "an element-wise spec (relu, tanh, gelu) or a file like them"
+                    if option == "activation" else
+                    "the norm is a layer with one input and one output of its shape: "
+                    "batchnorm, layernorm or a file like them"))
     if config.model == "mlp":
         desc = mlp(math.prod(input_shape), classes, hidden=config.hidden,
                    activation=config.activation, norm=config.norm, dropout=config.dropout)
@@ -107,14 +126,29 @@ def _optimizer(config: TrainConfig, params):
     return cls(params, lr=config.lr, **kwargs)
 
 
-def _scheduler(config: TrainConfig, optimizer, epochs: int):
+def _scheduler(config: TrainConfig, optimizer, epochs: int, reached: int = 0):
+    """The learning-rate schedule of a run of ``epochs`` epochs, positioned after ``reached``
+    of them: built afresh from the optimiser's initial learning rate and stepped ``reached``
+    times, the calls an uninterrupted run makes, so that its learning rates are the same to
+    the bit. A resumed run gets its schedule this way, for its own (maybe new) number of
+    epochs, rather than from the checkpoint (sized for the number it was started with)."""
+    import warnings
+
     import torch
 
+    for group in optimizer.param_groups:  # a restored optimiser holds the last epoch's lr
+        group["lr"] = group.get("initial_lr", config.lr)
     if config.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
-    if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs, 1))
-    return None
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
+    elif config.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs, 1))
+    else:
+        return None
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": a replay
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(reached):
+            scheduler.step()
+    return scheduler
 
 
 class _Backend:
@@ -191,6 +225,17 @@ def _versions() -> dict:
             "sympy": sympy.__version__, "python": platform.python_version()}
 
 
+def _as_option(config: TrainConfig, name: str) -> str:
+    """A field of ``config`` as the command-line option that sets it: ``--backend numpy``,
+    ``--hidden 32,16``, ``--no-verify``."""
+    value = getattr(config, name)
+    if name == "verify":
+        return "--verify" if value else "--no-verify"
+    if name == "hidden":
+        value = ",".join(map(str, value))
+    return f"--{name.replace('_', '-')} {value}"
+
+
 def _resolve(config: TrainConfig) -> tuple[TrainConfig, Path, dict | None]:
     """The configuration to run, its folder, and the checkpoint to resume from."""
     from gradtool.train import checkpoint
@@ -198,14 +243,27 @@ def _resolve(config: TrainConfig) -> tuple[TrainConfig, Path, dict | None]:
     if config.resume:
         run = Path(config.resume)
         stored = TrainConfig.from_run(run)
+        conflicts = config.resume_conflicts(stored)
+        if conflicts:
+            given = ", ".join(_as_option(config, n) for n in conflicts)
+            raise ConfigError(f"{given} given with --resume: a resumed run keeps the options "
+                              f"in {run / 'config.json'}", hint=RESUME_HINT)
         epochs = config.epochs if config.epochs is not None else stored.epochs
-        stored = replace(stored, epochs=epochs, resume=str(run), out=str(run))
+        threads = config.threads if config.threads is not None else stored.threads
+        stored = replace(stored, epochs=epochs, threads=threads, resume=str(run), out=str(run))
         last = run / "checkpoints" / "last.pt"
         if not last.exists():
             raise ConfigError(f"{run} has no checkpoint to resume from",
                               file=str(last), hint="start the run again without --resume")
-        return stored, run, checkpoint.load(last)
-    config = replace(config, epochs=DEFAULT_EPOCHS if config.epochs is None else config.epochs)
+        ckpt = checkpoint.load(last)
+        if epochs < ckpt["epoch"]:
+            raise ConfigError(f"--epochs {epochs}, but {run} has already completed "
+                              f"{ckpt['epoch']} epochs",
+                              hint=f"give --epochs {ckpt['epoch'] + 1} or more to run longer, "
+                                   "or leave --epochs out to finish the run as started")
+        return stored, run, ckpt
+    config = replace(config, epochs=DEFAULT_EPOCHS if config.epochs is None else config.epochs,
+                     threads=DEFAULT_THREADS if config.threads is None else config.threads)
     run = Path(config.out or _default_out(config))
     if (run / "checkpoints" / "last.pt").exists():
         raise ConfigError(f"{run} already holds a run", hint=f"--resume {run} continues it; "
@@ -249,7 +307,7 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
     from gradtool.codegen.cache import write_atomic
     from gradtool.data import load_dataset, loaders
     from gradtool.nn import build
-    from gradtool.nn.models import check_input, refused_batch, spec_hash
+    from gradtool.nn.models import check_input, check_trainable, refused_batch, spec_hash
     from gradtool.train import checkpoint, distributed
     from gradtool.train.verify import verify_all
 
@@ -282,17 +340,25 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
     tdtype = getattr(torch, config.dtype)
     model, loss = build(desc, config.backend, dtype=config.dtype, device=device,
                         seed=config.seed)
-    check_input(model, desc, ds.input_shape)  # a model for other inputs fails here, not mid-epoch
+    check_trainable(model, desc)
+    # a model for other inputs or another number of classes fails here, not mid-epoch
+    check_input(model, desc, ds.input_shape, classes=len(ds.classes))
     if config.backend == "torch":
         loss = loss.to(device)
     if not world.main:  # the same initial weights, but masks of its own on each rank
         torch.manual_seed(distributed.rank_seed(config.seed, world.rank, 0))
     optimizer = _optimizer(config, model.parameters())
-    scheduler = _scheduler(config, optimizer, config.epochs)
     per_rank = config.batch_size // world.world_size
     train_loader, val_loader, test_loader = loaders(
         ds, per_rank, seed=config.seed, dtype=tdtype,
         eval_batch_size=config.batch_size, num_replicas=world.world_size, rank=world.rank)
+    if len(train_loader.sampler) >= per_rank:  # a model that can train on no full batch
+        why = refused_batch(model, ds.input_shape, per_rank)
+        if why is not None:
+            raise ConfigError(f"--batch-size {config.batch_size} gives batches of {per_rank} "
+                              f"sample{'s' if per_rank > 1 else ''} per process, which the "
+                              f"model cannot train on: {why}",
+                              hint="use a larger --batch-size")
     # a last short batch the model cannot train on (batch norm over one sample) is dropped
     # from every epoch, as DataLoader's drop_last, instead of failing at the end of epoch 1
     last = len(train_loader.sampler) % per_rank
@@ -310,10 +376,11 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
     history, best, start_epoch = [], {"val_acc": -1.0, "epoch": 0}, 0
     ckpt_dir = run / "checkpoints"
     if ckpt is not None:
-        if not checkpoint.restore(ckpt, model, optimizer, scheduler, rank=world.rank,
+        if not checkpoint.restore(ckpt, model, optimizer, None, rank=world.rank,
                                   world_size=world.world_size):
             torch.manual_seed(distributed.rank_seed(config.seed, world.rank, ckpt["epoch"]))
         history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"]
+    scheduler = _scheduler(config, optimizer, config.epochs, start_epoch)
     net = distributed.wrap(model, device) if world.parallel else model
     record = {"config": config.to_json(), "model": desc.to_json(), "spec_sha256": hashes,
               "versions": _versions(), "seed": config.seed, "device": str(device),

@@ -1,0 +1,237 @@
+"""gradtool train on bad input: one clear error naming the option, model file and layer, raised
+before the run folder is written; and --resume, which runs longer on the schedule of the new
+number of epochs and refuses the options it would otherwise ignore. Tiny runs on 300 digits."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gradtool.cli import app
+from gradtool.nn import SpecModule
+from gradtool.nn.models import ModelError
+from gradtool.nn.plan import LayerError
+from gradtool.train import TrainConfig, train
+from gradtool.train.config import ConfigError
+
+QUICK = dict(limit=300, hidden=(16,), batch_size=32)
+CLI_QUICK = ["--limit", "300", "--hidden", "16", "--epochs", "1"]
+
+# a user's spec with three inputs, as an attention layer has
+THREE_INPUTS = """\
+from gradtool.lang import Spec
+
+spec = Spec("attn", "three inputs")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+Q = spec.input("Q", N, D)
+K = spec.input("K", N, D)
+V = spec.input("V", N, D)
+spec.output("Y", [n, d], Q[n, d] * K[n, d] + V[n, d])
+"""
+
+
+def _model_file(tmp_path, last: str, loss: str | None = None, name: str = "m.toml"):
+    """flatten → linear 64 → 16 → relu → ``last`` (TOML lines of the last layer's table)."""
+    text = f'loss = "{loss}"\n' if loss else ""
+    text += ('[[layers]]\nflatten = true\n\n[[layers]]\nspec = "linear"\nI = 64\nO = 16\n\n'
+             f'[[layers]]\nspec = "relu"\n\n[[layers]]\n{last}\n')
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _cli_error(tmp_path, monkeypatch, args) -> str:
+    """The output of a ``gradtool train`` that must fail with one error line and write no
+    run folder."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", *args])
+    assert result.exit_code == 1, result.output
+    assert "internal error" not in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists() and not (tmp_path / "runs").exists()
+    return " ".join(result.output.split())  # rich may wrap the line
+
+
+@pytest.mark.parametrize("hidden", ["0", "16,-3"])
+def test_hidden_sizes_must_be_positive(tmp_path, monkeypatch, hidden):
+    out = _cli_error(tmp_path, monkeypatch, [*CLI_QUICK, "--hidden", hidden, "--out", "r"])
+    assert f"--hidden {hidden}: every hidden size must be a positive integer" in out
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("threads", -1, "--threads must be a number ≥ 0, got -1"),
+    ("momentum", -0.5, "--momentum must be a number ≥ 0"),
+    ("weight_decay", float("nan"), "--weight-decay must be a number ≥ 0, got nan"),
+    ("lr", float("nan"), "--lr must be a positive number, got nan"),
+    ("lr", float("inf"), "--lr must be a positive number, got inf")])
+def test_option_values_out_of_range_are_refused(option, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**{option: value}).validate()
+
+
+def test_a_batch_size_the_model_cannot_train_on_is_refused(tmp_path, monkeypatch):
+    """Batch norm over one sample: every batch, not only a last short one, so no epoch could
+    run; refused before the run folder is written."""
+    out = _cli_error(tmp_path, monkeypatch, [*CLI_QUICK, "--norm", "batchnorm",
+                                             "--batch-size", "1", "--out", "r"])
+    assert "--batch-size 1 gives batches of 1 sample per process, which the model cannot " \
+           "train on: batchnorm in training mode needs N ≥ 2" in out
+
+
+@pytest.mark.parametrize("value", ["-10", "0", "7.5", '"ten"', "true"])
+def test_model_file_sizes_must_be_positive_integers(tmp_path, value):
+    path = _model_file(tmp_path, f'spec = "linear"\nI = 16\nO = {value}')
+    with pytest.raises(ModelError, match=r"layer 4 \(linear\): linear: size O must be a "
+                                         r"positive integer") as info:
+        train(TrainConfig(model=str(path), out=str(tmp_path / "r"), epochs=1, **QUICK))
+    assert info.value.file == str(path)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_size_the_spec_lets_be_zero_may_be_zero():
+    """maxpool2d declares min_size(P=0): no padding is P = 0, but a stride of 0 is no size."""
+    pool = SpecModule("maxpool2d", K=2, S=2, P=0)
+    assert pool(torch.zeros(1, 1, 4, 4)).shape == (1, 1, 2, 2)
+    with pytest.raises(LayerError, match="size P must be an integer ≥ 0, got -1"):
+        SpecModule("maxpool2d", K=2, S=2, P=-1)
+    with pytest.raises(LayerError, match="size S must be a positive integer, got 0"):
+        SpecModule("maxpool2d", K=2, S=0, P=0)
+    with pytest.raises(LayerError, match="hyper-parameter eps must be a number"):
+        SpecModule("layernorm", D=4, eps="small")
+
+
+@pytest.mark.parametrize("loss, backend", [(None, "torch"), (None, "numpy"), ("mse", "torch")])
+def test_output_width_must_equal_the_number_of_classes(tmp_path, loss, backend):
+    """Digits have 10 classes: a last linear with O = 7 is named (its file, layer and size)
+    before anything is written, for the label loss and for mse's one-hot targets; a relu
+    after it does not hide which layer sets the width."""
+    path = _model_file(tmp_path, 'spec = "linear"\nI = 16\nO = 7\n\n[[layers]]\nspec = "relu"',
+                       loss=loss)
+    with pytest.raises(ModelError, match=r"the model gives samples of shape \(7,\) \(from layer "
+                                         r"4, linear, its O = 7\), but the data has 10 "
+                                         r"classes") as info:
+        train(TrainConfig(model=str(path), out=str(tmp_path / "r"), epochs=1, backend=backend,
+                          **QUICK))
+    assert info.value.file == str(path) and info.value.hint == "set O = 10 in layer 4"
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_model_without_parameters_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "m.toml").write_text('[[layers]]\nflatten = true\n\n[[layers]]\n'
+                                     'spec = "softmax"\n')
+    out = _cli_error(tmp_path, monkeypatch, [*CLI_QUICK, "--model", "m.toml", "--out", "r"])
+    assert "m.toml: the model has no parameters to train (its layers: flatten, softmax)" in out
+
+
+@pytest.mark.parametrize("activation, why", [
+    ("attn.py", "attn takes 3 inputs (Q, K, V), but a layer of a sequential model gets one"),
+    ("softmax_cross_entropy", "softmax_cross_entropy takes 2 inputs (X, T)")])
+def test_activation_must_take_one_input(tmp_path, monkeypatch, activation, why):
+    (tmp_path / "attn.py").write_text(THREE_INPUTS)
+    out = _cli_error(tmp_path, monkeypatch, [*CLI_QUICK, "--activation", activation,
+                                             "--out", "r"])
+    assert f"--activation {activation}: {why}" in out
+    assert "an element-wise spec" in out
+
+
+def test_model_file_layer_and_loss_specs_of_the_wrong_kind(tmp_path):
+    layer = _model_file(tmp_path, 'spec = "mse"', name="layer.toml")
+    with pytest.raises(ModelError, match="layer 4: mse takes 2 inputs") as info:
+        train(TrainConfig(model=str(layer), out=str(tmp_path / "r"), epochs=1, **QUICK))
+    assert info.value.file == str(layer)
+    loss = _model_file(tmp_path, 'spec = "linear"\nI = 16\nO = 10', loss="relu",
+                       name="loss.toml")
+    with pytest.raises(ModelError, match=r"loss: relu takes 1 input \(X\), but a loss takes "
+                                         "two"):
+        train(TrainConfig(model=str(loss), out=str(tmp_path / "r"), epochs=1, **QUICK))
+    assert not (tmp_path / "r").exists()
+
+
+# --resume ---------------------------------------------------------------------------------
+
+def _untimed(history):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")}
+            for r in history]
+
+
+def _weights(run_dir):
+    return torch.load(run_dir / "model.pt", weights_only=False)["state_dict"]
+
+
+@pytest.mark.parametrize("schedule, backend", [("cosine", "torch"), ("step", "numpy")])
+def test_resume_to_run_longer_equals_the_longer_run(tmp_path, schedule, backend):
+    """A 1-epoch run resumed with epochs=2 trains its second epoch at the 2-epoch schedule's
+    learning rate (cosine: lr₀/2, not the 1-epoch cosine's 0) and ends with the weights of
+    an uninterrupted 2-epoch run, bit for bit: both first epochs ran at lr₀."""
+    cfg = dict(QUICK, schedule=schedule, step_size=1, gamma=0.5, backend=backend, seed=3)
+    train(TrainConfig(out=str(tmp_path / "short"), epochs=1, **cfg))
+    resumed = train(TrainConfig(resume=str(tmp_path / "short"), epochs=2))
+    whole = train(TrainConfig(out=str(tmp_path / "whole"), epochs=2, **cfg))
+    assert [r["lr"] for r in resumed.history] == pytest.approx([1e-3, 5e-4], rel=1e-12)
+    assert _untimed(resumed.history) == _untimed(whole.history)
+    a, b = _weights(tmp_path / "short"), _weights(tmp_path / "whole")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_follows_the_new_cosine_from_the_epoch_reached(tmp_path):
+    """2 epochs of a 2-epoch cosine, resumed to 4: epochs 3 and 4 run at the 4-epoch cosine's
+    lr₀(1 + cos(πe/4))/2 for e = 2, 3; the epochs already run keep their learning rates."""
+    train(TrainConfig(out=str(tmp_path / "r"), epochs=2, **QUICK))
+    resumed = train(TrainConfig(resume=str(tmp_path / "r"), epochs=4))
+    cosine = [1e-3 * (1 + math.cos(math.pi * e / 4)) / 2 for e in (2, 3)]
+    assert [r["lr"] for r in resumed.history] == pytest.approx([1e-3, 5e-4, *cosine],
+                                                               rel=1e-12)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+    with pytest.raises(ConfigError, match="--epochs 3, but .* has already completed 4 epochs"):
+        train(TrainConfig(resume=str(tmp_path / "r"), epochs=3))
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("resume") / "base"
+    train(TrainConfig(out=str(run), epochs=1, **QUICK))
+    return run
+
+
+@pytest.mark.parametrize("args", [["--backend", "numpy"], ["--backend", "torch"],
+                                  ["--lr", "0.1", "--epochs", "2"], ["--out", "elsewhere"]])
+def test_cli_resume_refuses_other_options(tmp_path, monkeypatch, one_epoch_run, args):
+    """Even one equal to the run's (--backend torch): a resumed run keeps its own."""
+    run = tmp_path / "R"
+    shutil.copytree(one_epoch_run, run)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", "--resume", "R", *args])
+    assert result.exit_code == 1, result.output
+    out = " ".join(result.output.split())
+    assert f"{args[0]} given with --resume: a resumed run keeps the options in " \
+           "R/config.json" in out
+    assert "only --epochs (to run longer), --threads, --json" in out
+    assert json.loads((run / "result.json").read_text())["epochs"] == 1  # nothing ran
+
+
+def test_cli_resume_takes_epochs_threads_and_json(tmp_path, monkeypatch, one_epoch_run):
+    shutil.copytree(one_epoch_run, tmp_path / "R")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", "--resume", "R", "--epochs", "2", "--threads",
+                                      "1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["epochs"] == 2 and data["history"][1]["lr"] > 0
+
+
+def test_library_resume_refuses_a_field_that_differs_from_the_run(tmp_path, one_epoch_run):
+    shutil.copytree(one_epoch_run, tmp_path / "R")
+    with pytest.raises(ConfigError, match="--backend numpy given with --resume"):
+        train(TrainConfig(resume=str(tmp_path / "R"), backend="numpy"))
+    with pytest.raises(ConfigError, match="--hidden 32,8, --no-verify given with --resume"):
+        train(TrainConfig(resume=str(tmp_path / "R"), hidden=(32, 8), verify=False))
+    # the run's own values, and the defaults, are no conflict
+    result = train(TrainConfig(resume=str(tmp_path / "R"), hidden=(16,), limit=300, epochs=2,
+                               out=str(tmp_path / "R")))
+    assert result.epochs == 2
