@@ -490,7 +490,7 @@ def _places_mean(program, value, mean, lam, over, pattern) -> bool:
             step = sp.expand(pa).coeff(s)
             if step == 0:
                 return False
-            solved = sp.expand((va - rename(pa.xreplace({s: 0}), mapping)) / step)
+            solved = sp.expand((va - rename(pa.xreplace({s: sp.Integer(0)}), mapping)) / step)
             if not isinstance(solved, sp.Symbol) or solved not in program.ranges:
                 return False
             mapping[s] = solved
