@@ -215,3 +215,23 @@ def test_an_exact_zero_allows_the_rounding_of_the_terms_that_cancel(tmp_path, of
     if passes:  # finite differences allow 1e-10 anyway; autograd's exact 0 needs the terms
         (auto,) = [r for r in grads if r.oracle == "torch.autograd"]
         assert "terms cancel" in auto.note, auto
+
+
+def test_an_output_that_is_the_difference_stays_itself(tmp_path):
+    """Y = X − μ is not rewritten as a copy of a lifted xc, and another output's X − μ is
+    lifted rather than read from Y; both check."""
+    source = HEAD + """\
+spec = Spec("centre", "x")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+X = spec.input("X", N, D)
+mu = spec.let("mu", [n], Sum(X[n, d], d) / D)
+spec.output("Y", [n, d], X[n, d] - mu[n])
+spec.output("Z", [n], Sum((X[n, d] - mu[n]) ** 2, d))
+"""
+    spec = spec_from(tmp_path, source)
+    program = normalize(spec)
+    by = program.by_target()
+    assert str(by["Y"].body) == "X[n, d] - mu[n]" and str(by["Z"].body) == "xc[n, d]**2"
+    rows = check_spec(spec, CheckOptions(cases=2))
+    assert rows and all(r.passed for r in rows), [r for r in rows if not r.passed]
