@@ -185,8 +185,7 @@ def test_term_magnitude_adds_the_terms_in_absolute_value():
 
 
 class Perturbed:
-    """The generated NumPy kernels with ``offset`` added to every gradient: rounding-sized
-    (5e-12, above the 1e-12 floor) or a real fault (1e-8)."""
+    """The generated NumPy kernels with ``offset`` added to every gradient."""
 
     name = "derived"
 
@@ -199,14 +198,14 @@ class Perturbed:
         return outs, {k: v + self.offset for k, v in grads.items()}, state
 
 
-@pytest.mark.parametrize("offset, passes", [(5e-12, True), (1e-8, False)])
+@pytest.mark.parametrize("offset, passes", [(1e-10, True), (1e-6, False)])
 def test_an_exact_zero_allows_the_rounding_of_the_terms_that_cancel(tmp_path, offset, passes):
-    """Instance norm over one element: dX = G/√ε − G/√ε = 0 exactly, from terms of 316·|G|.
-    A float64 kernel may be off by the rounding of those terms (the old expanded form was
-    off by 2.9e-9 where its terms were 3e7), which an allowance of 1e-12 relative to the
-    exact 0 called a code-generation fault; 1e-13 of the terms' magnitude allows it. An
-    error of 1e-8 is still a fault."""
-    spec = spec_from(tmp_path, INSTNORM)
+    """Instance norm over one element with ε = 1e-12: dX = G/√ε − G/√ε = 0 exactly, from
+    terms of 1e6·|G|. A float64 kernel may be off by the rounding of those terms (the old
+    expanded form was off by 2.9e-9 where its terms were 1.2e8), which the allowance of
+    1e-12 relative to the exact 0 called a code-generation fault; 16 unit roundoffs of the
+    terms (3.6e-9·|G| here) allow 1e-10. An error of 1e-6 is still a fault."""
+    spec = spec_from(tmp_path, INSTNORM.replace('"eps", 1e-5', '"eps", 1e-12'))
     ones = {name: 1 for name in spec.dim_symbols}
     rows = check_spec(spec, CheckOptions(cases=1, fixed=ones, oracles=("autograd", "fd")),
                       subject=Perturbed(spec, offset))
@@ -235,3 +234,14 @@ spec.output("Z", [n], Sum((X[n, d] - mu[n]) ** 2, d))
     assert str(by["Y"].body) == "X[n, d] - mu[n]" and str(by["Z"].body) == "xc[n, d]**2"
     rows = check_spec(spec, CheckOptions(cases=2))
     assert rows and all(r.passed for r in rows), [r for r in rows if not r.passed]
+
+
+def test_float32_check_passes_at_every_size_including_one(tmp_path):
+    """``gradtool check --float32``: at L = 2 dX is small by cancellation (the normalised
+    pair is ±1 whatever X is), and the float32 kernel is off by 3 float32 roundoffs of the
+    terms, 1.1e-4 of the result; the rows allow the rounding of the terms."""
+    spec = spec_from(tmp_path, INSTNORM)
+    for fixed in ({"N": 1, "C": 1, "L": 1}, {"L": 2}, {}):
+        rows = check_spec(spec, CheckOptions(cases=2, fixed=fixed, dtype="float32"))
+        failed = [r for r in rows if not r.passed]
+        assert rows and not failed, failed
