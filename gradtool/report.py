@@ -193,6 +193,7 @@ def _jacobians(d: Derivation, shape: dict[str, int] | None, say=lambda step: Non
                 mat, rws, cols = explicit_matrix(
                     d, jac, shape, progress=lambda r, n, out=out, wrt=t.name:
                     say(f"Jacobian ∂{out}/∂{wrt} as a matrix, row {r + 1} of {n}"))
+                mat = mat.applyfunc(lambda e: _as_written(d, e))
                 row["rows"] = [_access_text(out, r) for r in rws]
                 row["columns"] = [_access_text(t.name, c) for c in cols]
                 row["matrix"] = [[text(mat[i, j]) for j in range(mat.cols)]

@@ -103,6 +103,13 @@ def test_instnorm_backward_keeps_the_centred_difference(tmp_path):
     assert "(X[n,c,l] - μ[n,c])·" in grad["text"], grad["text"]
     assert "X[n,c,l]·μ" not in grad["text"] and "μ[n,c]^2" not in grad["text"], grad["text"]
     assert [row["target"] for row in report["forward"]] == ["mu", "var", "Y"]
+    # the Jacobian, in index form and as a matrix, reads the difference as written too
+    report = derive_report(spec_from(tmp_path, INSTNORM), jacobians=True,
+                           shape={"N": 1, "C": 1, "L": 2})
+    (jac,) = report["jacobians"]
+    shown = [jac["text"]] + [entry for row in jac["matrix"] for entry in row]
+    assert all("xc" not in t for t in shown) and "(X[0,0,1] - μ[0,0])" in str(shown), shown
+    assert [row["target"] for row in report["forward"]] == ["mu", "var", "Y"]
 
 
 def test_one_tensor_for_every_copy_of_a_centred_difference(tmp_path):
