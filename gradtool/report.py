@@ -101,13 +101,24 @@ def _forward(d: Derivation, shown: set[str] | None = None) -> list[dict]:
     return rows
 
 
+def _as_written(d: Derivation, expr: sp.Expr) -> sp.Expr:
+    """``expr`` with each centred difference the engine named (``xc = X − μ``, lifted from a
+    spec that wrote X − μ inline) written out again as one factor, as the spec wrote it."""
+    lifted = {a.target: a for a in d.program.assigns
+              if a.kind == "lifted" and a.reduce is None}
+    subs = {node: a.body.xreplace(dict(zip(a.lhs, node.indices, strict=True)))
+            for node in expr.atoms(sp.Indexed)
+            if (a := lifted.get(access_name(node))) is not None}
+    return expr.xreplace(subs) if subs else expr
+
+
 def _gradients(d: Derivation, names=None) -> list[dict]:
     """A row per differentiable input (or, with ``names``, per named intermediate adjoint);
     a gradient written through a named adjoint (dQ = dS·K/√d) is shown in that form."""
     rows = []
     tensors = [d.spec.tensors[n] for n in names] if names is not None else d.spec.grad_inputs
     for t in tensors:
-        closed = d.via.get(t.name, d.closed[t.name])
+        closed = _as_written(d, d.via.get(t.name, d.closed[t.name]))
         expr = present(closed)
         idx = d.canon[t.name]
         lhs = "d" + _access_text(t.name, idx)
@@ -167,9 +178,9 @@ def _jacobians(d: Derivation, shape: dict[str, int] | None, say=lambda step: Non
                 continue
             say(f"Jacobian ∂{out}/∂{t.name}")
             jac = jacobian(d, out, t.name)
-            expr = present(jac.expr)
+            expr = present(_as_written(d, jac.expr))
             if reads is not None:
-                reads |= _names([jac.expr])
+                reads |= _names([_as_written(d, jac.expr)])
             lhs = f"∂{_access_text(out, jac.out_idx)}/∂{_access_text(t.name, jac.in_idx)}"
             row = {
                 "output": out, "wrt": t.name,
@@ -184,6 +195,7 @@ def _jacobians(d: Derivation, shape: dict[str, int] | None, say=lambda step: Non
                 mat, rws, cols = explicit_matrix(
                     d, jac, shape, progress=lambda r, n, out=out, wrt=t.name:
                     say(f"Jacobian ∂{out}/∂{wrt} as a matrix, row {r + 1} of {n}"))
+                mat = mat.applyfunc(lambda e: _as_written(d, e))
                 row["rows"] = [_access_text(out, r) for r in rws]
                 row["columns"] = [_access_text(t.name, c) for c in cols]
                 row["matrix"] = [[text(mat[i, j]) for j in range(mat.cols)]
@@ -218,8 +230,9 @@ def derive_report(spec_or_path: str | Spec, *, jacobians: bool = False,
     say("printing the closed forms")
     seeds = {name: (str(s.base) if isinstance(s, sp.Indexed) else str(s))
              for name, s in d.seeds.items()}
-    shown = _names([d.via.get(t.name, d.closed[t.name]) for t in spec.grad_inputs]
-                   + list(d.named.values()))
+    shown = _names([_as_written(d, e) for e in [d.via.get(t.name, d.closed[t.name])
+                                                for t in spec.grad_inputs]
+                    + list(d.named.values())])
     report = {
         "spec": spec.name, "description": spec.description, "file": spec.file,
         "reference": spec.reference, "seeds": seeds, "forward": [],
