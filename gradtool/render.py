@@ -47,6 +47,24 @@ def render_latex(console: Console, report: dict) -> None:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
+def shown_path(file) -> str:
+    """A spec file as people refer to it: a built-in one as ``specs/<name>.py`` wherever
+    gradtool is installed, a file under the working folder relative to it, others as given."""
+    from pathlib import Path
+
+    from gradtool.spec.loader import builtin_dir
+
+    path = Path(str(file))
+    try:
+        return str(Path(builtin_dir().name) / path.resolve().relative_to(builtin_dir().resolve()))
+    except ValueError:
+        pass
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(file)
+
+
 def render_derivation(console: Console, report: dict, latex: bool = False) -> None:
     if latex:
         render_latex(console, report)
@@ -54,7 +72,7 @@ def render_derivation(console: Console, report: dict, latex: bool = False) -> No
     key = "text"
     title = f"[bold cyan]{escape(report['spec'])}[/] — {escape(report['description'])}"
     console.print(title)
-    console.print(f"[dim]{escape(str(report['file']))}[/]")
+    console.print(f"[dim]{escape(shown_path(report['file']))}[/]")
     console.print(Panel(_lines(report["forward"], key), title="forward", title_align="left",
                         border_style="blue"))
 

@@ -350,3 +350,17 @@ def test_code_refuses_options_it_would_ignore(option):
     result = CliRunner().invoke(app, ["derive", "relu", "--code", "numpy", *option])
     assert result.exit_code == 1 and "cannot be combined" in result.output
     assert option[0] in result.output
+
+
+def test_derive_names_a_builtin_spec_as_specs_name_from_any_folder(tmp_path, monkeypatch):
+    """The header line names a built-in spec as the docs do (``specs/layernorm.py``), not by
+    the absolute path of wherever gradtool is installed; a user's file relative to the
+    working folder."""
+    monkeypatch.chdir(tmp_path)
+    assert ok("derive", "layernorm").splitlines()[1].strip() == "specs/layernorm.py"
+    (tmp_path / "sub").mkdir()
+    spec = tmp_path / "sub" / "square.py"
+    spec.write_text('from gradtool.lang import Spec\nspec = Spec("square", "x²")\n'
+                    'N = spec.dims("N")\nn = spec.indices(n=N)\nX = spec.input("X", N)\n'
+                    'spec.output("Y", [n], X[n] ** 2)\n')
+    assert ok("derive", str(spec)).splitlines()[1].strip() == "sub/square.py"
