@@ -364,3 +364,15 @@ def test_derive_names_a_builtin_spec_as_specs_name_from_any_folder(tmp_path, mon
                     'N = spec.dims("N")\nn = spec.indices(n=N)\nX = spec.input("X", N)\n'
                     'spec.output("Y", [n], X[n] ** 2)\n')
     assert ok("derive", str(spec)).splitlines()[1].strip() == "sub/square.py"
+
+
+def test_a_float_in_a_spec_prints_as_python_writes_it(tmp_path):
+    """Max(X, 0.5·X, Min(X, 1)): 0.5 and 1.0 in the closed form and its matrix form, not
+    SymPy's 0.500000000000000."""
+    spec = tmp_path / "minmax.py"
+    spec.write_text('from gradtool.lang import Spec, Max, Min\nspec = Spec("mm", "max")\n'
+                    'N, D = spec.dims("N D")\nn, d = spec.indices(n=N, d=D)\n'
+                    'X = spec.input("X", N, D)\n'
+                    'spec.output("Y", [n, d], Max(X[n, d], 0.5 * X[n, d], Min(X[n, d], 1)))\n')
+    out = ok("derive", str(spec))
+    assert "0.5" in out and "00000" not in out, out

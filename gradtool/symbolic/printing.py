@@ -281,6 +281,13 @@ class IndexPrinter(_PositiveFirst, StrPrinter):
     def _print_Mul(self, expr):
         return super()._print_Mul(expr).replace("**", "^").replace("*", "·")
 
+    def _print_Float(self, expr):
+        """A float as Python writes it (0.5, 1.0), not SymPy's 15 digits (0.500000000000000);
+        one that Python's shortest form cannot hold keeps SymPy's digits."""
+        value = float(expr)
+        return repr(value) if sp.Float(repr(value), precision=expr._prec) == expr else \
+            super()._print_Float(expr)
+
     def _print_Pow(self, expr, rational=False):
         return super()._print_Pow(expr, rational).replace("**", "^")
 
