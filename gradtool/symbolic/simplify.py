@@ -347,7 +347,8 @@ class Simplifier:
                 split.append(summed)
             else:
                 out.append(summed)
-        if nested_terms(sp.Add(*kept)) >= 2 and all(count_sums(s) > count_sums(t) for t, s in zip(kept, split)):
+        if nested_terms(sp.Add(*kept)) >= 2 and all(
+                count_sums(s) > count_sums(t) for t, s in zip(kept, split, strict=True)):
             return sp.Add(*out, sp.Sum(sp.Add(*kept), (var, 0, count - 1)))
         return sp.Add(*out, *split)
 
