@@ -384,6 +384,12 @@ class Simplifier:
         others = [f for f in dep if f is not inside]
         if any(f.free_symbols & bound for f in others):
             return None
+        # only where a term of the swapped inner sum could fold (:meth:`_could_fold`): each
+        # try simplifies the whole inner sum again, on a chain of layers the rest of the chain
+        product = sp.Mul(*others)
+        if not any(self._could_fold(product * t, var, 1 - depth)
+                   for t in sp.Add.make_args(inside.function)):
+            return None
         if not self._attempt():
             return None
         out = self.sum_over(expand(sp.Mul(*others) * inside.function, self.inert), var, count,
