@@ -384,11 +384,13 @@ class Simplifier:
         others = [f for f in dep if f is not inside]
         if any(f.free_symbols & bound for f in others):
             return None
-        # only where a term of the swapped inner sum could fold (:meth:`_could_fold`): each
-        # try simplifies the whole inner sum again, on a chain of layers the rest of the chain
+        # only where a term of the swapped inner sum could fold (:meth:`_could_fold`) or a
+        # Kronecker delta could take a sum away (group norm's δ(c, Cg·g + q)): each try
+        # simplifies the whole inner sum again, on a chain of layers the rest of the chain
         product = sp.Mul(*others)
-        if not any(self._could_fold(product * t, var, 1 - depth)
-                   for t in sp.Add.make_args(inside.function)):
+        if not product.has(sp.KroneckerDelta) and not any(
+                self._could_fold(product * t, var, 1 - depth)
+                for t in sp.Add.make_args(inside.function)):
             return None
         if not self._attempt():
             return None
