@@ -48,7 +48,14 @@ def expand(expr, inert=None) -> sp.Expr:
     :meth:`Simplifier.inert`). Where a product has two or more such factors they stay
     factors: the chain rule through k saturating activations is a product of k factors
     1 − tanh², 2^k terms once multiplied out (docs/fuzzing.md, finding 21). A product with
-    one such factor is still multiplied out, so that G − G·(1 − t²) cancels to G·t²."""
+    one such factor is still multiplied out, so that G − G·(1 − t²) cancels to G·t².
+
+    A sum whose body holds two or more terms with sums of their own (:func:`nested_terms`)
+    stays one sum, where SymPy would split it into a sum per term, and a sum factor of a
+    product with it is not multiplied in: (1 − h0²)·Σ_e'(W1·…) stays a product.
+    :meth:`Simplifier.sum_over` splits such a sum where a term folds; on a chain of
+    contractions (k tanh layers) each split or product multiplied out doubled the sums again,
+    2^k of them."""
     from gradtool.symbolic.ir import ArgMaxMask
 
     keep = {m: sp.Dummy("mask") for m in expr.atoms(ArgMaxMask)} if expr.has(ArgMaxMask) \
@@ -68,11 +75,8 @@ def expand(expr, inert=None) -> sp.Expr:
                       and f.base not in keep and inert(f.base)]
             if len(sums) + 2 * len(powers) >= 2:
                 keep.update({f: sp.Dummy("factor") for f in sums + powers})
-    # a sum whose body holds two or more terms with sums of their own stays one sum (SymPy's
-    # expand would split it, a sum per term): :meth:`Simplifier.sum_over` splits it where a
-    # term folds, and each split of a chain of contractions doubles the sums again
-    # and a factor (1 − h²) of such a sum is not multiplied into it: that would write the
-    # whole sum twice, and on a chain each level doubles it again
+    # sums kept whole, and the sum factors beside them (multiplied in, each would write the
+    # whole sum once per term)
     whole = {node for node in sp.preorder_traversal(expr)
              if isinstance(node, sp.Sum) and node not in keep and nested_terms(node.function) >= 2}
     for node in sp.preorder_traversal(expr) if whole else ():
