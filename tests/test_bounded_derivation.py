@@ -148,6 +148,27 @@ def test_expansion_budget_keeps_the_plain_form():
 
 
 
+
+def test_a_sum_whose_terms_hold_sums_stays_one_sum():
+    """SymPy's expand splits Σ_f W·(Σ_g a − h²·Σ_g b) into a sum per term and multiplies
+    1 − h² into each: on a chain of k contractions that doubled the sums k times (h28). The
+    engine's expand keeps such a sum whole and the factor beside it; a sum whose terms hold
+    no sums of their own still splits, so that each term may fold."""
+    from gradtool.symbolic.simplify import expand, nested_terms
+
+    n, e, f, g = sp.symbols("n e f g", integer=True)
+    D = sp.Symbol("D", integer=True, positive=True)
+    W, h, G = sp.IndexedBase("W"), sp.IndexedBase("h"), sp.IndexedBase("G")
+    a = sp.Sum(G[n, g] * W[g, f], (g, 0, D - 1))
+    b = sp.Sum(G[n, g] * W[g, f] * h[n, g] ** 2, (g, 0, D - 1))
+    chain = sp.Sum(W[f, e] * (a - h[n, f] ** 2 * b), (f, 0, D - 1))
+    assert nested_terms(chain.function) == 2
+    assert expand((1 - h[n, e] ** 2) * chain) == (1 - h[n, e] ** 2) * chain
+    assert len(sp.Add.make_args(sp.expand((1 - h[n, e] ** 2) * chain))) == 4
+    flat = sp.Sum(G[n, f] * W[f, e] * (1 - h[n, f] ** 2), (f, 0, D - 1))
+    assert nested_terms(flat.function) == 0
+    assert len(sp.Add.make_args(expand(flat))) == 2
+
 @pytest.mark.parametrize("name", ["layernorm", "softmax_cross_entropy", "sigmoid", "conv2d"])
 def test_over_budget_the_plain_form_is_still_right(monkeypatch, name):
     """With every size budget at its smallest, each rewrite falls back to the plain form;
