@@ -48,7 +48,14 @@ def expand(expr, inert=None) -> sp.Expr:
     :meth:`Simplifier.inert`). Where a product has two or more such factors they stay
     factors: the chain rule through k saturating activations is a product of k factors
     1 − tanh², 2^k terms once multiplied out (docs/fuzzing.md, finding 21). A product with
-    one such factor is still multiplied out, so that G − G·(1 − t²) cancels to G·t²."""
+    one such factor is still multiplied out, so that G − G·(1 − t²) cancels to G·t².
+
+    A sum whose body holds two or more terms with sums of their own (:func:`nested_terms`)
+    stays one sum, where SymPy would split it into a sum per term, and a sum factor of a
+    product with it is not multiplied in: (1 − h0²)·Σ_e'(W1·…) stays a product.
+    :meth:`Simplifier.sum_over` splits such a sum where a term folds; on a chain of
+    contractions (k tanh layers) each split or product multiplied out doubled the sums again,
+    2^k of them."""
     from gradtool.symbolic.ir import ArgMaxMask
 
     keep = {m: sp.Dummy("mask") for m in expr.atoms(ArgMaxMask)} if expr.has(ArgMaxMask) \
@@ -68,11 +75,30 @@ def expand(expr, inert=None) -> sp.Expr:
                       and f.base not in keep and inert(f.base)]
             if len(sums) + 2 * len(powers) >= 2:
                 keep.update({f: sp.Dummy("factor") for f in sums + powers})
+    # sums kept whole, and the sum factors beside them (multiplied in, each would write the
+    # whole sum once per term)
+    whole = {node for node in sp.preorder_traversal(expr)
+             if isinstance(node, sp.Sum) and node not in keep and nested_terms(node.function) >= 2}
+    for node in sp.preorder_traversal(expr) if whole else ():
+        if isinstance(node, sp.Mul) and any(f in whole for f in node.args):
+            keep.update({f: sp.Dummy("factor") for f in node.args
+                         if isinstance(f, sp.Add) and f not in keep})
+    keep.update({node: sp.Dummy("sum") for node in whole})
     masked = expr.xreplace(keep) if keep else expr
     if expansion_size(masked) > EXPAND_BUDGET:
         return expr
     out = sp.expand(masked, power_base=False, power_exp=False, log=False)
     return out.xreplace({v: k for k, v in keep.items()}) if keep else out
+
+
+def nested_terms(body) -> int:
+    """How many of the terms that multiplying out the top level of ``body`` makes hold a
+    sum of their own (sums inside are not multiplied out)."""
+    if not body.has(sp.Sum):
+        return 0
+    terms = sp.Add.make_args(sp.expand(body, deep=False, power_base=False, power_exp=False,
+                                       log=False))
+    return sum(1 for t in terms if t.has(sp.Sum))
 
 
 # The largest expansion the built-in specs make has about 50 terms (conv2d; layer norm 15);
@@ -309,11 +335,26 @@ class Simplifier:
         return expr.func(*[self._sums(a, depth) for a in expr.args])
 
     def sum_over(self, body, var, count, depth) -> sp.Expr:
-        """Σ_var body, with body already simplified."""
-        out = []
+        """Σ_var body, with body already simplified.
+
+        Σ of a sum splits into a sum per term, so that each term may fold on its own. Where
+        none folds and two or more of the terms hold a sum of their own, the split is undone:
+        splitting Σ_e W[e,d]·(a·Σ(…) − Σ(…)) only doubles the sums, and on a chain of
+        contractions (the adjoint of k tanh layers, Σ W_1·(1 − h_1²)·Σ W_2·(1 − h_2²)·…)
+        each level doubles them again, 2^k sums multiplied out where k nested ones say the
+        same."""
+        out, kept, split = [], [], []
         for term in sp.Add.make_args(expand(body, self.inert)):
-            out.append(self._sum_term(term, var, count, depth))
-        return sp.Add(*out)
+            summed = self._sum_term(term, var, count, depth)
+            if var in term.free_symbols:
+                kept.append(term)
+                split.append(summed)
+            else:
+                out.append(summed)
+        if nested_terms(sp.Add(*kept)) >= 2 and all(
+                count_sums(s) > count_sums(t) for t, s in zip(kept, split, strict=True)):
+            return sp.Add(*out, sp.Sum(sp.Add(*kept), (var, 0, count - 1)))
+        return sp.Add(*out, *split)
 
     def _sum_term(self, term, var, count, depth):
         factors = sp.Mul.make_args(term)
@@ -346,6 +387,14 @@ class Simplifier:
         bound = {lim[0] for lim in inside.limits}
         others = [f for f in dep if f is not inside]
         if any(f.free_symbols & bound for f in others):
+            return None
+        # only where a term of the swapped inner sum could fold (:meth:`_could_fold`) or a
+        # Kronecker delta could take a sum away (group norm's δ(c, Cg·g + q)): each try
+        # simplifies the whole inner sum again, on a chain of layers the rest of the chain
+        product = sp.Mul(*others)
+        if not product.has(sp.KroneckerDelta) and not any(
+                self._could_fold(product * t, var, 1 - depth)
+                for t in sp.Add.make_args(inside.function)):
             return None
         if not self._attempt():
             return None
