@@ -285,3 +285,48 @@ def test_deep_tanh_mlp_derives_generates_and_checks(tmp_path, private_cache):
                                        atol=1e-12, err_msg=f"{target} d{name}")
     rows = check_spec(spec, CheckOptions(cases=1, oracles=("fd", "autograd", "backends")))
     assert rows and all(r.passed for r in rows)
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_a_chain_of_contractions_allocates_no_outer_product(tmp_path, private_cache, layers):
+    """The backward of h_l = tanh(Σ_d h_{l−1}·W_l) shares G[n, e']·W[e', e] between two sums;
+    named as a common term it was an N×D×D array (2 GB at N = 256, D = 1024). No tensor the
+    torch kernel makes may be larger than the largest one it reads or returns, and its
+    gradients still equal torch.autograd's in float64."""
+    import numpy as np
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gradtool.check.kernels import Kernels
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    path = tmp_path / "mlp.py"
+    path.write_text(_mlp_source(layers))
+    spec = load_spec(path)
+    rng = np.random.default_rng(1)
+    N, D = 5, 4
+    values = {"X": rng.standard_normal((N, D))}
+    values |= {f"W{k}": rng.standard_normal((D, D)) / 2 for k in range(layers)}
+    upstream = rng.standard_normal((N, D))
+    kernels = Kernels(spec, "torch")
+    out, saved, _ = kernels.forward(values, {"N": N, "D": D})
+    with Largest() as seen:
+        grads = kernels.backward({"Y": upstream}, saved, {"N": N, "D": D})
+    assert seen.numel <= max(N * D, D * D), seen.numel
+    leaves = {k: torch.tensor(v, requires_grad=True) for k, v in values.items()}
+    h = leaves["X"]
+    for k in range(layers):
+        h = torch.tanh(h @ leaves[f"W{k}"].T)
+    h.backward(torch.tensor(upstream))
+    for name, leaf in leaves.items():
+        np.testing.assert_allclose(np.asarray(grads[name]), leaf.grad.numpy(), rtol=1e-10,
+                                   atol=1e-12, err_msg=name)

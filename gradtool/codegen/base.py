@@ -940,8 +940,7 @@ class ArrayPrinter:
                 # einsum is several times slower on CPU for this)
                 inner = self._reduce(self._product(arrs), over, self.SUM)
             else:  # a genuine contraction (matrix product)
-                inner = self._einsum([self._numeric(f, a) for f, a in
-                                      zip(operands, arrs, strict=True)], over)
+                inner = self._contraction(operands, arrs, over)
         elif operands:
             inner = self._window_sum(operands[0], over) or \
                 self._reduce(self.lower(operands[0]), over, self.SUM)
@@ -1386,6 +1385,31 @@ class ArrayPrinter:
         if pooled is not None:
             return pooled
         return self._reduce(self.lower(e.body), list(e.over), self.MAX)
+
+    def _contraction(self, operands, arrs, over) -> Arr:
+        """Σ_over of a product of three or more factors that no single factor spans: the
+        factors that read the same indices are multiplied element-wise first (that grows
+        nothing), so Σ_e (1 − h²)[n,e]·T[n,e]·W[e,d] is ``((1 - h*h) * T) @ W``, a matrix
+        product, not a three-operand einsum, which torch contracts pair by pair through an
+        N×E×D intermediate (or an einsum of the grouped factors where no matrix product fits)."""
+        groups: dict = {}
+        for f, a in zip(operands, arrs, strict=True):
+            groups.setdefault(frozenset(a.axes), []).append((f, a))
+        if len(operands) >= 3 and len(groups) < len(operands):
+            # the factors' lowered forms are reused: lowering them again would redo every
+            # nested sum inside them, twice per level of a chain
+            grouped = [sp.Mul(*[f for f, _ in fs]) for fs in groups.values()]
+            garrs = [fs[0][1] if len(fs) == 1 else self._product([a for _, a in fs])
+                     for fs in groups.values()]
+            product = self._matvec(grouped, garrs, over) if len(grouped) >= 2 else None
+            if product is None and len(grouped) >= 2:
+                product = self._matmul(grouped, garrs, over)
+            if product is not None:
+                return product
+            if len(grouped) >= 2:
+                operands, arrs = grouped, garrs
+        return self._einsum([self._numeric(f, a) for f, a in zip(operands, arrs, strict=True)],
+                            over)
 
     def _einsum(self, arrs, over) -> Arr:
         letters = {}

@@ -1361,11 +1361,48 @@ def _cse_whole_masks(exprs) -> tuple[list, list]:
     hidden = [e.xreplace(masks) for e in exprs] if masks else exprs
     replacements, reduced = sp.cse(hidden, symbols=sp.numbered_symbols("_t"),
                                    optimizations=None, order="none")
+    replacements, reduced = _inline_outer_products(replacements, reduced)
     if not masks:
         return replacements, reduced
     back = {v: k for k, v in masks.items()}
     return [(sym, value.xreplace(back)) for sym, value in replacements], \
         [e.xreplace(back) for e in reduced]
+
+
+def _inline_outer_products(replacements, reduced) -> tuple[list, list]:
+    """Put back every common term of ``sympy.cse`` that is an outer product: a product with
+    more free indices than any of its factors, such as ``G[n, e']·W1[e', e]`` shared by
+    Σ_e' G·W1 and Σ_e' G·W1·h1². Named, it is an N×D×D array (2 GB at N = 256, D = 1024)
+    that each sum then reduces; inline, each sum is a contraction the printers lower to a
+    matrix product or einsum without it."""
+    known: dict = {}  # a common term -> the free indices of its value (terms read others)
+    outer = {}
+    for sym, value in replacements:
+        known[sym] = _free_indices(value, known)
+        factors = [f for f in sp.Mul.make_args(value) if _free_indices(f, known)]
+        if isinstance(value, sp.Mul) and len(factors) >= 2 and \
+                len(known[sym]) > max(len(_free_indices(f, known)) for f in factors):
+            outer[sym] = value
+    if not outer:
+        return replacements, reduced
+    kept = []
+    for sym, value in replacements:
+        value = value.xreplace(outer)
+        if sym in outer:
+            outer[sym] = value  # later terms read the inlined value
+        else:
+            kept.append((sym, value))
+    return kept, [e.xreplace(outer) for e in reduced]
+
+
+def _free_indices(expr, known: dict) -> set:
+    """The index symbols ``expr`` reads (directly, or through the common terms in ``known``)
+    that no sum inside it binds."""
+    read = {s for a in expr.atoms(sp.Indexed) for i in a.indices for s in i.free_symbols}
+    read |= {i for s in expr.free_symbols if s in known for i in known[s]}
+    bound = {v for node in sp.preorder_traversal(expr) if isinstance(node, sp.Sum)
+             for v in node.variables}
+    return read - bound
 
 
 def _shared_products(exprs, taken) -> tuple[list, dict]:
