@@ -306,6 +306,7 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
 
     from gradtool.codegen.cache import write_atomic
     from gradtool.data import load_dataset, loaders
+    from gradtool.data.batching import EpochShuffleSampler
     from gradtool.nn import build
     from gradtool.nn.models import check_input, check_trainable, refused_batch, spec_hash
     from gradtool.train import checkpoint, distributed
@@ -349,10 +350,10 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
         torch.manual_seed(distributed.rank_seed(config.seed, world.rank, 0))
     optimizer = _optimizer(config, model.parameters())
     per_rank = config.batch_size // world.world_size
-    train_loader, val_loader, test_loader = loaders(
-        ds, per_rank, seed=config.seed, dtype=tdtype,
-        eval_batch_size=config.batch_size, num_replicas=world.world_size, rank=world.rank)
-    if len(train_loader.sampler) >= per_rank:  # a model that can train on no full batch
+    # this process's share of an epoch, as its train loader's sampler will draw it
+    samples = len(EpochShuffleSampler(len(ds.train), config.seed,
+                                      num_replicas=world.world_size, rank=world.rank))
+    if samples >= per_rank:  # a model that can train on no full batch
         why = refused_batch(model, ds.input_shape, per_rank)
         if why is not None:
             raise ConfigError(f"--batch-size {config.batch_size} gives batches of {per_rank} "
@@ -361,18 +362,18 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
                               hint="use a larger --batch-size")
     # a last short batch the model cannot train on (batch norm over one sample) is dropped
     # from every epoch, as DataLoader's drop_last, instead of failing at the end of epoch 1
-    last = len(train_loader.sampler) % per_rank
+    last = samples % per_rank
     dropped = None
     why = refused_batch(model, ds.input_shape, last) if last else None
     if why is not None:
         dropped = {"samples": last, "reason": why}
-        train_loader, val_loader, test_loader = loaders(
-            ds, per_rank, seed=config.seed, dtype=tdtype, drop_last=True,
-            eval_batch_size=config.batch_size, num_replicas=world.world_size, rank=world.rank)
-        if len(train_loader) == 0:
-            raise ConfigError(f"the training set has {len(train_loader.sampler)} samples per "
-                              f"process, fewer than a batch the model can train on: {why}",
+        if samples < per_rank:
+            raise ConfigError(f"the training set has {samples} samples per process, fewer "
+                              f"than a batch the model can train on: {why}",
                               hint="use a smaller --batch-size or more data (--limit)")
+    train_loader, val_loader, test_loader = loaders(
+        ds, per_rank, seed=config.seed, dtype=tdtype, drop_last=dropped is not None,
+        eval_batch_size=config.batch_size, num_replicas=world.world_size, rank=world.rank)
     history, best, start_epoch = [], {"val_acc": -1.0, "epoch": 0}, 0
     ckpt_dir = run / "checkpoints"
     if ckpt is not None:
