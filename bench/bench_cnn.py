@@ -113,6 +113,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu",
+                    help="cpu or cuda[:k] (the NumPy backend is skipped on a GPU); each step "
+                         "is timed to torch.cuda.synchronize()")
     ap.add_argument("--no-numpy", action="store_true", help="skip the NumPy backend")
     ap.add_argument("--layer-by-layer", action="store_true",
                     help="torch backend: one autograd node per layer (SpecSequential.fused = "
@@ -134,10 +137,15 @@ def main() -> None:
     shape = (args.channels, args.image, args.image)
     desc = cnn(shape, args.classes) if args.model == "cnn" else load_model_file(args.model)
 
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        args.no_numpy = True
     tmodel, tloss = build(desc, "torch", seed=0)
     tmodel.fused = not args.layer_by_layer
     pmodel = plain_model(desc)
     copy_weights(tmodel, pmodel)
+    tmodel, tloss, pmodel = tmodel.to(device), tloss.to(device), pmodel.to(device)
     opts = {"plain": torch.optim.Adam(pmodel.parameters(), lr=1e-3),
             "torch": torch.optim.Adam(tmodel.parameters(), lr=1e-3)}
     if not args.no_numpy:
@@ -146,10 +154,13 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.standard_normal((args.batch, *shape)).astype(np.float32))
     y = torch.from_numpy(rng.integers(0, args.classes, args.batch))
+    x, y = x.to(device), y.to(device)
     steps = step_functions(x, y, opts, plain=pmodel, torch_model=(tmodel, tloss),
                            numpy_model=None if args.no_numpy else (nmodel, nloss))
-    times = interleaved_times(steps, args.warmup, args.iters)
-    report(f"{args.model} on {args.batch}×{'×'.join(map(str, shape))}", times, args.batch,
+    times = interleaved_times(steps, args.warmup, args.iters,
+                              torch.cuda.synchronize if on_gpu else None)
+    where = f" on {torch.cuda.get_device_name(device)}" if on_gpu else ""
+    report(f"{args.model} on {args.batch}×{'×'.join(map(str, shape))}{where}", times, args.batch,
            {"torch/plain": 0.9, "numpy/plain": 0.25}, args.threads, args.json_out)
     if args.layers:
         layer_times(tmodel, pmodel, x, args.iters)

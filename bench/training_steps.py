@@ -45,7 +45,8 @@ def step_functions(x, y, opts: dict, plain=None, torch_model=None, numpy_model=N
     return steps
 
 
-def interleaved_times(steps: dict, warmup: int, iters: int) -> dict[str, list[float]]:
+def interleaved_times(steps: dict, warmup: int, iters: int,
+                      sync=None) -> dict[str, list[float]]:
     """Each variant other than ``plain`` timed against ``plain`` in a pair of its own, the
     two alternating step by step (plain, variant, plain, variant, …: a change in the
     machine's load touches both alike, and each follows the other); ``warmup + iters`` steps
@@ -55,7 +56,10 @@ def interleaved_times(steps: dict, warmup: int, iters: int) -> dict[str, list[fl
     Why pairs: with all three interleaved, plain ran right after the NumPy step, and the
     NumPy step's memory traffic slowed it (8×8 digits CNN: 4.6–5.0 ms a step against
     4.4–4.5 ms after the torch step), so torch / plain read 0.90–0.92 where the pair reads
-    0.85 (measured 2026-11-30, fifth session)."""
+    0.85 (measured 2026-11-30, fifth session).
+
+    ``sync``: called after each step before the clock is read (``torch.cuda.synchronize`` on a
+    GPU, where a step only queues its kernels)."""
     times: dict[str, list[float]] = {"plain": []}
     for name, fn in steps.items():
         if name == "plain":
@@ -66,6 +70,8 @@ def interleaved_times(steps: dict, warmup: int, iters: int) -> dict[str, list[fl
             for key, step in pair.items():
                 t0 = time.perf_counter()
                 step()
+                if sync is not None:
+                    sync()
                 if i >= warmup:
                     got[key].append(time.perf_counter() - t0)
         times[name] = got[name]
