@@ -38,6 +38,20 @@ class Arr:
 
 
 @dataclass(frozen=True)
+class LabelSites:
+    """Where a label scatter adds (:meth:`Printer.label_scatter`): ``code`` is the fancy
+    index ``arange(N), y`` over the gradient's ``axes``, ``c`` the class axis among them and
+    ``label`` the labels' indexed read (``y[n]``)."""
+    code: str
+    axes: tuple
+    c: sp.Symbol
+    label: sp.Expr
+
+    def __str__(self) -> str:
+        return self.code
+
+
+@dataclass(frozen=True)
 class MatMul(Arr):
     """A matrix product ``left @ right`` (the operands' code, already transposed where needed);
     ``batch`` counts the leading axes it broadcasts over. A target may fuse it further
@@ -1220,9 +1234,9 @@ class ArrayPrinter:
         y = self.lower(label)
         parts = [self.align(y, others) if a == c else self.align(self._arange(a), others)
                  for a in axes]
-        return rest, ", ".join(parts), coef, others
+        return rest, LabelSites(", ".join(parts), tuple(axes), c, label), coef, others
 
-    def add_at_labels(self, positions: str, coef, axes: tuple, target: str) -> str:
+    def add_at_labels(self, positions: LabelSites, coef, axes: tuple, target: str) -> str:
         """The in-place update that adds ``coef`` (free of the class axis) at ``positions``
         (from :meth:`label_scatter`, whose integer arrays broadcast over ``axes``, the
         gradient's axes but the class axis) of the gradient ``target``, written after its
