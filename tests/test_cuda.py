@@ -241,3 +241,24 @@ def test_more_processes_than_gpus_is_refused_with_a_hint(tmp_path):
                                       str(count + 1), "--out", str(tmp_path / "r")])
     assert result.exit_code != 0
     assert "Traceback" not in result.output and "--nproc-per-node" in result.output
+
+
+def test_label_loss_backward_runs_under_deterministic_algorithms(private_cache):
+    """The label loss's backward adds at the labels with ``scatter_add_``: under
+    ``torch.use_deterministic_algorithms(True)`` it runs (torch has a deterministic form of it)
+    and gives F.cross_entropy's gradient, the same twice."""
+    from gradtool.nn import LossModule
+
+    loss_fn = LossModule("softmax_cross_entropy_labels").to(CUDA)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 10, dtype=torch.float64, generator=g).to(CUDA)
+    y = torch.randint(0, 10, (64,), generator=g).to(CUDA)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = [torch.autograd.grad(loss_fn(x.requires_grad_(), y), x)[0] for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    expected, = torch.autograd.grad(F.cross_entropy(x, y), x)
+    assert torch.equal(grads[0], grads[1])
+    _close(grads[0], expected, "softmax_cross_entropy_labels: ∂L/∂X")

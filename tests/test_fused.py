@@ -366,3 +366,81 @@ def test_a_deep_copied_model_chains_on_its_own_parameters_and_buffers():
     _same(_step(clone, loss_fn, x, y, True), _step(twin, loss_fn, x, y, False))
     for n, b in model.named_buffers():
         assert torch.equal(b, before[n]), n
+
+
+def _chain_cases() -> list[str]:
+    """Every built-in spec that can be a layer inside a chain: one data input, one output."""
+    from gradtool.spec.loader import builtin_specs, load_spec
+
+    def data(spec):  # the data inputs: inputs less sampled masks (dropout's)
+        return [t for t in spec.tensors.values() if t.kind == "input" and t.keep is None]
+
+    return sorted(n for n, path in builtin_specs().items()
+                  if len(data(load_spec(path))) == 1 and len(load_spec(path).outputs) == 1)
+
+
+CHAIN_CASES = _chain_cases()
+
+
+def _spec_layer_case(name: str, seed: int = 0):
+    """(a float64 SpecModule of the built-in spec ``name`` with sampled sizes, an input for
+    it from the checker's sampler)."""
+    import numpy as np
+
+    from gradtool.check.sampling import sample_dims, sample_inputs
+    from gradtool.spec.loader import load_spec
+
+    spec = load_spec(name)
+    rng = np.random.default_rng(seed)
+    dims = sample_dims(spec, rng, low=2, high=4)
+    values = sample_inputs(spec, dims, rng)
+    data = next(t for t in spec.tensors.values() if t.kind == "input" and t.keep is None)
+    # the layer's sizes: its parameters' and those the input does not carry (a kernel's K,
+    # stride S, padding P); derived sizes (the output's) are computed at the call
+    carried = {s for d in data.dims for s in d.free_symbols}
+    owned = {s for t in spec.tensors.values() if t.kind in ("param", "state")
+             for d in t.dims for s in d.free_symbols}
+    sizes = {name: int(dims[spec.dim_symbols[name]]) for name in spec.base_dims
+             if spec.dim_symbols[name] not in carried or spec.dim_symbols[name] in owned}
+    torch.manual_seed(seed)
+    return SpecModule(spec, dtype=torch.float64, **sizes), torch.tensor(values[data.name])
+
+
+@pytest.mark.parametrize("name", CHAIN_CASES)
+@pytest.mark.parametrize("training", [True, False])
+def test_every_built_in_layer_in_a_chain_equals_its_own_function_bit_for_bit(name, training):
+    """Each built-in spec that can be a layer, chained with relu (after it, or before it where
+    the layer's output is not a batch relu takes), in training and eval mode: the chain runs
+    the kernel module through the Function's ``chain`` entry (arguments, running statistics,
+    which saved tensors to keep, backward's keywords), the layer-by-layer path through the
+    Function itself; outputs, ∂L/∂x, every gradient and every buffer agree bit for bit."""
+    def model_and_input(relu_first: bool):
+        layer, x = _spec_layer_case(name)
+        relu = SpecModule("relu", dtype=torch.float64)
+        model = SpecSequential(*((relu, layer) if relu_first else (layer, relu)))
+        return model.train(training), x
+
+    relu_first = False
+    try:
+        with torch.no_grad():
+            out = model_and_input(False)[0](model_and_input(False)[1])
+    except Exception:  # relu takes no output of this rank (a scalar): relu first
+        relu_first = True
+        with torch.no_grad():
+            out = model_and_input(True)[0](model_and_input(True)[1])
+    upstream = torch.randn(out.shape, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(1))
+    got = {}
+    for fused in (False, True):
+        model, x = model_and_input(relu_first)
+        got[fused] = _step(model, lambda out, u: (out * u).sum(), x.requires_grad_(), upstream,
+                           fused)
+    assert _nodes(got[True][4]).count("ChainFunctionBackward") == 1
+    assert _nodes(got[False][4]).count("ChainFunctionBackward") == 0
+    _same(got[False], got[True])
+
+
+def test_the_chain_cases_cover_the_course_layers():
+    assert {"linear", "relu", "elu", "sigmoid", "tanh", "softmax", "batchnorm", "layernorm",
+            "dropout", "conv2d", "maxpool2d", "avgpool2d", "batchnorm2d",
+            "global_avgpool"} <= set(CHAIN_CASES)
