@@ -80,9 +80,11 @@ def copy_weights(ours, plain) -> None:
 
 def layer_times(ours, plain, x, iters: int) -> None:
     """Each layer's forward + backward (upstream gradient of ones) on the activations the
-    model feeds it, gradtool's torch layer against its torch.nn twin, interleaved; medians."""
+    model feeds it, gradtool's torch layer against its torch.nn twin, interleaved; medians
+    (on a GPU, each to torch.cuda.synchronize())."""
     import torch
 
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     ours.train()
     plain.train()
     print("  layer-by-layer, forward + backward (median ms): torch backend, plain, ratio")
@@ -95,6 +97,7 @@ def layer_times(ours, plain, x, iters: int) -> None:
                 t0 = time.perf_counter()
                 y = layer(inp)
                 y.backward(torch.ones_like(y))
+                sync()
                 times[name].append(time.perf_counter() - t0)
         a, b = (statistics.median(times[n]) * 1e3 for n in ("ours", "plain"))
         print(f"    {k:2d} {type(theirs).__name__:12s} {tuple(inp.shape)!s:20s} "
