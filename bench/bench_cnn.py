@@ -6,6 +6,7 @@ Run it from the repository root::
     PYTHONPATH=. python bench/bench_cnn.py --image 28 --batch 128      # the same CNN at MNIST size
     PYTHONPATH=. python bench/bench_cnn.py --model vu-mnist-cnn --image 28 --batch 128
     PYTHONPATH=. python bench/bench_cnn.py --json out.json
+    PYTHONPATH=. python bench/bench_cnn.py --compile both --no-numpy   # torch.compile'd, both
 
 Three variants of one CNN (``gradtool.nn.cnn``, or a model file) with the same initial weights,
 the same optimiser (torch.optim.Adam, lr 1e-3) and the same batches (random float32 images,
@@ -119,6 +120,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu",
                     help="cpu or cuda[:k] (the NumPy backend is skipped on a GPU); each step "
                          "is timed to torch.cuda.synchronize()")
+    ap.add_argument("--compile", choices=("none", "gradtool", "both"), default="none",
+                    help="run gradtool's model (and with both, plain's too) through "
+                         "torch.compile(dynamic=False); compile time is not timed")
     ap.add_argument("--no-numpy", action="store_true", help="skip the NumPy backend")
     ap.add_argument("--layer-by-layer", action="store_true",
                     help="torch backend: one autograd node per layer (SpecSequential.fused = "
@@ -158,11 +162,20 @@ def main() -> None:
     x = torch.from_numpy(rng.standard_normal((args.batch, *shape)).astype(np.float32))
     y = torch.from_numpy(rng.integers(0, args.classes, args.batch))
     x, y = x.to(device), y.to(device)
+    if args.compile != "none":
+        from gradtool.nn.fused import prepare_calls
+
+        prepare_calls(tmodel, [tuple(x.shape)], x.dtype, device)
+        tmodel = torch.compile(tmodel, dynamic=False)
+        if args.compile == "both":
+            pmodel = torch.compile(pmodel, dynamic=False)
     steps = step_functions(x, y, opts, plain=pmodel, torch_model=(tmodel, tloss),
                            numpy_model=None if args.no_numpy else (nmodel, nloss))
     times = interleaved_times(steps, args.warmup, args.iters,
                               torch.cuda.synchronize if on_gpu else None)
     where = f" on {torch.cuda.get_device_name(device)}" if on_gpu else ""
+    where += {"none": "", "gradtool": ", gradtool's model compiled",
+              "both": ", both models compiled"}[args.compile]
     report(f"{args.model} on {args.batch}×{'×'.join(map(str, shape))}{where}", times, args.batch,
            {"torch/plain": 0.9, "numpy/plain": 0.25}, args.threads, args.json_out)
     if args.layers:

@@ -567,6 +567,8 @@ TRAIN_EXAMPLES = """Examples:
   gradtool train --resume runs/digits-mlp-20260101-120000
 
   gradtool train --nproc-per-node 2 --batch-size 64   # data parallel (torch.distributed)
+
+  gradtool train --model vu-mnist-cnn --data mnist --device cuda --compile   # torch.compile
 """
 
 
@@ -636,6 +638,10 @@ def train_cmd(
                                                                 "specs (recorded).")] = False,
     limit: Annotated[int | None, typer.Option("--limit", help="Use only the first LIMIT "
                                                               "training samples.")] = None,
+    compile_model: Annotated[bool, typer.Option(
+        "--compile", help="Run the training steps through torch.compile (fuses the generated "
+                          "kernels' element-wise ops; compiles for a while at the start; on "
+                          "a CPU it needs a C++ compiler). Torch backend.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON "
                                                          "object on stdout.")] = False,
     nproc_per_node: Annotated[int | None, typer.Option(
@@ -670,7 +676,7 @@ def train_cmd(
                              weight_decay=weight_decay, schedule=schedule, seed=seed,
                              dtype=dtype, device=device, threads=threads, out=out,
                              resume=resume,
-                             verify=not no_verify, limit=limit)
+                             verify=not no_verify, limit=limit, compile=compile_model)
         if nproc_per_node is not None:
             _launch_train(ctx, config, nproc_per_node)
             return

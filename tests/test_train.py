@@ -179,3 +179,86 @@ def test_cli_error_is_one_line_and_exit_1(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "layer 1 (linear)" in result.output and "needs the size O" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compile_trains_the_same_closed_forms_in_one_graph(tmp_path, monkeypatch):
+    """--compile (torch.compile, inductor on the CPU): the MLP with batch norm and dropout
+    takes the same steps as without it, to rounding, the running statistics included, with
+    no graph break (each layer's call is prepared before dynamo traces the model). Inductor
+    draws the dropout masks with torch's own generator here, as eager does."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+
+    cfg = dict(QUICK, epochs=1, norm="batchnorm", dropout=0.2, seed=3, dtype="float64")
+    plain = train(TrainConfig(out=str(tmp_path / "eager"), **cfg))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = train(TrainConfig(out=str(tmp_path / "compiled"), compile=True, **cfg))
+    assert not torch._dynamo.utils.counters["graph_break"], \
+        dict(torch._dynamo.utils.counters["graph_break"])
+    assert compiled.history[0]["train_loss"] == pytest.approx(plain.history[0]["train_loss"],
+                                                              rel=1e-9)
+    assert compiled.test_loss == pytest.approx(plain.test_loss, rel=1e-9)
+    ours, ref = _weights(tmp_path / "compiled"), _weights(tmp_path / "eager")
+    assert ours.keys() == ref.keys()  # the model's own keys, not torch.compile's wrapper's
+    for k in ref:  # Adam divides by √v: rounding differences of 1e-16 grow to ~1e-8
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_a_failing_compile_is_one_message_that_says_to_drop_it(tmp_path, monkeypatch):
+    import torch._dynamo
+
+    def no_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, **kw: original(model, **{**kw, "backend": no_backend}))
+    torch._dynamo.reset()
+    result = CliRunner().invoke(app, ["train", "--limit", "64", "--hidden", "8", "--epochs",
+                                      "1", "--compile", "--out", str(tmp_path / "r")])
+    torch._dynamo.reset()
+    assert result.exit_code == 1
+    assert "--compile: torch.compile failed" in result.output
+    assert "train without --compile" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["train", "--backend", "numpy", "--compile"])
+    assert result.exit_code == 1 and "drop --compile" in result.output
+
+
+class _TwiceTheGradient(torch.autograd.Function):
+    """Identity forward, twice the upstream gradient backward: a 'compiler' that keeps every
+    output and breaks every gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+def test_compile_is_refused_when_the_compiled_gradients_differ(tmp_path, monkeypatch):
+    """Before training, --compile compares one random batch's loss and gradients through the
+    compiled model with the model's own: a compiled model whose outputs are right but whose
+    gradients are not (as inductor's CNN on one GPU) stops the run with a message naming the
+    parameter, before any step."""
+    class Broken(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return _TwiceTheGradient.apply(self.net(x))
+
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: Broken(net))
+    result = CliRunner().invoke(app, ["train", "--limit", "64", "--hidden", "8", "--epochs",
+                                      "1", "--compile", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1
+    assert "--compile: torch.compile changed the gradient of" in result.output
+    assert "train without --compile" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()  # nothing written: the run never started

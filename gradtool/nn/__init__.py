@@ -1,7 +1,8 @@
 """Layers and models over generated kernels, for both backends.
 
 * :class:`SpecModule` / :class:`LossModule`: ``torch.nn.Module``s over the generated
-  ``torch.autograd.Function``s (torch.optim, DataLoader, DDP, torch.compile work unchanged);
+  ``torch.autograd.Function``s (torch.optim, DataLoader and DDP work unchanged; torch.compile
+  traces a model as one graph once :func:`gradtool.nn.fused.prepare_calls` has run);
   :class:`SpecSequential` (what :func:`build` returns) runs consecutive SpecModules as one.
 * :class:`NumpyLayer`, :class:`NumpyLoss`, :class:`NumpySequential`: forward/backward on NumPy
   arrays with no autograd; ``torch.optim`` updates their arrays in place.

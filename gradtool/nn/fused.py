@@ -28,6 +28,7 @@ higher-order gradients.
 
 from __future__ import annotations
 
+import contextlib
 from operator import itemgetter
 
 import torch
@@ -272,9 +273,9 @@ class SpecSequential(torch.nn.Sequential):
     fused = True
 
     def forward(self, X):
-        if not (self.fused and torch.is_grad_enabled()) or _global_hooks() or \
-                _saved_tensor_hooks() or torch.compiler.is_compiling() or \
-                torch.jit.is_tracing():
+        # torch.compile first: dynamo cannot trace the saved-tensor-hooks query (a graph break)
+        if torch.compiler.is_compiling() or not (self.fused and torch.is_grad_enabled()) or \
+                torch.jit.is_tracing() or _global_hooks() or _saved_tensor_hooks():
             return super().forward(X)
         run, params = [], []   # the current run of chainable layers and their parameters
         for layer in self._modules.values():
@@ -299,3 +300,36 @@ def _run(run: list, params: list, X):
     for layer in run:
         X = layer(X)
     return X
+
+
+@contextlib.contextmanager
+def restored_state(model: torch.nn.Module, device=None):
+    """Run the block, then put ``model``'s buffers (running statistics) and its training mode
+    back as they were; torch's random generators are forked (CPU, and ``device`` if CUDA), so
+    the block's draws do not change the run's."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    buffers = [b.detach().clone() for b in model.buffers()]
+    was_training = model.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in zip(model.buffers(), buffers, strict=True):
+                    b.copy_(saved)
+            model.train(was_training)
+
+
+def prepare_calls(model: torch.nn.Module, shapes, dtype, device=None) -> None:
+    """Have every :class:`SpecModule` in ``model`` prepare its training-mode call (sizes bound,
+    kernel chosen; ``SpecModule._prepare``) for inputs of each of ``shapes`` (the model's input
+    shapes, batch first), by one forward of zeros per shape under ``torch.no_grad``; the
+    buffers (running statistics) and torch's random generators are put back afterwards
+    (:func:`restored_state`), so nothing the run computes changes. Do this before
+    ``torch.compile(model)``: dynamo would otherwise trace the preparation's Python at the first
+    call and break the graph at every layer. Raises what the model's forward raises for a shape
+    it refuses."""
+    with restored_state(model, device), torch.no_grad():
+        model.train()
+        for shape in shapes:
+            model(torch.zeros(shape, dtype=dtype, device=device))

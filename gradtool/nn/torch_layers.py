@@ -2,7 +2,8 @@
 
 The layers are ordinary modules whose backward is a generated ``autograd.Function``, so
 ``torch.optim`` and ``torch.utils.data`` work on them unchanged (and ``torch.compile`` traces
-them)::
+them: without a graph break once each layer has prepared its call for the input shapes,
+``gradtool.nn.fused.prepare_calls``)::
 
     import torch
     from gradtool.nn import SpecModule

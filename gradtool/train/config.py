@@ -32,6 +32,7 @@ class TrainConfig:
     ``dropout``), a shipped model's name (``vu-mnist-cnn``) or a TOML model file.
     ``epochs=None`` means 30 for a new run and the recorded number for ``resume``.
     ``device="auto"`` is cuda where present, else cpu.
+    ``compile``: training steps run the model through ``torch.compile`` (torch backend only).
     ``limit`` keeps only the first samples of the training set (quick runs). ``threads``: CPU
     threads for torch and NumPy's BLAS (``None``: 1 for a new run, the recorded number for
     ``resume``; small models gain nothing from more, and on a busy machine spinning threads
@@ -67,6 +68,7 @@ class TrainConfig:
     out: str | None = None
     resume: str | None = None
     verify: bool = True
+    compile: bool = False
     val_fraction: float = 0.1
     limit: int | None = None
 
@@ -80,6 +82,10 @@ class TrainConfig:
             raise ConfigError(f"--device {self.device!r}", hint="use auto, cpu or cuda[:k]")
         if self.backend == "numpy" and self.device.startswith("cuda"):
             raise ConfigError("the numpy backend runs on the CPU", hint="drop --device cuda")
+        if self.backend == "numpy" and self.compile:
+            raise ConfigError("--compile compiles the torch backend's model with torch.compile; "
+                              "the numpy backend has no torch model",
+                              hint="drop --compile, or use --backend torch")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"--dropout {self.dropout} is not in [0, 1)")
         for name in ("batch_size", "step_size"):

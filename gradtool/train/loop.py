@@ -21,6 +21,7 @@ steps them in place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -151,6 +152,85 @@ def _scheduler(config: TrainConfig, optimizer, epochs: int, reached: int = 0):
     return scheduler
 
 
+def _compiled(net, model, input_shape, batches: list[int], dtype, device):
+    """``torch.compile(net, dynamic=False)`` (one graph per batch size) once every layer of
+    ``model`` has prepared its training-mode call for each of ``batches``
+    (:func:`gradtool.nn.fused.prepare_calls`), so that dynamo traces each step as one graph.
+    What a compiled step computes is the same closed forms, to rounding
+    (tests/test_train.py)."""
+    import torch
+
+    from gradtool.nn.fused import prepare_calls
+
+    prepare_calls(model, [(batch, *input_shape) for batch in batches], dtype, device)
+    return torch.compile(net, dynamic=False)
+
+
+@contextlib.contextmanager
+def _compile_errors():
+    """A torch.compile that fails (no C++ compiler for inductor on a CPU, an unsupported op)
+    becomes a ConfigError that says to drop ``--compile``."""
+    import torch
+
+    try:
+        yield
+    except torch._dynamo.exc.BackendCompilerFailed as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--compile: torch.compile failed: {first[:300]}",
+                          hint="train without --compile (on a CPU, inductor needs a C++ "
+                               "compiler such as gcc)") from exc
+
+
+def _verify_compiled(net, model, loss, input_shape, batch: int, classes: int, dtype,
+                     device) -> None:
+    """Compare the compiled model with the model itself on one random batch (``batch``
+    samples of ``input_shape``, labels in ``[0, classes)``): the loss and every parameter's
+    gradient must agree to the dtype's rounding, else :class:`ConfigError` names the
+    parameter. Nothing the run computes changes: the buffers and torch's random generators
+    are put back, and the gradients are not accumulated. The dropout masks are drawn by
+    torch's own generator in both (``torch._inductor.config.fallback_random``, set while the
+    check compiles the graph the run then uses).
+
+    Why: on a GPU (an H200, torch 2.11) inductor's compiled CNN gave other parameter gradients
+    than the same kernels run eagerly (docs/training.md); a compiled model is trusted only once
+    it has matched the eager one here."""
+    import torch
+    import torch._inductor.config
+
+    from gradtool.nn.fused import restored_state
+
+    tol = 1e-7 if dtype == torch.float64 else 2e-3
+    gen = torch.Generator().manual_seed(12345)
+    x = torch.randn((batch, *input_shape), generator=gen, dtype=dtype).to(device)
+    y = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    got = {}
+    with restored_state(model, device), torch._inductor.config.patch(fallback_random=True), \
+            _compile_errors():
+        for tag, run in (("eager", model), ("compiled", net)):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(0)
+                value = loss(run(x), y)
+                got[tag] = (value.detach(), torch.autograd.grad(value, params))
+    (l0, g0), (l1, g1) = got["eager"], got["compiled"]
+    scale = max((g.abs().max().item() for g in g0), default=0.0) or 1.0
+    if not torch.isclose(l1, l0, rtol=tol, atol=tol).item():
+        raise ConfigError(f"--compile: the compiled model's loss on a test batch is "
+                          f"{l1.item():.6g}, the model's own {l0.item():.6g}",
+                          hint="train without --compile")
+    for name, a, b in zip(names, g0, g1, strict=True):
+        # each gradient to the dtype's rounding of the largest gradient of the model (a bias
+        # ahead of batch norm has a gradient of rounding noise only)
+        err = (a - b).abs().max().item()
+        if not err <= tol * max(a.abs().max().item(), 1e-3 * scale):
+            raise ConfigError(f"--compile: torch.compile changed the gradient of {name} on a "
+                              f"test batch (largest difference {err:.3g}, largest entry "
+                              f"{a.abs().max().item():.3g}); the run would not train the "
+                              f"derived backward",
+                              hint="train without --compile (docs/training.md: --compile)")
+
+
 class _Backend:
     """One training step and one evaluation pass, on either backend. ``net`` is what a step
     runs (the model, or its ``DistributedDataParallel`` wrapper); evaluation runs ``model``."""
@@ -169,12 +249,16 @@ class _Backend:
             optimizer.step()
             return value, int((out.argmax(1) == y.numpy()).sum())
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        out = self.net(x)
+        out = self._forward(x)
         loss = self.loss(out, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return float(loss.detach()), int((out.detach().argmax(1) == y).sum())
+
+    def _forward(self, x):
+        with _compile_errors():
+            return self.net(x)
 
     def evaluate(self, loader) -> tuple[float, float, list, list]:
         import torch
@@ -383,6 +467,13 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
         history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"]
     scheduler = _scheduler(config, optimizer, config.epochs, start_epoch)
     net = distributed.wrap(model, device) if world.parallel else model
+    if config.compile:  # the batch sizes a step sees: full batches and a kept last one
+        net = _compiled(net, model, ds.input_shape, [per_rank] + (
+            [last] if last and dropped is None else []), tdtype, device)
+        # under DistributedDataParallel a gradient taken outside a step would upset its
+        # reduction: the check compiles the bare model on its own (each rank checks its own)
+        _verify_compiled(torch.compile(model, dynamic=False) if world.parallel else net, model,
+                         loss, ds.input_shape, per_rank, len(ds.classes), tdtype, device)
     record = {"config": config.to_json(), "model": desc.to_json(), "spec_sha256": hashes,
               "versions": _versions(), "seed": config.seed, "device": str(device),
               "world_size": world.world_size, "process_group": distributed.backend_name(),
