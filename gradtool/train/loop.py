@@ -468,12 +468,15 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
     scheduler = _scheduler(config, optimizer, config.epochs, start_epoch)
     net = distributed.wrap(model, device) if world.parallel else model
     if config.compile:  # the batch sizes a step sees: full batches and a kept last one
+        emit("compiling", {})
+        compile_start = time.perf_counter()
         net = _compiled(net, model, ds.input_shape, [per_rank] + (
             [last] if last and dropped is None else []), tdtype, device)
         # under DistributedDataParallel a gradient taken outside a step would upset its
         # reduction: the check compiles the bare model on its own (each rank checks its own)
         _verify_compiled(torch.compile(model, dynamic=False) if world.parallel else net, model,
                          loss, ds.input_shape, per_rank, len(ds.classes), tdtype, device)
+        emit("compiled", {"seconds": round(time.perf_counter() - compile_start, 3)})
     record = {"config": config.to_json(), "model": desc.to_json(), "spec_sha256": hashes,
               "versions": _versions(), "seed": config.seed, "device": str(device),
               "world_size": world.world_size, "process_group": distributed.backend_name(),

@@ -44,6 +44,11 @@ class RichProgress:
                 f"{info['comparisons']} comparisons, {info['seconds']:.1f} s"
             forms = " + eval form" if len(info["forms"]) > 1 else ""
             self.console.print(f"[green]verified[/] {info['spec']}{forms} ({how})")
+        elif kind == "compiling":
+            self.console.print("compiling the model with torch.compile (this takes a while)…")
+        elif kind == "compiled":
+            self.console.print(f"[green]compiled[/] the model and checked it against itself "
+                               f"uncompiled on one batch ({info['seconds']:.1f} s)")
         elif kind == "start":
             procs = info.get("world_size", 1)
             on = f"{procs} processes ({info['device']} on rank 0)" if procs > 1 else info["device"]
