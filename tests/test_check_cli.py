@@ -281,3 +281,21 @@ def test_a_layer_for_another_spec_is_named_by_its_output_shape(tmp_path, kind):
     err = fails_cleanly("check", "linear", "--impl", f"{path}:{name}", "--shape", "I=4,O=2")
     assert f"{name}.forward returned `Y` of shape (1, 4), but linear's `Y` has shape (1, 2)" \
         in " ".join(err.split()), err
+
+
+def test_diagnoses_name_the_precision_and_print_a_scale_that_is_not_one():
+    """A gradient of float16 numbers is float16 precision (not float32, though each float16 is
+    a float32 too); a gradient 1.0001 × the expected one reads "1.0001 ×", not "1 ×"."""
+    import numpy as np
+
+    from gradtool.check.runner import diagnose
+
+    rng = np.random.default_rng(0)
+    r = rng.standard_normal((4, 5))
+    for narrow, code in ((np.float16, "float16_precision"), (np.float32, "float32_precision")):
+        a = r.astype(narrow).astype(np.float64)
+        assert diagnose(a, r, np.abs(a - r) > 1e-12)[0] == code
+    a = 1.0001 * r
+    got = diagnose(a, r, np.abs(a - r) > 1e-12)
+    assert got[0] == "global_scale" and "1.0001 ×" in got[1], got
+    assert "2 ×" in diagnose(2 * r, r, np.ones_like(r, dtype=bool))[1]

@@ -196,6 +196,16 @@ def classify(a: np.ndarray, r: np.ndarray, wrong: np.ndarray) -> str:
     return diagnose(a, r, wrong)[1]
 
 
+def _factor(c: float) -> str:
+    """``c`` with as many significant digits (4 to 10) as it takes not to read as 1 (a
+    1.0001× gradient is not "1 ×")."""
+    for digits in range(4, 11):
+        text = f"{c:.{digits}g}"
+        if float(text) != 1.0:
+            return text
+    return f"{c:.10g}"
+
+
 def diagnose(a: np.ndarray, r: np.ndarray, wrong: np.ndarray) -> tuple[str, str]:
     """``(code, sentence)`` naming the pattern of a wrong gradient ``a`` against the expected
     ``r`` (same shape; ``wrong`` marks the elements outside tolerance)."""
@@ -209,12 +219,15 @@ def diagnose(a: np.ndarray, r: np.ndarray, wrong: np.ndarray) -> tuple[str, str]
     if not np.all(np.isfinite(a)):
         return "non_finite", "non-finite values (NaN or inf) in the gradient"
     scale = float(np.abs(r).max()) if r.size else 0.0
-    if scale and np.array_equal(a, a.astype(np.float32).astype(np.float64)) \
-            and not np.array_equal(r, r.astype(np.float32).astype(np.float64)) \
-            and float(np.abs(a - r).max()) <= 1e-4 * scale:
-        return "float32_precision", ("float32 precision: every value is a float32 number and "
-                                     "the differences are at float32's rounding level "
-                                     "(compute in float64)")
+    # the narrowest float type whose numbers all of the layer's values are (float16 first: a
+    # float16 number is a float32 number too), with differences at its rounding level
+    for name, narrow, level in (("float16", np.float16, 4e-3), ("float32", np.float32, 1e-4)):
+        if scale and np.array_equal(a, a.astype(narrow).astype(np.float64)) \
+                and not np.array_equal(r, r.astype(narrow).astype(np.float64)) \
+                and float(np.abs(a - r).max()) <= level * scale:
+            return f"{name}_precision", (f"{name} precision: every value is a {name} number "
+                                         f"and the differences are at {name}'s rounding "
+                                         "level (compute in float64)")
     rr = float(np.sum(r * r))
     if rr > 0 and float(np.abs(r).max()) > 1e-8 and a.size > 1:
         c = float(np.sum(a * r) / rr)
@@ -222,8 +235,8 @@ def diagnose(a: np.ndarray, r: np.ndarray, wrong: np.ndarray) -> tuple[str, str]
         if resid < 1e-6 and abs(c - 1) > 1e-6 and 1e-3 < abs(c) < 1e3:
             if abs(c + 1) < 1e-6:
                 return "wrong_sign", "wrong sign: the gradient is the negative of the expected one"
-            return "global_scale", (f"global scale: the gradient is {c:.4g} × the expected one "
-                                    "(sum vs mean?)")
+            return "global_scale", (f"global scale: the gradient is {_factor(c)} × the "
+                                    "expected one (sum vs mean?)")
     if a.ndim == 2 and a.shape[0] == a.shape[1] and np.allclose(a, r.T, rtol=1e-6, atol=1e-9) \
             and not np.allclose(a, r, rtol=1e-6, atol=1e-9):
         return "transposed", "transposed: the gradient equals the expected one transposed"
