@@ -202,3 +202,29 @@ spec.output("L", [], Sum(log(X[n, c]), n, c))
     with pytest.raises(SpecError, match="`X` is differentiable") as err:
         sample_inputs(spec, sample_dims(spec, rng), rng)
     assert err.value.line == 7 and "grad=False" in err.value.hint
+
+
+REQUIRES_LARGE = '''\
+from gradtool.lang import Spec
+
+spec = Spec('req_big', 'rows at least six more than columns')
+N, D = spec.dims('N D')
+n, d = spec.indices(n=N, d=D)
+X = spec.input('X', N, D)
+spec.require(N > D + 5)
+spec.output('Y', [n, d], X[n, d] * 2)
+'''
+
+
+def test_a_requirement_that_needs_larger_sizes_widens_the_draw_and_skips_a_batch_of_one(
+        tmp_path):
+    """spec.require(N > D + 5) holds for no sizes up to 5: the sizes are drawn from a wider
+    range, and check, whose first shape is a batch of one, draws that one freely too."""
+    path = tmp_path / "req_big.py"
+    path.write_text(REQUIRES_LARGE)
+    spec = load_spec(str(path))
+    for seed in range(5):
+        dims = {s.name: v for s, v in sample_dims(spec, np.random.default_rng(seed)).items()}
+        assert dims["N"] > dims["D"] + 5
+    result = CliRunner().invoke(app, ["check", str(path)])
+    assert result.exit_code == 0, result.output

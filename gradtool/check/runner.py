@@ -305,6 +305,15 @@ def _keeps_facts(spec, d: Derivation, inputs, dims) -> None:
                          "from their definitions")
 
 
+def _allows(spec: Spec, fixed: dict) -> bool:
+    """Do some sizes with ``fixed`` pinned meet the spec's derived sizes and requirements?"""
+    try:
+        sample_dims(spec, np.random.default_rng(0), fixed=fixed)
+    except SpecError:
+        return False
+    return True
+
+
 def _sample(spec, d: Derivation, rng, fixed, scale=1.0, one_hot=()):
     """Sizes and inputs away from every kink; the note says what was done. ``scale``
     multiplies the real-valued data inputs; ``one_hot`` names inputs drawn as one-hot rows."""
@@ -530,7 +539,11 @@ def check_spec(spec: Spec, options: CheckOptions | None = None, subject=None,
             options = replace(options, tol=HAND_RTOL)
     d = derive(spec)
     ref_np = Kernels(spec, "numpy")
-    cases = [{"N": 1} if options.batch_one else {}] + [{}] * max(0, options.cases - 1)
+    # the first shape is a batch of one, unless the spec's requirements exclude N = 1
+    # (spec.require(N > D + 5)): then every shape is drawn freely
+    one = options.batch_one and "N" not in options.fixed and _allows(spec, {"N": 1,
+                                                                           **options.fixed})
+    cases = [{"N": 1} if one else {}] + [{}] * max(0, options.cases - 1)
     for case_no, fixed in enumerate(cases[:options.cases]):
         fixed = {**fixed, **options.fixed} if "N" in spec.dim_symbols or options.fixed else {}
         seed = zlib.crc32(f"{spec.name}/{options.seed}/{case_no}".encode())

@@ -40,22 +40,26 @@ def sample_dims(spec: Spec, rng: np.random.Generator, low: int = 1, high: int = 
     A size whose ``min_size`` is 0 (a padding) is drawn from 0. Derived sizes
     (``spec.size``) are computed from the others, which are drawn again until every derived
     size is at least 1 and every ``spec.require`` relation holds (a window no larger than
-    the padded input). Raises :class:`SpecError` when no draw does."""
+    the padded input); where no draw up to ``high`` does, the range widens (to 8 × ``high``).
+    Raises :class:`SpecError` when no draw does."""
     fixed = fixed or {}
-    for _ in range(SIZE_TRIES):
-        out = {}
-        for name, sym in spec.base_dims.items():
-            least = spec.min_sizes.get(name, 1)
-            start = 0 if least == 0 else max(low, least)
-            value = fixed.get(name, rng.integers(start, max(high, least) + 1))
-            out[sym] = max(int(value), least)
-        if not spec.derived and not spec.requires and not spec.training_requires:
-            return out
-        try:
-            return spec.sizes_from(out)
-        except SpecError:
-            continue
-    raise SpecError(f"no sizes from {low} to {high} satisfy the derived sizes and "
+    # sizes up to ``high`` first; a requirement only larger sizes meet (N > D + 5) widens the
+    # range, doubling it up to 8 × ``high``
+    for top in (high, 2 * high, 4 * high, 8 * high):
+        for _ in range(SIZE_TRIES):
+            out = {}
+            for name, sym in spec.base_dims.items():
+                least = spec.min_sizes.get(name, 1)
+                start = 0 if least == 0 else max(low, least)
+                value = fixed.get(name, rng.integers(start, max(top, least) + 1))
+                out[sym] = max(int(value), least)
+            if not spec.derived and not spec.requires and not spec.training_requires:
+                return out
+            try:
+                return spec.sizes_from(out)
+            except SpecError:
+                continue
+    raise SpecError(f"no sizes from {low} to {8 * high} satisfy the derived sizes and "
                     f"requirements of {spec.name}" + (f" with {fixed}" if fixed else ""),
                     file=spec.file, hint="check spec.size(...) and spec.require(...), or "
                     "the sizes fixed with --set")
