@@ -8,7 +8,6 @@ from sympy import (  # noqa: F401 - re-exported for spec files
     Abs,
     Heaviside,
     KroneckerDelta,
-    Min,
     Piecewise,
     Rational,
     atan,
@@ -25,7 +24,7 @@ from sympy import (  # noqa: F401 - re-exported for spec files
     tanh,
 )
 
-from gradtool.spec.lang import Max, Spec, Sum, sigmoid  # noqa: F401
+from gradtool.spec.lang import Max, Min, Spec, Sum, sigmoid  # noqa: F401
 
 __all__ = [
     "Spec", "Sum", "Max", "Min", "sigmoid", "exp", "log", "sqrt", "tanh", "sinh", "cosh",

@@ -106,6 +106,13 @@ USER_SPECS = {
         t0 = spec.let("t0", [], Max(B[i], i))
         spec.output("Y", [], 2 * t0 / (1 + tanh(Sum(A[i] * A[i], i)) ** 2))
     """,
+    "min_over_time": """
+        spec = Spec("min_over_time", "the smallest value of each row, Min as a reduction")
+        N, T = spec.dims("N T")
+        n, t = spec.indices(n=N, t=T)
+        X = spec.input("X", N, T)
+        spec.output("Y", [n], Min(X[n, t], t) + Sum(Min(X[n, t], 0.5 * X[n, t]), t))
+    """,
     "outer": """
         spec = Spec("outer", "outer product with itself (repeated access)")
         N, D = spec.dims("N D")

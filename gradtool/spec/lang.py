@@ -131,6 +131,15 @@ def Max(*args):  # noqa: N802
     return sp.Max(*args)
 
 
+def Min(*args):  # noqa: N802
+    """``Min(X[n, c], c)`` is the smallest X over c (a reduction), written as −max(−X) so that it
+    shares Max's gradient rule (to the first minimum); ``Min(x, 0)`` is element-wise."""
+    if len(args) >= 2 and all(_is_index(a) for a in args[1:]) \
+            and not _is_index(args[0]):
+        return -MaxOver(-sp.sympify(args[0]), *args[1:])
+    return sp.Min(*args)
+
+
 def sigmoid(x):
     """The logistic function 1 / (1 + e^(−x))."""
     return 1 / (1 + sp.exp(-x))
