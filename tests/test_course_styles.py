@@ -250,3 +250,21 @@ def test_every_course_style_has_a_buggy_twin():
     assert files == twins
     assert files == {p.name for p in HERE.glob("*.py")} - {"__init__.py",
                                                           "activation_helpers.py"}
+
+
+def test_a_backward_that_takes_star_grads_gets_the_upstream_gradient(tmp_path):
+    """``backward(self, *grads)`` takes the upstream gradient(s), as a backward with named
+    arguments does; a wrong one of that form still fails."""
+    path = tmp_path / "varargs.py"
+    path.write_text("import numpy as np\n\n\n"
+                    "class Tanh:\n"
+                    "    def forward(self, *inputs):\n"
+                    "        self.Y = np.tanh(inputs[0])\n"
+                    "        return self.Y\n\n"
+                    "    def backward(self, *grads):\n"
+                    "        return grads[0] * (1 - self.Y ** 2)\n\n\n"
+                    "class WrongTanh(Tanh):\n"
+                    "    def backward(self, *grads):\n"
+                    "        return grads[0] * (1 - self.Y)\n")
+    assert runner.invoke(app, ["check", "tanh", "--impl", f"{path}:Tanh"]).exit_code == 0
+    assert runner.invoke(app, ["check", "tanh", "--impl", f"{path}:WrongTanh"]).exit_code == 1

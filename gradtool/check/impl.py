@@ -208,7 +208,10 @@ class NumpyLayerSubject:
         the data inputs again, as a loss written without an upstream gradient)."""
         back = _positional(self.cls.backward)[1:]
         if not back:
-            return "none"
+            # backward(self, *grads) takes upstream gradients, however many
+            star = any(p.kind == p.VAR_POSITIONAL
+                       for p in inspect.signature(self.cls.backward).parameters.values())
+            return "upstream" if star else "none"
         front = _positional(self.cls.forward)[1:]
         scalar = all(not self.spec.tensors[o].dims for o in self.outputs)
         if scalar and len(self.data) >= 2 and (back == front or len(back) == len(self.data)):
