@@ -238,7 +238,11 @@ def _check_access(spec: Spec, name: str, idx: tuple, line, guarded: bool = False
         if ix in spec.index_dims and spec.index_dims[ix] != dim:
             raise spec.error(f"index `{ix}` runs over {spec.index_dims[ix]} but axis {axis} of "
                              f"`{name}` has size {dim}", line,
-                             f"use an index declared over {dim}")
+                             f"use an index declared over {dim}; a plain index reads a whole "
+                             f"axis, so the first part of a fused axis (SymPy writes "
+                             f"b[0*H + h] as b[h]) cannot be read this way yet: give that part "
+                             f"a parameter of its own, or read every part at an offset ≥ 1 "
+                             f"block (docs/spec-language.md, Known rough edges)")
         if ix not in spec.index_dims and not guarded:
             _check_range(spec, name, idx, axis, line)
 
