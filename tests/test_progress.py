@@ -8,6 +8,7 @@ import io
 import json
 import time
 
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -75,3 +76,21 @@ def test_code_generation_shows_a_spinner_on_stderr_only(monkeypatch):
     assert result.exit_code == 0, result.output
     assert "generating numpy code" in screen.getvalue()
     assert "generating" not in result.stdout and result.stdout.startswith(("#", '"""', "@"))
+
+
+def test_an_explicit_matrix_past_its_time_budget_stops_with_an_estimate():
+    """Expanding the entries of an explicit Jacobian stops once it has taken longer than its
+    budget (60 s from the command line; 0 here), saying how many entries were done and how
+    long all would take, instead of running on for minutes (attention + layer norm at T = D =
+    4: about 9 minutes)."""
+    from gradtool.errors import GradtoolError
+    from gradtool.spec.loader import load_spec
+    from gradtool.symbolic.jacobian import explicit_matrix, jacobian
+    from gradtool.symbolic.reverse import derive
+
+    d = derive(load_spec("softmax"))
+    jac = jacobian(d, "S", "X")
+    matrix, rows, cols = explicit_matrix(d, jac, {"N": 1, "C": 3})
+    assert matrix.shape == (3, 3)
+    with pytest.raises(GradtoolError, match=r"1 of 9 entries in \d+ s \(about \d+ s in all\)"):
+        explicit_matrix(d, jac, {"N": 1, "C": 3}, seconds=0.0)

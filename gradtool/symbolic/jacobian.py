@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass
 
 import sympy as sp
@@ -100,11 +101,15 @@ def _prefer_output_indices(expr, in_idx, out_idx):
 
 
 def explicit_matrix(d: Derivation, jac: Jacobian, sizes: dict[str, int],
-                    limit: int = 4096, progress=None) -> tuple[sp.Matrix, list, list]:
+                    limit: int = 4096, progress=None,
+                    seconds: float = 60.0) -> tuple[sp.Matrix, list, list]:
     """The Jacobian for concrete sizes: rows are output elements, columns input elements.
 
     ``progress(done, total)`` is called before each row (a convolution's matrix takes
-    seconds)."""
+    seconds). Raises :class:`GradtoolError` when it would have more than ``limit`` entries,
+    or when expanding its entries takes longer than ``seconds`` (each entry is the index
+    expression with every sum written out at these sizes: for attention followed by layer
+    norm, thousands of terms per entry), with the time it would take in all."""
     spec = d.spec
     unknown = set(sizes) - set(spec.dim_symbols)
     if unknown:
@@ -136,6 +141,7 @@ def explicit_matrix(d: Derivation, jac: Jacobian, sizes: dict[str, int],
     cols = list(itertools.product(*[range(n) for n in in_dims]))
     base = jac.expr.xreplace(values)
     matrix = sp.zeros(len(rows), len(cols))
+    start, total = time.monotonic(), len(rows) * len(cols)
     for r, row in enumerate(rows):
         if progress is not None:
             progress(r, len(rows))
@@ -143,6 +149,15 @@ def explicit_matrix(d: Derivation, jac: Jacobian, sizes: dict[str, int],
         for c, col in enumerate(cols):
             entry = at_row.xreplace(dict(zip(jac.in_idx, map(sp.Integer, col), strict=True)))
             matrix[r, c] = sp.factor_terms(_restore_bases(entry.doit(), spec))
+            spent = time.monotonic() - start
+            done = r * len(cols) + c + 1
+            if spent > seconds and done < total:
+                raise GradtoolError(
+                    f"the explicit Jacobian ∂{jac.output}/∂{jac.wrt} at these sizes is slow to "
+                    f"expand: {done} of {total} entries in {spent:.0f} s (about "
+                    f"{spent * total / done:.0f} s in all); each entry writes out every sum "
+                    f"at these sizes", hint="choose smaller sizes with --shape, or read the "
+                    "Jacobian in index notation (derive without --shape)")
     return matrix, rows, cols
 
 
