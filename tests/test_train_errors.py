@@ -235,3 +235,107 @@ def test_library_resume_refuses_a_field_that_differs_from_the_run(tmp_path, one_
     result = train(TrainConfig(resume=str(tmp_path / "R"), hidden=(16,), limit=300, epochs=2,
                                out=str(tmp_path / "R")))
     assert result.epochs == 2
+
+
+# a resumed run trains what it started with --------------------------------------------------
+
+def _npz_data(path, n_train=48, classes=3, seed=0):
+    """A small npz of 10 features: class c's samples are centred at c."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y_train, y_test = np.arange(n_train) % classes, np.arange(12) % classes
+    np.savez(path, x_train=rng.normal(size=(n_train, 10)) + y_train[:, None],
+             y_train=y_train, x_test=rng.normal(size=(12, 10)) + y_test[:, None],
+             y_test=y_test)
+
+
+SMALL_MODEL = ('[[layers]]\nspec = "linear"\nI = 10\nO = 8\n\n[[layers]]\nspec = '
+               '"sub/rmsnorm.py"\nD = 8\n\n[[layers]]\nspec = "linear"\nI = 8\nO = 3\n')
+
+
+@pytest.mark.parametrize("model", [["--model", "m.toml"],
+                                   ["--norm", "sub/rmsnorm.py", "--hidden", "8"]])
+def test_resume_from_another_directory_reads_the_same_files(tmp_path, monkeypatch, model):
+    """A run started with relative paths (the data file, a model file, a spec file) records
+    them absolute, so that it resumes from another directory; the run's record keeps its
+    spec hashes and gains an entry for the resume. A data set whose sizes changed since is
+    refused."""
+    from tests.test_nn import RMSNORM
+
+    start, other = tmp_path / "start", tmp_path / "other"
+    (start / "sub").mkdir(parents=True)
+    other.mkdir()
+    (start / "sub" / "rmsnorm.py").write_text(RMSNORM)
+    (start / "m.toml").write_text(SMALL_MODEL)
+    _npz_data(start / "d.npz")
+    monkeypatch.chdir(start)
+    first = CliRunner().invoke(app, ["train", *model, "--data", "npz", "--data-dir", "d.npz",
+                                     "--epochs", "1", "--out", "../R", "--json"])
+    assert first.exit_code == 0, first.output
+    record = json.loads((tmp_path / "R" / "config.json").read_text())
+    config = record["config"]
+    assert config["data_dir"] == str(start / "d.npz")
+    if model[0] == "--model":
+        assert config["model"] == str(start / "m.toml")
+    else:
+        assert config["norm"] == str(start / "sub" / "rmsnorm.py")
+    assert str(start / "sub" / "rmsnorm.py") in record["spec_sha256"]
+
+    monkeypatch.chdir(other)
+    resumed = CliRunner().invoke(app, ["train", "--resume", "../R", "--epochs", "2", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["epoch"] for r in json.loads(resumed.stdout)["history"]] == [1, 2]
+    after = json.loads((tmp_path / "R" / "config.json").read_text())
+    assert after["spec_sha256"] == record["spec_sha256"]
+    assert after["versions"] == record["versions"] and after["config"]["epochs"] == 2
+    assert [(r["from_epoch"], r["epochs"]) for r in after["resumed"]] == [(1, 2)]
+
+    _npz_data(start / "d.npz", n_train=60)
+    with pytest.raises(ConfigError, match=r"the data set changed since the run started: "
+                                          r"sizes \[54, 6, 12\], the run recorded "
+                                          r"\[43, 5, 12\]") as err:
+        train(TrainConfig(resume=str(tmp_path / "R"), epochs=3))
+    assert err.value.file == str(start / "d.npz")
+
+
+def test_resume_refuses_a_spec_or_model_file_edited_since_the_run_started(tmp_path):
+    """A spec's sha256 or the model file's layers differ from the run's config.json: one
+    error naming the spec (or model) file, nothing trained, and the record's hashes kept;
+    with the files put back the run resumes."""
+    from tests.test_nn import RMSNORM
+
+    (tmp_path / "sub").mkdir()
+    spec, model = tmp_path / "sub" / "rmsnorm.py", tmp_path / "m.toml"
+    spec.write_text(RMSNORM)
+    model.write_text(SMALL_MODEL)
+    _npz_data(tmp_path / "d.npz")
+    run = tmp_path / "R"
+    train(TrainConfig(model=str(model), data="npz", data_dir=str(tmp_path / "d.npz"),
+                      epochs=1, out=str(run)))
+    record = (run / "config.json").read_text()
+
+    spec.write_text(RMSNORM.replace("1e-6", "1e-2"))  # another eps: another model
+    with pytest.raises(ConfigError, match=r"spec rmsnorm.py changed since the run started: "
+                                          r"its sha256 is \w+…, the run recorded \w+… in "
+                                          ".*config.json") as err:
+        train(TrainConfig(resume=str(run), epochs=2))
+    assert err.value.file == str(spec)
+    assert "put the spec back as it was, or start a new run" in err.value.hint
+    spec.write_text("this is not python (")  # refused by its hash, not by loading it
+    with pytest.raises(ConfigError, match="spec rmsnorm.py changed"):
+        train(TrainConfig(resume=str(run), epochs=2))
+    spec.write_text(RMSNORM)
+
+    model.write_text(SMALL_MODEL.replace("O = 8", "O = 6").replace("D = 8", "D = 6")
+                     .replace("I = 8", "I = 6"))
+    with pytest.raises(ConfigError, match=r"the model changed since the run started: layer 1 "
+                                          r"was \{'spec': 'linear', 'I': 10, 'O': 8\}, is now "
+                                          r"\{'spec': 'linear', 'I': 10, 'O': 6\}") as err:
+        train(TrainConfig(resume=str(run), epochs=2))
+    assert err.value.file == str(model)
+    assert (run / "config.json").read_text() == record  # nothing rewritten
+    assert json.loads((run / "result.json").read_text())["epochs"] == 1  # nothing trained
+
+    model.write_text(SMALL_MODEL)
+    assert train(TrainConfig(resume=str(run), epochs=2)).epochs == 2

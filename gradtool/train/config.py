@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from dataclasses import asdict, dataclass, fields
+import os
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from gradtool.errors import GradtoolError
@@ -109,6 +110,31 @@ class TrainConfig:
         if not (math.isfinite(self.gamma) and self.gamma > 0):
             raise ConfigError(f"gamma (the step schedule's factor) must be positive, got "
                               f"{self.gamma}")
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """This configuration with every file it names made absolute (against the current
+        directory, as the loaders read them): ``data_dir``, a model file ``model``, and
+        spec files given as ``activation``, ``norm`` or ``loss``. A run records these, so that
+        ``--resume`` from another directory reads the same files. Built-in names (``relu``,
+        ``mlp``, a shipped model) are kept as they are."""
+        from gradtool.model_files import shipped_models
+
+        def spec(name: str | None) -> str | None:
+            # the spec loader's rule (gradtool.spec.loader.resolve): a .py name, a name with
+            # a path separator, or an existing file is a path; anything else a built-in
+            if name is None or not (Path(name).suffix == ".py" or os.sep in name
+                                    or Path(name).exists()):
+                return name
+            return str(Path(name).resolve())
+
+        model = self.model
+        if model not in ("mlp", "cnn") and model not in shipped_models() and (
+                Path(model).suffix == ".toml" or Path(model).exists()):
+            model = str(Path(model).resolve())
+        data_dir = None if self.data_dir is None else \
+            str(Path(self.data_dir).expanduser().resolve())
+        return replace(self, model=model, data_dir=data_dir, activation=spec(self.activation),
+                       norm=spec(self.norm), loss=spec(self.loss))
 
     def to_json(self) -> dict:
         out = asdict(self)
