@@ -21,6 +21,9 @@ from gradtool.train.config import ConfigError
 
 QUICK = dict(limit=300, hidden=(16,), batch_size=32)
 CLI_QUICK = ["--limit", "300", "--hidden", "16", "--epochs", "1"]
+# for a model file, which has its own layers (--hidden would be refused)
+FILE_QUICK = dict(limit=300, batch_size=32)
+CLI_FILE_QUICK = ["--limit", "300", "--epochs", "1"]
 
 # a user's spec with three inputs, as an attention layer has
 THREE_INPUTS = """\
@@ -88,7 +91,7 @@ def test_model_file_sizes_must_be_positive_integers(tmp_path, value):
     path = _model_file(tmp_path, f'spec = "linear"\nI = 16\nO = {value}')
     with pytest.raises(ModelError, match=r"layer 4 \(linear\): linear: size O must be a "
                                          r"positive integer") as info:
-        train(TrainConfig(model=str(path), out=str(tmp_path / "r"), epochs=1, **QUICK))
+        train(TrainConfig(model=str(path), out=str(tmp_path / "r"), epochs=1, **FILE_QUICK))
     assert info.value.file == str(path)
     assert not (tmp_path / "r").exists()
 
@@ -116,7 +119,7 @@ def test_output_width_must_equal_the_number_of_classes(tmp_path, loss, backend):
                                          r"4, linear, its O = 7\), but the data has 10 "
                                          r"classes") as info:
         train(TrainConfig(model=str(path), out=str(tmp_path / "r"), epochs=1, backend=backend,
-                          **QUICK))
+                          **FILE_QUICK))
     assert info.value.file == str(path) and info.value.hint == "set O = 10 in layer 4"
     assert not (tmp_path / "r").exists()
 
@@ -124,7 +127,7 @@ def test_output_width_must_equal_the_number_of_classes(tmp_path, loss, backend):
 def test_a_model_without_parameters_is_refused(tmp_path, monkeypatch):
     (tmp_path / "m.toml").write_text('[[layers]]\nflatten = true\n\n[[layers]]\n'
                                      'spec = "softmax"\n')
-    out = _cli_error(tmp_path, monkeypatch, [*CLI_QUICK, "--model", "m.toml", "--out", "r"])
+    out = _cli_error(tmp_path, monkeypatch, [*CLI_FILE_QUICK, "--model", "m.toml", "--out", "r"])
     assert "m.toml: the model has no parameters to train (its layers: flatten, softmax)" in out
 
 
@@ -142,13 +145,13 @@ def test_activation_must_take_one_input(tmp_path, monkeypatch, activation, why):
 def test_model_file_layer_and_loss_specs_of_the_wrong_kind(tmp_path):
     layer = _model_file(tmp_path, 'spec = "mse"', name="layer.toml")
     with pytest.raises(ModelError, match="layer 4: mse takes 2 inputs") as info:
-        train(TrainConfig(model=str(layer), out=str(tmp_path / "r"), epochs=1, **QUICK))
+        train(TrainConfig(model=str(layer), out=str(tmp_path / "r"), epochs=1, **FILE_QUICK))
     assert info.value.file == str(layer)
     loss = _model_file(tmp_path, 'spec = "linear"\nI = 16\nO = 10', loss="relu",
                        name="loss.toml")
     with pytest.raises(ModelError, match=r"loss: relu takes 1 input \(X\), but a loss takes "
                                          "two"):
-        train(TrainConfig(model=str(loss), out=str(tmp_path / "r"), epochs=1, **QUICK))
+        train(TrainConfig(model=str(loss), out=str(tmp_path / "r"), epochs=1, **FILE_QUICK))
     assert not (tmp_path / "r").exists()
 
 
@@ -168,7 +171,9 @@ def test_resume_to_run_longer_equals_the_longer_run(tmp_path, schedule, backend)
     """A 1-epoch run resumed with epochs=2 trains its second epoch at the 2-epoch schedule's
     learning rate (cosine: lr₀/2, not the 1-epoch cosine's 0) and ends with the weights of
     an uninterrupted 2-epoch run, bit for bit: both first epochs ran at lr₀."""
-    cfg = dict(QUICK, schedule=schedule, step_size=1, gamma=0.5, backend=backend, seed=3)
+    cfg = dict(QUICK, schedule=schedule, backend=backend, seed=3)
+    if schedule == "step":
+        cfg.update(step_size=1, gamma=0.5)
     train(TrainConfig(out=str(tmp_path / "short"), epochs=1, **cfg))
     resumed = train(TrainConfig(resume=str(tmp_path / "short"), epochs=2))
     whole = train(TrainConfig(out=str(tmp_path / "whole"), epochs=2, **cfg))
@@ -339,3 +344,42 @@ def test_resume_refuses_a_spec_or_model_file_edited_since_the_run_started(tmp_pa
 
     model.write_text(SMALL_MODEL)
     assert train(TrainConfig(resume=str(run), epochs=2)).epochs == 2
+
+
+# options the run's choices would ignore ----------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--optimizer", "adam", "--nesterov"], "--nesterov given with --optimizer adam, which does "
+     "not use it: only --optimizer sgd does — drop --nesterov, or choose --optimizer sgd"),
+    (["--momentum", "0.9"], "--momentum given with --optimizer adam"),  # the default's value
+    (["--optimizer", "adamw", "--momentum", "0.5", "--nesterov"], "--momentum and --nesterov "
+     "given with --optimizer adamw, which does not use them: only --optimizer sgd does"),
+    (["--model", "cnn", "--hidden", "8", "--norm", "batchnorm"], "--hidden and --norm given "
+     "with --model cnn, which does not use them: only --model mlp does"),
+    (["--model", "vu-mnist-cnn", "--dropout", "0.1"], "--dropout given with --model "
+     "vu-mnist-cnn (a model file's layers are its own), which does not use it: only --model "
+     "mlp or cnn do"),
+    (["--data-dir", "somewhere"], "--data-dir given with --data digits, which does not use it"),
+    (["--optimizer", "sgd", "--momentum", "0", "--nesterov"], "--nesterov with --momentum 0"),
+])
+def test_cli_refuses_an_option_the_run_would_ignore(tmp_path, monkeypatch, args, message):
+    """Typed options are refused by what the command line says, whatever their value."""
+    out = _cli_error(tmp_path, monkeypatch, ["--epochs", "1", *args, "--out", "r"])
+    assert message in out
+
+
+def test_library_refuses_a_field_the_run_would_ignore(tmp_path):
+    """From Python, a field whose value differs from its default and that the run's choices
+    ignore is refused; the same options with the choices that use them train."""
+    for options, message in ((dict(nesterov=True), "--nesterov given with --optimizer adam"),
+                             (dict(momentum=0.5, optimizer="adamw"), "--momentum given"),
+                             (dict(step_size=2), "--step-size given with --schedule cosine"),
+                             (dict(model="cnn", hidden=(8,)), "--hidden given with --model "
+                                                              "cnn")):
+        with pytest.raises(ConfigError, match=message):
+            train(TrainConfig(out=str(tmp_path / "r"), epochs=1, **options))
+    assert not (tmp_path / "r").exists()
+    result = train(TrainConfig(out=str(tmp_path / "r"), epochs=1, optimizer="sgd",
+                               momentum=0.5, nesterov=True, schedule="step", step_size=2,
+                               **QUICK))
+    assert result.epochs == 1
