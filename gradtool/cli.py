@@ -677,6 +677,9 @@ def train_cmd(
                              dtype=dtype, device=device, threads=threads, out=out,
                              resume=resume,
                              verify=not no_verify, limit=limit, compile=compile_model)
+        if resume is None:  # an option typed but ignored by the run's choices is refused
+            config.refuse_unused([p.name for p in ctx.command.params if getattr(
+                ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"])
         if nproc_per_node is not None:
             _launch_train(ctx, config, nproc_per_node)
             return

@@ -521,8 +521,8 @@ def test_npz_flat_features_and_one_hot_labels(tmp_path):
 def test_npz_uint8_images_get_a_channel_axis_and_the_0_1_scale(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (20, 4, 4), dtype=np.uint8)
-    path = _npz(tmp_path / "img.npz", x_train=x, y_train=np.arange(20) % 4, x_test=x[:6],
-                y_test=np.array([0, 1, 2, 3, 3, 7]))
+    path = _npz(tmp_path / "img.npz", x_train=x, y_train=np.arange(20) % 8, x_test=x[:6],
+                y_test=np.array([0, 1, 2, 3, 3, 5]))
     ds = load_dataset("npz", path, val_fraction=0.0)
     assert ds.input_shape == (1, 4, 4) and len(ds.classes) == 8  # largest label 7
     np.testing.assert_allclose(ds.mean[0], x.mean() / 255, rtol=1e-5)
@@ -553,6 +553,61 @@ def test_bad_npz_files_are_one_error_naming_the_file(tmp_path, arrays, message):
     with pytest.raises(DataError) as err:
         load_dataset("npz", path)
     assert err.value.file == str(path) and message in err.value.message
+
+
+_X = np.zeros((6, 2))
+
+
+@pytest.mark.parametrize("y_train, y_test, message", [
+    (np.array([0, 1, 2, -1, 0, 1]), np.zeros(2, int), "y_train must hold class numbers 0, 1, "
+     "2, …; found values such as -1"),
+    (np.array([0, 1.0, 2, 2.5, 0, 1]), np.zeros(2, int), "found values such as 2.5"),
+    (np.arange(6) + 10**9, np.zeros(2, int), "y_train holds label 1000000005, which would make "
+     "1000000005 + 1 classes (at most 100,000 are taken)"),
+    (np.array([0, 1, 1e30, 0, 1, 0]), np.zeros(2, int), "y_train holds label "
+     "1000000000000000019884624838656, which"),
+    (np.zeros(6, int), np.array([0, 10**12]), "y_test holds label 1000000000000"),
+    (np.array([0, 1, 2, 3, 4, 9]), np.zeros(2, int), "y_train's largest label is 9, which "
+     "makes 10 classes, more than its 6 samples"),
+    (np.array([0, 1, 2, 0, 1, 2]), np.array([0, 7]), "y_test holds label 7, but the training "
+     "labels are 0..2: a class no training sample has"),
+])
+def test_npz_labels_that_are_not_class_numbers_are_refused(tmp_path, y_train, y_test,
+                                                           message):
+    """Negative, fractional or huge labels, more classes than training samples, or a test
+    label above every training label: one error naming the file and the label, before any
+    class list or output layer is sized by it."""
+    path = _npz(tmp_path / "labels.npz", x_train=_X, y_train=y_train, x_test=_X[:2],
+                y_test=y_test)
+    with pytest.raises(DataError) as err:
+        load_dataset("npz", path, val_fraction=0.0)
+    assert err.value.file == str(path) and message in err.value.message, err.value.message
+
+
+def test_npz_label_at_the_limits_is_taken(tmp_path):
+    """As many classes as training samples, float labels that are integers, and a test set
+    without some classes: all accepted."""
+    path = _npz(tmp_path / "edge.npz", x_train=_X, y_train=np.array([5., 4, 3, 2, 1, 0]),
+                x_test=_X[:2], y_test=np.array([5, 5]))
+    ds = load_dataset("npz", path, val_fraction=0.0)
+    assert len(ds.classes) == 6 and ds.train.y.dtype == np.int64
+    assert ds.test.y.tolist() == [5, 5]
+
+
+def test_npz_labels_of_1e9_fail_fast_under_a_memory_limit(tmp_path):
+    """The class count was the largest label + 1: labels near 1e9 built a list of 1e9 class
+    names (the process was OOM-killed). Under a 3 GB address-space limit it is one error."""
+    path = _npz(tmp_path / "big.npz", x_train=np.zeros((300, 10), np.float32),
+                y_train=np.arange(300) % 3 + 10**9, x_test=np.zeros((10, 10), np.float32),
+                y_test=np.zeros(10, int))
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))\n"
+            "from gradtool.data import DataError, load_dataset\n"
+            f"try: load_dataset('npz', {str(path)!r})\n"
+            "except DataError as e: print('refused:', e.message)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "refused: y_train holds label 1000000002" in out.stdout
 
 
 def test_truncated_or_missing_npz_and_pickled_objects_are_errors(tmp_path):

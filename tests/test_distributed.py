@@ -222,10 +222,11 @@ def test_nproc_per_node_passes_the_same_options_minus_itself(monkeypatch):
     monkeypatch.setattr(dist_mod, "launch", lambda nproc, argv, **kw: seen.update(n=nproc,
                                                                                 a=argv))
     result = CliRunner().invoke(app, ["train", "--hidden", "8,8", "--nproc-per-node", "2",
-                                      "--nesterov", "--limit", "50", "--no-verify"])
+                                      "--optimizer", "sgd", "--nesterov", "--limit", "50",
+                                      "--no-verify"])
     assert result.exit_code == 0, result.output
-    assert seen == {"n": 2, "a": ["train", "--hidden", "8,8", "--nesterov", "--no-verify",
-                                  "--limit", "50"]}
+    assert seen == {"n": 2, "a": ["train", "--hidden", "8,8", "--optimizer", "sgd",
+                                  "--nesterov", "--no-verify", "--limit", "50"]}
 
 
 def test_nproc_per_node_checks_the_options_once_before_launching(monkeypatch):

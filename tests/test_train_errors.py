@@ -21,6 +21,9 @@ from gradtool.train.config import ConfigError
 
 QUICK = dict(limit=300, hidden=(16,), batch_size=32)
 CLI_QUICK = ["--limit", "300", "--hidden", "16", "--epochs", "1"]
+# for a model file, which has its own layers (--hidden would be refused)
+FILE_QUICK = dict(limit=300, batch_size=32)
+CLI_FILE_QUICK = ["--limit", "300", "--epochs", "1"]
 
 # a user's spec with three inputs, as an attention layer has
 THREE_INPUTS = """\
@@ -88,7 +91,7 @@ def test_model_file_sizes_must_be_positive_integers(tmp_path, value):
     path = _model_file(tmp_path, f'spec = "linear"\nI = 16\nO = {value}')
     with pytest.raises(ModelError, match=r"layer 4 \(linear\): linear: size O must be a "
                                          r"positive integer") as info:
-        train(TrainConfig(model=str(path), out=str(tmp_path / "r"), epochs=1, **QUICK))
+        train(TrainConfig(model=str(path), out=str(tmp_path / "r"), epochs=1, **FILE_QUICK))
     assert info.value.file == str(path)
     assert not (tmp_path / "r").exists()
 
@@ -116,7 +119,7 @@ def test_output_width_must_equal_the_number_of_classes(tmp_path, loss, backend):
                                          r"4, linear, its O = 7\), but the data has 10 "
                                          r"classes") as info:
         train(TrainConfig(model=str(path), out=str(tmp_path / "r"), epochs=1, backend=backend,
-                          **QUICK))
+                          **FILE_QUICK))
     assert info.value.file == str(path) and info.value.hint == "set O = 10 in layer 4"
     assert not (tmp_path / "r").exists()
 
@@ -124,7 +127,7 @@ def test_output_width_must_equal_the_number_of_classes(tmp_path, loss, backend):
 def test_a_model_without_parameters_is_refused(tmp_path, monkeypatch):
     (tmp_path / "m.toml").write_text('[[layers]]\nflatten = true\n\n[[layers]]\n'
                                      'spec = "softmax"\n')
-    out = _cli_error(tmp_path, monkeypatch, [*CLI_QUICK, "--model", "m.toml", "--out", "r"])
+    out = _cli_error(tmp_path, monkeypatch, [*CLI_FILE_QUICK, "--model", "m.toml", "--out", "r"])
     assert "m.toml: the model has no parameters to train (its layers: flatten, softmax)" in out
 
 
@@ -135,20 +138,22 @@ def test_activation_must_take_one_input(tmp_path, monkeypatch, activation, why):
     (tmp_path / "attn.py").write_text(THREE_INPUTS)
     out = _cli_error(tmp_path, monkeypatch, [*CLI_QUICK, "--activation", activation,
                                              "--out", "r"])
-    assert f"--activation {activation}: {why}" in out
+    # a spec file is named by its absolute path, as the run records it
+    named = tmp_path / activation if activation.endswith(".py") else activation
+    assert f"--activation {named}: {why}" in out
     assert "an element-wise spec" in out
 
 
 def test_model_file_layer_and_loss_specs_of_the_wrong_kind(tmp_path):
     layer = _model_file(tmp_path, 'spec = "mse"', name="layer.toml")
     with pytest.raises(ModelError, match="layer 4: mse takes 2 inputs") as info:
-        train(TrainConfig(model=str(layer), out=str(tmp_path / "r"), epochs=1, **QUICK))
+        train(TrainConfig(model=str(layer), out=str(tmp_path / "r"), epochs=1, **FILE_QUICK))
     assert info.value.file == str(layer)
     loss = _model_file(tmp_path, 'spec = "linear"\nI = 16\nO = 10', loss="relu",
                        name="loss.toml")
     with pytest.raises(ModelError, match=r"loss: relu takes 1 input \(X\), but a loss takes "
                                          "two"):
-        train(TrainConfig(model=str(loss), out=str(tmp_path / "r"), epochs=1, **QUICK))
+        train(TrainConfig(model=str(loss), out=str(tmp_path / "r"), epochs=1, **FILE_QUICK))
     assert not (tmp_path / "r").exists()
 
 
@@ -168,7 +173,9 @@ def test_resume_to_run_longer_equals_the_longer_run(tmp_path, schedule, backend)
     """A 1-epoch run resumed with epochs=2 trains its second epoch at the 2-epoch schedule's
     learning rate (cosine: lr₀/2, not the 1-epoch cosine's 0) and ends with the weights of
     an uninterrupted 2-epoch run, bit for bit: both first epochs ran at lr₀."""
-    cfg = dict(QUICK, schedule=schedule, step_size=1, gamma=0.5, backend=backend, seed=3)
+    cfg = dict(QUICK, schedule=schedule, backend=backend, seed=3)
+    if schedule == "step":
+        cfg.update(step_size=1, gamma=0.5)
     train(TrainConfig(out=str(tmp_path / "short"), epochs=1, **cfg))
     resumed = train(TrainConfig(resume=str(tmp_path / "short"), epochs=2))
     whole = train(TrainConfig(out=str(tmp_path / "whole"), epochs=2, **cfg))
@@ -235,3 +242,146 @@ def test_library_resume_refuses_a_field_that_differs_from_the_run(tmp_path, one_
     result = train(TrainConfig(resume=str(tmp_path / "R"), hidden=(16,), limit=300, epochs=2,
                                out=str(tmp_path / "R")))
     assert result.epochs == 2
+
+
+# a resumed run trains what it started with --------------------------------------------------
+
+def _npz_data(path, n_train=48, classes=3, seed=0):
+    """A small npz of 10 features: class c's samples are centred at c."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y_train, y_test = np.arange(n_train) % classes, np.arange(12) % classes
+    np.savez(path, x_train=rng.normal(size=(n_train, 10)) + y_train[:, None],
+             y_train=y_train, x_test=rng.normal(size=(12, 10)) + y_test[:, None],
+             y_test=y_test)
+
+
+SMALL_MODEL = ('[[layers]]\nspec = "linear"\nI = 10\nO = 8\n\n[[layers]]\nspec = '
+               '"sub/rmsnorm.py"\nD = 8\n\n[[layers]]\nspec = "linear"\nI = 8\nO = 3\n')
+
+
+@pytest.mark.parametrize("model", [["--model", "m.toml"],
+                                   ["--norm", "sub/rmsnorm.py", "--hidden", "8"]])
+def test_resume_from_another_directory_reads_the_same_files(tmp_path, monkeypatch, model):
+    """A run started with relative paths (the data file, a model file, a spec file) records
+    them absolute, so that it resumes from another directory; the run's record keeps its
+    spec hashes and gains an entry for the resume. A data set whose sizes changed since is
+    refused."""
+    from tests.test_nn import RMSNORM
+
+    start, other = tmp_path / "start", tmp_path / "other"
+    (start / "sub").mkdir(parents=True)
+    other.mkdir()
+    (start / "sub" / "rmsnorm.py").write_text(RMSNORM)
+    (start / "m.toml").write_text(SMALL_MODEL)
+    _npz_data(start / "d.npz")
+    monkeypatch.chdir(start)
+    first = CliRunner().invoke(app, ["train", *model, "--data", "npz", "--data-dir", "d.npz",
+                                     "--epochs", "1", "--out", "../R", "--json"])
+    assert first.exit_code == 0, first.output
+    record = json.loads((tmp_path / "R" / "config.json").read_text())
+    config = record["config"]
+    assert config["data_dir"] == str(start / "d.npz")
+    if model[0] == "--model":
+        assert config["model"] == str(start / "m.toml")
+    else:
+        assert config["norm"] == str(start / "sub" / "rmsnorm.py")
+    assert str(start / "sub" / "rmsnorm.py") in record["spec_sha256"]
+
+    monkeypatch.chdir(other)
+    resumed = CliRunner().invoke(app, ["train", "--resume", "../R", "--epochs", "2", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["epoch"] for r in json.loads(resumed.stdout)["history"]] == [1, 2]
+    after = json.loads((tmp_path / "R" / "config.json").read_text())
+    assert after["spec_sha256"] == record["spec_sha256"]
+    assert after["versions"] == record["versions"] and after["config"]["epochs"] == 2
+    assert [(r["from_epoch"], r["epochs"]) for r in after["resumed"]] == [(1, 2)]
+
+    _npz_data(start / "d.npz", n_train=60)
+    with pytest.raises(ConfigError, match=r"the data set changed since the run started: "
+                                          r"sizes \[54, 6, 12\], the run recorded "
+                                          r"\[43, 5, 12\]") as err:
+        train(TrainConfig(resume=str(tmp_path / "R"), epochs=3))
+    assert err.value.file == str(start / "d.npz")
+
+
+def test_resume_refuses_a_spec_or_model_file_edited_since_the_run_started(tmp_path):
+    """A spec's sha256 or the model file's layers differ from the run's config.json: one
+    error naming the spec (or model) file, nothing trained, and the record's hashes kept;
+    with the files put back the run resumes."""
+    from tests.test_nn import RMSNORM
+
+    (tmp_path / "sub").mkdir()
+    spec, model = tmp_path / "sub" / "rmsnorm.py", tmp_path / "m.toml"
+    spec.write_text(RMSNORM)
+    model.write_text(SMALL_MODEL)
+    _npz_data(tmp_path / "d.npz")
+    run = tmp_path / "R"
+    train(TrainConfig(model=str(model), data="npz", data_dir=str(tmp_path / "d.npz"),
+                      epochs=1, out=str(run)))
+    record = (run / "config.json").read_text()
+
+    spec.write_text(RMSNORM.replace("1e-6", "1e-2"))  # another eps: another model
+    with pytest.raises(ConfigError, match=r"spec rmsnorm.py changed since the run started: "
+                                          r"its sha256 is \w+…, the run recorded \w+… in "
+                                          ".*config.json") as err:
+        train(TrainConfig(resume=str(run), epochs=2))
+    assert err.value.file == str(spec)
+    assert "put the spec back as it was, or start a new run" in err.value.hint
+    spec.write_text("this is not python (")  # refused by its hash, not by loading it
+    with pytest.raises(ConfigError, match="spec rmsnorm.py changed"):
+        train(TrainConfig(resume=str(run), epochs=2))
+    spec.write_text(RMSNORM)
+
+    model.write_text(SMALL_MODEL.replace("O = 8", "O = 6").replace("D = 8", "D = 6")
+                     .replace("I = 8", "I = 6"))
+    with pytest.raises(ConfigError, match=r"the model changed since the run started: layer 1 "
+                                          r"was \{'spec': 'linear', 'I': 10, 'O': 8\}, is now "
+                                          r"\{'spec': 'linear', 'I': 10, 'O': 6\}") as err:
+        train(TrainConfig(resume=str(run), epochs=2))
+    assert err.value.file == str(model)
+    assert (run / "config.json").read_text() == record  # nothing rewritten
+    assert json.loads((run / "result.json").read_text())["epochs"] == 1  # nothing trained
+
+    model.write_text(SMALL_MODEL)
+    assert train(TrainConfig(resume=str(run), epochs=2)).epochs == 2
+
+
+# options the run's choices would ignore ----------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--optimizer", "adam", "--nesterov"], "--nesterov given with --optimizer adam, which does "
+     "not use it: only --optimizer sgd does — drop --nesterov, or choose --optimizer sgd"),
+    (["--momentum", "0.9"], "--momentum given with --optimizer adam"),  # the default's value
+    (["--optimizer", "adamw", "--momentum", "0.5", "--nesterov"], "--momentum and --nesterov "
+     "given with --optimizer adamw, which does not use them: only --optimizer sgd does"),
+    (["--model", "cnn", "--hidden", "8", "--norm", "batchnorm"], "--hidden and --norm given "
+     "with --model cnn, which does not use them: only --model mlp does"),
+    (["--model", "vu-mnist-cnn", "--dropout", "0.1"], "--dropout given with --model "
+     "vu-mnist-cnn (a model file's layers are its own), which does not use it: only --model "
+     "mlp or cnn do"),
+    (["--data-dir", "somewhere"], "--data-dir given with --data digits, which does not use it"),
+    (["--optimizer", "sgd", "--momentum", "0", "--nesterov"], "--nesterov with --momentum 0"),
+])
+def test_cli_refuses_an_option_the_run_would_ignore(tmp_path, monkeypatch, args, message):
+    """Typed options are refused by what the command line says, whatever their value."""
+    out = _cli_error(tmp_path, monkeypatch, ["--epochs", "1", *args, "--out", "r"])
+    assert message in out
+
+
+def test_library_refuses_a_field_the_run_would_ignore(tmp_path):
+    """From Python, a field whose value differs from its default and that the run's choices
+    ignore is refused; the same options with the choices that use them train."""
+    for options, message in ((dict(nesterov=True), "--nesterov given with --optimizer adam"),
+                             (dict(momentum=0.5, optimizer="adamw"), "--momentum given"),
+                             (dict(step_size=2), "--step-size given with --schedule cosine"),
+                             (dict(model="cnn", hidden=(8,)), "--hidden given with --model "
+                                                              "cnn")):
+        with pytest.raises(ConfigError, match=message):
+            train(TrainConfig(out=str(tmp_path / "r"), epochs=1, **options))
+    assert not (tmp_path / "r").exists()
+    result = train(TrainConfig(out=str(tmp_path / "r"), epochs=1, optimizer="sgd",
+                               momentum=0.5, nesterov=True, schedule="step", step_size=2,
+                               **QUICK))
+    assert result.epochs == 1

@@ -24,6 +24,9 @@ CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR10_FILES = [*CIFAR10_TRAIN, "test_batch", "batches.meta"]
 CIFAR10_SUBFOLDER = "cifar-10-batches-py"  # what the official archive extracts to
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# the most classes an npz's integer labels may make (the largest label + 1): a label above it
+# is an id, not a class number, and would size the output layer and class list by it
+MAX_CLASSES = 100_000
 
 
 def load_digits(*, val_fraction: float, seed: int, limit: int | None) -> Dataset:
@@ -164,7 +167,38 @@ def _npz_labels(y: np.ndarray, key: str, path: Path) -> tuple[np.ndarray, int | 
     if y.size and (not np.all(np.isfinite(y)) or np.any(y != np.round(y)) or y.min() < 0):
         raise DataError(f"{key} must hold class numbers 0, 1, 2, …; found values such as "
                         f"{y[(y != np.round(y)) | (y < 0) | ~np.isfinite(y)][0]}", file=path)
+    if y.size and y.max() >= MAX_CLASSES:  # before int64, which a float label may overflow
+        raise DataError(f"{key} holds label {_label(y.max())}, which would make "
+                        f"{_label(y.max())} + 1 classes (at most {MAX_CLASSES:,} are taken)",
+                        file=path, hint="labels are class numbers 0..K-1; renumber them "
+                                        "(np.unique(y, return_inverse=True)[1])")
     return y.astype(np.int64), None
+
+
+def _label(value) -> str:
+    """A label as the file holds it: 7 for 7.0, 1000000000 for 1e9."""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _npz_classes(y_train: np.ndarray, y_test: np.ndarray, path: Path) -> int:
+    """The number of classes of integer labels: the largest training label + 1, refused when
+    that is more classes than training samples (most classes could hold no sample: labels
+    that are ids, not class numbers), or when a test label is above every training label (a
+    class the model would never be trained on)."""
+    if not len(y_train):
+        raise DataError("y_train holds no labels", file=path)
+    top = int(y_train.max())
+    if top + 1 > len(y_train):
+        raise DataError(f"y_train's largest label is {top}, which makes {top + 1} classes, "
+                        f"more than its {len(y_train)} samples", file=path,
+                        hint="labels are class numbers 0..K-1; renumber them "
+                             "(np.unique(y, return_inverse=True)[1])")
+    if len(y_test) and int(y_test.max()) > top:
+        raise DataError(f"y_test holds label {int(y_test.max())}, but the training labels are "
+                        f"{int(y_train.min())}..{top}: a class no training sample has",
+                        file=path, hint="drop those test samples, or renumber both sets "
+                                        "of labels together")
+    return top + 1
 
 
 def _npz_inputs(x: np.ndarray, key: str, path: Path) -> np.ndarray:
@@ -229,7 +263,7 @@ def load_npz(data_dir: str | Path | None, *, val_fraction: float, seed: int,
     if (k_train is None) != (k_test is None) or k_train != k_test:
         raise DataError("y_train and y_test must both be integer labels or both one-hot rows "
                         "of the same width", file=path)
-    num_classes = k_train or int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+    num_classes = k_train or _npz_classes(y_train, y_test, path)
     scale = 255.0 if x_train.dtype == np.uint8 else 1.0
     return assemble("npz", x_train, y_train, x_test, y_test,
                     classes=[str(c) for c in range(num_classes)],

@@ -257,9 +257,11 @@ def _model_file_of(desc: ModelDesc) -> str | None:
 
 def spec_hash(name: str) -> str:
     """sha256 of a spec file's text (built-in or path): what the run records and what the
-    verification cache is keyed by."""
-    spec = as_spec(name)
-    return hashlib.sha256(Path(spec.file).read_bytes()).hexdigest()
+    verification cache is keyed by. The file is read, not run: an edited spec that no longer
+    loads still has a hash to compare."""
+    from gradtool.spec.loader import resolve
+
+    return hashlib.sha256(resolve(name).read_bytes()).hexdigest()
 
 
 def refused_batch(model, input_shape, batch: int) -> str | None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from dataclasses import asdict, dataclass, fields
+import os
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from gradtool.errors import GradtoolError
@@ -19,6 +20,29 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "step", "cosine")
 BACKENDS = ("torch", "numpy")
 DTYPES = ("float32", "float64")
+
+# the options only some runs use: option -> (the option that chooses, the choices that use it).
+# Any other choice would ignore the option, so it is refused rather than dropped silently.
+USED_ONLY_WITH = {
+    "momentum": ("optimizer", ("sgd",)),
+    "nesterov": ("optimizer", ("sgd",)),
+    "step_size": ("schedule", ("step",)),
+    "gamma": ("schedule", ("step",)),
+    "hidden": ("model", ("mlp",)),
+    "norm": ("model", ("mlp",)),
+    "activation": ("model", ("mlp", "cnn")),
+    "dropout": ("model", ("mlp", "cnn")),
+    "data_dir": ("data", ("mnist", "fashion-mnist", "cifar10", "npz")),
+}
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _either(choices) -> str:
+    return " or ".join(choices) if len(choices) < 3 else \
+        f"{', '.join(choices[:-1])} or {choices[-1]}"
 
 
 class ConfigError(GradtoolError):
@@ -72,6 +96,30 @@ class TrainConfig:
     val_fraction: float = 0.1
     limit: int | None = None
 
+    def refuse_unused(self, given) -> None:
+        """Raise :class:`ConfigError` when an option in ``given`` (field names) is one that
+        this run's choices ignore (:data:`USED_ONLY_WITH`): ``--nesterov`` with
+        ``--optimizer adam``, ``--hidden`` with a model file, ``--data-dir`` with digits. The
+        CLI passes the options typed on its command line; :meth:`validate`, the fields that
+        differ from their defaults."""
+        unused = {}
+        for name in given:
+            if name in USED_ONLY_WITH:
+                chooser, users = USED_ONLY_WITH[name]
+                if getattr(self, chooser) not in users:
+                    unused.setdefault(chooser, []).append(name)
+        for chooser, names in unused.items():
+            users = USED_ONLY_WITH[names[0]][1]
+            chosen = getattr(self, chooser)
+            if chooser == "model" and chosen not in ("mlp", "cnn"):
+                chosen = f"{chosen} (a model file's layers are its own)"
+            options = " and ".join(_flag(n) for n in names)
+            raise ConfigError(
+                f"{options} given with {_flag(chooser)} {chosen}, which does not use "
+                f"{'them' if len(names) > 1 else 'it'}: only {_flag(chooser)} "
+                f"{_either(users)} {'do' if len(users) > 1 else 'does'}",
+                hint=f"drop {options}, or choose {_flag(chooser)} {_either(users)}")
+
     def validate(self) -> None:
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
                               ("backend", BACKENDS), ("dtype", DTYPES)):
@@ -109,6 +157,38 @@ class TrainConfig:
         if not (math.isfinite(self.gamma) and self.gamma > 0):
             raise ConfigError(f"gamma (the step schedule's factor) must be positive, got "
                               f"{self.gamma}")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("--nesterov with --momentum 0: Nesterov's method is a form of "
+                              "momentum", hint="give a --momentum > 0, or drop --nesterov")
+        if not self.resume:  # a run's record was accepted when it started
+            default = TrainConfig()
+            self.refuse_unused([f.name for f in fields(self) if f.name in USED_ONLY_WITH and
+                                _differs(getattr(self, f.name), getattr(default, f.name))])
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """This configuration with every file it names made absolute (against the current
+        directory, as the loaders read them): ``data_dir``, a model file ``model``, and
+        spec files given as ``activation``, ``norm`` or ``loss``. A run records these, so that
+        ``--resume`` from another directory reads the same files. Built-in names (``relu``,
+        ``mlp``, a shipped model) are kept as they are."""
+        from gradtool.model_files import shipped_models
+
+        def spec(name: str | None) -> str | None:
+            # the spec loader's rule (gradtool.spec.loader.resolve): a .py name, a name with
+            # a path separator, or an existing file is a path; anything else a built-in
+            if name is None or not (Path(name).suffix == ".py" or os.sep in name
+                                    or Path(name).exists()):
+                return name
+            return str(Path(name).resolve())
+
+        model = self.model
+        if model not in ("mlp", "cnn") and model not in shipped_models() and (
+                Path(model).suffix == ".toml" or Path(model).exists()):
+            model = str(Path(model).resolve())
+        data_dir = None if self.data_dir is None else \
+            str(Path(self.data_dir).expanduser().resolve())
+        return replace(self, model=model, data_dir=data_dir, activation=spec(self.activation),
+                       norm=spec(self.norm), loss=spec(self.loss))
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -150,3 +230,7 @@ class TrainConfig:
             raise ConfigError(f"{run_dir} is not a run folder (no config.json)",
                               hint="give the folder a previous gradtool train wrote")
         return cls.from_json(json.loads(path.read_text())["config"])
+
+
+def _differs(value, default) -> bool:
+    return (tuple(value) if isinstance(value, list) else value) != default

@@ -320,13 +320,16 @@ def _as_option(config: TrainConfig, name: str) -> str:
     return f"--{name.replace('_', '-')} {value}"
 
 
-def _resolve(config: TrainConfig) -> tuple[TrainConfig, Path, dict | None]:
-    """The configuration to run, its folder, and the checkpoint to resume from."""
+def _resolve(config: TrainConfig) -> tuple[TrainConfig, Path, dict | None, dict | None]:
+    """The configuration to run, its folder, and the checkpoint and the record (config.json)
+    of the run to resume, None for a new run. A new run's paths are made absolute
+    (:meth:`TrainConfig.with_absolute_paths`)."""
     from gradtool.train import checkpoint
 
     if config.resume:
         run = Path(config.resume)
         stored = TrainConfig.from_run(run)
+        record = json.loads((run / "config.json").read_text())
         conflicts = config.resume_conflicts(stored)
         if conflicts:
             given = ", ".join(_as_option(config, n) for n in conflicts)
@@ -345,14 +348,60 @@ def _resolve(config: TrainConfig) -> tuple[TrainConfig, Path, dict | None]:
                               f"{ckpt['epoch']} epochs",
                               hint=f"give --epochs {ckpt['epoch'] + 1} or more to run longer, "
                                    "or leave --epochs out to finish the run as started")
-        return stored, run, ckpt
-    config = replace(config, epochs=DEFAULT_EPOCHS if config.epochs is None else config.epochs,
+        return stored, run, ckpt, record
+    config = replace(config.with_absolute_paths(),
+                     epochs=DEFAULT_EPOCHS if config.epochs is None else config.epochs,
                      threads=DEFAULT_THREADS if config.threads is None else config.threads)
     run = Path(config.out or _default_out(config))
     if (run / "checkpoints" / "last.pt").exists():
         raise ConfigError(f"{run} already holds a run", hint=f"--resume {run} continues it; "
                                                              "or choose another --out")
-    return replace(config, out=str(run)), run, None
+    return replace(config, out=str(run)), run, None, None
+
+
+def _check_resumable(record: dict, run: Path, desc, hashes: dict, data: dict) -> None:
+    """Refuse to resume ``run`` when what it trains is no longer what it recorded in
+    ``record`` (its config.json): a spec file whose sha256 changed, a model whose layers
+    changed (an edited model file), or a data set of other classes, shapes or sizes. A resumed
+    run would otherwise load its checkpoint into another model, or another model's weights
+    into this one, and train on silently."""
+    where = run / "config.json"
+    model = json.loads(json.dumps(desc.to_json()))  # as config.json holds it
+    before = record.get("model")
+    if before is not None and before != model:
+        layers = list(zip(before["layers"], model["layers"], strict=False))
+        diff = next((f"layer {k} was {a}, is now {b}" for k, (a, b) in enumerate(layers, 1)
+                     if a != b), None)
+        if diff is None:
+            diff = (f"{len(before['layers'])} layers, now {len(model['layers'])}"
+                    if len(before["layers"]) != len(model["layers"]) else
+                    f"loss {before['loss']}, now {model['loss']}")
+        raise ConfigError(f"the model changed since the run started: {diff} (the run "
+                          f"recorded its model in {where})", file=model["source"],
+                          hint="a resumed run trains the model it started with: put the model "
+                               "file back as it was, or start a new run (--out)")
+    for name, sha in hashes.items():
+        before = record.get("spec_sha256", {}).get(name)
+        if before is not None and before != sha:
+            from gradtool.spec.loader import resolve
+
+            file = resolve(name)
+            shown = file.name if file.name != f"{name}.py" else name  # a path, or a built-in
+            raise ConfigError(f"spec {shown} changed since the run started: its sha256 is "
+                              f"{sha[:12]}…, the run recorded {before[:12]}… in {where}",
+                              file=str(file),
+                              hint="a resumed run trains the model it started with: put the "
+                                   "spec back as it was, or start a new run (--out) with the "
+                                   "new spec")
+    before = record.get("data")
+    if before is not None:
+        for key in ("classes", "input_shape", "sizes"):
+            if before.get(key) != data[key]:
+                raise ConfigError(f"the data set changed since the run started: {key} "
+                                  f"{data[key]}, the run recorded {before.get(key)} in "
+                                  f"{where}", file=(data["sources"] or [None])[0],
+                                  hint="resume with the data the run started with, or start "
+                                       "a new run (--out)")
 
 
 def train(config: TrainConfig, progress: Progress | None = None,
@@ -398,7 +447,7 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
 
     if world.parallel and not config.resume and not config.out:  # one folder, rank 0's time
         config = replace(config, out=distributed.broadcast(world, _default_out(config)))
-    config, run, ckpt = _resolve(config)
+    config, run, ckpt, stored = _resolve(config)
     config.validate()
     distributed.barrier(world)  # every rank has read the folder before rank 0 writes to it
     emit = progress if progress is not None and world.main else (lambda kind, info: None)
@@ -411,6 +460,12 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
                       seed=config.seed, limit=config.limit)
     desc = _model_desc(config, ds.input_shape, len(ds.classes))
     names = desc.spec_names()
+    hashes = {n: spec_hash(n) for n in names}
+    data = {"name": ds.name, "sources": ds.sources, "classes": ds.classes,
+            "input_shape": list(ds.input_shape),
+            "sizes": [len(ds.train), len(ds.val), len(ds.test)]}
+    if stored is not None:  # before verifying a spec the run did not start with
+        _check_resumable(stored, run, desc, hashes, data)
     verified = []
     if config.verify:
         if not world.main:  # rank 0 generates and verifies; the others then read its cache
@@ -419,7 +474,6 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
                                                                            v.to_json()))]
         if world.main:
             distributed.barrier(world)
-    hashes = {n: spec_hash(n) for n in names}
 
     torch.manual_seed(config.seed)
     tdtype = getattr(torch, config.dtype)
@@ -477,14 +531,17 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
         _verify_compiled(torch.compile(model, dynamic=False) if world.parallel else net, model,
                          loss, ds.input_shape, per_rank, len(ds.classes), tdtype, device)
         emit("compiled", {"seconds": round(time.perf_counter() - compile_start, 3)})
-    record = {"config": config.to_json(), "model": desc.to_json(), "spec_sha256": hashes,
-              "versions": _versions(), "seed": config.seed, "device": str(device),
-              "world_size": world.world_size, "process_group": distributed.backend_name(),
-              "data": {"name": ds.name, "sources": ds.sources, "classes": ds.classes,
-                       "input_shape": list(ds.input_shape),
-                       "sizes": [len(ds.train), len(ds.val), len(ds.test)]},
-              "verified": verified if config.verify else "unverified (--no-verify)",
-              "dropped_last_batch": dropped}
+    setting = {"versions": _versions(), "device": str(device), "world_size": world.world_size,
+               "process_group": distributed.backend_name(), "dropped_last_batch": dropped}
+    if stored is None:
+        record = {"config": config.to_json(), "model": desc.to_json(), "spec_sha256": hashes,
+                  "seed": config.seed, **setting, "data": data,
+                  "verified": verified if config.verify else "unverified (--no-verify)"}
+    else:  # the run's record stays; the resume (its epochs, threads, setting) is added to it
+        record = dict(stored, config=config.to_json())
+        record["resumed"] = [*stored.get("resumed", []),
+                             {"from_epoch": ckpt["epoch"], "epochs": config.epochs,
+                              "threads": config.threads, **setting}]
 
     def save(epoch: int, best_too: bool = False) -> None:
         """Rank 0 writes the checkpoints of ``epoch`` (every rank's generators in them)."""
