@@ -613,7 +613,9 @@ def train_cmd(
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.")] = 0.9,
     nesterov: Annotated[bool, typer.Option("--nesterov", help="SGD with Nesterov momentum.")]
     = False,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay.")] = 0.0,
+    weight_decay: Annotated[float | None, typer.Option(
+        "--weight-decay", help="Weight decay (default 0; adamw: 0.01, torch's default).")]
+    = None,
     schedule: Annotated[str, typer.Option("--schedule", metavar="none|step|cosine",
                                           help="Learning-rate schedule "
                                                "(torch.optim.lr_scheduler).")] = "cosine",

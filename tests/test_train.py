@@ -262,3 +262,16 @@ def test_compile_is_refused_when_the_compiled_gradients_differ(tmp_path, monkeyp
     assert "--compile: torch.compile changed the gradient of" in result.output
     assert "train without --compile" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "r").exists()  # nothing written: the run never started
+
+
+@pytest.mark.parametrize("optimizer, given, used", [
+    ("adamw", None, 0.01), ("adamw", 0.0, 0.0), ("adamw", 0.05, 0.05), ("adam", None, 0.0),
+    ("sgd", None, 0.0), ("sgd", 1e-3, 1e-3)])
+def test_weight_decay_is_the_optimizers_default_unless_given(optimizer, given, used):
+    """--weight-decay 0 with adamw is 0 (it was AdamW's default 0.01); without the option,
+    each optimizer keeps torch's default."""
+    from gradtool.train.loop import _optimizer
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = _optimizer(TrainConfig(optimizer=optimizer, weight_decay=given), [param])
+    assert opt.param_groups[0]["weight_decay"] == used

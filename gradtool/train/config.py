@@ -81,7 +81,7 @@ class TrainConfig:
     lr: float = 1e-3
     momentum: float = 0.9
     nesterov: bool = False
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # None: the optimizer's default (adamw 0.01, else 0)
     schedule: str = "cosine"
     step_size: int = 10
     gamma: float = 0.1

@@ -118,13 +118,14 @@ def _model_desc(config: TrainConfig, input_shape, classes: int):
 def _optimizer(config: TrainConfig, params):
     import torch
 
+    # no --weight-decay: the optimizer's own default (AdamW's 0.01); a given 0 is 0 for all
+    decay = config.weight_decay if config.weight_decay is not None else \
+        0.01 if config.optimizer == "adamw" else 0.0
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                               nesterov=config.nesterov, weight_decay=config.weight_decay)
+                               nesterov=config.nesterov, weight_decay=decay)
     cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
-    kwargs = {"weight_decay": config.weight_decay} if config.optimizer == "adam" or \
-        config.weight_decay else {}
-    return cls(params, lr=config.lr, **kwargs)
+    return cls(params, lr=config.lr, weight_decay=decay)
 
 
 def _scheduler(config: TrainConfig, optimizer, epochs: int, reached: int = 0):
