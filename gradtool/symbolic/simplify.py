@@ -139,7 +139,7 @@ def expansion_size(expr, limit: int = EXPAND_BUDGET) -> int:
     return min(terms + work, cap)
 
 
-# input domains that exclude 0 (docs/spec-language.md, "Domains")
+# input domains that exclude 0 (docs/spec-language.md, spec.input)
 NONZERO_DOMAINS = ("positive", "nonzero", "unit")
 
 
