@@ -120,6 +120,22 @@ def test_a_positive_input_may_be_divided_by(tmp_path):
         np.testing.assert_allclose(grads["X"], expect, rtol=1e-12, err_msg=target)
 
 
+def test_a_quotient_that_was_already_there_may_name_the_output(tmp_path):
+    """d√X = 1/(2·√X) divides by zero at X = 0 already: naming √X as Y adds no pole, so
+    dX = G/(2·Y), and it agrees with autograd of torch.sqrt."""
+    spec = _spec(tmp_path, HEAD.format(name="root").replace("tanh", "sqrt") + """\
+X = spec.input("X", N, D)  # real: Y/X would not be allowed, 1/Y is
+spec.output("Y", [n, d], sqrt(X[n, d]))
+""", "root")
+    assert text(derive(spec).closed["X"]) == "G[n,d]/(2·Y[n,d])"
+    x = np.array([[0.5, 1.5], [2.0, 0.25]])
+    g = np.random.default_rng(4).standard_normal(x.shape)
+    got = _kernel_grads(spec, {"X": x}, _dims(spec, N=2, D=2), {"Y": g})
+    expect = _torch_grads(lambda X: torch.sqrt(X), {"X": x}, g)["X"]
+    for target, grads in got.items():
+        np.testing.assert_allclose(grads["X"], expect, rtol=1e-13, err_msg=target)
+
+
 def test_zero_probe_zeroes_only_inputs_whose_domain_holds_zero(tmp_path):
     spec = _spec(tmp_path, HEAD.format(name="domains") + """\
 X = spec.input("X", N, D)
