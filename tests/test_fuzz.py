@@ -293,8 +293,12 @@ def _expr(draw, ctx: Ctx, depth: int) -> Node:
 
 
 @st.composite
-def spec_sources(draw, outputs: int = 1) -> str:
-    """The source of a random, well-formed spec file with ``outputs`` (1 or 2) outputs."""
+def spec_sources(draw, outputs: int = 1, powers: bool = False) -> str:
+    """The source of a random, well-formed spec file with ``outputs`` (1 or 2) outputs.
+
+    ``powers``: the first input is real-valued and the first statement raises it to a
+    hyper-parameter, ``t0 = A**beta`` (beta = 2.0 or 3.0), so that checks meet a symbolic
+    exponent at exact zeros of its base (``p·Y/X`` was NaN there, docs/fuzzing.md)."""
     count = draw(st.sampled_from([1, 2, 3]))
     dims = tuple(sorted(draw(st.permutations(DIMS))[:count], key=DIMS.index))
     lines = ['spec = Spec("fuzz", "a random spec")']
@@ -313,7 +317,8 @@ def spec_sources(draw, outputs: int = 1) -> str:
     tensors = []
     for name in "AB"[:n_inputs]:
         axes = axes_of(name)
-        domain = draw(st.sampled_from(["real", "positive"]))
+        domain = "real" if powers and name == "A" else \
+            draw(st.sampled_from(["real", "positive"]))
         extra = ', domain="positive"' if domain == "positive" else ""
         lines.append(f'{name} = spec.input("{name}", {", ".join(axes)}{extra})')
         low, bound = (0.5, 2.0) if domain == "positive" else (0.0, 5.0)
@@ -333,13 +338,17 @@ def spec_sources(draw, outputs: int = 1) -> str:
         ctx.hyper = True
         lines.append('alpha = spec.hyper("alpha", 0.7)')
     ctx.leaves = list(tensors)
+    if powers:
+        lines.append(f'beta = spec.hyper("beta", {draw(st.sampled_from([2.0, 3.0]))})')
 
     n_lets = draw(st.sampled_from([1, 2, 3, 4]))
     # a second output: the last let, which the final output reads, or one of a single tensor
     second = draw(st.sampled_from(["reads", "reads", "alone"])) if outputs == 2 else None
     for s in range(n_lets + 1):
         node = draw(_expr(ctx, depth=draw(st.sampled_from([1, 2, 3]))))
-        if node.kind == "leaf":  # a bare copy says little; pass it through a function
+        if powers and s == 0:  # A**beta, with |A| ≤ 5: at most 125
+            node = _op("({})**beta", tensors[0], bound=tensors[0].bound ** 3, spread=False)
+        elif node.kind == "leaf":  # a bare copy says little; pass it through a function
             tpl, _, bound, low, spread = _pick(draw, ctx, _unary(node)[:4] or _unary(node))
             node = _op(tpl, node, bound=bound, low=low, spread=spread)
         if s and not _reads(node, f"t{s - 1}"):  # a chain: each statement reads the last
@@ -493,6 +502,25 @@ def _assert_checks_pass(source: str) -> None:
             f"{r.input} vs {r.oracle} at {r.shape}: max_rel {r.max_rel:.2e}, analytic "
             f"{r.analytic} vs {r.numeric} at {r.index} (allowed {r.allowed:.2e}); {r.note}"
             for r in failed)
+
+
+EXAMPLES_POWERS = int(_ENV) if _ENV else 4
+
+
+@settings(FUZZ, max_examples=EXAMPLES_POWERS)
+@given(source=spec_sources(powers=True))
+def test_hyper_powers_pass_every_check_at_zero_inputs(source):
+    """A hyper-parameter power of an input (t0 = A**beta) in a random chain: every check
+    passes, the gradients at exact zeros of A among them (``check``'s zero probe)."""
+    note(source)
+    with _time_limit(source), tempfile.TemporaryDirectory() as folder:
+        rows = check_spec(_load(folder, source), CheckOptions(cases=1,
+                                                               oracles=("autograd", "forward")))
+    failed = [r for r in rows if not r.passed]
+    assert not failed, [(r.input, r.oracle, r.shape, r.analytic, r.numeric, r.note)
+                        for r in failed]
+    assert any(r.oracle.startswith("torch.autograd at zeros of") for r in rows) or \
+        "Max(" in source  # zeros at a tie of a max reduction are not probed
 
 
 DELTA_PROBLEMS = ("Kronecker delta", "index guard")

@@ -434,7 +434,7 @@ def _exact_agree(a, b, options) -> bool:
         return False
     tol = _exact_tol(options, float(np.abs(b).max()) if b.size else 1.0)
     with np.errstate(invalid="ignore"):
-        return bool(np.all((a == b) | (np.abs(a - b) <= tol)))
+        return bool(np.all((a == b) | (np.isnan(a) & np.isnan(b)) | (np.abs(a - b) <= tol)))
 
 
 def _worst(a, b) -> str:
@@ -585,6 +585,9 @@ def check_spec(spec: Spec, options: CheckOptions | None = None, subject=None,
             _one_diagnosis(case_rows, spec, dims, inputs, upstream, grads, options)
             _note_small_differences(case_rows, {**outs, **grads})
         rows += case_rows
+        if case_no == len(cases[:options.cases]) - 1 and "autograd" in options.oracles \
+                and subject.name == "derived":
+            rows += _zero_rows(**ctx)
         if case_no == 0 and hasattr(subject, "contract"):
             with _at_shape(shape, subject):
                 contract = subject.contract(inputs, dims, upstream)
@@ -776,7 +779,9 @@ def _torch_leaves(spec, inputs, requires):
                          requires_grad=k in requires) for k, v in inputs.items()}
 
 
-def _autograd_rows(spec, dims, inputs, upstream, shape, grads, options, formula, **_):
+def _autograd(spec, dims, inputs, upstream) -> dict[str, np.ndarray]:
+    """∂L/∂x by torch.autograd through the generated PyTorch forward (primitive torch ops,
+    not the derived backward), for every differentiable input."""
     import torch
 
     kernels = Kernels(spec, "torch")
@@ -788,13 +793,74 @@ def _autograd_rows(spec, dims, inputs, upstream, shape, grads, options, formula,
     loss = sum((torch.as_tensor(upstream[o], dtype=torch.float64) * y).sum()
                for o, y in zip(kernels.outputs, outs, strict=True))
     auto = autograd_or_none(loss, [leaves[k] for k in wrt])
+    return {name: np.zeros(np.shape(inputs[name])) if g is None else to_numpy(g)
+            for name, g in zip(wrt, auto, strict=True)}
+
+
+def _autograd_rows(spec, dims, inputs, upstream, shape, grads, options, formula, **_):
     rows = []
-    for name, g in zip(wrt, auto, strict=True):
-        expect = np.zeros(np.shape(inputs[name])) if g is None else to_numpy(g)
+    for name, expect in _autograd(spec, dims, inputs, upstream).items():
         tol = _exact_tol(options, float(np.abs(expect).max()) if expect.size else 1.0)
         row = compare(spec.name, name, "torch.autograd", shape, grads[name], expect, tol)
         row = _within_rounding(row, formula, name, grads[name], expect, tol)
         rows.append(_judge_kernel(row, formula, name, grads[name], expect, tol))
+    return rows
+
+
+def zero_probe(spec: Spec, inputs: dict) -> dict[str, np.ndarray]:
+    """``inputs`` with every other entry (in row-major order: 0, 2, 4, …) of each real-valued
+    input and parameter set to exactly 0; the others as they were. Only tensors whose domain
+    holds 0 (``real``) are probed: random draws are never exactly 0, so a backward that is
+    0/0 there (p·Y/X for the derivative of X^p) passes every other row."""
+    out = {}
+    for t in spec.of_kind("input", "param"):
+        if t.domain != "real" or t.is_labels or not np.size(inputs[t.name]):
+            continue
+        x = np.array(inputs[t.name], dtype=np.float64)
+        x.reshape(-1)[::2] = 0.0
+        out[t.name] = x
+    return out
+
+
+def _zero_rows(spec, d, dims, inputs, upstream, shape, options, subject, **_):
+    """The kernels' gradients at exact zeros of the inputs (:func:`zero_probe`) against
+    torch.autograd through the generated forward, compared where autograd is finite (where
+    it is not, the derivative does not exist: √X at 0). Zeros that put a kink at a switch
+    (ReLU at 0, a tie of a Max) are not probed: both sides of a kink are valid there. All
+    probed tensors are zeroed at once; if that meets a kink, each one alone."""
+    zeroed = zero_probe(spec, inputs)
+    if not zeroed or not spec.grad_inputs:
+        return []
+    tries = [zeroed] if len(zeroed) == 1 else [zeroed] + [{k: v} for k, v in zeroed.items()]
+    rows, done = [], set()
+    for probe in tries:
+        if set(probe) <= done:
+            continue
+        probed = {**inputs, **probe}
+        if has_kinks(d.program):
+            with np.errstate(all="ignore"):
+                env = run_forward(d.program, probed, dims)
+            if not kink_distance(d.program, env, dims) > KINK_MARGIN:
+                continue
+        done |= set(probe)
+        with np.errstate(all="ignore"):
+            _, grads, _ = subject.run(probed, dims, upstream)
+            expected = _autograd(spec, dims, probed, upstream)
+        formula = DerivedFormula(d, probed, dims, upstream, options)
+        oracle = f"torch.autograd at zeros of {', '.join(sorted(probe))}"
+        for name, expect in expected.items():
+            defined = np.isfinite(expect)
+            mine = np.where(defined, to_numpy(grads[name]), 0.0)
+            expect = np.where(defined, expect, 0.0)
+            tol = _exact_tol(options, float(np.abs(expect).max()) if expect.size else 1.0)
+            note = "every other entry 0" + ("" if defined.all() else
+                                            f"; {int((~defined).sum())} entries where autograd "
+                                            "is not finite left out")
+            row = compare(spec.name, name, oracle, shape, mine, expect, tol, note)
+            row = _within_rounding(row, formula, name, mine, expect, tol, note)
+            rows.append(_judge_kernel(row, formula, name, mine, expect, tol, note))
+        if len(done) == len(zeroed):
+            break
     return rows
 
 

@@ -506,7 +506,10 @@ class _Notation:
         return rf"\sqrt{{{s}}}" if self.tex else f"√{self.wrap(s)}"
 
     def power(self, s: str, exp) -> str:
-        return f"{self.wrap(s)}^{{{latex(exp)}}}" if self.tex else f"{self.wrap(s)}^{text(exp)}"
+        if self.tex:
+            return f"{self.wrap(s)}^{{{latex(exp)}}}"
+        shown = text(exp)
+        return f"{self.wrap(s)}^" + (f"({shown})" if isinstance(exp, sp.Add) else shown)
 
     def fraction(self, num: str, den: str) -> str:
         if not self.tex:

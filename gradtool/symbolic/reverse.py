@@ -293,10 +293,47 @@ class _TieMin(sp.Function):
 
 
 def _diff(body, wrt) -> sp.Expr:
-    """``sympy.diff`` with gradtool's tie rule for element-wise Max and Min."""
-    swap = body.replace(lambda e: isinstance(e, (sp.Max, sp.Min)),
+    """``sympy.diff`` with gradtool's tie rule for element-wise Max and Min, and powers of
+    one base merged (:func:`merge_powers`).
+
+    ``body`` may hold ``_TieMax``/``_TieMin`` already (:func:`_with_ties`); a plain Max or
+    Min is taken in SymPy's order of its arguments."""
+    swap = _with_ties(body)
+    out = sp.diff(swap, wrt).replace(_TieMax, sp.Max).replace(_TieMin, sp.Min)
+    return merge_powers(out)
+
+
+def _with_ties(body) -> sp.Expr:
+    """``body`` with each element-wise Max and Min as a function that keeps its arguments in
+    the printed order (SymPy's ``.args``, sorted by ``default_sort_key``), so that the tie
+    rule of :func:`_tie_slope` follows what ``derive`` prints. Replacing the tensor reads by
+    symbols first would re-sort them by the symbols' order instead, which follows the order
+    in which the reads are met: a hash-dependent walk of the Max's argument set."""
+    return body.replace(lambda e: isinstance(e, (sp.Max, sp.Min)),
                         lambda e: (_TieMax if isinstance(e, sp.Max) else _TieMin)(*e.args))
-    return sp.diff(swap, wrt).replace(_TieMax, sp.Max).replace(_TieMin, sp.Min)
+
+
+def merge_powers(expr) -> sp.Expr:
+    """Products that divide by a base they also raise to a power, written as one power:
+    SymPy's derivative of b^p is p·b^p/b, which is 0/0 at b = 0 where p·b^(p−1) is 0
+    (p > 1). Only bases that are not numbers (e^a·e^b stays as it is)."""
+    def merge(m):
+        groups: dict = {}
+        for f in m.args:
+            base, exp = f.as_base_exp()
+            groups.setdefault(base, []).append((f, exp))
+        if not any(len(fs) > 1 and not base.is_number and any(e.is_negative for _, e in fs)
+                   for base, fs in groups.items()):
+            return m
+        out = []
+        for base, fs in groups.items():
+            if len(fs) > 1 and not base.is_number and any(e.is_negative for _, e in fs):
+                out.append(sp.Pow(base, sp.Add(*[e for _, e in fs])))
+            else:
+                out.extend(f for f, _ in fs)
+        return sp.Mul(*out)
+
+    return expr.replace(lambda e: isinstance(e, sp.Mul), merge)
 
 
 def _pad_contribution(d: Derivation, a: Assign, node) -> Contribution:
@@ -319,7 +356,7 @@ def _contribution(d: Derivation, a: Assign, node) -> Contribution | None:
         return _pad_contribution(d, a, node)
     nodes = accesses(a.body, spec)
     dummies = {x: sp.Dummy(f"a{k}", real=True) for k, x in enumerate(nodes)}
-    flat = a.body.xreplace(dummies)
+    flat = _with_ties(a.body).xreplace(dummies)
     local = _diff(flat, dummies[node])
     local = local.xreplace({v: k for k, v in dummies.items()})
     # a step (Heaviside, sign) has derivative zero away from its jump; checks avoid the jump

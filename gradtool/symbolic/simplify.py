@@ -139,6 +139,36 @@ def expansion_size(expr, limit: int = EXPAND_BUDGET) -> int:
     return min(terms + work, cap)
 
 
+# input domains that exclude 0 (docs/spec-language.md, spec.input)
+NONZERO_DOMAINS = ("positive", "nonzero", "unit")
+
+
+def _divisor_bases(expr, surely: bool) -> list:
+    """The bases of the powers in ``expr`` with a negative exponent: those surely negative
+    (``surely``), or those that may be (X^(p−1) with p of unknown sign)."""
+    out = []
+    for p in sp.preorder_traversal(expr):
+        if isinstance(p, sp.Pow) and (p.exp.is_negative if surely
+                                      else not p.exp.is_nonnegative):
+            out.append(p.base)
+    return out
+
+
+def zero_factors(value) -> set:
+    """Values whose zero may make ``value`` zero: the factors of a product, the bases of
+    powers with a positive (or unknown) exponent, and ``value`` itself otherwise. Numbers,
+    reciprocals and exponentials contribute none."""
+    if value.is_number:
+        return set() if value.is_nonzero else {value}
+    if isinstance(value, sp.Mul):
+        return set().union(*(zero_factors(f) for f in value.args))
+    if isinstance(value, sp.Pow):
+        return set() if value.exp.is_negative else zero_factors(value.base)
+    if isinstance(value, sp.exp):
+        return set()
+    return {value}
+
+
 def name_logistic(expr) -> sp.Expr:
     """Name the logistic function where its quotient appears: with s = σ(u),
     e^u/(1 + e^u) → s, 1/(1 + e^(−u)) → s, e^(−u)/(1 + e^(−u))² → s·(1 − s).
@@ -703,7 +733,12 @@ class Simplifier:
         return expr
 
     def substitute_forward(self, expr, assign=None):
-        """Replace sub-expressions that equal a forward element-wise body by its name."""
+        """Replace sub-expressions that equal a forward element-wise body by its name.
+
+        SymPy's ``subs`` also rewrites powers of the body's base: with Y = X^p it writes
+        p·X^(p−1) as p·Y/X. Such a substitution is kept only where it divides by nothing
+        that can be zero where the expression before it is finite (:meth:`_adds_poles`):
+        at X = 0 the quotient is 0/0 (NaN in the kernels) where the derivative is 0."""
         for a in self.program.assigns:
             if a.reduce is not None or a.kind == "update" or a.body.is_Atom \
                     or isinstance(a.body, sp.Indexed):
@@ -713,5 +748,35 @@ class Simplifier:
             if len(accesses(a.body, self.spec)) != 1:
                 continue  # only functions of one tensor: tanh → 1 − Y², not X/Y → Z
             target = self.program.access(a.target, a.lhs)
-            expr = expr.subs(a.body, target)
+            found = expr.subs(a.body, target)
+            if found != expr and not self._adds_poles(expr, found, {target: a.body}):
+                expr = found
         return expr
+
+    def _adds_poles(self, before, after, definitions: dict) -> bool:
+        """Does ``after`` (``before`` with forward values named) divide by a value that can
+        be zero where ``before`` divides by nothing that is zero there?
+
+        A divisor of ``after`` is written back through ``definitions`` (name → body) and
+        split into the values whose zero makes it zero (:func:`zero_factors`); each must be
+        a zero of a divisor of ``before`` already (1/(2·√X) named 1/(2·Y) with Y = √X), or
+        nonzero by its declaration (an input of domain positive, nonzero or unit, a size, a
+        positive hyper-parameter). p·Y/X for p·X^(p−1) adds the pole X = 0."""
+        old = set()
+        for base in _divisor_bases(before, surely=True):
+            old |= zero_factors(base)
+        for base in _divisor_bases(after, surely=False):
+            for factor in zero_factors(base.xreplace(definitions)):
+                if factor not in old and not self._nonzero(factor):
+                    return True
+        return False
+
+    def _nonzero(self, value) -> bool:
+        """Nonzero by declaration: SymPy's assumptions (numbers, sizes, positive
+        hyper-parameters) or a read of a tensor whose domain excludes 0."""
+        if value.is_nonzero:
+            return True
+        found = accesses(value, self.spec)
+        if found and value == found[0]:
+            return self.spec.tensors[access_name(value)].domain in NONZERO_DOMAINS
+        return False
