@@ -168,3 +168,21 @@ def test_check_refuses_a_value_outside_the_domain_from_set_or_the_layer(tmp_path
     with pytest.raises(SpecError) as info:
         make_subject(spec, impl, settings={"eps": -1.0})
     assert info.value.line == line and info.value.message.startswith("--set")
+
+
+@pytest.mark.parametrize("target", ["numpy", "torch"])
+def test_generated_layer_classes_refuse_a_value_outside_the_domain(tmp_path, target):
+    """The classes `derive --code` writes check the declared domain in their constructor."""
+    from gradtool.codegen.emit import generate
+
+    path = tmp_path / f"batchnorm_{target}.py"
+    path.write_text(generate(load_spec("batchnorm"), target))
+    namespace = {"__name__": "generated"}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    cls = namespace["BatchNorm1d"]
+    cls(3, eps=1e-3, momentum=1.0, correction=0)  # at the domains' edges
+    for bad, message in [({"eps": 0.0}, "eps = 0.0: these kernels need eps > 0"),
+                         ({"momentum": -0.1}, "need 0 <= momentum <= 1"),
+                         ({"correction": float("nan")}, "need correction >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            cls(3, **bad)
