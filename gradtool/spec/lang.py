@@ -666,7 +666,7 @@ class Spec:
         """``values`` (hyper-parameter name -> number) as floats, after checking that each
         is a finite number in its declared domain and that no statement divides by zero
         there (dropout's X·M/(1 − p) at p = 1), the others at their defaults. ``source``
-        says where the values came from (``"SpecModule(relu, ...)"``, ``"--set"``).
+        says where the values came from (``"layernorm layer"``, ``"--set"``).
 
         The simplifier derived the kernels under the domain's assumptions (Abs(eps) is eps
         only for a positive eps), so a value outside it would compute another function,
@@ -687,7 +687,7 @@ class Spec:
                     f"{given}hyper-parameter `{name}` = {shown}, but {self.name} declares it "
                     f"{what} (spec.hyper(\"{name}\", ..., domain=\"{h.domain}\")) and its "
                     "kernels are derived for such values only", h.line,
-                    f"give `{name}` a value {what}" + ("" if h.domain == "real" else
+                    f"give `{name}` a value that is {what}" + ("" if h.domain == "real" else
                                                          ", or declare a wider domain in the "
                                                          "spec if its math holds there"))
             out[name] = number
