@@ -11,11 +11,11 @@ spec.min_size(N=2)  # the unbiased running variance divides by N − 1
 X = spec.input("X", N, C)
 gamma = spec.param("gamma", C, init="ones")
 beta = spec.param("beta", C, init="zeros")
-eps = spec.hyper("eps", 1e-5)
-momentum = spec.hyper("momentum", 0.1)
+eps = spec.hyper("eps", 1e-5, domain="positive")
+momentum = spec.hyper("momentum", 0.1, domain="unit")
 # Bessel's correction of the running variance, as torch.var's `correction`: 1 keeps the
 # unbiased variance (PyTorch), 0 the biased one (some course assignments)
-correction = spec.hyper("correction", 1)
+correction = spec.hyper("correction", 1, domain="nonnegative")
 running_mean = spec.state("running_mean", C, init="zeros")
 running_var = spec.state("running_var", C, init="ones")
 

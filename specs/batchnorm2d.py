@@ -13,10 +13,10 @@ n, c, h, w = spec.indices(n=N, c=C, h=H, w=W)
 X = spec.input("X", N, C, H, W)
 gamma = spec.param("gamma", C, init="ones")
 beta = spec.param("beta", C, init="zeros")
-eps = spec.hyper("eps", 1e-5)
-momentum = spec.hyper("momentum", 0.1)
+eps = spec.hyper("eps", 1e-5, domain="positive")
+momentum = spec.hyper("momentum", 0.1, domain="unit")
 # Bessel's correction of the running variance (see batchnorm.py): 1 is PyTorch's
-correction = spec.hyper("correction", 1)
+correction = spec.hyper("correction", 1, domain="nonnegative")
 running_mean = spec.state("running_mean", C, init="zeros")
 running_var = spec.state("running_var", C, init="ones")
 M = N * H * W  # values per channel

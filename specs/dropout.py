@@ -8,7 +8,7 @@ spec = Spec("dropout", "Inverted dropout Y = X·M / (1 − p), M ~ Bernoulli(1 �
 N, D = spec.dims("N D")
 n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)
-p = spec.hyper("p", 0.5)
+p = spec.hyper("p", 0.5, domain="unit")
 M = spec.mask("M", N, D, keep=1 - p)
 
 spec.output("Y", [n, d], X[n, d] * M[n, d] / (1 - p))

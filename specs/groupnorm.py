@@ -13,7 +13,7 @@ c = spec.indices(c=G * Cg)  # names the channel axis in the gradients: dX[n, c, 
 X = spec.input("X", N, G * Cg, L)
 gamma = spec.param("gamma", G * Cg, init="ones")
 beta = spec.param("beta", G * Cg, init="zeros")
-eps = spec.hyper("eps", 1e-5)
+eps = spec.hyper("eps", 1e-5, domain="positive")
 
 mu = spec.let("mu", [n, g], Sum(X[n, g * Cg + q, l], q, l) / (Cg * L))
 xc = spec.let("xc", [n, g, q, l], X[n, g * Cg + q, l] - mu[n, g])

@@ -9,7 +9,7 @@ n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)
 gamma = spec.param("gamma", D, init="ones")
 beta = spec.param("beta", D, init="zeros")
-eps = spec.hyper("eps", 1e-5)
+eps = spec.hyper("eps", 1e-5, domain="positive")
 
 mu = spec.let("mu", [n], Sum(X[n, d], d) / D)
 xc = spec.let("xc", [n, d], X[n, d] - mu[n])

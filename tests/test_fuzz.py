@@ -24,7 +24,10 @@ Properties, each on float64 data of random sizes:
    domain (``specs_with_target_facts``), checks sample T to keep the fact and pass.
 5. with two outputs, properties 1 and 2 hold as well (each output has its own upstream
    gradient, and an output that another output reads passes both paths on).
-6. a centred statistic (``centred_sources``: a tensor minus its own mean, then normalised,
+6. a layer that sets the hyper-parameter ``alpha`` to another value its domain allows
+   (negative where alpha is real) computes what the spec written with that default computes
+   (``test_kernels_at_a_hyper_value_compute_the_spec_with_that_default``).
+7. a centred statistic (``centred_sources``: a tensor minus its own mean, then normalised,
    squared, through tanh or scaled) at inputs near 100 or 1000 has float32 gradients within
    1e-3 of float64 autograd on both targets.
 
@@ -43,7 +46,7 @@ import signal
 import sys
 import tempfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,7 @@ import torch
 from hypothesis import HealthCheck, Phase, assume, given, note, settings
 from hypothesis import strategies as st
 
+from gradtool.check.kernels import Kernels
 from gradtool.check.numeric import random_upstream
 from gradtool.check.runner import CheckOptions, check_spec
 from gradtool.check.sampling import sample_dims, sample_inputs
@@ -190,7 +194,11 @@ def _unary(u: Node):
         ("-({})", True, m, 0.0, True),
         ("({}) / 2", True, m / 2, lo / 2, False),
         ("({}) + 3", True, m + 3, lo + 3 if lo else 0.0, True),
-        ("alpha*({})", True, 0.7 * m, 0.7 * lo, True),
+        # alpha is real unless declared positive and a layer may set it to any value in
+        # HYPER_VALUES: |alpha| ≤ 0.7, and ≥ 0.3 where its sign is taken off
+        ("alpha*({})", True, 0.7 * m, 0.0, True),
+        ("Abs(alpha)*({})", True, 0.7 * m, 0.3 * lo, True),
+        ("sqrt(alpha**2)*({})", True, 0.7 * m, 0.3 * lo, True),
         ("log({})", lo >= 0.1, max(abs(math.log(max(lo, 1e-300))), math.log(max(m, 1.0))),
          0.0, False),
         ("sqrt({})", lo >= 0.1, math.sqrt(m), math.sqrt(lo), False),
@@ -293,8 +301,11 @@ def _expr(draw, ctx: Ctx, depth: int) -> Node:
 
 
 @st.composite
-def spec_sources(draw, outputs: int = 1, powers: bool = False) -> str:
-    """The source of a random, well-formed spec file with ``outputs`` (1 or 2) outputs.
+def spec_sources(draw, outputs: int = 1, powers: bool = False,
+                 hyper: bool | None = None) -> str:
+    """The source of a random, well-formed spec file with ``outputs`` (1 or 2) outputs, and a
+    hyper-parameter ``alpha`` (default 0.7, real or declared positive) where ``hyper`` says
+    (None: maybe).
 
     ``powers``: the first input is real-valued and the first statement raises it to a
     hyper-parameter, ``t0 = A**beta`` (beta = 2.0 or 3.0), so that checks meet a symbolic
@@ -334,9 +345,10 @@ def spec_sources(draw, outputs: int = 1, powers: bool = False) -> str:
         axes = [x for x in dims if x in missing]
         lines.append(f'W2 = spec.param("W2", {", ".join(axes)})')
         tensors.append(_leaf("W2", axes, 5.0))
-    if draw(st.booleans()):
+    if draw(st.booleans()) if hyper is None else hyper:
         ctx.hyper = True
-        lines.append('alpha = spec.hyper("alpha", 0.7)')
+        domain = draw(st.sampled_from(["", ', domain="positive"']))
+        lines.append(f'alpha = spec.hyper("alpha", 0.7{domain})')
     ctx.leaves = list(tensors)
     if powers:
         lines.append(f'beta = spec.hyper("beta", {draw(st.sampled_from([2.0, 3.0]))})')
@@ -558,6 +570,48 @@ def _printed_matches_closed(source: str) -> None:
         assert np.all(np.isfinite(a)), f"d{t.name} is not finite at {dims}"
         err = max_rel_err(b, a)
         assert err < 1e-10, f"printed d{t.name} differs from the closed form by {err:.2e}"
+
+
+# the values a layer sets alpha to: negative ones only where alpha is real (no domain)
+HYPER_VALUES = (-0.7, -0.3, 0.3, 0.7)
+EXAMPLES_HYPER = int(_ENV) if _ENV else 6
+
+
+@settings(FUZZ, max_examples=EXAMPLES_HYPER)
+@given(source=spec_sources(hyper=True), value=st.sampled_from(HYPER_VALUES))
+def test_kernels_at_a_hyper_value_compute_the_spec_with_that_default(source, value):
+    """A layer that sets ``alpha`` to a value its domain allows (a layer option, ``check
+    --set``, a value read from a user's layer: the spec with that default, as
+    ``check._resolve_layer`` makes it) computes what the same spec written with that
+    default computes: forward and gradients of the generated NumPy kernels. (A
+    positive default once made alpha positive, so ``Abs(alpha)`` was ``alpha`` and alpha =
+    -0.3 computed another function, silently.)"""
+    note(source)
+    assume(value > 0 or 'domain="positive"' not in source)
+    written = source.replace('spec.hyper("alpha", 0.7', f'spec.hyper("alpha", {value}')
+    note(f"alpha = {value}")
+    with _time_limit(source), tempfile.TemporaryDirectory() as a, \
+            tempfile.TemporaryDirectory() as b:
+        spec = _load(a, source)
+        spec.check_hypers({"alpha": value}, "fuzz")
+        at_value = replace(spec, hypers={"alpha": replace(spec.hypers["alpha"], default=value)})
+        oracle = _load(b, written)
+        rng = np.random.default_rng(_seed(source, f"hyper{value}"))
+        dims = sample_dims(oracle, rng, low=1, high=MAX_SIZE)
+        inputs = sample_inputs(oracle, dims, rng)
+        d = derive(oracle)
+        upstream = {name: value for name, (_, value) in  # by output name, as kernels take it
+                    zip(d.seeds, random_upstream(d, dims, rng).items(), strict=True)}
+        results = []
+        for s in (at_value, oracle):
+            kernels = Kernels(s, "numpy")
+            outs, saved, _ = kernels.forward(inputs, dims)
+            results.append((outs, kernels.backward(upstream, saved, dims)))
+    (outs, grads), (want_outs, want_grads) = results
+    for name, want in {**want_outs, **want_grads}.items():
+        got = {**outs, **grads}[name]
+        err = max_rel_err(np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64))
+        assert err < 1e-10, f"{name} at alpha = {value} differs by {err:.2e}"
 
 
 EXAMPLES_NEED = int(_ENV) if _ENV else 10

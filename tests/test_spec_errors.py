@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import sympy
 
 from gradtool.errors import SpecError
 from gradtool.spec.loader import builtin_specs, load_spec
@@ -194,3 +195,48 @@ def test_too_many_axes(tmp_path):
             'W = spec.input("W", *dims)\n')
     err = load_error(write(tmp_path, body))
     assert err.line == HEADER_LINES + 2 and "`W` has 40 axes" in str(err)
+
+
+@pytest.mark.parametrize("body", [
+    # the breaker's example: derive printed {X if X>0} and the kernels computed Y = X everywhere
+    'spec.output("Y", [n, d], sympy.Piecewise((X[n, d], X[n, d] > 0)))\n',
+    'h = spec.let("h", [n, d], X[n, d] ** 2)\n'
+    'spec.output("Y", [n, d], exp(sympy.Piecewise((h[n, d], X[n, d] > 0),\n'
+    '                                           (-h[n, d], X[n, d] < -1))))\n',
+])
+def test_piecewise_without_an_otherwise_branch(tmp_path, body):
+    """Where no condition holds a Piecewise is undefined; it is refused at its statement."""
+    err = load_error(write(tmp_path, body))
+    assert err.line == HEADER_LINES + (1 if body.startswith("spec.output") else 2)
+    assert "`Piecewise` has no (value, True) branch" in err.message
+    assert "add a (value, True) branch for the other cases" in err.hint
+
+
+def test_piecewise_with_an_otherwise_branch_loads(tmp_path):
+    spec = load_spec(write(tmp_path, 'spec.output("Y", [n, d], sympy.Piecewise('
+                                     '(X[n, d], X[n, d] > 0), (0, True)))\n'))
+    assert spec.outputs
+
+
+@pytest.mark.parametrize("body, message, hint", [
+    ('a = spec.hyper("a", 0.5, domain="small")\n',
+     "unknown domain 'small' for hyper-parameter `a`", "use one of real, positive"),
+    ('eps = spec.hyper("eps", 0, domain="positive")\n',
+     'hyper-parameter `eps` is declared positive (> 0) (domain="positive") but its default is 0',
+     "give a default in the domain"),
+    ('p = spec.hyper("p", 1.5, domain="unit")\n',
+     'hyper-parameter `p` is declared in [0, 1] (domain="unit") but its default is 1.5',
+     "give a default in the domain"),
+])
+def test_hyper_parameter_domain_errors(tmp_path, body, message, hint):
+    err = load_error(write(tmp_path, body + 'spec.output("Y", [n, d], X[n, d])\n'))
+    assert err.line == HEADER_LINES + 1 and message in err.message and hint in err.hint
+
+
+def test_a_positive_default_assumes_nothing_about_the_sign(tmp_path):
+    """Abs(a) stays |a| unless the spec declares a positive (then the simplifier may drop it)."""
+    body = 'a = spec.hyper("a", 0.5{})\nspec.output("Y", [n, d], sympy.Abs(a) * X[n, d])\n'
+    plain = load_spec(write(tmp_path, body.format("")))
+    assert plain.statements[0].rhs.has(sympy.Abs)
+    positive = load_spec(write(tmp_path, body.format(', domain="positive"')))
+    assert not positive.statements[0].rhs.has(sympy.Abs)

@@ -65,7 +65,8 @@ def make_subject(spec: Spec, obj, mapping: dict[str, str] | None = None,
     ``mapping`` renames spec names to the layer's (``{"gamma": "weight"}``; a value ending in
     ``.T`` says the layer stores the tensor transposed; a key ``d<name>`` names only the
     gradient attribute of ``name``). ``settings`` fixes hyper-parameters (``{"eps": 1e-8}``)
-    for the layer and for every oracle. Raises :class:`ImplError` for a name the spec lacks.
+    for the layer and for every oracle. Raises :class:`ImplError` for a name the spec lacks,
+    :class:`SpecError` for a value outside the hyper-parameter's declared domain.
     """
     mapping, layouts, grad_names = _read_mapping(spec, mapping or {})
     settings = dict(settings or {})
@@ -75,6 +76,7 @@ def make_subject(spec: Spec, obj, mapping: dict[str, str] | None = None,
                         f"{'is' if len(unknown) == 1 else 'are'} not a hyper-parameter of "
                         f"{spec.name}", hint="hyper-parameters of the spec: "
                         + (", ".join(spec.hypers) or "none"))
+    settings = spec.check_hypers(settings, "--set")
     try:
         import torch
 
@@ -280,6 +282,7 @@ class NumpyLayerSubject:
                 if _number(value) is not None:
                     self.hyper_values[name], sources[name] = _number(value), where
                     break
+        self.hyper_sources = sources
         notes = []
         hypers = hyper_note(self.spec, self.hyper_values, sources)
         if hypers:
@@ -501,6 +504,7 @@ class TorchFunctionSubject:
                 sources[key] = f"the default of `{p.name}` in forward"
             elif key in self.settings:
                 sources[key] = "--set"
+        self.hyper_sources = sources
         hypers = hyper_note(self.spec, self.hyper_values, sources)
         return ["hyper-parameters " + hypers] if hypers else []
 

@@ -605,8 +605,10 @@ def check_spec(spec: Spec, options: CheckOptions | None = None, subject=None,
 def _resolve_layer(spec: Spec, subject, options: CheckOptions):
     """The layer's own hyper-parameters (``self.eps = 1e-8``, a Function's ``eps=1e-5``
     default, ``--set``) become the spec's for every oracle, and its parameter layouts are
-    read; one passing row says what was read. Sizes are distinct (2, 3, 4, ...) so that a
-    transposed weight is told from a square one."""
+    read. A value outside a hyper-parameter's declared domain (``eps = -1e-5`` where the
+    spec declares eps positive) raises :class:`SpecError` at the declaration. One passing
+    row says what was read. Sizes are distinct (2, 3, 4, ...) so that a transposed weight is
+    told from a square one."""
     if not hasattr(subject, "resolve"):
         return spec, []
     dims = {}
@@ -616,6 +618,10 @@ def _resolve_layer(spec: Spec, subject, options: CheckOptions):
         dims = spec.sizes_from(dims)
     notes = subject.resolve(dims)
     values = getattr(subject, "hyper_values", {})
+    sources = getattr(subject, "hyper_sources", {})
+    for name in spec.hypers:  # the kernels are derived for the declared domain only
+        if name in values:
+            spec.check_hypers({name: values[name]}, sources.get(name, "your layer"))
     if any(values.get(k, h.default) != h.default for k, h in spec.hypers.items()):
         spec = replace(spec, hypers={k: replace(h, default=values.get(k, h.default))
                                      for k, h in spec.hypers.items()})

@@ -744,9 +744,10 @@ class ArrayPrinter:
         return Arr(f"{b} ** {self.paren(exp.code, exp.prec, ATOM)}", base.axes, POW)
 
     def _call(self, fname: str, arg: Arr, expr) -> Arr:
-        if fname in MATH and self._plain_number(expr):
+        if fname in MATH | {"Abs"} and self._plain_number(expr):
+            # |a| of a real hyper-parameter is a Python float (torch.abs takes tensors only)
             self.imports.add("math")
-            return Arr(f"math.{fname}({arg.code})", (), ATOM)
+            return Arr(f"math.{'fabs' if fname == 'Abs' else fname}({arg.code})", (), ATOM)
         self.imports.add(self.module)
         return Arr(f"{self.FUNCS[fname]}({arg.code})", arg.axes, ATOM)
 

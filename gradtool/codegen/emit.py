@@ -1788,6 +1788,27 @@ def _init_code(t, target: str, names) -> str:
     return base or f"rng.uniform(-{bound}, {bound}, {shp})"
 
 
+# a hyper-parameter's declared domain as a condition on its variable (none for "real")
+_DOMAIN_TESTS = {"positive": "{x} > 0", "nonnegative": "{x} >= 0", "nonzero": "{x} != 0",
+                 "unit": "0 <= {x} <= 1"}
+
+
+def _domain_checks(m: Module, hypers: list[str]) -> list[str]:
+    """Constructor lines that refuse a hyper-parameter outside its declared domain, as
+    ``Spec.check_hypers`` does for gradtool's own layers: the kernels were derived for values
+    in it only (a positive eps lets the simplifier take |eps| as eps)."""
+    lines = []
+    for h in hypers:
+        domain = m.spec.hypers[h].domain
+        if domain not in _DOMAIN_TESTS:
+            continue
+        x = m.names[h]
+        test = _DOMAIN_TESTS[domain].format(x=x)
+        lines += [f"        if not {test}:  # spec.hyper(\"{h}\", ..., domain=\"{domain}\")",
+                  f'            raise ValueError(f"{h} = {{{x}!r}}: these kernels need {test}")']
+    return lines
+
+
 def _ctor_dims(m: Module) -> list[str]:
     """The sizes the layer's constructor takes, in the order the spec declares them (linear's
     ``N I O``: ``Linear(I, O)``, as ``Linear(784, 256)`` in course code; conv2d's
@@ -1833,6 +1854,7 @@ def _numpy_class(m: Module) -> list[str]:
              "assignments). Parameters live in ``params``, their gradients in ``grads`` after "
              '``backward``; state buffers in ``state``."""', "",
              f"    def __init__({', '.join(ctor)}):"]
+    lines += _domain_checks(m, hypers)
     if any(t.init not in ("zeros", "ones") for t in params + states):  # a random draw
         lines.append("        rng = np.random.default_rng() if rng is None else rng")
     if any(t.init in ("uniform", "kaiming_uniform", "xavier_uniform") for t in params + states):
@@ -1976,6 +1998,7 @@ def _torch_classes(m: Module) -> list[str]:
     lines += [f"class {cname}(torch.nn.Module):",
               f'    """{_doc(spec.description)}: parameters initialised as the spec says."""', "",
               f"    def __init__({', '.join(ctor)}):", "        super().__init__()"]
+    lines += _domain_checks(m, hypers)
     for h in hypers + m.forward_missing:
         lines.append(f"        self.{names[h]} = {names[h]}")
     for t in params:

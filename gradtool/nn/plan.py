@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from gradtool.codegen.base import py_name
-from gradtool.errors import GradtoolError
+from gradtool.errors import GradtoolError, SpecError
 from gradtool.spec.lang import MaxOver, Spec, SumOver, Tensor
 
 _MAX_BINDINGS = 64  # kept bindings per layer (distinct input shapes and modes)
@@ -44,7 +44,9 @@ class LayerPlan:
     Constructor sizes are those of the parameters and state, and any size no data input
     carries; sizes that the input determines are refused, since they are read from
     it. A constructor size must be an integer ≥ 1 (≥ 0 where the spec's ``min_size`` allows 0,
-    a padding) and a hyper-parameter a number, or :class:`LayerError` names it.
+    a padding) and a hyper-parameter a number in its declared domain (``Spec.check_hypers``:
+    eps > 0 where the spec says so), or :class:`LayerError` names it (with the file and line
+    of a hyper-parameter's declaration).
     """
 
     spec: Spec
@@ -105,6 +107,11 @@ class LayerPlan:
             raise LayerError(f"{spec.name} needs the size{'s' if len(missing) > 1 else ''} "
                              f"{', '.join(missing)} of its parameters",
                              hint=f"e.g. {', '.join(f'{d}=64' for d in missing)}")
+        given = {k: v for k, v in options.items() if k in spec.hypers}
+        try:  # a value outside the declared domain: the kernels compute another function
+            self.hypers.update(spec.check_hypers(given, f"{spec.name} layer"))
+        except SpecError as exc:
+            raise LayerError(exc.message, file=exc.file, line=exc.line, hint=exc.hint) from None
         for name in self.hypers:
             self.hypers[name] = float(self.hypers[name])
         self._compile_shapes()

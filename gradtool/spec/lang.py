@@ -38,6 +38,16 @@ from gradtool.errors import SpecError
 INITS = ("zeros", "ones", "normal", "uniform", "kaiming_uniform", "xavier_uniform")
 KINDS = ("input", "param", "state")
 DOMAINS = ("real", "positive", "nonzero", "unit", "binary")
+# a hyper-parameter's domain: (what it says, its SymPy assumptions, does a value lie in it?).
+# The assumptions are all the simplifier knows of the symbol (Abs(a) is a only for a positive
+# a), so a value outside the domain is refused wherever one is given (Spec.check_hypers).
+HYPER_DOMAINS = {
+    "real": ("a real number", {"real": True}, lambda v: True),
+    "positive": ("positive (> 0)", {"positive": True}, lambda v: v > 0),
+    "nonnegative": ("non-negative (≥ 0)", {"nonnegative": True}, lambda v: v >= 0),
+    "nonzero": ("non-zero", {"real": True, "nonzero": True}, lambda v: v != 0),
+    "unit": ("in [0, 1]", {"nonnegative": True}, lambda v: 0 <= v <= 1),
+}
 
 
 class SumOver(sp.Function):
@@ -186,6 +196,7 @@ class Hyper:
     symbol: sp.Symbol
     default: float
     line: int | None
+    domain: str = "real"  # a key of HYPER_DOMAINS; the symbol's assumptions follow from it
 
 
 def _caller_line() -> int | None:
@@ -627,8 +638,16 @@ class Spec:
                              "use one of " + ", ".join(INITS))
         return self._tensor(name, "state", dims, line, grad=False, init=init)
 
-    def hyper(self, name: str, default: float) -> sp.Symbol:
-        """A hyper-parameter with a default value, a plain scalar in the math (eps, slope, p)."""
+    def hyper(self, name: str, default: float, domain: str = "real") -> sp.Symbol:
+        """A hyper-parameter with a default value, a plain scalar in the math (eps, slope, p).
+
+        ``domain`` is what the math may assume of it, and all the simplifier knows: "real"
+        (default: any finite number), "positive" (> 0: eps, so that sqrt(var + eps) needs no
+        case for eps ≤ 0), "nonnegative" (≥ 0), "nonzero" or "unit" (in [0, 1]: dropout's p,
+        a momentum). A positive default alone assumes nothing: ``Abs(a)`` stays ``Abs(a)``
+        unless ``a`` is declared positive. Raises :class:`SpecError` for an unknown domain or
+        a default outside it; a value given later (a layer's option, ``check --set``, a value
+        read from your layer) is checked the same way (:meth:`check_hypers`)."""
         line = _caller_line()
         self._new_name(name, line, "hyper-parameter")
         try:
@@ -639,9 +658,58 @@ class Spec:
         if not math.isfinite(value):
             raise self.error(f"hyper-parameter `{name}` has the default {value}", line,
                              "give a finite number")
-        sym = sp.Symbol(name, real=True, positive=True) if value > 0 else sp.Symbol(name, real=True)
-        self.hypers[name] = Hyper(sym, value, line)
+        if domain not in HYPER_DOMAINS:
+            raise self.error(f"unknown domain {domain!r} for hyper-parameter `{name}`", line,
+                             "use one of " + ", ".join(HYPER_DOMAINS))
+        what, assumptions, holds = HYPER_DOMAINS[domain]
+        if not holds(value):
+            raise self.error(f"hyper-parameter `{name}` is declared {what} (domain="
+                             f"\"{domain}\") but its default is {value:g}", line,
+                             "give a default in the domain, or declare the domain the value "
+                             "lies in")
+        sym = sp.Symbol(name, **assumptions)
+        self.hypers[name] = Hyper(sym, value, line, domain)
         return sym
+
+    def check_hypers(self, values: dict, source: str = "") -> dict[str, float]:
+        """``values`` (hyper-parameter name -> number) as floats, after checking that each
+        is a finite number in its declared domain and that no statement divides by zero
+        there (dropout's X·M/(1 − p) at p = 1), the others at their defaults. ``source``
+        says where the values came from (``"layernorm layer"``, ``"--set"``).
+
+        The simplifier derived the kernels under the domain's assumptions (Abs(eps) is eps
+        only for a positive eps), so a value outside it would compute another function,
+        silently. Raises :class:`SpecError` at the hyper-parameter's declaration: its name,
+        the value, what the spec assumes and the fix."""
+        given = f"{source}: " if source else ""
+        out = {}
+        for name, value in values.items():
+            h = self.hypers[name]
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = math.nan
+            what, _, holds = HYPER_DOMAINS[h.domain]
+            if isinstance(value, bool) or not math.isfinite(number) or not holds(number):
+                shown = f"{number:g}" if math.isfinite(number) else repr(value)
+                raise self.error(
+                    f"{given}hyper-parameter `{name}` = {shown}, but {self.name} declares it "
+                    f"{what} (spec.hyper(\"{name}\", ..., domain=\"{h.domain}\")) and its "
+                    "kernels are derived for such values only", h.line,
+                    f"give `{name}` a value that is {what}" + ("" if h.domain == "real" else
+                                                         ", or declare a wider domain in the "
+                                                         "spec if its math holds there"))
+            out[name] = number
+        changed = {self.hypers[n].symbol: v for n, v in out.items() if v != self.hypers[n].default}
+        if changed:
+            at = {**self.hyper_defaults(), **changed}
+            for st in self.statements + self.eval_statements:
+                if st.rhs.xreplace(at).has(sp.zoo, sp.nan):
+                    shown = ", ".join(f"{s} = {v:g}" for s, v in changed.items()
+                                      if st.rhs.has(s))
+                    raise self.error(f"{given}`{st.target}` divides by zero at {shown}",
+                                     st.line, "give the hyper-parameter another value")
+        return out
 
     def pad(self, name: str, source, widths, fill=0) -> sp.IndexedBase:
         """A padded copy of ``source``: ``widths`` has one entry per axis, a size, a number or

@@ -161,6 +161,15 @@ def _check_functions(spec: Spec, expr: sp.Expr, line: int | None) -> None:
                                  'declare y = spec.labels("y", N, classes=C) and write '
                                  "KroneckerDelta(c, y[n]) or spec.onehot(y)[n, c]")
             continue
+        if isinstance(node, sp.Piecewise) and node.args[-1].cond is not sp.true:
+            # SymPy leaves the value undefined (nan) where no condition holds; the kernels
+            # would compute the last branch there, or the first, and every check would agree
+            first = node.args[0]
+            raise spec.error(f"`Piecewise` has no (value, True) branch: where none of its "
+                             f"conditions ({', '.join(str(a.cond) for a in node.args)}) holds "
+                             "its value is undefined", line,
+                             "add a (value, True) branch for the other cases, e.g. "
+                             f"Piecewise(({first.expr}, {first.cond}), (0, True))")
         if isinstance(node, sp.core.function.AppliedUndef):
             raise spec.error(f"unknown function `{node.func}`", line,
                              f"gradtool differentiates {LANG_FUNCTIONS}; write it from those")
@@ -325,8 +334,8 @@ def _shifted(spec: Spec, expr: sp.Expr, extra=()):
             low = 0  # a quotient or remainder of a derived size
         elif sym in spec.dim_symbols.values():
             low = _least(spec, sym)
-        elif sym in hypers and sym.is_positive:
-            low = 0  # a positive hyper-parameter: only its sign is known
+        elif sym in hypers and sym.is_nonnegative:
+            low = 0  # a hyper-parameter declared positive (or ≥ 0): only its sign is known
         else:
             return None
         prime = sp.Symbol(f"{sym.name}_off", integer=True, nonnegative=True)
