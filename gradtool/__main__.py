@@ -1,5 +1,5 @@
 """``python -m gradtool`` runs the command-line tool (the same as the ``gradtool`` script)."""
 
-from gradtool.cli import app
+from gradtool.cli import run
 
-app(prog_name="gradtool")
+run()

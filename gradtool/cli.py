@@ -83,6 +83,14 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on
 _state = {"debug": False}
 
 
+def run() -> None:
+    """The command-line process (``gradtool``, ``python -m gradtool``): as :data:`app`, and a
+    command that runs user code may end the process itself with its report's exit status
+    (``gradtool check``; see gradtool/usercode.py). Tests call :data:`app` in-process."""
+    _state["process"] = True
+    app(prog_name="gradtool")
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"gradtool {__version__}")
@@ -103,12 +111,15 @@ def main(
 
 
 def _print_json(value) -> None:
-    """JSON on stdout: Unicode as it is where stdout can show it, else \\u escapes."""
+    """JSON on stdout: Unicode as it is where stdout can show it, else \\u escapes. While a
+    command runs user code, "stdout" is the report stream of its containment (the real
+    standard output; ``sys.stdout`` then goes to stderr)."""
     import sys
 
     from gradtool.terminal import can_encode
 
-    print(json.dumps(value, indent=2, ensure_ascii=not can_encode(sys.stdout)))
+    out = _state.get("report") or sys.stdout
+    print(json.dumps(value, indent=2, ensure_ascii=not can_encode(out)), file=out, flush=True)
 
 
 def _fail(exc: BaseException, debug: bool, as_json: bool = False) -> None:
@@ -141,17 +152,14 @@ def _print_error(exc: BaseException, debug: bool, as_json: bool = False) -> None
 
     if debug:
         raise exc
-    if as_json:
-        _print_json(_error_json(exc, 1))
+    if as_json or isinstance(exc, GradtoolError):
+        _report_error(exc, as_json)
         raise typer.Exit(1) from None
     from rich.markup import escape
 
-    if isinstance(exc, GradtoolError):
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
-    else:
-        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: "
-                          f"{escape(str(exc))} (run again with --debug for the traceback)",
-                          soft_wrap=True)
+    err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: "
+                      f"{escape(str(exc))} (run again with --debug for the traceback)",
+                      soft_wrap=True)
     raise typer.Exit(1) from None
 
 
@@ -406,6 +414,36 @@ def check_cmd(
 ) -> None:
     """Verify derived backwards (or your own layer) against finite differences,
     torch.autograd, reference ops and the other backend. Exits 1 on any failure."""
+    from gradtool.usercode import contained
+
+    # the code checked (spec files, --impl) runs contained from its import to the report: it
+    # cannot end the process, change its exit status or write into the report, and as the
+    # process itself gradtool ends with the report's status before any of its finalizers,
+    # exit handlers or threads can run (gradtool/usercode.py)
+    process = _state.get("process", False)
+    with contained(process=process,
+                   on_timeout=lambda exc: _report_error(exc, as_json)) as session:
+        _state["report"] = session.report
+        try:
+            status = _check_contained(session, specs, impl, mapping, settings, one_hot, sizes,
+                                      batch_one, tol, float32, order, shapes, seed, show,
+                                      as_json, debug)
+        except typer.Exit as exc:
+            status = exc.exit_code
+        finally:
+            _state.pop("report", None)
+        if process:
+            session.finish(status)
+    if status:
+        raise typer.Exit(status)
+
+
+def _check_contained(session, specs, impl, mapping, settings, one_hot, sizes, batch_one, tol,
+                     float32, order, shapes, seed, show, as_json, debug) -> int:
+    """The body of ``gradtool check`` inside its containment; returns the exit status (a
+    failed check or an error: 1)."""
+    import gc
+
     try:
         from gradtool.render import SHOW
 
@@ -417,6 +455,11 @@ def check_cmd(
                  "batch_one": batch_one}
         rows = _run_checks(specs or [], impl, mapping or [], tol, float32, order, shapes, seed,
                            quiet=as_json, **extra)
+        gc.collect()  # the finalizers of the layers checked run here, still contained
+        if session.strays:
+            from gradtool.check.impl import stray_row
+
+            rows.append(stray_row(rows, session.strays))
     except Exception as exc:  # noqa: BLE001
         _fail(exc, debug, as_json)
     failed = [r for r in rows if not r.passed]
@@ -429,9 +472,20 @@ def check_cmd(
     else:
         from gradtool.render import render_check
 
-        render_check(console, rows, show)
-    if failed:
-        raise typer.Exit(1)
+        render_check(Console(file=session.report, highlight=False), rows, show)
+        session.report.flush()
+    return 1 if failed else 0
+
+
+def _report_error(exc: BaseException, as_json: bool) -> None:
+    """``exc`` as :func:`_print_error` reports it, without exiting (the watchdog of a
+    contained check reports its error before it ends the process)."""
+    from rich.markup import escape
+
+    if as_json:
+        _print_json(_error_json(exc, 1))
+    else:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
 
 
 def _pairs(items: list[str], option: str, example: str) -> dict[str, str]:

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from gradtool.cli import app
 from tests.json_schemas import error as json_error
+from tests.json_schemas import valid as json_valid
 
 runner = CliRunner()
 
@@ -230,3 +231,268 @@ def test_writes_to_file_descriptor_1_keep_json_clean(tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["passed"] is True
     assert '{"hi": 1}' in done.stderr
+
+
+# -- containment between and after the calls, the time limit, several return values ---------
+
+
+def _gradtool(*args, tmp_path, env=None):
+    """``python -m gradtool ARGS`` as its own process (what cannot run in-process: the
+    process ends with the report's status, the watchdog ends it)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GRADTOOL_CACHE": str(tmp_path / "cache"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "gradtool", *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+# os._exit(0) in a finalizer or in a thread between the calls, threads that print late (on
+# sys.stdout and descriptor 1) and that never end: as the process, the report and its exit
+# status must survive all of them
+HOSTILE = """\
+import os, threading, time
+import numpy as np
+
+
+def _late():
+    time.sleep(0.5)
+    print("LATE-PRINT")
+    os.write(1, b"LATE-FD1\\n")
+
+
+def _forever():
+    while True:
+        time.sleep(1)
+
+
+def _exit_when(event):
+    event.wait()
+    os._exit(0)
+
+
+class Relu:
+    def forward(self, X):
+        threading.Thread(target=_late).start()
+        threading.Thread(target=_forever).start()
+        self.X = X
+        return np.maximum(X, 0)
+
+    def backward(self, grad_out):
+        return {factor} * grad_out * (self.X > 0)
+
+    def __del__(self):
+        {on_del}
+"""
+EXIT_IN_DEL = "os._exit(0)"
+# a thread that exits between the calls (joined here, so that it happens before the report)
+EXIT_IN_THREAD = ("event = threading.Event()\n        thread = threading.Thread("
+                  "target=_exit_when, args=(event,))\n        thread.start()\n"
+                  "        event.set()\n        thread.join()")
+
+
+@pytest.mark.parametrize("factor, on_del", [(2, EXIT_IN_DEL), (1, EXIT_IN_DEL),
+                                            (1, EXIT_IN_THREAD)])
+def test_finalizers_and_threads_cannot_change_the_status_or_the_report(tmp_path, factor,
+                                                                       on_del):
+    """A layer whose ``__del__`` called ``os._exit(0)`` made a wrong backward "pass" (exit 0,
+    no output); a thread printing after the report broke ``--json``; a thread that never
+    ends kept the process alive. Now the report is the one JSON document on stdout, a wrong
+    backward exits 1, and the refused exit outside any call fails the check even when the
+    gradients are right."""
+    path = tmp_path / "hostile.py"
+    path.write_text(HOSTILE.format(factor=factor, on_del=on_del))
+    done = _gradtool("check", "relu", "--impl", f"{path}:Relu", "--json", tmp_path=tmp_path)
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    assert report["passed"] is False
+    failed = [r for r in report["rows"] if not r["passed"]]
+    assert "contract_stays_in_its_calls" in {d["code"] for r in failed for d in r["diagnoses"]}
+    assert {r["kind"] for r in failed} == ({"contract", "gradient"} if factor == 2
+                                           else {"contract"})
+    assert "LATE" not in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def test_exit_in_a_finalizer_fails_in_process(tmp_path):
+    """The same containment when the CLI runs in-process (as in these tests): the finalizer's
+    os._exit is refused and named, and the test process goes on."""
+    path = _relu_file(tmp_path, head="import os\n", init="Relu.__del__ = lambda self: os._exit(0)")
+    result = _check(path, "--json")
+    assert result.exit_code == 1, result.output
+    rows = [r for r in json_valid("check", result.stdout)["rows"] if not r["passed"]]
+    assert [r["oracle"] for r in rows] == ["contract: stays in its calls"]
+    assert "os._exit(0) was called outside any call" in rows[0]["note"]
+    assert f"{path}:" in rows[0]["note"]
+    import atexit
+    import os
+    import signal
+
+    from gradtool import usercode
+
+    # the containment ended with the command: this process has its own functions back
+    assert (os._exit, os.abort, atexit.register, signal.signal, signal.setitimer) == tuple(
+        usercode._REAL[k] for k in ("_exit", "abort", "register", "signal", "setitimer"))
+
+
+def test_correct_layer_with_lingering_threads_passes_as_a_process(tmp_path):
+    """Threads that print late or never end neither break the report nor keep the process
+    alive; a correct layer still passes with exit status 0."""
+    path = tmp_path / "threads.py"
+    path.write_text(HOSTILE.format(factor=1, on_del="pass"))
+    done = _gradtool("check", "relu", "--impl", f"{path}:Relu", "--json", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["passed"] is True
+
+
+@pytest.mark.parametrize("how, says", [
+    ("signal.signal(signal.SIGALRM, signal.SIG_IGN)", "called signal.signal(SIGALRM, ...)"),
+    ("signal.setitimer(signal.ITIMER_REAL, 0)", "called signal.setitimer(ITIMER_REAL, ...)"),
+    ("signal.alarm(0)", "called signal.alarm(0)"),
+    ("signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})",
+     "called signal.pthread_sigmask(..., {SIGALRM})")])
+@pytest.mark.parametrize("caught", [False, True])
+def test_changing_the_alarm_is_refused(tmp_path, how, says, caught):
+    """A layer that set SIGALRM to SIG_IGN (or stopped the timer) ran forever; it is refused
+    like os._exit, and a call that catches the refusal with a bare except still fails."""
+    code = f"try:\n            {how}\n        except:  # noqa: E722\n            pass" \
+        if caught else how
+    path = _relu_file(tmp_path, head="import signal\n", forward=code)
+    _one_error_line(_check(path), f"{path}:{11 if caught else 10}:", f"Relu.forward(X) {says}",
+                    *(["caught the exception"] if caught else []))
+
+
+def test_exit_caught_by_a_bare_except_still_fails(tmp_path):
+    code = "try:\n            os._exit(0)\n        except:  # noqa: E722\n            pass"
+    path = _relu_file(tmp_path, head="import os\n", backward=code)
+    _one_error_line(_check(path), f"{path}:16:", "Relu.backward called os._exit(0) (and caught")
+
+
+def test_a_call_that_catches_the_alarm_fails_when_it_returns(tmp_path):
+    """A student's retry loop with a bare ``except:`` swallowed the alarm and "passed" after
+    8 s under GRADTOOL_TIMEOUT=2; a call that returns past the limit fails."""
+    code = ("t = time.monotonic()\n        while time.monotonic() - t < 1.2:\n"
+            "            try:\n                time.sleep(0.05)\n"
+            "            except:  # noqa: E722\n                continue")
+    path = _relu_file(tmp_path, head="import time\n", forward=code)
+    _one_error_line(_check(path, env={"GRADTOOL_TIMEOUT": "0.5"}),
+                    "Relu.forward(X) ran past the time limit of 0.5 s: it returned after",
+                    "caught the time-limit alarm")
+
+
+def test_watchdog_ends_a_call_that_never_yields_to_the_alarm(tmp_path):
+    """A layer that catches every alarm and never returns ran forever: as the process,
+    gradtool reports it after a grace period and exits 1 (``--json``: the error object)."""
+    code = ("while True:\n            try:\n                time.sleep(0.05)\n"
+            "            except BaseException:\n                pass")
+    path = _relu_file(tmp_path, head="import time\n", forward=code)
+    done = _gradtool("check", "relu", "--impl", f"{path}:Relu", "--json", tmp_path=tmp_path,
+                     env={"GRADTOOL_TIMEOUT": "0.5"})
+    assert done.returncode == 1, done.stderr
+    err = json.loads(done.stdout)["error"]
+    assert "Relu.forward(X) ran past the time limit of 0.5 s and went on 2 s more" \
+        in err["message"], err
+    assert err["file"] == str(path)
+
+
+TWO_OUT_SPEC = """\
+from gradtool.lang import Spec, Sum, tanh
+spec = Spec("two_out", "two outputs, W read twice")
+N, D = spec.dims("N D")
+n, d, e, f = spec.indices(n=N, d=D, e=D, f=D)
+X = spec.input("X", N, D)
+W = spec.param("W", D, D)
+H = spec.let("H", [n, e], tanh(Sum(W[e, d] * X[n, d], d)))
+spec.output("Y", [n, f], Sum(W[f, e] * H[n, e], e))
+spec.output("Z", [n, e], H[n, e] ** 2)
+"""
+
+TWO_OUT = """\
+import numpy as np
+
+
+class TwoOut:
+    def __init__(self, D):
+        self.W = np.zeros((D, D))
+
+    def forward(self, X):
+        self.X = X
+        self.H = np.tanh(X @ self.W.T)
+        return {returned}
+
+    def backward(self, G_Y, G_Z):
+        dH = G_Y @ self.W + {z_factor} * G_Z * self.H
+        ds = dH * (1 - self.H ** 2)
+        self.dW = G_Y.T @ self.H + ds.T @ self.X
+        return ds @ self.W
+"""
+
+DIV = """\
+class Div:
+    def forward(self, X, Y):
+        self.X, self.Y = X, Y
+        return {returned}
+
+    def backward(self, G):
+        return {grads}
+"""
+
+
+@pytest.mark.parametrize("returned", ["[self.H @ self.W.T, self.H ** 2]",
+                                      "(self.H @ self.W.T, self.H ** 2)"])
+@pytest.mark.parametrize("z_factor, passes", [(2, True), (0, False)])
+def test_two_outputs_as_a_list_or_a_tuple(tmp_path, returned, z_factor, passes):
+    """A forward returning [Y, Z] was read as one stacked (2, N, D) array; a list is the
+    outputs, as a tuple is. A backward that drops Z's path still fails."""
+    spec = tmp_path / "two_out.py"
+    spec.write_text(TWO_OUT_SPEC)
+    path = tmp_path / "two_out_impl.py"
+    path.write_text(TWO_OUT.format(returned=returned, z_factor=z_factor))
+    result = runner.invoke(app, ["check", str(spec), "--impl", f"{path}:TwoOut", "--json"])
+    assert result.exit_code == (0 if passes else 1), result.output
+    assert json.loads(result.stdout)["passed"] is passes
+
+
+@pytest.mark.parametrize("returned, grads", [
+    ("X / Y", "[G / self.Y, -G * self.X / self.Y ** 2]"),
+    ("(X / Y,)", "(G / self.Y, -G * self.X / self.Y ** 2)"),
+    ("[X / Y]", "[G / self.Y, -G * self.X / self.Y ** 2, None]"),
+    ("X / Y", "[G / self.Y, G * self.X / self.Y ** 2]")])
+def test_one_output_and_several_gradients_as_lists_or_tuples(tmp_path, returned, grads):
+    """A backward returning [dX, dY] was read as one stacked array ("returned 1
+    gradient(s)"); a 1-tuple (Y,) for one output failed as shape (1, ...). The last case has
+    the sign of dY wrong and must fail."""
+    path = tmp_path / "div_impl.py"
+    path.write_text(DIV.format(returned=returned, grads=grads))
+    result = runner.invoke(app, ["check", "div", "--impl", f"{path}:Div", "--json"])
+    wrong = grads.startswith("[G / self.Y, G")
+    assert result.exit_code == int(wrong), result.output
+    report = json.loads(result.stdout)
+    assert report["failed_specs"] == (["div"] if wrong else [])
+    if wrong:
+        assert {r["tensor"] for r in report["rows"] if not r["passed"]} == {"Y"}
+
+
+@pytest.mark.parametrize("returned, grads, says", [
+    ("X / Y", "np.stack([G / self.Y, -G * self.X / self.Y ** 2])",
+     "Div.backward returned one array of shape (2, "),
+    ("X / Y", "(G / self.Y,)", "Div.backward returned a tuple of 1 value, but div has 2 "
+                               "differentiable inputs: `X`, `Y`"),
+    ("(X / Y, X)", "(G, G)", "Div.forward returned a tuple of 2 values, but div has 1 "
+                             "output: `Z`")])
+def test_wrong_number_of_values_is_named(tmp_path, returned, grads, says):
+    path = tmp_path / "div_impl.py"
+    path.write_text("import numpy as np\n\n\n" + DIV.format(returned=returned, grads=grads))
+    _one_error_line(runner.invoke(app, ["check", "div", "--impl", f"{path}:Div"]), says)
+
+
+def test_one_array_for_two_outputs_is_named(tmp_path):
+    spec = tmp_path / "two_out.py"
+    spec.write_text(TWO_OUT_SPEC)
+    path = tmp_path / "two_out_impl.py"
+    path.write_text(TWO_OUT.format(returned="np.stack([self.H @ self.W.T, self.H ** 2])",
+                                   z_factor=2))
+    _one_error_line(runner.invoke(app, ["check", str(spec), "--impl", f"{path}:TwoOut"]),
+                    "TwoOut.forward returned one array of shape (2, ", "two_out has 2 outputs: "
+                    "`Y`, `Z`", "as a tuple or list: (Y, Z)")

@@ -168,6 +168,68 @@ def _numeric(value, call: str, what: str = "") -> np.ndarray:
                         f"({exc})", hint="return a NumPy array") from None
 
 
+def _several(value, names: list[str], call: str, what: str, spec_has: str) -> tuple:
+    """The values a layer returned for ``names`` (its outputs, or the gradients of its
+    differentiable inputs; ``what``: "outputs" or "gradients"), in that order; ``spec_has``
+    ("layernorm has") starts the sentence that names them in errors.
+
+    A tuple or a list of the right length gives one value each, as does a tuple or list whose
+    items are arrays (``(Y,)`` for one output; a backward may add values for inputs without a
+    gradient, ``(dX, None)``, which are dropped); a list of numbers (``[[1, 2], [3, 4]]``) for
+    one name is one array. Raises :class:`ImplError` for a single array where several are
+    named, and for a tuple or list of another length."""
+    n = len(names)
+    noun = ("output" if what == "outputs" else "differentiable input") + ("s" if n != 1 else "")
+    there = f"{spec_has} {n} {noun}: " + ", ".join(f"`{x}`" for x in names)
+    if isinstance(value, (tuple, list)):
+        kind = type(value).__name__
+        arrays = all(v is None or hasattr(v, "shape") for v in value) and len(value) > 0
+        if len(value) == n and (n > 1 or isinstance(value, tuple) or arrays):
+            return tuple(value)
+        if arrays and len(value) > n and what == "gradients":
+            return tuple(value[:n])
+        if arrays or isinstance(value, tuple):
+            raise ImplError(f"{call} returned a {kind} of {len(value)} value"
+                            f"{'s' if len(value) != 1 else ''}, but {there}",
+                            hint=f"return {_return_form(names, what)}")
+        if n == 1:
+            return (value,)
+        raise ImplError(f"{call} returned a list of {len(value)} numbers, but {there}",
+                        hint=f"return {_return_form(names, what)}")
+    if n > 1 and value is not None and not isinstance(value, (str, bytes, dict, set)):
+        shape = tuple(np.shape(to_numpy(value) if hasattr(value, "detach") else value))
+        raise ImplError(f"{call} returned one array of shape {shape}, but {there}",
+                        hint=f"return one array each, as a tuple or list: "
+                             f"{_return_form(names, what)}")
+    return (value,)
+
+
+def _return_form(names: list[str], what: str) -> str:
+    """``(Y, Z)`` or ``(dX, dY)``: how a layer returns ``names``."""
+    items = [f"d{x}" if what == "gradients" else x for x in names]
+    return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+
+
+def stray_row(rows: list, strays: list):
+    """A failed contract row for what user code tried outside every call gradtool made
+    (``strays``: :class:`gradtool.usercode.Refusal`), such as a finalizer (``__del__``)
+    calling ``os._exit(0)``: the process would have ended, with that status and no report,
+    had gradtool not refused it. ``rows``: the check's rows (for the spec and shape)."""
+    from gradtool.check.runner import Row
+
+    first = strays[0]
+    where = f"{first.file}:{first.line}: " if first.file else ""
+    more = f" (and {len(strays) - 1} more)" if len(strays) > 1 else ""
+    row = Row(rows[0].spec if rows else "impl", "backward", "contract: stays in its calls",
+              rows[0].shape if rows else "", 0.0, 0.0, None, None, None, 0.0, False)
+    row.diagnose("contract_stays_in_its_calls",
+                 f"{where}{first.call} was called outside any call of the layer (from a "
+                 f"finalizer `__del__`, a thread or an exit handler){more}; gradtool refused "
+                 "it, but outside gradtool it would have ended the process or defeated its "
+                 "time limit")
+    return row
+
+
 GRADIENT_NAMES = ("d{}", "dLd{}", "grad_{}", "{}_grad")  # dW, dLdW (CMU), grad_W, W_grad
 
 
@@ -392,17 +454,12 @@ class NumpyLayerSubject:
         data = [_as_array(self.spec, n, inputs[n]) for n in self.data]
         with running(f"{self.cls.__name__}.forward({', '.join(self.data)})", self.file):
             out = layer.forward(*data)
-        outs = out if isinstance(out, tuple) and len(self.outputs) > 1 else (out,)
+        outs = _several(out, self.outputs, f"{self.cls.__name__}.forward", "outputs",
+                         f"{self.spec.name} has")
         outs = tuple(_numeric(o, f"{self.cls.__name__}.forward") for o in outs)
         _check_output_sizes(self.spec, self.outputs, outs, dims, f"{self.cls.__name__}.forward")
         with running(f"{self.cls.__name__}.backward", self.file):
             returned = self._backward(layer, upstream, data)
-        data_grads = [n for n in self.grads if n in self.data]
-        got = returned if isinstance(returned, tuple) else (returned,)
-        if data_grads and len(got) < len(data_grads):
-            raise ImplError(f"backward returned {len(got)} gradient(s) but the spec has "
-                            f"{len(data_grads)} differentiable input(s): "
-                            f"{', '.join(data_grads)}")
         grads = self._collect(layer, returned, inputs)
         grads = {name: _numeric(g, f"{self.cls.__name__}.backward", f"the gradient of `{name}`")
                  for name, g in grads.items()}
@@ -462,9 +519,10 @@ class NumpyLayerSubject:
     def _collect(self, layer, returned, inputs):
         out = {}
         data_grads = [n for n in self.grads if n in self.data]
-        got = returned if isinstance(returned, tuple) else (returned,)
-        for name, g in zip(data_grads, got, strict=False):
-            out[name] = g
+        if data_grads:
+            got = _several(returned, data_grads, f"{self.cls.__name__}.backward", "gradients",
+                           f"{self.spec.name} has")
+            out.update(zip(data_grads, got, strict=True))
         for name in self.grads:
             if name not in out:
                 out[name] = self._grad(layer, name, np.shape(inputs[name]))
