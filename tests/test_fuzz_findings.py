@@ -396,6 +396,27 @@ e = spec.let("e", [n, c], exp(X[n, c] + B[c]))
 Z = spec.let("Z", [n], Sum(e[n, k], k))
 spec.output("Y", [n, d], Sum(e[n, k] * V[k, d], k) / Z[n])
 """,
+    # h30 trial, item 10: the torch forward crashed ("output with shape [] doesn't match the
+    # broadcast shape [N]"): the shift of B by its maximum over d was torch's amax(()), a 0-d
+    # maximum over every axis, then updated in place with c
+    "broadcast_exponential_let_summed": """from gradtool.lang import Spec, Sum, exp
+spec = Spec("bcast_let", "a let broadcast over d, then summed with weights")
+N, D = spec.dims("N D")
+n, d, k = spec.indices(n=N, d=D, k=D)
+X = spec.input("X", N, D)
+c = spec.input("c", N)
+p = spec.hyper("p", 1.5)
+B = spec.let("B", [n, d], exp(p * c[n]))
+spec.output("Y", [n], Sum(B[n, d] * X[n, d], d) * Sum(X[n, k], k) ** 2)
+""",
+    # h30 trial, item 11: the torch forward was `max(0, torch.arange(D))` (Python's max)
+    "index_as_a_value_in_max": """from gradtool.lang import *
+spec = Spec("index_in_max", "entries floored at 0 and at their column index")
+N, D = spec.dims("N D")
+n, d, k = spec.indices(n=N, d=D, k=D)
+X = spec.input("X", N, D)
+spec.output("Y", [n, d], Max(X[n, d], 0, d))
+""",
 }
 
 
