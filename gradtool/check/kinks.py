@@ -36,11 +36,13 @@ def switches(program: Program) -> list[tuple[str, sp.Expr, tuple, tuple]]:
     return out
 
 
-def kink_distance(program: Program, env: dict, dims: dict, hypers=None) -> float:
-    """The smallest distance of any switch to its kink (inf for a smooth layer)."""
+def kink_distance(program: Program, env: dict, dims: dict, hypers=None,
+                  which: list | None = None) -> float:
+    """The smallest distance of any switch (of ``which``, default all of them) to its kink
+    (inf for a smooth layer)."""
     best = np.inf
     values = {**dims, **(hypers if hypers is not None else program.spec.hyper_defaults())}
-    for kind, expr, free, over in switches(program):
+    for kind, expr, free, over in (switches(program) if which is None else which):
         ev = Evaluator(env, values, sizes_for(program, dims), ops_for("numpy"))
         arr = np.asarray(ev.run(expr, free + over), dtype=np.float64)
         if kind == "max tie":
@@ -53,6 +55,13 @@ def kink_distance(program: Program, env: dict, dims: dict, hypers=None) -> float
         elif arr.size:
             best = min(best, float(np.abs(arr).min()))
     return best
+
+
+def max_tie_gap(program: Program, env: dict, dims: dict, hypers=None) -> float:
+    """The smallest gap between the largest and the second largest candidate of any ``Max``
+    reduction (0 where a window has tied maxima; inf where the spec has no such reduction)."""
+    ties = [s for s in switches(program) if s[0] == "max tie"]
+    return kink_distance(program, env, dims, hypers, ties) if ties else np.inf
 
 
 def has_kinks(program: Program) -> bool:
