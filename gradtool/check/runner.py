@@ -603,12 +603,13 @@ TIE_ORACLE = "derived backward at tied maxima"
 
 
 def _tied(spec: Spec, inputs: dict, one_hot=()) -> dict:
-    """The data inputs rounded to a coarse grid in their domain (real: whole numbers, zeros
-    among them, as after a ReLU; positive: multiples of 0.5 from 0.5), so that the windows of
-    a ``Max`` reduction hold repeated values. Other domains stay as sampled."""
+    """The differentiable data inputs rounded to a coarse grid in their domain (real: whole
+    numbers, zeros among them, as after a ReLU; positive: multiples of 0.5 from 0.5), so
+    that the windows of a ``Max`` reduction hold repeated values. Other domains, targets
+    (``grad=False``, which stated facts may bind) and labels stay as sampled."""
     out = dict(inputs)
     for t in spec.of_kind("input"):
-        if t.is_labels or t.name in one_hot or t.name not in out:
+        if t.is_labels or not t.grad or t.name in one_hot or t.name not in out:
             continue
         x = np.asarray(out[t.name], dtype=np.float64)
         if t.domain == "real":
