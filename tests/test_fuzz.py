@@ -299,7 +299,7 @@ def _expr(draw, ctx: Ctx, depth: int) -> Node:
 
 
 def _index_extremum(draw, u: Node, dims) -> Node:
-    """``Max(u, d)``, ``Min(u, d)``, or with a number too (``Max(u, 0, d)``): an element-wise
+    """``Max(d, u)``, ``Min(d, u)``, or with a number too (``Max(u, 0, d)``): an element-wise
     extremum with an index used as a value (0 .. D − 1; over an axis u may lack, which
     broadcasts u), where the kernels need the array of the index's values (the torch kernel
     of ``Max(X[n, d], 0, d)`` once took Python's ``max`` of 0 and a tensor: h30 item 11).
@@ -308,8 +308,10 @@ def _index_extremum(draw, u: Node, dims) -> Node:
     axis = draw(st.sampled_from(sorted(dims)))
     index = Node("index", (), frozenset({axis}), MAX_SIZE - 1.0, 0.0, frozenset(), False, axis)
     fn = draw(st.sampled_from(["Max", "Min"]))
-    number = draw(st.sampled_from(["", "0, "]))
-    return _op(f"{fn}({{}}, {number}{{}})", u, index, bound=max(u.bound, index.bound),
+    # Max(u, d) would be the maximum over d (a reduction): the index goes first, or a number
+    # comes between
+    template = draw(st.sampled_from([f"{fn}({{1}}, {{0}})", f"{fn}({{0}}, 0, {{1}})"]))
+    return _op(template, u, index, bound=max(u.bound, index.bound),
                low=u.low if fn == "Max" else 0.0, spread=False)
 
 
@@ -335,7 +337,7 @@ def spec_sources(draw, outputs: int = 1, broadcast_lets: bool = False,
     ``broadcast_lets``: a let whose body lacks a declared dimension is declared over it
     (broadcast along it, as ``B[n, d] = exp(p·c[n])``), an exponential of its body half the
     time, and the next statement reads it through a sum along that axis. ``index_values``:
-    expressions may hold ``Max(u, d)`` / ``Min(u, d)`` with an index as a value."""
+    expressions may hold ``Max(d, u)`` / ``Min(u, 0, d)`` with an index as a value."""
     count = draw(st.sampled_from([2, 3] if broadcast_lets else [1, 2, 3]))
     dims = tuple(sorted(draw(st.permutations(DIMS))[:count], key=DIMS.index))
     lines = ['spec = Spec("fuzz", "a random spec")']
@@ -722,7 +724,7 @@ def test_broadcast_let_kernels_pass_every_check(source):
 @settings(FUZZ, max_examples=EXAMPLES_INDEX_VALUES)
 @given(source=spec_sources(index_values=True))
 def test_index_value_kernels_pass_every_check(source):
-    """``Max(u, d)`` / ``Min(u, d)`` with an index as a value: both kernels against finite
+    """``Max(d, u)`` / ``Min(u, 0, d)`` with an index as a value: both kernels against finite
     differences, torch.autograd and the spec evaluator."""
     _assert_checks_pass(source)
 
