@@ -560,3 +560,28 @@ spec.output("Y", [n, d], Max(X[n, d], d / 2) + d * X[n, d])
         col = torch.arange(4, dtype=dtype)
         assert y.dtype == dtype
         torch.testing.assert_close(y, torch.maximum(x, col / 2) + col * x)
+
+
+def test_kinks_of_a_three_argument_max_with_an_index(tmp_path):
+    """Max(X, 0, d) switches where X crosses 0 or d, not where 0 and d meet (at d = 0,
+    always: no gradient switches there); checks sample X away from both crossings."""
+    from gradtool.check.kinks import kink_distance, switches
+    from gradtool.symbolic.evaluate import run_forward
+
+    spec = spec_from(tmp_path, """\
+spec = Spec("index_floor", "entries floored at 0 and at their column index")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+X = spec.input("X", N, D)
+spec.output("Y", [n, d], Max(X[n, d], 0, d))
+""")
+    program = derive(spec).program
+    found = switches(program)
+    assert len(found) == 2 and {k for k, *_ in found} == {"max"}
+    dims = {spec.dim_symbols["N"]: 2, spec.dim_symbols["D"]: 3}
+    near = np.array([[0.0005, 1.3, 2.0004], [-0.7, 1.5, 2.6]])  # X ≈ 0 at [0, 0], ≈ d at [0, 2]
+    env = run_forward(program, {"X": near}, dims)
+    assert kink_distance(program, env, dims) == pytest.approx(0.0004)
+    away = np.array([[0.5, 1.3, 2.4], [-0.7, 1.5, 2.6]])
+    env = run_forward(program, {"X": away}, dims)
+    assert kink_distance(program, env, dims) == pytest.approx(0.3)  # 1.3 against d = 1

@@ -29,11 +29,24 @@ def switches(program: Program) -> list[tuple[str, sp.Expr, tuple, tuple]]:
                         out.append(("piecewise", rel.lhs - rel.rhs, free, ()))
             elif isinstance(node, (sp.Max, sp.Min)) and len(node.args) == 2:
                 out.append((type(node).__name__.lower(), node.args[0] - node.args[1], free, ()))
+            elif isinstance(node, (sp.Max, sp.Min)):
+                # Max(X, 0, d): the winner changes where two arguments cross; two that read
+                # no tensor (0 and the index d, equal at d = 0) switch no gradient
+                kind, args = type(node).__name__.lower(), node.args
+                out += [(kind, a - b, free, ()) for k, a in enumerate(args) for b in args[k + 1:]
+                        if _reads_tensor(a, program) or _reads_tensor(b, program)]
             elif isinstance(node, (sp.Abs, sp.Heaviside, sp.sign)):
                 out.append((type(node).__name__.lower(), node.args[0], free, ()))
         if a.reduce == "max":
             out.append(("max tie", a.body, tuple(a.lhs), tuple(a.over)))
     return out
+
+
+def _reads_tensor(expr, program: Program) -> bool:
+    """Does ``expr`` read a tensor (not only numbers, sizes, indices and hyper-parameters)?"""
+    hypers = set(program.spec.hypers)
+    return bool(expr.atoms(sp.Indexed)) or any(
+        not s.is_integer and s.name not in hypers for s in expr.free_symbols)
 
 
 def kink_distance(program: Program, env: dict, dims: dict, hypers=None,
