@@ -409,6 +409,22 @@ p = spec.hyper("p", 1.5)
 B = spec.let("B", [n, d], exp(p * c[n]))
 spec.output("Y", [n], Sum(B[n, d] * X[n, d], d) * Sum(X[n, k], k) ** 2)
 """,
+    # found by the index-value property: the common term 1 + Min(0, d, m_t0)² reads no
+    # tensor element, so the backward took it for a number (no axes) and divided an array
+    # over e by it unaligned ("operands could not be broadcast together")
+    "index_value_in_a_common_term": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz", "a random spec")
+D, E = spec.dims("D E")
+d, e, k, j = spec.indices(d=D, e=E, k=D, j=E)
+A = spec.input("A", E, domain="positive")
+W2 = spec.param("W2", D)
+alpha = spec.hyper("alpha", 0.7)
+t0 = spec.let("t0", [d, e], (Max(A[e], 0, e)) / (1 + (Min(Max(W2[k], k), 0, d))**2))
+t1 = spec.let("t1", [], Sum(Sum(Min(t0[k, j], 0, k), j), k) / D)
+spec.output("Y", [], exp(tanh(t1)))
+""",
     # h30 trial, item 11: the torch forward was `max(0, torch.arange(D))` (Python's max)
     "index_as_a_value_in_max": """from gradtool.lang import *
 spec = Spec("index_in_max", "entries floored at 0 and at their column index")
