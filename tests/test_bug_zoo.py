@@ -115,6 +115,41 @@ def test_bug_is_caught(case):
     assert_caught(*case)
 
 
+@pytest.mark.parametrize("options", [{}, OVERLAP], ids=["disjoint", "overlapping"])
+def test_gradient_to_every_tied_maximum_is_caught_at_ties(options):
+    """h30 item 7: a max-pool backward that sends G to every tied maximum is right wherever
+    the maximum is unique, and checks sample away from ties; the tie probe (inputs rounded
+    so that windows tie) finds it, and only it, and names the rule."""
+    rows = check("maxpool2d", "conv:MaxPool2dAllTies", **options)
+    bad = failed(rows)
+    assert bad and {(r.input, r.oracle) for r in bad} == {("X", "derived backward at tied maxima")}
+    assert [d.code for d in bad[0].diagnoses][:1] == ["ties_to_every_maximum"], bad[0].note
+    assert "sends the gradient to every tie" in bad[0].note
+
+
+def test_tie_probe_compares_with_torch_max_pool2d_at_ties():
+    """The probe's expected gradient at tied maxima (the derived backward) is torch's:
+    F.max_pool2d's gradient at the same rounded inputs, so the correct twin passes it."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from gradtool.check.runner import _tied
+
+    spec = load_spec("maxpool2d")
+    rng = np.random.default_rng(0)
+    x = _tied(spec, {"X": rng.standard_normal((2, 3, 5, 5))})["X"]
+    g = rng.standard_normal((2, 3, 3, 3))
+    xt = torch.tensor(x, requires_grad=True)
+    F.max_pool2d(xt, 3, stride=2, padding=1).backward(torch.tensor(g))
+    ours = layer("conv:MaxPool2d")(3, 2, 1)
+    ours.forward(x)
+    assert (x == 0).sum() > 10  # zeros (as after a ReLU): windows tie
+    np.testing.assert_array_equal(ours.backward(g), xt.grad.numpy())
+    rows = check("maxpool2d", "conv:MaxPool2d")
+    assert any(r.oracle == "derived backward at tied maxima" and r.passed for r in rows)
+
+
 @pytest.mark.parametrize("case", BROKEN_CONTRACT, ids=lambda c: c[1].split(":")[1])
 def test_broken_contract_is_caught(case):
     assert_contract_broken(*case)

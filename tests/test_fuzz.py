@@ -135,6 +135,8 @@ class Node:
     over: str = ""                       # a reduction's axis
 
     def render(self, idx: dict[str, str]) -> str:
+        if self.kind == "index":  # an index used as a value: its axis's index name
+            return idx[self.text]
         if self.kind == "leaf":
             if not self.axes:
                 return self.text
@@ -237,6 +239,7 @@ class Ctx:
     dims: tuple
     leaves: list = field(default_factory=list)   # every tensor a statement may read
     hyper: bool = False
+    index_values: bool = False                   # may Max/Min take an index as a value?
     quotients: int = QUOTIENTS                   # how many more quotients the spec may use
     operations: int = OPERATIONS                 # how many more operators it may use
 
@@ -258,9 +261,12 @@ def _expr(draw, ctx: Ctx, depth: int) -> Node:
     if depth > 0 and ctx.operations > 0:
         ctx.operations -= 1
         kinds += ["unary", "binary", "binary", "reduce", "reduce", "contract", "broadcast"]
+        kinds += ["extremum"] * 3 if ctx.index_values else []
     kind = draw(st.sampled_from(kinds))
     if kind == "leaf":
         return draw(st.sampled_from(ctx.leaves))
+    if kind == "extremum":
+        return _index_extremum(draw, draw(_expr(ctx, depth - 1)), ctx.dims)
     if kind == "unary":
         u = draw(_expr(ctx, depth - 1))
         tpl, _, bound, low, spread = _pick(draw, ctx, _unary(u))  # x**2 or -x always fit
@@ -300,17 +306,53 @@ def _expr(draw, ctx: Ctx, depth: int) -> Node:
     return _op("({})*({})", a, b, bound=a.bound * b.bound)
 
 
+def _index_extremum(draw, u: Node, dims) -> Node:
+    """``Max(d, u)``, ``Min(d, u)``, or with a number too (``Max(u, 0, d)``): an element-wise
+    extremum with an index used as a value (0 .. D − 1; over an axis u may lack, which
+    broadcasts u), where the kernels need the array of the index's values (the torch kernel
+    of ``Max(X[n, d], 0, d)`` once took Python's ``max`` of 0 and a tensor: h30 item 11).
+    Its arguments cross at a kink that checks sample away from; a max over it would tie
+    where it is d, so it does not keep its candidates apart."""
+    axis = draw(st.sampled_from(sorted(dims)))
+    index = Node("index", (), frozenset({axis}), MAX_SIZE - 1.0, 0.0, frozenset(), False, axis)
+    fn = draw(st.sampled_from(["Max", "Min"]))
+    # Max(u, d) would be the maximum over d (a reduction): the index goes first, or a number
+    # comes between
+    template = draw(st.sampled_from([f"{fn}({{1}}, {{0}})", f"{fn}({{0}}, 0, {{1}})"]))
+    return _op(template, u, index, bound=max(u.bound, index.bound),
+               low=u.low if fn == "Max" else 0.0, spread=False)
+
+
+def _sum_along(draw, ctx: Ctx, node: Node, let: Node, axis: str) -> Node:
+    """``node + Σ_axis let·w`` (w a tensor with that axis, when the product stays small) or
+    ``node + Σ_axis let``: the weighted sum of a broadcast exponential that item 10 of the
+    h30 trial crashed on (``Σ_d exp(p·c[n])·X[n, d]``)."""
+    weights = [w for w in ctx.leaves if axis in w.dims and w is not let
+               and let.bound * w.bound * MAX_SIZE <= CAP]
+    body = _op("({})*({})", let, draw(st.sampled_from(weights)),
+               bound=let.bound * max(w.bound for w in weights)) if weights else let
+    total = _reduce("sum", body, axis)
+    if node.bound + total.bound > CAP:
+        return node
+    return _op("({}) + ({})", node, total, bound=node.bound + total.bound)
+
+
 @st.composite
 def spec_sources(draw, outputs: int = 1, powers: bool = False,
-                 hyper: bool | None = None) -> str:
+                 hyper: bool | None = None, broadcast_lets: bool = False,
+                 index_values: bool = False) -> str:
     """The source of a random, well-formed spec file with ``outputs`` (1 or 2) outputs, and a
     hyper-parameter ``alpha`` (default 0.7, real or declared positive) where ``hyper`` says
     (None: maybe).
 
     ``powers``: the first input is real-valued and the first statement raises it to a
     hyper-parameter, ``t0 = A**beta`` (beta = 2.0 or 3.0), so that checks meet a symbolic
-    exponent at exact zeros of its base (``p·Y/X`` was NaN there, docs/fuzzing.md)."""
-    count = draw(st.sampled_from([1, 2, 3]))
+    exponent at exact zeros of its base (``p·Y/X`` was NaN there, docs/fuzzing.md).
+    ``broadcast_lets``: a let whose body lacks a declared dimension is declared over it
+    (broadcast along it, as ``B[n, d] = exp(p·c[n])``), an exponential of its body half the
+    time, and the next statement reads it through a sum along that axis. ``index_values``:
+    expressions may hold ``Max(d, u)`` / ``Min(u, 0, d)`` with an index as a value."""
+    count = draw(st.sampled_from([2, 3] if broadcast_lets else [1, 2, 3]))
     dims = tuple(sorted(draw(st.permutations(DIMS))[:count], key=DIMS.index))
     lines = ['spec = Spec("fuzz", "a random spec")']
     lines.append(f'{", ".join(dims)} = spec.dims("{" ".join(dims)}")')
@@ -323,7 +365,7 @@ def spec_sources(draw, outputs: int = 1, powers: bool = False,
                              unique=True))
         return draw(st.permutations(axes)) if len(axes) > 1 else axes
 
-    ctx = Ctx(dims)
+    ctx = Ctx(dims, index_values=index_values)
     n_inputs = draw(st.integers(1, 2))
     tensors = []
     for name in "AB"[:n_inputs]:
@@ -356,6 +398,7 @@ def spec_sources(draw, outputs: int = 1, powers: bool = False,
     n_lets = draw(st.sampled_from([1, 2, 3, 4]))
     # a second output: the last let, which the final output reads, or one of a single tensor
     second = draw(st.sampled_from(["reads", "reads", "alone"])) if outputs == 2 else None
+    spread_along = None  # the axis the last let was broadcast along
     for s in range(n_lets + 1):
         node = draw(_expr(ctx, depth=draw(st.sampled_from([1, 2, 3]))))
         if powers and s == 0:  # A**beta, with |A| ≤ 5: at most 125
@@ -363,6 +406,9 @@ def spec_sources(draw, outputs: int = 1, powers: bool = False,
         elif node.kind == "leaf":  # a bare copy says little; pass it through a function
             tpl, _, bound, low, spread = _pick(draw, ctx, _unary(node)[:4] or _unary(node))
             node = _op(tpl, node, bound=bound, low=low, spread=spread)
+        if spread_along is not None:  # read the broadcast let through a sum along its axis
+            node = _sum_along(draw, ctx, node, ctx.leaves[0], spread_along)
+            spread_along = None
         if s and not _reads(node, f"t{s - 1}"):  # a chain: each statement reads the last
             prev = ctx.leaves[0]
             op = _pick(draw, ctx, _binary(node, prev))
@@ -373,6 +419,16 @@ def spec_sources(draw, outputs: int = 1, powers: bool = False,
             tpl, _, bound, low, spread = op
             node = _op(tpl, node, prev, bound=bound, low=low,
                        spread=spread and node.spread and prev.spread)
+        lacks = [x for x in dims if x not in node.dims]
+        if broadcast_lets and s < n_lets and lacks:
+            # broadcast along an axis the body lacks; an exponential of it half the time
+            # (bound ≤ e^5): its reads are shifted by a maximum over that axis
+            if node.bound / 4 <= 5 and draw(st.booleans()):
+                node = _op("exp(({}) / 4)", node, bound=math.exp(node.bound / 4),
+                           low=math.exp(-node.bound / 4), spread=node.spread)
+            extra = spread_along = draw(st.sampled_from(lacks))
+            node = Node(node.kind, node.args, node.dims | {extra}, node.bound, node.low,
+                        node.reduced, node.spread, node.text, node.axes, node.over)
         axes = [x for x in dims if x in node.dims]
         body = node.render({x: MAIN[x] for x in dims})
         lhs = "[" + ", ".join(MAIN[x] for x in axes) + "]"
@@ -730,6 +786,27 @@ def test_two_output_gradients_match_autograd(source, shape):
 @settings(FUZZ, max_examples=EXAMPLES_MULTI_CHECK)
 @given(source=spec_sources(outputs=2))
 def test_two_output_kernels_pass_every_check(source):
+    _assert_checks_pass(source)
+
+
+EXAMPLES_BROADCAST = int(_ENV) if _ENV else 5
+EXAMPLES_INDEX_VALUES = int(_ENV) if _ENV else 5
+
+
+@settings(FUZZ, max_examples=EXAMPLES_BROADCAST)
+@given(source=spec_sources(broadcast_lets=True))
+def test_broadcast_let_kernels_pass_every_check(source):
+    """Lets broadcast along an axis their body lacks (exponentials half the time), read by
+    sums over it: the kernels shift such an exponential by its maximum over that axis, once
+    torch's ``amax(())`` over every axis, then updated in place at the wrong shape."""
+    _assert_checks_pass(source)
+
+
+@settings(FUZZ, max_examples=EXAMPLES_INDEX_VALUES)
+@given(source=spec_sources(index_values=True))
+def test_index_value_kernels_pass_every_check(source):
+    """``Max(d, u)`` / ``Min(u, 0, d)`` with an index as a value: both kernels against finite
+    differences, torch.autograd and the spec evaluator."""
     _assert_checks_pass(source)
 
 

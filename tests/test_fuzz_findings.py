@@ -396,6 +396,43 @@ e = spec.let("e", [n, c], exp(X[n, c] + B[c]))
 Z = spec.let("Z", [n], Sum(e[n, k], k))
 spec.output("Y", [n, d], Sum(e[n, k] * V[k, d], k) / Z[n])
 """,
+    # h30 trial, item 10: the torch forward crashed ("output with shape [] doesn't match the
+    # broadcast shape [N]"): the shift of B by its maximum over d was torch's amax(()), a 0-d
+    # maximum over every axis, then updated in place with c
+    "broadcast_exponential_let_summed": """from gradtool.lang import Spec, Sum, exp
+spec = Spec("bcast_let", "a let broadcast over d, then summed with weights")
+N, D = spec.dims("N D")
+n, d, k = spec.indices(n=N, d=D, k=D)
+X = spec.input("X", N, D)
+c = spec.input("c", N)
+p = spec.hyper("p", 1.5)
+B = spec.let("B", [n, d], exp(p * c[n]))
+spec.output("Y", [n], Sum(B[n, d] * X[n, d], d) * Sum(X[n, k], k) ** 2)
+""",
+    # found by the index-value property: the common term 1 + Min(0, d, m_t0)² reads no
+    # tensor element, so the backward took it for a number (no axes) and divided an array
+    # over e by it unaligned ("operands could not be broadcast together")
+    "index_value_in_a_common_term": """\
+from gradtool.lang import *
+
+spec = Spec("fuzz", "a random spec")
+D, E = spec.dims("D E")
+d, e, k, j = spec.indices(d=D, e=E, k=D, j=E)
+A = spec.input("A", E, domain="positive")
+W2 = spec.param("W2", D)
+alpha = spec.hyper("alpha", 0.7)
+t0 = spec.let("t0", [d, e], (Max(A[e], 0, e)) / (1 + (Min(Max(W2[k], k), 0, d))**2))
+t1 = spec.let("t1", [], Sum(Sum(Min(t0[k, j], 0, k), j), k) / D)
+spec.output("Y", [], exp(tanh(t1)))
+""",
+    # h30 trial, item 11: the torch forward was `max(0, torch.arange(D))` (Python's max)
+    "index_as_a_value_in_max": """from gradtool.lang import *
+spec = Spec("index_in_max", "entries floored at 0 and at their column index")
+N, D = spec.dims("N D")
+n, d, k = spec.indices(n=N, d=D, k=D)
+X = spec.input("X", N, D)
+spec.output("Y", [n, d], Max(X[n, d], 0, d))
+""",
 }
 
 

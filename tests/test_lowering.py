@@ -464,3 +464,124 @@ spec.output("Y", [d, e], A[e] * sqrt(1 + W[d] ** 2) / t0)
     assert_all_close(results, "Y", y.detach().numpy(), what="out")
     assert_all_close(results, "A", at.grad.numpy())
     assert_all_close(results, "W", wt.grad.numpy())
+
+
+# -- a let broadcast along an axis its body lacks, read by a sum over it (h30 item 10) -------
+
+def test_broadcast_exponential_let_summed_with_weights(tmp_path):
+    """B[n, d] = exp(p·c[n]) read by Σ_d B·X: the kernels shift B by its maximum over d,
+    which B does not vary over. torch's ``amax(())`` took that maximum over every axis, a
+    0-d tensor then updated in place with c (shape [N]): the torch kernel crashed."""
+    spec = spec_from(tmp_path, """\
+spec = Spec("bcast_let", "a let broadcast over d, then summed with weights")
+N, D = spec.dims("N D")
+n, d, k = spec.indices(n=N, d=D, k=D)
+X = spec.input("X", N, D)
+c = spec.input("c", N)
+p = spec.hyper("p", 1.5)
+B = spec.let("B", [n, d], exp(p * c[n]))
+spec.output("Y", [n], Sum(B[n, d] * X[n, d], d) * Sum(X[n, k], k) ** 2)
+""")
+    rng = np.random.default_rng(3)
+    x, c, g = rng.standard_normal((3, 4)), rng.standard_normal(3), rng.standard_normal(3)
+    xt, ct = (torch.tensor(v, requires_grad=True) for v in (x, c))
+    y = (torch.exp(1.5 * ct)[:, None] * xt).sum(1) * xt.sum(1) ** 2
+    y.backward(torch.tensor(g))
+    results = three_ways(spec, {"X": x, "c": c}, {"N": 3, "D": 4}, {"G": g})
+    assert_all_close(results, "Y", y.detach().numpy(), what="out")
+    assert_all_close(results, "X", xt.grad.numpy())
+    assert_all_close(results, "c", ct.grad.numpy())
+
+
+def test_normalised_broadcast_exponential_stays_finite_at_large_values(tmp_path):
+    """E[n, d] = exp(c[n]) normalised over d is 1/D whatever c is: the ratio's shift by
+    max_d c[n] = c[n] keeps c = 800 finite, per row (not one maximum over every row)."""
+    spec = spec_from(tmp_path, """\
+spec = Spec("flat_softmax", "a softmax of a let broadcast along its own axis")
+N, D = spec.dims("N D")
+n, d, k = spec.indices(n=N, d=D, k=D)
+X = spec.input("X", N, D)
+c = spec.input("c", N)
+E = spec.let("E", [n, d], exp(c[n]))
+Z = spec.let("Z", [n], Sum(E[n, k], k))
+spec.output("Y", [n, d], X[n, d] * E[n, d] / Z[n])
+""")
+    rng = np.random.default_rng(4)
+    x, g = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    c = np.array([800.0, -800.0, 0.5])
+    # the engine's evaluator runs the unshifted closed form: the kernels alone at ±800
+    results = kernels_only(spec, {"X": x, "c": c}, {"N": 3, "D": 4}, {"G": g})
+    assert_all_close(results, "Y", x / 4, what="out")
+    assert_all_close(results, "X", g / 4)
+    assert_all_close(results, "c", np.zeros(3))
+
+
+# -- an index used as a value inside Max/Min (h30 item 11) -----------------------------------
+
+def test_index_as_a_value_in_max_and_min_runs_on_both_targets(tmp_path):
+    """Max(X, 0, d) and Min(X, d): the index d is the array 0 .. D − 1 (the torch kernel once
+    wrote Python's ``max(0, torch.arange(D))``), and d·X adds it as a float array."""
+    spec = spec_from(tmp_path, """\
+spec = Spec("index_value", "entries floored at 0 and at their column index")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+X = spec.input("X", N, D)
+spec.output("Y", [n, d], Max(X[n, d], 0, d) + Min(X[n, d], d) * X[n, d] + (d + n) * X[n, d])
+""")
+    rng = np.random.default_rng(5)
+    x, g = rng.uniform(-1.0, 4.0, (3, 5)), rng.standard_normal((3, 5))
+    xt = torch.tensor(x, requires_grad=True)
+    col = torch.arange(5, dtype=torch.float64)
+    row = torch.arange(3, dtype=torch.float64)[:, None]
+    y = torch.maximum(torch.clamp(xt, min=0), col) + torch.minimum(xt, col) * xt \
+        + (col + row) * xt
+    y.backward(torch.tensor(g))
+    results = three_ways(spec, {"X": x}, {"N": 3, "D": 5}, {"G": g})
+    assert_all_close(results, "Y", y.detach().numpy(), what="out")
+    assert_all_close(results, "X", xt.grad.numpy())
+
+
+def test_index_value_keeps_the_kernel_dtype_in_torch(tmp_path):
+    """0.5·d with float32 inputs: the index's values take the inputs' dtype (an int64
+    ``arange`` times 0.5 is torch's default float32 whatever the inputs are)."""
+    from gradtool.codegen.cache import compile_spec
+
+    spec = spec_from(tmp_path, """\
+spec = Spec("half_index", "an index scaled by a half")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+X = spec.input("X", N, D)
+spec.output("Y", [n, d], Max(X[n, d], d / 2) + d * X[n, d])
+""")
+    mod = compile_spec(spec, "torch")
+    for dtype in (torch.float64, torch.float32):
+        x = torch.linspace(-1, 3, 12, dtype=dtype).reshape(3, 4)
+        y, _ = mod.forward(x)
+        col = torch.arange(4, dtype=dtype)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y, torch.maximum(x, col / 2) + col * x)
+
+
+def test_kinks_of_a_three_argument_max_with_an_index(tmp_path):
+    """Max(X, 0, d) switches where X crosses 0 or d, not where 0 and d meet (at d = 0,
+    always: no gradient switches there); checks sample X away from both crossings."""
+    from gradtool.check.kinks import kink_distance, switches
+    from gradtool.symbolic.evaluate import run_forward
+
+    spec = spec_from(tmp_path, """\
+spec = Spec("index_floor", "entries floored at 0 and at their column index")
+N, D = spec.dims("N D")
+n, d = spec.indices(n=N, d=D)
+X = spec.input("X", N, D)
+spec.output("Y", [n, d], Max(X[n, d], 0, d))
+""")
+    program = derive(spec).program
+    found = switches(program)
+    assert len(found) == 2 and {k for k, *_ in found} == {"max"}
+    dims = {spec.dim_symbols["N"]: 2, spec.dim_symbols["D"]: 3}
+    near = np.array([[0.0005, 1.3, 2.0004], [-0.7, 1.5, 2.6]])  # X ≈ 0 at [0, 0], ≈ d at [0, 2]
+    env = run_forward(program, {"X": near}, dims)
+    assert kink_distance(program, env, dims) == pytest.approx(0.0004)
+    away = np.array([[0.5, 1.3, 2.4], [-0.7, 1.5, 2.6]])
+    env = run_forward(program, {"X": away}, dims)
+    assert kink_distance(program, env, dims) == pytest.approx(0.3)  # 1.3 against d = 1

@@ -28,7 +28,7 @@ import sympy as sp
 
 from gradtool.check.fd import diagonal_axes, fd_with_noise, probe_fd
 from gradtool.check.kernels import Kernels, shape_of, to_numpy
-from gradtool.check.kinks import has_kinks, kink_distance
+from gradtool.check.kinks import has_kinks, kink_distance, max_tie_gap
 from gradtool.check.numeric import autograd_or_none, derived_gradients, derived_magnitudes
 from gradtool.check.sampling import fact_text, fact_violations, sample_dims, sample_inputs
 from gradtool.errors import GradtoolError, SpecError
@@ -588,6 +588,8 @@ def check_spec(spec: Spec, options: CheckOptions | None = None, subject=None,
         if case_no == len(cases[:options.cases]) - 1 and "autograd" in options.oracles \
                 and subject.name == "derived":
             rows += _zero_rows(**ctx)
+        if case_no == 0 and hand:
+            rows += _tie_rows(spec, d, dims, inputs, upstream, shape, options, subject)
         if case_no == 0 and hasattr(subject, "contract"):
             with _at_shape(shape, subject):
                 contract = subject.contract(inputs, dims, upstream)
@@ -630,6 +632,84 @@ def _resolve_layer(spec: Spec, subject, options: CheckOptions):
         return spec, []
     return spec, [Row(spec.name, "settings", "read from your layer", "", 0.0, 0.0, None, None,
                       None, 0.0, True, "; ".join(notes))]
+
+
+TIE_ORACLE = "derived backward at tied maxima"
+
+
+def _tied(spec: Spec, inputs: dict, one_hot=()) -> dict:
+    """The differentiable data inputs rounded to a coarse grid in their domain (real: whole
+    numbers, zeros among them, as after a ReLU; positive: multiples of 0.5 from 0.5), so
+    that the windows of a ``Max`` reduction hold repeated values. Other domains, targets
+    (``grad=False``, which stated facts may bind) and labels stay as sampled."""
+    out = dict(inputs)
+    for t in spec.of_kind("input"):
+        if t.is_labels or not t.grad or t.name in one_hot or t.name not in out:
+            continue
+        x = np.asarray(out[t.name], dtype=np.float64)
+        if t.domain == "real":
+            out[t.name] = np.round(x) + 0.0  # no −0.0
+        elif t.domain == "positive":
+            out[t.name] = np.maximum(np.round(2 * x) / 2, 0.5)
+    return out
+
+
+def _tie_rows(spec, d, dims, inputs, upstream, shape, options, subject) -> list[Row]:
+    """A hand-written layer at inputs with tied maxima, against the derived backward.
+
+    Checks sample away from kinks, so a ``Max`` reduction's windows never tie there; after a
+    ReLU, all-zero windows are common. The convention is torch's (``F.max_pool2d``,
+    ``torch.max(x, dim)``): the whole gradient of a window goes to its first maximum in
+    row-major order; every tie getting it (k·G for k ties: no subgradient) is a bug. One row
+    per gradient; none when the spec has no ``Max`` reduction or rounding made no tie."""
+    tied = _tied(spec, inputs, options.one_hot)
+    with np.errstate(all="ignore"):
+        env = run_forward(d.program, tied, dims)
+        if max_tie_gap(d.program, env, dims) != 0:
+            return []
+        _, expect, _ = Subject(spec).run(tied, dims, upstream)
+    expect = {k: to_numpy(v) for k, v in expect.items()}
+    if not all(np.all(np.isfinite(v)) for v in expect.values()):
+        return []  # the rounded inputs left the forward's domain
+    with np.errstate(all="ignore"), _at_shape(shape, subject):
+        _, grads, _ = subject.run(tied, dims, upstream)
+    rows = []
+    for t in spec.grad_inputs:
+        if t.name not in grads or t.name not in expect:
+            continue
+        r = expect[t.name]
+        tol = _exact_tol(options, float(np.abs(r).max()) if r.size else 1.0)
+        row = compare(spec.name, t.name, TIE_ORACLE, shape + ",tied", grads[t.name], r, tol,
+                      "inputs rounded so that maxima tie")
+        if not row.passed:
+            rule = _tie_rule(spec, subject, tied, dims, upstream, t.name)
+            if rule is not None:
+                row.diagnose(*rule, first=True)
+        rows.append(row)
+    return rows
+
+
+def _tie_rule(spec, subject, tied, dims, upstream, name) -> tuple[str, str] | None:
+    """How a layer that fails at tied maxima routes the gradient there, read off both
+    backwards for an upstream gradient of ones (each window's gradient then counts where it
+    goes): more in total, and nowhere less than the first maximum gets, is every tie getting
+    it; the same total is another tie, or a split among them. None when neither fits."""
+    ones = {o: (1.0 if not np.ndim(v) else np.ones_like(v)) for o, v in upstream.items()}
+    with np.errstate(all="ignore"):
+        _, mine, _ = subject.run(tied, dims, ones)
+        _, first, _ = Subject(spec).run(tied, dims, ones)
+    a, r = to_numpy(mine.get(name, np.empty(0))), to_numpy(first[name])
+    if a.shape != r.shape or not np.all(np.isfinite(a)) or not r.size:
+        return None
+    slack = 1e-6 * max(1.0, float(np.abs(r).max()))
+    if np.all(a >= r - slack) and a.sum() > r.sum() + 0.5:
+        return ("ties_to_every_maximum", "at tied maxima your layer sends the gradient to "
+                "every tie; torch and the derived backward send it to the first")
+    if abs(float(a.sum() - r.sum())) <= slack * r.size:
+        return ("ties_to_another_maximum", "at tied maxima your layer sends the gradient to "
+                "another tie than the first, or splits it among them; torch and the derived "
+                "backward send it to the first (row-major)")
+    return None
 
 
 def _is_float32(value) -> bool:

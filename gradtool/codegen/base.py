@@ -330,7 +330,7 @@ class ArrayPrinter:
             elif i.is_Integer:
                 parts.append(str(int(i)))
             else:
-                arr = self.lower(i)
+                arr = self._positions(i)
                 if not arr.axes or set(arr.axes) & seen or \
                         not all(self._is_index(a) for a in arr.axes):
                     raise CodegenError(
@@ -526,13 +526,38 @@ class ArrayPrinter:
         self.imports.add(self.module)
         return Arr(self.ARANGE.format(n=size.code, ref=self.ref), (sym,), ATOM)
 
+    ARANGE_VALUE = "np.arange({n}, dtype={dtype})"
+    _subscript = False  # lowering positions (integer arrays), not values
+
+    def _index_value(self, sym) -> Arr:
+        """An index used as a value (``d`` in ``Max(X[n, d], 0, d)``) as the array of its
+        values, in the kernel's float dtype where the target gives one: an array like any
+        float operand, so that sums, products and in-place updates of it keep that dtype
+        (torch's integer ``arange`` would make ``0.5 * arange(D)`` float32 and refuse a
+        float added into it in place). Positions (:meth:`_positions`) stay integers."""
+        arr = self._arange(sym)
+        if self._subscript or self.ref is None:
+            return arr
+        size = self.lower(sp.sympify(self.ranges[sym]))
+        return Arr(self.ARANGE_VALUE.format(n=size.code, ref=self.ref,
+                                            dtype=self.dtype_of(self.ref)), arr.axes, ATOM)
+
+    def _positions(self, expr) -> Arr:
+        """An affine index expression (``S·t + k``) as an integer array of positions: a
+        subscript of a gather, or where a scatter-add writes."""
+        outer, self._subscript = self._subscript, True
+        try:
+            return self.lower(expr)
+        finally:
+            self._subscript = outer
+
     def _print_Symbol(self, e) -> Arr:
         if e in self.temps:
             return self.temps[e]
         if e.name in self.names:
             return Arr(self.names[e.name], ())
         if self._is_index(e):
-            return self._arange(e)
+            return self._index_value(e)
         raise CodegenError(f"no value for `{e}` in generated code")
 
     _print_Dummy = _print_Symbol
@@ -683,7 +708,10 @@ class ArrayPrinter:
         """A tensor value (not a Python number): reads a tensor or a tensor-valued term, a
         named 0-d one (``sum_B_G = (B * G).sum(0)``) included, or scatters (Σ_t,k δ(h, S·t + k)
         counts windows: an array over h); inlined scalars such as ``1 / D`` are numbers, and
-        so is a named term whose value is one (``t = 2 * (1 / E)``: finding 20)."""
+        so is a named term whose value is one (``t = 2 * (1 / E)``: finding 20). A free index
+        used as a value (``Max(X[n, d], 0, d)``, ``d·X[n, d]``) is the array ``arange(D)``."""
+        if self._reads_index(f):
+            return True
         return any(isinstance(n, (sp.Indexed, sp.KroneckerDelta))
                    or (n in self.temps and (self.temps[n].axes or (
                        n not in self.scalars and n not in self.definitions)))
@@ -691,6 +719,18 @@ class ArrayPrinter:
                    or (n in self.definitions and self._is_array(self.definitions[n]))
                    or (n in self.scalars and self._is_array(self.scalars[n]))
                    for n in sp.preorder_traversal(f))
+
+    def _reads_index(self, e, bound: frozenset = frozenset()) -> bool:
+        """Does ``e`` use a free index as a value, not only as a subscript of a tensor read
+        (``d`` in ``Max(X[n, d], 0, d)``, not in ``X[n, d]``)? An index a sum inside ``e``
+        runs over is bound there."""
+        if self._is_index(e):
+            return e not in bound
+        if isinstance(e, (sp.Indexed, sp.IndexedBase)) or not e.args:
+            return False
+        if isinstance(e, sp.Sum):
+            return self._reads_index(e.function, bound | {lim[0] for lim in e.limits})
+        return any(self._reads_index(a, bound) for a in e.args)
 
     def _bool_only(self, e) -> bool:
         """Does ``e`` lower to a boolean (or integer) array: masks and numbers only?"""
@@ -753,11 +793,12 @@ class ArrayPrinter:
 
     def _plain_number(self, expr) -> bool:
         """Built from sizes, hyper-parameters and numbers only: Python's math applies (an
-        inlined common term such as E² counts by its value)."""
+        inlined common term such as E² counts by its value). An index used as a value
+        (``Max(X[n, d], 0, d)``) is not one: it lowers to the array ``arange(D)``."""
         return not any(isinstance(n, sp.Indexed) or (n in self.temps and not (
                            n in self.scalars and self._plain_number(self.scalars[n]))) or
                        (isinstance(n, sp.Symbol) and n.name in self.scalar_tensors)
-                       for n in sp.preorder_traversal(expr))
+                       for n in sp.preorder_traversal(expr)) and not self._reads_index(expr)
 
     scalar_tensors: frozenset = frozenset()
 
@@ -1043,7 +1084,7 @@ class ArrayPrinter:
         Indices of ``target`` that this sum does not reduce (k in Σ_t δ(h, S·t + k)·G[n,t])
         keep their axis: each of their values is a scatter of its own (``batch`` axes)."""
         over = [lim[0] for lim in e.limits]
-        index = self.lower(target)
+        index = self._positions(target)
         batch = tuple(a for a in index.axes if a not in over)
         window = tuple(a for a in index.axes if a in over)
         if batch and index.axes != batch + window:
@@ -1389,7 +1430,14 @@ class ArrayPrinter:
         return Arr(f"{left} * {right}", axes, MUL)
 
     def _reduce(self, x: Arr, over, template) -> Arr:
+        """The reduction of ``x`` over the axes ``over`` that it has. Over none of them, the
+        maximum (or mean) of a value constant along ``over`` is that value, ``x`` itself:
+        ``x.max(())`` is no reduction in NumPy but torch's ``x.amax(())`` reduces every axis
+        to a 0-d tensor, smaller than the axes this result has (a sum counts its terms in
+        :meth:`_print_Sum` and reaches here only over axes of x)."""
         positions = tuple(x.axes.index(s) for s in over if s in x.axes)
+        if not positions:
+            return x
         axes = tuple(s for s in x.axes if s not in over)
         pos = str(positions[0]) if len(positions) == 1 else str(positions)
         code = template.format(x=self.paren(x.code, x.prec, ATOM), axes=pos)

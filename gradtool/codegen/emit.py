@@ -993,7 +993,9 @@ class Module:
             stmts.append((name, code))
             taken.add(name)
         for sym, value in replacements:
-            if not value.has(sp.Indexed) and not (value.free_symbols & set(printer.temps)):
+            # (an index used as a value, 1 + Min(0, d)², is an array over its axis)
+            if not value.has(sp.Indexed) and not (value.free_symbols & set(printer.temps)) \
+                    and not printer._reads_index(value):
                 arr = printer.lower(value)   # a scalar such as 1/D: inline it
                 printer.temps[sym] = Arr(f"({arr.code})" if arr.prec < 4 else arr.code, ())
                 printer.scalars[sym] = value

@@ -61,6 +61,7 @@ class TorchPrinter(ArrayPrinter):
     SOFTMAX = "torch.softmax({x}, {dim})"          # a normalised exponential along dim
     LOG_SOFTMAX = "torch.log_softmax({x}, {dim})"  # its log
     ARANGE = "torch.arange({n}, device={ref}.device)"
+    ARANGE_VALUE = "torch.arange({n}, device={ref}.device, dtype={dtype})"
     INDICATOR = "({cmp}).to({dtype})"
     FLOAT = "torch.get_default_dtype()"
     HELPER_IMPORTS = {"window_add": ("itertools",), "window_sum": ("itertools",)}

@@ -59,7 +59,8 @@ class Conv2dOverwritesOverlap(Conv2d):
 
 
 class MaxPool2d:
-    """Correct: each window's gradient goes to its maximum (padding reads −∞)."""
+    """Correct: each window's gradient goes to its first maximum in row-major order, as
+    F.max_pool2d's does (padding reads −∞)."""
 
     def __init__(self, K, S, P):
         self.K, self.S, self.P = K, S, P
@@ -74,6 +75,24 @@ class MaxPool2d:
                 Y[:, :, i, j] = Xp[:, :, i * S:i * S + K, j * S:j * S + K].max(axis=(2, 3))
         self.Y = Y
         return Y
+
+    def backward(self, grad_out):
+        Xp, K, S = self.Xp, self.K, self.S
+        dXp = np.zeros_like(Xp)
+        for i in range(grad_out.shape[2]):
+            for j in range(grad_out.shape[3]):
+                window = Xp[:, :, i * S:i * S + K, j * S:j * S + K]
+                first = window.reshape(window.shape[:2] + (-1,)).argmax(axis=2)
+                mask = np.zeros(window.shape[:2] + (K * K,))
+                np.put_along_axis(mask, first[:, :, None], 1.0, axis=2)
+                dXp[:, :, i * S:i * S + K, j * S:j * S + K] += \
+                    mask.reshape(window.shape) * grad_out[:, :, i, j][:, :, None, None]
+        return _unpad(dXp, self.P)
+
+
+class MaxPool2dAllTies(MaxPool2d):
+    """Bug: at tied maxima (an all-zero window after a ReLU) every tie gets the window's
+    gradient, k·G in all for k ties; right wherever the maximum is unique."""
 
     def backward(self, grad_out):
         Xp, K, S = self.Xp, self.K, self.S
