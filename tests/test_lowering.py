@@ -519,14 +519,15 @@ spec.output("Y", [n, d], X[n, d] * E[n, d] / Z[n])
 # -- an index used as a value inside Max/Min (h30 item 11) -----------------------------------
 
 def test_index_as_a_value_in_max_and_min_runs_on_both_targets(tmp_path):
-    """Max(X, 0, d) and Min(X, d): the index d is the array 0 .. D − 1 (the torch kernel once
-    wrote Python's ``max(0, torch.arange(D))``), and d·X adds it as a float array."""
+    """Max(X, 0, d) and Min(d, X): the index d is the array 0 .. D − 1 (the torch kernel once
+    wrote Python's ``max(0, torch.arange(D))``), and d·X adds it as a float array. (Min(X, d),
+    like Max(X, d), is the reduction over d.)"""
     spec = spec_from(tmp_path, """\
 spec = Spec("index_value", "entries floored at 0 and at their column index")
 N, D = spec.dims("N D")
 n, d = spec.indices(n=N, d=D)
 X = spec.input("X", N, D)
-spec.output("Y", [n, d], Max(X[n, d], 0, d) + Min(X[n, d], d) * X[n, d] + (d + n) * X[n, d])
+spec.output("Y", [n, d], Max(X[n, d], 0, d) + Min(d, X[n, d]) * X[n, d] + (d + n) * X[n, d])
 """)
     rng = np.random.default_rng(5)
     x, g = rng.uniform(-1.0, 4.0, (3, 5)), rng.standard_normal((3, 5))
