@@ -496,3 +496,25 @@ def test_one_array_for_two_outputs_is_named(tmp_path):
     _one_error_line(runner.invoke(app, ["check", str(spec), "--impl", f"{path}:TwoOut"]),
                     "TwoOut.forward returned one array of shape (2, ", "two_out has 2 outputs: "
                     "`Y`, `Z`", "as a tuple or list: (Y, Z)")
+
+
+@pytest.mark.parametrize("grads, ok", [
+    ('{"X": G / self.Y, "Y": -G * self.X / self.Y ** 2}', True),
+    ('{"dX": G / self.Y, "dY": -G * self.X / self.Y ** 2, "note": "extra keys are ignored"}',
+     True),
+    ('{"X": G / self.Y, "Y": G * self.X / self.Y ** 2}', False)])
+def test_gradients_as_a_dict_by_the_specs_names(tmp_path, grads, ok):
+    """A backward returning its gradients in a dict keyed by the spec's names (``X`` or
+    ``dX``) is read by those names; a wrong dY in a dict still fails."""
+    path = tmp_path / "div_impl.py"
+    path.write_text(DIV.format(returned="X / Y", grads=grads))
+    result = runner.invoke(app, ["check", "div", "--impl", f"{path}:Div"])
+    assert result.exit_code == (0 if ok else 1), result.output
+
+
+def test_a_dict_without_a_gradient_is_named(tmp_path):
+    path = tmp_path / "div_impl.py"
+    path.write_text(DIV.format(returned="X / Y", grads='{"X": G / self.Y}'))
+    _one_error_line(runner.invoke(app, ["check", "div", "--impl", f"{path}:Div"]),
+                    "Div.backward returned a dict with keys 'X', but div has 2 differentiable "
+                    "inputs: `X`, `Y`; no value for `Y` (or `dY`)")

@@ -176,11 +176,24 @@ def _several(value, names: list[str], call: str, what: str, spec_has: str) -> tu
     A tuple or a list of the right length gives one value each, as does a tuple or list whose
     items are arrays (``(Y,)`` for one output; a backward may add values for inputs without a
     gradient, ``(dX, None)``, which are dropped); a list of numbers (``[[1, 2], [3, 4]]``) for
-    one name is one array. Raises :class:`ImplError` for a single array where several are
-    named, and for a tuple or list of another length."""
+    one name is one array. A dict gives them by the spec's names (``{"X": dX}``, or
+    ``{"dX": dX}`` for a gradient; other keys are ignored). Raises :class:`ImplError` for a
+    single array where several are named, a tuple or list of another length, and a dict
+    without one of the names."""
     n = len(names)
     noun = ("output" if what == "outputs" else "differentiable input") + ("s" if n != 1 else "")
     there = f"{spec_has} {n} {noun}: " + ", ".join(f"`{x}`" for x in names)
+    if isinstance(value, dict):  # {"X": dX} or {"dX": dX}, by the spec's names
+        keys = {str(k): v for k, v in value.items()}
+        found = [next((keys[k] for k in (x, f"d{x}") if k in keys), KeyError) for x in names]
+        if not any(v is KeyError for v in found):
+            return tuple(found)
+        want = ", ".join(f"`{x}`" if what == "outputs" else f"`{x}` (or `d{x}`)"
+                         for x, v in zip(names, found, strict=True) if v is KeyError)
+        raise ImplError(f"{call} returned a dict with keys {', '.join(map(repr, keys))}, but "
+                        f"{there}; no value for {want}",
+                        hint="name the dict's keys after the spec's tensors, or return "
+                             f"{_return_form(names, what)}")
     if isinstance(value, (tuple, list)):
         kind = type(value).__name__
         arrays = all(v is None or hasattr(v, "shape") for v in value) and len(value) > 0
