@@ -115,7 +115,7 @@ def test_default_view_spells_out_each_failed_input():
                            f"{ZOO / 'layernorm.py'}:LayerNormNoMeanTerm", "--shapes", "2")
     x_line = next(line for line in out.splitlines() if line.startswith("│ layernorm │ X "))
     assert "FAIL" in x_line
-    assert "layernorm X: 6 of 6 comparisons failed" in out
+    assert "layernorm X: 7 of 7 comparisons failed" in out  # 2 shapes × 3 oracles, zeros
     assert "wrong almost everywhere" in out
 
 

@@ -230,3 +230,38 @@ def test_elementwise_ties_go_to_the_first_printed_argument(tmp_path, body, refer
         for name in ("X", "Z"):
             np.testing.assert_allclose(grads[name], expect[name], rtol=1e-14, atol=0,
                                        err_msg=f"{target} d{name}")
+
+
+def test_check_impl_fails_a_hand_written_backward_that_is_nan_at_zero_inputs(tmp_path):
+    """An autograder's case: a student's power layer whose backward is p·G·Y/X passes at every
+    random input and fails ``check --impl`` at the exact zeros; the right p·G·X^(p−1)
+    passes."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from gradtool.cli import app
+
+    spec = tmp_path / "power.py"
+    spec.write_text(POWER.format(name="power", domain="", p=2.0))
+    layer = tmp_path / "power_layer.py"
+    layer.write_text("import numpy as np\n\n\n"
+                     "class Power:\n"
+                     "    def __init__(self, p=2.0):\n"
+                     "        self.p = p\n\n"
+                     "    def forward(self, X):\n"
+                     "        self.X, self.Y = X, X ** self.p\n"
+                     "        return self.Y\n\n"
+                     "    def backward(self, G):\n"
+                     "        return self.p * G * self.X ** (self.p - 1)\n\n\n"
+                     "class PowerByQuotient(Power):\n"
+                     "    def backward(self, G):\n"
+                     "        return self.p * G * self.Y / self.X\n")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["check", str(spec), "--impl", f"{layer}:Power", "--json"])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(app, ["check", str(spec), "--impl", f"{layer}:PowerByQuotient",
+                              "--json"])
+    assert bad.exit_code == 1, bad.output
+    failed = [r for r in json.loads(bad.stdout)["rows"] if not r["passed"]]
+    assert {r["oracle"] for r in failed} == {"torch.autograd at zeros of X"}, failed

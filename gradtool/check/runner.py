@@ -585,8 +585,7 @@ def check_spec(spec: Spec, options: CheckOptions | None = None, subject=None,
             _one_diagnosis(case_rows, spec, dims, inputs, upstream, grads, options)
             _note_small_differences(case_rows, {**outs, **grads})
         rows += case_rows
-        if case_no == len(cases[:options.cases]) - 1 and "autograd" in options.oracles \
-                and subject.name == "derived":
+        if case_no == len(cases[:options.cases]) - 1 and "autograd" in options.oracles:
             rows += _zero_rows(**ctx)
         if case_no == 0 and hand:
             rows += _tie_rows(spec, d, dims, inputs, upstream, shape, options, subject)
@@ -909,7 +908,8 @@ def zero_probe(spec: Spec, inputs: dict) -> dict[str, np.ndarray]:
 
 
 def _zero_rows(spec, d, dims, inputs, upstream, shape, options, subject, **_):
-    """The kernels' gradients at exact zeros of the inputs (:func:`zero_probe`) against
+    """The kernels' (or a hand-written layer's) gradients at exact zeros of the inputs
+    (:func:`zero_probe`) against
     torch.autograd through the generated forward, compared where autograd is finite (where
     it is not, the derivative does not exist: √X at 0). Zeros that put a kink at a switch
     (ReLU at 0, a tie of a Max) are not probed: both sides of a kink are valid there. All
@@ -929,10 +929,14 @@ def _zero_rows(spec, d, dims, inputs, upstream, shape, options, subject, **_):
             if not kink_distance(d.program, env, dims) > KINK_MARGIN:
                 continue
         done |= set(probe)
-        with np.errstate(all="ignore"):
+        hand = subject.name != "derived"
+        with np.errstate(all="ignore"), _at_shape(f"{shape}, every other entry 0", subject):
             _, grads, _ = subject.run(probed, dims, upstream)
             expected = _autograd(spec, dims, probed, upstream)
-        formula = DerivedFormula(d, probed, dims, upstream, options)
+        # gradtool's own kernel's row also says whose fault a failure is (the derived formula
+        # or the code generator); a hand-written layer's gets one diagnosis per input below
+        formula = None if hand else DerivedFormula(d, probed, dims, upstream, options)
+        first = len(rows)
         oracle = f"torch.autograd at zeros of {', '.join(sorted(probe))}"
         for name, expect in expected.items():
             defined = np.isfinite(expect)
@@ -945,6 +949,8 @@ def _zero_rows(spec, d, dims, inputs, upstream, shape, options, subject, **_):
             row = compare(spec.name, name, oracle, shape, mine, expect, tol, note)
             row = _within_rounding(row, formula, name, mine, expect, tol, note)
             rows.append(_judge_kernel(row, formula, name, mine, expect, tol, note))
+        if hand:
+            _one_diagnosis(rows[first:], spec, dims, probed, upstream, grads, options)
         if len(done) == len(zeroed):
             break
     return rows
