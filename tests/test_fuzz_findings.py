@@ -11,6 +11,7 @@ from gradtool.check.sampling import sample_dims, sample_inputs
 from gradtool.spec.loader import load_spec
 from gradtool.symbolic.reverse import derive
 from tests.helpers import assert_matches_autograd
+from tests.test_lowering import BROADCAST_EXPONENTIAL_LET
 from tests.test_saved_exponentials import ATTENTION, OUTPUT
 
 FOUND = {
@@ -399,16 +400,7 @@ spec.output("Y", [n, d], Sum(e[n, k] * V[k, d], k) / Z[n])
     # h30 trial, item 10: the torch forward crashed ("output with shape [] doesn't match the
     # broadcast shape [N]"): the shift of B by its maximum over d was torch's amax(()), a 0-d
     # maximum over every axis, then updated in place with c
-    "broadcast_exponential_let_summed": """from gradtool.lang import Spec, Sum, exp
-spec = Spec("bcast_let", "a let broadcast over d, then summed with weights")
-N, D = spec.dims("N D")
-n, d, k = spec.indices(n=N, d=D, k=D)
-X = spec.input("X", N, D)
-c = spec.input("c", N)
-p = spec.hyper("p", 1.5)
-B = spec.let("B", [n, d], exp(p * c[n]))
-spec.output("Y", [n], Sum(B[n, d] * X[n, d], d) * Sum(X[n, k], k) ** 2)
-""",
+    "broadcast_exponential_let_summed": "from gradtool.lang import *\n" + BROADCAST_EXPONENTIAL_LET,
     # found by the index-value property: the common term 1 + Min(0, d, m_t0)² reads no
     # tensor element, so the backward took it for a number (no axes) and divided an array
     # over e by it unaligned ("operands could not be broadcast together")

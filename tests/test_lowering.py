@@ -468,11 +468,8 @@ spec.output("Y", [d, e], A[e] * sqrt(1 + W[d] ** 2) / t0)
 
 # -- a let broadcast along an axis its body lacks, read by a sum over it (h30 item 10) -------
 
-def test_broadcast_exponential_let_summed_with_weights(tmp_path):
-    """B[n, d] = exp(p·c[n]) read by Σ_d B·X: the kernels shift B by its maximum over d,
-    which B does not vary over. torch's ``amax(())`` took that maximum over every axis, a
-    0-d tensor then updated in place with c (shape [N]): the torch kernel crashed."""
-    spec = spec_from(tmp_path, """\
+# a let broadcast over d that its body does not read (h30 item 10; also a fuzz finding)
+BROADCAST_EXPONENTIAL_LET = """\
 spec = Spec("bcast_let", "a let broadcast over d, then summed with weights")
 N, D = spec.dims("N D")
 n, d, k = spec.indices(n=N, d=D, k=D)
@@ -481,7 +478,14 @@ c = spec.input("c", N)
 p = spec.hyper("p", 1.5)
 B = spec.let("B", [n, d], exp(p * c[n]))
 spec.output("Y", [n], Sum(B[n, d] * X[n, d], d) * Sum(X[n, k], k) ** 2)
-""")
+"""
+
+
+def test_broadcast_exponential_let_summed_with_weights(tmp_path):
+    """B[n, d] = exp(p·c[n]) read by Σ_d B·X: the kernels shift B by its maximum over d,
+    which B does not vary over. torch's ``amax(())`` took that maximum over every axis, a
+    0-d tensor then updated in place with c (shape [N]): the torch kernel crashed."""
+    spec = spec_from(tmp_path, BROADCAST_EXPONENTIAL_LET)
     rng = np.random.default_rng(3)
     x, c, g = rng.standard_normal((3, 4)), rng.standard_normal(3), rng.standard_normal(3)
     xt, ct = (torch.tensor(v, requires_grad=True) for v in (x, c))
