@@ -265,8 +265,7 @@ def test_label_loss_backward_runs_under_deterministic_algorithms(private_cache):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_compiled_training_on_the_gpu_takes_the_eager_steps(tmp_path, private_cache,
-                                                            monkeypatch):
+def test_compiled_training_on_the_gpu_takes_the_eager_steps(tmp_path, private_cache):
     """``gradtool train --device cuda --compile`` (inductor, Triton): the digits CNN with
     dropout in float64 takes the same steps as without --compile, to rounding, in one graph
     (inductor told to draw the dropout masks with torch's own generator, as eager does) --
@@ -278,14 +277,15 @@ def test_compiled_training_on_the_gpu_takes_the_eager_steps(tmp_path, private_ca
     from gradtool.train import TrainConfig, train
     from gradtool.train.config import ConfigError
 
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    # torch's own patch: pytest ≥ 9.2's monkeypatch would delete the option on undo
     cfg = dict(model="cnn", dropout=0.2, limit=256, batch_size=32, epochs=1, dtype="float64",
                device="cuda")
-    eager = train(TrainConfig(out=str(tmp_path / "eager"), **cfg))
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
     try:
-        compiled = train(TrainConfig(out=str(tmp_path / "compiled"), compile=True, **cfg))
+        with torch._inductor.config.patch(fallback_random=True):
+            eager = train(TrainConfig(out=str(tmp_path / "eager"), **cfg))
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            compiled = train(TrainConfig(out=str(tmp_path / "compiled"), compile=True, **cfg))
     except ConfigError as exc:
         assert "torch.compile changed the gradient" in str(exc) or "test batch" in str(exc)
         assert not (tmp_path / "compiled").exists()

@@ -182,7 +182,7 @@ def test_cli_error_is_one_line_and_exit_1(tmp_path, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-def test_compile_trains_the_same_closed_forms_in_one_graph(tmp_path, monkeypatch):
+def test_compile_trains_the_same_closed_forms_in_one_graph(tmp_path):
     """--compile (torch.compile, inductor on the CPU): the MLP with batch norm and dropout
     takes the same steps as without it, to rounding, the running statistics included, with
     no graph break (each layer's call is prepared before dynamo traces the model). Inductor
@@ -190,13 +190,15 @@ def test_compile_trains_the_same_closed_forms_in_one_graph(tmp_path, monkeypatch
     import torch._dynamo
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
-
+    # torch's own patch, not monkeypatch: pytest ≥ 9.2 undoes a module attribute it did not
+    # find in the module's __dict__ with delattr, which removes the option from inductor's
+    # config for the rest of the session
     cfg = dict(QUICK, epochs=1, norm="batchnorm", dropout=0.2, seed=3, dtype="float64")
-    plain = train(TrainConfig(out=str(tmp_path / "eager"), **cfg))
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    compiled = train(TrainConfig(out=str(tmp_path / "compiled"), compile=True, **cfg))
+    with torch._inductor.config.patch(fallback_random=True):
+        plain = train(TrainConfig(out=str(tmp_path / "eager"), **cfg))
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compiled = train(TrainConfig(out=str(tmp_path / "compiled"), compile=True, **cfg))
     assert not torch._dynamo.utils.counters["graph_break"], \
         dict(torch._dynamo.utils.counters["graph_break"])
     assert compiled.history[0]["train_loss"] == pytest.approx(plain.history[0]["train_loss"],
