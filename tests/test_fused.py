@@ -41,6 +41,13 @@ def _step(model, loss_fn, x, y, fused: bool, seed: int = 5):
             {n: b.clone() for n, b in model.named_buffers()}, out)
 
 
+def _program_ran(out) -> bool:
+    """Did the chain that made ``out`` run its unrolled program (a call of a kind seen before)
+    rather than the general loop (the first call of a kind)?"""
+    node = out.grad_fn
+    return type(node).__name__ == "ChainFunctionBackward" and node.program is not None
+
+
 def _same(a, b) -> None:
     """Bit-identical: outputs, input gradient, every parameter's .grad and every buffer."""
     assert torch.equal(a[0], b[0])
@@ -71,19 +78,61 @@ def _data(n=4, shape=(1, 8, 8), classes=10, grad=True):
 
 @pytest.mark.parametrize("input_grad", [True, False])
 def test_cnn_chain_equals_the_layer_by_layer_path_bit_for_bit(input_grad):
-    """The digits CNN with dropout (masks from torch's RNG), training mode: outputs, ∂L/∂x,
-    every gradient and the running statistics equal, and the whole model is one chain."""
+    """The digits CNN with dropout (masks from torch's RNG), training mode, three steps (the
+    first runs the chain's general loop, the next two its unrolled program): outputs, ∂L/∂x,
+    every gradient (accumulated over the steps) and the running statistics equal after each
+    step, and the whole model is one chain."""
     desc = cnn((1, 8, 8), 10, widths=(4, 6), dropout=0.3)
     x, y = _data(grad=input_grad)
-    got = {}
-    for fused in (False, True):
-        model, loss_fn = build(desc, "torch", dtype="float64", seed=0)
-        assert isinstance(model, SpecSequential)
-        got[fused] = _step(model, loss_fn, x, y, fused)
-    _same(got[False], got[True])
+    models = {fused: build(desc, "torch", dtype="float64", seed=0) for fused in (False, True)}
+    assert isinstance(models[True][0], SpecSequential)
+    for step in range(3):
+        got = {fused: _step(*models[fused], x, y, fused, seed=step) for fused in (False, True)}
+        _same(got[False], got[True])
+        assert _program_ran(got[True][4]) == (step > 0)
     assert (got[True][1] is not None) == input_grad
     chains = _nodes(got[True][4]).count("ChainFunctionBackward")
     assert chains == 1 and "ChainFunctionBackward" not in _nodes(got[False][4])
+
+
+def test_the_general_loop_alone_equals_the_layer_by_layer_path():
+    """With ``ChainFunction.unrolled = False`` every call runs the general loop (no program is
+    made), with the same results."""
+    desc = cnn((1, 8, 8), 10, widths=(4, 6), dropout=0.3)
+    x, y = _data()
+    models = {fused: build(desc, "torch", dtype="float64", seed=0) for fused in (False, True)}
+    try:
+        ChainFunction.unrolled = False
+        for step in range(2):
+            got = {f: _step(*models[f], x, y, f, seed=step) for f in (False, True)}
+            _same(got[False], got[True])
+            assert not _program_ran(got[True][4])
+    finally:
+        ChainFunction.unrolled = True
+    assert not models[True][0][0].__dict__.get("_chain_programs")
+
+
+def test_a_new_kind_of_call_gets_its_own_program():
+    """Batch size, train/eval mode and which parameters require grad each change the kind of
+    call: each new kind runs the general loop once, then its own program; alternating between
+    kinds, every step equals the layer-by-layer path's (outputs, gradients, running
+    statistics)."""
+    desc = cnn((1, 8, 8), 10, widths=(4, 6), dropout=0.3)
+    models = {fused: build(desc, "torch", dtype="float64", seed=0) for fused in (False, True)}
+    kinds = [(4, True, None), (3, True, None), (4, False, None), (4, True, 0), (4, True, 4)]
+    for round_ in range(2):
+        for k, (n, training, frozen) in enumerate(kinds):
+            x, y = _data(n=n)
+            got = {}
+            for fused, (model, loss_fn) in models.items():
+                model.train(training)
+                model.requires_grad_(True)
+                if frozen is not None:
+                    model[frozen].requires_grad_(False)
+                model.zero_grad(set_to_none=True)
+                got[fused] = _step(model, loss_fn, x, y, fused, seed=10 * round_ + k)
+            _same(got[False], got[True])
+            assert _program_ran(got[True][4]) == (round_ > 0), (round_, k)
 
 
 def test_cnn_chain_matches_plain_torch_nn_in_float64():
@@ -312,7 +361,13 @@ def test_retain_graph_backward_twice_and_in_place_changes_as_layer_by_layer():
     x, y = _data()
     got = {}
     for fused, model, loss_fn in _both_ways():
-        loss = loss_fn(model(x), y)
+        loss_fn(model(x), y).backward()  # a first call: what follows runs the chain's program
+        xi = x.detach().clone().requires_grad_()
+        loss_fn(model(xi), y).backward()
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        assert _program_ran(out) == fused
+        loss = loss_fn(out, y)
         loss.backward(retain_graph=True)
         once = [p.grad.clone() for p in model.parameters()]
         loss.backward()
@@ -322,8 +377,14 @@ def test_retain_graph_backward_twice_and_in_place_changes_as_layer_by_layer():
             loss.backward()
         xi = x.detach().clone().requires_grad_()
         out = model(xi)
+        assert _program_ran(out) == fused
         with torch.no_grad():
             xi.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+        out = model(x)  # and a parameter changed in place
+        with torch.no_grad():
+            model[0].weight.add_(1)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             out.sum().backward()
     for (a1, b1), (a2, b2) in zip(got[False], got[True], strict=True):
@@ -347,23 +408,31 @@ def test_saved_tensor_hooks_see_every_saved_tensor_layer_by_layer():
 
 
 def test_a_deep_copied_model_chains_on_its_own_parameters_and_buffers():
-    """A chain's prepared steps are copied with the layers (copy.deepcopy after a chained
-    step): the copy's step reads the copy's parameters and updates the copy's running
-    statistics, the original's stay as they were, and both equal the layer-by-layer path."""
+    """A chain's prepared steps are copied with the layers (copy.deepcopy after chained
+    steps), its programs are not: the copy's steps read the copy's parameters and update the
+    copy's running statistics, the original's stay as they were, and both equal the
+    layer-by-layer path."""
     desc = cnn((1, 8, 8), 10, widths=(4,))
     x, y = _data()
     model, loss_fn = build(desc, "torch", dtype="float64", seed=0)
     twin, _ = build(desc, "torch", dtype="float64", seed=0)
     _step(model, loss_fn, x, y, True)
     _step(twin, loss_fn, x, y, False)
+    _step(model, loss_fn, x, y, True)  # the second call makes the chain's program
+    _step(twin, loss_fn, x, y, False)
+    assert model[0]._chain_programs
     clone = copy.deepcopy(model)
+    assert not clone[0]._chain_programs  # a program holds the original's layers: not copied
     with torch.no_grad():
         clone[0].weight.mul_(0.5)
         twin[0].weight.mul_(0.5)
     before = {n: b.clone() for n, b in model.named_buffers()}
     clone.zero_grad(set_to_none=True)
     twin.zero_grad(set_to_none=True)
-    _same(_step(clone, loss_fn, x, y, True), _step(twin, loss_fn, x, y, False))
+    for _ in range(2):  # the general loop, then the clone's own program
+        _same(_step(clone, loss_fn, x, y, True), _step(twin, loss_fn, x, y, False))
+    (program,) = clone[0]._chain_programs.values()
+    assert all(a is b for a, b in zip(program.layers, clone, strict=True))
     for n, b in model.named_buffers():
         assert torch.equal(b, before[n]), n
 
@@ -413,7 +482,8 @@ def test_every_built_in_layer_in_a_chain_equals_its_own_function_bit_for_bit(nam
     the layer's output is not a batch relu takes), in training and eval mode: the chain runs
     the kernel module through the Function's ``chain`` entry (arguments, running statistics,
     which saved tensors to keep, backward's keywords), the layer-by-layer path through the
-    Function itself; outputs, ∂L/∂x, every gradient and every buffer agree bit for bit."""
+    Function itself; outputs, ∂L/∂x, every gradient and every buffer agree bit for bit, in
+    a first step (the chain's general loop) and a second (its unrolled program)."""
     def model_and_input(relu_first: bool):
         layer, x = _spec_layer_case(name)
         relu = SpecModule("relu", dtype=torch.float64)
@@ -430,14 +500,16 @@ def test_every_built_in_layer_in_a_chain_equals_its_own_function_bit_for_bit(nam
             out = model_and_input(True)[0](model_and_input(True)[1])
     upstream = torch.randn(out.shape, dtype=torch.float64,
                            generator=torch.Generator().manual_seed(1))
-    got = {}
-    for fused in (False, True):
-        model, x = model_and_input(relu_first)
-        got[fused] = _step(model, lambda out, u: (out * u).sum(), x.requires_grad_(), upstream,
-                           fused)
-    assert _nodes(got[True][4]).count("ChainFunctionBackward") == 1
-    assert _nodes(got[False][4]).count("ChainFunctionBackward") == 0
-    _same(got[False], got[True])
+    models = {fused: model_and_input(relu_first) for fused in (False, True)}
+    for step in range(2):  # the chain's general loop, then its unrolled program
+        got = {}
+        for fused, (model, x) in models.items():
+            got[fused] = _step(model, lambda out, u: (out * u).sum(), x.requires_grad_(),
+                               upstream, fused, seed=step)
+        assert _nodes(got[True][4]).count("ChainFunctionBackward") == 1
+        assert _nodes(got[False][4]).count("ChainFunctionBackward") == 0
+        assert _program_ran(got[True][4]) == (step == 1)
+        _same(got[False], got[True])
 
 
 def test_the_chain_cases_cover_the_course_layers():
