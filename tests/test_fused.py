@@ -479,10 +479,10 @@ def _spec_layer_case(name: str, seed: int = 0):
 @pytest.mark.parametrize("training", [True, False])
 def test_every_built_in_layer_in_a_chain_equals_its_own_function_bit_for_bit(name, training):
     """Each built-in spec that can be a layer, chained with relu (after it, or before it where
-    the layer's output is not a batch relu takes), in training and eval mode: the chain runs
-    the kernel module through the Function's ``chain`` entry (arguments, running statistics,
-    which saved tensors to keep, backward's keywords), the layer-by-layer path through the
-    Function itself; outputs, ∂L/∂x, every gradient and every buffer agree bit for bit, in
+    the layer's output is not a batch relu takes), in training and eval mode: the chain calls
+    the Function's forward and backward with a plain context (its arguments, flags, running
+    statistics and saved tensors as the chain arranges them), the layer-by-layer path calls
+    ``Function.apply``; outputs, ∂L/∂x, every gradient and every buffer agree bit for bit, in
     a first step (the chain's general loop) and a second (its unrolled program)."""
     def model_and_input(relu_first: bool):
         layer, x = _spec_layer_case(name)

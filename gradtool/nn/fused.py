@@ -13,6 +13,13 @@ whether the chain's input or any earlier layer's parameter requires grad). So ou
 statistics and gradients are those of the layer-by-layer path, bit for bit (tests in
 ``tests/test_fused.py``).
 
+The first call of each kind (the layers, their modes, the input's shape, strides, dtype and
+device, which arguments require grad, the parameters' shapes) runs that as a loop over the
+layers; from it the chain generates a straight-line forward and backward for the kind
+(:class:`_ChainProgram`, its ``source`` readable), which later calls of the kind run instead:
+the same calls in the same order with the per-layer decisions of the loop fixed as constants.
+``ChainFunction.unrolled = False`` keeps every call on the loop.
+
 The layer-by-layer path (``torch.nn.Sequential.forward``) runs instead under
 ``torch.no_grad``, while ``torch.compile`` or ``torch.jit.trace`` traces, under saved-tensor
 hooks (``torch.autograd.graph.saved_tensors_hooks``), when global module hooks are set, when
