@@ -15,8 +15,10 @@ them: without a graph break once each layer has prepared its call for the input 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
+from pathlib import Path
 
 import torch
 
@@ -101,6 +103,55 @@ class SpecModule(torch.nn.Module):
             else:
                 self.register_buffer(t.name, value)
 
+    # What is made from the spec (its plan, the generated Functions, the calls prepared per
+    # shape, a chain's steps and programs) holds functions of the spec file and of generated
+    # modules, which pickle cannot name. A pickled layer (``torch.save(model)``) keeps its
+    # parameters, buffers and hyper-parameters and names its spec instead: a built-in by name,
+    # a spec file by its absolute path; unpickling loads that spec again and regenerates the
+    # rest, as a layer built anew would. ``copy.deepcopy`` copies everything as it is.
+    _MADE_FROM_SPEC = ("plan", "spec", "_train_fn", "_eval_fn", "_prepared", "_chain_steps",
+                       "_chain_programs", "_chainable")
+
+    def __getstate__(self) -> dict:
+        from gradtool.spec.loader import builtin_specs
+
+        spec = self.spec
+        builtin = builtin_specs().get(spec.name)
+        if spec.file is None:
+            raise TypeError(f"cannot pickle the {spec.name} layer: its Spec was built in "
+                            "Python, not loaded from a spec file, so loading the pickle could "
+                            "not rebuild it; save model.state_dict() instead, or load the "
+                            "spec from a file")
+        path = Path(spec.file).resolve()
+        source = spec.name if builtin is not None and builtin.resolve() == path else str(path)
+        state = {k: v for k, v in self.__dict__.items() if k not in self._MADE_FROM_SPEC}
+        state["_spec_source"] = source
+        state["_spec_options"] = dict(self.plan.options)
+        state["_spec_hypers"] = dict(self.plan.hypers)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        source = state.pop("_spec_source")
+        options = state.pop("_spec_options")
+        hypers = state.pop("_spec_hypers")
+        super().__setstate__(state)
+        self.plan = LayerPlan(as_spec(source), options)
+        self.plan.hypers.update(hypers)
+        self.spec = self.plan.spec
+        self._train_fn = _function(self.spec)
+        self._eval_fn = _function(self.plan.eval_spec) if self.plan.eval_spec else None
+        self._prepared = {}
+        self._chain_steps = {}
+
+    def __deepcopy__(self, memo):
+        # the default deep copy (every attribute copied), not the pickled state above
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for k, v in self.__dict__.items():
+            clone.__dict__[k] = copy.deepcopy(v, memo)
+        return clone
+
     def extra_repr(self) -> str:
         opts = [f"{k}={v}" for k, v in self.plan.sizes.items()]
         opts += [f"{k}={v:g}" for k, v in self.plan.hypers.items()]
@@ -181,6 +232,13 @@ class LossModule(torch.nn.Module):
     def __init__(self, spec: Spec | str, **options):
         super().__init__()
         self.layer = SpecModule(spec, **options)
+        self.target = self.layer.plan.data[-1]
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "target"}  # from the spec
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
         self.target = self.layer.plan.data[-1]
 
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
