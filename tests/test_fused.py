@@ -78,18 +78,18 @@ def _data(n=4, shape=(1, 8, 8), classes=10, grad=True):
 
 @pytest.mark.parametrize("input_grad", [True, False])
 def test_cnn_chain_equals_the_layer_by_layer_path_bit_for_bit(input_grad):
-    """The digits CNN with dropout (masks from torch's RNG), training mode, three steps (the
-    first runs the chain's general loop, the next two its unrolled program): outputs, ∂L/∂x,
-    every gradient (accumulated over the steps) and the running statistics equal after each
-    step, and the whole model is one chain."""
+    """The digits CNN with dropout (masks from torch's RNG), training mode, four steps (the
+    first two run the chain's general loop, the second making the kind's program, the last
+    two that unrolled program): outputs, ∂L/∂x, every gradient (accumulated over the steps)
+    and the running statistics equal after each step, and the whole model is one chain."""
     desc = cnn((1, 8, 8), 10, widths=(4, 6), dropout=0.3)
     x, y = _data(grad=input_grad)
     models = {fused: build(desc, "torch", dtype="float64", seed=0) for fused in (False, True)}
     assert isinstance(models[True][0], SpecSequential)
-    for step in range(3):
+    for step in range(4):
         got = {fused: _step(*models[fused], x, y, fused, seed=step) for fused in (False, True)}
         _same(got[False], got[True])
-        assert _program_ran(got[True][4]) == (step > 0)
+        assert _program_ran(got[True][4]) == (step >= 2)
     assert (got[True][1] is not None) == input_grad
     chains = _nodes(got[True][4]).count("ChainFunctionBackward")
     assert chains == 1 and "ChainFunctionBackward" not in _nodes(got[False][4])
@@ -103,7 +103,7 @@ def test_the_general_loop_alone_equals_the_layer_by_layer_path():
     models = {fused: build(desc, "torch", dtype="float64", seed=0) for fused in (False, True)}
     try:
         ChainFunction.unrolled = False
-        for step in range(2):
+        for step in range(3):
             got = {f: _step(*models[f], x, y, f, seed=step) for f in (False, True)}
             _same(got[False], got[True])
             assert not _program_ran(got[True][4])
@@ -114,13 +114,13 @@ def test_the_general_loop_alone_equals_the_layer_by_layer_path():
 
 def test_a_new_kind_of_call_gets_its_own_program():
     """Batch size, train/eval mode and which parameters require grad each change the kind of
-    call: each new kind runs the general loop once, then its own program; alternating between
-    kinds, every step equals the layer-by-layer path's (outputs, gradients, running
-    statistics)."""
+    call: each new kind runs the general loop twice (the second call makes its program), then
+    its own program; alternating between kinds, every step equals the layer-by-layer path's
+    (outputs, gradients, running statistics)."""
     desc = cnn((1, 8, 8), 10, widths=(4, 6), dropout=0.3)
     models = {fused: build(desc, "torch", dtype="float64", seed=0) for fused in (False, True)}
     kinds = [(4, True, None), (3, True, None), (4, False, None), (4, True, 0), (4, True, 4)]
-    for round_ in range(2):
+    for round_ in range(3):
         for k, (n, training, frozen) in enumerate(kinds):
             x, y = _data(n=n)
             got = {}
@@ -132,7 +132,7 @@ def test_a_new_kind_of_call_gets_its_own_program():
                 model.zero_grad(set_to_none=True)
                 got[fused] = _step(model, loss_fn, x, y, fused, seed=10 * round_ + k)
             _same(got[False], got[True])
-            assert _program_ran(got[True][4]) == (round_ > 0), (round_, k)
+            assert _program_ran(got[True][4]) == (round_ == 2), (round_, k)
 
 
 def test_cnn_chain_matches_plain_torch_nn_in_float64():
@@ -422,17 +422,17 @@ def test_a_deep_copied_model_chains_on_its_own_parameters_and_buffers():
     _step(twin, loss_fn, x, y, False)
     assert model[0]._chain_programs
     clone = copy.deepcopy(model)
-    assert not clone[0]._chain_programs  # a program holds the original's layers: not copied
+    assert not clone[0]._chain_programs  # a program is made for the original's layers
     with torch.no_grad():
         clone[0].weight.mul_(0.5)
         twin[0].weight.mul_(0.5)
     before = {n: b.clone() for n, b in model.named_buffers()}
     clone.zero_grad(set_to_none=True)
     twin.zero_grad(set_to_none=True)
-    for _ in range(2):  # the general loop, then the clone's own program
+    for _ in range(3):  # the general loop (the second call makes the clone's own program)
         _same(_step(clone, loss_fn, x, y, True), _step(twin, loss_fn, x, y, False))
     (program,) = clone[0]._chain_programs.values()
-    assert all(a is b for a, b in zip(program.layers, clone, strict=True))
+    assert program.made_for(list(clone)) and not program.made_for(list(model))
     for n, b in model.named_buffers():
         assert torch.equal(b, before[n]), n
 
@@ -483,7 +483,7 @@ def test_every_built_in_layer_in_a_chain_equals_its_own_function_bit_for_bit(nam
     the Function's forward and backward with a plain context (its arguments, flags, running
     statistics and saved tensors as the chain arranges them), the layer-by-layer path calls
     ``Function.apply``; outputs, ∂L/∂x, every gradient and every buffer agree bit for bit, in
-    a first step (the chain's general loop) and a second (its unrolled program)."""
+    the first steps (the chain's general loop) and the third (its unrolled program)."""
     def model_and_input(relu_first: bool):
         layer, x = _spec_layer_case(name)
         relu = SpecModule("relu", dtype=torch.float64)
@@ -501,14 +501,14 @@ def test_every_built_in_layer_in_a_chain_equals_its_own_function_bit_for_bit(nam
     upstream = torch.randn(out.shape, dtype=torch.float64,
                            generator=torch.Generator().manual_seed(1))
     models = {fused: model_and_input(relu_first) for fused in (False, True)}
-    for step in range(2):  # the chain's general loop, then its unrolled program
+    for step in range(3):  # the chain's general loop twice, then its unrolled program
         got = {}
         for fused, (model, x) in models.items():
             got[fused] = _step(model, lambda out, u: (out * u).sum(), x.requires_grad_(),
                                upstream, fused, seed=step)
         assert _nodes(got[True][4]).count("ChainFunctionBackward") == 1
         assert _nodes(got[False][4]).count("ChainFunctionBackward") == 0
-        assert _program_ran(got[True][4]) == (step == 1)
+        assert _program_ran(got[True][4]) == (step == 2)
         _same(got[False], got[True])
 
 
@@ -516,3 +516,150 @@ def test_the_chain_cases_cover_the_course_layers():
     assert {"linear", "relu", "elu", "sigmoid", "tanh", "softmax", "batchnorm", "layernorm",
             "dropout", "conv2d", "maxpool2d", "avgpool2d", "batchnorm2d",
             "global_avgpool"} <= set(CHAIN_CASES)
+
+
+def _three_paths(make, run, calls: int = 4):
+    """``run(model)`` on a model from ``make()`` for ``calls`` calls each: layer by layer, the
+    chain's general loop alone, and the chain with programs (from the third call); returns
+    each path's list of results."""
+    got = {}
+    for path in ("layer", "loop", "program"):
+        ChainFunction.unrolled = path == "program"
+        try:
+            model = make()
+            model.fused = path != "layer"
+            got[path] = [run(model, k) for k in range(calls)]
+        finally:
+            ChainFunction.unrolled = True
+    return got
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _bn_chain():
+    torch.manual_seed(0)
+    d = torch.float64
+    return SpecSequential(SpecModule("linear", I=3, O=4, dtype=d),
+                          SpecModule("batchnorm", C=4, dtype=d), SpecModule("tanh", dtype=d))
+
+
+@pytest.mark.parametrize("change", ["hypers_dict", "parameter_order", "extra_parameter"])
+def test_a_layer_changed_after_its_program_was_made_is_read_as_it_is_now(change):
+    """After the kind's program exists (third call on): batch norm's hyper-parameter dict
+    replaced (momentum 0.1 → 0.5), its γ deleted and set again (so ``_parameters`` holds β
+    first), or a parameter the kernel never reads registered on the first layer: the layer
+    path, the loop and the program give the same outputs, gradients and running statistics
+    (the chain passes each layer's spec parameters by name; found by a breaker trial: the
+    program read the old dict, fed β as γ, or shifted every later layer's parameters)."""
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+
+    def run(model, k):
+        if k == 2:
+            if change == "hypers_dict":
+                model[1].plan.hypers = {**model[1].plan.hypers, "momentum": 0.5}
+            elif change == "parameter_order":
+                gamma = model[1].gamma
+                del model[1].gamma
+                model[1].gamma = gamma
+            else:
+                model[0].register_parameter("extra", torch.nn.Parameter(torch.ones(4)))
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        gx, = torch.autograd.grad(out.sum(), x, retain_graph=True)
+        out.sum().backward()
+        return [out, gx, *[model[i]._parameters[n].grad for i in range(3)
+                           for n in model[i]._spec_params], *model.buffers()]
+
+    got = _three_paths(_bn_chain, run)
+    assert _equal(got["layer"], got["loop"]) and _equal(got["layer"], got["program"])
+
+
+def test_unrolled_false_stops_programs_already_made():
+    """``ChainFunction.unrolled = False`` keeps every call on the general loop, also for a
+    model whose programs were made before (they were looked up first)."""
+    model = _bn_chain()
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    for _ in range(3):
+        out = model(x)
+    assert _program_ran(out)
+    try:
+        ChainFunction.unrolled = False
+        assert not _program_ran(model(x))
+    finally:
+        ChainFunction.unrolled = True
+
+
+def test_in_place_change_of_an_output_viewed_back_is_allowed_as_layer_by_layer(tmp_path):
+    """The last layer an element-wise spec that reads its size (run on the merged view): the
+    chain's output is viewed back outside the Function, as ``SpecModule.forward`` does, so
+    ``out.mul_(2)`` then backward works on every path with the same gradients (it raised
+    "Output 0 of ChainFunction is a view ... modified inplace")."""
+    spec = tmp_path / "per_size.py"
+    spec.write_text(PER_SIZE_SPEC)
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+
+    def make():
+        torch.manual_seed(0)
+        return SpecSequential(SpecModule("conv2d", C=1, O=3, K=3, S=1, P=1,
+                                         dtype=torch.float64),
+                              SpecModule(str(spec), dtype=torch.float64))
+
+    def run(model, k):
+        out = model(x)
+        assert out.shape == (2, 3, 4, 4)
+        out.mul_(2)
+        return [out, *torch.autograd.grad(out.sum(), [x, *model.parameters()])]
+
+    got = _three_paths(make, run)
+    assert _equal(got["layer"], got["loop"]) and _equal(got["layer"], got["program"])
+
+
+def test_programs_are_bounded_and_stop_when_the_kinds_keep_changing():
+    """17 kinds of call in rotation (here input strides): at most 16 programs are kept, and
+    once 16 have given way no more are made (every call would otherwise run the loop and make
+    one); results stay the loop's. A kind called once makes none."""
+    model = _bn_chain()
+    xs = [torch.randn(8, 3 * s, dtype=torch.float64)[:, ::s].requires_grad_()
+          for s in range(1, 18)]
+    model(xs[0])
+    programs = model[0]._chain_programs
+    assert not programs
+    for _ in range(40):
+        for x in xs:
+            model(x).sum().backward()
+            assert len(programs) <= programs.LIMIT
+    assert programs.evicted == programs.LIMIT and programs.made == 2 * programs.LIMIT
+    for x in xs:
+        model(x).sum().backward()
+    assert programs.made == 2 * programs.LIMIT
+
+
+def test_programs_keep_no_replaced_layer_alive_and_leave_no_source_behind():
+    """A program refers to its layers weakly: a layer replaced in the model is freed (and a
+    program made for it no longer applies); a program's source, in ``linecache`` for
+    tracebacks, goes with it."""
+    import gc
+    import linecache
+    import weakref
+
+    model = _bn_chain()
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    for _ in range(3):
+        model(x).sum().backward()
+    (program,) = model[0]._chain_programs.values()
+    name = program.forward.__code__.co_filename
+    assert name in linecache.cache
+    old = weakref.ref(model[2])
+    model[2] = SpecModule("tanh", dtype=torch.float64)
+    gc.collect()
+    assert old() is None and not program.made_for(list(model))
+    del program
+    model[0]._chain_programs.clear()
+    gc.collect()
+    assert name not in linecache.cache

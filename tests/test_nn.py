@@ -384,3 +384,23 @@ def test_a_layer_of_an_in_memory_spec_refuses_to_pickle_with_what_to_do():
     layer = SpecModule(ns["spec"], D=4)
     with pytest.raises(TypeError, match="state_dict"):
         torch.save(layer, io.BytesIO())
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_dropout_p_changed_after_calls_changes_the_masks_too(backend):
+    """dropout's p set through ``plan.hypers`` after calls (0.5 → 0.9): the masks keep each
+    unit with probability 0.1 and the kept ones are scaled by 10, so E[Y] = X still (the keep
+    probability was computed once at construction while the scale read p at each call:
+    about half the units kept, E[Y] ≈ 5·X; found by a breaker trial)."""
+    layer = SpecModule("dropout", p=0.5) if backend == "torch" else NumpyLayer("dropout", p=0.5)
+    x = np.ones((200, 100), dtype=np.float32)
+    run = (lambda: layer(torch.from_numpy(x)).numpy()) if backend == "torch" else \
+        (lambda: layer.forward(x))
+    torch.manual_seed(0)
+    run()
+    layer.plan.hypers["p"] = 0.9
+    y = run()
+    kept = (y != 0).mean()
+    assert abs(kept - 0.1) < 0.01, kept          # 20,000 draws: σ ≈ 0.002
+    assert np.allclose(y[y != 0], 10.0)
+    assert abs(y.mean() - 1.0) < 0.1

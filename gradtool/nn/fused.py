@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import linecache
+import weakref
 from operator import itemgetter
 
 import torch
@@ -90,6 +91,7 @@ def _chainable_kind(layer) -> bool:
     """Is ``layer`` of a kind a chain can run (what :func:`chainable` says, less the hooks)?"""
     if type(layer).forward is not SpecModule.forward or not isinstance(layer, SpecModule):
         return False
+
     fns = [layer._train_fn] + ([layer._eval_fn] if layer._eval_fn is not None else [])
     return (len(layer.plan.data) == 1 and len(layer.spec.outputs) == 1
             and all(_plain_ctx_only(f) for f in fns))
@@ -111,8 +113,12 @@ def _global_hooks() -> bool:
 class ChainFunction(torch.autograd.Function):
     """``ChainFunction.apply(layers, X, *parameters)``: the layers (chainable
     :class:`SpecModule`s) applied in turn to ``X``, with ``parameters`` every layer's
-    parameters in layer order and, within a layer, in ``layer._parameters``' order. Returns the
-    last layer's output; its backward returns ∂L/∂X and ∂L/∂ of each parameter from the layers'
+    parameters in layer order and, within a layer, in its spec's order (``_spec_params``).
+    Returns the last layer's output as its kernel gives it: for an element-wise layer run on a
+    merged view (see ``SpecModule``), that view, whose shape to restore is
+    ``out.grad_fn.out_shape`` (None otherwise; :class:`SpecSequential` restores it outside the
+    Function, as ``SpecModule.forward`` does, so that the output is no view made inside a
+    custom Function). Its backward returns ∂L/∂X and ∂L/∂ of each parameter from the layers'
     generated backwards (None where not needed). Raises what the layers' calls raise
     (:class:`gradtool.nn.LayerError` for an input shape a layer refuses)."""
 
@@ -120,8 +126,11 @@ class ChainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, layers, X, *parameters):
+        ctx.program = None
+        if not ChainFunction.unrolled:
+            return ChainFunction._forward_each(ctx, layers, X, parameters)
         # the run's straight-line program for this call's kind (see _ChainProgram), made from
-        # the first call of that kind, which runs the general loop below
+        # the second call of that kind, which runs the general loop below (see _Programs)
         key = (*map(id, layers), *[layer.training for layer in layers], X.shape, X.stride(),
                X.dtype, X.device, ctx.needs_input_grad,
                *[None if p is None else p.shape for p in parameters])
@@ -129,16 +138,11 @@ class ChainFunction(torch.autograd.Function):
         if programs is None:
             programs = layers[0].__dict__["_chain_programs"] = _Programs()
         program = programs.get(key)
-        if program is not None:
+        if program is not None and program.made_for(layers):
             ctx.program = program
-            return program.forward(ctx, X, *parameters)
-        ctx.program = None
+            return program.forward(ctx, layers, X, *parameters)
         h = ChainFunction._forward_each(ctx, layers, X, parameters)
-        if not ChainFunction.unrolled:
-            return h
-        if len(programs) >= 16:
-            programs.clear()
-        programs[key] = _ChainProgram(layers, ctx)
+        programs.add(key, layers, ctx)
         return h
 
     @staticmethod
@@ -161,7 +165,7 @@ class ChainFunction(torch.autograd.Function):
             # the flags the layer's own node would get: the input's, each parameter's, no other
             fctx = _new_context(_Context)   # no __init__ frame per layer
             fctx.needs_input_grad = flags_of((False, flowing, *own))
-            out = forward(fctx, *arguments(x, _draw(masks, x) if masks else (),
+            out = forward(fctx, *arguments(x, _draw(masks, x, layer.plan) if masks else (),
                                            layer._parameters, layer._buffers,
                                            layer.plan.hypers))
             calls.append((step, fctx, offset, shape))
@@ -169,6 +173,9 @@ class ChainFunction(torch.autograd.Function):
                 flowing = True
             offset += n_params
             h = out if view is None else out.reshape(shape)
+        # the last layer's output as its kernel gives it; its shape is restored outside
+        ctx.out_shape = None if view is None else shape
+        h = out
         # a saved tensor the caller can reach (the input, a parameter, a buffer, the output, or
         # a view of one) is saved with save_for_backward, so that changing it in place before
         # backward raises as on the layer-by-layer path; the chain's intermediates are kept
@@ -240,9 +247,35 @@ class ChainFunction(torch.autograd.Function):
 
 
 class _Programs(dict):
-    """A first layer's programs by kind of call. A copy of the layer (``copy.deepcopy``,
-    pickling) starts with none: a program holds the layers it was made for and their
-    buffers, and the copy's calls make their own."""
+    """A first layer's programs by kind of call, at most 16. A program is made at the second
+    call of a kind (a kind seen once, like a last short batch, stays on the loop), and the
+    oldest gives way to a new one; once 16 have given way, the chain's kinds are more than it
+    keeps and it makes no more (each call would otherwise run the loop and make a program).
+    A copy of the layer (``copy.deepcopy``, pickling) starts with none; its calls make their
+    own."""
+
+    LIMIT = 16
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict = {}   # kinds called once, oldest first (an ordered set)
+        self.evicted = self.made = 0
+
+    def add(self, key, layers, ctx) -> None:
+        """Note the kind ``key`` after a call on the loop (``ctx`` that call's context); make
+        its program if it is the kind's second call and programs are still made."""
+        if self.evicted >= self.LIMIT:
+            return
+        if self.seen.pop(key, None) is None:
+            if len(self.seen) >= 4 * self.LIMIT:
+                del self.seen[next(iter(self.seen))]
+            self.seen[key] = True
+            return
+        if len(self) >= self.LIMIT:
+            del self[next(iter(self))]  # the oldest
+            self.evicted += 1
+        self[key] = _ChainProgram(layers, ctx)
+        self.made += 1
 
     def __deepcopy__(self, memo):
         return _Programs()
@@ -261,25 +294,28 @@ class _ChainProgram:
     the input's shape, strides, dtype and device, the ``needs_input_grad`` flags and the
     parameters' shapes (``ChainFunction.forward``'s key): within it, all of this is the same
     at every call, because the generated layers branch on sizes and flags, never on values.
-    Outputs, running statistics and gradients are the loop's, bit for bit (tests in
+    Buffers and hyper-parameters are read from the layers at each call, as the loop reads
+    them. Outputs, running statistics and gradients are the loop's, bit for bit (tests in
     ``tests/test_fused.py``); what is saved for backward and when it is freed too. Unrolled,
-    a step of the 8×8 digits CNN spends ~0.2 ms less in Python on one CPU thread
-    (docs/benchmarks.md). ``source`` is the generated code."""
+    the 8×8 digits CNN's training step is about 0.02 of plain torch.nn's speed faster on one
+    CPU thread (docs/training.md). ``source`` is the generated code.
+
+    The program refers to its layers weakly (a replaced layer is not kept alive by it); a
+    layer that has died, and another since given its id, fail :meth:`made_for`."""
 
     def __init__(self, layers, ctx):
-        # held, so that no other layer takes a layer's id (the key's) while the program lives
-        self.layers = tuple(layers)
+        self._layers = tuple(weakref.ref(layer) for layer in layers)
         calls, moved, needs = ctx.calls, ctx.moved, ctx.needs_input_grad
         n_params = len(needs) - 2
         env = {"new": _new_context, "Context": _Context, "draw": _draw, "keep_graph": _keep_graph,
                "freed_error": _freed_error}
-        fw = [f"def forward(ctx, X, {', '.join(f'a{j}' for j in range(n_params))}):"
-              if n_params else "def forward(ctx, X):"]
+        fw = [f"def forward(ctx, L, X{''.join(f', a{j}' for j in range(n_params))}):"]
         h = "X"
+        last = len(calls) - 1
         for i, (step, fctx, offset, shape) in enumerate(calls):
             layer = layers[i]
             view, masks, forward, recipe = step[0], step[1], step[4], step[8]
-            names = list(layer._parameters)
+            names = layer._spec_params
             env[f"F{i}"], env[f"N{i}"] = forward, tuple(fctx.needs_input_grad)
             fw.append(f"    # {i}: {layer.spec.name}, input {tuple(shape)}")
             fw.append(f"    c{i} = new(Context)")
@@ -291,11 +327,12 @@ class _ChainProgram:
                 x = "x"
             if masks:
                 env[f"M{i}"] = masks
-                fw.append(f"    m{i} = draw(M{i}, {x})")
+                fw.append(f"    m{i} = draw(M{i}, {x}, L[{i}].plan)")
+            # buffers and hyper-parameters read at each call: a change takes effect
             if any(kind == 3 for kind, _ in recipe):
-                env[f"B{i}"] = layer._buffers
+                fw.append(f"    B = L[{i}]._buffers")
             if any(kind == 4 for kind, _ in recipe):
-                env[f"H{i}"] = layer.plan.hypers  # read at each call: a change takes effect
+                fw.append(f"    H = L[{i}].plan.hypers")
             args = []
             for k, (kind, ref) in enumerate(recipe):
                 if kind == 0:
@@ -305,19 +342,22 @@ class _ChainProgram:
                 elif kind == 2:
                     args.append(f"a{offset - 2 + names.index(ref)}")
                 elif kind == 3:
-                    args.append(f"B{i}[{ref!r}]")
+                    args.append(f"B[{ref!r}]")
                 elif kind == 4:
-                    args.append(f"H{i}[{ref!r}]")
+                    args.append(f"H[{ref!r}]")
                 else:
                     env[f"K{i}_{k}"] = ref
                     args.append(f"K{i}_{k}")
             # one name for the activation, so that one nothing saved is freed at once
             fw.append(f"    h = F{i}(c{i}, {', '.join(args)})")
             if view is not None:
-                env[f"S{i}"] = shape
                 fw.append("    x = None")
-                fw.append(f"    h = h.reshape(S{i})")
+                if i < last:  # the last layer's shape is restored outside the Function
+                    env[f"S{i}"] = shape
+                    fw.append(f"    h = h.reshape(S{i})")
             h = "h"
+        env["OUT_SHAPE"] = ctx.out_shape
+        fw.append("    ctx.out_shape = OUT_SHAPE")
         # the saved tensors: those the caller can reach through save_for_backward, the rest
         # kept in a list that backward empties layer by layer (as the loop does)
         fw.append("    # saved for backward")
@@ -388,11 +428,17 @@ class _ChainProgram:
             bw.append("    grads[1] = G")
         bw.append("    return tuple(grads)")
         self.source = "\n".join(fw) + "\n\n\n" + "\n".join(bw) + "\n"
+        # the source is shown in tracebacks while the program lives
         filename = f"<gradtool chain {id(self):x}>"
         linecache.cache[filename] = (len(self.source), None, self.source.splitlines(True),
                                      filename)
+        weakref.finalize(self, linecache.cache.pop, filename, None)
         exec(compile(self.source, filename, "exec"), env)
         self.forward, self.backward = env["forward"], env["backward"]
+
+    def made_for(self, layers) -> bool:
+        """Are ``layers`` the live layers this program was made for?"""
+        return all(ref() is layer for ref, layer in zip(self._layers, layers, strict=True))
 
 
 def _freed_error():
@@ -402,12 +448,13 @@ def _freed_error():
         "retain_graph=True")
 
 
-def _draw(masks, ref: torch.Tensor) -> list[torch.Tensor]:
-    """The layer's masks, drawn as ``SpecModule.forward`` draws them (torch's global RNG, at the
-    same point of the sequence)."""
+def _draw(masks, ref: torch.Tensor, plan) -> list[torch.Tensor]:
+    """The layer's masks (``(shape, mask tensor)`` pairs), drawn as ``SpecModule.forward``
+    draws them: torch's global RNG at the same point of the sequence, each with its keep
+    probability at the layer's hyper-parameters as they are now (``plan.keep``)."""
     dtype = ref.dtype if torch.is_floating_point(ref) else torch.get_default_dtype()
-    return [torch.empty(shape, dtype=dtype, device=ref.device).bernoulli_(keep)
-            for shape, keep in masks]
+    return [torch.empty(shape, dtype=dtype, device=ref.device).bernoulli_(plan.keep(t))
+            for shape, t in masks]
 
 
 def _keep_graph() -> bool:
@@ -450,7 +497,7 @@ def _chain_step(layer, h: torch.Tensor, key: tuple) -> tuple:
     if prepared is None:
         prepared = layer._prepare((h,), key)
     view, fn, recipe, masks = prepared
-    names = list(layer._parameters)
+    names = layer._spec_params
     slots = tuple(-1 if kind == 0 else names.index(ref) if kind == 2 else None
                   for kind, ref in recipe)
     step = (view, masks, _argument_getter(recipe), _flag_picker(slots), fn.forward,
@@ -478,7 +525,8 @@ class SpecSequential(torch.nn.Sequential):
         for layer in self._modules.values():
             if chainable(layer):
                 run.append(layer)
-                params += layer._parameters.values()
+                own = layer._parameters
+                params += [own.get(name) for name in layer._spec_params]
                 continue
             if run:
                 X = _run(run, params, X)
@@ -492,8 +540,10 @@ def _run(run: list, params: list, X):
     :class:`ChainFunction` for two or more layers on a tensor when something requires grad,
     else each layer's own call."""
     if len(run) > 1 and isinstance(X, torch.Tensor) and \
-            (X.requires_grad or any(p.requires_grad for p in params)):
-        return ChainFunction.apply(run, X, *params)
+            (X.requires_grad or any(p is not None and p.requires_grad for p in params)):
+        out = ChainFunction.apply(run, X, *params)
+        shape = out.grad_fn.out_shape  # an element-wise last layer's view, undone out here
+        return out if shape is None else out.reshape(shape)
     for layer in run:
         X = layer(X)
     return X

@@ -133,9 +133,15 @@ class LayerPlan:
                                                for n in names}))
                     axes.append((names, fn))
             self._axes[t.name] = axes
-        self._keep = {t.name: float(t.keep.subs({h.symbol: self.hypers[n] for n, h in
-                                                 self.spec.hypers.items()}))
-                      for t in self.masks}
+        # a mask's keep probability as a function of the hyper-parameters it reads, evaluated
+        # at each draw: a hyper-parameter changed in ``hypers`` (dropout's p) changes it, as it
+        # changes the kernel's 1/(1 - p)
+        self._keep = {}
+        for t in self.masks:
+            names = sorted(n for n, h in self.spec.hypers.items()
+                           if h.symbol in t.keep.free_symbols)
+            fn = sp.lambdify([self.spec.hypers[n].symbol for n in names], t.keep)
+            self._keep[t.name] = (tuple(names), fn)
         self._calls = {}
         self._bindings: dict[tuple, dict[str, int]] = {}
         # derived sizes (OH = (H + 2P − K)//S + 1) and required relations, in size order
@@ -255,8 +261,9 @@ class LayerPlan:
                                  + ", ".join(f"{a} = {dims[a]}" for a in args))
 
     def keep(self, t: Tensor) -> float:
-        """P(mask element = 1) at this layer's hyper-parameters."""
-        return self._keep[t.name]
+        """P(mask element = 1) at this layer's hyper-parameters as they are now."""
+        names, fn = self._keep[t.name]
+        return float(fn(*[self.hypers[n] for n in names]))
 
     def call(self, fn, spec: Spec, tensors: dict, dims: dict,
              keywords_only: bool = False) -> tuple[list, dict]:

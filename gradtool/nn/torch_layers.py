@@ -95,6 +95,10 @@ class SpecModule(torch.nn.Module):
         self._eval_fn = _function(self.plan.eval_spec) if self.plan.eval_spec else None
         self._prepared: dict[tuple, tuple] = {}  # (mode, input shapes) -> what forward needs
         self._chain_steps: dict[tuple, tuple] = {}  # the same for gradtool.nn.fused's chains
+        # the parameters a chain passes for the layer: the spec's, by name, in its order (not
+        # ``_parameters``' order, which deleting and setting one again changes, and which
+        # holds any parameter registered on the layer besides, that its kernel never reads)
+        self._spec_params = tuple(t.name for t in self.plan.owned if t.kind == "param")
         for t in self.plan.owned:
             value = init_tensor(t, self.plan.owned_shape(t), dtype, device,
                                 self.plan.inits[t.name])
@@ -143,6 +147,7 @@ class SpecModule(torch.nn.Module):
         self._eval_fn = _function(self.plan.eval_spec) if self.plan.eval_spec else None
         self._prepared = {}
         self._chain_steps = {}
+        self._spec_params = tuple(t.name for t in self.plan.owned if t.kind == "param")
 
     def __deepcopy__(self, memo):
         # the default deep copy (every attribute copied), not the pickled state above
@@ -172,8 +177,9 @@ class SpecModule(torch.nn.Module):
         if masks:  # sampled in training with torch's global RNG, fresh at every call
             ref = next((x for x in inputs if torch.is_floating_point(x)), inputs[0])
             dtype = ref.dtype if torch.is_floating_point(ref) else torch.get_default_dtype()
-            drawn = [torch.empty(mshape, dtype=dtype, device=ref.device).bernoulli_(keep)
-                     for mshape, keep in masks]
+            plan = self.plan
+            drawn = [torch.empty(mshape, dtype=dtype, device=ref.device).bernoulli_(plan.keep(t))
+                     for mshape, t in masks]
         sources = (inputs, drawn, self._parameters, self._buffers, self.plan.hypers)
         out = fn.apply(*[sources[kind][ref] if kind < 5 else ref for kind, ref in recipe])
         return out if view is None else out.reshape(shape)
@@ -181,7 +187,7 @@ class SpecModule(torch.nn.Module):
     def _prepare(self, inputs: tuple[torch.Tensor, ...], key: tuple) -> tuple:
         """Bind the sizes for these inputs (raising :class:`LayerError` as ``forward``
         documents) and return (the element-wise view or None, the autograd.Function, the
-        recipe of its arguments, the masks' shapes and keep probabilities). Only a successful
+        recipe of its arguments, the masks' shapes and tensors). Only a successful
         preparation is kept, so a refused shape is refused again at every call."""
         plan = self.plan
         if len(inputs) != len(plan.data):
@@ -199,7 +205,7 @@ class SpecModule(torch.nn.Module):
         use_eval = not self.training and self._eval_fn is not None
         fn = self._eval_fn if use_eval else self._train_fn
         mask_names = [] if use_eval else [t.name for t in plan.masks]
-        masks = [(plan.shape(t, dims), plan.keep(t)) for t in plan.masks if not use_eval]
+        masks = [(plan.shape(t, dims), t) for t in plan.masks if not use_eval]
         # each Function argument as (source, key): 0 an input (index), 1 a mask (index),
         # 2 / 3 a parameter / buffer and 4 a hyper-parameter (by name, read at each call, so
         # that reassigning one takes effect), 5 a size (its value)
@@ -214,7 +220,7 @@ class SpecModule(torch.nn.Module):
             # relu on (N, C, H, W): a kernel that reads no size runs on the images as they
             # are, with no view into the Function and none of its output (two autograd nodes)
             view = None
-            masks = [(shapes_in[0], keep) for _, keep in masks]
+            masks = [(shapes_in[0], t) for _, t in masks]
         prepared = (view, fn, tuple(recipe), masks)
         if len(self._prepared) >= 64:
             self._prepared.clear()
