@@ -13,12 +13,17 @@ whether the chain's input or any earlier layer's parameter requires grad). So ou
 statistics and gradients are those of the layer-by-layer path, bit for bit (tests in
 ``tests/test_fused.py``).
 
-The first call of each kind (the layers, their modes, the input's shape, strides, dtype and
-device, which arguments require grad, the parameters' shapes) runs that as a loop over the
-layers; from it the chain generates a straight-line forward and backward for the kind
+The first two calls of each kind (the layers, their modes, the input's shape, strides, dtype
+and device, which arguments require grad, the parameters' shapes) run that as a loop over the
+layers; from the second the chain generates a straight-line forward and backward for the kind
 (:class:`_ChainProgram`, its ``source`` readable), which later calls of the kind run instead:
-the same calls in the same order with the per-layer decisions of the loop fixed as constants.
-``ChainFunction.unrolled = False`` keeps every call on the loop.
+the same calls in the same order with the per-layer decisions of the loop fixed as constants,
+the buffers and hyper-parameters read from the layers at each call. At most 16 kinds are kept
+(:class:`_Programs`). ``ChainFunction.unrolled = False`` keeps every call on the loop.
+
+A chain passes each layer's parameters by the names its spec gives them, in the spec's order
+(``SpecModule._spec_params``): a parameter deleted and set again, or one registered on the
+layer besides, leaves the Function's arguments as they were.
 
 The layer-by-layer path (``torch.nn.Sequential.forward``) runs instead under
 ``torch.no_grad``, while ``torch.compile`` or ``torch.jit.trace`` traces, under saved-tensor
@@ -286,7 +291,7 @@ class _Programs(dict):
 
 class _ChainProgram:
     """A run's forward and backward for one kind of call, as straight-line Python generated
-    from the first call of that kind (``ChainFunction.forward``'s general loop): per layer the
+    from a call of that kind on ``ChainFunction.forward``'s general loop: per layer the
     same step, arguments, ``needs_input_grad`` flags, masks, element-wise views and saved
     tensors, with what that call found out fixed as constants (each layer's flags and views,
     which saved tensors the caller can reach and so go through ``save_for_backward``, the
