@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import keyword
 import re
+import textwrap
 
 import sympy as sp
 
@@ -1929,6 +1930,35 @@ def _numpy_class(m: Module) -> list[str]:
     return lines
 
 
+def _higher_order_guard(m: Module) -> list[str]:
+    """The lines that open a torch Function's backward whose own gradient would be wrong: it
+    reads forward intermediates (``let`` tensors such as layer norm's x̂ and rstd), which the
+    Function saves as constants, so differentiating the backward (``create_graph=True``:
+    gradient penalties, Hessians) would miss every term through them and give silently wrong
+    second derivatives. Under ``create_graph=True`` torch runs backward with grad mode on; the
+    guard then raises. A backward that reads only inputs, parameters, state and outputs (which
+    autograd connects to the graph) gets none: its higher-order gradients are exact."""
+    kinds = {name: t.kind for name, t in m.spec.tensors.items()}
+    lets = [s for s in m.saved() if kinds.get(s) not in ("input", "param", "state", "output")]
+    if not lets:
+        return []
+    read = ", ".join(m.names[s] for s in lets)
+    text = (f"{m.spec.name}'s generated backward cannot be differentiated again "
+            f"(create_graph=True): it reads {read} from the forward as constants, so the "
+            "gradient of this gradient would be wrong; for higher-order gradients use torch's "
+            "own layer, or torch.autograd through the generated module-level forward()")
+    parts = textwrap.wrap(text, 72, drop_whitespace=False)
+    return ["        if torch.is_grad_enabled():  # create_graph=True: backward is differentiated",
+            "            raise RuntimeError(",
+            *[f"                {_quoted(part)}" for part in parts[:-1]],
+            f"                {_quoted(parts[-1])})"]
+
+
+def _quoted(text: str) -> str:
+    """``text`` as a double-quoted Python string literal."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _torch_classes(m: Module) -> list[str]:
     spec, names = m.spec, m.names
     cname = class_name(spec)
@@ -1973,6 +2003,7 @@ def _torch_classes(m: Module) -> list[str]:
     lines += ["        return out", ""]
     seeds = [names[m.seed_names[o.target]] for o in m.outputs if o.target in m.seed_names]
     lines += ["    @staticmethod", f"    def backward(ctx, {', '.join(seeds)}):"]
+    lines += _higher_order_guard(m)
     kw = [f"{names[h]}=ctx.{names[h]}" for h in bwd_hyp] + \
         [f"{names[x]}=ctx.{names[x]}" for x in m.backward_dims]
     grads = [m.grad_names[t.name] for t in m.grads]

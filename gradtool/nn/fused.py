@@ -32,10 +32,12 @@ nothing in the run requires grad, and for ``SpecSequential.fused = False``; and 
 its own hooks, a module that is not a plain :class:`SpecModule` (``torch.nn.Flatten``), or one
 with several inputs or outputs runs on its own and ends the chain there.
 
-Double backward (``create_graph=True``) through a chain is refused: its backward is
-``once_differentiable``, so differentiating it raises torch's "trying to differentiate twice a
-function that was marked with @once_differentiable". Set ``model.fused = False`` for
-higher-order gradients.
+Double backward (``create_graph=True``) through a chain is refused with a RuntimeError when the
+chain's backward runs (``once_differentiable`` alone let a gradient penalty through silently
+where the incoming gradient did not require grad: the gradient came back as a constant). Set
+``model.fused = False`` for higher-order gradients: layer by layer, each generated Function
+whose backward reads only inputs, parameters, state and outputs gives exact ones, and one that
+reads forward intermediates (batch norm, layer norm, the losses) refuses too.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import weakref
 from operator import itemgetter
 
 import torch
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 from torch.nn.modules import module as _module
 
 from gradtool.nn.torch_layers import SpecModule
@@ -212,8 +214,15 @@ class ChainFunction(torch.autograd.Function):
         return h
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, G):
+        if torch.is_grad_enabled():  # create_graph=True: this backward would be differentiated
+            raise RuntimeError(
+                "backward through a chain of gradtool layers (SpecSequential) with "
+                "create_graph=True: a chain's gradients cannot be differentiated again (its "
+                "intermediates are saved as constants); set model.fused = False to run layer by "
+                "layer, where a layer whose backward reads only its inputs, parameters and "
+                "output gives exact higher-order gradients and the others (batch norm, layer "
+                "norm, the losses) say so")
         if ctx.program is not None:
             return ctx.program.backward(ctx, G)
         checked, kept, moved = ctx.saved_tensors, ctx.kept, ctx.moved
