@@ -404,3 +404,26 @@ def test_dropout_p_changed_after_calls_changes_the_masks_too(backend):
     assert abs(kept - 0.1) < 0.01, kept          # 20,000 draws: σ ≈ 0.002
     assert np.allclose(y[y != 0], 10.0)
     assert abs(y.mean() - 1.0) < 0.1
+
+
+def test_a_pickled_model_whose_spec_file_changed_refuses_to_load(tmp_path):
+    """The pickle records its spec file's sha256: after the file is edited, ``torch.load``
+    raises a LayerError naming the file (the weights were trained for the spec as it was;
+    the edited spec would compute something else with them, silently: found by a newcomer
+    trial), and loads again once the file is put back."""
+    import io
+
+    from gradtool.nn import LayerError
+
+    spec = tmp_path / "rmsnorm.py"
+    spec.write_text(RMSNORM)
+    buffer = io.BytesIO()
+    torch.save(SpecModule(spec, D=6), buffer)
+    spec.write_text(RMSNORM.replace("** 2, k) / D", "** 2, k) / (2 * D)"))
+    buffer.seek(0)
+    with pytest.raises(LayerError, match="changed since the model was saved") as info:
+        torch.load(buffer, weights_only=False)
+    assert str(spec) in str(info.value)
+    spec.write_text(RMSNORM)
+    buffer.seek(0)
+    assert isinstance(torch.load(buffer, weights_only=False), SpecModule)

@@ -172,6 +172,28 @@ def test_load_model_gives_the_trained_weights(tmp_path):
         assert torch.equal(v, saved[k])
 
 
+def test_load_model_refuses_a_run_whose_spec_file_changed(tmp_path):
+    """A run recorded its spec files' sha256 (config.json): after one is edited,
+    load_model raises a ConfigError naming the spec, as --resume does (a newcomer trial found
+    an edited RMSNorm loading silently and classifying at 1.7 %); put back, it loads."""
+    from gradtool.train import load_model
+    from gradtool.train.config import ConfigError
+
+    (tmp_path / "rmsnorm.py").write_text(RMSNORM)
+    (tmp_path / "m.toml").write_text('loss = "softmax_cross_entropy_labels"\n'
+                                     '[[layers]]\nflatten = true\n'
+                                     '[[layers]]\nspec = "linear"\nI = 64\nO = 8\n'
+                                     '[[layers]]\nspec = "rmsnorm.py"\nD = 8\n'
+                                     '[[layers]]\nspec = "linear"\nI = 8\nO = 10\n')
+    train(TrainConfig(out=str(tmp_path / "r"), epochs=1, model=str(tmp_path / "m.toml"),
+                      limit=300, batch_size=32))
+    (tmp_path / "rmsnorm.py").write_text(RMSNORM.replace("** 2, k) / D", "** 2, k) / (2 * D)"))
+    with pytest.raises(ConfigError, match="rmsnorm.py changed since this run trained it"):
+        load_model(tmp_path / "r")
+    (tmp_path / "rmsnorm.py").write_text(RMSNORM)
+    load_model(tmp_path / "r")
+
+
 def test_cli_error_is_one_line_and_exit_1(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m.toml").write_text('[[layers]]\nspec = "linear"\nI = 64\n')

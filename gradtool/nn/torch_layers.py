@@ -16,6 +16,7 @@ them: without a graph break once each layer has prepared its call for the input 
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from gradtool.codegen.cache import compile_spec
 from gradtool.codegen.emit import class_name
-from gradtool.nn.plan import LayerPlan, as_spec, elementwise_view, init_bounds
+from gradtool.nn.plan import LayerError, LayerPlan, as_spec, elementwise_view, init_bounds
 from gradtool.spec.lang import Spec
 
 
@@ -130,6 +131,7 @@ class SpecModule(torch.nn.Module):
         source = spec.name if builtin is not None and builtin.resolve() == path else str(path)
         state = {k: v for k, v in self.__dict__.items() if k not in self._MADE_FROM_SPEC}
         state["_spec_source"] = source
+        state["_spec_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         state["_spec_options"] = dict(self.plan.options)
         state["_spec_hypers"] = dict(self.plan.hypers)
         return state
@@ -137,6 +139,19 @@ class SpecModule(torch.nn.Module):
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
         source = state.pop("_spec_source")
+        sha = state.pop("_spec_sha256", None)
+        if sha is not None:
+            from gradtool.spec.loader import resolve
+
+            path = resolve(source)
+            now = hashlib.sha256(path.read_bytes()).hexdigest()
+            if now != sha:
+                raise LayerError(f"the {source} layer's spec changed since the model was "
+                                 f"saved: {path} has sha256 {now[:12]}…, the pickle recorded "
+                                 f"{sha[:12]}… (its weights were trained for the spec as it "
+                                 "was)", hint="put the spec file back as it was to load this "
+                                              "model, or load only its state_dict into a "
+                                              "model built from the new spec")
         options = state.pop("_spec_options")
         hypers = state.pop("_spec_hypers")
         super().__setstate__(state)

@@ -667,11 +667,28 @@ def _figures(run: Path, history: list, preds: list, labels: list, classes: list)
 
 
 def load_model(run_dir: str | Path, backend: str | None = None):
-    """The trained model of a run folder (``model.pt``), in eval mode, on the CPU."""
+    """The trained model of a run folder (``model.pt``), in eval mode, on the CPU. Raises
+    :class:`ConfigError` when a spec file the run recorded (its sha256 in ``config.json``)
+    has changed since: the weights were trained for the spec as it was, and the edited one
+    would compute something else with them, silently."""
     import torch
 
     from gradtool.nn import LayerEntry, ModelDesc, build
+    from gradtool.nn.models import spec_hash
 
+    record = Path(run_dir) / "config.json"
+    recorded = json.loads(record.read_text()).get("spec_sha256", {}) if record.exists() else {}
+    for name, before in recorded.items():
+        try:
+            now = spec_hash(name)
+        except GradtoolError:
+            continue  # gone: building the model below says so
+        if now != before:
+            raise ConfigError(f"spec {name} changed since this run trained it: its sha256 is "
+                              f"{now[:12]}…, the run recorded {before[:12]}… in {record}",
+                              file=str(name) if name.endswith(".py") else None,
+                              hint="put the spec back as it was to use these weights, or "
+                                   "train again with the new spec")
     saved = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=False)
     cfg = TrainConfig.from_json(saved["config"])
     m = saved["model"]
