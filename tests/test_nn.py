@@ -427,3 +427,30 @@ def test_a_pickled_model_whose_spec_file_changed_refuses_to_load(tmp_path):
     spec.write_text(RMSNORM)
     buffer.seek(0)
     assert isinstance(torch.load(buffer, weights_only=False), SpecModule)
+
+
+def test_hyper_parameters_read_and_set_as_attributes_like_torch_nn():
+    """``dropout.p = 0.9`` and ``bn.momentum = 0.5`` take effect at the next call, as on
+    torch.nn's layers (they made a plain attribute nothing read: 30 % still dropped, found by a
+    newcomer trial); a value outside the declared domain is refused at the assignment, not met
+    as a ZeroDivisionError in forward."""
+    from gradtool.spec.lang import SpecError
+
+    drop = SpecModule("dropout", p=0.3)
+    assert drop.p == 0.3
+    drop.p = 0.9
+    assert drop.plan.hypers["p"] == 0.9 and "p=0.9" in repr(drop)
+    torch.manual_seed(0)
+    kept = (drop(torch.ones(200, 100)) != 0).float().mean().item()
+    assert abs(kept - 0.1) < 0.01
+    with pytest.raises(SpecError, match="p"):
+        drop.p = 1.0
+    assert drop.p == 0.9
+    bn = SpecModule("batchnorm", C=3, dtype=torch.float64)
+    ref = torch.nn.BatchNorm1d(3, momentum=0.5).double()
+    bn.momentum = 0.5
+    x = torch.randn(8, 3, dtype=torch.float64)
+    bn(x)
+    ref(x)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-12, atol=1e-14)

@@ -108,6 +108,28 @@ class SpecModule(torch.nn.Module):
             else:
                 self.register_buffer(t.name, value)
 
+    # A hyper-parameter reads and sets as an attribute, as on torch.nn's layers
+    # (``dropout.p = 0.9``, ``bn.momentum = 0.01``): set, it is checked against its declared
+    # domain (SpecError at the declaration, as at construction) and takes effect at the next
+    # call, on every path (the kernels, the masks' keep probability, a chain's programs all
+    # read ``plan.hypers`` at each call). Without this, the assignment made a plain attribute
+    # that nothing read.
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            plan = self.__dict__.get("plan")
+            if plan is not None and name in plan.hypers:
+                return plan.hypers[name]
+            raise
+
+    def __setattr__(self, name: str, value) -> None:
+        plan = self.__dict__.get("plan")
+        if plan is not None and name in plan.hypers and not isinstance(value, torch.Tensor):
+            plan.hypers.update(plan.spec.check_hypers({name: value}, f"{plan.spec.name} layer"))
+            return
+        super().__setattr__(name, value)
+
     # What is made from the spec (its plan, the generated Functions, the calls prepared per
     # shape, a chain's steps and programs) holds functions of the spec file and of generated
     # modules, which pickle cannot name. A pickled layer (``torch.save(model)``) keeps its
