@@ -154,7 +154,7 @@ def _print_error(exc: BaseException, debug: bool, as_json: bool = False) -> None
         raise exc
     if as_json or isinstance(exc, GradtoolError):
         _report_error(exc, as_json)
-        raise typer.Exit(1) from None
+        raise typer.Exit(getattr(exc, "exit_code", 1)) from None
     from rich.markup import escape
 
     err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: "
@@ -483,7 +483,7 @@ def _report_error(exc: BaseException, as_json: bool) -> None:
     from rich.markup import escape
 
     if as_json:
-        _print_json(_error_json(exc, 1))
+        _print_json(_error_json(exc, getattr(exc, "exit_code", 1)))
     else:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
 
@@ -743,6 +743,11 @@ def train_cmd(
             result = train(config, progress=progress)
     except typer.Exit:
         raise
+    except KeyboardInterrupt:  # before the epochs (verifying, loading): nothing to keep yet
+        from gradtool.train.loop import TrainingInterruptedError
+
+        _fail(TrainingInterruptedError("interrupted before training started",
+                                  hint="start the run again"), debug, as_json)
     except Exception as exc:  # noqa: BLE001
         _fail(exc, debug, as_json)
     if _is_other_rank():

@@ -56,6 +56,30 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, backend):
     assert resumed.test_acc == whole.test_acc
 
 
+def test_ctrl_c_says_what_is_kept_and_how_to_continue(tmp_path, monkeypatch):
+    """Ctrl-C in the second epoch: `gradtool train` exits 130 with one line naming the
+    checkpoint kept (after epoch 1) and the `--resume` command (it printed an empty line,
+    newcomer trial); in the first epoch, that there is nothing to resume."""
+    import gradtool.train as gtrain
+
+    real = gtrain.train
+    for at_epoch, expect in ((1, "checkpoint after epoch 1"), (0, "before the first epoch")):
+        def interrupted(config, progress=None, at_epoch=at_epoch):
+            def ctrl_c(epoch, step, model):
+                if epoch == at_epoch and step == 1:
+                    raise KeyboardInterrupt
+            return real(config, progress=progress, on_step=ctrl_c)
+
+        monkeypatch.setattr(gtrain, "train", interrupted)
+        run = tmp_path / f"r{at_epoch}"
+        result = CliRunner().invoke(app, ["train", "--limit", "300", "--hidden", "16",
+                                          "--epochs", "3", "--out", str(run)])
+        assert result.exit_code == 130, result.output
+        assert expect in result.output and "Traceback" not in result.output
+        if at_epoch:
+            assert f"gradtool train --resume {run}" in " ".join(result.output.split())
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     def poison(epoch, step, model):
         if epoch == 1 and step == 2:

@@ -48,6 +48,32 @@ class DivergenceError(GradtoolError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class TrainingInterruptedError(GradtoolError):
+    """Ctrl-C (SIGINT) during the epochs: the run folder keeps the last epoch's checkpoint,
+    and the message says how to continue. The command exits 130, as an interrupted program
+    does."""
+
+    exit_code = 130
+
+
+@contextlib.contextmanager
+def _report_interrupt(run: Path, ckpt_dir: Path):
+    """Turn a KeyboardInterrupt in the block (the epochs) into :class:`TrainingInterruptedError`
+    naming what is kept and the command that continues the run."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        done = start_epoch_of(ckpt_dir)
+        if done:
+            raise TrainingInterruptedError(
+                f"interrupted; {run} keeps the checkpoint after epoch {done} "
+                f"({ckpt_dir / 'last.pt'})",
+                hint=f"continue with: gradtool train --resume {run}") from None
+        raise TrainingInterruptedError(f"interrupted before the first epoch ended; {run} has no "
+                                  "checkpoint to resume from",
+                                  hint="start the run again") from None
+
+
 @dataclass
 class TrainResult:
     run_dir: str
@@ -571,47 +597,49 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
                    "dropped_last_batch": dropped})
     model.train()
     started = time.perf_counter()
-    for epoch in range(start_epoch, config.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
-        total, correct, seen = 0.0, 0, 0
-        for k, (x, y) in enumerate(train_loader):
-            value, right = backend.step(optimizer, x, y)
-            count = len(y)
-            if world.parallel:  # the global batch's mean loss, the same on every rank
-                summed, right, count = distributed.all_sum(world, [value * count, right, count],
-                                                           device)
-                value, right, count = summed / count, int(right), int(count)
-            if not math.isfinite(value):
-                raise DivergenceError(
-                    f"the loss became {value} at epoch {epoch + 1}, step {k + 1}; stopped",
-                    file=str(ckpt_dir / "last.pt"),
-                    hint=f"the last good checkpoint (after epoch {start_epoch_of(ckpt_dir)}) "
-                         "is kept; lower --lr, or check the data and the specs")
-            total += value * count
-            correct += right
-            seen += count
-            emit("step", {"epoch": epoch, "step": k + 1, "steps": steps, "loss": total / seen,
-                          "acc": correct / seen,
-                          "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
-            if on_step is not None:
-                on_step(epoch, k, model)
-        seconds = time.perf_counter() - t0
-        lr = optimizer.param_groups[0]["lr"]
-        if scheduler is not None:
-            scheduler.step()
-        row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1),
-               "train_acc": correct / max(seen, 1), "val_loss": None, "val_acc": None,
-               "lr": lr, "seconds": round(seconds, 4), "samples_per_s": round(seen / seconds, 1)}
-        if world.main:  # rank 0 evaluates the whole validation set; the others wait below
-            row["val_loss"], row["val_acc"], _, _ = backend.evaluate(val_loader)
-        history.append(row)
-        improved = world.main and row["val_acc"] > best["val_acc"]
-        if improved:
-            best = {"val_acc": row["val_acc"], "epoch": epoch + 1}
-        save(epoch + 1, best_too=improved)
-        distributed.barrier(world)  # the epoch's checkpoint is on disk before any rank goes on
-        emit("epoch", row)
+    with _report_interrupt(run, ckpt_dir):
+        for epoch in range(start_epoch, config.epochs):
+            train_loader.sampler.set_epoch(epoch)
+            t0 = time.perf_counter()
+            total, correct, seen = 0.0, 0, 0
+            for k, (x, y) in enumerate(train_loader):
+                value, right = backend.step(optimizer, x, y)
+                count = len(y)
+                if world.parallel:  # the global batch's mean loss, the same on every rank
+                    summed, right, count = distributed.all_sum(world, [value * count, right, count],
+                                                               device)
+                    value, right, count = summed / count, int(right), int(count)
+                if not math.isfinite(value):
+                    raise DivergenceError(
+                        f"the loss became {value} at epoch {epoch + 1}, step {k + 1}; stopped",
+                        file=str(ckpt_dir / "last.pt"),
+                        hint=f"the last good checkpoint (after epoch {start_epoch_of(ckpt_dir)}) "
+                             "is kept; lower --lr, or check the data and the specs")
+                total += value * count
+                correct += right
+                seen += count
+                emit("step", {"epoch": epoch, "step": k + 1, "steps": steps, "loss": total / seen,
+                              "acc": correct / seen,
+                              "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
+                if on_step is not None:
+                    on_step(epoch, k, model)
+            seconds = time.perf_counter() - t0
+            lr = optimizer.param_groups[0]["lr"]
+            if scheduler is not None:
+                scheduler.step()
+            row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1),
+                   "train_acc": correct / max(seen, 1), "val_loss": None, "val_acc": None,
+                   "lr": lr, "seconds": round(seconds, 4),
+                   "samples_per_s": round(seen / seconds, 1)}
+            if world.main:  # rank 0 evaluates the whole validation set; the others wait below
+                row["val_loss"], row["val_acc"], _, _ = backend.evaluate(val_loader)
+            history.append(row)
+            improved = world.main and row["val_acc"] > best["val_acc"]
+            if improved:
+                best = {"val_acc": row["val_acc"], "epoch": epoch + 1}
+            save(epoch + 1, best_too=improved)
+            distributed.barrier(world)  # the epoch's checkpoint is on disk before any rank goes on
+            emit("epoch", row)
 
     result = None
     if world.main:
