@@ -454,3 +454,16 @@ def test_hyper_parameters_read_and_set_as_attributes_like_torch_nn():
     ref(x)
     torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-12, atol=1e-14)
+
+
+def test_a_misspelt_spec_in_a_model_file_names_the_file_the_layer_and_the_close_names(tmp_path):
+    from gradtool.nn.models import ModelError
+
+    path = tmp_path / "m.toml"
+    path.write_text('[[layers]]\nflatten = true\n[[layers]]\nspec = "lienar"\nI = 64\nO = 10\n')
+    with pytest.raises(ModelError, match="layer 2: no built-in spec named `lienar`") as info:
+        load_model_file(path)
+    assert info.value.file == str(path) and "linear" in info.value.hint
+    path.write_text('loss = "softmax_xent"\n[[layers]]\nspec = "linear"\nI = 64\nO = 10\n')
+    with pytest.raises(ModelError, match="loss: no built-in spec"):
+        load_model_file(path)

@@ -208,8 +208,31 @@ def load_model_file(path: str | Path) -> ModelDesc:
             raise ModelError(f"layer {k} names no spec", file=str(path),
                              hint='write spec = "linear" (a built-in) or spec = "my_layer.py"')
         layers.append(LayerEntry(_resolve(name, path.parent), entry))
+        _check_spec_name(layers[-1].spec, f"layer {k}", path)
     loss = _resolve(str(data.get("loss", DEFAULT_LOSS)), path.parent)
+    _check_spec_name(loss, "loss", path)
     return ModelDesc(layers, loss=loss, source=str(path))
+
+
+def _check_spec_name(name: str, where: str, path: Path) -> None:
+    """Raise :class:`ModelError` naming the model file and the entry when ``name`` is neither
+    a built-in spec nor an existing file, with the closest built-in names."""
+    import difflib
+
+    from gradtool.spec.loader import builtin_specs
+
+    if name.endswith(".py") or "/" in name:
+        if not Path(name).exists():
+            raise ModelError(f"{where}: spec file {name} does not exist", file=str(path),
+                             hint="a relative spec path is read beside the model file")
+        return
+    names = builtin_specs()
+    if name not in names and not Path(name).exists():
+        close = difflib.get_close_matches(name, list(names), n=3)
+        raise ModelError(f"{where}: no built-in spec named `{name}`", file=str(path),
+                         hint=(f"did you mean {' or '.join(close)}? " if close else "")
+                         + "`gradtool specs` lists them; a spec file is named by its path "
+                           "(my_layer.py)")
 
 
 def layer_refusal(spec) -> str | None:

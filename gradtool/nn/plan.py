@@ -105,8 +105,12 @@ class LayerPlan:
         missing = [d for d in owned_dims if d not in self.sizes]
         if missing:
             raise LayerError(f"{spec.name} needs the size{'s' if len(missing) > 1 else ''} "
-                             f"{', '.join(missing)} of its parameters",
-                             hint=f"e.g. {', '.join(f'{d}=64' for d in missing)}")
+                             f"{', '.join(missing)} when it is built: the sizes of its "
+                             "parameters, and those no input carries (a kernel, stride or "
+                             "padding), are given then; the rest are read from the input",
+                             hint=f"give {', '.join(f'{d}=<integer>' for d in missing)} "
+                                  f"(SpecModule({spec.name!r}, ...), or keys of the layer's "
+                                  "[[layers]] table in a model file)")
         given = {k: v for k, v in options.items() if k in spec.hypers}
         try:  # a value outside the declared domain: the kernels compute another function
             self.hypers.update(spec.check_hypers(given, f"{spec.name} layer"))
