@@ -196,6 +196,26 @@ def test_load_model_gives_the_trained_weights(tmp_path):
         assert torch.equal(v, saved[k])
 
 
+def test_load_model_gives_the_best_and_last_checkpoints_weights_too(tmp_path):
+    from gradtool.train import load_model
+    from gradtool.train.config import ConfigError
+
+    run = tmp_path / "r"
+    train(TrainConfig(out=str(run), epochs=2, **QUICK))
+    for weights, file in (("best", run / "checkpoints" / "best.pt"),
+                          ("last", run / "checkpoints" / "last.pt")):
+        saved = torch.load(file, map_location="cpu", weights_only=False)["model"]
+        model = load_model(run, weights=weights)
+        assert not model.training
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, saved[k]), (weights, k)
+    (run / "checkpoints" / "best.pt").unlink()
+    with pytest.raises(ConfigError, match="no best weights"):
+        load_model(run, weights="best")
+    with pytest.raises(ConfigError, match="no such weights"):
+        load_model(run, weights="worst")
+
+
 def test_load_model_refuses_a_run_whose_spec_file_changed(tmp_path):
     """A run recorded its spec files' sha256 (config.json): after one is edited,
     load_model raises a ConfigError naming the spec, as --resume does (a newcomer trial found

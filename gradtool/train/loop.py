@@ -694,11 +694,14 @@ def _figures(run: Path, history: list, preds: list, labels: list, classes: list)
     plots.plot_confusion(matrix, classes, run / "confusion.png", "test set")
 
 
-def load_model(run_dir: str | Path, backend: str | None = None):
-    """The trained model of a run folder (``model.pt``), in eval mode, on the CPU. Raises
+def load_model(run_dir: str | Path, backend: str | None = None, weights: str = "final"):
+    """The trained model of a run folder, in eval mode, on the CPU: with ``weights="final"``
+    the weights at the end of training (``model.pt``), ``"best"`` those of the epoch with the
+    best validation accuracy (``checkpoints/best.pt``), ``"last"`` those of the last completed
+    epoch (``checkpoints/last.pt``, also of a run that was stopped). Raises
     :class:`ConfigError` when a spec file the run recorded (its sha256 in ``config.json``)
-    has changed since: the weights were trained for the spec as it was, and the edited one
-    would compute something else with them, silently."""
+    has changed since (the weights were trained for the spec as it was, and the edited one
+    would compute something else with them, silently), or when the run has no such weights."""
     import torch
 
     from gradtool.nn import LayerEntry, ModelDesc, build
@@ -717,13 +720,28 @@ def load_model(run_dir: str | Path, backend: str | None = None):
                               file=str(name) if name.endswith(".py") else None,
                               hint="put the spec back as it was to use these weights, or "
                                    "train again with the new spec")
-    saved = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=False)
-    cfg = TrainConfig.from_json(saved["config"])
-    m = saved["model"]
+    files = {"final": Path(run_dir) / "model.pt",
+             "best": Path(run_dir) / "checkpoints" / "best.pt",
+             "last": Path(run_dir) / "checkpoints" / "last.pt"}
+    if weights not in files:
+        raise ConfigError(f"weights={weights!r}: no such weights",
+                          hint="use final (model.pt), best or last (checkpoints/)")
+    if not files[weights].exists():
+        raise ConfigError(f"{run_dir} has no {weights} weights ({files[weights]} is missing)",
+                          hint="a run writes model.pt when it ends and its checkpoints after "
+                               "each epoch; use weights='last' for a run that was stopped")
+    if weights == "final":
+        saved = torch.load(files["final"], map_location="cpu", weights_only=False)
+        cfg, m, state = TrainConfig.from_json(saved["config"]), saved["model"], \
+            saved["state_dict"]
+    else:  # a checkpoint holds the weights; the run's record holds what they belong to
+        record_json = json.loads(record.read_text())
+        cfg, m = TrainConfig.from_json(record_json["config"]), record_json["model"]
+        state = torch.load(files[weights], map_location="cpu", weights_only=False)["model"]
     layers = [LayerEntry(None, flatten=True) if e.get("flatten") else
               LayerEntry(e["spec"], {k: v for k, v in e.items() if k != "spec"})
               for e in m["layers"]]
     model, _ = build(ModelDesc(layers, m["loss"], m["source"]), backend or cfg.backend,
                      dtype=cfg.dtype)
-    model.load_state_dict(saved["state_dict"])
+    model.load_state_dict(state)
     return model.eval()
