@@ -1937,9 +1937,12 @@ def _higher_order_guard(m: Module) -> list[str]:
     gradient penalties, Hessians) would miss every term through them and give silently wrong
     second derivatives. Under ``create_graph=True`` torch runs backward with grad mode on; the
     guard then raises. A backward that reads only inputs, parameters, state and outputs (which
-    autograd connects to the graph) gets none: its higher-order gradients are exact."""
+    autograd connects to the graph), and intermediates only through piecewise-constant
+    functions (:func:`_read_smoothly`), gets none: its higher-order gradients are exact."""
     kinds = {name: t.kind for name, t in m.spec.tensors.items()}
-    lets = [s for s in m.saved() if kinds.get(s) not in ("input", "param", "state", "output")]
+    forms = [e for _, e, _ in m.closed_forms()]
+    lets = [s for s in m.saved() if kinds.get(s) not in ("input", "param", "state", "output")
+            and any(_read_smoothly(e, s) for e in forms)]
     if not lets:
         return []
     read = ", ".join(m.names[s] for s in lets)
@@ -1952,6 +1955,26 @@ def _higher_order_guard(m: Module) -> list[str]:
             "            raise RuntimeError(",
             *[f"                {_quoted(part)}" for part in parts[:-1]],
             f"                {_quoted(parts[-1])})"]
+
+
+def _read_smoothly(expr, name: str) -> bool:
+    """Does ``expr`` read the tensor ``name`` where its value moves the result: anywhere but
+    inside a piecewise-constant function of it (max pooling's ``ArgMaxMask``, a Kronecker δ,
+    Heaviside, sign, floor, ceiling, a comparison, a Piecewise condition), whose derivative is
+    zero wherever it exists? A let read only so (max pooling's padded input, read through
+    the argmax) makes the backward's own derivative no less exact when it is a constant."""
+    from gradtool.symbolic.ir import ArgMaxMask
+
+    if isinstance(expr, (ArgMaxMask, sp.KroneckerDelta, sp.Heaviside, sp.sign, sp.floor,
+                         sp.ceiling, sp.core.relational.Relational)):
+        return False
+    if isinstance(expr, sp.Indexed):
+        return access_name(expr) == name or any(_read_smoothly(i, name) for i in expr.indices)
+    if isinstance(expr, sp.Symbol):
+        return expr.name == name  # a 0-d let (softmax's peak)
+    if isinstance(expr, sp.Piecewise):
+        return any(_read_smoothly(value, name) for value, _ in expr.args)
+    return any(_read_smoothly(a, name) for a in expr.args)
 
 
 def _quoted(text: str) -> str:
