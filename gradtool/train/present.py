@@ -26,7 +26,10 @@ class RichProgress:
                             TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}"
                                        "  {task.fields[rate]:,.0f} samples/s"),
                             TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-                            console=console, transient=True, disable=quiet)
+                            console=console, transient=True,
+                            # a bar only where it can redraw itself: into a pipe or a file it
+                            # drew nothing useful and left an empty line before the next one
+                            disable=quiet or not console.is_terminal)
         self.task = None
 
     def __enter__(self):
