@@ -56,6 +56,26 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, backend):
     assert resumed.test_acc == whole.test_acc
 
 
+def test_a_resumed_runs_time_covers_the_epochs_before_it(tmp_path):
+    """The result's seconds (the table's "time") count the epochs trained before --resume
+    too (they counted only this process's; newcomer trial): an epoch recorded as 1000 s in
+    the checkpoint shows in the resumed run's time."""
+    from gradtool.train import checkpoint
+
+    def stop(epoch, step, model):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(TrainConfig(out=str(tmp_path / "r"), epochs=2, **QUICK), on_step=stop)
+    last = tmp_path / "r" / "checkpoints" / "last.pt"
+    state = checkpoint.load(last)
+    state["history"][0]["seconds"] = 1000.0
+    checkpoint.save_atomic(state, last)
+    resumed = train(TrainConfig(resume=str(tmp_path / "r")))
+    assert 1000.0 <= resumed.seconds < 1000.0 + 600
+
+
 def test_ctrl_c_says_what_is_kept_and_how_to_continue(tmp_path, monkeypatch):
     """Ctrl-C in the second epoch: `gradtool train` exits 130 with one line naming the
     checkpoint kept (after epoch 1) and the `--resume` command (it printed an empty line,

@@ -597,6 +597,7 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
                    "dropped_last_batch": dropped})
     model.train()
     started = time.perf_counter()
+    earlier = sum(r["seconds"] for r in history)  # a resumed run's epochs before this process
     with _report_interrupt(run, ckpt_dir):
         for epoch in range(start_epoch, config.epochs):
             train_loader.sampler.set_epoch(epoch)
@@ -644,14 +645,16 @@ def _train(config: TrainConfig, world, device, progress, on_step) -> TrainResult
     result = None
     if world.main:
         result = _finish(config, run, desc, model, backend, test_loader, history, best,
-                         started, verified, ds.classes, world.world_size)
+                         started - earlier, verified, ds.classes, world.world_size)
         emit("done", result.to_json())
     return distributed.broadcast(world, result)
 
 
 def _finish(config, run, desc, model, backend, test_loader, history, best, started, verified,
             classes, world_size) -> TrainResult:
-    """Rank 0's end of a run: the test set, model.pt, the figures and result.json."""
+    """Rank 0's end of a run: the test set, model.pt, the figures and result.json. The
+    result's ``seconds`` count from ``started`` (moved back, for a resumed run, by the
+    training seconds of the epochs before it, so that they cover the whole run)."""
     import torch
 
     from gradtool.codegen.cache import write_atomic
