@@ -15,6 +15,7 @@ name, and every line passes the project's ruff rules (100 characters, no unused 
 
 from __future__ import annotations
 
+import json
 import keyword
 import re
 import textwrap
@@ -1953,8 +1954,8 @@ def _higher_order_guard(m: Module) -> list[str]:
     parts = textwrap.wrap(text, 72, drop_whitespace=False)
     return ["        if torch.is_grad_enabled():  # create_graph=True: backward is differentiated",
             "            raise RuntimeError(",
-            *[f"                {_quoted(part)}" for part in parts[:-1]],
-            f"                {_quoted(parts[-1])})"]
+            *[f"                {json.dumps(part)}" for part in parts[:-1]],
+            f"                {json.dumps(parts[-1])})"]
 
 
 def _read_smoothly(expr, name: str) -> bool:
@@ -1975,11 +1976,6 @@ def _read_smoothly(expr, name: str) -> bool:
     if isinstance(expr, sp.Piecewise):
         return any(_read_smoothly(value, name) for value, _ in expr.args)
     return any(_read_smoothly(a, name) for a in expr.args)
-
-
-def _quoted(text: str) -> str:
-    """``text`` as a double-quoted Python string literal."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _torch_classes(m: Module) -> list[str]:
