@@ -16,7 +16,6 @@ them: without a graph break once each layer has prepared its call for the input 
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import sys
 from pathlib import Path
@@ -90,7 +89,19 @@ class SpecModule(torch.nn.Module):
 
     def __init__(self, spec: Spec | str, *, dtype=torch.float32, device=None, **options):
         super().__init__()
-        self.plan = LayerPlan(as_spec(spec), options)
+        self._make_from_spec(as_spec(spec), options)
+        for t in self.plan.owned:
+            value = init_tensor(t, self.plan.owned_shape(t), dtype, device,
+                                self.plan.inits[t.name])
+            if t.kind == "param":
+                self.register_parameter(t.name, torch.nn.Parameter(value))
+            else:
+                self.register_buffer(t.name, value)
+
+    def _make_from_spec(self, spec: Spec, options: dict) -> None:
+        """What the layer makes from its spec and options (at construction and unpickling):
+        the plan, the generated Functions, and empty caches of prepared calls."""
+        self.plan = LayerPlan(spec, options)
         self.spec = self.plan.spec
         self._train_fn = _function(self.spec)
         self._eval_fn = _function(self.plan.eval_spec) if self.plan.eval_spec else None
@@ -100,13 +111,6 @@ class SpecModule(torch.nn.Module):
         # ``_parameters``' order, which deleting and setting one again changes, and which
         # holds any parameter registered on the layer besides, that its kernel never reads)
         self._spec_params = tuple(t.name for t in self.plan.owned if t.kind == "param")
-        for t in self.plan.owned:
-            value = init_tensor(t, self.plan.owned_shape(t), dtype, device,
-                                self.plan.inits[t.name])
-            if t.kind == "param":
-                self.register_parameter(t.name, torch.nn.Parameter(value))
-            else:
-                self.register_buffer(t.name, value)
 
     # A hyper-parameter reads and sets as an attribute, as on torch.nn's layers
     # (``dropout.p = 0.9``, ``bn.momentum = 0.01``): set, it is checked against its declared
@@ -140,6 +144,7 @@ class SpecModule(torch.nn.Module):
                        "_chain_programs", "_chainable")
 
     def __getstate__(self) -> dict:
+        from gradtool.nn.models import spec_hash
         from gradtool.spec.loader import builtin_specs
 
         spec = self.spec
@@ -153,7 +158,7 @@ class SpecModule(torch.nn.Module):
         source = spec.name if builtin is not None and builtin.resolve() == path else str(path)
         state = {k: v for k, v in self.__dict__.items() if k not in self._MADE_FROM_SPEC}
         state["_spec_source"] = source
-        state["_spec_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        state["_spec_sha256"] = spec_hash(str(path))
         state["_spec_options"] = dict(self.plan.options)
         state["_spec_hypers"] = dict(self.plan.hypers)
         return state
@@ -163,13 +168,12 @@ class SpecModule(torch.nn.Module):
         source = state.pop("_spec_source")
         sha = state.pop("_spec_sha256", None)
         if sha is not None:
-            from gradtool.spec.loader import resolve
+            from gradtool.nn.models import spec_hash
 
-            path = resolve(source)
-            now = hashlib.sha256(path.read_bytes()).hexdigest()
+            now = spec_hash(source)
             if now != sha:
                 raise LayerError(f"the {source} layer's spec changed since the model was "
-                                 f"saved: {path} has sha256 {now[:12]}…, the pickle recorded "
+                                 f"saved: its sha256 is {now[:12]}…, the pickle recorded "
                                  f"{sha[:12]}… (its weights were trained for the spec as it "
                                  "was)", hint="put the spec file back as it was to load this "
                                               "model, or load only its state_dict into a "
@@ -177,14 +181,8 @@ class SpecModule(torch.nn.Module):
         options = state.pop("_spec_options")
         hypers = state.pop("_spec_hypers")
         super().__setstate__(state)
-        self.plan = LayerPlan(as_spec(source), options)
+        self._make_from_spec(as_spec(source), options)
         self.plan.hypers.update(hypers)
-        self.spec = self.plan.spec
-        self._train_fn = _function(self.spec)
-        self._eval_fn = _function(self.plan.eval_spec) if self.plan.eval_spec else None
-        self._prepared = {}
-        self._chain_steps = {}
-        self._spec_params = tuple(t.name for t in self.plan.owned if t.kind == "param")
 
     def __deepcopy__(self, memo):
         # the default deep copy (every attribute copied), not the pickled state above
