@@ -711,8 +711,8 @@ def load_model(run_dir: str | Path, backend: str | None = None, weights: str = "
     from gradtool.nn.models import spec_hash
 
     record = Path(run_dir) / "config.json"
-    recorded = json.loads(record.read_text()).get("spec_sha256", {}) if record.exists() else {}
-    for name, before in recorded.items():
+    kept = json.loads(record.read_text()) if record.exists() else {}
+    for name, before in kept.get("spec_sha256", {}).items():
         try:
             now = spec_hash(name)
         except GradtoolError:
@@ -738,8 +738,7 @@ def load_model(run_dir: str | Path, backend: str | None = None, weights: str = "
         cfg, m, state = TrainConfig.from_json(saved["config"]), saved["model"], \
             saved["state_dict"]
     else:  # a checkpoint holds the weights; the run's record holds what they belong to
-        record_json = json.loads(record.read_text())
-        cfg, m = TrainConfig.from_json(record_json["config"]), record_json["model"]
+        cfg, m = TrainConfig.from_json(kept["config"]), kept["model"]
         state = torch.load(files[weights], map_location="cpu", weights_only=False)["model"]
     layers = [LayerEntry(None, flatten=True) if e.get("flatten") else
               LayerEntry(e["spec"], {k: v for k, v in e.items() if k != "spec"})
