@@ -91,3 +91,33 @@ PER_SIZE_SPEC = (
     "n, d = spec.indices(n=N, d=D)\n"
     "X = spec.input('X', N, D)\n"
     "spec.output('Y', [n, d], X[n, d] / D)\n")
+
+
+def spec_layer_case(name: str, seed: int = 0):
+    """(a float64 ``SpecModule`` of the built-in spec ``name`` with sizes from the checker's
+    sampler, its data inputs in order from the same sampler: the real ones requiring grad
+    where the spec differentiates them, integer labels as int64). The layer's sizes are its
+    parameters' and those no data input carries (a kernel's K, stride S, padding P); the
+    others are read from the inputs at the call."""
+    import torch
+
+    from gradtool.nn import SpecModule
+    from gradtool.spec.loader import load_spec
+
+    spec = load_spec(name)
+    rng = np.random.default_rng(seed)
+    dims = sample_dims(spec, rng, low=2, high=4)
+    values = sample_inputs(spec, dims, rng)
+    data = [t for t in spec.tensors.values() if t.kind == "input" and t.keep is None]
+    carried = {s for t in data for d in t.dims for s in d.free_symbols}
+    owned = {s for t in spec.tensors.values() if t.kind in ("param", "state")
+             for d in t.dims for s in d.free_symbols}
+    sizes = {n: int(dims[spec.dim_symbols[n]]) for n in spec.base_dims
+             if spec.dim_symbols[n] not in carried or spec.dim_symbols[n] in owned}
+    torch.manual_seed(seed)
+    layer = SpecModule(spec, dtype=torch.float64, **sizes)
+    inputs = []
+    for t in data:
+        v = torch.tensor(values[t.name])
+        inputs.append(v.requires_grad_(t.grad) if torch.is_floating_point(v) else v)
+    return layer, inputs

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from bench.bench_cnn import copy_weights, plain_model
 from gradtool.nn import SpecModule, build, cnn, mlp
 from gradtool.nn.fused import ChainFunction, SpecSequential
-from tests.helpers import PER_SIZE_SPEC
+from tests.helpers import PER_SIZE_SPEC, spec_layer_case
 
 
 def _nodes(t) -> list[str]:
@@ -468,30 +468,6 @@ def _chain_cases() -> list[str]:
 CHAIN_CASES = _chain_cases()
 
 
-def _spec_layer_case(name: str, seed: int = 0):
-    """(a float64 SpecModule of the built-in spec ``name`` with sampled sizes, an input for
-    it from the checker's sampler)."""
-    import numpy as np
-
-    from gradtool.check.sampling import sample_dims, sample_inputs
-    from gradtool.spec.loader import load_spec
-
-    spec = load_spec(name)
-    rng = np.random.default_rng(seed)
-    dims = sample_dims(spec, rng, low=2, high=4)
-    values = sample_inputs(spec, dims, rng)
-    data = next(t for t in spec.tensors.values() if t.kind == "input" and t.keep is None)
-    # the layer's sizes: its parameters' and those the input does not carry (a kernel's K,
-    # stride S, padding P); derived sizes (the output's) are computed at the call
-    carried = {s for d in data.dims for s in d.free_symbols}
-    owned = {s for t in spec.tensors.values() if t.kind in ("param", "state")
-             for d in t.dims for s in d.free_symbols}
-    sizes = {name: int(dims[spec.dim_symbols[name]]) for name in spec.base_dims
-             if spec.dim_symbols[name] not in carried or spec.dim_symbols[name] in owned}
-    torch.manual_seed(seed)
-    return SpecModule(spec, dtype=torch.float64, **sizes), torch.tensor(values[data.name])
-
-
 @pytest.mark.parametrize("name", CHAIN_CASES)
 @pytest.mark.parametrize("training", [True, False])
 def test_every_built_in_layer_in_a_chain_equals_its_own_function_bit_for_bit(name, training):
@@ -502,7 +478,8 @@ def test_every_built_in_layer_in_a_chain_equals_its_own_function_bit_for_bit(nam
     ``Function.apply``; outputs, ∂L/∂x, every gradient and every buffer agree bit for bit, in
     the first steps (the chain's general loop) and the third (its unrolled program)."""
     def model_and_input(relu_first: bool):
-        layer, x = _spec_layer_case(name)
+        layer, (x,) = spec_layer_case(name)
+        x = x.detach()
         relu = SpecModule("relu", dtype=torch.float64)
         model = SpecSequential(*((relu, layer) if relu_first else (layer, relu)))
         return model.train(training), x

@@ -8,39 +8,14 @@ through them: layer norm's second directional derivative came out 542.6 against 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from gradtool.nn import SpecModule
-from gradtool.spec.loader import builtin_specs, load_spec
+from gradtool.spec.loader import builtin_specs
+from tests.helpers import spec_layer_case
 
 SPECS = sorted(builtin_specs())
 REFUSES = "cannot be differentiated again"
-
-
-def _case(name: str, seed: int = 0):
-    """(a float64 SpecModule of ``name`` with sampled sizes, its data inputs in order: the
-    real ones requiring grad, labels as int64)."""
-    from gradtool.check.sampling import sample_dims, sample_inputs
-
-    spec = load_spec(name)
-    rng = np.random.default_rng(seed)
-    dims = sample_dims(spec, rng, low=2, high=4)
-    values = sample_inputs(spec, dims, rng)
-    data = [t for t in spec.tensors.values() if t.kind == "input" and t.keep is None]
-    carried = {s for t in data for d in t.dims for s in d.free_symbols}
-    owned = {s for t in spec.tensors.values() if t.kind in ("param", "state")
-             for d in t.dims for s in d.free_symbols}
-    sizes = {n: int(dims[spec.dim_symbols[n]]) for n in spec.base_dims
-             if spec.dim_symbols[n] not in carried or spec.dim_symbols[n] in owned}
-    torch.manual_seed(seed)
-    layer = SpecModule(spec, dtype=torch.float64, **sizes)
-    inputs = []
-    for t in data:
-        v = torch.tensor(values[t.name])
-        inputs.append(v.requires_grad_(t.grad) if torch.is_floating_point(v) else v)
-    return layer, inputs
 
 
 def _gradient(layer, inputs, wrt, upstream, create_graph):
@@ -53,7 +28,7 @@ def _gradient(layer, inputs, wrt, upstream, create_graph):
 
 @pytest.mark.parametrize("name", SPECS)
 def test_second_order_gradients_are_exact_or_refused(name):
-    layer, inputs = _case(name)
+    layer, inputs = spec_layer_case(name)
     wrt = [x for x in inputs if x.requires_grad] + [p for p in layer.parameters()]
     if not wrt:
         pytest.skip(f"{name} has nothing to differentiate")
@@ -96,7 +71,7 @@ def test_the_layers_whose_backward_reads_intermediates_refuse_and_the_others_do_
     padded input only through the argmax (piecewise constant: no derivative is lost)."""
     refused = set()
     for name in SPECS:
-        layer, inputs = _case(name)
+        layer, inputs = spec_layer_case(name)
         wrt = [x for x in inputs if x.requires_grad] + list(layer.parameters())
         if not wrt:
             continue
